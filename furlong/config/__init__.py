@@ -1,0 +1,21 @@
+"""Flags in, typed config out: parse, resolve, check against the model's config.json."""
+from __future__ import annotations
+
+from furlong.config.groups import GROUPS, Config
+from furlong.config.model_check import check_model_args, read_hf_config
+from furlong.config.parser import ConfigError, build_parser, parse_config
+from furlong.config.sglang import check_passthrough
+from furlong.config.validate import eval_datasets, resolve
+
+__all__ = ["GROUPS", "Config", "ConfigError", "build_parser", "eval_datasets", "load_config"]
+
+
+def load_config(argv: list[str], prog: str = "train.py") -> tuple[Config, list[str]]:
+    """Parse and validate argv; returns the resolved Config and warnings to log once each."""
+    config, warnings = resolve(parse_config(argv, prog))
+    check_passthrough(config.sglang)
+    given_model_args = {key.split(".", 1)[1] for key, source in config.sources.items()
+                        if key.startswith("model.") and source == "flag"}
+    directory = config.ckpt.hf_checkpoint
+    check_model_args(config.model, given_model_args, read_hf_config(directory), directory)
+    return config, warnings

@@ -1,0 +1,326 @@
+"""The flag groups as frozen dataclasses: one class per group of the seed.
+
+Each field is one command-line flag (`rollout_batch_size` is `--rollout-batch-size`);
+its metadata carries the help text and how argparse should read it, so the parser,
+the `--help` groups, the dry-run report and the frozen-flags test all come from this
+one table. Defaults are the ones of SPEC.md section 2 (Miles/slime defaults).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+MIB = 1024 * 1024
+
+
+def flag(default: Any = None, help: str = "", *, choices: tuple | None = None,
+         megatron_only: bool = False, metavar: str | None = None, parse: Any = None,
+         nargs: str | int | None = None) -> Any:
+    """One flag: a dataclass field whose metadata tells argparse how to read it.
+
+    `megatron_only` marks flags that only the Megatron backend acts on: they are
+    accepted and, when given, produce one warning naming the flag.
+    """
+    metadata = {"help": help, "choices": choices, "megatron_only": megatron_only,
+                "metavar": metavar, "parse": parse, "nargs": nargs}
+    return field(default=default, metadata=metadata)
+
+
+def _json_object(text: str) -> dict:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object such as '{\"enable_thinking\": false}'")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """MODEL_ARGS: architecture constants, checked against the HF config.json."""
+    num_layers: int | None = flag(help="Transformer layers (HF num_hidden_layers)")
+    hidden_size: int | None = flag(help="Hidden size (HF hidden_size)")
+    ffn_hidden_size: int | None = flag(help="MLP inner size (HF intermediate_size)")
+    num_attention_heads: int | None = flag(help="Query heads (HF num_attention_heads)")
+    group_query_attention: bool = flag(False, "Grouped-query attention")
+    num_query_groups: int | None = flag(help="KV heads (HF num_key_value_heads)")
+    kv_channels: int | None = flag(help="Head dimension (HF head_dim)")
+    seq_length: int | None = flag(help="Training sequence length (informational)")
+    max_position_embeddings: int | None = flag(help="HF max_position_embeddings")
+    vocab_size: int | None = flag(help="Padded vocabulary size; may exceed the config's")
+    rotary_base: float | None = flag(help="RoPE theta (HF rope_theta)")
+    rotary_percent: float = flag(1.0, "Share of head dims with RoPE (HF partial_rotary_factor)")
+    normalization: str | None = flag(choices=("LayerNorm", "RMSNorm"), help="Norm type")
+    norm_epsilon: float | None = flag(help="Norm epsilon (HF rms_norm_eps)")
+    swiglu: bool = flag(False, "SwiGLU MLP (HF hidden_act silu)")
+    disable_bias_linear: bool = flag(False, "No bias in linear layers")
+    add_qkv_bias: bool = flag(False, "Bias on q/k/v projections (Qwen2)")
+    qk_layernorm: bool = flag(False, "RMSNorm on queries and keys (Qwen3)")
+    untie_embeddings_and_output_weights: bool = flag(False, "Separate input and output embeddings")
+    use_rotary_position_embeddings: bool = flag(False, "RoPE positions")
+    num_experts: int | None = flag(help="MoE experts (HF num_experts)")
+    moe_router_topk: int | None = flag(help="Experts per token (HF num_experts_per_tok)")
+    moe_grouped_gemm: bool = flag(False, "Grouped GEMM for experts", megatron_only=True)
+    spec: tuple[str, ...] | None = flag(nargs=2, metavar=("MODULE", "FUNC"),
+                                        help="Megatron layer spec plugin", megatron_only=True)
+    position_embedding_type: str | None = flag(help="Megatron position embedding type",
+                                               megatron_only=True)
+    make_vocab_size_divisible_by: int | None = flag(help="Megatron vocab padding",
+                                                    megatron_only=True)
+    attention_dropout: float | None = flag(help="Megatron attention dropout", megatron_only=True)
+    hidden_dropout: float | None = flag(help="Megatron hidden dropout", megatron_only=True)
+    attention_softmax_in_fp32: bool = flag(False, "Megatron softmax precision",
+                                           megatron_only=True)
+    attention_backend: str | None = flag(help="Megatron attention kernel", megatron_only=True)
+
+
+@dataclass(frozen=True)
+class CkptArgs:
+    """CKPT_ARGS: the three model roles and where checkpoints go."""
+    hf_checkpoint: str | None = flag(help="HF directory: tokenizer, config, engine boot weights")
+    ref_load: str | None = flag(help="Reference model (and warm start); HF or iter_ directory")
+    load: str | None = flag(help="Resume from here if it holds latest_checkpointed_iteration.txt")
+    save: str | None = flag(help="Checkpoint directory")
+    save_interval: int | None = flag(help="Save every N rollouts (and at the last one)")
+    save_hf: str | None = flag(help="Export HF safetensors here; {rollout_id} is filled")
+    no_save_optim: bool = flag(False, "Do not save optimizer state")
+    async_save: bool = flag(False, "Megatron asynchronous save", megatron_only=True)
+
+
+@dataclass(frozen=True)
+class RolloutArgs:
+    """ROLLOUT_ARGS: prompt data, sampling, reward, filtering, batch flow."""
+    prompt_data: str | None = flag(help=".jsonl or .parquet; PATH@[start:end] takes rows")
+    input_key: str = flag("input", "Prompt column: a string or a list of chat messages")
+    label_key: str | None = flag(help="Label column")
+    metadata_key: str = flag("metadata", "Metadata column (a JSON object)")
+    tool_key: str = flag("tools", "Tools column, passed to the chat template")
+    apply_chat_template: bool = flag(False, "Render prompts with the tokenizer's chat template")
+    apply_chat_template_kwargs: dict | None = flag(parse=_json_object, metavar="JSON",
+                                                   help="Extra chat-template arguments")
+    rollout_shuffle: bool = flag(False, "Reshuffle prompts each epoch with rollout_seed + epoch")
+    rollout_seed: int = flag(42, "Seed for data order and sampling")
+    rollout_max_prompt_len: int | None = flag(help="Drop prompts longer than this (tokens)")
+    rollout_batch_size: int | None = flag(help="Prompts per rollout (required)")
+    n_samples_per_prompt: int = flag(1, "Responses per prompt (group size)")
+    num_rollout: int | None = flag(help="Rollouts to run (default: from --num-epoch)")
+    num_epoch: int = flag(1, "Epochs over the prompt data when --num-rollout is unset")
+    global_batch_size: int | None = flag(help="Samples per optimizer step")
+    num_steps_per_rollout: int | None = flag(help="Optimizer steps per rollout")
+    micro_batch_size: int = flag(1, "Samples per micro-batch (without dynamic batching)")
+    balance_data: bool = flag(False, "Balance tokens across data-parallel ranks")
+    rollout_temperature: float = flag(1.0, "Sampling temperature")
+    rollout_top_p: float = flag(1.0, "Nucleus sampling mass")
+    rollout_top_k: int = flag(-1, "Top-k sampling (-1: off)")
+    rollout_max_response_len: int | None = flag(help="Max new tokens per response")
+    rollout_max_context_len: int | None = flag(help="Max prompt + response tokens")
+    rollout_stop: tuple[str, ...] | None = flag(nargs="+", help="Stop strings")
+    rollout_stop_token_ids: tuple[int, ...] | None = flag(nargs="+", help="Stop token ids")
+    rollout_skip_special_tokens: bool = flag(False, "Drop special tokens from response text")
+    rm_type: str | None = flag(help="Built-in reward: math, deepscaler, dapo, f1, gpqa, "
+                                    "remote_rm, random; prefix boxed_ to extract \\boxed{} first")
+    custom_rm_path: str | None = flag(help="module.path:function reward hook")
+    group_rm: bool = flag(False, "Reward hook scores a whole group at once")
+    reward_key: str | None = flag(help="Key of a dict reward that is the scalar")
+    rm_url: str | None = flag(help="URL for remote_rm")
+    rm_timeout: float = flag(60.0, "Seconds a reward may take before it is an error")
+    rm_on_error: str = flag("raise", "A reward that raises or times out: raise, or score 0",
+                            choices=("raise", "zero"))
+    over_sampling_batch_size: int | None = flag(help="Prompts fetched per refill (>= rollout "
+                                                     "batch size)")
+    dynamic_sampling_filter_path: str | None = flag(help="Group filter hook")
+    partial_rollout: bool = flag(False, "Return unfinished groups to the buffer")
+    custom_generate_function_path: str | None = flag(help="Async per-sample generate hook")
+    rollout_function_path: str | None = flag(help="Replaces the whole rollout function")
+    update_weights_interval: int = flag(1, "Push weights every N rollouts")
+    update_weight_buffer_size: int = flag(512 * MIB, "Bytes per weight-sync bucket")
+    keep_old_actor: bool = flag(False, "Keep the rollout-time weights for old log-probs")
+    rollout_backend: str = flag("auto", "Rollout engine (auto: fast on GPU, hf on CPU)",
+                                choices=("auto", "hf", "fast", "sglang"))
+
+
+@dataclass(frozen=True)
+class EvalArgs:
+    """EVAL_ARGS: evaluation datasets; unset sampling values inherit rollout ones."""
+    eval_interval: int | None = flag(help="Evaluate every N rollouts")
+    eval_prompt_data: tuple[str, ...] | None = flag(nargs="+", metavar="NAME PATH",
+                                                    help="NAME PATH pairs, or a lone PATH")
+    n_samples_per_eval_prompt: int = flag(1, "Responses per eval prompt")
+    eval_max_response_len: int | None = flag(help="Default: --rollout-max-response-len")
+    eval_top_p: float | None = flag(help="Default: --rollout-top-p")
+    eval_top_k: int | None = flag(help="Default: --rollout-top-k")
+    eval_temperature: float | None = flag(help="Default: --rollout-temperature")
+    eval_input_key: str | None = flag(help="Default: --input-key")
+    eval_label_key: str | None = flag(help="Default: --label-key")
+    skip_eval_before_train: bool = flag(False, "No eval before the first rollout")
+    log_passrate: bool = flag(False, "Report unbiased pass@k for k = 1, 2, 4, ...")
+
+
+@dataclass(frozen=True)
+class PerfArgs:
+    """PERF_ARGS: parallelism, recomputation, dynamic batching."""
+    tensor_model_parallel_size: int = flag(1, "Trainer tensor-parallel size")
+    sequence_parallel: bool = flag(False, "Shard activations along the sequence (with TP)")
+    pipeline_model_parallel_size: int = flag(1, "Pipeline stages (megatron backend)")
+    context_parallel_size: int = flag(1, "Context-parallel size")
+    expert_model_parallel_size: int = flag(1, "Expert-parallel size (megatron backend)")
+    expert_tensor_parallel_size: int = flag(1, "Expert tensor-parallel size (megatron backend)")
+    recompute_granularity: str | None = flag(choices=("full", "selective"),
+                                             help="Activation checkpointing")
+    recompute_method: str | None = flag(choices=("uniform", "block"),
+                                        help="Which layers to recompute")
+    recompute_num_layers: int | None = flag(help="Layers per recompute unit")
+    use_dynamic_batch_size: bool = flag(False, "Pack micro-batches by token count")
+    max_tokens_per_gpu: int | None = flag(help="Token budget of a packed micro-batch")
+    log_probs_chunk_size: int = flag(1024, "Positions per chunk when computing log-probs")
+    accumulate_allreduce_grads_in_fp32: bool = flag(False, "Megatron gradient reduction dtype",
+                                                    megatron_only=True)
+
+
+@dataclass(frozen=True)
+class GrpoArgs:
+    """GRPO_ARGS: the RL objective."""
+    advantage_estimator: str = flag("grpo", "Advantage estimator", choices=(
+        "grpo", "gspo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo"))
+    use_kl_loss: bool = flag(False, "Add a KL-to-reference loss (loads the reference)")
+    kl_loss_coef: float = flag(0.0, "KL loss weight")
+    kl_loss_type: str = flag("k1", "KL estimator", choices=("k1", "k2", "k3", "low_var_kl"))
+    kl_coef: float = flag(0.0, "KL reward shaping (REINFORCE++ only)")
+    eps_clip: float = flag(0.2, "Lower ratio clip")
+    eps_clip_high: float | None = flag(help="Upper ratio clip (default: --eps-clip)")
+    eps_clip_c: float | None = flag(help="Dual-clip bound for negative advantages (> 1)")
+    entropy_coef: float = flag(0.0, "Entropy bonus weight")
+    calculate_per_token_loss: bool = flag(False, "Average over all tokens of the batch")
+    disable_grpo_std_normalization: bool = flag(False, "GRPO: do not divide by group std")
+    normalize_advantages: bool = flag(False, "Whiten advantages over the batch")
+    use_tis: bool = flag(False, "Truncated importance sampling vs rollout log-probs")
+    tis_clip: float = flag(2.0, "TIS upper clip")
+    tis_clip_low: float = flag(0.0, "TIS lower clip")
+    use_rollout_logprobs: bool = flag(False, "Use the engine's log-probs as old log-probs")
+    loss_type: str = flag("policy_loss", "Loss", choices=("policy_loss", "sft_loss",
+                                                          "custom_loss"))
+    custom_loss_function_path: str | None = flag(help="Loss hook for --loss-type custom_loss")
+    ref_update_interval: int | None = flag(help="Copy the actor into the reference every N "
+                                                "rollouts")
+    gamma: float = flag(1.0, "Discount (REINFORCE++, PPO)")
+    lambd: float = flag(1.0, "GAE lambda (PPO)")
+    value_clip: float = flag(0.2, "Value clip (PPO)")
+
+
+@dataclass(frozen=True)
+class OptimizerArgs:
+    """OPTIMIZER_ARGS: AdamW and its learning-rate schedule."""
+    optimizer: str = flag("adam", "Optimizer (AdamW semantics)", choices=("adam",))
+    lr: float = flag(1e-6, "Peak learning rate")
+    min_lr: float = flag(0.0, "Floor of the decayed learning rate")
+    lr_decay_style: str = flag("constant", "Schedule after warmup",
+                               choices=("constant", "linear", "cosine"))
+    lr_warmup_iters: int = flag(0, "Linear warmup steps")
+    lr_warmup_fraction: float | None = flag(help="Warmup as a share of the decay steps")
+    lr_decay_iters: int | None = flag(help="Decay steps (default: all optimizer steps)")
+    lr_warmup_init: float = flag(0.0, "Learning rate at step 0 of warmup")
+    adam_beta1: float = flag(0.9, "Adam beta1")
+    adam_beta2: float = flag(0.999, "Adam beta2")
+    adam_eps: float = flag(1e-8, "Adam epsilon")
+    weight_decay: float = flag(0.01, "Decoupled weight decay")
+    clip_grad: float = flag(1.0, "Gradient-norm clip (0: off)")
+    seed: int = flag(1234, "Trainer seed")
+
+
+@dataclass(frozen=True)
+class SglangArgs:
+    """SGLANG_ARGS: engine topology; every --sglang-X flag is forwarded as --X."""
+    rollout_num_gpus_per_engine: int = flag(1, "GPUs per engine (the engine's TP size)")
+    sglang_server_concurrency: int = flag(512, "Requests in flight per engine")
+    # Captured in command-line order by the parser, as (name without prefix, values).
+    passthrough: tuple[tuple[str, tuple[str, ...]], ...] = field(
+        default=(), metadata={"help": "", "internal": True})
+
+    def passthrough_value(self, name: str, default: str | None = None) -> str | None:
+        """The last value given as --sglang-NAME, or `default`."""
+        found = [values for key, values in self.passthrough if key == name]
+        if not found:
+            return default
+        return found[-1][0] if found[-1] else "true"
+
+
+@dataclass(frozen=True)
+class ClusterArgs:
+    """Placement of trainer ranks and engines."""
+    actor_num_nodes: int = flag(1, "Trainer nodes")
+    actor_num_gpus_per_node: int = flag(8, "Trainer GPUs per node")
+    rollout_num_gpus: int | None = flag(help="GPUs for engines (disaggregated)")
+    num_gpus_per_node: int = flag(8, "GPUs per node")
+    colocate: bool = flag(False, "Trainer and engines share devices, taking turns")
+    offload: bool = flag(False, "Both --offload-train and --offload-rollout")
+    offload_train: bool = flag(False, "Free trainer memory while generating")
+    offload_rollout: bool = flag(False, "Free engine memory while training")
+    train_backend: str = flag("fsdp", "Training backend", choices=("fsdp", "megatron"))
+
+
+@dataclass(frozen=True)
+class LoggingArgs:
+    """Where metrics go."""
+    run_dir: str | None = flag(help="metrics.jsonl, plots, event files (default: --save or "
+                                    "runs/<time>)")
+    use_tensorboard: bool = flag(False, "Write TensorBoard event files")
+    tb_project_name: str | None = flag(help="TensorBoard subdirectory")
+    use_wandb: bool = flag(False, "Log to Weights & Biases")
+    wandb_project: str | None = flag(help="W&B project")
+    wandb_group: str | None = flag(help="W&B group")
+    wandb_mode: str | None = flag(choices=("online", "offline", "disabled"), help="W&B mode")
+
+
+@dataclass(frozen=True)
+class DebugArgs:
+    """Debugging and checking."""
+    debug_rollout_only: bool = flag(False, "Generate and score; never train")
+    debug_train_only: bool = flag(False, "Train on loaded rollouts; no engine")
+    save_debug_rollout_data: str | None = flag(help="Save each rollout; {rollout_id} is filled")
+    load_debug_rollout_data: str | None = flag(help="Train on saved rollouts; {rollout_id}")
+    dry_run: bool = flag(False, "Validate everything, print the resolved config, exit")
+
+
+# (title in --help, attribute of Config, dataclass); titles follow the seed's groups.
+GROUPS: tuple[tuple[str, str, type], ...] = (
+    ("MODEL_ARGS", "model", ModelArgs),
+    ("CKPT_ARGS", "ckpt", CkptArgs),
+    ("ROLLOUT_ARGS", "rollout", RolloutArgs),
+    ("EVAL_ARGS", "eval", EvalArgs),
+    ("PERF_ARGS", "perf", PerfArgs),
+    ("GRPO_ARGS", "grpo", GrpoArgs),
+    ("OPTIMIZER_ARGS", "optimizer", OptimizerArgs),
+    ("SGLANG_ARGS", "sglang", SglangArgs),
+    ("CLUSTER_ARGS", "cluster", ClusterArgs),
+    ("LOGGING_ARGS", "logging", LoggingArgs),
+    ("DEBUG_ARGS", "debug", DebugArgs),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration; `sources` says where each value came from."""
+    model: ModelArgs
+    ckpt: CkptArgs
+    rollout: RolloutArgs
+    eval: EvalArgs
+    perf: PerfArgs
+    grpo: GrpoArgs
+    optimizer: OptimizerArgs
+    sglang: SglangArgs
+    cluster: ClusterArgs
+    logging: LoggingArgs
+    debug: DebugArgs
+    # "group.field" -> "default" | "flag" | "derived" | "inherited"
+    sources: dict = field(default_factory=dict, compare=False)
+
+    def replace(self, group: str, source: str, **values: Any) -> "Config":
+        """A copy with fields of one group changed, recording their source."""
+        updated = dataclasses.replace(getattr(self, group), **values)
+        sources = {**self.sources, **{f"{group}.{name}": source for name in values}}
+        return dataclasses.replace(self, **{group: updated}, sources=sources)
+
+
+def flag_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a group that are command-line flags."""
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]

@@ -1,0 +1,275 @@
+"""Cross-flag rules and derived values, applied before any heavy work.
+
+`resolve` turns the parsed Config into the one the run uses: missing batch values
+derived from the invariant, eval values inherited from rollout values, clip bounds
+defaulted. Every mistake raises ConfigError naming the flag, the value and the fix.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from furlong.config.groups import GROUPS, Config, flag_fields
+from furlong.config.parser import ConfigError, option_name
+
+REWARD_TYPES = ("math", "deepscaler", "dapo", "f1", "gpqa", "remote_rm", "random")
+# Rewards that compare against a label.
+LABELLED_REWARDS = ("math", "deepscaler", "dapo", "f1", "gpqa")
+# (eval field, rollout field) pairs: an unset eval value takes the rollout value.
+EVAL_INHERITS = (
+    ("eval_max_response_len", "rollout_max_response_len"),
+    ("eval_top_p", "rollout_top_p"),
+    ("eval_top_k", "rollout_top_k"),
+    ("eval_temperature", "rollout_temperature"),
+    ("eval_input_key", "input_key"),
+    ("eval_label_key", "label_key"),
+)
+
+
+def resolve(config: Config) -> tuple[Config, list[str]]:
+    """Apply every rule; returns the resolved config and the warnings to log once each."""
+    config = _resolve_batch(config)
+    config = _resolve_rollout(config)
+    config = _resolve_eval(config)
+    config = _resolve_grpo(config)
+    config = _resolve_cluster(config)
+    _check_optimizer(config)
+    _check_perf(config)
+    return config, megatron_only_warnings(config) + _soft_warnings(config)
+
+
+def _positive(value: int | float | None, flag: str, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{flag} {value}: must be {bound}")
+
+
+def _resolve_batch(config: Config) -> Config:
+    r = config.rollout
+    if r.rollout_batch_size is None:
+        raise ConfigError("--rollout-batch-size is required: the number of prompts per rollout "
+                          "(e.g. --rollout-batch-size 32)")
+    for name in ("rollout_batch_size", "n_samples_per_prompt", "global_batch_size",
+                 "num_steps_per_rollout", "micro_batch_size", "update_weights_interval",
+                 "over_sampling_batch_size", "num_epoch"):
+        _positive(getattr(r, name), option_name(name))
+    _positive(r.num_rollout, "--num-rollout", allow_zero=True)
+    samples = r.rollout_batch_size * r.n_samples_per_prompt
+    invariant = (f"--rollout-batch-size x --n-samples-per-prompt ({r.rollout_batch_size} x "
+                 f"{r.n_samples_per_prompt} = {samples}) must equal --global-batch-size x "
+                 f"--num-steps-per-rollout")
+    gbs, steps = r.global_batch_size, r.num_steps_per_rollout
+    if gbs is None and steps is None:
+        config = config.replace("rollout", "derived", global_batch_size=samples,
+                                num_steps_per_rollout=1)
+    elif steps is None:
+        if samples % gbs:
+            raise ConfigError(f"{invariant}; --global-batch-size {gbs} does not divide {samples}: "
+                              f"use a divisor of {samples} or set --num-steps-per-rollout")
+        config = config.replace("rollout", "derived", num_steps_per_rollout=samples // gbs)
+    elif gbs is None:
+        if samples % steps:
+            raise ConfigError(f"{invariant}; --num-steps-per-rollout {steps} does not divide "
+                              f"{samples}")
+        config = config.replace("rollout", "derived", global_batch_size=samples // steps)
+    elif gbs * steps != samples:
+        raise ConfigError(f"{invariant}, but {gbs} x {steps} = {gbs * steps}: drop one of "
+                          f"--global-batch-size / --num-steps-per-rollout to derive it")
+    over = r.over_sampling_batch_size
+    if over is None:
+        config = config.replace("rollout", "derived", over_sampling_batch_size=r.rollout_batch_size)
+    elif over < r.rollout_batch_size:
+        raise ConfigError(f"--over-sampling-batch-size {over} is smaller than --rollout-batch-size "
+                          f"{r.rollout_batch_size}: it must be >= it (or leave it unset)")
+    return config
+
+
+def _resolve_rollout(config: Config) -> Config:
+    r, debug = config.rollout, config.debug
+    if config.ckpt.hf_checkpoint is None:
+        raise ConfigError("--hf-checkpoint is required: the HF directory with the tokenizer and "
+                          "config.json (python -m furlong.tiny OUT writes a tiny one)")
+    trains_from_data = not (debug.debug_train_only and debug.load_debug_rollout_data)
+    if r.prompt_data is None and trains_from_data and r.num_rollout != 0:
+        raise ConfigError("--prompt-data is required: a .jsonl or .parquet file of prompts")
+    if r.rollout_temperature < 0:
+        raise ConfigError(f"--rollout-temperature {r.rollout_temperature}: must be >= 0 "
+                          "(0 is greedy)")
+    if not 0 < r.rollout_top_p <= 1:
+        raise ConfigError(f"--rollout-top-p {r.rollout_top_p}: must be in (0, 1]")
+    if r.rollout_top_k == 0 or r.rollout_top_k < -1:
+        raise ConfigError(f"--rollout-top-k {r.rollout_top_k}: use -1 (off) or a positive k")
+    if config.grpo.loss_type != "sft_loss" and trains_from_data:
+        if r.rollout_max_response_len is None:
+            raise ConfigError("--rollout-max-response-len is required: max new tokens per "
+                              "response (e.g. --rollout-max-response-len 1024)")
+        config = _resolve_reward(config)
+    _positive(r.rollout_max_response_len, "--rollout-max-response-len")
+    if r.rollout_function_path and config.grpo.loss_type == "sft_loss":
+        raise ConfigError("--rollout-function-path and --loss-type sft_loss: the SFT rollout "
+                          "reads responses from the data; drop one of them")
+    return config
+
+
+def _resolve_reward(config: Config) -> Config:
+    r = config.rollout
+    if r.custom_rm_path is None and r.rm_type is None:
+        raise ConfigError("no reward: set --rm-type (math, deepscaler, dapo, f1, gpqa, remote_rm, "
+                          "random) or --custom-rm-path module:function")
+    if r.group_rm and r.custom_rm_path is None:
+        raise ConfigError("--group-rm scores whole groups and needs --custom-rm-path "
+                          "module:function(args, samples) -> list")
+    if r.custom_rm_path is not None:
+        return config
+    base = r.rm_type.removeprefix("boxed_")
+    if base not in REWARD_TYPES:
+        raise ConfigError(f"--rm-type {r.rm_type}: unknown; choose one of {', '.join(REWARD_TYPES)} "
+                          "(optionally prefixed boxed_), or use --custom-rm-path")
+    if base == "remote_rm" and not r.rm_url:
+        raise ConfigError("--rm-type remote_rm needs --rm-url http://HOST:PORT/PATH")
+    if base in LABELLED_REWARDS and r.label_key is None:
+        raise ConfigError(f"--rm-type {r.rm_type} compares responses with a label: set "
+                          "--label-key to the label column (e.g. --label-key label)")
+    if base == "dapo" and r.reward_key is None:
+        config = config.replace("rollout", "derived", reward_key="score")
+    return config
+
+
+def _resolve_eval(config: Config) -> Config:
+    e, r = config.eval, config.rollout
+    inherited = {eval_name: getattr(r, rollout_name) for eval_name, rollout_name in EVAL_INHERITS
+                 if getattr(e, eval_name) is None and getattr(r, rollout_name) is not None}
+    if inherited:
+        config = config.replace("eval", "inherited", **inherited)
+    if e.eval_prompt_data is not None:
+        config = config.replace("eval", "derived",
+                                eval_prompt_data=tuple(_eval_pairs(e.eval_prompt_data)))
+    elif e.eval_interval is not None:
+        raise ConfigError(f"--eval-interval {e.eval_interval} needs --eval-prompt-data NAME PATH")
+    _positive(e.eval_interval, "--eval-interval")
+    _positive(e.n_samples_per_eval_prompt, "--n-samples-per-eval-prompt")
+    return config
+
+
+def _eval_pairs(values: tuple[str, ...]) -> list[str]:
+    """NAME PATH [NAME PATH ...]; a lone PATH is named after its file."""
+    if len(values) == 1:
+        path = values[0]
+        return [Path(path.split("@[")[0]).stem, path]
+    if len(values) % 2:
+        raise ConfigError(f"--eval-prompt-data {' '.join(values)}: give NAME PATH pairs "
+                          "(or one PATH)")
+    return list(values)
+
+
+def eval_datasets(config: Config) -> list[tuple[str, str]]:
+    """The resolved (name, path) pairs of --eval-prompt-data."""
+    values = config.eval.eval_prompt_data or ()
+    return list(zip(values[::2], values[1::2], strict=True))
+
+
+def _resolve_grpo(config: Config) -> Config:
+    g = config.grpo
+    if g.eps_clip_high is None:
+        config = config.replace("grpo", "derived", eps_clip_high=g.eps_clip)
+    if g.eps_clip_c is not None and g.eps_clip_c <= 1:
+        raise ConfigError(f"--eps-clip-c {g.eps_clip_c}: the dual-clip bound must be > 1 "
+                          "(e.g. 3.0)")
+    if g.advantage_estimator == "ppo":
+        raise ConfigError("--advantage-estimator ppo needs a critic, which this build does not "
+                          "have yet: use grpo, gspo, reinforce_plus_plus or "
+                          "reinforce_plus_plus_baseline")
+    if g.kl_coef and g.advantage_estimator in ("grpo", "gspo"):
+        raise ConfigError(f"--kl-coef {g.kl_coef} shapes rewards, which {g.advantage_estimator} "
+                          "does not use: use --use-kl-loss --kl-loss-coef instead")
+    if g.advantage_estimator.startswith("reinforce_plus_plus") and not g.normalize_advantages:
+        raise ConfigError(f"--advantage-estimator {g.advantage_estimator} requires "
+                          "--normalize-advantages")
+    if g.loss_type == "custom_loss" and not g.custom_loss_function_path:
+        raise ConfigError("--loss-type custom_loss needs --custom-loss-function-path "
+                          "module:function")
+    if g.kl_loss_coef and not g.use_kl_loss:
+        raise ConfigError(f"--kl-loss-coef {g.kl_loss_coef} has no effect without --use-kl-loss")
+    if not 0 <= g.tis_clip_low <= g.tis_clip:
+        raise ConfigError(f"--tis-clip-low {g.tis_clip_low} / --tis-clip {g.tis_clip}: need "
+                          "0 <= low <= high")
+    _positive(g.ref_update_interval, "--ref-update-interval")
+    return config
+
+
+def _resolve_cluster(config: Config) -> Config:
+    c = config.cluster
+    if c.offload and not (c.offload_train and c.offload_rollout):
+        config = config.replace("cluster", "derived", offload_train=True, offload_rollout=True)
+    if c.train_backend == "megatron":
+        raise ConfigError("--train-backend megatron is not available in this build: use "
+                          "--train-backend fsdp (the default)")
+    for name in ("actor_num_nodes", "actor_num_gpus_per_node", "num_gpus_per_node",
+                 "rollout_num_gpus"):
+        _positive(getattr(c, name), option_name(name))
+    _positive(config.sglang.rollout_num_gpus_per_engine, "--rollout-num-gpus-per-engine")
+    return config
+
+
+def _check_optimizer(config: Config) -> None:
+    o = config.optimizer
+    _positive(o.lr, "--lr", allow_zero=True)
+    if o.min_lr > o.lr:
+        raise ConfigError(f"--min-lr {o.min_lr} is above --lr {o.lr}")
+    if o.lr_warmup_fraction is not None and o.lr_warmup_iters:
+        raise ConfigError("--lr-warmup-fraction and --lr-warmup-iters both set: keep one")
+    if o.lr_warmup_fraction is not None and not 0 <= o.lr_warmup_fraction <= 1:
+        raise ConfigError(f"--lr-warmup-fraction {o.lr_warmup_fraction}: must be in [0, 1]")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(o, name) < 1:
+            raise ConfigError(f"{option_name(name)} {getattr(o, name)}: must be in [0, 1)")
+
+
+def _check_perf(config: Config) -> None:
+    p = config.perf
+    for name, size in (("pipeline_model_parallel_size", p.pipeline_model_parallel_size),
+                       ("expert_model_parallel_size", p.expert_model_parallel_size),
+                       ("expert_tensor_parallel_size", p.expert_tensor_parallel_size)):
+        if size != 1:
+            raise ConfigError(f"{option_name(name)} {size}: the fsdp backend does not do this "
+                              "parallelism; it needs the megatron backend (--train-backend "
+                              "megatron), or set it to 1")
+    if p.context_parallel_size != 1:
+        raise ConfigError(f"--context-parallel-size {p.context_parallel_size}: context "
+                          "parallelism is not implemented in the fsdp backend yet; set it to 1")
+    _positive(p.tensor_model_parallel_size, "--tensor-model-parallel-size")
+    if p.use_dynamic_batch_size and p.max_tokens_per_gpu is None:
+        raise ConfigError("--use-dynamic-batch-size needs --max-tokens-per-gpu N (the token "
+                          "budget of one packed micro-batch)")
+    _positive(p.max_tokens_per_gpu, "--max-tokens-per-gpu")
+    if p.recompute_method and p.recompute_granularity != "full":
+        raise ConfigError(f"--recompute-method {p.recompute_method} applies to "
+                          "--recompute-granularity full")
+
+
+def megatron_only_warnings(config: Config) -> list[str]:
+    """One warning per given flag that only the Megatron backend acts on."""
+    warnings = []
+    for _, attr, cls in GROUPS:
+        for f in flag_fields(cls):
+            if f.metadata.get("megatron_only") and config.sources.get(f"{attr}.{f.name}") == "flag":
+                warnings.append(f"{option_name(f.name)} has no effect on the "
+                                f"{config.cluster.train_backend} backend (Megatron only); ignored")
+    return warnings
+
+
+def _soft_warnings(config: Config) -> list[str]:
+    warnings = []
+    p, r = config.perf, config.rollout
+    if p.sequence_parallel and p.tensor_model_parallel_size == 1:
+        warnings.append("--sequence-parallel has no effect with --tensor-model-parallel-size 1")
+    if (r.rm_type or "").removeprefix("boxed_") == "deepscaler":
+        warnings.append("--rm-type deepscaler scores only the text after the last </think>; a "
+                        "response without </think> scores 0 (use --rm-type math for models "
+                        "that do not think)")
+    if config.logging.use_wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("--use-wandb needs the wandb package: pip install 'furlong[wandb]'")
+    return warnings
+

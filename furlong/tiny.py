@@ -1,0 +1,110 @@
+"""The embedded default: a tiny Qwen3 model and a verifiable addition task, no network.
+
+`python -m furlong.tiny OUT_DIR [--seed N]` writes
+  OUT_DIR/model/   an HF directory (config.json, tokenizer with a chat template,
+                   model.safetensors) that AutoModelForCausalLM/AutoTokenizer load;
+  OUT_DIR/data/    sft.jsonl (chat messages with the answer), train.jsonl and
+                   eval.jsonl ({"prompt": "37+48=", "label": "85"}).
+The answer format is `\\boxed{85}`, so the built-in `math` reward scores it. Everything
+is a pure function of the seed. The MODEL_ARGS of this model are in scripts/models/tiny.sh.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from pathlib import Path
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+WORDS = ("\\boxed{", "}", "user", "assistant", "system", "\n", "+", "=", *"0123456789")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Shape of the model: Qwen3, 0.49M parameters.
+MODEL_SHAPE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                   max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0)
+NUM_EVAL = 500
+
+
+def build_tokenizer():
+    """A word-level tokenizer over the task's symbols, with Qwen-style chat tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, "<unk>", *WORDS))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    longest_first = sorted(WORDS, key=len, reverse=True)
+    pattern = "|".join(re.escape(word) for word in longest_first) + "|."
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<unk>",
+                                   model_max_length=MODEL_SHAPE["max_position_embeddings"])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_model(tokenizer, seed: int):
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    shape = dict(MODEL_SHAPE)
+    rope_theta = shape.pop("rope_theta")
+    config = Qwen3Config(vocab_size=len(tokenizer), tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=None, **shape)
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(config)
+
+
+def addition_problems(seed: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """All two-digit pairs a+b, shuffled; the first NUM_EVAL are held out for eval."""
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    random.Random(seed).shuffle(pairs)
+    return pairs[NUM_EVAL:], pairs[:NUM_EVAL]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_task(data_dir: Path, seed: int) -> None:
+    train, held_out = addition_problems(seed)
+    prompt_rows = lambda pairs: [{"prompt": f"{a}+{b}=", "label": str(a + b)}  # noqa: E731
+                                 for a, b in pairs]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(data_dir / "train.jsonl", prompt_rows(train))
+    _write_jsonl(data_dir / "eval.jsonl", prompt_rows(held_out))
+    _write_jsonl(data_dir / "sft.jsonl", [
+        {"messages": [{"role": "user", "content": f"{a}+{b}="},
+                      {"role": "assistant", "content": f"\\boxed{{{a + b}}}"}]}
+        for a, b in train])
+
+
+def write_tiny(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write OUT_DIR/model and OUT_DIR/data; returns OUT_DIR."""
+    out = Path(out_dir)
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, seed)
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    write_task(out / "data", seed)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    out = write_tiny(args.out_dir, args.seed)
+    print(f"wrote {out / 'model'} and {out / 'data'}/{{sft,train,eval}}.jsonl")
+
+
+if __name__ == "__main__":
+    main()
