@@ -148,8 +148,22 @@ def _resolve_eval(config: Config) -> Config:
                                 eval_prompt_data=tuple(_eval_pairs(e.eval_prompt_data)))
     elif e.eval_interval is not None:
         raise ConfigError(f"--eval-interval {e.eval_interval} needs --eval-prompt-data NAME PATH")
+    if e.eval_prompt_data is not None:
+        config = _check_eval_reward(config)
     _positive(e.eval_interval, "--eval-interval")
     _positive(e.n_samples_per_eval_prompt, "--n-samples-per-eval-prompt")
+    return config
+
+
+def _check_eval_reward(config: Config) -> Config:
+    r, e = config.rollout, config.eval
+    if r.custom_rm_path is None and r.rm_type is None:
+        raise ConfigError("--eval-prompt-data needs a reward to score answers: set --rm-type "
+                          "or --custom-rm-path")
+    base = (r.rm_type or "").removeprefix("boxed_")
+    if r.custom_rm_path is None and base in LABELLED_REWARDS and e.eval_label_key is None:
+        raise ConfigError(f"--rm-type {r.rm_type} compares answers with a label: set "
+                          "--eval-label-key (or --label-key) to the eval label column")
     return config
 
 

@@ -1,0 +1,161 @@
+"""Build the roles of a run from its Config, in order: data, trainer, engine, rollout.
+
+Each `build_*` function makes one piece; `build_run` calls them in the order the
+pieces depend on each other and restores a checkpoint when --load holds one.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from furlong.config import Config, eval_datasets
+from furlong.data import DataKeys, PromptDataset, PromptEncoder
+from furlong.engine.base import Engine
+from furlong.engine.hf_engine import HFEngine
+from furlong.hooks import load_function
+from furlong.metrics import MetricsLogger
+from furlong.rollout.context import HookArgs
+from furlong.rollout.filters import ALIASES
+from furlong.rollout.generate import generate as default_generate
+from furlong.rollout.manager import RolloutManager
+from furlong.rollout.rewards import RewardModel
+from furlong.train import checkpoint
+from furlong.train.actor import RankInfo, TrainActor
+from furlong.train.policy import load_hf_model
+
+log = logging.getLogger("furlong")
+
+
+@dataclass
+class Run:
+    """Everything the loop drives. `start_rollout`/`num_rollout` bound the loop."""
+    config: Config
+    argv: list[str]
+    tokenizer: object
+    trainer: TrainActor | None
+    engine: Engine | None
+    manager: RolloutManager
+    logger: MetricsLogger
+    run_dir: Path
+    start_rollout: int
+    num_rollout: int
+
+
+def build_tokenizer(config: Config):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(config.ckpt.hf_checkpoint)
+
+
+def build_datasets(config: Config, tokenizer) -> tuple[PromptDataset | None, dict]:
+    r, e = config.rollout, config.eval
+    encoder = PromptEncoder(tokenizer, r.apply_chat_template, r.apply_chat_template_kwargs)
+    train = None
+    if r.prompt_data is not None:
+        train = PromptDataset(r.prompt_data, DataKeys(r.input_key, r.label_key, r.metadata_key,
+                                                      r.tool_key),
+                              encoder, r.rollout_max_prompt_len, r.rollout_shuffle, r.rollout_seed)
+        if train.num_too_long:
+            log.warning("dropped %d of %d prompts longer than --rollout-max-prompt-len %d",
+                        train.num_too_long, train.num_too_long + len(train),
+                        r.rollout_max_prompt_len)
+    eval_keys = DataKeys(e.eval_input_key or r.input_key, e.eval_label_key, r.metadata_key,
+                         r.tool_key)
+    evals = {name: PromptDataset(path, eval_keys, encoder) for name, path in eval_datasets(config)}
+    return train, evals
+
+
+def count_rollouts(config: Config, dataset: PromptDataset | None) -> int:
+    """--num-rollout, or len(dataset) // rollout_batch_size * num_epoch."""
+    r = config.rollout
+    if r.num_rollout is not None:
+        return r.num_rollout
+    if dataset is None:
+        raise ValueError("--num-rollout is required when there is no --prompt-data")
+    return len(dataset) // r.rollout_batch_size * r.num_epoch
+
+
+def build_rank() -> RankInfo:
+    """One process: the first GPU if there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return RankInfo(device=torch.device("cuda", 0))
+    return RankInfo(device=torch.device("cpu"))
+
+
+def build_engine(config: Config, tokenizer, rank: RankInfo) -> Engine:
+    backend = config.rollout.rollout_backend
+    if backend not in ("auto", "hf"):
+        raise ValueError(f"--rollout-backend {backend} is not available in this build; use hf")
+    model = load_hf_model(config.ckpt.hf_checkpoint, rank.compute_dtype, rank.device)
+    return HFEngine(model, tokenizer, config.rollout.rollout_max_context_len,
+                    default_seed=config.rollout.rollout_seed)
+
+
+def _hook(path: str | None, flag: str):
+    return load_function(ALIASES.get(path, path), flag) if path else None
+
+
+def build_manager(config: Config, hook_args: HookArgs, dataset, evals) -> RolloutManager:
+    r = config.rollout
+    reward = None
+    if r.rm_type or r.custom_rm_path:
+        reward = RewardModel(r.rm_type, r.custom_rm_path, r.group_rm, r.rm_url, r.rm_timeout,
+                             r.rm_on_error, hook_args, r.rollout_seed)
+    generate = _hook(r.custom_generate_function_path,
+                     "--custom-generate-function-path") or default_generate
+    return RolloutManager(config, hook_args, dataset, reward, generate,
+                          _hook(r.dynamic_sampling_filter_path, "--dynamic-sampling-filter-path"),
+                          evals, _hook(r.rollout_function_path, "--rollout-function-path"))
+
+
+def run_directory(config: Config) -> Path:
+    if config.logging.run_dir:
+        return Path(config.logging.run_dir)
+    if config.ckpt.save:
+        return Path(config.ckpt.save)
+    return Path("runs") / time.strftime("furlong-%Y%m%d-%H%M%S")
+
+
+def build_run(config: Config, argv: list[str]) -> Run:
+    random.seed(config.optimizer.seed)
+    torch.manual_seed(config.optimizer.seed)
+    tokenizer = build_tokenizer(config)
+    dataset, evals = build_datasets(config, tokenizer)
+    num_rollout = count_rollouts(config, dataset)
+    rank = build_rank()
+    resume = checkpoint.latest_iteration(config.ckpt.load)
+    trainer = None
+    if not config.debug.debug_rollout_only:
+        init = (str(checkpoint.iteration_dir(config.ckpt.load, resume)) if resume is not None
+                else config.ckpt.ref_load or config.ckpt.hf_checkpoint)
+        log.info("actor weights from %s", init)
+        trainer = TrainActor(config, rank, init,
+                             num_rollout * config.rollout.num_steps_per_rollout,
+                             _hook(config.grpo.custom_loss_function_path,
+                                   "--custom-loss-function-path"), HookArgs(config))
+    engine = None
+    if not config.debug.debug_train_only and config.grpo.loss_type != "sft_loss" or evals:
+        engine = build_engine(config, tokenizer, rank)
+    hook_args = HookArgs(config, engine, tokenizer)
+    manager = build_manager(config, hook_args, dataset, evals)
+    run_dir = run_directory(config)
+    run = Run(config, argv, tokenizer, trainer, engine, manager,
+              MetricsLogger(run_dir, config.logging, dict(config.sources)), run_dir,
+              0 if resume is None else resume + 1, num_rollout)
+    if resume is not None:
+        restore(run, checkpoint.iteration_dir(config.ckpt.load, resume))
+    return run
+
+
+def restore(run: Run, directory: Path) -> None:
+    """Optimizer, schedule, RNG and rollout state of a checkpoint (weights load with the actor)."""
+    log.info("resuming from %s", directory)
+    trainer_state = directory / "trainer_rank0.pt"
+    if run.trainer is not None and trainer_state.is_file():
+        run.trainer.load_state_dict(torch.load(trainer_state, weights_only=False))
+    checkpoint.set_rng_state(torch.load(directory / "rng_rank0.pt", weights_only=False))
+    run.manager.load_state_dict(checkpoint.read_json(directory / "rollout.json"))

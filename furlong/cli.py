@@ -1,0 +1,41 @@
+"""The command line of train.py: flags -> Config -> dry run, or the loop."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from furlong.config import ConfigError, load_config
+from furlong.data import DataError
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    setup_logging()
+    log = logging.getLogger("furlong")
+    try:
+        config, warnings = load_config(argv, prog)
+    except ConfigError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    for warning in warnings:
+        log.warning(warning)
+    try:
+        if config.debug.dry_run:
+            from furlong.dry_run import dry_run
+            return dry_run(config)
+        from furlong.build import build_run
+        from furlong.loop import train
+        asyncio.run(train(build_run(config, argv)))
+    except DataError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,55 @@
+"""--dry-run: check everything that can be checked without loading weights, then exit 0.
+
+Validates the flags and config.json (already done by load_config), reads the first
+rows of every data file, prints the resolved configuration with the source of each
+value, and states the devices the run needs, checking them only where they exist.
+"""
+from __future__ import annotations
+
+import torch
+
+from furlong.config import Config, eval_datasets
+from furlong.config.report import format_config
+from furlong.data import DataKeys, load_records
+
+PEEK_ROWS = 5
+
+
+def data_files(config: Config) -> list[tuple[str, DataKeys]]:
+    r, e = config.rollout, config.eval
+    files = []
+    if r.prompt_data:
+        files.append((r.prompt_data, DataKeys(r.input_key, r.label_key, r.metadata_key,
+                                              r.tool_key)))
+    eval_keys = DataKeys(e.eval_input_key or r.input_key, e.eval_label_key, r.metadata_key,
+                         r.tool_key)
+    files += [(path, eval_keys) for _, path in eval_datasets(config)]
+    return files
+
+
+def device_plan(config: Config) -> str:
+    """What the run needs, and whether this machine has it."""
+    c = config.cluster
+    explicit = {k for k, v in config.sources.items() if k.startswith("cluster.") and v == "flag"}
+    trainer = c.actor_num_nodes * c.actor_num_gpus_per_node
+    engines = trainer if c.colocate else (c.rollout_num_gpus or 0)
+    available = torch.cuda.device_count()
+    if not explicit and available == 0:
+        return "devices: no GPU here and no cluster flags: the run uses one CPU process"
+    need = trainer if c.colocate else trainer + engines
+    layout = (f"{trainer} GPUs shared by trainer and engines (--colocate)" if c.colocate else
+              f"{trainer} trainer GPUs + {engines} engine GPUs")
+    line = f"devices: the run needs {need} GPUs on {c.actor_num_nodes} node(s): {layout}"
+    if available == 0:
+        return line + "; this machine has none (checked nothing else)"
+    return line + f"; this machine has {available}"
+
+
+def dry_run(config: Config) -> int:
+    for path, keys in data_files(config):
+        rows = load_records(path, keys, limit=PEEK_ROWS)
+        print(f"data: {path}: first {len(rows)} rows OK")
+    print(format_config(config))
+    print(device_plan(config))
+    print("dry run: configuration is valid")
+    return 0

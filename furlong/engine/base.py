@@ -1,0 +1,85 @@
+"""The rollout engine interface: what the rollout manager needs from any engine.
+
+Every engine (the simple HF one, the fast GPU one, an HTTP client in front of an
+SGLang or furlong server) implements `Engine`. Sampling parameters use SGLang's
+names so that a request body means the same thing to every engine.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """SGLang's `sampling_params` (the subset in SPEC.md section 7, plus the seed).
+
+    `sampling_seed` makes one request reproducible whatever else is in the batch.
+    """
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    ignore_eos: bool = False
+    sampling_seed: int | None = None
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "SamplingParams":
+        """From an SGLang request dict; unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(params) - names
+        if unknown:
+            raise ValueError(f"unknown sampling params {sorted(unknown)}; known: {sorted(names)}")
+        values = {k: v for k, v in params.items() if v is not None}
+        for key in ("stop", "stop_token_ids"):
+            if key in values:
+                value = values[key]
+                values[key] = (value,) if isinstance(value, (str, int)) else tuple(value)
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["stop"], data["stop_token_ids"] = list(self.stop), list(self.stop_token_ids)
+        return data
+
+
+@dataclass
+class GenerateOutput:
+    """One finished request: the SGLang response fields the framework reads."""
+    output_ids: list[int]
+    output_log_probs: list[float]
+    finish_reason: str  # "stop" | "length" | "abort"
+    text: str = ""
+    prompt_tokens: int = 0
+    weight_version: int = 0
+    meta: dict = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """What the loop and the rollout manager call; in-process and HTTP engines alike."""
+
+    async def generate(self, input_ids: list[int], params: SamplingParams) -> GenerateOutput: ...
+
+    async def abort_all(self) -> None:
+        """Finish every request in flight now, with finish reason 'abort'."""
+
+    async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                             version: int) -> None:
+        """Load weights by HF parameter name; `version` is reported with later outputs."""
+
+    async def release_memory(self) -> None: ...
+
+    async def resume_memory(self) -> None: ...
+
+    async def flush_cache(self) -> None: ...
+
+    async def health(self) -> bool: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,238 @@
+"""The simple engine: batched sampling with HF transformers modules and their KV cache.
+
+Runs any architecture that `AutoModelForCausalLM` knows, on CPU or GPU. Requests that
+arrive while a batch is running wait for the next one (static batching): simple and
+correct, the reference the fast GPU engine is tested against. Stop conditions, in
+the order checked after each token: abort, stop token ids and EOS (unless
+`ignore_eos`), stop strings, max new tokens, max context.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from transformers import DynamicCache
+
+from furlong.engine.base import GenerateOutput, SamplingParams
+from furlong.engine.sampling import sample_tokens
+
+
+@dataclass
+class _Request:
+    input_ids: list[int]
+    params: SamplingParams
+    future: asyncio.Future
+    seed: int
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a response: config, generation config and tokenizer EOS."""
+    ids: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None),
+                  model.config.eos_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            ids.update([value] if isinstance(value, int) else value)
+    return ids
+
+
+class _Row:
+    """Bookkeeping of one request inside a running batch."""
+
+    def __init__(self, request: _Request, max_new_tokens: int):
+        self.request = request
+        self.max_new_tokens = max_new_tokens
+        self.output_ids: list[int] = []
+        self.log_probs: list[float] = []
+        self.finish_reason: str | None = None if max_new_tokens > 0 else "length"
+        self.stop_text: str | None = None
+
+    def accept(self, token: int, log_prob: float, eos_ids: set[int], tokenizer) -> None:
+        params = self.request.params
+        self.output_ids.append(token)
+        self.log_probs.append(log_prob)
+        if token in params.stop_token_ids or (token in eos_ids and not params.ignore_eos):
+            self.finish_reason = "stop"
+        elif params.stop and self._hits_stop_string(tokenizer):
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= self.max_new_tokens:
+            self.finish_reason = "length"
+
+    def _hits_stop_string(self, tokenizer) -> bool:
+        longest = max(len(s) for s in self.request.params.stop)
+        tail = tokenizer.decode(self.output_ids[-(longest + 8):])
+        for stop in self.request.params.stop:
+            if stop in tail:
+                self.stop_text = stop
+                return True
+        return False
+
+    def output(self, tokenizer, version: int) -> GenerateOutput:
+        params = self.request.params
+        text = tokenizer.decode(self.output_ids, skip_special_tokens=params.skip_special_tokens)
+        if self.stop_text is not None and not params.no_stop_trim:
+            text = text[:text.rfind(self.stop_text)]
+        return GenerateOutput(self.output_ids, self.log_probs, self.finish_reason or "abort",
+                              text, len(self.request.input_ids), version)
+
+
+class HFEngine:
+    """Engine over an HF causal LM that it owns (weights arrive by name)."""
+
+    def __init__(self, model, tokenizer, max_context_len: int | None = None,
+                 max_batch_size: int = 512, default_seed: int = 0):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        # transformers renamed past_key_values to cache (5.2x); accept both.
+        forward = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in forward else "past_key_values"
+        self.max_context_len = max_context_len or model.config.max_position_embeddings
+        self.max_batch_size = max_batch_size
+        self.weight_version = 0
+        self._pending: list[_Request] = []
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._abort = threading.Event()
+        self._model_lock = threading.Lock()
+        self._next_seed = default_seed
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    async def generate(self, input_ids: list[int], params: SamplingParams) -> GenerateOutput:
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done():
+            self._wake = asyncio.Event()
+            self._worker = loop.create_task(self._serve())
+        seed = params.sampling_seed
+        if seed is None:
+            seed, self._next_seed = self._next_seed, self._next_seed + 1
+        request = _Request(list(input_ids), params, loop.create_future(), seed)
+        self._pending.append(request)
+        self._wake.set()
+        return await request.future
+
+    async def _serve(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = self._pending[:self.max_batch_size]
+                del self._pending[:len(batch)]
+                try:
+                    outputs = await asyncio.to_thread(self._generate_batch, batch)
+                except Exception as error:  # hand the failure to every waiting caller
+                    for request in batch:
+                        if not request.future.done():
+                            request.future.set_exception(error)
+                    continue
+                for request, output in zip(batch, outputs, strict=True):
+                    if not request.future.done():
+                        request.future.set_result(output)
+
+    @torch.no_grad()
+    def _generate_batch(self, requests: list[_Request]) -> list[GenerateOutput]:
+        with self._model_lock:
+            rows = [_Row(r, min(r.params.max_new_tokens, self.max_context_len - len(r.input_ids)))
+                    for r in requests]
+            self._decode(rows)
+            return [row.output(self.tokenizer, self.weight_version) for row in rows]
+
+    def _decode(self, rows: list[_Row]) -> None:
+        device = self.device
+        prompt_lens = [len(row.request.input_ids) for row in rows]
+        width = max(prompt_lens)
+        pad = self.tokenizer.pad_token_id or 0
+        # Left padding, so every row's next token sits in the last column.  (B, width)
+        input_ids = torch.tensor([[pad] * (width - n) + row.request.input_ids
+                                  for row, n in zip(rows, prompt_lens, strict=True)], device=device)
+        attention = torch.tensor([[0] * (width - n) + [1] * n for n in prompt_lens], device=device)
+        params = [row.request.params for row in rows]
+        temperature = torch.tensor([p.temperature for p in params], device=device)
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        top_k = torch.tensor([p.top_k for p in params], device=device)
+        seeds = torch.tensor([row.request.seed for row in rows], device=device)
+        cache = DynamicCache()
+        step = 0
+        while not self._abort.is_set() and any(row.finish_reason is None for row in rows):
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)
+            if step:
+                positions = positions[:, -1:]
+            logits = self.model(input_ids=input_ids, attention_mask=attention,
+                                position_ids=positions, use_cache=True,
+                                **{self._cache_kwarg: cache}).logits[:, -1]
+            steps = torch.full_like(seeds, step)
+            tokens, log_probs = sample_tokens(logits, temperature, top_k, top_p, seeds, steps)
+            for row, token, log_prob in zip(rows, tokens.tolist(), log_probs.tolist(),
+                                            strict=True):
+                if row.finish_reason is None:
+                    row.accept(token, log_prob, self.eos_ids, self.tokenizer)
+            input_ids = tokens[:, None]
+            attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=-1)
+            step += 1
+
+    async def abort_all(self) -> None:
+        """Running rows stop after their current token; queued requests return empty."""
+        for request in self._pending:
+            if not request.future.done():
+                request.future.set_result(GenerateOutput([], [], "abort", "",
+                                                         len(request.input_ids),
+                                                         self.weight_version))
+        self._pending.clear()
+        self._abort.set()
+        await asyncio.to_thread(self._wait_idle)
+        self._abort.clear()
+
+    def _wait_idle(self) -> None:
+        with self._model_lock:
+            pass
+
+    async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                             version: int) -> None:
+        await asyncio.to_thread(self._load_weights, named_tensors, version)
+
+    def _load_weights(self, named_tensors, version: int) -> None:
+        with self._model_lock:
+            load_named_tensors(self.model, named_tensors)
+            self.weight_version = version
+
+    async def release_memory(self) -> None:
+        """Nothing to release: this engine keeps no cache between batches."""
+
+    async def resume_memory(self) -> None:
+        """Nothing to resume (see release_memory)."""
+
+    async def flush_cache(self) -> None:
+        """No prefix cache survives a batch, so there is nothing to flush."""
+
+    async def health(self) -> bool:
+        return self._worker is None or not self._worker.done()
+
+    async def close(self) -> None:
+        await self.abort_all()
+        if self._worker is not None:
+            self._worker.cancel()
+
+
+@torch.no_grad()
+def load_named_tensors(model: torch.nn.Module,
+                       named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """Copy tensors into `model` by HF parameter name (casting dtype). Returns the count.
+
+    A name the model does not have is an error naming it; tied weights (lm_head
+    sharing the embedding) are listed once by `named_parameters` on both sides.
+    """
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    count = 0
+    for name, tensor in named_tensors:
+        if name not in params:
+            raise KeyError(f"weight {name!r} is not a parameter of {type(model).__name__}")
+        params[name].copy_(tensor.to(params[name].device), non_blocking=True)
+        count += 1
+    return count

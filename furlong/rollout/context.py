@@ -1,0 +1,31 @@
+"""HookArgs: the `args` object user hooks receive, read-only.
+
+Hooks written for Miles/slime read flags as attributes (`args.rollout_max_response_len`);
+HookArgs offers every flag that way (flattened over the groups) plus the objects a hook
+needs to act: `engine` (async `generate(input_ids, SamplingParams)`), `tokenizer`, and
+`config` (the typed tree). It cannot be changed, so a hook cannot alter the run's
+configuration behind the loop's back.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from furlong.config.groups import GROUPS, Config, flag_fields
+
+
+class HookArgs:
+    def __init__(self, config: Config, engine: Any = None, tokenizer: Any = None):
+        values = {"config": config, "engine": engine, "tokenizer": tokenizer}
+        for _, attr, cls in GROUPS:
+            group = getattr(config, attr)
+            values.update({f.name: getattr(group, f.name) for f in flag_fields(cls)})
+        object.__setattr__(self, "_values", values)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"args has no flag or attribute {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"args is read-only (tried to set {name!r})")

@@ -1,0 +1,38 @@
+"""Dynamic-sampling filters: decide whether a finished group enters the batch.
+
+Signature of --dynamic-sampling-filter-path hooks:
+    fn(args, samples: list[Sample]) -> bool | FilterResult (anything with .keep, .reason)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Paths used in Miles/slime launch scripts -> the built-in with the same behaviour.
+ALIASES = {
+    f"{project}.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std":
+        "furlong.rollout.filters:check_reward_nonzero_std"
+    for project in ("slime", "miles")
+}
+
+
+@dataclass(frozen=True)
+class FilterResult:
+    keep: bool
+    reason: str | None = None
+
+
+def check_reward_nonzero_std(args, samples) -> FilterResult:
+    """Keep the group only if its rewards are not all equal (equal rewards: zero advantage)."""
+    rewards = torch.tensor([s.scalar_reward(args.reward_key) for s in samples])
+    keep = len(samples) > 1 and bool(rewards.std() > 0)
+    return FilterResult(keep, None if keep else "zero_std")
+
+
+def as_filter_result(value) -> FilterResult:
+    """Normalise a hook's return value; a bare False is dropped for reason 'filtered'."""
+    if isinstance(value, bool):
+        return FilterResult(value, None if value else "filtered")
+    keep = bool(value.keep)
+    return FilterResult(keep, None if keep else (getattr(value, "reason", None) or "filtered"))

@@ -1,0 +1,40 @@
+"""The default per-sample generate function, and the per-sample sampling seed.
+
+Signature shared with --custom-generate-function-path hooks:
+    async def generate(args, sample, sampling_params: dict) -> Sample | list[Sample]
+`sampling_params` is an SGLang request dict; `args.engine.generate` takes the prompt
+ids and a SamplingParams. A sample that already holds part of a response (a partial
+rollout returned to the buffer) continues from where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+
+from furlong.engine.base import SamplingParams
+from furlong.types import Sample, Status
+
+
+def sample_seed(rollout_seed: int, group_index: int, index: int, offset: int = 0) -> int:
+    """A 63-bit seed that is a pure function of the sample's identity and progress."""
+    key = f"{rollout_seed}/{group_index}/{index}/{offset}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+async def generate(args, sample: Sample, sampling_params: dict) -> Sample:
+    params = dict(sampling_params)
+    params["max_new_tokens"] -= sample.response_length
+    if args.rollout_max_context_len is not None:
+        params["max_new_tokens"] = min(params["max_new_tokens"],
+                                       args.rollout_max_context_len - len(sample.tokens))
+    if params["max_new_tokens"] <= 0:
+        sample.status = Status.TRUNCATED
+        return sample
+    output = await args.engine.generate(sample.tokens, SamplingParams.from_dict(params))
+    sample.tokens = sample.tokens + output.output_ids
+    sample.response += output.text
+    sample.response_length += len(output.output_ids)
+    sample.loss_mask = (sample.loss_mask or []) + [1] * len(output.output_ids)
+    sample.rollout_log_probs = (sample.rollout_log_probs or []) + output.output_log_probs
+    sample.status = Status.from_finish_reason(output.finish_reason)
+    sample.weight_version = output.weight_version
+    return sample

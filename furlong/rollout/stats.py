@@ -1,0 +1,51 @@
+"""Rollout and eval statistics (metric names as in Miles), as pure functions of samples."""
+from __future__ import annotations
+
+import math
+from statistics import mean
+
+from furlong.types import Sample, Status
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """Unbiased pass@k = 1 - C(n - c, k) / C(n, k)."""
+    if num_samples - num_correct < k:
+        return 1.0
+    return 1.0 - math.comb(num_samples - num_correct, k) / math.comb(num_samples, k)
+
+
+def response_stats(samples: list[Sample], prefix: str) -> dict[str, float]:
+    lengths = [s.response_length for s in samples]
+    return {f"{prefix}/response_len/mean": mean(lengths),
+            f"{prefix}/response_len/max": max(lengths),
+            f"{prefix}/response_len/min": min(lengths),
+            f"{prefix}/truncated_ratio": mean(s.status == Status.TRUNCATED for s in samples)}
+
+
+def rollout_stats(groups: list[list[Sample]], reward_key: str | None,
+                  drops: dict[str, int]) -> dict[str, float]:
+    samples = [s for group in groups for s in group]
+    stats = {"rollout/raw_reward": mean(s.scalar_reward(reward_key) for s in samples),
+             **response_stats(samples, "rollout")}
+    stats["rollout/zero_std/count"] = sum(
+        len({s.scalar_reward(reward_key) for s in group}) == 1 for group in groups)
+    stats.update({f"rollout/dynamic_filter/drop_{reason}": count
+                  for reason, count in sorted(drops.items())})
+    return stats
+
+
+def eval_stats(name: str, groups: list[list[Sample]], reward_key: str | None,
+               log_passrate: bool) -> dict[str, float]:
+    """eval/NAME is the mean reward; pass@k counts a sample correct when its reward > 0."""
+    samples = [s for group in groups for s in group]
+    stats = {f"eval/{name}": mean(s.scalar_reward(reward_key) for s in samples),
+             **response_stats(samples, f"eval/{name}")}
+    if log_passrate:
+        n = min(len(group) for group in groups)
+        k = 1
+        while k <= n:
+            stats[f"eval/{name}/pass@{k}"] = mean(
+                pass_at_k(len(g), sum(s.scalar_reward(reward_key) > 0 for s in g), k)
+                for g in groups)
+            k *= 2
+    return stats

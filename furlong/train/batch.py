@@ -1,0 +1,119 @@
+"""TrainBatch: the per-sample tensors of one rollout, and packing into micro-batches.
+
+A micro-batch is always packed: its samples are concatenated into one row with
+position ids restarting at each sample, so attention never crosses samples and no
+padding is computed. Response-token quantities are flattened the same way: tensors
+of shape (N,) over the response tokens of the micro-batch, with `sample_ids` telling
+each token's sample slot.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from furlong.types import Sample
+
+# Per-sample list fields that are concatenated over response tokens when packing.
+TOKEN_FIELDS = ("loss_masks", "advantages", "old_log_probs", "ref_log_probs",
+                "rollout_log_probs")
+
+
+@dataclass
+class TrainBatch:
+    """S samples. Lists hold one tensor per sample; response tensors have R_i entries."""
+    tokens: list[torch.Tensor]             # (L_i,) prompt + response ids
+    response_lengths: list[int]
+    loss_masks: list[torch.Tensor]         # (R_i,) 1 on tokens the policy sampled
+    rewards: torch.Tensor                  # (S,) scalar rewards
+    rollout_log_probs: list[torch.Tensor] | None = None
+    old_log_probs: list[torch.Tensor] | None = None
+    ref_log_probs: list[torch.Tensor] | None = None
+    advantages: list[torch.Tensor] | None = None
+
+    @classmethod
+    def from_samples(cls, samples: list[Sample], reward_key: str | None) -> "TrainBatch":
+        rollout_log_probs = None
+        if all(s.rollout_log_probs is not None for s in samples):
+            rollout_log_probs = [torch.tensor(s.rollout_log_probs, dtype=torch.float32)
+                                 for s in samples]
+        return cls(
+            tokens=[torch.tensor(s.tokens, dtype=torch.long) for s in samples],
+            response_lengths=[s.response_length for s in samples],
+            loss_masks=[torch.tensor(s.loss_mask if s.loss_mask is not None
+                                     else [1] * s.response_length, dtype=torch.float32)
+                        for s in samples],
+            rewards=torch.tensor([s.scalar_reward(reward_key) if s.reward is not None else 0.0
+                                  for s in samples], dtype=torch.float32),
+            rollout_log_probs=rollout_log_probs)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def select(self, indices: list[int]) -> "TrainBatch":
+        """The sub-batch of these sample indices, in this order."""
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                value = [value[i] for i in indices]
+            elif isinstance(value, torch.Tensor):
+                value = value[indices]
+            values[f.name] = value
+        return replace(self, **values)
+
+    def num_loss_tokens(self) -> int:
+        return int(sum(mask.sum().item() for mask in self.loss_masks))
+
+
+@dataclass
+class PackedMicroBatch:
+    """One packed row and the flattened response-token tensors of its samples."""
+    input_ids: torch.Tensor          # (1, T)
+    position_ids: torch.Tensor       # (1, T)
+    target_positions: torch.Tensor   # (N,) row positions whose next token is a response token
+    targets: torch.Tensor            # (N,) those next tokens
+    sample_ids: torch.Tensor         # (N,) sample slot 0..num_samples-1
+    cu_seq_lens: torch.Tensor        # (num_samples + 1,) where each sample starts in the row
+    max_length: int                  # longest sample
+    num_samples: int
+    token_fields: dict               # name in TOKEN_FIELDS -> (N,) tensor, when the batch has it
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        return self.token_fields["loss_masks"]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def pack(batch: TrainBatch, indices: list[int], device: torch.device | str) -> PackedMicroBatch:
+    """Concatenate samples `indices` of `batch` into one packed row on `device`."""
+    tokens = [batch.tokens[i] for i in indices]
+    positions, target_positions, sample_ids = [], [], []
+    offset = 0
+    for slot, (i, ids) in enumerate(zip(indices, tokens, strict=True)):
+        length, response = len(ids), batch.response_lengths[i]
+        positions.append(torch.arange(length))
+        # Position p predicts token p + 1: response tokens start at length - response.
+        target_positions.append(torch.arange(length - response - 1, length - 1) + offset)
+        sample_ids.append(torch.full((response,), slot))
+        offset += length
+    row = torch.cat(tokens)
+    target_positions = torch.cat(target_positions)
+    token_fields = {name: torch.cat([getattr(batch, name)[i] for i in indices]).to(device)
+                    for name in TOKEN_FIELDS if getattr(batch, name) is not None}
+    return PackedMicroBatch(
+        input_ids=row[None].to(device), position_ids=torch.cat(positions)[None].to(device),
+        target_positions=target_positions.to(device), targets=row[target_positions + 1].to(device),
+        sample_ids=torch.cat(sample_ids).to(device),
+        cu_seq_lens=torch.tensor([0] + [len(t) for t in tokens]).cumsum(0).to(device),
+        max_length=max(len(t) for t in tokens), num_samples=len(indices),
+        token_fields=token_fields)
+
+
+def split_tokens(values: torch.Tensor, micro: PackedMicroBatch) -> list[torch.Tensor]:
+    """(N,) response-token values of a micro-batch -> one tensor per sample."""
+    counts = torch.bincount(micro.sample_ids, minlength=micro.num_samples).tolist()
+    return list(values.split(counts))

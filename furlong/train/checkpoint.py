@@ -1,0 +1,99 @@
+"""Checkpoint layout under --save, written so that a crash never loses the last one.
+
+    SAVE/iter_0000007/model/        HF directory (config, safetensors, tokenizer)
+    SAVE/iter_0000007/trainer_rank0.pt  optimizer + LR schedule (unless --no-save-optim)
+    SAVE/iter_0000007/rng_rank0.pt  python / torch / cuda RNG states
+    SAVE/iter_0000007/rollout.json  data position, group counter, partial-rollout buffer
+    SAVE/iter_0000007/args.json     the command line and resolved flags
+    SAVE/latest_checkpointed_iteration.txt   "7", written last
+
+A save fills `iter_0000007.tmp/`, renames it into place, then replaces the tracker
+through a temporary file: until the rename of the tracker, the previous iteration
+stays the latest, and its directory is never touched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
+    return Path(save_dir) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(save_dir: str | Path | None) -> int | None:
+    """The iteration the tracker names, or None when there is no tracker."""
+    if save_dir is None:
+        return None
+    tracker = Path(save_dir) / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{tracker}: expected an iteration number, found {text!r}")
+    iteration = int(text)
+    if not iteration_dir(save_dir, iteration).is_dir():
+        raise ValueError(f"{tracker} names iteration {iteration} but "
+                         f"{iteration_dir(save_dir, iteration)} is missing")
+    return iteration
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def save_checkpoint(save_dir: str | Path, iteration: int, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_dir)` to fill the checkpoint, then publish it atomically."""
+    final = iteration_dir(save_dir, iteration)
+    staging = final.with_name(final.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    write(staging)
+    _fsync_tree(staging)
+    if final.exists():  # an older save of this iteration that the tracker may name
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _write_atomic(Path(save_dir) / TRACKER, f"{iteration}\n")
+    return final
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=1, default=str))
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
