@@ -1,0 +1,50 @@
+"""User hooks: loading a function from a dotted path, and the reward hook signatures.
+
+A hook path is `package.module:function` or `package.module.function` (the last dotted
+component is the function). A missing module or attribute is a `ValueError` that names
+the flag, the path and how to fix it, raised at startup rather than mid-run.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Awaitable, Callable, Protocol
+
+from furlong.types import Sample
+
+
+class RewardHook(Protocol):
+    """--custom-rm-path: `fn(args, sample) -> float | dict`, sync or async."""
+
+    def __call__(self, args: Any, sample: Sample) -> float | dict | Awaitable[float | dict]: ...
+
+
+class GroupRewardHook(Protocol):
+    """--custom-rm-path with --group-rm: `fn(args, samples) -> list`, one reward per sample."""
+
+    def __call__(self, args: Any, samples: list[Sample]) -> list | Awaitable[list]: ...
+
+
+def load_function(path: str, flag: str) -> Callable:
+    """Import `module:function` or `module.function` and return the callable."""
+    module_name, function_name = _split(path, flag)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"{flag} {path}: cannot import module '{module_name}' ({error}); put "
+                         "its directory on PYTHONPATH or fix the module path") from error
+    function = getattr(module, function_name, None)
+    if function is None:
+        raise ValueError(f"{flag} {path}: module '{module_name}' has no attribute "
+                         f"'{function_name}'; define it there or fix the function name")
+    if not callable(function):
+        raise ValueError(f"{flag} {path}: '{function_name}' in '{module_name}' is a "
+                         f"{type(function).__name__}, not a function")
+    return function
+
+
+def _split(path: str, flag: str) -> tuple[str, str]:
+    module_name, separator, function_name = path.rpartition(":" if ":" in path else ".")
+    if not separator or not module_name or not function_name:
+        raise ValueError(f"{flag} {path}: expected module.path:function or "
+                         "module.path.function (e.g. my_rewards:score)")
+    return module_name, function_name

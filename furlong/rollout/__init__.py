@@ -1,0 +1,1 @@
+"""Rollout: generating responses and scoring them."""
