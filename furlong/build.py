@@ -20,7 +20,6 @@ from furlong.engine.hf_engine import HFEngine
 from furlong.hooks import load_function
 from furlong.metrics import MetricsLogger
 from furlong.rollout.context import HookArgs
-from furlong.rollout.filters import ALIASES
 from furlong.rollout.generate import generate as default_generate
 from furlong.rollout.manager import RolloutManager
 from furlong.rollout.rewards import RewardModel
@@ -96,7 +95,7 @@ def build_engine(config: Config, tokenizer, rank: RankInfo) -> Engine:
 
 
 def _hook(path: str | None, flag: str):
-    return load_function(ALIASES.get(path, path), flag) if path else None
+    return load_function(path, flag) if path else None
 
 
 def build_manager(config: Config, hook_args: HookArgs, dataset, evals) -> RolloutManager:

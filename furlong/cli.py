@@ -13,8 +13,10 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "transformers"):
+    for noisy in ("httpx", "urllib3", "transformers", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None, prog: str = "train.py") -> int:

@@ -24,9 +24,18 @@ class GroupRewardHook(Protocol):
     def __call__(self, args: Any, samples: list[Sample]) -> list | Awaitable[list]: ...
 
 
+# Hook paths of Miles/slime launch scripts -> the furlong built-in that behaves the same,
+# so those scripts run unchanged.
+ALIASES = {
+    f"{project}.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std":
+        "furlong.rollout.filters:check_reward_nonzero_std"
+    for project in ("slime", "miles")
+}
+
+
 def load_function(path: str, flag: str) -> Callable:
-    """Import `module:function` or `module.function` and return the callable."""
-    module_name, function_name = _split(path, flag)
+    """Import `module:function` or `module.function` (or a known alias) and return it."""
+    module_name, function_name = _split(ALIASES.get(path, path), flag)
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:

@@ -65,8 +65,7 @@ async def run_loop(run: Run) -> dict:
                     await push_weights(run, version=rollout_id + 1)
         run.logger.log(rollout_id, metrics)
         progress.update(rollout_id, metrics)
-        interval = config.eval.eval_interval
-        if interval is not None and (rollout_id + 1) % interval == 0:
+        if should_eval(run, rollout_id):
             last_eval = await evaluate(run, rollout_id + 1)
     progress.close()
     return last_eval
@@ -156,6 +155,13 @@ def should_save(run: Run, rollout_id: int) -> bool:
         return False
     last = rollout_id == run.num_rollout - 1
     return last or (ckpt.save_interval is not None and (rollout_id + 1) % ckpt.save_interval == 0)
+
+
+def should_eval(run: Run, rollout_id: int) -> bool:
+    """Every --eval-interval rollouts, and after the last one."""
+    interval = run.config.eval.eval_interval
+    last = rollout_id == run.num_rollout - 1
+    return interval is not None and ((rollout_id + 1) % interval == 0 or last)
 
 
 def save(run: Run, rollout_id: int) -> None:

@@ -80,17 +80,6 @@ def reinforce_plus_plus_returns(
     return returns[sample_ids, positions]
 
 
-def reinforce_plus_plus_baseline_advantages(
-    rewards: Tensor, kl: Tensor, sample_ids: Tensor, kl_coef: float
-) -> Tensor:
-    """REINFORCE++-baseline advantage, (N,): `A_t = (r - mean_group(r)) - kl_coef * kl_t`.
-
-    `rewards` is (G, n); the token's sample slot s = g * n + i picks its reward.
-    """
-    centered = grpo_advantages(rewards, normalize_std=False).reshape(-1)  # (S,)
-    return broadcast_to_tokens(centered, sample_ids) - kl_coef * kl
-
-
 def whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
     """Masked whitening over all tokens given, (N,): `(A - mean) / sqrt(var + eps)`.
 

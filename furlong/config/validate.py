@@ -11,10 +11,14 @@ from pathlib import Path
 
 from furlong.config.groups import GROUPS, Config, flag_fields
 from furlong.config.parser import ConfigError, option_name
+from furlong.hooks import load_function
+from furlong.rollout.rewards import TEXT_REWARDS, split_rm_type
 
-REWARD_TYPES = ("math", "deepscaler", "dapo", "f1", "gpqa", "remote_rm", "random")
-# Rewards that compare against a label.
-LABELLED_REWARDS = ("math", "deepscaler", "dapo", "f1", "gpqa")
+# Hook flags and their group: each path must import before the run starts.
+HOOK_FLAGS = (("rollout", "custom_rm_path"), ("rollout", "dynamic_sampling_filter_path"),
+              ("rollout", "custom_generate_function_path"), ("rollout", "rollout_function_path"),
+              ("grpo", "custom_loss_function_path"))
+
 # (eval field, rollout field) pairs: an unset eval value takes the rollout value.
 EVAL_INHERITS = (
     ("eval_max_response_len", "rollout_max_response_len"),
@@ -35,6 +39,7 @@ def resolve(config: Config) -> tuple[Config, list[str]]:
     config = _resolve_cluster(config)
     _check_optimizer(config)
     _check_perf(config)
+    check_hooks(config)
     return config, megatron_only_warnings(config) + _soft_warnings(config)
 
 
@@ -123,18 +128,33 @@ def _resolve_reward(config: Config) -> Config:
                           "module:function(args, samples) -> list")
     if r.custom_rm_path is not None:
         return config
-    base = r.rm_type.removeprefix("boxed_")
-    if base not in REWARD_TYPES:
-        raise ConfigError(f"--rm-type {r.rm_type}: unknown; choose one of {', '.join(REWARD_TYPES)} "
-                          "(optionally prefixed boxed_), or use --custom-rm-path")
+    base = _reward_base(r.rm_type)
     if base == "remote_rm" and not r.rm_url:
         raise ConfigError("--rm-type remote_rm needs --rm-url http://HOST:PORT/PATH")
-    if base in LABELLED_REWARDS and r.label_key is None:
+    if base in TEXT_REWARDS and r.label_key is None:
         raise ConfigError(f"--rm-type {r.rm_type} compares responses with a label: set "
                           "--label-key to the label column (e.g. --label-key label)")
     if base == "dapo" and r.reward_key is None:
         config = config.replace("rollout", "derived", reward_key="score")
     return config
+
+
+def _reward_base(rm_type: str) -> str:
+    try:
+        return split_rm_type(rm_type)[1]
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def check_hooks(config: Config) -> None:
+    """Import every hook given by dotted path, so a typo fails before any heavy work."""
+    for group, name in HOOK_FLAGS:
+        path = getattr(getattr(config, group), name)
+        if path:
+            try:
+                load_function(path, option_name(name))
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
 
 
 def _resolve_eval(config: Config) -> Config:
@@ -160,8 +180,8 @@ def _check_eval_reward(config: Config) -> Config:
     if r.custom_rm_path is None and r.rm_type is None:
         raise ConfigError("--eval-prompt-data needs a reward to score answers: set --rm-type "
                           "or --custom-rm-path")
-    base = (r.rm_type or "").removeprefix("boxed_")
-    if r.custom_rm_path is None and base in LABELLED_REWARDS and e.eval_label_key is None:
+    base = _reward_base(r.rm_type) if r.custom_rm_path is None else None
+    if base in TEXT_REWARDS and e.eval_label_key is None:
         raise ConfigError(f"--rm-type {r.rm_type} compares answers with a label: set "
                           "--eval-label-key (or --label-key) to the eval label column")
     return config

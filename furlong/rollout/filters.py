@@ -9,13 +9,6 @@ from dataclasses import dataclass
 
 import torch
 
-# Paths used in Miles/slime launch scripts -> the built-in with the same behaviour.
-ALIASES = {
-    f"{project}.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std":
-        "furlong.rollout.filters:check_reward_nonzero_std"
-    for project in ("slime", "miles")
-}
-
 
 @dataclass(frozen=True)
 class FilterResult:

@@ -52,7 +52,7 @@ def compute_advantages(config: GrpoArgs, batch: TrainBatch, group_ids: list[int]
             token_rewards = adv.reinforce_plus_plus_token_rewards(
                 scalars, kl, sample_ids, mask, config.kl_coef)
             tokens = adv.reinforce_plus_plus_returns(token_rewards, sample_ids, mask, config.gamma)
-        else:  # reinforce_plus_plus_baseline
+        else:  # reinforce_plus_plus_baseline: A_t = (r - group mean) - kl_coef * kl_t
             scalars = group_normalized(batch.rewards, group_ids, normalize_std=False)
             tokens = adv.broadcast_to_tokens(scalars, sample_ids) - config.kl_coef * kl
     if config.normalize_advantages:
