@@ -1,0 +1,172 @@
+"""End-to-end runs of train.py on the tiny task: learning, resume, replay, sinks."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from furlong import cli, loop
+from furlong.metrics import read_metrics
+
+EVAL = ["--eval-input-key", "prompt", "--eval-label-key", "label", "--eval-temperature", "0",
+        "--eval-max-response-len", "8", "--rm-type", "math"]
+
+
+def run(argv: list[str]) -> list[dict]:
+    """Run train.py in this process; returns the metrics rows of the run directory."""
+    assert cli.main(argv) == 0
+    run_dir = argv[argv.index("--save") + 1] if "--save" in argv else \
+        argv[argv.index("--run-dir") + 1]
+    return read_metrics(Path(run_dir) / "metrics.jsonl")
+
+
+def series(rows: list[dict], name: str) -> dict[int, float]:
+    return {row["step"]: row[name] for row in rows if name in row}
+
+
+def sft_argv(tiny: Path, save: Path, steps: int) -> list[str]:
+    return ["--hf-checkpoint", str(tiny / "model"), "--save", str(save),
+            "--prompt-data", str(tiny / "data/sft.jsonl"), "--input-key", "messages",
+            "--apply-chat-template", "--loss-type", "sft_loss", "--rollout-batch-size", "128",
+            "--micro-batch-size", "128", "--num-rollout", str(steps), "--lr", "2e-3",
+            "--weight-decay", "0"]
+
+
+@pytest.fixture(scope="session")
+def sft_model(tiny, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """The tiny model after an SFT warm-up (also the SFT learning test's run)."""
+    save = tmp_path_factory.mktemp("sft")
+    rows = run(sft_argv(tiny, save, 120) + [
+        "--eval-prompt-data", "addition", f"{tiny}/data/eval.jsonl@[0:200]",
+        "--eval-interval", "120", *EVAL])
+    return save, rows
+
+
+def grpo_argv(tiny: Path, init: Path, save: Path, rollouts: int) -> list[str]:
+    return ["--hf-checkpoint", str(tiny / "model"), "--ref-load", str(init), "--save", str(save),
+            "--prompt-data", str(tiny / "data/train.jsonl"), "--input-key", "prompt",
+            "--label-key", "label", "--apply-chat-template", "--rollout-shuffle",
+            "--rm-type", "math", "--num-rollout", str(rollouts), "--rollout-batch-size", "16",
+            "--n-samples-per-prompt", "8", "--rollout-max-response-len", "8",
+            "--num-steps-per-rollout", "2", "--micro-batch-size", "64", "--lr", "1e-4",
+            "--weight-decay", "0"]
+
+
+@pytest.mark.slow
+def test_sft_loss_falls_and_accuracy_rises(sft_model):
+    _, rows = sft_model
+    losses = series(rows, "train/loss")
+    accuracy = series(rows, "eval/addition")
+    assert losses[119] < 0.75 * losses[0]
+    assert accuracy[0] < 0.05 and accuracy[120] > accuracy[0] + 0.1
+
+
+@pytest.mark.slow
+def test_grpo_reward_rises(tiny, sft_model, tmp_path):
+    rows = run(grpo_argv(tiny, sft_model[0], tmp_path / "grpo", 30))
+    rewards = series(rows, "rollout/raw_reward")
+    first, last = [rewards[i] for i in range(10)], [rewards[i] for i in range(20, 30)]
+    assert sum(last) / 10 > sum(first) / 10 + 0.03
+    row = next(r for r in rows if "rollout/raw_reward" in r)
+    for name in ("rollout/rewards", "rollout/response_len/mean", "rollout/truncated_ratio",
+                 "rollout/zero_std/count", "rollout/log_probs", "rollout/advantages",
+                 "rollout/entropy", "train/loss", "train/pg_loss", "train/pg_clipfrac",
+                 "train/ppo_kl", "train/entropy_loss", "train/grad_norm", "train/lr",
+                 "train/train_rollout_logprob_abs_diff", "perf/rollout_time",
+                 "perf/actor_train_time", "perf/log_probs_time", "perf/update_weights_time",
+                 "perf/step_time", "perf/tokens_per_gpu_per_sec", "perf/actor_train_tflops"):
+        assert name in row, name
+    # Engine and trainer share weights: their log-probs agree (float32 on CPU).
+    assert max(series(rows, "train/train_rollout_logprob_abs_diff").values()) < 1e-4
+    assert (tmp_path / "grpo/reward_curve.png").stat().st_size > 0
+
+
+def crash_after(monkeypatch, rollout_id: int) -> None:
+    """Make the run die right after it saved the checkpoint of `rollout_id`."""
+    original = loop.save
+
+    def save(run_, saved_id):
+        original(run_, saved_id)
+        if saved_id == rollout_id:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(loop, "save", save)
+
+
+def test_sft_resume_gives_same_losses(tiny, tmp_path, monkeypatch):
+    argv = sft_argv(tiny, tmp_path / "full", 6) + ["--rollout-shuffle", "--save-interval", "3"]
+    full = series(run(argv), "train/loss")
+    resumed_argv = sft_argv(tiny, tmp_path / "cut", 6) + [
+        "--rollout-shuffle", "--save-interval", "3", "--load", str(tmp_path / "cut")]
+    crash_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(resumed_argv)
+    monkeypatch.undo()
+    resumed = series(run(resumed_argv), "train/loss")
+    assert [resumed[i] for i in (3, 4, 5)] == pytest.approx([full[i] for i in (3, 4, 5)],
+                                                             rel=1e-6)
+
+
+def test_grpo_resume_repeats_rollouts_and_buffer(tiny, sft_model, tmp_path, monkeypatch):
+    """Resume restores data order, group counter and the partial-rollout buffer exactly."""
+    extra = ["--over-sampling-batch-size", "32", "--partial-rollout", "--save-interval", "2",
+             "--dynamic-sampling-filter-path",
+             "miles.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std"]
+    full = run(grpo_argv(tiny, sft_model[0], tmp_path / "full", 4) + extra)
+    cut_argv = grpo_argv(tiny, sft_model[0], tmp_path / "cut", 4) + extra + [
+        "--load", str(tmp_path / "cut")]
+    crash_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(cut_argv)
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "cut/iter_0000001/rollout.json").read_text())
+    assert state["buffer"], "the surplus groups should be in the checkpoint"
+    resumed = run(cut_argv)
+    for name in ("rollout/raw_reward", "rollout/response_len/mean", "train/loss",
+                 "rollout/dynamic_filter/drop_zero_std"):
+        expected, got = series(full, name), series(resumed, name)
+        assert [got.get(i) for i in (2, 3)] == pytest.approx([expected.get(i) for i in (2, 3)],
+                                                             rel=1e-6), name
+
+
+def test_saved_rollout_replays_to_the_same_loss(tiny, tmp_path):
+    data = str(tmp_path / "rollout_{rollout_id}.pt")
+    argv = grpo_argv(tiny, tiny / "model", tmp_path / "a", 1)
+    first = series(run(argv + ["--save-debug-rollout-data", data]), "train/loss")
+    replay = grpo_argv(tiny, tiny / "model", tmp_path / "b", 1) + [
+        "--load-debug-rollout-data", data, "--debug-train-only"]
+    assert series(run(replay), "train/loss") == pytest.approx(first, rel=1e-6)
+
+
+def test_eval_only_run(tiny, tmp_path):
+    rows = run(["--hf-checkpoint", str(tiny / "model"), "--run-dir", str(tmp_path),
+                "--rollout-batch-size", "1", "--num-rollout", "0", "--log-passrate",
+                "--n-samples-per-eval-prompt", "4", "--eval-prompt-data",
+                f"{tiny}/data/eval.jsonl@[0:8]", *EVAL])
+    (row,) = rows
+    assert {"eval/eval", "eval/eval/pass@1", "eval/eval/pass@4",
+            "eval/eval/truncated_ratio"} <= set(row)
+
+
+def test_sinks_and_hf_export(tiny, tmp_path):
+    pytest.importorskip("wandb")
+    export = tmp_path / "hf_{rollout_id}"
+    run(grpo_argv(tiny, tiny / "model", tmp_path / "run", 1) + [
+        "--use-tensorboard", "--use-wandb", "--wandb-mode", "offline",
+        "--wandb-project", "furlong-test", "--save-hf", str(export)])
+    assert list((tmp_path / "run/tensorboard").rglob("events.out.tfevents.*"))
+    assert list((tmp_path / "run/wandb").glob("offline-run-*"))
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_0")
+    saved = torch.load(tmp_path / "run/iter_0000000/trainer_rank0.pt", weights_only=False)
+    assert saved["scheduler"]["step_count"] == 2
+    assert model.config.num_hidden_layers == 2
+
+
+def test_load_without_tracker_warm_starts_from_ref_load(tiny, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rows = run(grpo_argv(tiny, tiny / "model", tmp_path / "s", 1) + ["--load", str(empty)])
+    assert 0 in series(rows, "train/loss")

@@ -1,0 +1,173 @@
+"""Trainer numerics: packed log-probs, split invariance of a step, batching, advantages."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from furlong.config import load_config
+from furlong.train import microbatch
+from furlong.train.actor import RankInfo, TrainActor
+from furlong.train.advantages import compute_advantages, group_normalized
+from furlong.train.batch import TrainBatch, pack, split_tokens
+from furlong.train.policy import CausalLMPolicy, load_hf_model
+
+
+def random_batch(num_samples: int, vocab: int, seed: int = 0) -> TrainBatch:
+    """Samples with random prompt/response lengths, rewards in {0, 1}."""
+    rng = random.Random(seed)
+    tokens, responses, masks = [], [], []
+    for _ in range(num_samples):
+        prompt, response = rng.randint(3, 12), rng.randint(1, 9)
+        tokens.append(torch.tensor([rng.randrange(vocab) for _ in range(prompt + response)]))
+        responses.append(response)
+        mask = torch.ones(response)
+        if response > 2:
+            mask[rng.randrange(response)] = 0.0  # a forced (non-sampled) token
+        masks.append(mask)
+    rewards = torch.tensor([float(rng.random() < 0.5) for _ in range(num_samples)])
+    return TrainBatch(tokens, responses, masks, rewards)
+
+
+def reference_log_probs(hf_model, tokens: torch.Tensor, response: int,
+                        temperature: float) -> torch.Tensor:
+    """Independent computation: one unpacked forward, full logits, log_softmax."""
+    logits = hf_model(tokens[None]).logits[0].float() / temperature
+    log_probs = logits.log_softmax(-1)[:-1].gather(-1, tokens[1:, None]).squeeze(-1)
+    return log_probs[-response:]
+
+
+@pytest.mark.parametrize("chunk_size", [1024, 3])
+def test_packed_log_probs_equal_unpacked(tiny, chunk_size):
+    hf_model = load_hf_model(str(tiny / "model"), packed=True).eval()
+    policy = CausalLMPolicy(hf_model, chunk_size=chunk_size)
+    batch = random_batch(5, hf_model.config.vocab_size)
+    micro = pack(batch, [0, 1, 2, 3, 4], "cpu")
+    with torch.no_grad():
+        log_probs, entropy = policy(micro, temperature=0.7)
+    reference_model = load_hf_model(str(tiny / "model")).eval()  # plain sdpa, unpacked
+    with torch.no_grad():
+        for i, values in enumerate(split_tokens(log_probs, micro)):
+            expected = reference_log_probs(reference_model, batch.tokens[i],
+                                           batch.response_lengths[i], 0.7)
+            torch.testing.assert_close(values, expected, atol=1e-5, rtol=1e-5)
+    assert entropy.shape == log_probs.shape and (entropy > 0).all()
+
+
+def test_packing_layout():
+    batch = random_batch(3, 20)
+    micro = pack(batch, [2, 0], "cpu")
+    lengths = [len(batch.tokens[2]), len(batch.tokens[0])]
+    assert micro.input_ids.shape == (1, sum(lengths))
+    assert micro.cu_seq_lens.tolist() == [0, lengths[0], sum(lengths)]
+    assert micro.position_ids[0, lengths[0]].item() == 0  # positions restart per sample
+    # each target is the token after its position, and only response tokens are targets
+    row = micro.input_ids[0]
+    assert torch.equal(micro.targets, row[micro.target_positions + 1])
+    assert len(micro.targets) == batch.response_lengths[2] + batch.response_lengths[0]
+    assert torch.equal(micro.loss_mask, torch.cat([batch.loss_masks[2], batch.loss_masks[0]]))
+
+
+def make_actor(tiny, extra: list[str]) -> TrainActor:
+    argv = ["--hf-checkpoint", str(tiny / "model"), "--prompt-data",
+            str(tiny / "data/train.jsonl"), "--input-key", "prompt", "--label-key", "label",
+            "--rm-type", "math", "--rollout-batch-size", "3", "--n-samples-per-prompt", "4",
+            "--rollout-max-response-len", "8", "--num-rollout", "1", "--use-kl-loss",
+            "--kl-loss-coef", "0.1", "--kl-loss-type", "low_var_kl", "--entropy-coef", "0.01",
+            "--eps-clip-high", "0.28", *extra]
+    config, _ = load_config(argv)
+    return TrainActor(config, RankInfo(), str(tiny / "model"), total_steps=1)
+
+
+def one_step_gradients(tiny, extra: list[str], batch: TrainBatch) -> tuple[dict, dict]:
+    """Metrics and gradients of one optimizer step (the update itself is skipped)."""
+    torch.manual_seed(0)
+    actor = make_actor(tiny, extra)
+    group_ids = [i // 4 for i in range(len(batch))]
+    batch.old_log_probs, _ = actor.compute_log_probs(batch)
+    # Perturb so that ratios differ from 1 and clipping is exercised.
+    batch.old_log_probs = [lp + 0.3 * torch.randn_like(lp) for lp in batch.old_log_probs]
+    batch.ref_log_probs, _ = actor.compute_log_probs(batch, reference=True)
+    batch.advantages, _ = compute_advantages(actor.config.grpo, batch, group_ids)
+    grads = {}
+
+    def capture():
+        grads.update({n: p.grad.clone() for n, p in actor.policy.named_parameters()})
+        actor.optimizer.zero_grad()
+        return 0.0
+
+    actor._optimizer_step = capture
+    (metrics,) = actor.train(batch)
+    return metrics, grads
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_step_does_not_depend_on_micro_batch_split(tiny, per_token):
+    """The loss and gradient of a step are the same for 1, 5 or 12 samples per micro-batch
+    and for dynamic batching: reductions use the step's global denominators."""
+    batch = random_batch(12, 22, seed=3)
+    flags = ["--calculate-per-token-loss"] if per_token else []
+    results = [one_step_gradients(tiny, flags + split, batch) for split in (
+        ["--micro-batch-size", "1"], ["--micro-batch-size", "5"], ["--micro-batch-size", "12"],
+        ["--use-dynamic-batch-size", "--max-tokens-per-gpu", "40"])]
+    reference_metrics, reference_grads = results[0]
+    assert reference_metrics["train/pg_clipfrac"] > 0
+    for metrics, grads in results[1:]:
+        for name in ("train/loss", "train/pg_loss", "train/kl_loss", "train/entropy_loss",
+                     "train/pg_clipfrac", "train/ppo_kl"):
+            assert metrics[name] == pytest.approx(reference_metrics[name], rel=1e-5, abs=1e-7)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, reference_grads[name], atol=1e-6, rtol=1e-4)
+
+
+def test_token_budget_micro_batches_respect_budget_and_balance():
+    rng = random.Random(1)
+    lengths = {i: rng.randint(5, 60) for i in range(40)}
+    bins = microbatch.token_budget_micro_batches(list(lengths), lengths, max_tokens=150)
+    assert sorted(i for b in bins for i in b) == list(range(40))
+    totals = [sum(lengths[i] for i in b) for b in bins]
+    assert max(totals) <= 150
+    assert len(bins) == microbatch.min_micro_batches(list(lengths.values()), 150)
+    assert max(totals) - min(totals) <= max(lengths.values())  # balanced by length
+
+
+def test_long_sample_sits_alone():
+    lengths = {0: 500, 1: 10, 2: 10}
+    bins = microbatch.token_budget_micro_batches([0, 1, 2], lengths, max_tokens=100)
+    assert [0] in bins and sorted(i for b in bins for i in b) == [0, 1, 2]
+
+
+def test_ranks_get_equal_counts_and_balanced_tokens():
+    rng = random.Random(2)
+    lengths = {i: rng.randint(1, 100) for i in range(16)}
+    shares = microbatch.split_across_ranks(list(lengths), lengths, 4, balance=True)
+    assert [len(s) for s in shares] == [4, 4, 4, 4]
+    assert sorted(i for s in shares for i in s) == list(range(16))
+    loads = [sum(lengths[i] for i in s) for s in shares]
+    plain = [sum(lengths[i] for i in s)
+             for s in microbatch.split_across_ranks(list(lengths), lengths, 4, balance=False)]
+    assert max(loads) - min(loads) <= max(plain) - min(plain)
+    with pytest.raises(ValueError, match="global-batch-size"):
+        microbatch.split_across_ranks(list(range(6)), {i: 1 for i in range(6)}, 4, False)
+
+
+def test_group_normalized_handles_unequal_groups():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 5.0])
+    out = group_normalized(rewards, [7, 7, 7, 9, 9, 4], normalize_std=True)
+    first = rewards[:3] - rewards[:3].mean()
+    torch.testing.assert_close(out[:3], first / (rewards[:3].std() + 1e-6))
+    assert out[3:5].tolist() == [0.0, 0.0]  # equal rewards: zero advantage, no NaN
+    assert out[5].item() == 0.0             # a group of one
+
+
+def test_grpo_advantage_is_constant_per_sample(tiny):
+    config, _ = load_config(["--hf-checkpoint", str(tiny / "model"), "--prompt-data",
+                             str(tiny / "data/train.jsonl"), "--input-key", "prompt",
+                             "--label-key", "label", "--rm-type", "math",
+                             "--rollout-batch-size", "2", "--n-samples-per-prompt", "3",
+                             "--rollout-max-response-len", "8"])
+    batch = random_batch(6, 22)
+    tokens, scalars = compute_advantages(config.grpo, batch, [0, 0, 0, 1, 1, 1])
+    for values, scalar in zip(tokens, scalars, strict=True):
+        assert torch.all(values == scalar)
