@@ -5,6 +5,7 @@ A malformed row is an error naming the file and line; nothing is dropped silentl
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -89,9 +90,20 @@ def check_record(record: Any, where: str, keys: DataKeys) -> None:
     if keys.label_key is not None and keys.label_key not in record:
         raise DataError(f"{where}: no key {keys.label_key!r} (keys: {sorted(record)}); set "
                         "--label-key to the label column")
-    metadata = record.get(keys.metadata_key)
-    if metadata is not None and not isinstance(metadata, (dict, str)):
-        raise DataError(f"{where}: {keys.metadata_key!r} must be an object or a JSON string")
+    _metadata(record.get(keys.metadata_key), where, keys.metadata_key)
+
+
+def _metadata(value: Any, where: str, key: str) -> dict:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: {key!r} is a string but not JSON ({error.msg})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: {key!r} must be a JSON object, got {type(value).__name__}")
+    return dict(value)
 
 
 def load_records(spec: str, keys: DataKeys, limit: int | None = None) -> list[tuple[str, dict]]:
@@ -133,12 +145,6 @@ class PromptEncoder:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _metadata(value: Any) -> dict:
-    if value is None:
-        return {}
-    return json.loads(value) if isinstance(value, str) else dict(value)
-
-
 class PromptDataset:
     """Rows of --prompt-data in epoch order, with a read position that checkpoints.
 
@@ -163,11 +169,12 @@ class PromptDataset:
                 self.num_too_long += 1
                 continue
             label = record.get(keys.label_key) if keys.label_key else None
-            self.rows.append(PromptRow(record[keys.input_key], tuple(ids), label,
-                                       _metadata(record.get(keys.metadata_key)), where))
+            metadata = _metadata(record.get(keys.metadata_key), where, keys.metadata_key)
+            self.rows.append(PromptRow(record[keys.input_key], tuple(ids), label, metadata, where))
         if not self.rows:
             raise DataError(f"{spec}: all {self.num_too_long} prompts are longer than "
                             f"--rollout-max-prompt-len {max_prompt_len}")
+        self.fingerprint = _fingerprint(self.rows)
         self.epoch = 0
         self.offset = 0
         self._order = self._epoch_order(0)
@@ -194,12 +201,26 @@ class PromptDataset:
         return rows
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset, "num_rows": len(self.rows)}
+        return {"epoch": self.epoch, "offset": self.offset, "num_rows": len(self.rows),
+                "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_rows"] != len(self.rows):
             raise DataError(f"{self.spec}: the checkpoint was taken with {state['num_rows']} "
                             f"prompts, this data has {len(self.rows)}; resume with the same "
                             "--prompt-data and --rollout-max-prompt-len")
+        if state.get("fingerprint", self.fingerprint) != self.fingerprint:
+            raise DataError(f"{self.spec}: the checkpoint was taken with different prompts (same "
+                            f"count, {len(self.rows)}, different content); resume with the same "
+                            "--prompt-data, or start a new --save directory")
         self.epoch, self.offset = state["epoch"], state["offset"]
         self._order = self._epoch_order(self.epoch)
+
+
+def _fingerprint(rows: list[PromptRow]) -> str:
+    """Hash of the prompts and labels in file order: a resumed run checks it is reading the
+    same data (the row count alone misses an edited or swapped file of the same size)."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps([row.prompt, row.label], sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]

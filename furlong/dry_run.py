@@ -1,7 +1,8 @@
 """--dry-run: check everything that can be checked without loading weights, then exit 0.
 
 Validates the flags and config.json (already done by load_config), reads the first
-rows of every data file, prints the resolved configuration with the source of each
+rows of every data file and renders their prompts with the tokenizer (the chat
+template included), prints the resolved configuration with the source of each
 value, and states the devices the run needs, checking them only where they exist.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 
 from furlong.config import Config, eval_datasets
 from furlong.config.report import format_config
-from furlong.data import DataKeys, load_records
+from furlong.data import DataError, DataKeys, PromptEncoder, load_records
 
 PEEK_ROWS = 5
 
@@ -25,6 +26,28 @@ def data_files(config: Config) -> list[tuple[str, DataKeys]]:
                          r.tool_key)
     files += [(path, eval_keys) for _, path in eval_datasets(config)]
     return files
+
+
+def load_tokenizer(directory: str):
+    """The tokenizer alone: a dry run never reads model weights."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as error:
+        raise DataError(f"--hf-checkpoint {directory}: cannot load the tokenizer "
+                        f"({error})") from None
+
+
+def check_prompts(rows: list[tuple[str, dict]], keys: DataKeys, encoder: PromptEncoder) -> int:
+    """Render and tokenize each row as the run will; returns the longest prompt in tokens."""
+    longest = 0
+    for where, record in rows:
+        try:
+            ids = encoder.encode(record[keys.input_key], record.get(keys.tool_key))
+        except Exception as error:  # noqa: BLE001 - any template failure names the row
+            raise DataError(f"{where}: cannot render the prompt ({error})") from None
+        longest = max(longest, len(ids))
+    return longest
 
 
 def device_plan(config: Config) -> str:
@@ -46,9 +69,13 @@ def device_plan(config: Config) -> str:
 
 
 def dry_run(config: Config) -> int:
+    r = config.rollout
+    encoder = PromptEncoder(load_tokenizer(config.ckpt.hf_checkpoint), r.apply_chat_template,
+                            r.apply_chat_template_kwargs)
     for path, keys in data_files(config):
         rows = load_records(path, keys, limit=PEEK_ROWS)
-        print(f"data: {path}: first {len(rows)} rows OK")
+        longest = check_prompts(rows, keys, encoder)
+        print(f"data: {path}: first {len(rows)} rows OK (longest prompt {longest} tokens)")
     print(format_config(config))
     print(device_plan(config))
     print("dry run: configuration is valid")

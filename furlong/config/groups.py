@@ -7,6 +7,7 @@ one table. Defaults are the ones of SPEC.md section 2 (Miles/slime defaults).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -29,9 +30,14 @@ def flag(default: Any = None, help: str = "", *, choices: tuple | None = None,
 
 
 def _json_object(text: str) -> dict:
-    value = json.loads(text)
+    # ArgumentTypeError, not ValueError: argparse shows only its own message for the latter.
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        value = error
     if not isinstance(value, dict):
-        raise ValueError("expected a JSON object such as '{\"enable_thinking\": false}'")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a JSON object; expected e.g. '{{\"enable_thinking\": false}}'")
     return value
 
 

@@ -78,6 +78,11 @@ def check_model_args(model: ModelArgs, given: set[str], hf: dict, directory: str
             continue
         if name == "group_query_attention":
             continue  # --num-query-groups carries the claim
+        if name in ("num_experts", "moe_router_topk") and name not in expected:
+            # A dense config.json implies no experts: an MoE claim is a mismatch too.
+            raise ConfigError(f"{option_name(name)} {value} disagrees with {directory}/"
+                              "config.json, which describes a dense model (no experts): drop "
+                              "the MoE flags or fix the checkpoint path")
         if name not in expected:
             continue
         want = expected[name]

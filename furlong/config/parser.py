@@ -54,8 +54,16 @@ def _add_flag(group: argparse._ArgumentGroup, cls: type, f: dataclasses.Field) -
     group.add_argument(option_name(f.name), **kwargs)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError for a bad value instead of printing the whole
+    usage (some 150 lines) and exiting; the caller prints one `prog: error:` line."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{message} (see --help)")
+
+
 def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog, allow_abbrev=False,
         description="furlong: RL post-training of language models. Flags follow Miles/slime; "
                     "every --sglang-X flag is forwarded to the SGLang server as --X.")
@@ -110,12 +118,7 @@ def parse_config(argv: list[str], prog: str = "train.py") -> Config:
     parser = build_parser(prog)
     known = {o for action in parser._actions for o in action.option_strings}
     remaining, passthrough = split_sglang_flags(list(argv), known)
-    try:
-        namespace, extras = parser.parse_known_args(remaining)
-    except SystemExit as exit_:
-        if exit_.code == 0:  # --help
-            raise
-        raise ConfigError("invalid flag value (see the message above)") from None
+    namespace, extras = parser.parse_known_args(remaining)  # --help exits 0 here
     _reject_unknown(extras, parser)
     given = _given_dests(parser, remaining)
     groups, sources = {}, {}

@@ -164,8 +164,9 @@ def _resolve_eval(config: Config) -> Config:
     if inherited:
         config = config.replace("eval", "inherited", **inherited)
     if e.eval_prompt_data is not None:
-        config = config.replace("eval", "derived",
-                                eval_prompt_data=tuple(_eval_pairs(e.eval_prompt_data)))
+        pairs = tuple(_eval_pairs(e.eval_prompt_data))
+        if pairs != e.eval_prompt_data:  # a lone PATH got its name: derived; pairs stay "flag"
+            config = config.replace("eval", "derived", eval_prompt_data=pairs)
     elif e.eval_interval is not None:
         raise ConfigError(f"--eval-interval {e.eval_interval} needs --eval-prompt-data NAME PATH")
     if e.eval_prompt_data is not None:
