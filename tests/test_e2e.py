@@ -44,11 +44,12 @@ def sft_model(tiny, tmp_path_factory) -> tuple[Path, list[dict]]:
     return save, rows
 
 
-def grpo_argv(tiny: Path, init: Path, save: Path, rollouts: int) -> list[str]:
+def grpo_argv(tiny: Path, init: Path, save: Path, rollouts: int, prompts: int = 16) -> list[str]:
     return ["--hf-checkpoint", str(tiny / "model"), "--ref-load", str(init), "--save", str(save),
             "--prompt-data", str(tiny / "data/train.jsonl"), "--input-key", "prompt",
             "--label-key", "label", "--apply-chat-template", "--rollout-shuffle",
-            "--rm-type", "math", "--num-rollout", str(rollouts), "--rollout-batch-size", "16",
+            "--rm-type", "math", "--num-rollout", str(rollouts),
+            "--rollout-batch-size", str(prompts),
             "--n-samples-per-prompt", "8", "--rollout-max-response-len", "8",
             "--num-steps-per-rollout", "2", "--micro-batch-size", "64", "--lr", "1e-4",
             "--weight-decay", "0"]
@@ -65,10 +66,14 @@ def test_sft_loss_falls_and_accuracy_rises(sft_model):
 
 @pytest.mark.slow
 def test_grpo_reward_rises(tiny, sft_model, tmp_path):
-    rows = run(grpo_argv(tiny, sft_model[0], tmp_path / "grpo", 30))
+    rows = run(grpo_argv(tiny, sft_model[0], tmp_path / "grpo", 30, prompts=32) + [
+        "--eval-prompt-data", "addition", f"{tiny}/data/eval.jsonl@[0:200]",
+        "--eval-interval", "30", *EVAL])
     rewards = series(rows, "rollout/raw_reward")
     first, last = [rewards[i] for i in range(10)], [rewards[i] for i in range(20, 30)]
-    assert sum(last) / 10 > sum(first) / 10 + 0.03
+    assert sum(last) / 10 > sum(first) / 10
+    accuracy = series(rows, "eval/addition")
+    assert accuracy[30] > accuracy[0] + 0.05
     row = next(r for r in rows if "rollout/raw_reward" in r)
     for name in ("rollout/rewards", "rollout/response_len/mean", "rollout/truncated_ratio",
                  "rollout/zero_std/count", "rollout/log_probs", "rollout/advantages",

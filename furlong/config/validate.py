@@ -96,8 +96,10 @@ def _resolve_rollout(config: Config) -> Config:
     if config.ckpt.hf_checkpoint is None:
         raise ConfigError("--hf-checkpoint is required: the HF directory with the tokenizer and "
                           "config.json (python -m furlong.tiny OUT writes a tiny one)")
-    trains_from_data = not (debug.debug_train_only and debug.load_debug_rollout_data)
-    if r.prompt_data is None and trains_from_data and r.num_rollout != 0:
+    # Rollouts come from the engine unless replayed from disk or there are none (eval only).
+    generates = not (debug.debug_train_only and debug.load_debug_rollout_data) \
+        and r.num_rollout != 0
+    if r.prompt_data is None and generates:
         raise ConfigError("--prompt-data is required: a .jsonl or .parquet file of prompts")
     if r.rollout_temperature < 0:
         raise ConfigError(f"--rollout-temperature {r.rollout_temperature}: must be >= 0 "
@@ -106,7 +108,7 @@ def _resolve_rollout(config: Config) -> Config:
         raise ConfigError(f"--rollout-top-p {r.rollout_top_p}: must be in (0, 1]")
     if r.rollout_top_k == 0 or r.rollout_top_k < -1:
         raise ConfigError(f"--rollout-top-k {r.rollout_top_k}: use -1 (off) or a positive k")
-    if config.grpo.loss_type != "sft_loss" and trains_from_data:
+    if config.grpo.loss_type != "sft_loss" and generates:
         if r.rollout_max_response_len is None:
             raise ConfigError("--rollout-max-response-len is required: max new tokens per "
                               "response (e.g. --rollout-max-response-len 1024)")

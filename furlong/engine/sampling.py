@@ -27,14 +27,28 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def hash_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """u in (0, 1) of shape (B, V): a pure function of (seed, step, token id). float32."""
+TOKEN_MULTIPLIER = 0x01000193  # spreads token ids before they meet the row hash
+
+
+def row_hash(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 values < 2**32: the hash of each row's (seed, step)."""
     seeds = seeds.to(torch.int64)
     row = _mix32(_mix32((seeds & _MASK32) ^ _mix32((seeds >> 32) & _MASK32 ^ 0x5BD1E995)))
-    row = _mix32(row ^ (steps.to(torch.int64) & _MASK32))  # (B,)
-    tokens = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    bits = _mix32(_mix32(row[:, None] ^ (tokens * 0x01000193 & _MASK32)[None, :]))
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return _mix32(row ^ (steps.to(torch.int64) & _MASK32))
+
+
+def hash_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """u in (0, 1) of shape (B, V): a pure function of (seed, step, token id). float32.
+
+    h = mix(mix(row_hash ^ (token * TOKEN_MULTIPLIER))) in 32-bit arithmetic (the fused
+    GPU sampler computes the same bits), u = ((h >> 9) + 0.5) / 2**23.
+    """
+    row = row_hash(seeds, steps)
+    tokens = torch.arange(vocab_size, device=row.device, dtype=torch.int64)
+    bits = _mix32(_mix32(row[:, None] ^ (tokens * TOKEN_MULTIPLIER & _MASK32)[None, :]))
+    # 23 bits: (m + 0.5) / 2**23 is exact in float32 (24-bit significand), so u stays in
+    # [2**-24, 1 - 2**-24]. With 24 bits, (2**24 - 0.5) / 2**24 rounds to 1.0: infinite noise.
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor,

@@ -1,0 +1,275 @@
+"""FastEngine: continuous batching over the paged-KV runner, behind the Engine protocol.
+
+A background thread runs the loop: admit waiting requests (one prefill per group of
+identical prompts), reserve KV blocks for a decode window, run the window on the
+device, finish what stopped. Callers await asyncio futures; results cross threads
+with `call_soon_threadsafe`. Weight updates, aborts and memory release take the same
+lock as a loop iteration, so they never land in the middle of one.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from typing import Iterable
+
+import torch
+
+from furlong.engine.base import GenerateOutput, SamplingParams
+from furlong.engine.fast.block_manager import BlockManager
+from furlong.engine.fast.runner import ModelRunner
+from furlong.engine.fast.scheduler import Scheduler
+from furlong.engine.fast.sequence import Sequence
+from furlong.engine.hf_engine import eos_token_ids, load_named_tensors
+
+log = logging.getLogger(__name__)
+
+
+def kv_blocks_for_memory(hf_model, block_size: int, mem_fraction: float, max_num_seqs: int,
+                         max_prefill_tokens: int, max_model_len: int) -> int:
+    """KV blocks that fit in `mem_fraction` of the GPU after weights and working memory."""
+    config = hf_model.config
+    itemsize = next(hf_model.parameters()).element_size()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    # Working memory, estimated: prefill activations, decode logits, output buffers.
+    prefill = max_prefill_tokens * (6 * config.hidden_size + 3 * config.intermediate_size) \
+        * itemsize
+    logits = 3 * max_num_seqs * config.vocab_size * 4
+    outputs = 2 * (max_num_seqs + 1) * max_model_len * 8
+    budget = total * mem_fraction - (total - free) - prefill - logits - outputs
+    blocks = int(budget // ModelRunner.block_bytes(hf_model, block_size))
+    if blocks < 2:
+        raise RuntimeError(f"no room for a KV cache: {free / 2**30:.1f} GiB free of "
+                           f"{total / 2**30:.1f} GiB; raise --mem-fraction-static or free "
+                           "GPU memory")
+    return blocks
+
+
+class FastEngine:
+    def __init__(self, hf_model, tokenizer, *, max_context_len: int | None = None,
+                 mem_fraction_static: float = 0.85, block_size: int = 16,
+                 max_num_seqs: int = 256, max_prefill_tokens: int = 16384, window: int = 8,
+                 kv_cache_tokens: int | None = None, cuda_graphs: bool = True,
+                 default_seed: int = 0):
+        device = next(hf_model.parameters()).device
+        if device.type == "cuda" and block_size % 16:
+            raise ValueError(f"block size {block_size}: the GPU attention kernel needs a "
+                             "multiple of 16")
+        self.model = hf_model.eval()
+        self.tokenizer = tokenizer
+        self.window = window
+        self.max_context_len = max_context_len or hf_model.config.max_position_embeddings
+        if kv_cache_tokens is not None or device.type != "cuda":
+            num_blocks = -(-(kv_cache_tokens or 65536) // block_size) + 1
+        else:
+            num_blocks = kv_blocks_for_memory(hf_model, block_size, mem_fraction_static,
+                                              max_num_seqs, max_prefill_tokens,
+                                              self.max_context_len)
+        self.eos_ids = eos_token_ids(hf_model, tokenizer)
+        self.runner = ModelRunner(hf_model, self.eos_ids, block_size=block_size,
+                                  num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+                                  max_model_len=self.max_context_len, cuda_graphs=cuda_graphs)
+        self.scheduler = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs,
+                                   max_prefill_tokens)
+        self.weight_version = 0
+        self._seeds = itertools.count(default_seed)
+        self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._abort_requested = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="fast-engine", daemon=True)
+        self._thread.start()
+        log.info("fast engine: %d KV blocks of %d tokens, %d sequences at most",
+                 num_blocks, block_size, max_num_seqs)
+
+    # ---- the Engine protocol ------------------------------------------------------------
+    async def generate(self, input_ids: list[int], params: SamplingParams) -> GenerateOutput:
+        max_new = min(params.max_new_tokens, self.max_context_len - len(input_ids))
+        if max_new <= 0:
+            return GenerateOutput([], [], "length", "", len(input_ids), self.weight_version)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def on_finish(seq: Sequence) -> None:
+            output = self._output(seq)
+            loop.call_soon_threadsafe(_resolve, future, output)
+
+        seed = params.sampling_seed if params.sampling_seed is not None else next(self._seeds)
+        self._inbox.put(Sequence(list(input_ids), params, seed, max_new, on_finish))
+        self._wake.set()
+        return await future
+
+    async def abort_all(self) -> None:
+        with self._lock:
+            self._abort_requested = True
+        self._wake.set()
+        await asyncio.to_thread(self._wait_abort)
+
+    def _wait_abort(self) -> None:
+        while True:
+            with self._lock:
+                if not self._abort_requested:
+                    return
+            self._wake.set()
+            threading.Event().wait(0.001)
+
+    async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                             version: int) -> None:
+        await asyncio.to_thread(self._load_weights, named_tensors, version)
+
+    def _load_weights(self, named_tensors, version: int) -> None:
+        with self._lock:
+            load_named_tensors(self.model, named_tensors)
+            self.weight_version = version
+
+    async def release_memory(self) -> None:
+        """Finish requests in flight (abort), free the KV cache and move weights to the CPU."""
+        await self.abort_all()
+        with self._lock:
+            self.runner.release()
+            self.model.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    async def resume_memory(self) -> None:
+        with self._lock:
+            self.model.to(self.runner.device)
+            self.runner.resume()
+
+    async def flush_cache(self) -> None:
+        """No prefix cache outlives a request, so there is nothing to flush."""
+
+    async def health(self) -> bool:
+        return self._thread.is_alive()
+
+    async def close(self) -> None:
+        await self.abort_all()
+        self._closed = True
+        self._wake.set()
+
+    # ---- the loop -----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._closed:
+            self._wake.wait()
+            self._wake.clear()
+            while not self._closed:
+                with self._lock:
+                    try:
+                        self._drain_inbox()
+                        if self._abort_requested:
+                            self._abort_everything()
+                            self._abort_requested = False
+                        if self.scheduler.idle:
+                            break
+                        self._step()
+                    except Exception as error:  # every waiting caller gets the failure
+                        log.exception("fast engine step failed")
+                        self._fail_everything(error)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                self.scheduler.add(self._inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def _step(self) -> None:
+        groups = self.scheduler.admit()
+        if groups:
+            done = self.runner.admit(groups)
+            self._after_tokens([seq for group in groups for seq in group], done, 1)
+        if self.scheduler.running:
+            copies = self.scheduler.reserve_window(self.window, self._preempt)
+            self.runner.copy_blocks(copies)
+            self.runner.sync_tables(self.scheduler.running)
+            running = list(self.scheduler.running)
+            done = self.runner.decode_window(running, self.window)
+            self._after_tokens(running, done, self.window)
+
+    def _after_tokens(self, seqs: list[Sequence], done: list[bool], count: int) -> None:
+        """Book the `count` tokens each unfinished sequence made; finish the rest."""
+        finished = [seq for seq, d in zip(seqs, done, strict=True) if d]
+        unfinished = [seq for seq, d in zip(seqs, done, strict=True) if not d]
+        for seq in unfinished:
+            seq.num_generated += count
+        for seq, (tokens, log_probs) in zip(finished, self.runner.fetch(finished), strict=True):
+            self._finish(seq, tokens, log_probs)
+        watched = [seq for seq in unfinished if seq.needs_host_tokens]
+        for seq, (tokens, log_probs) in zip(watched, self.runner.fetch(watched), strict=True):
+            end = self._stop_string_end(seq, seq.output_ids + tokens, len(seq.output_ids))
+            if end is not None:
+                keep = end - len(seq.output_ids)
+                self._finish(seq, tokens[:keep], log_probs[:keep], "stop")
+
+    def _stop_string_end(self, seq: Sequence, ids: list[int], start: int) -> int | None:
+        """Length of `ids` up to the token that completes one of `seq`'s stop strings."""
+        stops = seq.params.stop
+        longest = max(len(s) for s in stops) + 8
+        for end in range(start + 1, len(ids) + 1):
+            tail = self.tokenizer.decode(ids[max(0, end - longest):end])
+            if any(stop in tail for stop in stops):
+                return end
+        return None
+
+    def _finish(self, seq: Sequence, tokens: list[int], log_probs: list[float],
+                reason: str | None = None) -> None:
+        seq.output_ids += tokens
+        seq.output_log_probs += log_probs
+        seq.num_generated = len(seq.output_ids)
+        if reason is None:
+            last = seq.output_ids[-1] if seq.output_ids else None
+            stopped = last in seq.params.stop_token_ids or (
+                last in self.eos_ids and not seq.params.ignore_eos)
+            reason = "stop" if stopped else "length"
+        if seq.slot is not None:
+            self.runner.free(seq)
+        self.scheduler.finish(seq, reason)
+        seq.on_finish(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        ((tokens, log_probs),) = self.runner.fetch([seq])
+        seq.output_ids += tokens
+        seq.output_log_probs += log_probs
+        seq.num_generated = len(seq.output_ids)
+        self.runner.free(seq)
+
+    def _abort_everything(self) -> None:
+        running = list(self.scheduler.running)
+        for seq, (tokens, log_probs) in zip(running, self.runner.fetch(running), strict=True):
+            self._finish(seq, tokens, log_probs, "abort")
+        for seq in list(self.scheduler.waiting):
+            self._finish(seq, [], [], "abort")
+
+    def _fail_everything(self, error: Exception) -> None:
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            if seq.slot is not None:
+                self.runner.free(seq)
+            self.scheduler.finish(seq, "abort")
+            seq.finish_reason = error
+            seq.on_finish(seq)
+
+    def _output(self, seq: Sequence) -> GenerateOutput | Exception:
+        if isinstance(seq.finish_reason, Exception):
+            return seq.finish_reason
+        params = seq.params
+        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=params.skip_special_tokens)
+        if seq.finish_reason == "stop" and params.stop and not params.no_stop_trim:
+            hits = [text.rfind(stop) for stop in params.stop if stop in text]
+            if hits:
+                text = text[:max(hits)]
+        return GenerateOutput(seq.output_ids, seq.output_log_probs, seq.finish_reason, text,
+                              len(seq.prompt_ids), self.weight_version)
+
+
+def _resolve(future: asyncio.Future, output) -> None:
+    if future.done():
+        return
+    if isinstance(output, Exception):
+        future.set_exception(output)
+    else:
+        future.set_result(output)

@@ -1,0 +1,281 @@
+"""ModelRunner: the device side of the fast engine.
+
+It owns the paged KV cache and a per-slot state for every running sequence (last
+token, position, tokens generated since admission, stop conditions, sampling
+settings, output buffers). A decode window is `window` steps that read and update
+only that state: positions, cache slots, sampling, stop checks and output writes all
+happen on the device, so nothing reaches the host between steps. Each step is
+captured in a CUDA graph per batch-size bucket. The host reads back, once per window,
+which slots finished, and fetches the tokens of those.
+
+Slot `max_num_seqs` is scratch (always done): padded rows of a captured batch use it,
+and writes of finished rows go to block 0, which the block manager never hands out.
+"""
+from __future__ import annotations
+
+import torch
+
+from furlong.engine.fast.kernels import (decode_splits, fused_sample, paged_decode_attention,
+                                         write_kv)
+from furlong.engine.fast.model import FastDecoder
+from furlong.engine.fast.sequence import Sequence
+from furlong.engine.sampling import sample_tokens
+from furlong.varlen import varlen_causal_attention
+
+MAX_STOP_IDS = 8
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448,
+                 512, 640, 768, 896, 1024)
+
+
+class ModelRunner:
+    def __init__(self, hf_model, eos_ids: set[int], *, block_size: int, num_blocks: int,
+                 max_num_seqs: int, max_model_len: int, cuda_graphs: bool):
+        self.model = FastDecoder(hf_model)
+        self.device = next(hf_model.parameters()).device
+        self.dtype = next(hf_model.parameters()).dtype
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.max_blocks = -(-max_model_len // block_size)
+        self.scratch = max_num_seqs
+        self.eos_ids = torch.tensor(sorted(eos_ids), device=self.device)
+        self.buckets = [b for b in GRAPH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.free_slots = list(range(max_num_seqs))
+        self.num_blocks = num_blocks
+        self._allocate()
+
+    # ---- memory -------------------------------------------------------------------------
+    def _allocate(self) -> None:
+        m, device, slots = self.model, self.device, self.max_num_seqs + 1
+        shape = (m.num_layers, self.num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=device)
+        zeros = lambda *s, dtype: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
+        self.block_tables = zeros(slots, self.max_blocks, dtype=torch.int32)
+        self.last_token = zeros(slots, dtype=torch.int64)
+        self.position = zeros(slots, dtype=torch.int64)
+        self.num_new = zeros(slots, dtype=torch.int64)
+        self.max_new = zeros(slots, dtype=torch.int64)
+        self.step_base = zeros(slots, dtype=torch.int64)
+        self.done = torch.ones(slots, dtype=torch.bool, device=device)
+        self.seeds = zeros(slots, dtype=torch.int64)
+        self.temperature = zeros(slots, dtype=torch.float32)
+        self.top_k = zeros(slots, dtype=torch.int64)
+        self.top_p = zeros(slots, dtype=torch.float32)
+        self.ignore_eos = zeros(slots, dtype=torch.bool)
+        self.stop_ids = torch.full((slots, MAX_STOP_IDS), -1, dtype=torch.int64, device=device)
+        self.out_tokens = zeros(slots, self.max_model_len, dtype=torch.int64)
+        self.out_log_probs = zeros(slots, self.max_model_len, dtype=torch.float32)
+        self.batch_slots = torch.full((self.max_num_seqs,), self.scratch, dtype=torch.int64,
+                                      device=device)
+
+    def release(self) -> None:
+        """Free the KV cache, slot state and graphs (weights are the engine's business)."""
+        self.graphs.clear()
+        for name in ("k_cache", "v_cache", "out_tokens", "out_log_probs", "block_tables"):
+            setattr(self, name, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def resume(self) -> None:
+        self._allocate()
+
+    @staticmethod
+    def block_bytes(hf_model, block_size: int) -> int:
+        config = hf_model.config
+        head_dim = getattr(config, "head_dim", None) or \
+            config.hidden_size // config.num_attention_heads
+        itemsize = next(hf_model.parameters()).element_size()
+        return (2 * config.num_hidden_layers * block_size * config.num_key_value_heads
+                * head_dim * itemsize)
+
+    # ---- admission and prefill ----------------------------------------------------------
+    @torch.no_grad()
+    def admit(self, groups: list[list[Sequence]]) -> list[bool]:
+        """Give every member a slot, load its settings, prefill each group's prompt once
+        and sample every member's first token from the shared last position. Returns
+        which members finished already (one token was all they could have)."""
+        members = [seq for group in groups for seq in group]
+        for seq in members:
+            seq.slot = self.free_slots.pop()
+        self._load_settings(members)
+        self.sync_tables(members)
+        leaders = [group[0] for group in groups]
+        hidden = self._prefill([seq.token_ids for seq in leaders],
+                               [seq.block_table for seq in leaders])
+        rows = torch.tensor([g for g, group in enumerate(groups) for _ in group],
+                            device=self.device)
+        slots = self._slot_tensor(members)
+        logits = self.model.logits(hidden[rows])
+        tokens, log_probs = self._sample(logits, slots)
+        self._record(slots, tokens, log_probs)
+        return self.done[slots].tolist()
+
+    def _load_settings(self, seqs: list[Sequence]) -> None:
+        slots = self._slot_tensor(seqs)
+        values = lambda attr, dtype: torch.tensor(  # noqa: E731
+            [attr(s) for s in seqs], dtype=dtype, device=self.device)
+        self.position[slots] = values(lambda s: s.num_tokens - 1, torch.int64)
+        self.last_token[slots] = values(lambda s: s.token_ids[-1], torch.int64)
+        self.num_new[slots] = 0
+        self.max_new[slots] = values(lambda s: s.remaining, torch.int64)
+        self.step_base[slots] = values(lambda s: s.num_generated, torch.int64)
+        self.seeds[slots] = values(lambda s: s.seed, torch.int64)
+        self.temperature[slots] = values(lambda s: s.params.temperature, torch.float32)
+        self.top_k[slots] = values(lambda s: s.params.top_k, torch.int64)
+        self.top_p[slots] = values(lambda s: s.params.top_p, torch.float32)
+        self.ignore_eos[slots] = values(lambda s: s.params.ignore_eos, torch.bool)
+        stop = [list(s.params.stop_token_ids[:MAX_STOP_IDS]) for s in seqs]
+        self.stop_ids[slots] = torch.tensor(
+            [ids + [-1] * (MAX_STOP_IDS - len(ids)) for ids in stop], device=self.device)
+        self.done[slots] = False
+
+    def _prefill(self, prompts: list[list[int]], tables: list[list[int]]) -> torch.Tensor:
+        """Run the prompts as one packed batch; returns each prompt's last hidden state."""
+        lengths = [len(p) for p in prompts]
+        ids = torch.tensor([t for p in prompts for t in p], device=self.device)
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
+        slot_mapping = torch.tensor(
+            [table[p // self.block_size] * self.block_size + p % self.block_size
+             for table, n in zip(tables, lengths, strict=True) for p in range(n)],
+            device=self.device)
+        cu = torch.tensor([0] + lengths, device=self.device).cumsum(0)
+
+        def attend(layer, query, key, value):
+            write_kv(self.k_cache[layer], self.v_cache[layer], key, value, slot_mapping)
+            return varlen_causal_attention(query, key, value, cu, max(lengths), self.model.scale)
+
+        with torch.no_grad():
+            hidden = self.model(ids, positions, attend)
+        return hidden[cu[1:] - 1]
+
+    # ---- decode -------------------------------------------------------------------------
+    def decode_window(self, seqs: list[Sequence], window: int) -> list[bool]:
+        """`window` decode steps for `seqs`; returns which of them finished."""
+        bucket = next(b for b in self.buckets if b >= len(seqs))
+        slots = self._slot_tensor(seqs)
+        self.batch_slots.fill_(self.scratch)
+        self.batch_slots[:len(seqs)] = slots
+        filtered = any(s.params.top_k > 0 or s.params.top_p < 1 for s in seqs)
+        for _ in range(window):
+            if self.use_graphs and not filtered:
+                self._graph(bucket).replay()
+            else:
+                self._decode_step(bucket, filtered)
+        return self.done[slots].tolist()
+
+    def _graph(self, bucket: int) -> torch.cuda.CUDAGraph:
+        if bucket not in self.graphs:
+            saved = self.batch_slots.clone()
+            self.batch_slots.fill_(self.scratch)  # capture on scratch rows: no state change
+            self._decode_step(bucket, False)      # warm up (compiles kernels)
+            graph = torch.cuda.CUDAGraph()
+            pool = next(iter(self.graphs.values())).pool() if self.graphs else None
+            with torch.cuda.graph(graph, pool=pool):
+                self._decode_step(bucket, False)
+            self.graphs[bucket] = graph
+            self.batch_slots.copy_(saved)
+        return self.graphs[bucket]
+
+    def capture_graphs(self) -> None:
+        """Capture every bucket, largest first (later ones reuse its memory pool)."""
+        if self.use_graphs:
+            for bucket in reversed(self.buckets):
+                self._graph(bucket)
+
+    @torch.no_grad()
+    def _decode_step(self, bucket: int, filtered: bool) -> None:
+        slots = self.batch_slots[:bucket]
+        active = ~self.done[slots]
+        positions = self.position[slots]
+        tables = self.block_tables[slots]
+        blocks = tables.gather(1, (positions // self.block_size)[:, None]).squeeze(1).long()
+        # Finished and padded rows write their KV to scratch block 0.
+        slot_mapping = torch.where(active, blocks * self.block_size
+                                   + positions % self.block_size, 0)
+        context = (positions + 1).to(torch.int32)
+        splits = decode_splits(bucket, self.model.num_kv_heads)
+
+        def attend(layer, query, key, value):
+            write_kv(self.k_cache[layer], self.v_cache[layer], key, value, slot_mapping)
+            return paged_decode_attention(query, self.k_cache[layer], self.v_cache[layer],
+                                          tables, context, self.model.scale, splits)
+
+        hidden = self.model(self.last_token[slots], positions, attend)
+        tokens, log_probs = self._sample(self.model.logits(hidden), slots, filtered)
+        self._record(slots, tokens, log_probs)
+
+    def _sample(self, logits, slots, filtered: bool | None = None):
+        steps = self.step_base[slots] + self.num_new[slots]
+        if filtered is None:
+            filtered = bool(((self.top_k[slots] > 0) | (self.top_p[slots] < 1)).any())
+        if filtered:
+            return sample_tokens(logits, self.temperature[slots], self.top_k[slots],
+                                 self.top_p[slots], self.seeds[slots], steps)
+        return fused_sample(logits, self.temperature[slots], self.seeds[slots], steps)
+
+    def _record(self, slots, tokens, log_probs) -> None:
+        """Append each active row's token, then mark rows that hit a stop condition."""
+        active = ~self.done[slots]
+        count = self.num_new[slots]
+        column = count.clamp(max=self.max_model_len - 1)
+        self.out_tokens[slots, column] = torch.where(active, tokens,
+                                                     self.out_tokens[slots, column])
+        self.out_log_probs[slots, column] = torch.where(active, log_probs,
+                                                        self.out_log_probs[slots, column])
+        count = count + active.long()
+        eos = (tokens[:, None] == self.eos_ids[None]).any(1) & ~self.ignore_eos[slots]
+        stop = eos | (tokens[:, None] == self.stop_ids[slots]).any(1)
+        self.done[slots] = self.done[slots] | (active & (stop | (count >= self.max_new[slots])))
+        self.num_new[slots] = count
+        self.last_token[slots] = torch.where(active, tokens, self.last_token[slots])
+        self.position[slots] = self.position[slots] + active.long()
+
+    # ---- host side ----------------------------------------------------------------------
+    def _slot_tensor(self, seqs: list[Sequence]) -> torch.Tensor:
+        return torch.tensor([s.slot for s in seqs], dtype=torch.int64, device=self.device)
+
+    def sync_tables(self, seqs: list[Sequence]) -> None:
+        """Copy block-table entries that changed on the host to the device, in one write."""
+        rows, columns, values = [], [], []
+        for seq in seqs:
+            start = seq.table_synced
+            rows += [seq.slot] * (len(seq.block_table) - start)
+            columns += range(start, len(seq.block_table))
+            values += seq.block_table[start:]
+            seq.table_synced = len(seq.block_table)
+        if rows:
+            self.block_tables[torch.tensor(rows, device=self.device),
+                              torch.tensor(columns, device=self.device)] = torch.tensor(
+                values, dtype=torch.int32, device=self.device)
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate whole blocks (every layer, K and V)."""
+        if copies:
+            source = torch.tensor([s for s, _ in copies], device=self.device)
+            target = torch.tensor([t for _, t in copies], device=self.device)
+            self.k_cache[:, target] = self.k_cache[:, source]
+            self.v_cache[:, target] = self.v_cache[:, source]
+
+    def fetch(self, seqs: list[Sequence]) -> list[tuple[list[int], list[float]]]:
+        """Tokens and log-probs each sequence generated since its admission."""
+        if not seqs:
+            return []
+        slots = self._slot_tensor(seqs)
+        counts = self.num_new[slots].tolist()
+        width = max(max(counts), 1)
+        tokens = self.out_tokens[slots, :width].tolist()
+        log_probs = self.out_log_probs[slots, :width].tolist()
+        return [(t[:n], lp[:n]) for t, lp, n in zip(tokens, log_probs, counts, strict=True)]
+
+    def stop_slot(self, seq: Sequence, keep: int) -> None:
+        """Mark a slot finished after `keep` of its new tokens (a host-side stop)."""
+        self.num_new[seq.slot] = keep
+        self.done[seq.slot] = True
+
+    def free(self, seq: Sequence) -> None:
+        self.done[seq.slot] = True
+        self.free_slots.append(seq.slot)
+        seq.slot = None

@@ -1,0 +1,45 @@
+"""Causal attention over packed sequences (several sequences back to back in one row).
+
+`cu_seq_lens` is the running sum of the sequence lengths: (num_seqs + 1,). Attention is
+causal within a sequence and never crosses sequences, and no (T, T) mask is built: on
+GPU one call of the variable-length flash kernel (`torch.nn.attention.varlen`),
+elsewhere one causal SDPA call per sequence. Used by the trainer (packed
+micro-batches) and by the fast engine (batched prefill).
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+    _PARAMETERS = inspect.signature(varlen_attn).parameters
+    # torch 2.11 spells causality is_causal; later releases use a window.
+    _CAUSAL = {"is_causal": True} if "is_causal" in _PARAMETERS else {"window_size": (-1, 0)}
+    _NATIVE_GQA = "enable_gqa" in _PARAMETERS
+except ImportError:  # torch without the varlen flash kernel
+    varlen_attn = None
+
+
+def varlen_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            cu_seq_lens: torch.Tensor, max_length: int,
+                            scale: float | None = None) -> torch.Tensor:
+    """query (T, Hq, D), key/value (T, Hkv, D) -> (T, Hq, D)."""
+    groups = query.shape[1] // key.shape[1]
+    if varlen_attn is not None and query.is_cuda:
+        extra = dict(_CAUSAL)
+        if groups > 1 and _NATIVE_GQA:
+            extra["enable_gqa"] = True
+        elif groups > 1:
+            key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        cu = cu_seq_lens.to(torch.int32)
+        return varlen_attn(query, key, value, cu, cu, int(max_length), int(max_length),
+                           scale=scale, **extra)
+    bounds = cu_seq_lens.tolist()
+    pieces = [F.scaled_dot_product_attention(
+        query[s:e].transpose(0, 1), key[s:e].transpose(0, 1), value[s:e].transpose(0, 1),
+        is_causal=True, scale=scale, enable_gqa=groups > 1).transpose(0, 1)
+        for s, e in zip(bounds, bounds[1:])]
+    return torch.cat(pieces, dim=0)
