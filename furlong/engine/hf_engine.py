@@ -49,6 +49,7 @@ class _Row:
         self.log_probs: list[float] = []
         self.finish_reason: str | None = None if max_new_tokens > 0 else "length"
         self.stop_text: str | None = None
+        self.stopped_on_token = False  # a stop token id or EOS ended the row
 
     def accept(self, token: int, log_prob: float, eos_ids: set[int], tokenizer) -> None:
         params = self.request.params
@@ -56,6 +57,7 @@ class _Row:
         self.log_probs.append(log_prob)
         if token in params.stop_token_ids or (token in eos_ids and not params.ignore_eos):
             self.finish_reason = "stop"
+            self.stopped_on_token = True
         elif params.stop and self._hits_stop_string(tokenizer):
             self.finish_reason = "stop"
         elif len(self.output_ids) >= self.max_new_tokens:
@@ -72,9 +74,15 @@ class _Row:
 
     def output(self, tokenizer, version: int) -> GenerateOutput:
         params = self.request.params
-        text = tokenizer.decode(self.output_ids, skip_special_tokens=params.skip_special_tokens)
+        # As SGLang's detokenizer: unless no_stop_trim, the text leaves out the matched stop
+        # token (output_ids keep it) and everything from the first matched stop string on.
+        text_ids = self.output_ids
+        if self.stopped_on_token and not params.no_stop_trim:
+            text_ids = text_ids[:-1]
+        text = tokenizer.decode(text_ids, skip_special_tokens=params.skip_special_tokens)
         if self.stop_text is not None and not params.no_stop_trim:
-            text = text[:text.rfind(self.stop_text)]
+            position = text.find(self.stop_text)  # -1 when skip_special_tokens removed it
+            text = text if position < 0 else text[:position]
         return GenerateOutput(self.output_ids, self.log_probs, self.finish_reason or "abort",
                               text, len(self.request.input_ids), version)
 
@@ -224,8 +232,9 @@ def load_named_tensors(model: torch.nn.Module,
                        named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
     """Copy tensors into `model` by HF parameter name (casting dtype). Returns the count.
 
-    A name the model does not have is an error naming it; tied weights (lm_head
-    sharing the embedding) are listed once by `named_parameters` on both sides.
+    A name the model does not have, or a tensor of another shape, is an error naming it
+    (`copy_` would broadcast a smaller tensor silently); tied weights (lm_head sharing the
+    embedding) are listed once by `named_parameters` on both sides.
     """
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
@@ -233,6 +242,9 @@ def load_named_tensors(model: torch.nn.Module,
     for name, tensor in named_tensors:
         if name not in params:
             raise KeyError(f"weight {name!r} is not a parameter of {type(model).__name__}")
+        if tensor.shape != params[name].shape:
+            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, the model's is "
+                             f"{tuple(params[name].shape)}")
         params[name].copy_(tensor.to(params[name].device), non_blocking=True)
         count += 1
     return count

@@ -24,8 +24,13 @@ def check_reward_nonzero_std(args, samples) -> FilterResult:
 
 
 def as_filter_result(value) -> FilterResult:
-    """Normalise a hook's return value; a bare False is dropped for reason 'filtered'."""
-    if isinstance(value, bool):
-        return FilterResult(value, None if value else "filtered")
+    """Normalise a hook's return value; a bare False is dropped for reason 'filtered'.
+
+    "Bare" includes a 0-dim tensor or numpy bool: slime's documented filter returns
+    `torch.tensor(rewards).std() > 0.0`.
+    """
+    if not hasattr(value, "keep"):
+        keep = bool(value)
+        return FilterResult(keep, None if keep else "filtered")
     keep = bool(value.keep)
     return FilterResult(keep, None if keep else (getattr(value, "reason", None) or "filtered"))

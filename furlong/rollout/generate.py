@@ -27,6 +27,9 @@ async def generate(args, sample: Sample, sampling_params: dict) -> Sample:
         params["max_new_tokens"] = min(params["max_new_tokens"],
                                        args.rollout_max_context_len - len(sample.tokens))
     if params["max_new_tokens"] <= 0:
+        # Empty lists, not None: one None makes TrainBatch drop every sample's log-probs.
+        sample.loss_mask = sample.loss_mask or []
+        sample.rollout_log_probs = sample.rollout_log_probs or []
         sample.status = Status.TRUNCATED
         return sample
     output = await args.engine.generate(sample.tokens, SamplingParams.from_dict(params))
