@@ -1,6 +1,7 @@
 """Shared fixtures: the embedded tiny model and task, written once per test session."""
 from __future__ import annotations
 
+import random
 import shlex
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from furlong.tiny import write_tiny
+from furlong.train.batch import TrainBatch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,3 +45,27 @@ def grpo_argv(tiny) -> list[str]:
         "--rm-type", "math", "--rollout-batch-size", "4", "--n-samples-per-prompt", "4",
         "--rollout-max-response-len", "8", "--num-rollout", "2",
     ]
+
+
+def random_batch(num_samples: int, vocab: int, seed: int = 0) -> TrainBatch:
+    """Samples with random prompt/response lengths, rewards in {0, 1}."""
+    rng = random.Random(seed)
+    tokens, responses, masks = [], [], []
+    for _ in range(num_samples):
+        prompt, response = rng.randint(3, 12), rng.randint(1, 9)
+        tokens.append(torch.tensor([rng.randrange(vocab) for _ in range(prompt + response)]))
+        responses.append(response)
+        mask = torch.ones(response)
+        if response > 2:
+            mask[rng.randrange(response)] = 0.0  # a forced (non-sampled) token
+        masks.append(mask)
+    rewards = torch.tensor([float(rng.random() < 0.5) for _ in range(num_samples)])
+    return TrainBatch(tokens, responses, masks, rewards)
+
+
+def reference_log_probs(hf_model, tokens: torch.Tensor, response: int,
+                        temperature: float) -> torch.Tensor:
+    """Independent computation: one unpacked forward, full logits, log_softmax."""
+    logits = hf_model(tokens[None]).logits[0].float() / temperature
+    log_probs = logits.log_softmax(-1)[:-1].gather(-1, tokens[1:, None]).squeeze(-1)
+    return log_probs[-response:]

@@ -192,6 +192,37 @@ KERNEL_CHECK = textwrap.dedent("""
         out = K.paged_decode_attention(query, kc, vc, tables, context, 0.2, splits)
         ref = K.paged_decode_attention_reference(query, kc, vc, tables, context, 0.2)
         assert (out - ref).abs().max() < 1e-5, (heads, kv_heads, splits)
+        for tile in (8, 32):
+            out = K.paged_decode_attention(query, kc, vc, tables, context, 0.2, splits, tile)
+            assert (out - ref).abs().max() < 1e-5, (heads, kv_heads, splits, tile)
+
+    from furlong.engine.fast import fused as F
+    dtype = torch.get_default_dtype()
+    x, residual, weight = torch.randn(5, 48), torch.randn(5, 48), torch.randn(48)
+    for res in (None, residual):
+        out, total = F.add_rms_norm(x, res, weight, 1e-6)
+        expected_total = x if res is None else x + res
+        assert torch.allclose(total, expected_total)
+        assert torch.allclose(out, F.rms_norm_reference(expected_total, weight, 1e-6), atol=1e-5)
+    gate_up = torch.randn(5, 2 * 70)
+    assert torch.allclose(F.silu_mul(gate_up), torch.nn.functional.silu(gate_up[:, :70])
+                          * gate_up[:, 70:], atol=1e-6)
+    for heads, kv_heads, norm in ((4, 2, True), (6, 3, True), (4, 4, False)):
+        dim, tokens = 16, 5
+        qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim)
+        positions = torch.tensor([0, 3, 7, 1, 2])
+        cos, sin = torch.randn(10, dim), torch.randn(10, dim)
+        weights = (torch.randn(dim), torch.randn(dim)) if norm else (None, None)
+        slots = torch.tensor([3, 9, 4, 0, 11])
+        results = []
+        for interpret in (True, False):
+            caches = (torch.zeros(4, 4, kv_heads, dim), torch.zeros(4, 4, kv_heads, dim))
+            F.use_triton = (lambda t: True) if interpret else (lambda t: False)
+            q, k, v = F.qk_norm_rope_store(qkv, positions, cos, sin, *weights, 1e-6, heads,
+                                           kv_heads, *caches, slots, return_kv=True)
+            results.append((q, k, v, *caches))
+        for got, want in zip(*results):
+            assert torch.allclose(got, want, atol=1e-5), (heads, kv_heads, norm)
     print("kernels ok")
 """)
 

@@ -6,7 +6,7 @@ import torch
 
 from furlong.train.batch import pack, split_tokens
 from furlong.train.policy import CausalLMPolicy, load_hf_model
-from test_train import random_batch, reference_log_probs
+from conftest import random_batch, reference_log_probs
 
 
 @pytest.mark.gpu

@@ -13,29 +13,7 @@ from furlong.train.advantages import compute_advantages, group_normalized
 from furlong.train.batch import TrainBatch, pack, split_tokens
 from furlong.train.policy import CausalLMPolicy, load_hf_model
 
-
-def random_batch(num_samples: int, vocab: int, seed: int = 0) -> TrainBatch:
-    """Samples with random prompt/response lengths, rewards in {0, 1}."""
-    rng = random.Random(seed)
-    tokens, responses, masks = [], [], []
-    for _ in range(num_samples):
-        prompt, response = rng.randint(3, 12), rng.randint(1, 9)
-        tokens.append(torch.tensor([rng.randrange(vocab) for _ in range(prompt + response)]))
-        responses.append(response)
-        mask = torch.ones(response)
-        if response > 2:
-            mask[rng.randrange(response)] = 0.0  # a forced (non-sampled) token
-        masks.append(mask)
-    rewards = torch.tensor([float(rng.random() < 0.5) for _ in range(num_samples)])
-    return TrainBatch(tokens, responses, masks, rewards)
-
-
-def reference_log_probs(hf_model, tokens: torch.Tensor, response: int,
-                        temperature: float) -> torch.Tensor:
-    """Independent computation: one unpacked forward, full logits, log_softmax."""
-    logits = hf_model(tokens[None]).logits[0].float() / temperature
-    log_probs = logits.log_softmax(-1)[:-1].gather(-1, tokens[1:, None]).squeeze(-1)
-    return log_probs[-response:]
+from conftest import random_batch, reference_log_probs
 
 
 @pytest.mark.parametrize("chunk_size", [1024, 3])

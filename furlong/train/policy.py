@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from furlong.algo.losses import entropy_from_logits
+from furlong.logits import compute_dtype, output_logits
 from furlong.train import attention
 from furlong.train.batch import PackedMicroBatch
 
@@ -28,7 +29,7 @@ def chunk_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     z = (hidden @ weight.T) / T in float32; log p = z[target] - logsumexp(z);
     entropy = logsumexp(z) - sum(softmax(z) * z).
     """
-    logits = (hidden @ weight.t()).float() * inv_temperature  # (C, V)
+    logits = output_logits(hidden, weight) * inv_temperature  # (C, V) float32
     log_probs = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
     return log_probs, entropy_from_logits(logits)
 
@@ -52,6 +53,7 @@ class CausalLMPolicy(nn.Module):
         targets = micro.targets
         hidden = hidden[micro.target_positions]  # (N, H)
         weight = self.hf_model.get_output_embeddings().weight
+        weight = weight.to(compute_dtype(hidden))  # once, not per chunk
         inv_temperature = 1.0 / temperature if temperature > 0 else 1.0
         pieces = []
         for start in range(0, hidden.shape[0], self.chunk_size):

@@ -9,6 +9,7 @@ sequence's token p lives in block block_table[p // block_size], row p % block_si
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -20,14 +21,6 @@ try:
     import triton.language as tl
 except ImportError:  # CPU machines without triton use the references
     triton = None
-
-
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor,
-             value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store key/value (T, Hkv, D) at flat cache slots (T,) = block * block_size + row."""
-    heads, dim = key.shape[1:]
-    k_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
 # ---- decode attention -------------------------------------------------------------------
@@ -56,13 +49,14 @@ if triton is not None:
             query, k_cache, v_cache, block_tables, context_lens, partial_out, partial_max,
             partial_sum, scale, stride_qb, stride_qh, stride_kb, stride_kr, stride_kh,
             stride_tb, num_splits, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-            HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-        """One (sequence, kv head, split): online softmax over its share of the pages."""
+            HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
+        """One (sequence, kv head, split): online softmax over its share of the context,
+        TILE tokens (TILE / BLOCK_SIZE pages) at a time."""
         batch, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         length = tl.load(context_lens + batch)
-        num_pages = tl.cdiv(length, BLOCK_SIZE)
-        per_split = tl.cdiv(num_pages, num_splits)
-        first, last = split * per_split, tl.minimum((split + 1) * per_split, num_pages)
+        num_tiles = tl.cdiv(length, TILE)
+        per_split = tl.cdiv(num_tiles, num_splits)
+        first, last = split * per_split, tl.minimum((split + 1) * per_split, num_tiles)
         rows = tl.arange(0, GROUP_PAD)
         dims = tl.arange(0, HEAD_DIM)
         heads = kv_head * GROUP + rows
@@ -71,15 +65,17 @@ if triton is not None:
         best = tl.full((GROUP_PAD,), -1e30, tl.float32)
         total = tl.zeros((GROUP_PAD,), tl.float32)
         acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
-        offsets = tl.arange(0, BLOCK_SIZE)
-        for page in tl.range(first, last):
-            block = tl.load(block_tables + batch * stride_tb + page).to(tl.int64)
-            base = block * stride_kb + kv_head * stride_kh
-            kv_offsets = base + offsets[:, None] * stride_kr + dims[None, :]
-            keys = tl.load(k_cache + kv_offsets)
-            values = tl.load(v_cache + kv_offsets)
-            scores = tl.dot(q, tl.trans(keys)).to(tl.float32) * scale  # (GROUP_PAD, BLOCK)
-            valid = page * BLOCK_SIZE + offsets < length
+        offsets = tl.arange(0, TILE)
+        for tile in tl.range(first, last):
+            tokens = tile * TILE + offsets
+            valid = tokens < length
+            blocks = tl.load(block_tables + batch * stride_tb + tokens // BLOCK_SIZE,
+                             mask=valid, other=0).to(tl.int64)
+            rows_kv = blocks * stride_kb + (tokens % BLOCK_SIZE) * stride_kr + kv_head * stride_kh
+            kv_offsets = rows_kv[:, None] + dims[None, :]
+            keys = tl.load(k_cache + kv_offsets, mask=valid[:, None], other=0.0)
+            values = tl.load(v_cache + kv_offsets, mask=valid[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(keys)).to(tl.float32) * scale  # (GROUP_PAD, TILE)
             scores = tl.where(valid[None, :], scores, -1e30)
             new_best = tl.maximum(best, tl.max(scores, axis=1))
             weights = tl.exp(scores - new_best[:, None])
@@ -125,9 +121,12 @@ def decode_splits(batch: int, kv_heads: int, num_sms: int = 132, max_splits: int
 
 
 def paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale: float,
-                           num_splits: int = 1) -> torch.Tensor:
-    """(B, Hq, D) attention of each sequence's new token over its paged context."""
-    if triton is None or not (query.is_cuda or _interpreting()):
+                           num_splits: int = 1, tile: int = 64, num_warps: int = 4,
+                           num_stages: int = 2) -> torch.Tensor:
+    """(B, Hq, D) attention of each sequence's new token over its paged context.
+
+    `tile` tokens are read per iteration (a multiple of the block size)."""
+    if not use_triton(query):
         return paged_decode_attention_reference(query, k_cache, v_cache, block_tables,
                                                 context_lens, scale)
     batch, heads, dim = query.shape
@@ -142,7 +141,8 @@ def paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, 
         query, k_cache, v_cache, block_tables, context_lens, partial_out, partial_max,
         partial_sum, scale, query.stride(0), query.stride(1), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), num_splits,
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=dim, BLOCK_SIZE=block_size)
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=dim, BLOCK_SIZE=block_size,
+        TILE=max(tile, block_size), num_warps=num_warps, num_stages=num_stages)
     out = torch.empty_like(query)
     _decode_combine_kernel[(batch, kv_heads)](
         partial_out, partial_max, partial_sum, out, num_splits, out.stride(0), out.stride(1),
@@ -201,7 +201,7 @@ if triton is not None:
 def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
                  steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`sample_tokens` without top-k/top-p, reading the logits once. (B,) tokens, log-probs."""
-    if triton is None or not (logits.is_cuda or _interpreting()):
+    if not use_triton(logits):
         batch = logits.shape[0]
         no_filter = torch.full((batch,), -1, device=logits.device)
         return sample_tokens(logits, temperature, no_filter, torch.ones_like(temperature),
@@ -217,5 +217,9 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.T
 
 
 def _interpreting() -> bool:
-    import os
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Triton kernels run on CUDA tensors (and anywhere under the Triton interpreter)."""
+    return triton is not None and (tensor.is_cuda or _interpreting())

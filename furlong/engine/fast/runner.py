@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from furlong.engine.fast.kernels import (decode_splits, fused_sample, paged_decode_attention,
-                                         write_kv)
+from furlong.engine.fast.kernels import decode_splits, fused_sample, paged_decode_attention
 from furlong.engine.fast.model import FastDecoder
 from furlong.engine.fast.sequence import Sequence
 from furlong.engine.sampling import sample_tokens
@@ -72,14 +71,17 @@ class ModelRunner:
                                       device=device)
 
     def release(self) -> None:
-        """Free the KV cache, slot state and graphs (weights are the engine's business)."""
+        """Free the KV cache, slot state, graphs and fused weights (the HF parameters stay)."""
         self.graphs.clear()
+        self.model.release()
         for name in ("k_cache", "v_cache", "out_tokens", "out_log_probs", "block_tables"):
             setattr(self, name, None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def resume(self) -> None:
+        """Rebuild what `release` freed (after the parameters are back on the device)."""
+        self.model.fuse()
         self._allocate()
 
     @staticmethod
@@ -144,11 +146,11 @@ class ModelRunner:
         cu = torch.tensor([0] + lengths, device=self.device).cumsum(0)
 
         def attend(layer, query, key, value):
-            write_kv(self.k_cache[layer], self.v_cache[layer], key, value, slot_mapping)
             return varlen_causal_attention(query, key, value, cu, max(lengths), self.model.scale)
 
         with torch.no_grad():
-            hidden = self.model(ids, positions, attend)
+            hidden = self.model(ids, positions, self.k_cache, self.v_cache, slot_mapping, attend,
+                                return_kv=True)
         return hidden[cu[1:] - 1]
 
     # ---- decode -------------------------------------------------------------------------
@@ -199,11 +201,11 @@ class ModelRunner:
         splits = decode_splits(bucket, self.model.num_kv_heads)
 
         def attend(layer, query, key, value):
-            write_kv(self.k_cache[layer], self.v_cache[layer], key, value, slot_mapping)
             return paged_decode_attention(query, self.k_cache[layer], self.v_cache[layer],
                                           tables, context, self.model.scale, splits)
 
-        hidden = self.model(self.last_token[slots], positions, attend)
+        hidden = self.model(self.last_token[slots], positions, self.k_cache, self.v_cache,
+                            slot_mapping, attend, return_kv=False)
         tokens, log_probs = self._sample(self.model.logits(hidden), slots, filtered)
         self._record(slots, tokens, log_probs)
 
