@@ -44,10 +44,36 @@ class SamplingParams:
                 values[key] = (value,) if isinstance(value, (str, int)) else tuple(value)
         return cls(**values)
 
+    def validate(self) -> "SamplingParams":
+        """Self, or a ValueError naming the first field outside SGLang's range."""
+        for name, valid, requirement in _SAMPLING_RULES:
+            value = getattr(self, name)
+            if not valid(value):
+                raise ValueError(f"{name} must be {requirement}, got {value!r}")
+        return self
+
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["stop"], data["stop_token_ids"] = list(self.stop), list(self.stop_token_ids)
         return data
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_SAMPLING_RULES = (
+    ("temperature", lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0"),
+    ("top_p", lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "a number in (0, 1]"),
+    ("top_k", lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 (off) or an integer >= 1"),
+    ("max_new_tokens", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("stop", lambda v: all(isinstance(s, str) and s for s in v), "a list of non-empty strings"),
+    ("stop_token_ids", lambda v: all(_is_int(t) for t in v), "a list of token ids"),
+    ("skip_special_tokens", lambda v: isinstance(v, bool), "true or false"),
+    ("no_stop_trim", lambda v: isinstance(v, bool), "true or false"),
+    ("ignore_eos", lambda v: isinstance(v, bool), "true or false"),
+    ("sampling_seed", lambda v: v is None or _is_int(v), "an integer or null"),
+)
 
 
 @dataclass

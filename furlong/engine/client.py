@@ -1,0 +1,153 @@
+"""HTTPEngine: the `Engine` protocol over SGLang's HTTP API, for a furlong or an SGLang server.
+
+Requests carry only SGLang's documented fields, so one client drives `python -m
+furlong.engine.serve` and `python -m sglang.launch_server` alike. The aiohttp session is made
+on first use in the running event loop. At most `max_concurrency` generate calls are in
+flight; control calls (abort, weights, health) never queue behind them, since an abort must
+reach the server while generations wait for it. Every failure names the URL it came from.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Iterable
+
+import aiohttp
+import torch
+
+from furlong.engine.base import GenerateOutput, SamplingParams
+from furlong.engine.weight_transfer import iter_buckets, serialize_named_tensors
+
+
+class EngineHTTPError(RuntimeError):
+    """The engine server answered an error status."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+class HTTPEngine:
+    """An engine server at `url` (e.g. http://127.0.0.1:30000), as an `Engine`.
+
+    `tp_size`: the server's tensor-parallel size (SGLang wants one serialized copy of the
+    weights per rank). `bucket_bytes`: the most bytes of weights per update request.
+    `timeout_s`: the limit of each request (None: none), `health_timeout_s` that of `health`.
+    """
+
+    def __init__(self, url: str, max_concurrency: int = 512, timeout_s: float | None = None,
+                 health_timeout_s: float = 30.0, tp_size: int = 1,
+                 bucket_bytes: int = 512 << 20):
+        self.url = url.rstrip("/")
+        self.max_concurrency = max_concurrency
+        self.timeout_s = timeout_s
+        self.health_timeout_s = health_timeout_s
+        self.tp_size = tp_size
+        self.bucket_bytes = bucket_bytes
+        self._session: aiohttp.ClientSession | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def generate(self, input_ids: list[int], params: SamplingParams) -> GenerateOutput:
+        body = {"input_ids": list(input_ids),
+                "sampling_params": {k: v for k, v in params.to_dict().items() if v is not None},
+                "return_logprob": True}
+        async with self._client()[1]:
+            result = await self._request("POST", "/generate", body)
+        return _generate_output(result)
+
+    async def abort_all(self) -> None:
+        await self._request("POST", "/abort_request", {"abort_all": True})
+
+    async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                             version: int) -> None:
+        """By value, in requests of at most `bucket_bytes`; the last one sets `version`."""
+        for bucket, is_last in iter_buckets(named_tensors, self.bucket_bytes):
+            payload = await asyncio.to_thread(serialize_named_tensors, bucket)
+            body = {"serialized_named_tensors": [payload] * self.tp_size, "flush_cache": is_last}
+            if is_last:
+                body["weight_version"] = str(version)
+            await self._update("/update_weights_from_tensor", body)
+
+    async def update_weights_from_disk(self, model_path: str | Path, version: int) -> None:
+        """Load an HF directory that the server can read."""
+        await self._update("/update_weights_from_disk",
+                           {"model_path": str(model_path), "weight_version": str(version)})
+
+    async def release_memory(self) -> None:
+        await self._request("POST", "/release_memory_occupation", {})
+
+    async def resume_memory(self) -> None:
+        await self._request("POST", "/resume_memory_occupation", {})
+
+    async def flush_cache(self) -> None:
+        await self._request("POST", "/flush_cache")
+
+    async def get_model_info(self) -> dict:
+        return await self._request("GET", "/get_model_info")
+
+    async def health(self) -> bool:
+        """Whether the server finishes a one-token generation within `health_timeout_s`."""
+        try:
+            await self._request("GET", "/health_generate", timeout_s=self.health_timeout_s)
+        except Exception:  # unreachable, unhealthy or slow: all mean False
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _client(self) -> tuple[aiohttp.ClientSession, asyncio.Semaphore]:
+        """The session and the generate semaphore of the running event loop."""
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._loop is not loop:
+            # No connection limit: the semaphore bounds generate calls alone.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            self._semaphore = asyncio.Semaphore(self.max_concurrency)
+            self._loop = loop
+        return self._session, self._semaphore
+
+    async def _update(self, path: str, body: dict) -> None:
+        result = await self._request("POST", path, body)
+        if isinstance(result, dict) and result.get("success") is False:
+            raise EngineHTTPError(f"POST {self.url}{path} failed: {result.get('message')}", 200)
+
+    async def _request(self, method: str, path: str, body: dict | None = None,
+                       timeout_s: float | None = None):
+        """The JSON (or text) of a successful answer; ConnectionError, TimeoutError or
+        EngineHTTPError otherwise, naming the URL."""
+        url = self.url + path
+        timeout = aiohttp.ClientTimeout(total=timeout_s or self.timeout_s)
+        try:
+            async with self._client()[0].request(method, url, json=body,
+                                                 timeout=timeout) as response:
+                text = await response.text()
+                status, is_json = response.status, response.content_type == "application/json"
+        except aiohttp.ClientError as error:
+            raise ConnectionError(f"{method} {url} failed: {error} (is the engine server "
+                                  "running?)") from error
+        except asyncio.TimeoutError as error:
+            raise TimeoutError(f"{method} {url} did not answer within {timeout.total} s") from error
+        if status >= 400:
+            raise EngineHTTPError(f"{method} {url} answered HTTP {status}: {text[:1000]}", status)
+        return json.loads(text) if is_json and text else text
+
+
+def _generate_output(result: dict) -> GenerateOutput:
+    """SGLang's /generate answer as a GenerateOutput."""
+    meta = dict(result["meta_info"])
+    log_probs = [entry[0] for entry in meta.pop("output_token_logprobs", [])]
+    return GenerateOutput(result["output_ids"], log_probs, meta["finish_reason"]["type"],
+                          result.get("text", ""), meta.get("prompt_tokens", 0),
+                          _weight_version(meta.get("weight_version")), meta)
+
+
+def _weight_version(value) -> int:
+    """SGLang reports a string ('default' until the first update); furlong numbers versions."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0

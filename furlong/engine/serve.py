@@ -1,0 +1,520 @@
+"""The engine server: a furlong `Engine` behind SGLang's HTTP API (SPEC.md section 7).
+
+`python -m furlong.engine.serve --model-path DIR [--host H] [--port P] [--dtype D]
+[--device cpu|cuda] [--random-seed N] [--context-length N] [--tp-size 1]` loads the HF model
+and serves it. SGLang launch_server flags that this server does not implement are ignored
+with one warning each, so an SGLang command line starts it too. `build_engine` is the one
+place that picks the engine; the server reaches the engine only through the `Engine`
+protocol plus `engine.model` (vocabulary size, device, `/get_weights_by_name`).
+
+Requests are served concurrently: each /generate prompt is one `engine.generate` call, and
+the engine batches the calls in flight. Weight updates hold one lock, so the buckets of a
+distributed update never interleave with another update. Bad requests get HTTP 400 and
+`{"error": message}` naming the field; failures inside the server get 500.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import NoReturn
+
+import torch
+from aiohttp import web
+
+from furlong.engine.base import Engine, GenerateOutput, SamplingParams
+from furlong.engine.weight_transfer import (DEVICE_OF_BACKEND, WeightUpdateGroup,
+                                            deserialize_named_tensors, read_hf_weights)
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+          "float16": torch.float16, "half": torch.float16}
+GENERATE_FIELDS = {"input_ids", "text", "sampling_params", "return_logprob", "rid", "stream"}
+MAX_BODY_BYTES = 1 << 40  # serialized weights travel in request bodies
+_REQUIRED = object()
+_KIND_NAMES = {bool: "true or false", int: "an integer", str: "a string", list: "a list"}
+
+
+# ---- command line and engine -----------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """SGLang's launch_server flags that this server implements; `ignored_flags` lists
+    the other flags given (to warn about once each)."""
+    parser = argparse.ArgumentParser(prog="python -m furlong.engine.serve", allow_abbrev=False,
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", required=True, help="HF model directory")
+    parser.add_argument("--tokenizer-path", help="[--model-path]")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="[auto: the checkpoint's dtype]")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--base-gpu-id", type=int, default=0, help="the CUDA device index")
+    parser.add_argument("--random-seed", type=int, default=0,
+                        help="seed of the requests that give no sampling_seed")
+    parser.add_argument("--context-length", type=int, help="[max_position_embeddings]")
+    parser.add_argument("--max-running-requests", type=int, default=512,
+                        help="the most requests decoded in one batch")
+    parser.add_argument("--mem-fraction-static", type=float)
+    parser.add_argument("--tp-size", "--tp", "--tensor-parallel-size", dest="tp_size", type=int,
+                        default=1)
+    parser.add_argument("--log-level", default="info",
+                        choices=("debug", "info", "warning", "error", "critical"))
+    args, unknown = parser.parse_known_args(argv)
+    if args.tp_size != 1:
+        parser.error(f"--tp-size {args.tp_size}: this server runs one device per engine; use "
+                     "--tp-size 1 and start one server per device (or SGLang for tensor parallelism)")
+    args.ignored_flags = [token.split("=")[0] for token in unknown if token.startswith("--")]
+    return args
+
+
+def resolve_dtype(name: str, model_path: str) -> torch.dtype:
+    """`--dtype`; auto is the dtype of the checkpoint's config (float32 if it names none)."""
+    if name != "auto":
+        return DTYPES[name]
+    from transformers import AutoConfig
+
+    from furlong.train.policy import resolve_hf_dir
+    dtype = getattr(AutoConfig.from_pretrained(resolve_hf_dir(model_path)), "dtype", None)
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
+
+
+def build_engine(args: argparse.Namespace, tokenizer) -> Engine:
+    """The engine this server runs: the place where a faster engine will be chosen."""
+    from furlong.engine.hf_engine import HFEngine
+    from furlong.train.policy import load_hf_model
+
+    if args.mem_fraction_static is not None:
+        logger.warning("--mem-fraction-static has no effect on HFEngine: it allocates its KV "
+                       "cache per batch")
+    device = torch.device("cuda", args.base_gpu_id) if args.device == "cuda" else torch.device("cpu")
+    model = load_hf_model(args.model_path, resolve_dtype(args.dtype, args.model_path), device)
+    return HFEngine(model, tokenizer, args.context_length, args.max_running_requests,
+                    default_seed=args.random_seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for flag in dict.fromkeys(args.ignored_flags):
+        logger.warning("ignoring %s: this server does not implement that SGLang flag", flag)
+    from transformers import AutoTokenizer
+
+    tokenizer_path = args.tokenizer_path or args.model_path
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    server = EngineServer(build_engine(args, tokenizer), tokenizer, args.model_path,
+                          tokenizer_path)
+    web.run_app(server.build_app(), host=args.host, port=args.port,
+                access_log=logger if args.log_level == "debug" else None)
+
+
+# ---- request fields --------------------------------------------------------------------------
+
+def bad_request(message: str) -> NoReturn:
+    raise web.HTTPBadRequest(text=json.dumps({"error": message}), content_type="application/json")
+
+
+async def _json_body(request: web.Request) -> dict:
+    if not request.body_exists:
+        return {}
+    try:
+        body = await request.json()
+    except json.JSONDecodeError as error:
+        bad_request(f"the body is not JSON: {error}")
+    if not isinstance(body, dict):
+        bad_request("the body must be a JSON object")
+    return body
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _field(body: dict, name: str, kind: type, default=_REQUIRED):
+    """body[name], checked to be of `kind`; `default` when absent or null."""
+    value = body.get(name)
+    if value is None:
+        if default is _REQUIRED:
+            bad_request(f"field {name!r} is required")
+        return default
+    if not (_is_int(value) if kind is int else isinstance(value, kind)):
+        bad_request(f"field {name!r} must be {_KIND_NAMES[kind]}, got {value!r}")
+    return value
+
+
+def _version_field(body: dict, name: str) -> int | None:
+    """A weight version: SGLang sends a string, furlong engines number them."""
+    value = body.get(name)
+    if value is None:
+        return None
+    try:
+        if _is_int(value) or isinstance(value, str):
+            return int(value)
+    except ValueError:
+        pass
+    bad_request(f"field {name!r} must be an integer (or its string), got {value!r}")
+
+
+@dataclass(frozen=True)
+class _LoadOptions:
+    """The fields of SGLang's weight-update requests that say how to load."""
+    weight_version: int | None
+    flush_cache: bool
+    abort_all_requests: bool
+
+
+def _load_options(body: dict) -> _LoadOptions:
+    return _LoadOptions(_version_field(body, "weight_version"),
+                        _field(body, "flush_cache", bool, True),
+                        _field(body, "abort_all_requests", bool, False))
+
+
+def _check_load_format(body: dict) -> None:
+    if body.get("load_format") not in (None, "auto"):
+        bad_request(f"load_format {body['load_format']!r} is not supported; leave it out")
+
+
+def _torch_dtype(name, field: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        bad_request(f"{field} = {name!r} is not a torch dtype (e.g. 'bfloat16')")
+    return dtype
+
+
+def _shape(value, field: str) -> list[int]:
+    if not isinstance(value, list) or not all(_is_int(size) and size >= 0 for size in value):
+        bad_request(f"{field} must be a list of sizes, got {value!r}")
+    return value
+
+
+def _sampling_params(value: dict, field: str) -> SamplingParams:
+    try:
+        return SamplingParams.from_dict(value).validate()
+    except (ValueError, TypeError) as error:
+        bad_request(f"{field}: {error}")
+
+
+def _batch_sampling_params(value, count: int, batched: bool) -> list[SamplingParams]:
+    """One SamplingParams per prompt: a dict is shared, a list gives one per prompt."""
+    if value is None or isinstance(value, dict):
+        return [_sampling_params(value or {}, "sampling_params")] * count
+    if not (batched and isinstance(value, list) and len(value) == count
+            and all(isinstance(item, dict) for item in value)):
+        bad_request(f"sampling_params must be a dict, or in a batch of {count} a list of "
+                    f"{count} dicts, got {value!r}")
+    return [_sampling_params(item, f"sampling_params[{i}]") for i, item in enumerate(value)]
+
+
+def _rids(value, count: int, batched: bool) -> list[str]:
+    if value is None:
+        return [uuid.uuid4().hex for _ in range(count)]
+    if not batched and isinstance(value, str):
+        return [value]
+    if batched and isinstance(value, list) and len(value) == count:
+        return [str(rid) for rid in value]
+    bad_request(f"rid must be a string, or in a batch of {count} a list of {count}")
+
+
+def _generate_item(output: GenerateOutput, rid: str, return_logprob: bool) -> dict:
+    """One /generate result in SGLang's shape."""
+    finish: dict = {"type": output.finish_reason}
+    if output.finish_reason == "length":
+        finish["length"] = len(output.output_ids)
+    elif output.finish_reason == "abort":
+        finish["message"] = "the request was aborted"
+    meta = {"id": rid, "finish_reason": finish, "prompt_tokens": output.prompt_tokens,
+            "completion_tokens": len(output.output_ids),
+            "weight_version": str(output.weight_version)}
+    if return_logprob:
+        meta["output_token_logprobs"] = [
+            [log_prob, token, None]
+            for log_prob, token in zip(output.output_log_probs, output.output_ids, strict=True)]
+    return {"text": output.text, "output_ids": output.output_ids, "meta_info": meta}
+
+
+@web.middleware
+async def _errors_as_json(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception as error:
+        logger.exception("%s %s failed", request.method, request.path)
+        return web.json_response({"error": f"{type(error).__name__}: {error}"}, status=500)
+
+
+# ---- the server ------------------------------------------------------------------------------
+
+class EngineServer:
+    """SGLang's HTTP API over one engine. `build_app` gives the aiohttp application."""
+
+    def __init__(self, engine: Engine, tokenizer, model_path: str,
+                 tokenizer_path: str | None = None, health_timeout_s: float = 20.0,
+                 weights_group_timeout_s: float = 600.0):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_path = model_path
+        self.tokenizer_path = tokenizer_path or model_path
+        self.health_timeout_s = health_timeout_s
+        self.weights_group_timeout_s = weights_group_timeout_s
+        self.vocab_size: int = engine.model.config.vocab_size
+        self.weight_version = 0
+        self.groups: dict[str, WeightUpdateGroup] = {}
+        self._weights_lock = asyncio.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.engine.model.parameters()).device
+
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors_as_json])
+        app.add_routes([
+            web.post("/generate", self.generate),
+            web.get("/health", self.health),
+            web.get("/health_generate", self.health_generate),
+            web.post("/abort_request", self.abort_request),
+            web.get("/flush_cache", self.flush_cache),
+            web.post("/flush_cache", self.flush_cache),
+            web.get("/get_model_info", self.get_model_info),
+            web.post("/get_weights_by_name", self.get_weights_by_name),
+            web.post("/update_weights_from_disk", self.update_weights_from_disk),
+            web.post("/update_weights_from_tensor", self.update_weights_from_tensor),
+            web.post("/init_weights_update_group", self.init_weights_update_group),
+            web.post("/update_weights_from_distributed", self.update_weights_from_distributed),
+            web.post("/destroy_weights_update_group", self.destroy_weights_update_group),
+            web.post("/update_weight_version", self.update_weight_version),
+            web.post("/release_memory_occupation", self.release_memory_occupation),
+            web.post("/resume_memory_occupation", self.resume_memory_occupation),
+        ])
+        app.on_cleanup.append(self._shutdown)
+        return app
+
+    async def _shutdown(self, app: web.Application) -> None:
+        # Groups are dropped, not destroyed: a member's shutdown would wait for a trainer
+        # that may be gone.
+        self.groups.clear()
+        await self.engine.close()
+
+    # -- generation
+
+    async def generate(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        unknown = set(body) - GENERATE_FIELDS
+        if unknown:
+            bad_request(f"unknown fields {sorted(unknown)}; known: {sorted(GENERATE_FIELDS)}")
+        if _field(body, "stream", bool, False):
+            bad_request("stream: streaming is not supported; leave it out")
+        prompts, batched = self._prompts(body)
+        params = _batch_sampling_params(body.get("sampling_params"), len(prompts), batched)
+        rids = _rids(body.get("rid"), len(prompts), batched)
+        return_logprob = _field(body, "return_logprob", bool, False)
+        outputs = await asyncio.gather(*(self.engine.generate(ids, p)
+                                         for ids, p in zip(prompts, params, strict=True)))
+        items = [_generate_item(output, rid, return_logprob)
+                 for output, rid in zip(outputs, rids, strict=True)]
+        return web.json_response(items if batched else items[0])
+
+    def _prompts(self, body: dict) -> tuple[list[list[int]], bool]:
+        """(token ids of each prompt, whether the request is a batch)."""
+        if (body.get("input_ids") is None) == (body.get("text") is None):
+            bad_request("give exactly one of input_ids (token ids) and text")
+        text = body.get("text")
+        if isinstance(text, str):
+            return [self._token_ids(self.tokenizer.encode(text), "text")], False
+        if text is not None:
+            if not (isinstance(text, list) and text and all(isinstance(t, str) for t in text)):
+                bad_request(f"text must be a string or a non-empty list of strings, got {text!r}")
+            return [self._token_ids(self.tokenizer.encode(t), f"text[{i}]")
+                    for i, t in enumerate(text)], True
+        ids = body["input_ids"]
+        if isinstance(ids, list) and ids and all(isinstance(row, list) for row in ids):
+            return [self._token_ids(row, f"input_ids[{i}]") for i, row in enumerate(ids)], True
+        return [self._token_ids(ids, "input_ids")], False
+
+    def _token_ids(self, ids, field: str) -> list[int]:
+        if not isinstance(ids, list) or not ids:
+            bad_request(f"{field} must be a non-empty list of token ids, got {ids!r}")
+        for i, token in enumerate(ids):
+            if not (_is_int(token) and 0 <= token < self.vocab_size):
+                bad_request(f"{field}[{i}] = {token!r} is not a token id in [0, {self.vocab_size})")
+        return ids
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if await self.engine.health() else 503)
+
+    async def health_generate(self, request: web.Request) -> web.Response:
+        """200 when a one-token greedy generation finishes within the timeout, else 503."""
+        try:
+            await asyncio.wait_for(self.engine.generate(
+                [0], SamplingParams(temperature=0.0, max_new_tokens=1)), self.health_timeout_s)
+        except Exception as error:  # any failure means unhealthy
+            logger.warning("/health_generate failed: %r", error)
+            return web.json_response({"error": repr(error)}, status=503)
+        return web.Response(status=200)
+
+    async def abort_request(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        if not _field(body, "abort_all", bool, False):
+            bad_request("abort_all: this server aborts all requests at once; send "
+                        '{"abort_all": true} (abort by rid is not supported)')
+        await self.engine.abort_all()
+        return web.json_response({"success": True})
+
+    async def flush_cache(self, request: web.Request) -> web.Response:
+        await self.engine.flush_cache()
+        return web.json_response({"success": True, "message": "Cache flushed."})
+
+    async def get_model_info(self, request: web.Request) -> web.Response:
+        return web.json_response({"model_path": self.model_path,
+                                  "tokenizer_path": self.tokenizer_path, "is_generation": True,
+                                  "weight_version": str(self.weight_version)})
+
+    async def release_memory_occupation(self, request: web.Request) -> web.Response:
+        """Every tag at once: the Engine protocol releases all or nothing."""
+        self._check_tags(await _json_body(request))
+        await self.engine.release_memory()
+        return web.json_response({"success": True})
+
+    async def resume_memory_occupation(self, request: web.Request) -> web.Response:
+        self._check_tags(await _json_body(request))
+        await self.engine.resume_memory()
+        return web.json_response({"success": True})
+
+    @staticmethod
+    def _check_tags(body: dict) -> None:
+        tags = _field(body, "tags", list, [])
+        if not all(isinstance(tag, str) for tag in tags):
+            bad_request(f"tags must be a list of strings, got {tags!r}")
+
+    # -- weights
+
+    async def get_weights_by_name(self, request: web.Request) -> web.Response:
+        """The first `truncate_size` rows of a parameter, as floats (SGLang's debug aid)."""
+        body = await _json_body(request)
+        name = _field(body, "name", str)
+        truncate_size = _field(body, "truncate_size", int, 100)
+        try:
+            parameter = self.engine.model.get_parameter(name)
+        except AttributeError:
+            bad_request(f"name {name!r} is not a parameter of the model")
+        return web.json_response(parameter.detach()[:truncate_size].float().cpu().tolist())
+
+    async def update_weights_from_disk(self, request: web.Request) -> web.Response:
+        from furlong.train.policy import resolve_hf_dir
+
+        body = await _json_body(request)
+        model_path = _field(body, "model_path", str)
+        _check_load_format(body)
+        try:
+            named_tensors = read_hf_weights(resolve_hf_dir(model_path))
+        except FileNotFoundError as error:
+            bad_request(f"model_path: {error}")
+        async with self._weights_lock:
+            response = await self._load_weights(named_tensors, _load_options(body))
+        self.model_path = model_path
+        return response
+
+    async def update_weights_from_tensor(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        payloads = _field(body, "serialized_named_tensors", list)
+        if not payloads or not isinstance(payloads[0], str):
+            bad_request("serialized_named_tensors must be a list of base64 strings, one per "
+                        "tensor-parallel rank (this server has one)")
+        _check_load_format(body)
+        options = _load_options(body)
+        try:
+            named_tensors = await asyncio.to_thread(deserialize_named_tensors, payloads[0])
+        except ValueError as error:
+            bad_request(str(error))
+        async with self._weights_lock:
+            return await self._load_weights(named_tensors, options)
+
+    async def init_weights_update_group(self, request: web.Request) -> web.Response:
+        """Join the trainer's group as rank `rank_offset`; returns once every rank joined."""
+        body = await _json_body(request)
+        address, port = _field(body, "master_address", str), _field(body, "master_port", int)
+        rank, world_size = _field(body, "rank_offset", int), _field(body, "world_size", int)
+        group_name = _field(body, "group_name", str, "weight_update_group")
+        backend = _field(body, "backend", str, "nccl")
+        if backend not in DEVICE_OF_BACKEND:
+            bad_request(f"backend {backend!r}: use gloo (CPU) or nccl (CUDA)")
+        if DEVICE_OF_BACKEND[backend] == "cuda" and self.device.type != "cuda":
+            bad_request(f"backend nccl needs the engine on CUDA, this one is on {self.device}; "
+                        "use gloo")
+        async with self._weights_lock:
+            if group_name in self.groups:
+                bad_request(f"group_name {group_name!r} exists; destroy it first "
+                            "(/destroy_weights_update_group)")
+            try:
+                self.groups[group_name] = await asyncio.to_thread(
+                    WeightUpdateGroup, address, port, rank, world_size, group_name, backend,
+                    self.weights_group_timeout_s)
+            except ValueError as error:
+                bad_request(str(error))
+        return web.json_response({"success": True, "message": f"joined {group_name} as rank "
+                                                              f"{rank} of {world_size}"})
+
+    async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
+        """Receive the listed tensors, in order, by broadcast from rank 0; then load them."""
+        body = await _json_body(request)
+        names, dtypes = _field(body, "names", list), _field(body, "dtypes", list)
+        shapes = _field(body, "shapes", list)
+        if not len(names) == len(dtypes) == len(shapes):
+            bad_request(f"names, dtypes and shapes need one entry per tensor; got {len(names)}, "
+                        f"{len(dtypes)} and {len(shapes)}")
+        if not all(isinstance(name, str) for name in names):
+            bad_request("names must be a list of strings")
+        dtypes = [_torch_dtype(dtype, f"dtypes[{i}]") for i, dtype in enumerate(dtypes)]
+        shapes = [_shape(shape, f"shapes[{i}]") for i, shape in enumerate(shapes)]
+        group = self._group(_field(body, "group_name", str, "weight_update_group"))
+        options = _load_options(body)
+        device = self.device if group.device_type == "cuda" else torch.device("cpu")
+        async with self._weights_lock:
+            tensors = await asyncio.to_thread(group.receive, dtypes, shapes, device)
+            return await self._load_weights(zip(names, tensors, strict=True), options)
+
+    def _group(self, name: str) -> WeightUpdateGroup:
+        if name not in self.groups:
+            bad_request(f"group_name {name!r} is unknown; call /init_weights_update_group first")
+        return self.groups[name]
+
+    async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
+        name = _field(await _json_body(request), "group_name", str, "weight_update_group")
+        async with self._weights_lock:
+            await asyncio.to_thread(self._group(name).destroy)  # waits for the other members
+            del self.groups[name]
+        return web.json_response({"success": True, "message": f"left {name}"})
+
+    async def update_weight_version(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        version = _version_field(body, "new_version")
+        if version is None:
+            bad_request("field 'new_version' is required")
+        options = _LoadOptions(version, False, _field(body, "abort_all_requests", bool, False))
+        async with self._weights_lock:
+            return await self._load_weights([], options)
+
+    async def _load_weights(self, named_tensors, options: _LoadOptions) -> web.Response:
+        """Load by parameter name, under the weights lock (which the caller holds)."""
+        if options.abort_all_requests:
+            await self.engine.abort_all()
+        version = self.weight_version if options.weight_version is None else options.weight_version
+        try:
+            await self.engine.update_weights(named_tensors, version)
+        except (KeyError, ValueError) as error:
+            bad_request(f"cannot load the weights: {error.args[0] if error.args else error}")
+        self.weight_version = version
+        if options.flush_cache:
+            await self.engine.flush_cache()
+        return web.json_response({"success": True, "message": f"Succeeded to update model "
+                                                              f"weights (version {version})."})
+
+
+if __name__ == "__main__":
+    main()

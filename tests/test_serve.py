@@ -1,0 +1,542 @@
+"""The engine server and HTTPEngine on the tiny model (CPU): SGLang's HTTP API end to end.
+
+Servers run in-process (the aiohttp app on its own event loop in a thread), except one test
+that starts `python -m furlong.engine.serve` from an SGLang-style launch line. Expected
+outputs come from an in-process HFEngine on the same weights, never from the server. The
+checkpoints are tiny models with seeded noise on every matrix (as in test_engine.py), so
+greedy continuations vary between prompts and stop at different steps.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from aiohttp import web
+from transformers import AutoTokenizer
+
+from furlong.engine.base import SamplingParams
+from furlong.engine.client import EngineHTTPError, HTTPEngine
+from furlong.engine.hf_engine import HFEngine, load_named_tensors
+from furlong.engine.serve import EngineServer, parse_args
+from furlong.engine.weight_transfer import (WeightBroadcaster, deserialize_named_tensors,
+                                            iter_buckets, serialize_named_tensors)
+from furlong.tiny import write_tiny
+from furlong.train.policy import load_hf_model
+
+pytestmark = pytest.mark.timeout(120)
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["1+2=", "37+48=", "99+11=12", "5", "10+10=", "42+17="]
+
+
+# ---- fixtures and helpers -------------------------------------------------------------------
+
+def sharpened(model_dir, noise_seed: int) -> dict[str, torch.Tensor]:
+    """The weights of `model_dir` with seeded noise on every matrix (4 x its std)."""
+    model = load_hf_model(str(model_dir))
+    generator = torch.Generator().manual_seed(noise_seed)
+    state = {}
+    for name, param in model.named_parameters():
+        if param.dim() > 1:
+            param = param + torch.randn(param.shape, generator=generator) * param.std() * 4
+        state[name] = param.detach().clone()
+    return state
+
+
+def write_checkpoint(out_dir, base_dir, state, tokenizer):
+    model = load_hf_model(str(base_dir))
+    load_named_tensors(model, state.items())
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny):
+    return AutoTokenizer.from_pretrained(tiny / "model")
+
+
+@pytest.fixture(scope="module")
+def states(tiny, tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
+    """base: the served checkpoint; other: another model (tiny seed 1); perturbed: base
+    plus noise, sent as tensors."""
+    other_dir = write_tiny(tmp_path_factory.mktemp("tiny_seed1"), seed=1) / "model"
+    base = sharpened(tiny / "model", noise_seed=2)
+    perturbed = {name: t + torch.randn(t.shape, generator=torch.Generator().manual_seed(i)) * 0.05
+                 for i, (name, t) in enumerate(base.items())}
+    return {"base": base, "other": sharpened(other_dir, noise_seed=3), "perturbed": perturbed}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny, tmp_path_factory, states, tokenizer):
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {name: write_checkpoint(root / name, tiny / "model", states[name], tokenizer)
+            for name in ("base", "other")}
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer) -> list[list[int]]:
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True) for text in PROMPTS]
+    return [tokenizer(chat, add_special_tokens=False)["input_ids"] for chat in chats]
+
+
+class ServerThread:
+    """An EngineServer at 127.0.0.1 on a free port; its event loop runs in a daemon thread."""
+
+    def __init__(self, model_dir, tokenizer):
+        engine = HFEngine(load_hf_model(str(model_dir)), tokenizer)
+        self.server = EngineServer(engine, tokenizer, str(model_dir), health_timeout_s=10,
+                                   weights_group_timeout_s=30)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.runner = web.AppRunner(self.server.build_app())
+        self.call(self._start())
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def _start(self) -> None:
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+
+    def call(self, coroutine, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.call(self.runner.cleanup())
+        self.call(self.loop.shutdown_default_executor())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def server(checkpoints, tokenizer):
+    thread = ServerThread(checkpoints["base"], tokenizer)
+    try:
+        yield thread
+    finally:
+        thread.stop()
+
+
+def reference(state, tiny, tokenizer) -> HFEngine:
+    """An in-process HFEngine with `state`: what the server must answer."""
+    model = load_hf_model(str(tiny / "model"))
+    load_named_tensors(model, state.items())
+    return HFEngine(model, tokenizer)
+
+
+def generate_all(engine, requests_):
+    """Every (ids, params) of `requests_` through `engine`, concurrently; one event loop."""
+    async def main():
+        try:
+            return await asyncio.gather(*(engine.generate(ids, p) for ids, p in requests_))
+        finally:
+            if isinstance(engine, HTTPEngine):
+                await engine.close()
+    return asyncio.run(main())
+
+
+def with_client(url: str, action, **client_kwargs):
+    """`await action(HTTPEngine(url))` in a fresh event loop, closing the client after."""
+    async def main():
+        client = HTTPEngine(url, **client_kwargs)
+        try:
+            return await action(client)
+        finally:
+            await client.close()
+    return asyncio.run(main())
+
+
+def greedy(max_new_tokens: int = 16, **extra) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, **extra)
+
+
+def assert_same_outputs(actual, expected) -> None:
+    for got, want in zip(actual, expected, strict=True):
+        assert (got.output_ids, got.finish_reason, got.text, got.prompt_tokens) == (
+            want.output_ids, want.finish_reason, want.text, want.prompt_tokens)
+        torch.testing.assert_close(torch.tensor(got.output_log_probs),
+                                   torch.tensor(want.output_log_probs), rtol=0, atol=1e-4)
+
+
+def post(url: str, path: str, body) -> requests.Response:
+    return requests.post(url + path, json=body, timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---- generation -----------------------------------------------------------------------------
+
+def test_greedy_outputs_and_log_probs_match_the_in_process_engine(server, states, tiny,
+                                                                  tokenizer, prompt_ids):
+    requests_ = [(ids, greedy(20)) for ids in prompt_ids]
+    remote = generate_all(HTTPEngine(server.url), requests_)
+    assert_same_outputs(remote, generate_all(reference(states["base"], tiny, tokenizer),
+                                             requests_))
+    # The fixture is meant to be interesting: some rows stop early, outputs are varied.
+    assert {o.finish_reason for o in remote} == {"stop", "length"}
+    assert len({tuple(o.output_ids) for o in remote}) == len(remote)
+    assert {o.weight_version for o in remote} == {0}
+
+
+def test_sampling_params_round_trip(server, states, tiny, tokenizer, prompt_ids):
+    """Each SGLang sampling field reaches the engine: outputs equal the in-process engine's."""
+    ids = prompt_ids[5]
+    engine = reference(states["base"], tiny, tokenizer)
+    plain = generate_all(engine, [(ids, greedy(20, ignore_eos=True))])[0].output_ids
+    stop_id = next(t for i, t in enumerate(plain) if i >= 2 and t not in plain[:i])
+    stop_text = tokenizer.decode(plain[6:8])
+    params = [greedy(3, ignore_eos=True), greedy(20, stop=("never", stop_text)),
+              greedy(20, stop_token_ids=(stop_id,), ignore_eos=True),
+              greedy(20, stop_token_ids=(stop_id,), ignore_eos=True, no_stop_trim=True),
+              greedy(20, skip_special_tokens=False),
+              SamplingParams(temperature=0.8, top_k=5, top_p=0.9, max_new_tokens=12,
+                             sampling_seed=11, ignore_eos=True),
+              SamplingParams(temperature=1.0, max_new_tokens=12, sampling_seed=12)]
+    requests_ = [(ids, p) for p in params]
+    remote = generate_all(HTTPEngine(server.url), requests_)
+    assert_same_outputs(remote, generate_all(engine, requests_))
+    assert (remote[0].finish_reason, len(remote[0].output_ids)) == ("length", 3)
+    assert remote[0].meta["finish_reason"] == {"type": "length", "length": 3}
+    assert remote[1].finish_reason == "stop" and stop_text not in remote[1].text
+    assert remote[2].output_ids[-1] == stop_id and remote[2].finish_reason == "stop"
+
+
+def test_a_sampling_seed_is_reproducible_and_matters(server, prompt_ids):
+    def sample(seed: int) -> list[int]:
+        params = SamplingParams(temperature=1.0, max_new_tokens=12, sampling_seed=seed,
+                                ignore_eos=True)
+        return generate_all(HTTPEngine(server.url), [(prompt_ids[1], params)])[0].output_ids
+    assert sample(5) == sample(5)
+    assert len({tuple(sample(seed)) for seed in range(4)}) > 2
+
+
+def test_batches_text_and_the_raw_response_shape(server, tokenizer, prompt_ids):
+    params = [{"temperature": 0, "max_new_tokens": 4, "ignore_eos": True},
+              {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}]
+    batch = post(server.url, "/generate", {"input_ids": prompt_ids[:2], "sampling_params": params,
+                                           "return_logprob": True, "rid": ["a", "b"]}).json()
+    assert [len(item["output_ids"]) for item in batch] == [4, 6]
+    for item, ids in zip(batch, prompt_ids[:2], strict=True):
+        meta = item["meta_info"]
+        assert meta["finish_reason"]["type"] == "length"
+        assert (meta["prompt_tokens"], meta["completion_tokens"]) == (len(ids), len(item["output_ids"]))
+        assert meta["weight_version"] == "0"
+        assert [entry[1] for entry in meta["output_token_logprobs"]] == item["output_ids"]
+        assert all(entry[0] <= 0 and entry[2] is None for entry in meta["output_token_logprobs"])
+    assert [item["meta_info"]["id"] for item in batch] == ["a", "b"]
+
+    text = tokenizer.decode(prompt_ids[2])
+    one = post(server.url, "/generate", {"text": text, "sampling_params": params[0]}).json()
+    by_ids = post(server.url, "/generate", {"input_ids": tokenizer.encode(text),
+                                            "sampling_params": params[0]}).json()
+    assert one["output_ids"] == by_ids["output_ids"] and one["text"] == by_ids["text"]
+    assert "output_token_logprobs" not in one["meta_info"]  # return_logprob defaults to false
+    texts = post(server.url, "/generate", {"text": [text, "5"], "sampling_params": params[0]}).json()
+    assert isinstance(texts, list) and texts[0]["output_ids"] == one["output_ids"]
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/generate", {"input_ids": [1, 2], "sampling_params": {"temperature": -1}}, "temperature"),
+    ("/generate", {"input_ids": [1, 2], "sampling_params": {"max_tokens": 5}}, "max_tokens"),
+    ("/generate", {"input_ids": [1, 99999]}, "input_ids[1]"),
+    ("/generate", {"input_ids": []}, "input_ids"),
+    ("/generate", {"sampling_params": {}}, "input_ids"),
+    ("/generate", {"input_ids": [[1], [2]], "sampling_params": [{}]}, "sampling_params"),
+    ("/generate", {"input_ids": [1], "return_logprob": "yes"}, "return_logprob"),
+    ("/generate", {"input_ids": [1], "logprob_start_len": 0}, "logprob_start_len"),
+    ("/generate", "[1, 2]", "JSON object"),
+    ("/abort_request", {"rid": "x"}, "abort_all"),
+    ("/update_weights_from_disk", {"model_path": "/nonexistent"}, "model_path"),
+    ("/update_weights_from_tensor", {"serialized_named_tensors": ["@@"]},
+     "serialized_named_tensors"),
+    ("/update_weights_from_distributed",
+     {"names": ["a"], "dtypes": ["float32"], "shapes": [[1]], "group_name": "g"}, "group_name"),
+    ("/update_weights_from_distributed", {"names": ["a"], "dtypes": ["f32"], "shapes": [[1]]},
+     "dtypes[0]"),
+    ("/init_weights_update_group", {"master_address": "127.0.0.1", "master_port": 1,
+                                    "rank_offset": 1, "world_size": 2, "backend": "nccl"}, "nccl"),
+    ("/update_weight_version", {"new_version": "v2"}, "new_version"),
+])
+def test_bad_requests_get_400_naming_the_field(server, path, body, field):
+    response = post(server.url, path, body)
+    assert response.status_code == 400
+    assert field in response.json()["error"]
+
+
+def test_client_errors_name_the_url_and_the_field(server, prompt_ids):
+    with pytest.raises(EngineHTTPError, match=rf"{server.url}/generate.*400.*top_p") as error:
+        generate_all(HTTPEngine(server.url), [(prompt_ids[0], SamplingParams(top_p=0.0))])
+    assert error.value.status == 400
+    with pytest.raises(EngineHTTPError, match="model.layers.9.mlp.up_proj.weight"):
+        with_client(server.url, lambda client: client.update_weights(
+            [("model.layers.9.mlp.up_proj.weight", torch.zeros(2))], version=1))
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ConnectionError, match=f"{dead}/generate"):
+        generate_all(HTTPEngine(dead), [(prompt_ids[0], greedy(2))])
+    assert with_client(dead, lambda client: client.health()) is False
+
+
+def test_abort_all_returns_in_flight_requests_with_abort(server, prompt_ids):
+    decoding = threading.Event()
+    forward_calls = []
+
+    def slow_forward(module, args, kwargs):
+        forward_calls.append(1)
+        if len(forward_calls) >= 3:
+            decoding.set()
+        time.sleep(0.01)
+
+    handle = server.server.engine.model.register_forward_pre_hook(slow_forward, with_kwargs=True)
+    params = greedy(100, ignore_eos=True)
+
+    async def action(client):
+        running = [asyncio.ensure_future(client.generate(ids, params)) for ids in prompt_ids[:2]]
+        assert await asyncio.to_thread(decoding.wait, 10)
+        await client.abort_all()
+        results = await asyncio.wait_for(asyncio.gather(*running), 10)
+        return results, await client.generate(prompt_ids[3], greedy(3, ignore_eos=True))
+
+    try:
+        results, after = with_client(server.url, action)
+    finally:
+        handle.remove()
+    # The request that reached the engine first was decoding; the other may have been queued.
+    assert 0 < len(results[0].output_ids) < 100 or 0 < len(results[1].output_ids) < 100
+    for output in results:
+        assert output.finish_reason == "abort" and len(output.output_ids) < 100
+        assert len(output.output_log_probs) == len(output.output_ids)
+    assert after.finish_reason == "length" and len(after.output_ids) == 3
+
+
+def test_health_model_info_cache_and_memory_endpoints(server, checkpoints, prompt_ids):
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    assert requests.get(server.url + "/health_generate", timeout=10).status_code == 200
+    info = requests.get(server.url + "/get_model_info", timeout=10).json()
+    assert info == {"model_path": str(checkpoints["base"]),
+                    "tokenizer_path": str(checkpoints["base"]), "is_generation": True,
+                    "weight_version": "0"}
+
+    async def round_trip(client):
+        before = await client.generate(prompt_ids[0], greedy(8))
+        await client.flush_cache()
+        await client.release_memory()
+        await client.resume_memory()
+        return before, await client.generate(prompt_ids[0], greedy(8)), await client.health()
+    before, after, healthy = with_client(server.url, round_trip)
+    assert after.output_ids == before.output_ids and healthy
+
+    def fail(module, args, kwargs):
+        raise RuntimeError("the model broke")
+    handle = server.server.engine.model.register_forward_pre_hook(fail, with_kwargs=True)
+    try:
+        response = requests.get(server.url + "/health_generate", timeout=10)
+        assert response.status_code == 503 and "the model broke" in response.json()["error"]
+        assert with_client(server.url, lambda client: client.health()) is False
+    finally:
+        handle.remove()
+
+
+# ---- weights --------------------------------------------------------------------------------
+
+def test_update_weights_from_disk_serves_the_other_checkpoint(server, checkpoints, states, tiny,
+                                                              tokenizer, prompt_ids):
+    requests_ = [(ids, greedy(12)) for ids in prompt_ids]
+    before = generate_all(HTTPEngine(server.url), requests_)
+    with_client(server.url, lambda c: c.update_weights_from_disk(checkpoints["other"], version=3))
+    after = generate_all(HTTPEngine(server.url), requests_)
+    assert_same_outputs(after, generate_all(reference(states["other"], tiny, tokenizer),
+                                            requests_))
+    assert [o.output_ids for o in after] != [o.output_ids for o in before]
+    assert {o.weight_version for o in after} == {3}
+    info = requests.get(server.url + "/get_model_info", timeout=10).json()
+    assert (info["model_path"], info["weight_version"]) == (str(checkpoints["other"]), "3")
+
+
+def test_update_weights_from_tensor_serves_the_sent_weights(server, states, tiny, tokenizer,
+                                                            prompt_ids):
+    """bfloat16 tensors, several requests (small buckets): the engine casts them to float32."""
+    sent = {name: tensor.bfloat16() for name, tensor in states["perturbed"].items()}
+    with_client(server.url, lambda client: client.update_weights(sent.items(), version=5),
+                bucket_bytes=256 << 10)
+    requests_ = [(ids, greedy(12)) for ids in prompt_ids]
+    after = generate_all(HTTPEngine(server.url), requests_)
+    assert_same_outputs(after, generate_all(reference(sent, tiny, tokenizer), requests_))
+    assert {o.weight_version for o in after} == {5}
+    assert all(p.dtype == torch.float32 for p in server.server.engine.model.parameters())
+
+
+def test_distributed_update_in_buckets_over_gloo(server, states, tiny, tokenizer, prompt_ids):
+    """Rank 0 here, the server rank 1; two updates over one group, many buckets each."""
+    broadcaster = WeightBroadcaster([server.url], timeout_s=30)
+    requests_ = [(ids, greedy(12)) for ids in prompt_ids]
+    try:
+        broadcaster.init_group("127.0.0.1", free_port(), backend="gloo")
+        assert broadcaster.broadcast(states["perturbed"].items(), 64 << 10, version=4) > 5
+        name = "model.layers.1.mlp.up_proj.weight"
+        rows = post(server.url, "/get_weights_by_name", {"name": name, "truncate_size": 3}).json()
+        torch.testing.assert_close(torch.tensor(rows), states["perturbed"][name][:3],
+                                   rtol=0, atol=0)
+        perturbed = generate_all(HTTPEngine(server.url), requests_)
+        assert_same_outputs(perturbed, generate_all(
+            reference(states["perturbed"], tiny, tokenizer), requests_))
+        assert {o.weight_version for o in perturbed} == {4}
+
+        broadcaster.broadcast(states["base"].items(), 64 << 10, version=6)
+        base = generate_all(HTTPEngine(server.url), requests_)
+        assert_same_outputs(base, generate_all(reference(states["base"], tiny, tokenizer),
+                                               requests_))
+        assert {o.weight_version for o in base} == {6}
+    finally:
+        broadcaster.close()
+    assert server.server.groups == {}
+
+
+def test_update_weight_version_changes_the_reported_version(server, prompt_ids):
+    assert post(server.url, "/update_weight_version", {"new_version": "9"}).json()["success"]
+    output = generate_all(HTTPEngine(server.url), [(prompt_ids[0], greedy(2))])[0]
+    assert output.weight_version == 9
+
+
+def test_serialized_tensors_round_trip_with_dtype_and_only_their_own_bytes():
+    big = torch.arange(100_000, dtype=torch.float32)
+    named = [("view", big[:10]), ("bf16", torch.randn(3, 4).bfloat16()), ("int", torch.arange(5))]
+    payload = serialize_named_tensors(named)
+    assert len(payload) < 20_000  # the view's 400 kB storage is not sent
+    loaded = deserialize_named_tensors(payload)
+    assert [name for name, _ in loaded] == ["view", "bf16", "int"]
+    for (_, want), (_, got) in zip(named, loaded, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    with pytest.raises(ValueError, match="not a torch.save archive"):
+        deserialize_named_tensors("gASVAAAAAAAAAAA=")  # a pickle, as SGLang's serializer sends
+
+
+class CallsPrint:
+    def __reduce__(self):
+        return print, ("this ran on the server",)
+
+
+def test_a_serialized_payload_cannot_carry_code(capsys):
+    buffer = io.BytesIO()
+    torch.save([("weight", CallsPrint())], buffer)
+    with pytest.raises(ValueError, match="does not load"):
+        deserialize_named_tensors(base64.b64encode(buffer.getvalue()).decode())
+    assert "this ran" not in capsys.readouterr().out
+
+
+def test_buckets_keep_order_and_the_byte_budget():
+    tensors = [(f"t{i}", torch.zeros(n)) for i, n in enumerate([10, 10, 30, 5, 5, 5])]  # float32
+    buckets = list(iter_buckets(tensors, bucket_bytes=80))
+    assert [[name for name, _ in bucket] for bucket, _ in buckets] == [
+        ["t0", "t1"], ["t2"], ["t3", "t4", "t5"]]  # t2 (120 bytes) travels alone
+    assert [is_last for _, is_last in buckets] == [False, False, True]
+    assert list(iter_buckets([], 80)) == [([], True)]
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+def test_parse_args_ignores_unknown_sglang_flags_and_rejects_tensor_parallel(capsys):
+    args = parse_args(["--model-path", "m", "--trust-remote-code", "--attention-backend",
+                       "flash", "--chunked-prefill-size=4096", "--tp", "1"])
+    assert args.ignored_flags == ["--trust-remote-code", "--attention-backend",
+                                  "--chunked-prefill-size"]
+    with pytest.raises(SystemExit):
+        parse_args(["--model-path", "m", "--tp-size", "2"])
+    assert "--tp-size 2" in capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def launched_server(model_dir, log, *flags: str):
+    """`python -m furlong.engine.serve` on a free port, output to `log`; yields its URL once
+    /health_generate answers, terminates it after."""
+    port = free_port()
+    command = [sys.executable, "-m", "furlong.engine.serve", "--model-path", str(model_dir),
+               "--host", "127.0.0.1", "--port", str(port), *flags]
+    with open(log, "w") as stream:
+        process = subprocess.Popen(command, cwd=REPO, stdout=stream, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while not with_client(url, lambda client: client.health(), health_timeout_s=5):
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def test_the_cli_serves_from_an_sglang_launch_line(checkpoints, states, tiny, tokenizer,
+                                                   prompt_ids, tmp_path):
+    log = tmp_path / "server.log"
+    with launched_server(checkpoints["base"], log, "--device", "cpu", "--dtype", "float32",
+                         "--random-seed", "3", "--trust-remote-code",
+                         "--mem-fraction-static", "0.7", "--attention-backend", "flash") as url:
+        requests_ = [(ids, greedy(12)) for ids in prompt_ids[:3]]
+        assert_same_outputs(generate_all(HTTPEngine(url), requests_),
+                            generate_all(reference(states["base"], tiny, tokenizer), requests_))
+        info = with_client(url, lambda client: client.get_model_info())
+        assert info["model_path"] == str(checkpoints["base"])
+    text = log.read_text()
+    assert "ignoring --trust-remote-code" in text and "ignoring --attention-backend" in text
+    assert "--mem-fraction-static has no effect" in text
+
+
+def server_weights(url: str, names) -> dict[str, torch.Tensor]:
+    return {name: torch.tensor(post(url, "/get_weights_by_name",
+                                    {"name": name, "truncate_size": 1 << 20}).json())
+            for name in names}
+
+
+@pytest.mark.gpu
+def test_a_server_on_cuda_takes_weights_from_cuda_tensors(checkpoints, states, tiny, tokenizer,
+                                                          prompt_ids, tmp_path):
+    """HTTPEngine.update_weights copies CUDA tensors to the CPU for the by-value path."""
+    with launched_server(checkpoints["base"], tmp_path / "server.log", "--device", "cuda",
+                         "--dtype", "float32") as url:
+        sent = {name: t.cuda() for name, t in states["perturbed"].items()}
+        with_client(url, lambda client: client.update_weights(sent.items(), version=5))
+        for name, tensor in server_weights(url, sent).items():
+            torch.testing.assert_close(tensor, states["perturbed"][name], rtol=0, atol=0)
+        outputs = generate_all(HTTPEngine(url), [(ids, greedy(12)) for ids in prompt_ids])
+        assert {o.weight_version for o in outputs} == {5}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_a_server_process_receives_weights_over_nccl(checkpoints, states, tmp_path):
+    """The server on cuda:1 in its own process, rank 0 here on cuda:0; several buckets."""
+    with launched_server(checkpoints["base"], tmp_path / "server.log", "--device", "cuda",
+                         "--base-gpu-id", "1", "--dtype", "float32") as url:
+        broadcaster = WeightBroadcaster([url], timeout_s=60)
+        try:
+            broadcaster.init_group("127.0.0.1", free_port(), backend="nccl")
+            sent = {name: t.to("cuda:0") for name, t in states["perturbed"].items()}
+            assert broadcaster.broadcast(sent.items(), 64 << 10, version=4) > 5
+        finally:
+            broadcaster.close()
+        for name, tensor in server_weights(url, sent).items():
+            torch.testing.assert_close(tensor, states["perturbed"][name], rtol=0, atol=0)
+        assert with_client(url, lambda client: client.get_model_info())["weight_version"] == "4"
