@@ -23,12 +23,23 @@ except ImportError:  # torch without the varlen flash kernel
     varlen_attn = None
 
 
+def _flash_dtype(query: torch.Tensor) -> torch.dtype | None:
+    """The half dtype the flash kernel would run in (the autocast dtype if on), or None."""
+    dtype = query.dtype
+    if torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+
 def varlen_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             cu_seq_lens: torch.Tensor, max_length: int,
                             scale: float | None = None) -> torch.Tensor:
-    """query (T, Hq, D), key/value (T, Hkv, D) -> (T, Hq, D)."""
+    """query (T, Hq, D), key/value (T, Hkv, D) -> (T, Hq, D). The flash kernel needs
+    bf16/fp16 (under autocast the inputs are cast); float32 runs per-sequence SDPA."""
     groups = query.shape[1] // key.shape[1]
-    if varlen_attn is not None and query.is_cuda:
+    dtype = _flash_dtype(query) if query.is_cuda else None
+    if varlen_attn is not None and dtype is not None:
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         extra = dict(_CAUSAL)
         if groups > 1 and _NATIVE_GQA:
             extra["enable_gqa"] = True

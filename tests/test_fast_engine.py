@@ -172,6 +172,7 @@ def test_fast_engine_limits_stops_abort_and_weights(tiny, tokenizer):
 # ---- kernels under the Triton interpreter -----------------------------------------------------
 KERNEL_CHECK = textwrap.dedent("""
     import torch
+    TOLERANCE = 1e-5  # the GPU check raises it: tl.dot runs float32 as tf32 there
     from furlong.engine.fast import kernels as K
     from furlong.engine.sampling import sample_tokens
     torch.manual_seed(0)
@@ -191,10 +192,10 @@ KERNEL_CHECK = textwrap.dedent("""
         query = torch.randn(3, heads, 32)
         out = K.paged_decode_attention(query, kc, vc, tables, context, 0.2, splits)
         ref = K.paged_decode_attention_reference(query, kc, vc, tables, context, 0.2)
-        assert (out - ref).abs().max() < 1e-5, (heads, kv_heads, splits)
+        assert (out - ref).abs().max() < TOLERANCE, (heads, kv_heads, splits)
         for tile in (8, 32):
             out = K.paged_decode_attention(query, kc, vc, tables, context, 0.2, splits, tile)
-            assert (out - ref).abs().max() < 1e-5, (heads, kv_heads, splits, tile)
+            assert (out - ref).abs().max() < TOLERANCE, (heads, kv_heads, splits, tile)
 
     from furlong.engine.fast import fused as F
     dtype = torch.get_default_dtype()
@@ -237,8 +238,11 @@ def test_triton_kernels_match_references_in_interpreter():
 # ---- on the GPU ------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_gpu_kernels_match_references():
-    result = subprocess.run([sys.executable, "-c", KERNEL_CHECK.replace(
-        "torch.manual_seed(0)", "torch.manual_seed(0); torch.set_default_device('cuda')")],
+    check = KERNEL_CHECK.replace("TOLERANCE = 1e-5", "TOLERANCE = 5e-3").replace(
+        "torch.manual_seed(0)", "torch.manual_seed(0); torch.set_default_device('cuda')")
+    check = check.replace("for tile in (8, 32)", "for tile in (16, 32)").replace(
+        "torch.randn(30, 8, kv_heads, 32)", "torch.randn(30, 16, kv_heads, 32)")
+    result = subprocess.run([sys.executable, "-c", check],
         capture_output=True, text=True, cwd=REPO, timeout=600)
     assert "kernels ok" in result.stdout, result.stderr[-3000:]
 

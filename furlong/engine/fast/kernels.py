@@ -48,10 +48,12 @@ if triton is not None:
     def _decode_partial_kernel(
             query, k_cache, v_cache, block_tables, context_lens, partial_out, partial_max,
             partial_sum, scale, stride_qb, stride_qh, stride_kb, stride_kr, stride_kh,
-            stride_tb, num_splits, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-            HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
+            stride_tb, num_splits, out, stride_ob, stride_oh, GROUP: tl.constexpr,
+            GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+            TILE: tl.constexpr, SINGLE_SPLIT: tl.constexpr):
         """One (sequence, kv head, split): online softmax over its share of the context,
-        TILE tokens (TILE / BLOCK_SIZE pages) at a time."""
+        TILE tokens (TILE / BLOCK_SIZE pages) at a time. With one split the result is
+        final and goes straight to `out`."""
         batch, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         length = tl.load(context_lens + batch)
         num_tiles = tl.cdiv(length, TILE)
@@ -83,11 +85,16 @@ if triton is not None:
             total = total * rescale + tl.sum(weights, axis=1)
             acc = acc * rescale[:, None] + tl.dot(weights.to(values.dtype), values).to(tl.float32)
             best = new_best
-        out_row = (batch * tl.num_programs(1) + kv_head) * num_splits + split
-        tl.store(partial_out + (out_row * GROUP_PAD + rows[:, None]) * HEAD_DIM + dims[None, :],
-                 acc)
-        tl.store(partial_max + out_row * GROUP_PAD + rows, best)
-        tl.store(partial_sum + out_row * GROUP_PAD + rows, total)
+        if SINGLE_SPLIT:
+            result = acc / tl.maximum(total, 1e-30)[:, None]
+            tl.store(out + batch * stride_ob + heads[:, None] * stride_oh + dims[None, :],
+                     result.to(out.dtype.element_ty), mask=rows[:, None] < GROUP)
+        else:
+            out_row = (batch * tl.num_programs(1) + kv_head) * num_splits + split
+            tl.store(partial_out + (out_row * GROUP_PAD + rows[:, None]) * HEAD_DIM
+                     + dims[None, :], acc)
+            tl.store(partial_max + out_row * GROUP_PAD + rows, best)
+            tl.store(partial_sum + out_row * GROUP_PAD + rows, total)
 
     @triton.jit
     def _decode_combine_kernel(partial_out, partial_max, partial_sum, out, num_splits,
@@ -121,8 +128,8 @@ def decode_splits(batch: int, kv_heads: int, num_sms: int = 132, max_splits: int
 
 
 def paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale: float,
-                           num_splits: int = 1, tile: int = 64, num_warps: int = 4,
-                           num_stages: int = 2) -> torch.Tensor:
+                           num_splits: int = 1, tile: int = 128, num_warps: int = 4,
+                           num_stages: int = 3) -> torch.Tensor:
     """(B, Hq, D) attention of each sequence's new token over its paged context.
 
     `tile` tokens are read per iteration (a multiple of the block size)."""
@@ -133,17 +140,20 @@ def paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, 
     kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = heads // kv_heads
     group_pad = max(16, triton.next_power_of_2(group))
-    rows = batch * kv_heads * num_splits * group_pad
+    rows = batch * kv_heads * num_splits * group_pad if num_splits > 1 else 1
     partial_out = torch.empty(rows, dim, dtype=torch.float32, device=query.device)
     partial_max = torch.empty(rows, dtype=torch.float32, device=query.device)
     partial_sum = torch.empty(rows, dtype=torch.float32, device=query.device)
+    out = torch.empty_like(query)
     _decode_partial_kernel[(batch, kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, context_lens, partial_out, partial_max,
         partial_sum, scale, query.stride(0), query.stride(1), k_cache.stride(0),
-        k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), num_splits,
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=dim, BLOCK_SIZE=block_size,
-        TILE=max(tile, block_size), num_warps=num_warps, num_stages=num_stages)
-    out = torch.empty_like(query)
+        k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), num_splits, out,
+        out.stride(0), out.stride(1), GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=dim,
+        BLOCK_SIZE=block_size, TILE=max(tile, block_size), SINGLE_SPLIT=num_splits == 1,
+        num_warps=num_warps, num_stages=num_stages)
+    if num_splits == 1:
+        return out
     _decode_combine_kernel[(batch, kv_heads)](
         partial_out, partial_max, partial_sum, out, num_splits, out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=dim)
@@ -161,11 +171,12 @@ if triton is not None:
         return (x >> 16) ^ x
 
     @triton.jit
-    def _sample_kernel(logits, stride_l, row_hashes, inv_temperature, greedy, tokens, log_probs,
-                       vocab_size, BLOCK_V: tl.constexpr):
-        """One row: argmax of logits/T + Gumbel(hash) and the log-prob of the winner,
-        in one pass over the vocabulary (online logsumexp)."""
-        row = tl.program_id(0)
+    def _sample_kernel(logits, stride_l, row_hashes, inv_temperature, greedy, part_max,
+                       part_sum, part_key, part_token, part_logit, vocab_size, per_split,
+                       BLOCK_V: tl.constexpr):
+        """One (row, vocab split): the split's logsumexp pieces and its best key
+        logits/T + Gumbel(hash) (the winner's token and scaled logit)."""
+        row, split = tl.program_id(0), tl.program_id(1)
         row_hash = tl.load(row_hashes + row).to(tl.uint32)
         scale = tl.load(inv_temperature + row)
         is_greedy = tl.load(greedy + row) != 0
@@ -174,9 +185,11 @@ if triton is not None:
         best_key = tl.full((), float("-inf"), tl.float32)
         best_token = tl.zeros((), tl.int64)
         best_logit = tl.zeros((), tl.float32)
-        for start in tl.range(0, vocab_size, BLOCK_V):
+        first = split * per_split
+        end = tl.minimum(first + per_split, vocab_size)
+        for start in tl.range(first, end, BLOCK_V):
             ids = start + tl.arange(0, BLOCK_V)
-            inside = ids < vocab_size
+            inside = ids < end
             z = tl.load(logits + row * stride_l + ids, mask=inside,
                         other=float("-inf")).to(tl.float32) * scale
             chunk_max = tl.maximum(running_max, tl.max(z))
@@ -194,8 +207,15 @@ if triton is not None:
             best_token = tl.where(take, start + chunk_token, best_token)
             best_logit = tl.where(take, tl.sum(tl.where(tl.arange(0, BLOCK_V) == chunk_token,
                                                         z, 0.0)), best_logit)
-        tl.store(tokens + row, best_token)
-        tl.store(log_probs + row, best_logit - running_max - tl.log(running_sum))
+        out = row * tl.num_programs(1) + split
+        tl.store(part_max + out, running_max)
+        tl.store(part_sum + out, running_sum)
+        tl.store(part_key + out, best_key)
+        tl.store(part_token + out, best_token)
+        tl.store(part_logit + out, best_logit)
+
+
+SAMPLE_SPLITS = 16  # vocabulary splits per row: (rows x 16) programs fill the GPU
 
 
 def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
@@ -208,12 +228,23 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.T
                              seeds, steps)
     greedy = temperature <= 0
     inv_temperature = torch.where(greedy, torch.ones_like(temperature), 1.0 / temperature)
-    tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
-    log_probs = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    _sample_kernel[(logits.shape[0],)](
+    rows, vocab = logits.shape
+    block = 2048
+    per_split = triton.cdiv(triton.cdiv(vocab, SAMPLE_SPLITS), block) * block
+    splits = triton.cdiv(vocab, per_split)
+    parts = [torch.empty(rows, splits, dtype=dtype, device=logits.device)
+             for dtype in (torch.float32, torch.float32, torch.float32, torch.int64,
+                           torch.float32)]
+    _sample_kernel[(rows, splits)](
         logits, logits.stride(0), row_hash(seeds, steps), inv_temperature.float(),
-        greedy.to(torch.int8), tokens, log_probs, logits.shape[1], BLOCK_V=2048)
-    return tokens, log_probs
+        greedy.to(torch.int8), *parts, vocab, per_split, BLOCK_V=block)
+    part_max, part_sum, part_key, part_token, part_logit = parts
+    # Merge the splits: logsumexp of the pieces; the first split with the best key wins.
+    total_max = part_max.max(dim=1, keepdim=True).values
+    normalizer = total_max[:, 0] + (part_sum * torch.exp(part_max - total_max)).sum(1).log()
+    winner = part_key.argmax(dim=1, keepdim=True)
+    tokens = part_token.gather(1, winner)[:, 0]
+    return tokens, part_logit.gather(1, winner)[:, 0] - normalizer
 
 
 def _interpreting() -> bool:
