@@ -16,7 +16,7 @@ import torch
 from furlong.config import Config, eval_datasets
 from furlong.data import DataKeys, PromptDataset, PromptEncoder
 from furlong.engine.base import Engine
-from furlong.engine.hf_engine import HFEngine
+from furlong.engine.factory import create_engine, engine_options
 from furlong.hooks import load_function
 from furlong.metrics import MetricsLogger
 from furlong.rollout.context import HookArgs
@@ -25,7 +25,6 @@ from furlong.rollout.manager import RolloutManager
 from furlong.rollout.rewards import RewardModel
 from furlong.train import checkpoint
 from furlong.train.actor import RankInfo, TrainActor
-from furlong.train.policy import load_hf_model
 
 log = logging.getLogger("furlong")
 
@@ -85,13 +84,10 @@ def build_rank() -> RankInfo:
     return RankInfo(device=torch.device("cpu"))
 
 
-def build_engine(config: Config, tokenizer, rank: RankInfo) -> Engine:
-    backend = config.rollout.rollout_backend
-    if backend not in ("auto", "hf"):
-        raise ValueError(f"--rollout-backend {backend} is not available in this build; use hf")
-    model = load_hf_model(config.ckpt.hf_checkpoint, rank.compute_dtype, rank.device)
-    return HFEngine(model, tokenizer, config.rollout.rollout_max_context_len,
-                    default_seed=config.rollout.rollout_seed)
+def build_engine(config: Config, tokenizer, rank: RankInfo, shares_device: bool) -> Engine:
+    """The engine boots from --hf-checkpoint; the actor's weights are pushed before use."""
+    return create_engine(config.ckpt.hf_checkpoint, tokenizer, rank.device, rank.compute_dtype,
+                         engine_options(config, shares_device))
 
 
 def _hook(path: str | None, flag: str):
@@ -138,7 +134,7 @@ def build_run(config: Config, argv: list[str]) -> Run:
                                    "--custom-loss-function-path"), HookArgs(config))
     engine = None
     if not config.debug.debug_train_only and config.grpo.loss_type != "sft_loss" or evals:
-        engine = build_engine(config, tokenizer, rank)
+        engine = build_engine(config, tokenizer, rank, shares_device=trainer is not None)
     hook_args = HookArgs(config, engine, tokenizer)
     manager = build_manager(config, hook_args, dataset, evals)
     run_dir = run_directory(config)

@@ -109,7 +109,7 @@ def prepare_policy_batch(run: Run, batch: TrainBatch, group_ids: list[int]) -> d
     entropy = None
     if config.grpo.use_rollout_logprobs:
         batch.old_log_probs = batch.rollout_log_probs
-    else:
+    elif needs_old_log_probs(config):
         with timed(metrics, "perf/log_probs_time"):
             batch.old_log_probs, entropy = trainer.compute_log_probs(batch)
     if trainer.ref_policy is not None:
@@ -117,12 +117,26 @@ def prepare_policy_batch(run: Run, batch: TrainBatch, group_ids: list[int]) -> d
             batch.ref_log_probs, _ = trainer.compute_log_probs(batch, reference=True)
     batch.advantages, normalized = compute_advantages(config.grpo, batch, group_ids)
     metrics["rollout/rewards"] = normalized.mean().item()
-    per_token = {"rollout/log_probs": batch.old_log_probs, "rollout/advantages": batch.advantages,
+    per_token = {"rollout/log_probs": batch.old_log_probs or batch.rollout_log_probs,
+                 "rollout/advantages": batch.advantages,
                  "rollout/ref_log_probs": batch.ref_log_probs, "rollout/entropy": entropy}
     for name, values in per_token.items():
         if values is not None:
             metrics[name] = masked_mean(values, batch.loss_masks)
     return metrics
+
+
+def needs_old_log_probs(config) -> bool:
+    """Whether old log-probs must be recomputed before training.
+
+    With one optimizer step per rollout the policy being improved is the current one:
+    its log-probs are the training forward's own (detached), identical to a
+    recomputation with the same weights, so the extra forward is skipped, unless
+    REINFORCE++ shapes rewards with a KL that needs them before the step.
+    """
+    g = config.grpo
+    return config.rollout.num_steps_per_rollout > 1 or bool(g.kl_coef) or \
+        g.loss_type == "custom_loss"
 
 
 def masked_mean(per_sample: list[torch.Tensor], masks: list[torch.Tensor]) -> float:

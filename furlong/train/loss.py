@@ -37,7 +37,9 @@ def make_reducer(micro: PackedMicroBatch, per_token: bool,
 def policy_objective(config: GrpoArgs, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
     """Clipped policy loss + KL loss - entropy bonus, with optional TIS. Returns (loss, metrics)."""
     fields, reduce = inputs.micro.token_fields, inputs.reduce
-    log_probs, old = inputs.log_probs, fields["old_log_probs"]
+    log_probs = inputs.log_probs
+    # On-policy steps (see loop.needs_old_log_probs) use the forward's own log-probs.
+    old = fields.get("old_log_probs", log_probs.detach())
     token_loss, clipped, approx_kl = losses.policy_loss(
         log_probs, old, fields["advantages"], config.eps_clip, config.eps_clip_high,
         config.eps_clip_c, sequence_level=config.advantage_estimator == "gspo",

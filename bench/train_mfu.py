@@ -1,0 +1,122 @@
+"""Training throughput of one policy-loss step on one GPU, vs a plain HF forward/backward.
+
+    python bench/train_mfu.py [--model qwen3-1.7b] [--tokens 8192 16384]
+
+furlong: TrainActor, packed micro-batches of `tokens` tokens (dynamic batching), float32
+master weights under bf16 autocast, varlen flash attention, chunked log-probs, AdamW.
+Baseline: the HF model's own forward (SDPA) with labels and loss.backward() on the same
+tokens as equal-length rows, same autocast and optimizer. MFU = counted FLOPs
+(bench-independent formula in furlong/train/flops.py, 3x forward, response-only output
+projection) over time over the card's dense bf16 peak. Writes $OUT/train_mfu.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (device_name, matmul_flops, qwen3_model, save_model_dir,  # noqa: E402
+                          synthetic_tokenizer, write_results)
+from furlong.config import load_config  # noqa: E402
+from furlong.train.actor import RankInfo, TrainActor  # noqa: E402
+from furlong.train.batch import TrainBatch  # noqa: E402
+from furlong.train.flops import forward_flops, peak_flops  # noqa: E402
+
+SAMPLE, PROMPT = 1024, 256  # tokens per sample, of which prompt
+
+
+def synthetic_batch(num_samples: int) -> TrainBatch:
+    response = SAMPLE - PROMPT
+    return TrainBatch(
+        tokens=[torch.randint(1, 150000, (SAMPLE,)) for _ in range(num_samples)],
+        response_lengths=[response] * num_samples,
+        loss_masks=[torch.ones(response) for _ in range(num_samples)],
+        rewards=torch.zeros(num_samples),
+        advantages=[torch.randn(1).expand(response).clone() for _ in range(num_samples)])
+
+
+def timed(fn, repeats: int = 3) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def bench_furlong(model_dir: Path, tokens: int) -> float:
+    num_samples = tokens // SAMPLE
+    config, _ = load_config([
+        "--hf-checkpoint", str(model_dir), "--rollout-batch-size", str(num_samples),
+        "--rollout-max-response-len", "1", "--num-rollout", "0", "--rm-type", "random",
+        "--use-dynamic-batch-size", "--max-tokens-per-gpu", str(tokens), "--lr", "1e-6"])
+    actor = TrainActor(config, RankInfo(device=torch.device("cuda")), str(model_dir), 100)
+    batch = synthetic_batch(num_samples)
+    seconds = timed(lambda: actor.train(batch))
+    del actor
+    torch.cuda.empty_cache()
+    return seconds
+
+
+def bench_hf(model_dir: Path, tokens: int) -> float:
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)
+    ids = torch.randint(1, 150000, (tokens // SAMPLE, SAMPLE), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = timed(step)
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="qwen3-1.7b")
+    parser.add_argument("--tokens", nargs="+", type=int, default=[8192, 16384])
+    args = parser.parse_args()
+    name = device_name()
+    results = {"device": name, "torch": torch.__version__, "model": args.model,
+               "measured_bf16_gemm_tflops": matmul_flops() / 1e12, "runs": []}
+    peak = peak_flops(name)
+    with tempfile.TemporaryDirectory() as temporary:
+        model = qwen3_model(args.model, torch.float32, "cpu")
+        config = model.config
+        model_dir = save_model_dir(model, Path(temporary) / "model", synthetic_tokenizer())
+        del model
+        for tokens in args.tokens:
+            samples = tokens // SAMPLE
+            flops = 3 * forward_flops(config, [SAMPLE] * samples, [SAMPLE - PROMPT] * samples)
+            run = {"tokens": tokens}
+            for label, bench in (("furlong", bench_furlong), ("hf", bench_hf)):
+                try:
+                    seconds = bench(model_dir, tokens)
+                except torch.OutOfMemoryError as error:
+                    run[label] = {"error": f"out of memory: {str(error)[:120]}"}
+                    torch.cuda.empty_cache()
+                    continue
+                run[label] = {"seconds": seconds, "tokens_per_s": tokens / seconds,
+                              "tflops": flops / seconds / 1e12,
+                              "mfu": flops / seconds / peak if peak else None}
+            results["runs"].append(run)
+            write_results("train_mfu", results)
+    for run in results["runs"]:
+        print(run)
+
+
+if __name__ == "__main__":
+    main()
