@@ -29,6 +29,7 @@ from furlong.train.batch import TrainBatch  # noqa: E402
 from furlong.train.flops import forward_flops, peak_flops  # noqa: E402
 
 SAMPLE, PROMPT = 1024, 256  # tokens per sample, of which prompt
+PROFILES: dict[int, str] = {}  # tokens -> CUDA kernel table of one furlong step
 
 
 def synthetic_batch(num_samples: int) -> TrainBatch:
@@ -60,6 +61,10 @@ def bench_furlong(model_dir: Path, tokens: int) -> float:
     actor = TrainActor(config, RankInfo(device=torch.device("cuda")), str(model_dir), 100)
     batch = synthetic_batch(num_samples)
     seconds = timed(lambda: actor.train(batch))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        actor.train(batch)
+        torch.cuda.synchronize()
+    PROFILES[tokens] = profile.key_averages().table(sort_by="cuda_time_total", row_limit=30)
     del actor
     torch.cuda.empty_cache()
     return seconds
@@ -112,10 +117,12 @@ def main() -> None:
                 run[label] = {"seconds": seconds, "tokens_per_s": tokens / seconds,
                               "tflops": flops / seconds / 1e12,
                               "mfu": flops / seconds / peak if peak else None}
+            run["furlong_profile"] = PROFILES.get(tokens)
             results["runs"].append(run)
             write_results("train_mfu", results)
     for run in results["runs"]:
-        print(run)
+        print({k: v for k, v in run.items() if k != "furlong_profile"})
+    print(PROFILES.get(args.tokens[0], ""))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 
 from furlong.config import ConfigError, load_config
@@ -21,6 +22,8 @@ def setup_logging() -> None:
 
 def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # RL steps change shapes every rollout; growable segments keep fragmentation down.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     setup_logging()
     log = logging.getLogger("furlong")
     try:

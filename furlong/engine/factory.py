@@ -2,8 +2,8 @@
 
 auto: the fast engine on a GPU for the dense families it supports (Qwen2, Qwen3,
 Llama), the HF engine otherwise. The fast engine's KV cache takes
-`--sglang-mem-fraction-static` of the GPU (default 0.85 alone; 0.5 when the trainer
-shares the device in this process, leaving room for training activations).
+`--sglang-mem-fraction-static` of the GPU (default 0.85 alone; 0.3 when the trainer
+shares the device in this process, leaving room for its optimizer and activations).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def engine_options(config: Config, shares_device: bool) -> EngineOptions:
     return EngineOptions(
         backend=r.rollout_backend,
         max_context_len=int(context) if context else None,
-        mem_fraction_static=float(fraction) if fraction else (0.5 if shares_device else 0.85),
+        mem_fraction_static=float(fraction) if fraction else (0.3 if shares_device else 0.85),
         max_num_seqs=max(64, min(1024, in_flight)), seed=r.rollout_seed)
 
 
