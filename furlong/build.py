@@ -149,8 +149,6 @@ def build_run(config: Config, argv: list[str]) -> Run:
 def restore(run: Run, directory: Path) -> None:
     """Optimizer, schedule, RNG and rollout state of a checkpoint (weights load with the actor)."""
     log.info("resuming from %s", directory)
-    trainer_state = directory / "trainer_rank0.pt"
-    if run.trainer is not None and trainer_state.is_file():
-        run.trainer.load_state_dict(torch.load(trainer_state, weights_only=False))
-    checkpoint.set_rng_state(torch.load(directory / "rng_rank0.pt", weights_only=False))
+    if run.trainer is not None:
+        run.trainer.restore(directory)
     run.manager.load_state_dict(checkpoint.read_json(directory / "rollout.json"))

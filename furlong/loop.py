@@ -97,7 +97,7 @@ def train_on_rollout(run: Run, rollout_id: int, groups: list[list[Sample]]) -> d
     metrics.update({name: mean(s[name] for s in steps) for name in steps[0]})
     metrics.update(throughput(run, batch, metrics["perf/actor_train_time"]))
     ref_interval = config.grpo.ref_update_interval
-    if ref_interval and trainer.ref_policy is not None and (rollout_id + 1) % ref_interval == 0:
+    if ref_interval and trainer.has_reference and (rollout_id + 1) % ref_interval == 0:
         trainer.update_reference()
     return metrics
 
@@ -112,7 +112,7 @@ def prepare_policy_batch(run: Run, batch: TrainBatch, group_ids: list[int]) -> d
     elif needs_old_log_probs(config):
         with timed(metrics, "perf/log_probs_time"):
             batch.old_log_probs, entropy = trainer.compute_log_probs(batch)
-    if trainer.ref_policy is not None:
+    if trainer.has_reference:
         with timed(metrics, "perf/ref_log_probs_time"):
             batch.ref_log_probs, _ = trainer.compute_log_probs(batch, reference=True)
     batch.advantages, normalized = compute_advantages(config.grpo, batch, group_ids)
@@ -149,7 +149,7 @@ def throughput(run: Run, batch: TrainBatch, seconds: float) -> dict:
     trainer = run.trainer
     lengths = [len(t) for t in batch.tokens]
     world = trainer.rank.dp_size
-    flops = 3 * forward_flops(trainer.policy.hf_model.config, lengths, batch.response_lengths)
+    flops = 3 * forward_flops(trainer.model_config, lengths, batch.response_lengths)
     metrics = {"perf/tokens_per_gpu_per_sec": sum(lengths) / seconds / world,
                "perf/actor_train_tflops": flops / seconds / world / 1e12}
     if trainer.rank.device.type == "cuda":
@@ -160,7 +160,7 @@ def throughput(run: Run, batch: TrainBatch, seconds: float) -> dict:
 
 
 async def push_weights(run: Run, version: int) -> None:
-    await run.engine.update_weights(run.trainer.named_weights(), version)
+    await run.trainer.push_weights(run.engine, version)
 
 
 def should_save(run: Run, rollout_id: int) -> bool:
@@ -182,11 +182,8 @@ def save(run: Run, rollout_id: int) -> None:
     config, trainer = run.config, run.trainer
 
     def write(directory):
-        trainer.policy.hf_model.save_pretrained(directory / "model")
+        trainer.save(directory, save_optimizer=not config.ckpt.no_save_optim)
         run.tokenizer.save_pretrained(directory / "model")
-        if not config.ckpt.no_save_optim:
-            torch.save(trainer.state_dict(), directory / "trainer_rank0.pt")
-        torch.save(checkpoint.rng_state(), directory / "rng_rank0.pt")
         checkpoint.write_json(directory / "rollout.json", run.manager.state_dict())
         checkpoint.write_json(directory / "args.json",
                               {"argv": run.argv, "sources": run.config.sources})
@@ -195,7 +192,7 @@ def save(run: Run, rollout_id: int) -> None:
     log.info("saved %s", path)
     if config.ckpt.save_hf:
         target = config.ckpt.save_hf.format(rollout_id=rollout_id)
-        trainer.policy.hf_model.save_pretrained(target)
+        trainer.export_hf(target)
         run.tokenizer.save_pretrained(target)
 
 

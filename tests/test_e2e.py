@@ -175,3 +175,10 @@ def test_load_without_tracker_warm_starts_from_ref_load(tiny, tmp_path):
     empty.mkdir()
     rows = run(grpo_argv(tiny, tiny / "model", tmp_path / "s", 1) + ["--load", str(empty)])
     assert 0 in series(rows, "train/loss")
+
+
+def test_debug_rollout_only_generates_without_training(tiny, tmp_path):
+    rows = run(grpo_argv(tiny, tiny / "model", tmp_path / "r", 2) + ["--debug-rollout-only"])
+    assert set(series(rows, "rollout/raw_reward")) == {0, 1}
+    assert not series(rows, "train/loss")
+    assert not (tmp_path / "r/latest_checkpointed_iteration.txt").exists()

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
 from furlong.config.groups import Config
-from furlong.train import microbatch
+from furlong.train import checkpoint, microbatch
 from furlong.train.batch import TrainBatch, pack, split_tokens
 from furlong.train.loss import LossInputs, make_reducer, policy_objective, sft_objective
 from furlong.train.optim import LRScheduler, build_optimizer
@@ -170,18 +171,47 @@ class TrainActor:
         return float(grad_norm)
 
     # ---- weights and state -------------------------------------------------------------
+    @property
+    def has_reference(self) -> bool:
+        return self.ref_policy is not None
+
+    @property
+    def model_config(self):
+        return self.policy.hf_model.config
+
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """HF-named full tensors of the current policy (for weight sync and export)."""
         for name, param in self.policy.hf_model.named_parameters():
             yield name, param.detach()
 
+    async def push_weights(self, engine, version: int) -> None:
+        """Send the current weights to the engine (in one process: a copy with a dtype cast)."""
+        await engine.update_weights(self.named_weights(), version)
+
     def update_reference(self) -> None:
         """Copy the policy into the reference (--ref-update-interval)."""
         self.ref_policy.load_state_dict(self.policy.state_dict())
 
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+    def save(self, directory: Path, save_optimizer: bool) -> None:
+        """This rank's part of a checkpoint: the HF model, optimizer + schedule, RNG."""
+        self.export_hf(directory / "model")
+        rank = self.rank.dp_rank
+        if save_optimizer:
+            torch.save({"optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict()},
+                       directory / f"trainer_rank{rank}.pt")
+        torch.save(checkpoint.rng_state(), directory / f"rng_rank{rank}.pt")
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+    def restore(self, directory: Path) -> None:
+        """Optimizer, schedule and RNG of a checkpoint (the weights loaded at construction)."""
+        rank = self.rank.dp_rank
+        state_file = directory / f"trainer_rank{rank}.pt"
+        if state_file.is_file():
+            state = torch.load(state_file, weights_only=False)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(torch.load(directory / f"rng_rank{rank}.pt",
+                                            weights_only=False))
+
+    def export_hf(self, path: str | Path) -> None:
+        self.policy.hf_model.save_pretrained(path)
