@@ -8,13 +8,16 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from furlong.config import Config, eval_datasets
 from furlong.data import DataKeys, PromptDataset, PromptEncoder
+from furlong.cluster.placement import plan_placement
+from furlong.cluster.ray_cluster import build_ray_roles
 from furlong.engine.base import Engine
 from furlong.engine.factory import create_engine, engine_options
 from furlong.hooks import load_function
@@ -42,6 +45,7 @@ class Run:
     run_dir: Path
     start_rollout: int
     num_rollout: int
+    closers: list[Callable[[], None]] = field(default_factory=list)  # run at shutdown
 
 
 def build_tokenizer(config: Config):
@@ -84,10 +88,30 @@ def build_rank() -> RankInfo:
     return RankInfo(device=torch.device("cpu"))
 
 
-def build_engine(config: Config, tokenizer, rank: RankInfo, shares_device: bool) -> Engine:
-    """The engine boots from --hf-checkpoint; the actor's weights are pushed before use."""
-    return create_engine(config.ckpt.hf_checkpoint, tokenizer, rank.device, rank.compute_dtype,
-                         engine_options(config, shares_device))
+def build_in_process(config: Config, tokenizer, init: str, total_steps: int, trains: bool,
+                     generates: bool) -> tuple[TrainActor | None, Engine | None]:
+    """Trainer and engine in this process (the engine boots from --hf-checkpoint; the
+    actor's weights are pushed to it before the first rollout)."""
+    rank = build_rank()
+    trainer = None
+    if trains:
+        log.info("actor weights from %s", init)
+        trainer = TrainActor(config, rank, init, total_steps,
+                             _hook(config.grpo.custom_loss_function_path,
+                                   "--custom-loss-function-path"), HookArgs(config))
+    engine = None
+    if generates:
+        engine = create_engine(config.ckpt.hf_checkpoint, tokenizer, rank.device,
+                               rank.compute_dtype,
+                               engine_options(config, shares_device=trainer is not None))
+    return trainer, engine
+
+
+def engine_front(engines: list[Engine]) -> Engine | None:
+    """What the rollout manager talks to: the engine, or a router over several."""
+    if len(engines) > 1:
+        raise NotImplementedError("several engines need the router")
+    return engines[0] if engines else None
 
 
 def _hook(path: str | None, flag: str):
@@ -121,26 +145,29 @@ def build_run(config: Config, argv: list[str]) -> Run:
     tokenizer = build_tokenizer(config)
     dataset, evals = build_datasets(config, tokenizer)
     num_rollout = count_rollouts(config, dataset)
-    rank = build_rank()
     resume = checkpoint.latest_iteration(config.ckpt.load)
-    trainer = None
-    if not config.debug.debug_rollout_only:
-        init = (str(checkpoint.iteration_dir(config.ckpt.load, resume)) if resume is not None
-                else config.ckpt.ref_load or config.ckpt.hf_checkpoint)
-        log.info("actor weights from %s", init)
-        trainer = TrainActor(config, rank, init,
-                             num_rollout * config.rollout.num_steps_per_rollout,
-                             _hook(config.grpo.custom_loss_function_path,
-                                   "--custom-loss-function-path"), HookArgs(config))
-    engine = None
-    if not config.debug.debug_train_only and config.grpo.loss_type != "sft_loss" or evals:
-        engine = build_engine(config, tokenizer, rank, shares_device=trainer is not None)
+    init = (str(checkpoint.iteration_dir(config.ckpt.load, resume)) if resume is not None
+            else config.ckpt.ref_load or config.ckpt.hf_checkpoint)
+    trains = not config.debug.debug_rollout_only
+    generates = not config.debug.debug_train_only and config.grpo.loss_type != "sft_loss" \
+        or bool(evals)
+    total_steps = num_rollout * config.rollout.num_steps_per_rollout
+    placement = plan_placement(config, torch.cuda.device_count())
+    closers: list[Callable[[], None]] = []
+    if placement.in_process:
+        trainer, engine = build_in_process(config, tokenizer, init, total_steps, trains,
+                                           generates)
+    else:
+        roles = build_ray_roles(config, placement, init, total_steps,
+                                engine_options(config, shares_device=placement.colocate), trains)
+        trainer, engine = roles.trainer, engine_front(roles.engines)
+        closers.append(roles.close)
     hook_args = HookArgs(config, engine, tokenizer)
     manager = build_manager(config, hook_args, dataset, evals)
     run_dir = run_directory(config)
     run = Run(config, argv, tokenizer, trainer, engine, manager,
               MetricsLogger(run_dir, config.logging, dict(config.sources)), run_dir,
-              0 if resume is None else resume + 1, num_rollout)
+              0 if resume is None else resume + 1, num_rollout, closers)
     if resume is not None:
         restore(run, checkpoint.iteration_dir(config.ckpt.load, resume))
     return run

@@ -20,7 +20,8 @@ def setup_logging() -> None:
     hf_logging.disable_progress_bar()
 
 
-def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
+def main(argv: list[str] | None = None, prog: str = "train.py", overlap: bool = False) -> int:
+    """`overlap`: train_async.py (generation of rollout k+1 overlaps training of rollout k)."""
     argv = sys.argv[1:] if argv is None else argv
     # RL steps change shapes every rollout; growable segments keep fragmentation down.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -31,6 +32,11 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
     except ConfigError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
+    if overlap and config.cluster.colocate:
+        print(f"{prog}: error: --colocate: train_async.py overlaps generation with training, so "
+              "engines and trainer need their own devices; drop --colocate (or use train.py)",
+              file=sys.stderr)
+        return 2
     for warning in warnings:
         log.warning(warning)
     try:
@@ -39,7 +45,7 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
             return dry_run(config)
         from furlong.build import build_run
         from furlong.loop import train
-        asyncio.run(train(build_run(config, argv)))
+        asyncio.run(train(build_run(config, argv), overlap))
     except DataError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2

@@ -92,8 +92,8 @@ def crash_after(monkeypatch, rollout_id: int) -> None:
     """Make the run die right after it saved the checkpoint of `rollout_id`."""
     original = loop.save
 
-    def save(run_, saved_id):
-        original(run_, saved_id)
+    def save(run_, saved_id, *args):
+        original(run_, saved_id, *args)
         if saved_id == rollout_id:
             raise KeyboardInterrupt("simulated kill")
 
@@ -182,3 +182,57 @@ def test_debug_rollout_only_generates_without_training(tiny, tmp_path):
     assert set(series(rows, "rollout/raw_reward")) == {0, 1}
     assert not series(rows, "train/loss")
     assert not (tmp_path / "r/latest_checkpointed_iteration.txt").exists()
+
+
+def run_async(argv: list[str]) -> list[dict]:
+    assert cli.main(argv, prog="train_async.py", overlap=True) == 0
+    return read_metrics(Path(argv[argv.index("--save") + 1]) / "metrics.jsonl")
+
+
+def test_train_async_refuses_colocate(tiny, tmp_path, capsys):
+    code = cli.main(grpo_argv(tiny, tiny / "model", tmp_path, 1) + ["--colocate"],
+                    prog="train_async.py", overlap=True)
+    assert code == 2 and "--colocate" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_async_run_overlaps_and_learns(tiny, sft_model, tmp_path):
+    """Generation of rollout k+1 runs while rollout k trains; samples are one version
+    behind; the reward still rises."""
+    rows = run_async(grpo_argv(tiny, sft_model[0], tmp_path / "async", 30, prompts=32) + [
+        "--eval-prompt-data", "addition", f"{tiny}/data/eval.jsonl@[0:200]",
+        "--eval-interval", "30", *EVAL])
+    rollouts = {r["step"]: r for r in rows if "perf/rollout_start" in r}
+    overlaps = 0
+    for k in range(29):
+        train_start, train_end = rollouts[k]["perf/train_start"], rollouts[k]["perf/train_end"]
+        next_start, next_end = (rollouts[k + 1]["perf/rollout_start"],
+                                rollouts[k + 1]["perf/rollout_end"])
+        overlaps += next_start < train_end and next_end > train_start
+        assert next_start < train_start  # launched as soon as rollout k was handed over
+    assert overlaps >= 25
+    assert rollouts[0]["rollout/staleness"] == 0
+    assert all(rollouts[k]["rollout/staleness"] == 1 for k in range(1, 30))
+    accuracy = series(rows, "eval/addition")
+    assert accuracy[30] > accuracy[0] + 0.05
+
+
+def test_async_resume_regenerates_the_rollout_in_flight(tiny, tmp_path, monkeypatch):
+    """A checkpoint taken while rollout k+1 is generating resumes by generating k+1 again
+    from the same prompts; no prompt is skipped or repeated."""
+    data = str(tmp_path / "{name}_{{rollout_id}}.pt")
+    extra = ["--save-interval", "2", "--rollout-shuffle"]
+    full = grpo_argv(tiny, tiny / "model", tmp_path / "full", 4) + extra + [
+        "--save-debug-rollout-data", data.format(name="full")]
+    run_async(full)
+    cut = grpo_argv(tiny, tiny / "model", tmp_path / "cut", 4) + extra + [
+        "--save-debug-rollout-data", data.format(name="cut"), "--load", str(tmp_path / "cut")]
+    crash_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(cut, prog="train_async.py", overlap=True)
+    monkeypatch.undo()
+    run_async(cut)
+    prompts = lambda name, k: [g[0]["prompt"] for g in torch.load(  # noqa: E731
+        tmp_path / f"{name}_{k}.pt", weights_only=False)["groups"]]
+    for k in range(4):
+        assert prompts("cut", k) == prompts("full", k), k

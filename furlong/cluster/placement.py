@@ -1,0 +1,69 @@
+"""Placement: how many trainer ranks and engines a run has, and on which devices.
+
+A pure function of the cluster flags and the devices this machine has:
+  - no cluster flag given: one process (the first GPU, else the CPU), no Ray;
+  - otherwise `--actor-num-nodes x --actor-num-gpus-per-node` trainer ranks and
+    engines of `--rollout-num-gpus-per-engine` devices each: sharing the trainer's
+    devices with `--colocate`, else on `--rollout-num-gpus` devices of their own.
+On a machine without GPUs the same layout is made of CPU processes (gloo), which is
+how multi-process runs are tested without GPUs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from furlong.config import Config, ConfigError
+
+CLUSTER_FLAGS = ("cluster.actor_num_nodes", "cluster.actor_num_gpus_per_node",
+                 "cluster.rollout_num_gpus", "cluster.colocate",
+                 "sglang.rollout_num_gpus_per_engine")
+
+
+@dataclass(frozen=True)
+class Placement:
+    trainer_ranks: int
+    num_engines: int
+    devices_per_engine: int
+    device: str           # "cuda" or "cpu"
+    colocate: bool
+    in_process: bool      # one process, no Ray
+
+    @property
+    def engine_devices(self) -> list[list[int]]:
+        """Device indices of each engine (colocated engines reuse the trainer's)."""
+        first = 0 if self.colocate else self.trainer_ranks
+        return [list(range(first + e * self.devices_per_engine,
+                           first + (e + 1) * self.devices_per_engine))
+                for e in range(self.num_engines)]
+
+    def describe(self) -> str:
+        if self.in_process:
+            return f"one process on {self.device}: trainer and engine together"
+        where = "sharing the trainer's devices" if self.colocate else "on devices of their own"
+        return (f"{self.trainer_ranks} trainer ranks and {self.num_engines} engine(s) of "
+                f"{self.devices_per_engine} {self.device} device(s) each, {where} (Ray)")
+
+
+def plan_placement(config: Config, gpus_available: int) -> Placement:
+    c, per_engine = config.cluster, config.sglang.rollout_num_gpus_per_engine
+    device = "cuda" if gpus_available else "cpu"
+    explicit = any(config.sources.get(flag) == "flag" for flag in CLUSTER_FLAGS)
+    if not explicit:
+        return Placement(1, 1, 1, device, True, True)
+    ranks = c.actor_num_nodes * c.actor_num_gpus_per_node
+    engine_devices = ranks if c.colocate else (c.rollout_num_gpus or 0)
+    if engine_devices % per_engine:
+        raise ConfigError(f"--rollout-num-gpus-per-engine {per_engine} does not divide the "
+                          f"{engine_devices} engine devices (--rollout-num-gpus, or the trainer's "
+                          "with --colocate)")
+    engines = engine_devices // per_engine
+    if engines == 0 and not config.debug.debug_train_only:
+        raise ConfigError("no engine devices: give --rollout-num-gpus N or --colocate")
+    needed = ranks if c.colocate else ranks + engine_devices
+    if gpus_available and c.actor_num_nodes == 1 and needed > gpus_available:
+        raise ConfigError(f"the run needs {needed} GPUs ({ranks} trainer"
+                          f"{'' if c.colocate else f' + {engine_devices} engine'}) and this "
+                          f"machine has {gpus_available}: lower --actor-num-gpus-per-node / "
+                          "--rollout-num-gpus, or use --colocate")
+    single = ranks == 1 and c.colocate and engines == 1 and c.actor_num_nodes == 1
+    return Placement(ranks, engines, per_engine, device, c.colocate, single)

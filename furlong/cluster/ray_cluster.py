@@ -1,0 +1,94 @@
+"""Place the roles of a multi-process run on Ray: one placement group, bundles per device.
+
+Colocated: bundle i holds trainer rank i and the engine of device i (each takes half
+of the GPU in Ray's accounting; they take turns). Disaggregated: the trainer ranks'
+bundles come first, then one bundle per engine device. On a machine without GPUs the
+bundles are CPU-only, so the same layout runs as CPU processes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from furlong.cluster.placement import Placement
+from furlong.cluster.ray_engine import EngineActor, RayEngine
+from furlong.cluster.ray_trainer import RayTrainGroup
+from furlong.config import Config
+from furlong.engine.factory import EngineOptions
+
+log = logging.getLogger(__name__)
+READY_TIMEOUT_S = 120
+
+
+@dataclass
+class RayRoles:
+    trainer: RayTrainGroup | None
+    engines: list[RayEngine]
+    group: object
+    started_ray: bool
+
+    def close(self) -> None:
+        if self.trainer is not None:
+            self.trainer.close()
+        for engine in self.engines:
+            ray.kill(engine.actor)
+        remove_placement_group(self.group)
+        if self.started_ray:
+            ray.shutdown()
+
+
+def start_ray(placement: Placement) -> bool:
+    """Join the cluster of RAY_ADDRESS (multi-node), else start a local one. Returns
+    whether this process started it."""
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return False
+    per_bundle = 2 if placement.colocate else 1
+    bundles = placement.trainer_ranks + (0 if placement.colocate else
+                                         placement.num_engines * placement.devices_per_engine)
+    ray.init(num_cpus=max(bundles * per_bundle, os.cpu_count() or 1), include_dashboard=False,
+             log_to_driver=True, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+    return True
+
+
+def build_ray_roles(config: Config, placement: Placement, init_weights: str,
+                    total_steps: int, options: EngineOptions, trains: bool) -> RayRoles:
+    started = start_ray(placement)
+    gpu = 1 if placement.device == "cuda" else 0
+    share = 0.5 if placement.colocate else 1.0
+    bundle = {"CPU": 2 if placement.colocate else 1, **({"GPU": 1} if gpu else {})}
+    engine_bundles = [] if placement.colocate else [
+        dict(bundle) for _ in range(placement.num_engines * placement.devices_per_engine)]
+    group = placement_group([dict(bundle) for _ in range(placement.trainer_ranks)]
+                            + engine_bundles, strategy="PACK")
+    try:
+        ray.get(group.ready(), timeout=READY_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise RuntimeError(f"Ray could not place {placement.describe()} within "
+                           f"{READY_TIMEOUT_S}s: the cluster lacks CPUs/GPUs "
+                           f"({ray.available_resources()} available)") from None
+    log.info("placed %s", placement.describe())
+    trainer = None
+    if trains:
+        trainer = RayTrainGroup(config, group, list(range(placement.trainer_ranks)),
+                                share * gpu, init_weights, total_steps)
+    engines = []
+    for index, devices in enumerate(placement.engine_devices):
+        first_bundle = devices[0]  # engine devices are numbered like the bundles
+        actor = EngineActor.options(
+            num_cpus=1, num_gpus=share * gpu * len(devices),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                group, placement_group_bundle_index=first_bundle)).remote(
+            config.ckpt.hf_checkpoint, config.ckpt.hf_checkpoint, options, placement.device)
+        engines.append(RayEngine(actor, f"engine {index}"))
+    if trainer is not None:
+        trainer.attach_engines([e.actor for e in engines], placement.colocate,
+                               placement.engine_devices)
+    return RayRoles(trainer, engines, group, started)
