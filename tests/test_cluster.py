@@ -1,0 +1,100 @@
+"""Placement of trainer ranks and engines; multi-process runs on Ray with CPU bundles."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from furlong.cluster.placement import plan_placement
+from furlong.config import ConfigError, load_config
+
+
+def config_of(grpo_argv, *extra):
+    return load_config(grpo_argv + list(extra))[0]
+
+
+def test_no_cluster_flags_means_one_process(grpo_argv):
+    for gpus in (0, 1, 8):
+        placement = plan_placement(config_of(grpo_argv), gpus)
+        assert placement.in_process and placement.trainer_ranks == 1
+        assert placement.device == ("cuda" if gpus else "cpu")
+
+
+def test_disaggregated_layout(grpo_argv):
+    placement = plan_placement(config_of(
+        grpo_argv, "--actor-num-gpus-per-node", "4", "--rollout-num-gpus", "4",
+        "--rollout-num-gpus-per-engine", "2"), 8)
+    assert not placement.in_process and not placement.colocate
+    assert placement.trainer_ranks == 4 and placement.num_engines == 2
+    assert placement.engine_devices == [[4, 5], [6, 7]]
+
+
+def test_colocated_layout_shares_trainer_devices(grpo_argv):
+    placement = plan_placement(config_of(grpo_argv, "--actor-num-gpus-per-node", "2",
+                                         "--colocate"), 2)
+    assert placement.colocate and placement.num_engines == 2
+    assert placement.engine_devices == [[0], [1]]
+
+
+def test_one_device_colocated_stays_in_process(grpo_argv):
+    placement = plan_placement(config_of(grpo_argv, "--actor-num-gpus-per-node", "1",
+                                         "--colocate"), 1)
+    assert placement.in_process
+
+
+def test_cpu_machine_places_cpu_processes(grpo_argv):
+    placement = plan_placement(config_of(grpo_argv, "--actor-num-gpus-per-node", "2",
+                                         "--rollout-num-gpus", "1"), 0)
+    assert placement.device == "cpu" and placement.trainer_ranks == 2
+    assert not placement.in_process
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--actor-num-gpus-per-node", "4", "--rollout-num-gpus", "8"), "needs 12 GPUs"),
+    (("--actor-num-gpus-per-node", "2", "--rollout-num-gpus", "3",
+      "--rollout-num-gpus-per-engine", "2"), "does not divide"),
+    (("--actor-num-gpus-per-node", "2"), "no engine devices"),
+])
+def test_impossible_layouts_are_clear_errors(grpo_argv, flags, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_placement(config_of(grpo_argv, *flags), 8)
+
+
+# ---- Ray on CPU -------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ray_disaggregated_run_syncs_weights(grpo_argv, tmp_path):
+    """Two CPU trainer ranks and one CPU engine: after each broadcast the engine's
+    log-probs equal the trainer's."""
+    pytest.importorskip("ray")
+    from furlong import cli
+    from furlong.metrics import read_metrics
+    argv = grpo_argv + ["--actor-num-gpus-per-node", "2", "--rollout-num-gpus", "1",
+                        "--run-dir", str(tmp_path), "--num-steps-per-rollout", "2",
+                        "--update-weight-buffer-size", "100000"]
+    assert cli.main(argv) == 0
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    assert len(rows) >= 2
+    assert max(r["train/train_rollout_logprob_abs_diff"] for r in rows) < 1e-4
+
+
+@pytest.mark.slow
+def test_ray_rank_death_fails_fast(grpo_argv, tmp_path, monkeypatch):
+    """A trainer rank that dies ends the run at once with the role named, never a hang."""
+    pytest.importorskip("ray")
+    import ray
+
+    from furlong import cli
+    from furlong.cluster import ray_trainer
+    original = ray_trainer.RayTrainGroup.train
+
+    def train_then_die(self, batch):
+        ray.kill(self.ranks[1])
+        return original(self, batch)
+
+    monkeypatch.setattr(ray_trainer.RayTrainGroup, "train", train_then_die)
+    argv = grpo_argv + ["--actor-num-gpus-per-node", "2", "--rollout-num-gpus", "1",
+                        "--run-dir", str(tmp_path)]
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="trainer rank 1"):
+        cli.main(argv)
+    assert time.monotonic() - start < 180
