@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from statistics import mean
 
@@ -97,8 +97,9 @@ async def run_loop(run: Run, overlap: bool = False) -> dict:
             pending = start_generation(run, rollout_id + 1)
         if run.trainer is not None:
             start = time.time()
-            metrics.update(await asyncio.to_thread(train_on_rollout, run, rollout_id,
-                                                   rollout.groups))
+            async with engine_memory_released(run, enabled=not overlap):
+                metrics.update(await asyncio.to_thread(train_on_rollout, run, rollout_id,
+                                                       rollout.groups))
             metrics.update({"perf/train_start": start, "perf/train_end": time.time()})
         if should_save(run, rollout_id):
             save(run, rollout_id, pending.state_before if pending else run.manager.state_dict())
@@ -115,6 +116,20 @@ async def run_loop(run: Run, overlap: bool = False) -> dict:
             last_eval = await evaluate(run, rollout_id + 1)
     progress.close()
     return last_eval
+
+
+@asynccontextmanager
+async def engine_memory_released(run: Run, enabled: bool):
+    """--offload-rollout: the engines free their KV cache and weights while the trainer
+    trains on the same devices (colocated runs)."""
+    release = enabled and run.config.cluster.offload_rollout and run.engine is not None
+    if release:
+        await run.engine.release_memory()
+    try:
+        yield
+    finally:
+        if release:
+            await run.engine.resume_memory()
 
 
 def staleness(rollout: RolloutResult, version: int) -> dict:

@@ -236,3 +236,19 @@ def test_async_resume_regenerates_the_rollout_in_flight(tiny, tmp_path, monkeypa
         tmp_path / f"{name}_{k}.pt", weights_only=False)["groups"]]
     for k in range(4):
         assert prompts("cut", k) == prompts("full", k), k
+
+
+def test_offload_rollout_releases_the_engine_around_training(tiny, tmp_path, monkeypatch):
+    from furlong.engine.hf_engine import HFEngine
+    calls = []
+
+    async def release(self):
+        calls.append("release")
+
+    async def resume(self):
+        calls.append("resume")
+
+    monkeypatch.setattr(HFEngine, "release_memory", release)
+    monkeypatch.setattr(HFEngine, "resume_memory", resume)
+    run(grpo_argv(tiny, tiny / "model", tmp_path / "o", 2) + ["--offload-rollout"])
+    assert calls == ["release", "resume"] * 2
