@@ -141,8 +141,13 @@ class RolloutArgs:
     update_weights_interval: int = flag(1, "Push weights every N rollouts")
     update_weight_buffer_size: int = flag(512 * MIB, "Bytes per weight-sync bucket")
     keep_old_actor: bool = flag(False, "Keep the rollout-time weights for old log-probs")
-    rollout_backend: str = flag("auto", "Rollout engine (auto: fast on GPU, hf on CPU)",
+    rollout_backend: str = flag("auto", "Rollout engine (auto: sglang if importable on a GPU, "
+                                        "else fast on GPU, hf on CPU)",
                                 choices=("auto", "hf", "fast", "sglang"))
+    rollout_external: bool = flag(False, "Use engine servers that are already running, at "
+                                         "--rollout-external-engine-addrs")
+    rollout_external_engine_addrs: tuple[str, ...] | None = flag(
+        nargs="+", metavar="HOST:PORT", help="Running SGLang or furlong engine servers")
 
 
 @dataclass(frozen=True)

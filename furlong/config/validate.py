@@ -37,6 +37,7 @@ def resolve(config: Config) -> tuple[Config, list[str]]:
     config = _resolve_eval(config)
     config = _resolve_grpo(config)
     config = _resolve_cluster(config)
+    _check_external_engines(config)
     _check_optimizer(config)
     _check_perf(config)
     check_hooks(config)
@@ -248,6 +249,25 @@ def _resolve_cluster(config: Config) -> Config:
         _positive(getattr(c, name), option_name(name))
     _positive(config.sglang.rollout_num_gpus_per_engine, "--rollout-num-gpus-per-engine")
     return config
+
+
+def _check_external_engines(config: Config) -> None:
+    r = config.rollout
+    addresses = r.rollout_external_engine_addrs or ()
+    if r.rollout_external and not addresses:
+        raise ConfigError("--rollout-external needs --rollout-external-engine-addrs HOST:PORT "
+                          "[HOST:PORT ...]: the engine servers that are already running")
+    if addresses and not r.rollout_external:
+        raise ConfigError("--rollout-external-engine-addrs is read only with "
+                          "--rollout-external: add it, or drop the addresses")
+    if r.rollout_external and r.rollout_backend in ("hf", "fast"):
+        raise ConfigError(f"--rollout-external uses running servers, --rollout-backend "
+                          f"{r.rollout_backend} an engine in this process: drop one of them")
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"--rollout-external-engine-addrs {address}: expected HOST:PORT, "
+                              "e.g. 10.0.0.5:30000")
 
 
 def _check_optimizer(config: Config) -> None:

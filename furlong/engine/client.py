@@ -65,10 +65,18 @@ class HTTPEngine:
         """By value, in requests of at most `bucket_bytes`; the last one sets `version`."""
         for bucket, is_last in iter_buckets(named_tensors, self.bucket_bytes):
             payload = await asyncio.to_thread(serialize_named_tensors, bucket)
-            body = {"serialized_named_tensors": [payload] * self.tp_size, "flush_cache": is_last}
-            if is_last:
-                body["weight_version"] = str(version)
-            await self._update("/update_weights_from_tensor", body)
+            await self.update_weights_from_serialized(payload, version if is_last else None)
+
+    async def update_weights_from_serialized(self, payload: str, version: int | None) -> None:
+        """One /update_weights_from_tensor request: `payload` (from serialize_named_tensors)
+        for every tensor-parallel rank; a `version` also sets it and flushes the cache, so
+        it goes with the last bucket. A real SGLang server rejects this payload: it expects
+        its own MultiprocessingSerializer format (docs/sglang.md)."""
+        body = {"serialized_named_tensors": [payload] * self.tp_size,
+                "flush_cache": version is not None}
+        if version is not None:
+            body["weight_version"] = str(version)
+        await self._update("/update_weights_from_tensor", body)
 
     async def update_weights_from_disk(self, model_path: str | Path, version: int) -> None:
         """Load an HF directory that the server can read."""

@@ -1,21 +1,32 @@
 """Which engine runs, and with what settings: `--rollout-backend` and the SGLang-style flags.
 
-auto: the fast engine on a GPU for the dense families it supports (Qwen2, Qwen3,
-Llama), the HF engine otherwise. The fast engine's KV cache takes
-`--sglang-mem-fraction-static` of the GPU (default 0.85 alone; 0.3 when the trainer
-shares the device in this process, leaving room for its optimizer and activations).
+auto: SGLang when it is importable and the run is on a GPU; else the fast engine on a
+GPU for the dense families it supports (Qwen2, Qwen3, Llama), the HF engine otherwise.
+The fast engine's KV cache takes `--sglang-mem-fraction-static` of the GPU (default 0.85
+alone; 0.3 when the trainer shares the device in this process, leaving room for its
+optimizer and activations).
+
+sglang: one `python -m sglang.launch_server` per entry of `device_groups` (one server on
+the inherited devices when None), behind an `EngineRouter`. `--rollout-external` puts the
+router in front of the servers at `--rollout-external-engine-addrs` instead, of either
+kind. Weights reach launched servers on the trainer's GPU through
+/update_weights_from_tensor (furlong's server only: docs/sglang.md), and every other
+server by broadcast (/update_weights_from_distributed).
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from furlong.config.groups import Config
+from furlong.config.groups import MIB, Config, SglangArgs
 from furlong.engine.base import Engine
 from furlong.engine.fast import FastEngine, supports
 from furlong.engine.hf_engine import HFEngine
+from furlong.engine.launcher import SGLANG_SERVER, ServerLauncher, ServerSpec
+from furlong.engine.router import EngineRouter, RouterOptions, address_towards
 from furlong.train.policy import load_hf_model
 
 log = logging.getLogger(__name__)
@@ -23,15 +34,23 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EngineOptions:
-    backend: str = "auto"                    # auto | hf | fast
+    backend: str = "auto"                    # auto | hf | fast | sglang
     max_context_len: int | None = None
     mem_fraction_static: float | None = None
     max_num_seqs: int = 256
     seed: int = 0
     cuda_graphs: bool = True
+    shares_device: bool = False              # the trainer runs on the engine's device
+    sglang: SglangArgs = field(default_factory=SglangArgs)
+    # Server engines: CUDA device ids per engine (from placement); None: one server.
+    device_groups: list[list[int]] | None = None
+    external_engine_addrs: tuple[str, ...] = ()  # HOST:PORT of running servers
+    server_module: str = SGLANG_SERVER       # furlong.engine.serve stands in for tests
+    update_weight_buffer_size: int = 512 * MIB
 
 
-def engine_options(config: Config, shares_device: bool) -> EngineOptions:
+def engine_options(config: Config, shares_device: bool,
+                   device_groups: list[list[int]] | None = None) -> EngineOptions:
     """EngineOptions from the flags of a training run."""
     r, sglang = config.rollout, config.sglang
     fraction = sglang.passthrough_value("mem-fraction-static")
@@ -41,17 +60,36 @@ def engine_options(config: Config, shares_device: bool) -> EngineOptions:
         backend=r.rollout_backend,
         max_context_len=int(context) if context else None,
         mem_fraction_static=float(fraction) if fraction else (0.3 if shares_device else 0.85),
-        max_num_seqs=max(64, min(1024, in_flight)), seed=r.rollout_seed)
+        max_num_seqs=max(64, min(1024, in_flight)), seed=r.rollout_seed,
+        shares_device=shares_device, sglang=sglang, device_groups=device_groups,
+        external_engine_addrs=tuple(r.rollout_external_engine_addrs or ()) if r.rollout_external
+        else (), update_weight_buffer_size=r.update_weight_buffer_size)
+
+
+def resolve_backend(options: EngineOptions, device: torch.device) -> str:
+    """auto -> sglang if importable on a GPU; the in-process choice is made later."""
+    if options.backend not in ("auto", "hf", "fast", "sglang"):
+        raise ValueError(f"--rollout-backend {options.backend}: use auto, sglang, fast or hf")
+    if options.backend == "auto" and device.type == "cuda" \
+            and importlib.util.find_spec("sglang") is not None:
+        return "sglang"
+    return options.backend
 
 
 def create_engine(model_path: str, tokenizer, device: torch.device, dtype: torch.dtype,
                   options: EngineOptions) -> Engine:
+    if options.external_engine_addrs:
+        return connect_external(options, device)
+    if resolve_backend(options, device) == "sglang":
+        return launch_servers(model_path, options, device)
+    return create_in_process_engine(model_path, tokenizer, device, dtype, options)
+
+
+def create_in_process_engine(model_path: str, tokenizer, device: torch.device,
+                             dtype: torch.dtype, options: EngineOptions) -> Engine:
     model = load_hf_model(model_path, dtype, device)
     fast = options.backend == "fast" or (options.backend == "auto" and device.type == "cuda"
                                          and supports(model.config))
-    if options.backend not in ("auto", "hf", "fast"):
-        raise ValueError(f"--rollout-backend {options.backend} is not available in this build; "
-                         "use auto, fast or hf")
     if fast:
         log.info("rollout engine: fast (%s, KV cache %.0f%% of the GPU)", device,
                  100 * (options.mem_fraction_static or 0.85))
@@ -61,3 +99,54 @@ def create_engine(model_path: str, tokenizer, device: torch.device, dtype: torch
                           cuda_graphs=options.cuda_graphs)
     log.info("rollout engine: hf (%s)", device)
     return HFEngine(model, tokenizer, options.max_context_len, default_seed=options.seed)
+
+
+def launch_servers(model_path: str, options: EngineOptions, device: torch.device) -> Engine:
+    """One server per device group, started and healthy, behind a router that owns them."""
+    colocated = options.shares_device and device.type == "cuda"
+    if colocated and options.server_module == SGLANG_SERVER:
+        raise ValueError(
+            "--rollout-backend sglang on the trainer's GPU: the weights would have to travel "
+            "through SGLang's /update_weights_from_tensor as CUDA IPC handles in SGLang's own "
+            "format, which furlong does not produce yet (docs/sglang.md). Give the engines "
+            "GPUs of their own, or use --rollout-backend fast")
+    if options.server_module == SGLANG_SERVER and importlib.util.find_spec("sglang") is None:
+        raise ValueError("--rollout-backend sglang needs the sglang package (pip install "
+                         "sglang) in this environment; or use --rollout-backend fast or hf")
+    spec = ServerSpec(model_path, options.sglang, options.seed, module=options.server_module,
+                      mem_fraction_static=options.mem_fraction_static if colocated else None)
+    launcher = ServerLauncher(spec, options.device_groups or [None])
+    log.info("rollout engine: sglang (%d x python -m %s, devices %s, logs in %s)",
+             len(launcher.device_groups), spec.module,
+             options.device_groups or "inherited", launcher.log_dir)
+    urls = launcher.start()
+    router_options = _router_options(options, device, "tensor" if colocated else "distributed",
+                                      spec.host)
+    return EngineRouter(urls, router_options, launcher)
+
+
+def connect_external(options: EngineOptions, device: torch.device) -> Engine:
+    """A router over running servers (--rollout-external-engine-addrs); they must answer
+    /health now. They are never restarted or stopped from here."""
+    import requests
+
+    urls = [f"http://{address}" for address in options.external_engine_addrs]
+    for url in urls:
+        try:
+            requests.get(url + "/health", timeout=30).raise_for_status()
+        except requests.RequestException as error:
+            raise ValueError(f"--rollout-external-engine-addrs: {url}/health failed ({error}); "
+                             "start that server first or fix the address") from None
+    host = options.external_engine_addrs[0].rpartition(":")[0]
+    log.info("rollout engine: external servers %s", " ".join(urls))
+    return EngineRouter(urls, _router_options(options, device, "distributed",
+                                              address_towards(host)))
+
+
+def _router_options(options: EngineOptions, device: torch.device, weight_sync: str,
+                    master_address: str) -> RouterOptions:
+    return RouterOptions(
+        max_concurrency=options.sglang.sglang_server_concurrency, weight_sync=weight_sync,
+        weight_sync_backend="nccl" if device.type == "cuda" else "gloo",
+        master_address=master_address, tp_size=options.sglang.rollout_num_gpus_per_engine,
+        bucket_bytes=options.update_weight_buffer_size)
