@@ -1,47 +1,41 @@
 """TrainActor: the policy being trained, its reference, optimizer and schedule.
 
 One instance per trainer rank. Every rank receives the whole rollout batch and takes
-its own share of each optimizer step (`microbatch.split_across_ranks`), so the split
-is a pure function of the batch and needs no communication; gradients and metrics
-are summed over ranks by the parallel backend.
+its data-parallel share of each optimizer step (`microbatch.split_across_ranks`), so
+the split is a pure function of the batch and needs no communication; the ranks of
+one tensor-parallel group take the same share. Gradients are averaged over
+data-parallel ranks by FSDP and metrics summed over them here.
+
+Where it runs (`RankInfo`):
+- one CPU process (`RankInfo()`): the plain HF model in float32, no torch.distributed;
+- several CPU processes (gloo): `parallel.parallelize` in float32;
+- one or more GPUs (nccl, a process group of one for a single GPU):
+  `parallel.parallelize` with FSDP2 mixed precision, bfloat16 compute on float32
+  master weights and optimizer state.
 """
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from furlong.config.groups import Config
-from furlong.train import checkpoint, microbatch
+from furlong.train import checkpoint, distributed_state, microbatch, parallel
 from furlong.train.batch import TrainBatch, pack, split_tokens
 from furlong.train.loss import LossInputs, make_reducer, policy_objective, sft_objective
 from furlong.train.optim import LRScheduler, build_optimizer
+from furlong.train.parallel import RankInfo
 from furlong.train.policy import CausalLMPolicy, load_hf_model
 
 
-@dataclass(frozen=True)
-class RankInfo:
-    """Where this trainer rank sits: its data-parallel coordinates and device."""
-    dp_rank: int = 0
-    dp_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
-
-
-def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values)
-    return values
-
-
 class TrainActor:
+    config: Config
+    rank: RankInfo
+    mesh: DeviceMesh | None  # ("dp", "tp"); None for one CPU process
     policy: CausalLMPolicy
     ref_policy: CausalLMPolicy | None
     optimizer: torch.optim.Optimizer
@@ -51,25 +45,53 @@ class TrainActor:
                  loss_hook: Callable | None = None, hook_args=None):
         self.config = config
         self.rank = rank
-        self.policy = self._build_policy(init_weights)
+        self.mesh = self._build_mesh()
+        self.policy = self._build_policy(init_weights, trainable=True)
         self.ref_policy = None
         if config.grpo.use_kl_loss:
-            self.ref_policy = self._build_policy(config.ckpt.ref_load or config.ckpt.hf_checkpoint)
-            self.ref_policy.requires_grad_(False).eval()
+            self.ref_policy = self._build_policy(
+                config.ckpt.ref_load or config.ckpt.hf_checkpoint, trainable=False)
         self.optimizer = build_optimizer(self.policy, config.optimizer)
         self.scheduler = LRScheduler(self.optimizer, config.optimizer, total_steps)
         self.loss_hook = loss_hook
         self.hook_args = hook_args
 
-    def _build_policy(self, path: str) -> CausalLMPolicy:
-        hf_model = load_hf_model(path, torch.float32, self.rank.device, packed=True)
-        if self.config.perf.recompute_granularity is not None:
-            hf_model.gradient_checkpointing_enable({"use_reentrant": False})
-        return CausalLMPolicy(hf_model, self.config.perf.log_probs_chunk_size)
+    def _build_mesh(self) -> DeviceMesh | None:
+        rank, tp_size = self.rank, self.config.perf.tensor_model_parallel_size
+        parallel.check_tensor_parallel_size(rank.world_size, tp_size)
+        if rank.tp_size != tp_size:
+            raise ValueError(f"RankInfo.tp_size {rank.tp_size} differs from "
+                             f"--tensor-model-parallel-size {tp_size}")
+        if not rank.sharded:
+            return None
+        parallel.join(rank)
+        return parallel.build_mesh(rank.world_size, rank.tp_size, rank.device.type)
+
+    def _build_policy(self, path: str, trainable: bool) -> CausalLMPolicy:
+        perf = self.config.perf
+        if not trainable:  # no backward, nothing to recompute
+            perf = replace(perf, recompute_granularity=None, recompute_method=None)
+        device = self.rank.device if self.mesh is None else "cpu"  # parallelize places it
+        hf_model = load_hf_model(path, torch.float32, device, packed=True)
+        policy = CausalLMPolicy(hf_model, perf.log_probs_chunk_size)
+        if not trainable:
+            policy.requires_grad_(False).eval()
+        if self.mesh is None:
+            if perf.recompute_granularity is not None:
+                parallel.apply_activation_checkpointing(parallel.decoder_layers(hf_model),
+                                                        perf)
+            return policy
+        return parallel.parallelize(policy, self.mesh, perf,
+                                    mixed_precision=self.rank.device.type == "cuda")
 
     # ---- splitting -------------------------------------------------------------------
     def _micro_batches(self, batch: TrainBatch, indices: list[int]) -> list[list[int]]:
-        """This rank's micro-batches of the samples `indices` (one optimizer step)."""
+        """This rank's micro-batches of the samples `indices` (one optimizer step).
+
+        Every data-parallel rank gets the same number of micro-batches and none is
+        empty (shares are equal, and a forced count never exceeds a share's sample
+        count), so FSDP's collectives line up.
+        """
         lengths = {i: len(batch.tokens[i]) for i in indices}
         shares = microbatch.split_across_ranks(indices, lengths, self.rank.dp_size,
                                                self.config.rollout.balance_data)
@@ -81,14 +103,11 @@ class TrainActor:
                                                  perf.max_tokens_per_gpu) for share in shares)
         return microbatch.token_budget_micro_batches(mine, lengths, perf.max_tokens_per_gpu, count)
 
-    def _autocast(self):
-        if self.rank.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _forward(self, policy: CausalLMPolicy, micro) -> tuple[torch.Tensor, torch.Tensor]:
-        with self._autocast():
-            return policy(micro, self.config.rollout.rollout_temperature)
+        return policy(micro, self.config.rollout.rollout_temperature)
+
+    def _dp_group(self):
+        return self.mesh["dp"].get_group() if self.mesh is not None else None
 
     # ---- log-probs ---------------------------------------------------------------------
     @torch.no_grad()
@@ -96,7 +115,8 @@ class TrainActor:
                           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-sample (log-probs, entropy) of the response tokens, for every sample.
 
-        Each rank computes its share; the shares are gathered so every rank holds all.
+        Each data-parallel rank computes its share; the shares are gathered so every
+        rank holds all.
         """
         policy = self.ref_policy if reference else self.policy
         policy.eval()
@@ -110,13 +130,14 @@ class TrainActor:
             for i, lp, en in zip(indices, split_tokens(values.cpu(), micro),
                                  split_tokens(ent.cpu(), micro), strict=True):
                 log_probs[i], entropy[i] = lp, en
+        parallel.reshard(policy)  # FSDP keeps the root gathered after a forward
         return self._gather(log_probs), self._gather(entropy)
 
     def _gather(self, per_sample: list) -> list[torch.Tensor]:
         if self.rank.dp_size == 1:
             return per_sample
         gathered: list = [None] * self.rank.dp_size
-        dist.all_gather_object(gathered, per_sample)
+        dist.all_gather_object(gathered, per_sample, group=self._dp_group())
         return [next(part[i] for part in gathered if part[i] is not None)
                 for i in range(len(per_sample))]
 
@@ -141,14 +162,18 @@ class TrainActor:
             inputs = LossInputs(log_probs, entropy, micro,
                                 make_reducer(micro, per_token, max(denominator, 1)))
             loss, metrics = self._objective(inputs)
-            # Backends that average gradients over ranks get the sum back via dp_size.
+            # FSDP averages gradients over data-parallel ranks; the losses are shares of
+            # the global mean, so scaling by dp_size turns that average back into a sum.
+            # Tensor-parallel ranks compute the same loss and need no scaling.
             (loss * self.rank.dp_size).backward()
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + value.float()
         grad_norm = self._optimizer_step()
         names = sorted(totals)
-        summed = _all_reduce_sum(torch.stack([totals[n] for n in names]).to(self.rank.device)
-                                 if names else torch.zeros(0))
+        summed = torch.stack([totals[n] for n in names]).to(self.rank.device) if names \
+            else torch.zeros(0, device=self.rank.device)
+        if self.rank.dp_size > 1:
+            dist.all_reduce(summed, group=self._dp_group())
         result = {f"train/{n}": v for n, v in zip(names, summed.tolist(), strict=True)}
         result.update({"train/grad_norm": grad_norm, "train/lr": self.scheduler.lr})
         self.scheduler.step()
@@ -164,11 +189,11 @@ class TrainActor:
 
     def _optimizer_step(self) -> float:
         clip = self.config.optimizer.clip_grad
-        params = [p for p in self.policy.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        grad_norm = distributed_state.clip_grad_norm_(self.policy.parameters(),
+                                                      clip if clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return grad_norm
 
     # ---- weights and state -------------------------------------------------------------
     @property
@@ -180,38 +205,74 @@ class TrainActor:
         return self.policy.hf_model.config
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """HF-named full tensors of the current policy (for weight sync and export)."""
-        for name, param in self.policy.hf_model.named_parameters():
-            yield name, param.detach()
+        """HF-named full float32 tensors of the current policy, one at a time.
+
+        With several ranks this is collective: every rank iterates to the end.
+        """
+        parallel.reshard(self.policy)
+        return distributed_state.full_named_weights(self.policy.hf_model)
 
     async def push_weights(self, engine, version: int) -> None:
         """Send the current weights to the engine (in one process: a copy with a dtype cast)."""
         await engine.update_weights(self.named_weights(), version)
 
     def update_reference(self) -> None:
-        """Copy the policy into the reference (--ref-update-interval)."""
-        self.ref_policy.load_state_dict(self.policy.state_dict())
+        """Copy the policy into the reference (--ref-update-interval); same sharding."""
+        parallel.reshard(self.policy)
+        parallel.reshard(self.ref_policy)
+        with torch.no_grad():
+            for target, source in zip(self.ref_policy.parameters(), self.policy.parameters(),
+                                      strict=True):
+                target.copy_(source)
 
     def save(self, directory: Path, save_optimizer: bool) -> None:
-        """This rank's part of a checkpoint: the HF model, optimizer + schedule, RNG."""
+        """This rank's part of a checkpoint: the HF model (rank 0 writes, all gather),
+        optimizer shard + schedule, RNG. Collective with several ranks."""
         self.export_hf(directory / "model")
-        rank = self.rank.dp_rank
+        rank = self.rank.rank
         if save_optimizer:
-            torch.save({"optimizer": self.optimizer.state_dict(),
+            torch.save({"optimizer": distributed_state.local_optimizer_state(self.optimizer),
                         "scheduler": self.scheduler.state_dict()},
                        directory / f"trainer_rank{rank}.pt")
-        torch.save(checkpoint.rng_state(), directory / f"rng_rank{rank}.pt")
+        # The layout goes with the RNG state, which every rank always writes.
+        torch.save({**checkpoint.rng_state(), "world_size": self.rank.world_size,
+                    "tp_size": self.rank.tp_size}, directory / f"rng_rank{rank}.pt")
+        if self.mesh is not None:
+            dist.barrier()
 
     def restore(self, directory: Path) -> None:
-        """Optimizer, schedule and RNG of a checkpoint (the weights loaded at construction)."""
-        rank = self.rank.dp_rank
+        """Optimizer, schedule and RNG of a checkpoint saved by the same layout of ranks
+        (the weights were loaded at construction)."""
+        rank = self.rank.rank
+        saved_world = len(list(directory.glob("rng_rank*.pt")))
+        rng = torch.load(directory / f"rng_rank{rank}.pt", weights_only=False) \
+            if rank < saved_world else {}
+        self._check_saved_layout(directory, saved_world, rng.get("tp_size", 1))
         state_file = directory / f"trainer_rank{rank}.pt"
         if state_file.is_file():
             state = torch.load(state_file, weights_only=False)
-            self.optimizer.load_state_dict(state["optimizer"])
+            distributed_state.load_local_optimizer_state(self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(torch.load(directory / f"rng_rank{rank}.pt",
-                                            weights_only=False))
+        checkpoint.set_rng_state(rng)
+
+    def _check_saved_layout(self, directory: Path, saved_world: int, saved_tp: int) -> None:
+        world, tp = self.rank.world_size, self.rank.tp_size
+        if (saved_world, saved_tp) != (world, tp):
+            raise ValueError(
+                f"{directory} holds the optimizer and RNG state of {saved_world} trainer ranks "
+                f"(tensor parallel {saved_tp}); this run has {world} (tensor parallel {tp}). "
+                "Resume with the same trainer world size and --tensor-model-parallel-size, "
+                "or start from its model/ directory with --ref-load (weights only).")
 
     def export_hf(self, path: str | Path) -> None:
-        self.policy.hf_model.save_pretrained(path)
+        """An HF directory of the current weights (float32). Collective with several
+        ranks: all gather, rank 0 writes."""
+        hf_model = self.policy.hf_model
+        if self.mesh is None:
+            hf_model.save_pretrained(path)
+            return
+        parallel.reshard(self.policy)
+        state = distributed_state.full_state_dict(hf_model, keep=self.rank.rank == 0)
+        if state is not None:
+            hf_model.save_pretrained(path, state_dict=state)
+        dist.barrier()

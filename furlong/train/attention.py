@@ -2,15 +2,20 @@
 
 HF attention modules call it with (1, heads, T, D) tensors and the sample bounds as
 `cu_seq_lens_q` (passed through the model's forward kwargs); the work is done by
-`furlong.varlen.varlen_causal_attention`.
+`furlong.varlen.varlen_causal_attention`. Under tensor parallel the heads are this
+rank's share (whole query and KV heads, same grouping), which changes nothing here.
+A module marked with `RECOMPUTE_CORE` (--recompute-granularity selective) keeps only
+the attention inputs and recomputes the core in the backward.
 """
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from furlong.varlen import varlen_causal_attention
 
 NAME = "furlong_varlen"
+RECOMPUTE_CORE = "furlong_recompute_core"  # attribute set on an attention module
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -19,9 +24,12 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     if cu_seq_lens_q is None:  # one sequence
         cu_seq_lens_q = torch.tensor([0, query.shape[2]], device=query.device)
         max_length_q = query.shape[2]
-    out = varlen_causal_attention(query[0].transpose(0, 1), key[0].transpose(0, 1),
-                                  value[0].transpose(0, 1), cu_seq_lens_q, max_length_q,
-                                  scaling)
+    args = (query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+            cu_seq_lens_q, max_length_q, scaling)
+    if getattr(module, RECOMPUTE_CORE, False) and torch.is_grad_enabled():
+        out = checkpoint(varlen_causal_attention, *args, use_reentrant=False)
+    else:
+        out = varlen_causal_attention(*args)
     return out[None], None
 
 

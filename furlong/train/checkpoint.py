@@ -2,10 +2,15 @@
 
     SAVE/iter_0000007/model/        HF directory (config, safetensors, tokenizer)
     SAVE/iter_0000007/trainer_rank0.pt  optimizer + LR schedule (unless --no-save-optim)
-    SAVE/iter_0000007/rng_rank0.pt  python / torch / cuda RNG states
+    SAVE/iter_0000007/rng_rank0.pt  python / torch / cuda RNG states, world and TP size
     SAVE/iter_0000007/rollout.json  data position, group counter, partial-rollout buffer
     SAVE/iter_0000007/args.json     the command line and resolved flags
     SAVE/latest_checkpointed_iteration.txt   "7", written last
+
+With several trainer ranks there is one trainer_rank{r}.pt and rng_rank{r}.pt per
+global rank r; the optimizer file holds that rank's shards, so such a checkpoint
+resumes on the same world size and --tensor-model-parallel-size (the model/
+directory is whole and loads anywhere).
 
 A save fills `iter_0000007.tmp/`, renames it into place, then replaces the tracker
 through a temporary file: until the rename of the tracker, the previous iteration

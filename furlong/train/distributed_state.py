@@ -1,0 +1,125 @@
+"""State of a parallelised policy seen whole: full weights, gradient norm, optimizer shards.
+
+Parameters of a parallelised policy are DTensors (FSDP shards over "dp", tensor
+parallel slices over "tp"); everything here also accepts plain tensors, so one code
+path serves one process and many. Functions that gather are collective: every rank
+calls them, in the same order.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank (a collective for a DTensor)."""
+    if not isinstance(tensor, DTensor):
+        return tensor
+    # Gather one mesh dimension at a time, innermost ("tp") last: DTensor would do the
+    # same in one call, with a warning per parameter about FSDP's strided layout.
+    placements = list(tensor.placements)
+    for dim in range(len(placements)):
+        placements[dim] = Replicate()
+        tensor = tensor.redistribute(tensor.device_mesh, placements)
+    return tensor.to_local()
+
+
+def full_named_weights(hf_model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) per parameter, one at a time so that memory stays bounded.
+
+    Collective: every rank iterates to the end (all receive the tensors; weight sync
+    sends rank 0's). Tied weights come once, as in `named_parameters`. The policy's
+    FSDP modules must be resharded (`parallel.reshard`), which they are after a
+    training step and after `TrainActor.compute_log_probs`.
+    """
+    for name, param in hf_model.named_parameters():
+        yield name, full_tensor(param.detach())
+
+
+def _persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    for module_name, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                yield f"{module_name}.{name}" if module_name else name, buffer
+
+
+def full_state_dict(hf_model: nn.Module, keep: bool) -> dict[str, torch.Tensor] | None:
+    """The model's full state on the CPU where `keep` (one rank), None elsewhere.
+
+    Collective; the device holds one gathered parameter at a time.
+    """
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in full_named_weights(hf_model):
+        if keep:
+            state[name] = tensor.cpu()
+    for name, buffer in _persistent_buffers(hf_model):
+        if keep:
+            state[name] = full_tensor(buffer).cpu()
+    return state if keep else None
+
+
+def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> float:
+    """Scale gradients so that their global L2 norm is at most `max_norm`; returns the
+    norm before clipping. Sharded gradients count once: a rank's squared local shard is
+    divided by the number of ranks holding that same shard, then summed over all ranks
+    (one all-reduce, whatever mix of meshes the gradients live on)."""
+    parameters = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in parameters]
+    if not any(isinstance(g, DTensor) for g in grads):
+        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    squares = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+    for grad in grads:
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        squares += local.double().pow(2).sum() / _copies(grad)
+    if dist.is_initialized():
+        dist.all_reduce(squares)
+    norm = math.sqrt(squares.item())
+    if max_norm < norm:
+        scale = max_norm / (norm + 1e-6)
+        torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads],
+                            scale)
+    return norm
+
+
+def _copies(grad: torch.Tensor) -> int:
+    """How many ranks hold the same values as this rank for `grad`."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if not isinstance(grad, DTensor):
+        return world
+    mesh = grad.device_mesh
+    shards = 1
+    for dim, placement in enumerate(grad.placements):
+        if placement.is_partial():
+            raise AssertionError("a gradient is still a partial sum: reduce it first")
+        if placement.is_shard():
+            shards *= mesh.size(dim)
+    return world // shards
+
+
+# ---- optimizer state: local shards on disk, DTensors in memory --------------------------
+def local_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """`optimizer.state_dict()` with this rank's shards as plain tensors (for torch.save)."""
+    state = optimizer.state_dict()
+    state["state"] = {index: {key: value.to_local() if isinstance(value, DTensor) else value
+                              for key, value in values.items()}
+                      for index, values in state["state"].items()}
+    return state
+
+
+def load_local_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Inverse of `local_optimizer_state` on the same layout of ranks and parameters."""
+    optimizer.load_state_dict(state)
+    for param, values in optimizer.state.items():
+        if not isinstance(param, DTensor):
+            continue
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) \
+                    and value.shape == param.to_local().shape and value.dim() > 0:
+                values[key] = DTensor.from_local(value, param.device_mesh, param.placements,
+                                                 run_check=False, shape=param.shape,
+                                                 stride=param.stride())

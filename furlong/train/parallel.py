@@ -1,0 +1,302 @@
+"""The fsdp backend's parallelism: process group, device mesh, and how a policy is
+split over ranks (tensor/sequence parallel, activation checkpointing, FSDP2).
+
+The mesh has two dimensions, ("dp", "tp"), tensor-parallel innermost: global rank r
+is data-parallel rank r // tp and tensor-parallel rank r % tp. Data-parallel ranks
+see different samples; the ranks of one tensor-parallel group see the same samples
+and each holds a slice of every linear layer (Megatron's layout, done with DTensor).
+
+`parallelize` supports the dense decoder layers of Qwen2, Qwen3 and Llama (HF module
+names self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, the two layer norms and
+Qwen3's per-head q_norm/k_norm). One CPU process (`RankInfo()`) is not parallelised:
+the plain model is faster and needs no process group.
+"""
+from __future__ import annotations
+
+import functools
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
+                                               RowwiseParallel, SequenceParallel,
+                                               parallelize_module)
+from torch.utils.checkpoint import checkpoint
+
+from furlong.config.groups import PerfArgs
+from furlong.train.attention import RECOMPUTE_CORE
+
+
+# ---- where a rank sits -------------------------------------------------------------------
+@dataclass(frozen=True)
+class RankInfo:
+    """A trainer rank's coordinates in the ("dp", "tp") mesh, its device and rendezvous.
+
+    `RankInfo()` is one CPU process and `RankInfo(device=torch.device("cuda"))` one GPU.
+    `master_port` may stay None when the process group exists before the trainer is
+    built (Ray ranks), or for a world of one (a free port is picked).
+    """
+    dp_rank: int = 0
+    dp_size: int = 1
+    device: torch.device = torch.device("cpu")
+    tp_rank: int = 0
+    tp_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+    backend: str | None = None  # default: nccl on GPU, gloo on CPU
+
+    @property
+    def rank(self) -> int:
+        return self.dp_rank * self.tp_size + self.tp_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_size * self.tp_size
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the policy goes through `parallelize`: several ranks, or a GPU (whose
+        bfloat16 compute comes from FSDP2's mixed precision)."""
+        return self.world_size > 1 or self.device.type == "cuda"
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+
+def check_tensor_parallel_size(world_size: int, tp_size: int) -> None:
+    if tp_size < 1 or world_size % tp_size:
+        raise ValueError(f"--tensor-model-parallel-size {tp_size} does not divide the "
+                         f"{world_size} trainer ranks: choose a divisor of the trainer's "
+                         "world size (--actor-num-nodes x --actor-num-gpus-per-node)")
+
+
+def rank_info(rank: int, world_size: int, tp_size: int, device_type: str,
+              master_addr: str = "127.0.0.1", master_port: int | None = None) -> RankInfo:
+    """The RankInfo of global rank `rank` (GPU: the one `init_distributed` makes current)."""
+    check_tensor_parallel_size(world_size, tp_size)
+    device = torch.device("cpu")
+    if device_type == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+    return RankInfo(rank // tp_size, world_size // tp_size, device, rank % tp_size, tp_size,
+                    master_addr, master_port)
+
+
+# ---- process group and mesh ---------------------------------------------------------
+def free_port() -> int:
+    """A TCP port that is free now (for a process group of one)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int,
+                     backend: str, local_rank: int | None = None) -> None:
+    """Join the default process group (once per process; later calls do nothing).
+
+    "nccl" also makes the local GPU current: `local_rank`, by default rank modulo the
+    visible GPUs (Ray gives each actor one visible GPU, so 0 there).
+    """
+    if dist.is_initialized():
+        return
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count() if local_rank is None
+                              else local_rank)
+    dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
+                            rank=rank, world_size=world_size)
+
+
+def join(rank: RankInfo) -> None:
+    """Join the process group of `rank`'s world, unless this process is in one already
+    (then it must be that world)."""
+    if dist.is_initialized():
+        if dist.get_world_size() != rank.world_size:
+            raise ValueError(f"this process is in a process group of "
+                             f"{dist.get_world_size()} ranks, not {rank.world_size}")
+        return
+    if rank.master_port is None and rank.world_size > 1:
+        raise ValueError("several trainer ranks need RankInfo.master_port")
+    backend = rank.backend or ("nccl" if rank.device.type == "cuda" else "gloo")
+    init_distributed(rank.rank, rank.world_size, rank.master_addr,
+                     rank.master_port or free_port(), backend, local_rank=rank.device.index)
+
+
+def build_mesh(world_size: int, tp_size: int, device_type: str) -> DeviceMesh:
+    """A (dp, tp) mesh over all ranks, tensor-parallel ranks adjacent."""
+    check_tensor_parallel_size(world_size, tp_size)
+    return init_device_mesh(device_type, (world_size // tp_size, tp_size),
+                            mesh_dim_names=("dp", "tp"))
+
+
+# ---- the order ------------------------------------------------------------------------
+def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs,
+                mixed_precision: bool) -> nn.Module:
+    """Split `policy` (a CausalLMPolicy: `policy.hf_model` is the HF model) over `mesh`.
+
+    The order matters. Tensor parallel comes first because it replaces each linear
+    weight by its DTensor slice, which FSDP then shards further over "dp" (FSDP2 of a
+    TP DTensor is the 2-D layout). Activation checkpointing comes before FSDP so that
+    FSDP's all-gather hooks stay outside the recomputed region: the backward
+    recomputes a layer with the parameters FSDP has already gathered for it. FSDP goes
+    per decoder layer (one all-gather in flight per layer), then the root; the root
+    is the policy rather than the HF model because the chunked log-prob head runs in
+    the policy's forward, and a root gathers its own parameters (embeddings, final
+    norm, output weight) around its forward only.
+    """
+    hf_model = policy.hf_model
+    layers = decoder_layers(hf_model)
+    if mesh["tp"].size() > 1:
+        apply_tensor_parallel(hf_model, mesh["tp"], perf.sequence_parallel)
+    apply_activation_checkpointing(layers, perf)
+    apply_fully_shard(policy, layers, mesh["dp"], mixed_precision)
+    return policy
+
+
+def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
+    layers = getattr(hf_model.base_model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(hf_model).__name__}: the fsdp backend parallelises models "
+                         "whose decoder keeps its blocks in `.layers` (Qwen2/Qwen3/Llama)")
+    return layers
+
+
+# ---- tensor and sequence parallel -------------------------------------------------------
+def _check_divisible(config, tp_size: int) -> None:
+    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        value = getattr(config, name)
+        if value % tp_size:
+            raise ValueError(f"--tensor-model-parallel-size {tp_size} does not divide the "
+                             f"model's {name} ({value}): choose a divisor of it")
+
+
+def _layer_plan(layer: nn.Module, sequence_parallel: bool) -> dict:
+    """Megatron's split of one block: q/k/v and gate/up by output features (each rank
+    gets whole heads), o and down by input features, summed over ranks. With sequence
+    parallel the sum is a reduce-scatter over the sequence and the norms run on the
+    rank's sequence slice; the attention and MLP inputs are all-gathered first."""
+    block_output = Shard(1) if sequence_parallel else Replicate()
+    plan = {
+        "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+        "self_attn.v_proj": ColwiseParallel(),
+        "self_attn.o_proj": RowwiseParallel(output_layouts=block_output,
+                                            use_local_output=not sequence_parallel),
+        "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(output_layouts=block_output,
+                                         use_local_output=not sequence_parallel),
+    }
+    if hasattr(layer.self_attn, "q_norm"):
+        # Qwen3 normalises each head of (B, T, heads, D): the heads (dim 2) are this
+        # rank's, so the norm weight is a replicated DTensor whose gradient is summed
+        # over the tensor-parallel ranks.
+        for name in ("self_attn.q_norm", "self_attn.k_norm"):
+            plan[name] = SequenceParallel(sequence_dim=2, use_local_output=True)
+    if sequence_parallel:
+        plan.update({
+            "input_layernorm": SequenceParallel(),
+            "post_attention_layernorm": SequenceParallel(),
+            "self_attn": PrepareModuleInput(
+                input_kwarg_layouts={"hidden_states": Shard(1)},
+                desired_input_kwarg_layouts={"hidden_states": Replicate()}),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),),
+                                      desired_input_layouts=(Replicate(),)),
+        })
+    return plan
+
+
+def apply_tensor_parallel(hf_model: nn.Module, tp_mesh: DeviceMesh,
+                          sequence_parallel: bool) -> None:
+    """Slice every decoder layer over `tp_mesh`. The embeddings, the final norm and the
+    output weight stay whole (FSDP still shards them over "dp"): the policy's log-prob
+    head needs the full vocabulary at every position. With sequence parallel the
+    first block's input is split along the sequence and the final norm's input
+    gathered back, so the final norm and the head see the whole (replicated) row."""
+    _check_divisible(hf_model.config, tp_mesh.size())
+    layers = decoder_layers(hf_model)
+    device = torch.device(tp_mesh.device_type, torch.cuda.current_device()
+                          if tp_mesh.device_type == "cuda" else None)
+    for layer in layers:
+        layer.to(device)  # one full layer at a time on the device, then sliced
+        parallelize_module(layer, tp_mesh, _layer_plan(layer, sequence_parallel))
+    if sequence_parallel:
+        parallelize_module(layers[0], tp_mesh, PrepareModuleInput(
+            input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),)))
+        parallelize_module(hf_model.base_model.norm, tp_mesh, PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+            use_local_output=True))
+
+
+# ---- activation checkpointing -----------------------------------------------------------
+def _checkpointed(forward):
+    """`forward` under non-reentrant checkpointing when a backward will follow."""
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run
+
+
+def recomputed_layers(num_layers: int, perf: PerfArgs) -> list[int]:
+    """Indices of the decoder layers recomputed whole (--recompute-granularity full).
+
+    uniform: every layer, each its own unit (Megatron groups --recompute-num-layers
+    layers per unit, which saves one input per group instead of one per layer; here
+    each layer is a unit so that FSDP's per-layer hooks stay outside the checkpoint).
+    block: the first --recompute-num-layers layers (all of them when unset).
+    """
+    if perf.recompute_granularity != "full":
+        return []
+    if perf.recompute_method == "block":
+        return list(range(min(perf.recompute_num_layers or num_layers, num_layers)))
+    return list(range(num_layers))
+
+
+def apply_activation_checkpointing(layers: nn.ModuleList, perf: PerfArgs) -> None:
+    """--recompute-granularity full: the chosen layers keep only their input and run
+    again in the backward. selective: every layer keeps its projections and recomputes
+    only the attention core (scores, softmax, weighted sum), Megatron's choice; with
+    the flash kernel that core stores little anyway, the saving is on the SDPA path.
+
+    The layer's `forward` is wrapped on the instance, not the module: module hooks
+    (tensor parallel's layouts, FSDP's all-gathers) run once, outside the
+    recomputation, and the HF parameter names do not change.
+    """
+    if perf.recompute_granularity == "selective":
+        for layer in layers:
+            setattr(layer.self_attn, RECOMPUTE_CORE, True)
+        return
+    for index in recomputed_layers(len(layers), perf):
+        layers[index].forward = _checkpointed(layers[index].forward)
+
+
+# ---- FSDP2 --------------------------------------------------------------------------------
+def apply_fully_shard(policy: nn.Module, layers: nn.ModuleList, dp_mesh: DeviceMesh,
+                      mixed_precision: bool) -> None:
+    """Shard each decoder layer, then the root, over "dp". Mixed precision keeps the
+    float32 master weights and optimizer state sharded and gathers bfloat16 copies for
+    compute, so the whole forward (residual stream included) runs in bfloat16;
+    gradients are reduced in float32."""
+    layer_policy = root_policy = MixedPrecisionPolicy()  # float32 throughout
+    if mixed_precision:
+        layer_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                            reduce_dtype=torch.float32)
+        # The root's input is a PackedMicroBatch: ids, and loss fields it does not read.
+        root_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                           reduce_dtype=torch.float32,
+                                           cast_forward_inputs=False)
+    for layer in layers:
+        fully_shard(layer, mesh=dp_mesh, mp_policy=layer_policy)
+    fully_shard(policy, mesh=dp_mesh, mp_policy=root_policy)
+
+
+def reshard(module: nn.Module) -> None:
+    """Free every gathered parameter under `module` (FSDP keeps the root's gathered
+    after a forward, expecting a backward; after a no-grad forward it would stay)."""
+    for child in module.modules():
+        if isinstance(child, FSDPModule):
+            child.reshard()

@@ -1,0 +1,312 @@
+"""The fsdp backend over several ranks gives the numbers of one process.
+
+Two CPU processes (gloo) run every multi-rank check in one spawn: data parallel
+(per-sample loss with fixed micro-batches, per-token loss with dynamic batching),
+tensor parallel, tensor + sequence parallel with full recomputation, log-probs,
+full weights, and save -> restore -> the next step. The references are the plain
+one-process trainer (no torch.distributed). Tolerances, all float32: step metrics
+and the global gradient norm to 1e-5 relative; gradients to 1e-5 relative plus 1e-5
+of the tensor's largest entry (summation order differs between a sum over ranks and
+a sum over micro-batches; measured: up to 2e-6 of the largest entry, on the per-head
+norm weights under tensor parallel); weights gathered before training bit-exact;
+a resumed step to 1e-6 (measured: identical). GPU tests (marked) use bf16 bounds.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from furlong.config import load_config
+from furlong.train import distributed_state, parallel
+from furlong.train.actor import RankInfo, TrainActor
+from furlong.train.advantages import compute_advantages
+from furlong.train.policy import load_hf_model
+
+from conftest import random_batch
+
+WORLD = 2
+METRICS = ("train/loss", "train/pg_loss", "train/kl_loss", "train/entropy_loss",
+           "train/pg_clipfrac", "train/ppo_kl", "train/grad_norm")
+# name -> flags of a multi-rank run; its reference is the same flags in one process,
+# less the tensor-parallel ones.
+RUNS = {
+    "dp": (1, ["--micro-batch-size", "2"]),
+    "dp_token_dynamic": (1, ["--calculate-per-token-loss", "--use-dynamic-batch-size",
+                             "--max-tokens-per-gpu", "40"]),
+    "tp": (2, ["--tensor-model-parallel-size", "2", "--micro-batch-size", "3"]),
+    "tp_sp_recompute": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                            "--recompute-granularity", "full", "--recompute-method", "uniform",
+                            "--recompute-num-layers", "1", "--calculate-per-token-loss",
+                            "--use-dynamic-batch-size", "--max-tokens-per-gpu", "40"]),
+}
+RESUME_FLAGS = ["--lr", "1e-3"]
+
+
+def config_for(tiny: Path, extra: list[str]):
+    argv = ["--hf-checkpoint", str(tiny / "model"), "--prompt-data",
+            str(tiny / "data/train.jsonl"), "--input-key", "prompt", "--label-key", "label",
+            "--rm-type", "math", "--rollout-batch-size", "3", "--n-samples-per-prompt", "4",
+            "--rollout-max-response-len", "8", "--num-rollout", "1", "--use-kl-loss",
+            "--kl-loss-coef", "0.1", "--kl-loss-type", "low_var_kl", "--entropy-coef", "0.01",
+            "--eps-clip-high", "0.28", *extra]
+    return load_config(argv)[0]
+
+
+def single_process_flags(extra: list[str]) -> list[str]:
+    drop = {"--tensor-model-parallel-size": 2, "--sequence-parallel": 1}
+    flags, skip = [], 0
+    for flag in extra:
+        if skip:
+            skip -= 1
+            continue
+        if flag in drop:
+            skip = drop[flag] - 1
+            continue
+        flags.append(flag)
+    return flags
+
+
+def step_gradients(actor: TrainActor, batch) -> tuple[dict, dict]:
+    """Metrics and full gradients of one optimizer step (the update itself is skipped)."""
+    grads = {}
+
+    def capture():
+        grads.update({name: distributed_state.full_tensor(param.grad).cpu().clone()
+                      for name, param in actor.policy.hf_model.named_parameters()})
+        norm = distributed_state.clip_grad_norm_(actor.policy.parameters(), float("inf"))
+        actor.optimizer.zero_grad()
+        return norm
+
+    actor._optimizer_step = capture
+    (metrics,) = actor.train(batch)
+    return metrics, grads
+
+
+def prepared_batch(tiny: Path):
+    """12 samples with old log-probs (perturbed so that clipping happens), reference
+    log-probs and advantages, from the one-process trainer."""
+    torch.manual_seed(0)
+    actor = TrainActor(config_for(tiny, []), RankInfo(), str(tiny / "model"), total_steps=1)
+    batch = random_batch(12, actor.model_config.vocab_size, seed=3)
+    batch.old_log_probs, _ = actor.compute_log_probs(batch)
+    batch.old_log_probs = [lp + 0.3 * torch.randn_like(lp) for lp in batch.old_log_probs]
+    batch.ref_log_probs, _ = actor.compute_log_probs(batch, reference=True)
+    batch.advantages, _ = compute_advantages(actor.config.grpo, batch, [i // 4 for i in range(12)])
+    return batch
+
+
+# ---- the ranks --------------------------------------------------------------------------
+def _worker(rank: int, port: int, tiny: Path, batch, out: Path, device_type: str = "cpu") -> None:
+    torch.set_num_threads(1)
+    results = {}
+
+    def actor_for(tp: int, extra: list[str], init: Path | None = None) -> TrainActor:
+        info = parallel.rank_info(rank, WORLD, tp, device_type, master_port=port)
+        return TrainActor(config_for(tiny, extra), info, str(init or tiny / "model"), 2)
+
+    for name, (tp, extra) in RUNS.items():
+        actor = actor_for(tp, extra)
+        results[f"{name}/weights"] = cpu_weights(actor)
+        results[f"{name}/log_probs"] = actor.compute_log_probs(batch)[0]
+        results[name] = step_gradients(actor, batch)
+    results["resume"] = _save_and_resume(actor_for, batch, out / "checkpoint")
+    if rank == 0:
+        torch.save(results, out / "results.pt")
+
+
+def _save_and_resume(actor_for, batch, directory: Path) -> dict:
+    """Two steps, saving after the first; then a new actor restored from that save."""
+    actor = actor_for(1, RESUME_FLAGS)
+    actor.train(batch)
+    directory.mkdir(parents=True, exist_ok=True)
+    actor.save(directory, save_optimizer=True)
+    saved_weights = cpu_weights(actor)
+    (next_step,) = actor.train(batch)
+    resumed = actor_for(1, RESUME_FLAGS, init=directory)
+    resumed.restore(directory)
+    (resumed_step,) = resumed.train(batch)
+    before = actor.compute_log_probs(batch, reference=True)[0]
+    actor.update_reference()
+    reference = [actor.compute_log_probs(batch, reference=flag)[0]
+                 for flag in (False, True)] + [before]
+    return {"saved": saved_weights, "next": next_step, "next_weights": cpu_weights(actor),
+            "resumed": resumed_step, "resumed_weights": cpu_weights(resumed),
+            "reference_updated": reference}
+
+
+def cpu_weights(actor: TrainActor) -> dict[str, torch.Tensor]:
+    return {name: tensor.cpu() for name, tensor in actor.named_weights()}
+
+
+# ---- the checks ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ranks(tiny, tmp_path_factory):
+    """(prepared batch, results of the 2-rank spawn, its output directory)."""
+    out = tmp_path_factory.mktemp("parallel")
+    batch = prepared_batch(tiny)
+    mp.spawn(_worker, args=(parallel.free_port(), tiny, batch, out), nprocs=WORLD)
+    return batch, torch.load(out / "results.pt", weights_only=False), out
+
+
+def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    scale = float(expected.abs().max()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_step_equals_one_process(tiny, ranks, name):
+    """(a) data parallel, per-sample and per-token/dynamic; (b) tensor parallel;
+    (c) tensor + sequence parallel, here with full recomputation of every layer."""
+    batch, results, _ = ranks
+    reference = TrainActor(config_for(tiny, single_process_flags(RUNS[name][1])), RankInfo(),
+                           str(tiny / "model"), 2)
+    expected_metrics, expected_grads = step_gradients(reference, batch)
+    metrics, grads = results[name]
+    assert expected_metrics["train/pg_clipfrac"] > 0
+    for key in METRICS:
+        assert metrics[key] == pytest.approx(expected_metrics[key], rel=1e-5, abs=1e-7), key
+    assert list(grads) == list(expected_grads)
+    for key, grad in grads.items():
+        assert_close_relative(grad, expected_grads[key])
+
+
+@pytest.mark.parametrize("name", ["dp", "tp"])
+def test_log_probs_equal_one_process(tiny, ranks, name):
+    """(e) compute_log_probs: every rank holds every sample's values."""
+    batch, results, _ = ranks
+    reference = TrainActor(config_for(tiny, []), RankInfo(), str(tiny / "model"), 1)
+    expected, _ = reference.compute_log_probs(batch)
+    for actual, values in zip(results[f"{name}/log_probs"], expected, strict=True):
+        torch.testing.assert_close(actual, values, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_full_named_weights_are_the_checkpoint(tiny, ranks, name):
+    """(f) gathered FSDP shards and tensor-parallel slices give back the HF weights
+    exactly, with HF names, tied embeddings once."""
+    expected = dict(load_hf_model(str(tiny / "model")).named_parameters())
+    weights = ranks[1][f"{name}/weights"]
+    assert list(weights) == list(expected)
+    for key, tensor in weights.items():
+        assert torch.equal(tensor, expected[key].detach()), key
+
+
+def test_resume_gives_the_next_step(ranks):
+    """(g) save on 2 ranks, restore on 2 ranks: the next step's loss, gradient norm and
+    updated weights are those of the run that did not stop (Adam's moments included:
+    without them the second update differs)."""
+    resume = ranks[1]["resume"]
+    for key in METRICS:
+        assert resume["resumed"][key] == pytest.approx(resume["next"][key], rel=1e-6, abs=1e-9)
+    for key, tensor in resume["resumed_weights"].items():
+        torch.testing.assert_close(tensor, resume["next_weights"][key], rtol=1e-6, atol=1e-7)
+    moved = [key for key, tensor in resume["next_weights"].items()
+             if not torch.equal(tensor, resume["saved"][key])]
+    assert moved, "the step after the save changed no weight"
+
+
+def test_update_reference_copies_the_sharded_policy(ranks):
+    policy, reference, before = ranks[1]["resume"]["reference_updated"]
+    assert not all(torch.equal(a, b) for a, b in zip(before, policy, strict=True))
+    for actual, expected in zip(reference, policy, strict=True):
+        assert torch.equal(actual, expected)
+
+
+def test_saved_model_loads_with_transformers(ranks):
+    """(g) the model/ directory of a 2-rank save is an HF model with the trained weights."""
+    from transformers import AutoModelForCausalLM
+    directory = ranks[2] / "checkpoint"
+    model = AutoModelForCausalLM.from_pretrained(directory / "model", dtype=torch.float32)
+    saved = ranks[1]["resume"]["saved"]
+    for key, tensor in model.named_parameters():
+        assert torch.equal(tensor.detach(), saved[key]), key
+
+
+def test_restore_on_another_world_size_names_both(tiny, ranks, tmp_path):
+    shutil.copytree(ranks[2] / "checkpoint", tmp_path / "checkpoint")
+    actor = TrainActor(config_for(tiny, RESUME_FLAGS), RankInfo(), str(tiny / "model"), 2)
+    with pytest.raises(ValueError, match="state of 2 trainer ranks .* this run has 1"):
+        actor.restore(tmp_path / "checkpoint")
+
+
+# ---- one process ------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, wrapped", [
+    (["--recompute-granularity", "full", "--recompute-method", "uniform"], [True, True]),
+    (["--recompute-granularity", "full", "--recompute-method", "block",
+      "--recompute-num-layers", "1"], [True, False]),
+    (["--recompute-granularity", "selective"], [False, False]),
+])
+def test_recomputation_gives_the_same_gradients(tiny, flags, wrapped):
+    """(d) activation checkpointing changes memory, not numbers."""
+    batch = prepared_batch(tiny)
+    plain = step_gradients(TrainActor(config_for(tiny, []), RankInfo(), str(tiny / "model"), 1),
+                           batch)
+    actor = TrainActor(config_for(tiny, flags), RankInfo(), str(tiny / "model"), 1)
+    layers = parallel.decoder_layers(actor.policy.hf_model)
+    assert ["forward" in vars(layer) for layer in layers] == wrapped
+    metrics, grads = step_gradients(actor, batch)
+    assert metrics["train/loss"] == pytest.approx(plain[0]["train/loss"], rel=1e-6)
+    for key, grad in grads.items():
+        torch.testing.assert_close(grad, plain[1][key], rtol=1e-6, atol=1e-8)
+
+
+def test_mesh_rejects_a_tensor_parallel_size_that_does_not_divide():
+    with pytest.raises(ValueError, match="--tensor-model-parallel-size 3"):
+        parallel.build_mesh(4, 3, "cpu")
+
+
+def test_tensor_parallel_needs_ranks(tiny):
+    with pytest.raises(ValueError, match="--tensor-model-parallel-size 2 does not divide the 1"):
+        TrainActor(config_for(tiny, ["--tensor-model-parallel-size", "2"]), RankInfo(),
+                   str(tiny / "model"), 1)
+
+
+# ---- GPU ----------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_one_gpu_runs_bf16_on_float32_masters(tiny):
+    """One GPU goes through FSDP2 mixed precision: the layers compute with bfloat16
+    weights (so the residual stream is bfloat16), the sharded master weights and Adam's
+    moments stay float32, and the step's loss is the float32 one to bf16 accuracy."""
+    batch = prepared_batch(tiny)
+    expected, _ = step_gradients(TrainActor(config_for(tiny, []), RankInfo(),
+                                            str(tiny / "model"), 1), batch)
+    actor = TrainActor(config_for(tiny, []), RankInfo(device=torch.device("cuda")),
+                       str(tiny / "model"), 1)
+    seen = {}
+    layer = parallel.decoder_layers(actor.policy.hf_model)[0]
+    layer.mlp.register_forward_hook(
+        lambda module, args, output: seen.update(weight=module.up_proj.weight.dtype,
+                                                 output=output.dtype))
+    (metrics,) = actor.train(batch)
+    assert seen == {"weight": torch.bfloat16, "output": torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in actor.policy.parameters())
+    moments = [s["exp_avg"] for s in actor.optimizer.state.values()]
+    assert moments and all(m.dtype == torch.float32 for m in moments)
+    assert metrics["train/loss"] == pytest.approx(expected["train/loss"], rel=2e-2, abs=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason="needs 2 GPUs")
+def test_two_gpus_match_one_process_in_bf16(tiny, tmp_path):
+    """The NCCL path: data, tensor and sequence parallel on 2 GPUs give the float32
+    one-process step to bfloat16 accuracy, and resume exactly."""
+    batch = prepared_batch(tiny)
+    mp.spawn(_worker, args=(parallel.free_port(), tiny, batch, tmp_path, "cuda"), nprocs=WORLD)
+    results = torch.load(tmp_path / "results.pt", weights_only=False)
+    for name, (_, extra) in RUNS.items():
+        reference = TrainActor(config_for(tiny, single_process_flags(extra)), RankInfo(),
+                               str(tiny / "model"), 2)
+        expected_metrics, expected_grads = step_gradients(reference, batch)
+        metrics, grads = results[name]
+        assert metrics["train/loss"] == pytest.approx(expected_metrics["train/loss"],
+                                                      rel=2e-2, abs=2e-3), name
+        for key, grad in grads.items():
+            error = (grad.cpu() - expected_grads[key]).norm() / expected_grads[key].norm()
+            assert error < 5e-2, (name, key, float(error))
+    resume = results["resume"]
+    assert resume["resumed"]["train/loss"] == pytest.approx(resume["next"]["train/loss"],
+                                                            rel=1e-5)
