@@ -17,7 +17,6 @@ import torch
 from furlong.config import Config, eval_datasets
 from furlong.data import DataKeys, PromptDataset, PromptEncoder
 from furlong.cluster.placement import plan_placement
-from furlong.cluster.ray_cluster import build_ray_roles
 from furlong.engine.base import Engine
 from furlong.engine.factory import create_engine, engine_options
 from furlong.hooks import load_function
@@ -107,13 +106,6 @@ def build_in_process(config: Config, tokenizer, init: str, total_steps: int, tra
     return trainer, engine
 
 
-def engine_front(engines: list[Engine]) -> Engine | None:
-    """What the rollout manager talks to: the engine, or a router over several."""
-    if len(engines) > 1:
-        raise NotImplementedError("several engines need the router")
-    return engines[0] if engines else None
-
-
 def _hook(path: str | None, flag: str):
     return load_function(path, flag) if path else None
 
@@ -157,10 +149,11 @@ def build_run(config: Config, argv: list[str]) -> Run:
     if placement.in_process:
         trainer, engine = build_in_process(config, tokenizer, init, total_steps, trains,
                                            generates)
-    else:
+    else:  # Ray is imported only by runs that use it
+        from furlong.cluster.ray_cluster import build_ray_roles
         roles = build_ray_roles(config, placement, init, total_steps,
                                 engine_options(config, shares_device=placement.colocate), trains)
-        trainer, engine = roles.trainer, engine_front(roles.engines)
+        trainer, engine = roles.trainer, roles.engine
         closers.append(roles.close)
     hook_args = HookArgs(config, engine, tokenizer)
     manager = build_manager(config, hook_args, dataset, evals)

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None, prog: str = "train.py", overlap: bool = 
         from furlong.build import build_run
         from furlong.loop import train
         asyncio.run(train(build_run(config, argv), overlap))
-    except DataError as error:
+    except (ConfigError, DataError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from furlong.cluster.placement import plan_placement
+
 from furlong.config import Config, eval_datasets
 from furlong.config.report import format_config
 from furlong.data import DataError, DataKeys, PromptEncoder, load_records
@@ -78,5 +80,6 @@ def dry_run(config: Config) -> int:
         print(f"data: {path}: first {len(rows)} rows OK (longest prompt {longest} tokens)")
     print(format_config(config))
     print(device_plan(config))
+    print("layout: " + plan_placement(config, torch.cuda.device_count()).describe())
     print("dry run: configuration is valid")
     return 0

@@ -225,7 +225,7 @@ def throughput(run: Run, batch: TrainBatch, seconds: float) -> dict:
     """perf/tokens_per_gpu_per_sec, perf/actor_train_tflops and (on known GPUs) MFU."""
     trainer = run.trainer
     lengths = [len(t) for t in batch.tokens]
-    world = trainer.rank.dp_size
+    world = trainer.rank.world_size
     flops = 3 * forward_flops(trainer.model_config, lengths, batch.response_lengths)
     metrics = {"perf/tokens_per_gpu_per_sec": sum(lengths) / seconds / world,
                "perf/actor_train_tflops": flops / seconds / world / 1e12}

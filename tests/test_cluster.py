@@ -62,13 +62,16 @@ def test_impossible_layouts_are_clear_errors(grpo_argv, flags, message):
 
 # ---- Ray on CPU -------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_ray_disaggregated_run_syncs_weights(grpo_argv, tmp_path):
-    """Two CPU trainer ranks and one CPU engine: after each broadcast the engine's
-    log-probs equal the trainer's."""
+@pytest.mark.parametrize("layout", [("--rollout-num-gpus", "1"), ("--colocate",)],
+                         ids=["disaggregated", "colocated"])
+def test_ray_run_syncs_weights(grpo_argv, tmp_path, layout):
+    """Two CPU trainer ranks (FSDP2 over gloo) and one engine apart (weights by
+    broadcast) or two engines on the trainers' bundles (weights by value, requests
+    through the router): after each push the engines' log-probs equal the trainer's."""
     pytest.importorskip("ray")
     from furlong import cli
     from furlong.metrics import read_metrics
-    argv = grpo_argv + ["--actor-num-gpus-per-node", "2", "--rollout-num-gpus", "1",
+    argv = grpo_argv + ["--actor-num-gpus-per-node", "2", *layout,
                         "--run-dir", str(tmp_path), "--num-steps-per-rollout", "2",
                         "--update-weight-buffer-size", "100000"]
     assert cli.main(argv) == 0

@@ -65,5 +65,19 @@ def plan_placement(config: Config, gpus_available: int) -> Placement:
                           f"{'' if c.colocate else f' + {engine_devices} engine'}) and this "
                           f"machine has {gpus_available}: lower --actor-num-gpus-per-node / "
                           "--rollout-num-gpus, or use --colocate")
+    _check_trainer_split(config, ranks)
     single = ranks == 1 and c.colocate and engines == 1 and c.actor_num_nodes == 1
     return Placement(ranks, engines, per_engine, device, c.colocate, single)
+
+
+def _check_trainer_split(config: Config, ranks: int) -> None:
+    """Tensor-parallel groups tile the ranks; each step's samples split over the rest."""
+    tp = config.perf.tensor_model_parallel_size
+    if ranks % tp:
+        raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide the {ranks} "
+                          "trainer ranks (--actor-num-nodes x --actor-num-gpus-per-node)")
+    dp, batch = ranks // tp, config.rollout.global_batch_size
+    if batch % dp:
+        raise ConfigError(f"--global-batch-size {batch} does not split over {dp} data-parallel "
+                          f"ranks ({ranks} trainer ranks / tensor-parallel {tp}): make it a "
+                          f"multiple of {dp}")

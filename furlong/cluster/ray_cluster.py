@@ -15,11 +15,14 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+import torch
+
 from furlong.cluster.placement import Placement
-from furlong.cluster.ray_engine import EngineActor, RayEngine
-from furlong.cluster.ray_trainer import RayTrainGroup
-from furlong.config import Config
-from furlong.engine.factory import EngineOptions
+from furlong.cluster.ray_engine import EngineActor
+from furlong.cluster.ray_trainer import RayTrainGroup, wait_all
+from furlong.config import Config, ConfigError
+from furlong.engine.base import Engine
+from furlong.engine.factory import EngineOptions, router_for
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 120
@@ -28,15 +31,16 @@ READY_TIMEOUT_S = 120
 @dataclass
 class RayRoles:
     trainer: RayTrainGroup | None
-    engines: list[RayEngine]
+    engine: Engine | None      # a router over the engine servers
+    engine_actors: list
     group: object
     started_ray: bool
 
     def close(self) -> None:
         if self.trainer is not None:
             self.trainer.close()
-        for engine in self.engines:
-            ray.kill(engine.actor)
+        for actor in self.engine_actors:
+            ray.kill(actor)
         remove_placement_group(self.group)
         if self.started_ray:
             ray.shutdown()
@@ -79,16 +83,17 @@ def build_ray_roles(config: Config, placement: Placement, init_weights: str,
     if trains:
         trainer = RayTrainGroup(config, group, list(range(placement.trainer_ranks)),
                                 share * gpu, init_weights, total_steps)
-    engines = []
-    for index, devices in enumerate(placement.engine_devices):
-        first_bundle = devices[0]  # engine devices are numbered like the bundles
-        actor = EngineActor.options(
-            num_cpus=1, num_gpus=share * gpu * len(devices),
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                group, placement_group_bundle_index=first_bundle)).remote(
-            config.ckpt.hf_checkpoint, config.ckpt.hf_checkpoint, options, placement.device)
-        engines.append(RayEngine(actor, f"engine {index}"))
+    if placement.devices_per_engine > 1:
+        raise ConfigError(f"--rollout-num-gpus-per-engine {placement.devices_per_engine}: the "
+                         "built-in engine runs on one device; use --rollout-backend sglang for "
+                         "tensor-parallel engines")
+    actors = [EngineActor.options(
+        num_cpus=1, num_gpus=share * gpu, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            group, placement_group_bundle_index=devices[0])).remote(  # numbered like bundles
+        config.ckpt.hf_checkpoint, options, placement.device, placement.colocate and gpu == 1)
+        for devices in placement.engine_devices]
+    urls = wait_all([actor.serve.remote() for actor in actors], "engine")
+    engine = router_for(urls, options, torch.device(placement.device)) if urls else None
     if trainer is not None:
-        trainer.attach_engines([e.actor for e in engines], placement.colocate,
-                               placement.engine_devices)
-    return RayRoles(trainer, engines, group, started)
+        trainer.attach_engines(urls, placement.engine_devices, placement.colocate)
+    return RayRoles(trainer, engine, actors, group, started)

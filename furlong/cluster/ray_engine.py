@@ -1,124 +1,53 @@
-"""Engines as Ray actors: EngineActor hosts an engine; RayEngine is the driver's handle.
+"""Engines as Ray actors, each serving SGLang's HTTP API from its own process.
 
-RayEngine implements the `Engine` protocol by remote calls, so the rollout manager
-cannot tell it from an in-process engine. Weights reach an EngineActor three ways:
-by value through Ray's object store (CPU, and the fallback), as CUDA IPC handles from
-a trainer rank on the same GPU (colocated), or by broadcast from trainer rank 0 over a
-weight-update process group (disaggregated).
+An EngineActor builds the built-in engine on the devices Ray gave it and runs the
+furlong engine server (furlong/engine/serve.py) in its event loop; the driver talks to
+all of them through one EngineRouter, exactly as it would to SGLang servers. Trainer
+ranks push weights to the same URLs: CUDA IPC payloads from the rank on the same GPU
+(colocated), a broadcast from rank 0 (apart), or bytes by value (CPU).
 """
 from __future__ import annotations
 
-import asyncio
-from typing import Iterable
+import socket
 
 import ray
 import torch
 
-from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.factory import EngineOptions, create_engine
-from furlong.engine.weight_transfer import WeightUpdateGroup
 
 
 @ray.remote
 class EngineActor:
-    """One engine in its own process, on the devices Ray gave it."""
+    """One engine and its HTTP server, on the devices Ray gave this actor."""
 
-    def __init__(self, model_path: str, tokenizer_path: str, options: EngineOptions,
-                 device_type: str):
+    def __init__(self, model_path: str, options: EngineOptions, device_type: str,
+                 accept_ipc_weights: bool):
         from transformers import AutoTokenizer
         device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
         dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-        self.engine = create_engine(model_path, AutoTokenizer.from_pretrained(tokenizer_path),
-                                    device, dtype, options)
-        self.group: WeightUpdateGroup | None = None
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.engine = create_engine(model_path, self.tokenizer, device, dtype, options)
+        self.model_path = model_path
+        self.accept_ipc_weights = accept_ipc_weights
+        self.runner = None
 
-    async def generate(self, input_ids: list[int], params: SamplingParams) -> GenerateOutput:
-        return await self.engine.generate(input_ids, params)
+    async def serve(self) -> str:
+        """Start the HTTP server on a free port of this node; returns its URL."""
+        from aiohttp import web
 
-    async def update_weights(self, named_tensors: list, version: int) -> int:
-        await self.engine.update_weights(named_tensors, version)
-        return len(named_tensors)
+        from furlong.engine.serve import EngineServer
+        server = EngineServer(self.engine, self.tokenizer, self.model_path,
+                              accept_ipc_weights=self.accept_ipc_weights)
+        self.runner = web.AppRunner(server.build_app())
+        await self.runner.setup()
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+        await web.TCPSite(self.runner, host, port).start()
+        return f"http://{host}:{port}"
 
-    async def update_weights_from_ipc(self, handles: list, version: int) -> int:
-        """Rebuild tensors from CUDA IPC handles (a trainer rank's memory) and load them."""
-        named = [(name, rebuild(*args)) for name, (rebuild, args) in handles]
-        await self.engine.update_weights(named, version)
-        return len(named)
-
-    def join_weight_group(self, master_address: str, master_port: int, rank: int,
-                          world_size: int, backend: str) -> None:
-        # Blocks until every member joined: the driver calls all members together.
-        self.group = WeightUpdateGroup(master_address, master_port, rank, world_size,
-                                       backend=backend)
-
-    async def receive_weights(self, names: list[str], dtypes: list, shapes: list,
-                              version: int) -> int:
-        device = next(self.engine.model.parameters()).device
-        tensors = await asyncio.to_thread(self.group.receive, dtypes, shapes, device)
-        await self.engine.update_weights(list(zip(names, tensors, strict=True)), version)
-        return len(names)
-
-    async def abort_all(self) -> None:
-        await self.engine.abort_all()
-
-    async def release_memory(self) -> None:
-        await self.engine.release_memory()
-
-    async def resume_memory(self) -> None:
-        await self.engine.resume_memory()
-
-    async def flush_cache(self) -> None:
-        await self.engine.flush_cache()
-
-    async def health(self) -> bool:
-        return await self.engine.health()
-
-    async def close(self) -> None:
+    async def stop(self) -> None:
         await self.engine.close()
-        if self.group is not None:
-            self.group.destroy()
-
-
-class RayEngine:
-    """The driver's side of one EngineActor: the `Engine` protocol by remote calls."""
-
-    def __init__(self, actor, name: str):
-        self.actor = actor
-        self.name = name
-
-    async def _call(self, method: str, *args):
-        try:
-            return await getattr(self.actor, method).remote(*args)
-        except ray.exceptions.RayActorError as error:
-            raise RuntimeError(f"{self.name} died: {error}") from None
-
-    async def generate(self, input_ids: list[int], params: SamplingParams) -> GenerateOutput:
-        return await self._call("generate", input_ids, params)
-
-    async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
-                             version: int) -> None:
-        await self._call("update_weights", [(n, t.cpu()) for n, t in named_tensors], version)
-
-    async def abort_all(self) -> None:
-        await self._call("abort_all")
-
-    async def release_memory(self) -> None:
-        await self._call("release_memory")
-
-    async def resume_memory(self) -> None:
-        await self._call("resume_memory")
-
-    async def flush_cache(self) -> None:
-        await self._call("flush_cache")
-
-    async def health(self) -> bool:
-        try:
-            return await self._call("health")
-        except RuntimeError:
-            return False
-
-    async def close(self) -> None:
-        try:
-            await self._call("close")
-        finally:
-            ray.kill(self.actor)
+        if self.runner is not None:
+            await self.runner.cleanup()

@@ -16,8 +16,11 @@ import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from furlong.config import Config
-from furlong.engine.weight_transfer import iter_buckets
-from furlong.train.actor import RankInfo, TrainActor
+from furlong.engine.weight_transfer import (WeightBroadcaster, iter_buckets, post_tensor_update,
+                                            serialize_named_tensors,
+                                            serialize_named_tensors_ipc)
+from furlong.train.actor import TrainActor
+from furlong.train.parallel import rank_info
 
 
 def free_port() -> int:
@@ -58,7 +61,7 @@ class TrainRank:
         hook = load_function(path, "--custom-loss-function-path") if path else None
         self.rank = rank
         self.actor = TrainActor(config, info, init_weights, total_steps, hook, HookArgs(config))
-        self.group = None
+        self.broadcaster: WeightBroadcaster | None = None
 
     def ready(self) -> bool:
         return True
@@ -84,50 +87,41 @@ class TrainRank:
     def model_config(self):
         return self.actor.model_config
 
-    # ---- weight sync (every rank takes part in gathering full weights) -------------------
-    def send_by_value(self, engines: list, version: int, bucket_bytes: int) -> int:
-        sent = 0
-        for bucket, _ in iter_buckets(self.actor.named_weights(), bucket_bytes):
+    # ---- weight sync (every rank takes part in gathering the full weights) -----------------
+    def send_by_value(self, urls: list[str], version: int, bucket_bytes: int) -> None:
+        """Rank 0 posts each bucket's bytes to every engine server."""
+        for bucket, last in iter_buckets(self.actor.named_weights(), bucket_bytes):
             if self.rank == 0:
-                payload = ray.put([(name, tensor.cpu()) for name, tensor in bucket])
-                wait_all([e.update_weights.remote(payload, version) for e in engines], "engine")
-                sent += len(bucket)
-        return sent
+                payload = serialize_named_tensors(bucket)
+                for url in urls:
+                    post_tensor_update(url, payload, version if last else None)
 
-    def send_by_ipc(self, engines: list, version: int, bucket_bytes: int) -> int:
-        """Colocated on one GPU: engines map this rank's tensors through CUDA IPC."""
-        from torch.multiprocessing.reductions import reduce_tensor
-        sent = 0
-        for bucket, _ in iter_buckets(self.actor.named_weights(), bucket_bytes):
-            if engines:
-                kept = [(name, tensor.contiguous()) for name, tensor in bucket]
-                handles = [(name, reduce_tensor(tensor)) for name, tensor in kept]
-                wait_all([e.update_weights_from_ipc.remote(handles, version) for e in engines],
-                         "engine")
+    def send_by_ipc(self, urls: list[str], version: int, bucket_bytes: int) -> None:
+        """Each rank hands the engines on its own GPU CUDA IPC handles (no copy here)."""
+        for bucket, last in iter_buckets(self.actor.named_weights(), bucket_bytes):
+            if urls:
+                payload = serialize_named_tensors_ipc(bucket)  # `bucket` stays alive meanwhile
+                for url in urls:
+                    post_tensor_update(url, payload, version if last else None)
                 torch.cuda.synchronize()
-                sent += len(kept)
-        return sent
 
-    def join_weight_group(self, master_address: str, master_port: int, world_size: int,
-                          backend: str) -> None:
-        from furlong.engine.weight_transfer import WeightUpdateGroup
-        self.group = WeightUpdateGroup(master_address, master_port, 0, world_size,
-                                       backend=backend)
+    def send_by_broadcast(self, urls: list[str], version: int, bucket_bytes: int) -> None:
+        """Rank 0 broadcasts buckets over a weight-update group that the servers joined."""
+        weights = self.actor.named_weights()
+        if self.rank != 0:
+            for _ in weights:  # take part in the gathers
+                pass
+            return
+        if self.broadcaster is None or self.broadcaster.urls != urls:
+            self._join_servers(urls)
+        self.broadcaster.broadcast(weights, bucket_bytes, version)
 
-    def send_by_broadcast(self, engines: list, version: int, bucket_bytes: int) -> int:
-        sent = 0
-        for bucket, _ in iter_buckets(self.actor.named_weights(), bucket_bytes):
-            if self.rank != 0:
-                continue
-            names = [name for name, _ in bucket]
-            tensors = [tensor.contiguous() for _, tensor in bucket]
-            receiving = [e.receive_weights.remote(names, [t.dtype for t in tensors],
-                                                  [list(t.shape) for t in tensors], version)
-                         for e in engines]
-            self.group.broadcast(tensors)
-            wait_all(receiving, "engine")
-            sent += len(bucket)
-        return sent
+    def _join_servers(self, urls: list[str]) -> None:
+        if self.broadcaster is not None:
+            self.broadcaster.close()
+        self.broadcaster = WeightBroadcaster(urls)
+        self.broadcaster.init_group(ray.util.get_node_ip_address(), free_port(),
+                                    backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 class RayTrainGroup:
@@ -146,11 +140,10 @@ class RayTrainGroup:
                 config, rank, self.world_size, address, port, init_weights, total_steps)
             for rank, bundle in enumerate(bundle_of_rank)]
         self._all("ready")
-        device = "cuda" if gpus_per_rank else "cpu"
-        self.rank = RankInfo(dp_size=self.world_size // config.perf.tensor_model_parallel_size,
-                             device=torch.device(device))
+        self.rank = rank_info(0, self.world_size, config.perf.tensor_model_parallel_size,
+                              "cuda" if gpus_per_rank else "cpu")
         self.model_config = ray.get(self.ranks[0].model_config.remote())
-        self.engines: list = []
+        self.urls: list[str] = []
         self.sync_mode = "value"
 
     def _all(self, method: str, *args) -> list:
@@ -180,32 +173,25 @@ class RayTrainGroup:
         self._all("export_hf", str(path))
 
     # ---- weight sync --------------------------------------------------------------------
-    def attach_engines(self, engine_actors: list, colocate: bool, engine_devices: list) -> None:
-        """Choose how weights travel: CUDA IPC (colocated GPUs), broadcast (GPUs apart,
-        and CPU processes apart), or by value through the object store (CPU colocated)."""
-        self.engines = engine_actors
+    def attach_engines(self, urls: list[str], engine_devices: list[list[int]],
+                       colocate: bool) -> None:
+        """Choose how weights travel: CUDA IPC on shared GPUs, a broadcast to engines on
+        devices of their own, bytes by value for CPU processes that share a machine."""
+        self.urls = urls
         self.engine_devices = engine_devices
         cuda = self.rank.device.type == "cuda"
         self.sync_mode = "ipc" if cuda and colocate else "value" if colocate else "broadcast"
-        if self.sync_mode == "broadcast":
-            address, port = ray.util.get_node_ip_address(), free_port()
-            world = 1 + len(engine_actors)
-            backend = "nccl" if cuda else "gloo"
-            joins = [e.join_weight_group.remote(address, port, i + 1, world, backend)
-                     for i, e in enumerate(engine_actors)]
-            joins.append(self.ranks[0].join_weight_group.remote(address, port, world, backend))
-            wait_all(joins, "weight-group member")
 
     async def push_weights(self, engine, version: int) -> None:
         bucket = self.config.rollout.update_weight_buffer_size
         if self.sync_mode == "ipc":  # each rank feeds the engines on its own GPU
             calls = [rank.send_by_ipc.remote(
-                [e for e, devices in zip(self.engines, self.engine_devices, strict=True)
+                [url for url, devices in zip(self.urls, self.engine_devices, strict=True)
                  if devices[0] == index], version, bucket)
                 for index, rank in enumerate(self.ranks)]
         else:
             method = "send_by_value" if self.sync_mode == "value" else "send_by_broadcast"
-            calls = [getattr(rank, method).remote(self.engines, version, bucket)
+            calls = [getattr(rank, method).remote(self.urls, version, bucket)
                      for rank in self.ranks]
         await asyncio.to_thread(wait_all, calls, "trainer rank")
 

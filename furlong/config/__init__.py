@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from furlong.config.groups import GROUPS, Config
-from furlong.config.model_check import check_model_args, read_hf_config
+from furlong.config.model_check import check_model_args, check_tensor_parallel, read_hf_config
 from furlong.config.parser import ConfigError, build_parser, parse_config
 from furlong.config.sglang import check_passthrough
 from furlong.config.validate import eval_datasets, resolve
@@ -17,5 +17,7 @@ def load_config(argv: list[str], prog: str = "train.py") -> tuple[Config, list[s
     given_model_args = {key.split(".", 1)[1] for key, source in config.sources.items()
                         if key.startswith("model.") and source == "flag"}
     directory = config.ckpt.hf_checkpoint
-    check_model_args(config.model, given_model_args, read_hf_config(directory), directory)
+    hf = read_hf_config(directory)
+    check_model_args(config.model, given_model_args, hf, directory)
+    check_tensor_parallel(config.perf.tensor_model_parallel_size, hf, directory)
     return config, warnings

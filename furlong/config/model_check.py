@@ -91,3 +91,14 @@ def check_model_args(model: ModelArgs, given: set[str], hf: dict, directory: str
             raise ConfigError(f"{option_name(name)} {value} disagrees with {directory}/config.json, "
                               f"which implies {want}: fix the model script "
                               "(scripts/models/*.sh) or the checkpoint path")
+
+
+def check_tensor_parallel(tp_size: int, hf: dict, directory: str) -> None:
+    """Tensor parallelism splits heads, KV heads and the MLP: each must divide evenly."""
+    if tp_size == 1:
+        return
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        value = hf.get(key)
+        if value is not None and value % tp_size:
+            raise ConfigError(f"--tensor-model-parallel-size {tp_size} does not divide {key} "
+                              f"{value} of {directory}/config.json: choose a divisor of it")

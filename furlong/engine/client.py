@@ -17,7 +17,8 @@ import aiohttp
 import torch
 
 from furlong.engine.base import GenerateOutput, SamplingParams
-from furlong.engine.weight_transfer import iter_buckets, serialize_named_tensors
+from furlong.engine.weight_transfer import (iter_buckets, serialize_named_tensors,
+                                            tensor_update_body)
 
 
 class EngineHTTPError(RuntimeError):
@@ -72,11 +73,8 @@ class HTTPEngine:
         for every tensor-parallel rank; a `version` also sets it and flushes the cache, so
         it goes with the last bucket. A real SGLang server rejects this payload: it expects
         its own MultiprocessingSerializer format (docs/sglang.md)."""
-        body = {"serialized_named_tensors": [payload] * self.tp_size,
-                "flush_cache": version is not None}
-        if version is not None:
-            body["weight_version"] = str(version)
-        await self._update("/update_weights_from_tensor", body)
+        await self._update("/update_weights_from_tensor",
+                           tensor_update_body(payload, version, self.tp_size))
 
     async def update_weights_from_disk(self, model_path: str | Path, version: int) -> None:
         """Load an HF directory that the server can read."""

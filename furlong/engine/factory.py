@@ -143,6 +143,11 @@ def connect_external(options: EngineOptions, device: torch.device) -> Engine:
                                               address_towards(host)))
 
 
+def router_for(urls: list[str], options: EngineOptions, device: torch.device) -> EngineRouter:
+    """A router over servers another layer started (and feeds weights to)."""
+    return EngineRouter(urls, _router_options(options, device, "distributed", "127.0.0.1"))
+
+
 def _router_options(options: EngineOptions, device: torch.device, weight_sync: str,
                     master_address: str) -> RouterOptions:
     return RouterOptions(

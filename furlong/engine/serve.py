@@ -26,8 +26,9 @@ import torch
 from aiohttp import web
 
 from furlong.engine.base import Engine, GenerateOutput, SamplingParams
-from furlong.engine.weight_transfer import (DEVICE_OF_BACKEND, WeightUpdateGroup,
-                                            deserialize_named_tensors, read_hf_weights)
+from furlong.engine.weight_transfer import (DEVICE_OF_BACKEND, IPC_PREFIX, WeightUpdateGroup,
+                                            deserialize_ipc_tensors, deserialize_named_tensors,
+                                            read_hf_weights)
 
 logger = logging.getLogger(__name__)
 
@@ -256,8 +257,10 @@ class EngineServer:
 
     def __init__(self, engine: Engine, tokenizer, model_path: str,
                  tokenizer_path: str | None = None, health_timeout_s: float = 20.0,
-                 weights_group_timeout_s: float = 600.0):
+                 weights_group_timeout_s: float = 600.0, accept_ipc_weights: bool = False):
         self.engine = engine
+        # CUDA IPC payloads are pickles: only a server placed next to its trainer takes them.
+        self.accept_ipc_weights = accept_ipc_weights
         self.tokenizer = tokenizer
         self.model_path = model_path
         self.tokenizer_path = tokenizer_path or model_path
@@ -428,8 +431,13 @@ class EngineServer:
                         "tensor-parallel rank (this server has one)")
         _check_load_format(body)
         options = _load_options(body)
+        ipc = payloads[0].startswith(IPC_PREFIX)
+        if ipc and not self.accept_ipc_weights:
+            bad_request("serialized_named_tensors: CUDA IPC payloads are accepted only by a "
+                        "server started next to its trainer (accept_ipc_weights)")
         try:
-            named_tensors = await asyncio.to_thread(deserialize_named_tensors, payloads[0])
+            named_tensors = await asyncio.to_thread(
+                deserialize_ipc_tensors if ipc else deserialize_named_tensors, payloads[0])
         except ValueError as error:
             bad_request(str(error))
         async with self._weights_lock:

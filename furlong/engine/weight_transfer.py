@@ -74,6 +74,41 @@ def _owning_cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+IPC_PREFIX = "cuda-ipc:"
+
+
+def serialize_named_tensors_ipc(named_tensors: NamedTensors) -> str:
+    """(name, CUDA tensor) pairs as CUDA IPC handles: a process on the same GPU maps the
+    sender's memory instead of receiving bytes. The sender must keep the tensors alive
+    until the receiver has copied them (the request returns after the load)."""
+    from torch.multiprocessing.reductions import reduce_tensor
+    handles = [(name, reduce_tensor(tensor.detach().contiguous())) for name, tensor in named_tensors]
+    return IPC_PREFIX + base64.b64encode(pickle.dumps(handles)).decode("ascii")
+
+
+def deserialize_ipc_tensors(payload: str) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of a `serialize_named_tensors_ipc` payload, mapped from the sender.
+    Unpickling runs code: servers accept this only when started for a colocated trainer."""
+    handles = pickle.loads(base64.b64decode(payload[len(IPC_PREFIX):]))
+    return [(name, rebuild(*args)) for name, (rebuild, args) in handles]
+
+
+def tensor_update_body(payload: str, version: int | None, tp_size: int = 1) -> dict:
+    """The /update_weights_from_tensor request for one bucket: the payload for every
+    tensor-parallel rank; a `version` (the last bucket) also sets it and flushes the cache."""
+    body = {"serialized_named_tensors": [payload] * tp_size, "flush_cache": version is not None}
+    if version is not None:
+        body["weight_version"] = str(version)
+    return body
+
+
+def post_tensor_update(url: str, payload: str, version: int | None,
+                       timeout_s: float = 600.0) -> dict:
+    """Send one bucket to a server, synchronously (trainer processes)."""
+    return _post(f"{url}/update_weights_from_tensor", tensor_update_body(payload, version),
+                 timeout_s)
+
+
 def deserialize_named_tensors(payload: str) -> list[tuple[str, torch.Tensor]]:
     """The pairs that `serialize_named_tensors` packed; a ValueError for anything else."""
     try:
