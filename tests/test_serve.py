@@ -540,3 +540,19 @@ def test_a_server_process_receives_weights_over_nccl(checkpoints, states, tmp_pa
         for name, tensor in server_weights(url, sent).items():
             torch.testing.assert_close(tensor, states["perturbed"][name], rtol=0, atol=0)
         assert with_client(url, lambda client: client.get_model_info())["weight_version"] == "4"
+
+
+
+def test_ipc_payloads_need_the_servers_consent(server):
+    """CUDA IPC payloads are pickles (they run code when loaded): a server not started
+    next to its trainer refuses one with a 400 instead of unpickling it."""
+    import base64
+    import pickle
+
+    from furlong.engine.weight_transfer import is_ipc_payload, serialize_named_tensors
+    assert not is_ipc_payload(serialize_named_tensors([("w", torch.ones(2))]))
+    payload = base64.b64encode(pickle.dumps([("model.norm.weight", 1)])).decode()
+    assert is_ipc_payload(payload)
+    response = post(server.url, "/update_weights_from_tensor",
+                    {"serialized_named_tensors": [payload]})
+    assert response.status_code == 400 and "CUDA IPC" in response.json()["error"]

@@ -528,8 +528,6 @@ def test_external_flags_are_checked(grpo_argv):
 def test_sglang_backend_errors_name_the_fix(grpo_argv, monkeypatch):
     config, _ = load_config(grpo_argv + ["--rollout-backend", "sglang"])
     options = engine_options(config, shares_device=True)
-    with pytest.raises(ValueError, match="CUDA IPC handles"):
-        create_engine("m", None, torch.device("cuda"), torch.float32, options)
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(ValueError, match="needs the sglang package"):
         create_engine("m", None, CPU, torch.float32, options)

@@ -59,7 +59,7 @@ def engine_options(config: Config, shares_device: bool,
     return EngineOptions(
         backend=r.rollout_backend,
         max_context_len=int(context) if context else None,
-        mem_fraction_static=float(fraction) if fraction else (0.3 if shares_device else 0.85),
+        mem_fraction_static=float(fraction) if fraction else None,
         max_num_seqs=max(64, min(1024, in_flight)), seed=r.rollout_seed,
         shares_device=shares_device, sglang=sglang, device_groups=device_groups,
         external_engine_addrs=tuple(r.rollout_external_engine_addrs or ()) if r.rollout_external
@@ -91,30 +91,28 @@ def create_in_process_engine(model_path: str, tokenizer, device: torch.device,
     fast = options.backend == "fast" or (options.backend == "auto" and device.type == "cuda"
                                          and supports(model.config))
     if fast:
-        log.info("rollout engine: fast (%s, KV cache %.0f%% of the GPU)", device,
-                 100 * (options.mem_fraction_static or 0.85))
+        fraction = options.mem_fraction_static or (0.3 if options.shares_device else 0.85)
+        log.info("rollout engine: fast (%s, KV cache %.0f%% of the GPU)", device, 100 * fraction)
         return FastEngine(model, tokenizer, max_context_len=options.max_context_len,
-                          mem_fraction_static=options.mem_fraction_static or 0.85,
-                          max_num_seqs=options.max_num_seqs, default_seed=options.seed,
-                          cuda_graphs=options.cuda_graphs)
+                          mem_fraction_static=fraction, max_num_seqs=options.max_num_seqs,
+                          default_seed=options.seed, cuda_graphs=options.cuda_graphs)
     log.info("rollout engine: hf (%s)", device)
+    if options.mem_fraction_static is not None:
+        log.warning("--mem-fraction-static has no effect on the HF engine: it allocates its "
+                    "KV cache per batch")
     return HFEngine(model, tokenizer, options.max_context_len, default_seed=options.seed)
 
 
 def launch_servers(model_path: str, options: EngineOptions, device: torch.device) -> Engine:
     """One server per device group, started and healthy, behind a router that owns them."""
     colocated = options.shares_device and device.type == "cuda"
-    if colocated and options.server_module == SGLANG_SERVER:
-        raise ValueError(
-            "--rollout-backend sglang on the trainer's GPU: the weights would have to travel "
-            "through SGLang's /update_weights_from_tensor as CUDA IPC handles in SGLang's own "
-            "format, which furlong does not produce yet (docs/sglang.md). Give the engines "
-            "GPUs of their own, or use --rollout-backend fast")
     if options.server_module == SGLANG_SERVER and importlib.util.find_spec("sglang") is None:
         raise ValueError("--rollout-backend sglang needs the sglang package (pip install "
                          "sglang) in this environment; or use --rollout-backend fast or hf")
     spec = ServerSpec(model_path, options.sglang, options.seed, module=options.server_module,
-                      mem_fraction_static=options.mem_fraction_static if colocated else None)
+                      mem_fraction_static=(options.mem_fraction_static or 0.3) if colocated
+                      else None,
+                      accept_ipc_weights=colocated)
     launcher = ServerLauncher(spec, options.device_groups or [None])
     log.info("rollout engine: sglang (%d x python -m %s, devices %s, logs in %s)",
              len(launcher.device_groups), spec.module,

@@ -58,6 +58,7 @@ class ServerSpec:
     host: str = "127.0.0.1"
     module: str = SGLANG_SERVER
     mem_fraction_static: float | None = None
+    accept_ipc_weights: bool = False  # furlong's server only: a colocated trainer sends IPC
     startup_timeout_s: float = 900.0
     log_dir: str | None = None
 
@@ -70,6 +71,8 @@ def server_command(spec: ServerSpec, port: int) -> list[str]:
     if (spec.mem_fraction_static is not None
             and spec.sglang.passthrough_value("mem-fraction-static") is None):
         argv += ["--mem-fraction-static", str(spec.mem_fraction_static)]
+    if spec.accept_ipc_weights and spec.module != SGLANG_SERVER:
+        argv.append("--accept-ipc-weights")
     return argv
 
 

@@ -40,7 +40,8 @@ from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.client import EngineHTTPError, HTTPEngine
 from furlong.engine.launcher import ServerLauncher, free_port
 from furlong.engine.weight_transfer import (WeightBroadcaster, iter_buckets,
-                                            serialize_named_tensors)
+                                            serialize_named_tensors,
+                                            serialize_named_tensors_ipc)
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +339,10 @@ class EngineRouter:
     async def _send_tensors(self, targets: list[EngineSlot], named_tensors,
                             version: int) -> None:
         for bucket, is_last in iter_buckets(named_tensors, self.options.bucket_bytes):
-            payload = await asyncio.to_thread(serialize_named_tensors, bucket)
+            # CUDA tensors travel as IPC handles (engines share the GPU), others as bytes.
+            serialize = serialize_named_tensors_ipc if bucket[0][1].is_cuda \
+                else serialize_named_tensors
+            payload = await asyncio.to_thread(serialize, bucket)
             await asyncio.gather(*(slot.client.update_weights_from_serialized(
                 payload, version if is_last else None) for slot in targets))
 

@@ -26,9 +26,9 @@ import torch
 from aiohttp import web
 
 from furlong.engine.base import Engine, GenerateOutput, SamplingParams
-from furlong.engine.weight_transfer import (DEVICE_OF_BACKEND, IPC_PREFIX, WeightUpdateGroup,
+from furlong.engine.weight_transfer import (DEVICE_OF_BACKEND, WeightUpdateGroup,
                                             deserialize_ipc_tensors, deserialize_named_tensors,
-                                            read_hf_weights)
+                                            is_ipc_payload, read_hf_weights)
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=1)
     parser.add_argument("--log-level", default="info",
                         choices=("debug", "info", "warning", "error", "critical"))
+    parser.add_argument("--accept-ipc-weights", action="store_true",
+                        help="take CUDA IPC weight payloads (a trainer on the same GPU)")
     args, unknown = parser.parse_known_args(argv)
     if args.tp_size != 1:
         parser.error(f"--tp-size {args.tp_size}: this server runs one device per engine; use "
@@ -86,17 +88,16 @@ def resolve_dtype(name: str, model_path: str) -> torch.dtype:
 
 
 def build_engine(args: argparse.Namespace, tokenizer) -> Engine:
-    """The engine this server runs: the place where a faster engine will be chosen."""
-    from furlong.engine.hf_engine import HFEngine
-    from furlong.train.policy import load_hf_model
+    """The engine this server runs: the fast engine on a GPU for the families it
+    supports, the HF engine otherwise (furlong.engine.factory decides)."""
+    from furlong.engine.factory import EngineOptions, create_engine
 
-    if args.mem_fraction_static is not None:
-        logger.warning("--mem-fraction-static has no effect on HFEngine: it allocates its KV "
-                       "cache per batch")
     device = torch.device("cuda", args.base_gpu_id) if args.device == "cuda" else torch.device("cpu")
-    model = load_hf_model(args.model_path, resolve_dtype(args.dtype, args.model_path), device)
-    return HFEngine(model, tokenizer, args.context_length, args.max_running_requests,
-                    default_seed=args.random_seed)
+    options = EngineOptions(max_context_len=args.context_length,
+                            mem_fraction_static=args.mem_fraction_static,
+                            max_num_seqs=args.max_running_requests, seed=args.random_seed)
+    return create_engine(args.model_path, tokenizer, device,
+                         resolve_dtype(args.dtype, args.model_path), options)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer_path = args.tokenizer_path or args.model_path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     server = EngineServer(build_engine(args, tokenizer), tokenizer, args.model_path,
-                          tokenizer_path)
+                          tokenizer_path, accept_ipc_weights=args.accept_ipc_weights)
     web.run_app(server.build_app(), host=args.host, port=args.port,
                 access_log=logger if args.log_level == "debug" else None)
 
@@ -431,7 +432,7 @@ class EngineServer:
                         "tensor-parallel rank (this server has one)")
         _check_load_format(body)
         options = _load_options(body)
-        ipc = payloads[0].startswith(IPC_PREFIX)
+        ipc = is_ipc_payload(payloads[0])
         if ipc and not self.accept_ipc_weights:
             bad_request("serialized_named_tensors: CUDA IPC payloads are accepted only by a "
                         "server started next to its trainer (accept_ipc_weights)")

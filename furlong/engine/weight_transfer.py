@@ -74,23 +74,28 @@ def _owning_cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-IPC_PREFIX = "cuda-ipc:"
-
-
 def serialize_named_tensors_ipc(named_tensors: NamedTensors) -> str:
-    """(name, CUDA tensor) pairs as CUDA IPC handles: a process on the same GPU maps the
-    sender's memory instead of receiving bytes. The sender must keep the tensors alive
-    until the receiver has copied them (the request returns after the load)."""
-    from torch.multiprocessing.reductions import reduce_tensor
-    handles = [(name, reduce_tensor(tensor.detach().contiguous())) for name, tensor in named_tensors]
-    return IPC_PREFIX + base64.b64encode(pickle.dumps(handles)).decode("ascii")
+    """(name, CUDA tensor) pairs as CUDA IPC handles, in SGLang's format for
+    /update_weights_from_tensor: base64 of a multiprocessing (ForkingPickler) pickle, in
+    which torch reduces CUDA tensors to IPC handles. A process on the same GPU maps the
+    sender's memory instead of receiving bytes; the sender keeps the tensors alive until
+    the request returns (after the load)."""
+    import torch.multiprocessing  # noqa: F401  (registers the tensor reductions)
+    from multiprocessing.reduction import ForkingPickler
+    pairs = [(name, tensor.detach().contiguous()) for name, tensor in named_tensors]
+    return base64.b64encode(ForkingPickler.dumps(pairs)).decode("ascii")
+
+
+def is_ipc_payload(payload: str) -> bool:
+    """Pickles start with the protocol opcode; torch.save archives with the zip magic."""
+    return base64.b64decode(payload[:8])[:1] == b"\x80"
 
 
 def deserialize_ipc_tensors(payload: str) -> list[tuple[str, torch.Tensor]]:
     """The tensors of a `serialize_named_tensors_ipc` payload, mapped from the sender.
-    Unpickling runs code: servers accept this only when started for a colocated trainer."""
-    handles = pickle.loads(base64.b64decode(payload[len(IPC_PREFIX):]))
-    return [(name, rebuild(*args)) for name, (rebuild, args) in handles]
+    Unpickling runs code: servers accept this only when started next to their trainer."""
+    import torch.multiprocessing  # noqa: F401
+    return list(pickle.loads(base64.b64decode(payload)))
 
 
 def tensor_update_body(payload: str, version: int | None, tp_size: int = 1) -> dict:
