@@ -165,7 +165,8 @@ def train_on_rollout(run: Run, rollout_id: int, groups: list[list[Sample]]) -> d
     batch = TrainBatch.from_samples(samples, config.rollout.reward_key)
     metrics: dict = {}
     if config.grpo.loss_type != "sft_loss":
-        metrics.update(prepare_policy_batch(run, batch, [s.group_index for s in samples]))
+        metrics.update(prepare_policy_batch(run, batch, [s.group_index for s in samples],
+                                            [s.weight_version for s in samples]))
     with timed(metrics, "perf/actor_train_time"):
         steps = trainer.train(batch)
     for step, step_metrics in enumerate(steps):
@@ -179,13 +180,31 @@ def train_on_rollout(run: Run, rollout_id: int, groups: list[list[Sample]]) -> d
     return metrics
 
 
-def prepare_policy_batch(run: Run, batch: TrainBatch, group_ids: list[int]) -> dict:
+def log_probs_of_generating_weights(trainer, batch: TrainBatch, versions: list[int]):
+    """--keep-old-actor: each sample's old log-probs under the weights that generated it
+    (the trainer's snapshot of that version), grouped by version."""
+    log_probs: list = [None] * len(batch)
+    entropy: list = [None] * len(batch)
+    for version in sorted(set(versions)):
+        indices = [i for i, v in enumerate(versions) if v == version]
+        values, ent = trainer.compute_log_probs(batch.select(indices), weights_version=version)
+        for i, lp, en in zip(indices, values, ent, strict=True):
+            log_probs[i], entropy[i] = lp, en
+    return log_probs, entropy
+
+
+def prepare_policy_batch(run: Run, batch: TrainBatch, group_ids: list[int],
+                         versions: list[int]) -> dict:
     """Fill old/ref log-probs and advantages into `batch`; returns rollout/* metrics."""
     config, trainer = run.config, run.trainer
     metrics: dict = {}
     entropy = None
     if config.grpo.use_rollout_logprobs:
         batch.old_log_probs = batch.rollout_log_probs
+    elif config.rollout.keep_old_actor:
+        with timed(metrics, "perf/log_probs_time"):
+            batch.old_log_probs, entropy = log_probs_of_generating_weights(trainer, batch,
+                                                                           versions)
     elif needs_old_log_probs(config):
         with timed(metrics, "perf/log_probs_time"):
             batch.old_log_probs, entropy = trainer.compute_log_probs(batch)
@@ -238,6 +257,8 @@ def throughput(run: Run, batch: TrainBatch, seconds: float) -> dict:
 
 async def push_weights(run: Run, version: int) -> None:
     await run.trainer.push_weights(run.engine, version)
+    if run.config.rollout.keep_old_actor:
+        await asyncio.to_thread(run.trainer.snapshot_weights, version)
 
 
 def should_save(run: Run, rollout_id: int) -> bool:

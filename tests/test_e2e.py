@@ -252,3 +252,17 @@ def test_offload_rollout_releases_the_engine_around_training(tiny, tmp_path, mon
     monkeypatch.setattr(HFEngine, "resume_memory", resume)
     run(grpo_argv(tiny, tiny / "model", tmp_path / "o", 2) + ["--offload-rollout"])
     assert calls == ["release", "resume"] * 2
+
+
+def test_async_off_policy_corrections(tiny, sft_model, tmp_path):
+    """Samples trained one version late: --keep-old-actor computes their old log-probs
+    with the weights that generated them (they then match the engine's), and --use-tis
+    reweights by the ratio to the engine's log-probs."""
+    def mean_diff(*extra):
+        rows = run_async(grpo_argv(tiny, sft_model[0], tmp_path / "_".join(extra), 4)
+                         + ["--lr", "1e-3", *extra])
+        return [r["train/train_rollout_logprob_abs_diff"] for r in rows
+                if "train/loss" in r and r["step"] >= 2]
+    stale = mean_diff("--use-tis")
+    kept = mean_diff("--keep-old-actor")
+    assert max(kept) < 1e-4 < min(stale)

@@ -149,3 +149,21 @@ def test_grpo_advantage_is_constant_per_sample(tiny):
     tokens, scalars = compute_advantages(config.grpo, batch, [0, 0, 0, 1, 1, 1])
     for values, scalar in zip(tokens, scalars, strict=True):
         assert torch.all(values == scalar)
+
+
+def test_snapshots_give_the_log_probs_of_the_pushed_weights(tiny):
+    """--keep-old-actor: after training, log-probs of an older version's snapshot equal
+    those computed with that version, and the current weights come back afterwards."""
+    actor = make_actor(tiny, ["--keep-old-actor", "--micro-batch-size", "12"])
+    batch = random_batch(12, 22, seed=5)
+    before, _ = actor.compute_log_probs(batch)
+    actor.snapshot_weights(7)
+    batch.advantages = [torch.ones_like(m) for m in batch.loss_masks]
+    batch.ref_log_probs, _ = actor.compute_log_probs(batch, reference=True)
+    actor.train(batch)
+    after, _ = actor.compute_log_probs(batch)
+    old, _ = actor.compute_log_probs(batch, weights_version=7)
+    again, _ = actor.compute_log_probs(batch)
+    assert all(torch.equal(a, b) for a, b in zip(old, before, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(again, after, strict=True))
+    assert any(not torch.allclose(a, b) for a, b in zip(after, before, strict=True))

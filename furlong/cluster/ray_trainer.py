@@ -66,8 +66,11 @@ class TrainRank:
     def ready(self) -> bool:
         return True
 
-    def compute_log_probs(self, batch, reference: bool):
-        return self.actor.compute_log_probs(batch, reference)
+    def compute_log_probs(self, batch, reference: bool, weights_version: int | None):
+        return self.actor.compute_log_probs(batch, reference, weights_version)
+
+    def snapshot_weights(self, version: int) -> None:
+        self.actor.snapshot_weights(version)
 
     def train(self, batch) -> list[dict]:
         return self.actor.train(batch)
@@ -154,8 +157,12 @@ class RayTrainGroup:
         g = self.config.grpo
         return g.use_kl_loss
 
-    def compute_log_probs(self, batch, reference: bool = False):
-        return self._all("compute_log_probs", ray.put(batch), reference)[0]
+    def compute_log_probs(self, batch, reference: bool = False,
+                          weights_version: int | None = None):
+        return self._all("compute_log_probs", ray.put(batch), reference, weights_version)[0]
+
+    def snapshot_weights(self, version: int) -> None:
+        self._all("snapshot_weights", version)
 
     def train(self, batch) -> list[dict]:
         return self._all("train", ray.put(batch))[0]

@@ -15,6 +15,7 @@ Where it runs (`RankInfo`):
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -32,12 +33,18 @@ from furlong.train.parallel import RankInfo
 from furlong.train.policy import CausalLMPolicy, load_hf_model
 
 
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter (the local shard of a DTensor), in place."""
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
 class TrainActor:
     config: Config
     rank: RankInfo
     mesh: DeviceMesh | None  # ("dp", "tp"); None for one CPU process
     policy: CausalLMPolicy
     ref_policy: CausalLMPolicy | None
+    snapshots: dict[int, list[torch.Tensor]]  # --keep-old-actor: weights version -> CPU copy
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler
 
@@ -48,6 +55,7 @@ class TrainActor:
         self.mesh = self._build_mesh()
         self.policy = self._build_policy(init_weights, trainable=True)
         self.ref_policy = None
+        self.snapshots = {}
         if config.grpo.use_kl_loss:
             self.ref_policy = self._build_policy(
                 config.ckpt.ref_load or config.ckpt.hf_checkpoint, trainable=False)
@@ -111,13 +119,18 @@ class TrainActor:
 
     # ---- log-probs ---------------------------------------------------------------------
     @torch.no_grad()
-    def compute_log_probs(self, batch: TrainBatch, reference: bool = False
+    def compute_log_probs(self, batch: TrainBatch, reference: bool = False,
+                          weights_version: int | None = None
                           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-sample (log-probs, entropy) of the response tokens, for every sample.
 
         Each data-parallel rank computes its share; the shares are gathered so every
-        rank holds all.
+        rank holds all. `weights_version` computes them with the weights the engines were
+        given at that version (--keep-old-actor snapshots), not the current ones.
         """
+        if weights_version is not None and weights_version in self.snapshots:
+            with self._weights_of(weights_version):
+                return self.compute_log_probs(batch)
         policy = self.ref_policy if reference else self.policy
         policy.eval()
         log_probs: list = [None] * len(batch)
@@ -215,6 +228,30 @@ class TrainActor:
     async def push_weights(self, engine, version: int) -> None:
         """Send the current weights to the engine (in one process: a copy with a dtype cast)."""
         await engine.update_weights(self.named_weights(), version)
+
+    def snapshot_weights(self, version: int) -> None:
+        """Keep a CPU copy of this rank's weights as pushed at `version` (--keep-old-actor);
+        the two newest are kept: a one-step-off-policy rollout needs the previous one."""
+        with torch.no_grad():
+            self.snapshots[version] = [_local(p).detach().to("cpu", copy=True)
+                                       for p in self.policy.parameters()]
+        for old in sorted(self.snapshots)[:-2]:
+            del self.snapshots[old]
+
+    @contextlib.contextmanager
+    def _weights_of(self, version: int):
+        """The policy holds the `version` snapshot inside the block, its own weights after."""
+        parameters = list(self.policy.parameters())
+        with torch.no_grad():
+            current = [_local(p).detach().to("cpu", copy=True) for p in parameters]
+            for param, saved in zip(parameters, self.snapshots[version], strict=True):
+                _local(param).copy_(saved)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, saved in zip(parameters, current, strict=True):
+                    _local(param).copy_(saved)
 
     def update_reference(self) -> None:
         """Copy the policy into the reference (--ref-update-interval); same sharding."""
