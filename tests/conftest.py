@@ -1,6 +1,7 @@
 """Shared fixtures: the embedded tiny model and task, written once per test session."""
 from __future__ import annotations
 
+import os
 import random
 import shlex
 from pathlib import Path
@@ -12,6 +13,11 @@ from furlong.tiny import write_tiny
 from furlong.train.batch import TrainBatch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one thread each instead of both fighting for both cores.
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -101,3 +101,41 @@ def test_ray_rank_death_fails_fast(grpo_argv, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="trainer rank 1"):
         cli.main(argv)
     assert time.monotonic() - start < 180
+
+
+@pytest.mark.slow
+def test_ray_trainers_feed_external_servers(grpo_argv, tiny, tmp_path):
+    """Trainer ranks on Ray push weights by broadcast to a server they did not start."""
+    pytest.importorskip("ray")
+    import socket
+    import subprocess
+    import sys
+
+    import requests
+
+    from furlong import cli
+    from furlong.metrics import read_metrics
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "furlong.engine.serve", "--model-path",
+                               str(tiny / "model"), "--port", str(port), "--device", "cpu",
+                               "--dtype", "float32"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(120):
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        argv = grpo_argv + ["--actor-num-gpus-per-node", "2", "--rollout-external",
+                            "--rollout-external-engine-addrs", f"127.0.0.1:{port}",
+                            "--run-dir", str(tmp_path), "--num-steps-per-rollout", "2"]
+        assert cli.main(argv) == 0
+        rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in r]
+        assert max(r["train/train_rollout_logprob_abs_diff"] for r in rows) < 1e-4
+        assert server.poll() is None  # an external server outlives the run
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -57,8 +57,9 @@ def plan_placement(config: Config, gpus_available: int) -> Placement:
                           f"{engine_devices} engine devices (--rollout-num-gpus, or the trainer's "
                           "with --colocate)")
     engines = engine_devices // per_engine
-    if engines == 0 and not config.debug.debug_train_only:
-        raise ConfigError("no engine devices: give --rollout-num-gpus N or --colocate")
+    if engines == 0 and not (config.debug.debug_train_only or config.rollout.rollout_external):
+        raise ConfigError("no engine devices: give --rollout-num-gpus N or --colocate (or "
+                          "--rollout-external with running servers)")
     needed = ranks if c.colocate else ranks + engine_devices
     if gpus_available and c.actor_num_nodes == 1 and needed > gpus_available:
         raise ConfigError(f"the run needs {needed} GPUs ({ranks} trainer"

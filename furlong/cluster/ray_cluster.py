@@ -22,7 +22,7 @@ from furlong.cluster.ray_engine import EngineActor
 from furlong.cluster.ray_trainer import RayTrainGroup, wait_all
 from furlong.config import Config, ConfigError
 from furlong.engine.base import Engine
-from furlong.engine.factory import EngineOptions, router_for
+from furlong.engine.factory import EngineOptions, create_engine, resolve_backend, router_for
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 120
@@ -83,6 +83,16 @@ def build_ray_roles(config: Config, placement: Placement, init_weights: str,
     if trains:
         trainer = RayTrainGroup(config, group, list(range(placement.trainer_ranks)),
                                 share * gpu, init_weights, total_steps)
+    if options.external_engine_addrs:  # servers someone else runs: only the trainer is placed
+        engine = create_engine(config.ckpt.hf_checkpoint, None, torch.device(placement.device),
+                               torch.float32, options)
+        if trainer is not None:
+            trainer.attach_engines(engine.urls, [], colocate=False)
+        return RayRoles(trainer, engine, [], group, started)
+    if resolve_backend(options, torch.device(placement.device)) == "sglang":
+        raise ConfigError("--rollout-backend sglang with cluster flags: launching SGLang "
+                          "servers on Ray's bundles is not built; start them yourself and "
+                          "pass --rollout-external --rollout-external-engine-addrs HOST:PORT")
     if placement.devices_per_engine > 1:
         raise ConfigError(f"--rollout-num-gpus-per-engine {placement.devices_per_engine}: the "
                          "built-in engine runs on one device; use --rollout-backend sglang for "

@@ -299,6 +299,11 @@ class EngineRouter:
 
     # ---- fan-out -------------------------------------------------------------------------
 
+    @property
+    def urls(self) -> list[str]:
+        """The URLs of the engines in rotation (trainer ranks push weights to them)."""
+        return [slot.url for slot in self._live()]
+
     def _live(self) -> list[EngineSlot]:
         live = [slot for slot in self.engines if slot.state in LIVE]
         if not live:
