@@ -139,3 +139,21 @@ def test_ray_trainers_feed_external_servers(grpo_argv, tiny, tmp_path):
     finally:
         server.terminate()
         server.wait(30)
+
+
+@pytest.mark.slow
+def test_ray_async_generation_overlaps_training(grpo_argv, tmp_path):
+    """train_async.py on Ray: a trainer rank and an engine in their own processes; the
+    generation of rollout k+1 runs while rollout k trains, one weight version behind."""
+    pytest.importorskip("ray")
+    from furlong import cli
+    from furlong.metrics import read_metrics
+    argv = grpo_argv + ["--actor-num-gpus-per-node", "1", "--rollout-num-gpus", "1",
+                        "--num-rollout", "4", "--run-dir", str(tmp_path)]
+    assert cli.main(argv, prog="train_async.py", overlap=True) == 0
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "metrics.jsonl")
+            if "perf/rollout_start" in r}
+    for k in range(3):
+        assert rows[k + 1]["perf/rollout_start"] < rows[k]["perf/train_end"]
+        assert rows[k + 1]["perf/rollout_end"] > rows[k]["perf/train_start"]
+        assert rows[k + 1]["rollout/staleness"] == 1
