@@ -97,6 +97,8 @@ async def run_loop(run: Run, overlap: bool = False) -> dict:
             pending = start_generation(run, rollout_id + 1)
         if run.trainer is not None:
             start = time.time()
+            if offloads_trainer(run, overlap):
+                await asyncio.to_thread(run.trainer.reload)
             async with engine_memory_released(run, enabled=not overlap):
                 metrics.update(await asyncio.to_thread(train_on_rollout, run, rollout_id,
                                                        rollout.groups))
@@ -109,6 +111,8 @@ async def run_loop(run: Run, overlap: bool = False) -> dict:
             with timed(metrics, "perf/update_weights_time"):
                 version = rollout_id + 1
                 await push_weights(run, version)
+        if offloads_trainer(run, overlap):  # the engines generate next, on this device
+            await asyncio.to_thread(run.trainer.offload)
         metrics["perf/step_time"] = time.perf_counter() - step_start
         run.logger.log(rollout_id, metrics)
         progress.update(rollout_id, metrics)
@@ -116,6 +120,12 @@ async def run_loop(run: Run, overlap: bool = False) -> dict:
             last_eval = await evaluate(run, rollout_id + 1)
     progress.close()
     return last_eval
+
+
+def offloads_trainer(run: Run, overlap: bool) -> bool:
+    """--offload-train: the trainer's optimizer state leaves the device while engines
+    sharing it generate (colocated, synchronous runs)."""
+    return run.config.cluster.offload_train and run.trainer is not None and not overlap
 
 
 @asynccontextmanager

@@ -238,7 +238,7 @@ def test_async_resume_regenerates_the_rollout_in_flight(tiny, tmp_path, monkeypa
         assert prompts("cut", k) == prompts("full", k), k
 
 
-def test_offload_rollout_releases_the_engine_around_training(tiny, tmp_path, monkeypatch):
+def test_offload_frees_the_idle_side(tiny, tmp_path, monkeypatch):
     from furlong.engine.hf_engine import HFEngine
     calls = []
 
@@ -250,8 +250,12 @@ def test_offload_rollout_releases_the_engine_around_training(tiny, tmp_path, mon
 
     monkeypatch.setattr(HFEngine, "release_memory", release)
     monkeypatch.setattr(HFEngine, "resume_memory", resume)
-    run(grpo_argv(tiny, tiny / "model", tmp_path / "o", 2) + ["--offload-rollout"])
-    assert calls == ["release", "resume"] * 2
+    from furlong.train.actor import TrainActor
+    monkeypatch.setattr(TrainActor, "offload", lambda self: calls.append("offload"))
+    monkeypatch.setattr(TrainActor, "reload", lambda self: calls.append("reload"))
+    run(grpo_argv(tiny, tiny / "model", tmp_path / "o", 2) + ["--offload"])
+    # the trainer's state comes back before training and leaves before the next rollout
+    assert calls == ["reload", "release", "resume", "offload"] * 2
 
 
 def test_async_off_policy_corrections(tiny, sft_model, tmp_path):

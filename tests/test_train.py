@@ -167,3 +167,23 @@ def test_snapshots_give_the_log_probs_of_the_pushed_weights(tiny):
     assert all(torch.equal(a, b) for a, b in zip(old, before, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(again, after, strict=True))
     assert any(not torch.allclose(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_offload_and_reload_keep_the_optimizer_state(tiny):
+    """--offload-train moves the optimizer state off the device and back unchanged: the
+    next step is the same as without offloading."""
+    losses = []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        actor = make_actor(tiny, ["--micro-batch-size", "12"])
+        batch = random_batch(12, 22, seed=5)
+        batch.advantages = [torch.ones_like(m) for m in batch.loss_masks]
+        batch.ref_log_probs, _ = actor.compute_log_probs(batch, reference=True)
+        actor.train(batch)
+        if offload:
+            actor.offload()
+            assert all(v.device.type == "cpu" for s in actor.optimizer.state.values()
+                       for v in s.values() if isinstance(v, torch.Tensor))
+            actor.reload()
+        losses.append(actor.train(batch)[0]["train/loss"])
+    assert losses[0] == losses[1]

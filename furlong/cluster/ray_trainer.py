@@ -72,6 +72,12 @@ class TrainRank:
     def snapshot_weights(self, version: int) -> None:
         self.actor.snapshot_weights(version)
 
+    def offload(self) -> None:
+        self.actor.offload()
+
+    def reload(self) -> None:
+        self.actor.reload()
+
     def train(self, batch) -> list[dict]:
         return self.actor.train(batch)
 
@@ -163,6 +169,12 @@ class RayTrainGroup:
 
     def snapshot_weights(self, version: int) -> None:
         self._all("snapshot_weights", version)
+
+    def offload(self) -> None:
+        self._all("offload")
+
+    def reload(self) -> None:
+        self._all("reload")
 
     def train(self, batch) -> list[dict]:
         return self._all("train", ray.put(batch))[0]

@@ -229,6 +229,22 @@ class TrainActor:
         """Send the current weights to the engine (in one process: a copy with a dtype cast)."""
         await engine.update_weights(self.named_weights(), version)
 
+    def offload(self) -> None:
+        """--offload-train: move the optimizer state (two float32 copies of the weights)
+        to the CPU while the engines generate on this device; `reload` brings it back."""
+        self._move_optimizer_state(torch.device("cpu"))
+        if self.rank.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def reload(self) -> None:
+        self._move_optimizer_state(self.rank.device)
+
+    def _move_optimizer_state(self, device: torch.device) -> None:
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.dim():  # `step` stays put
+                    state[key] = value.to(device, non_blocking=True)
+
     def snapshot_weights(self, version: int) -> None:
         """Keep a CPU copy of this rank's weights as pushed at `version` (--keep-old-actor);
         the two newest are kept: a one-step-off-policy rollout needs the previous one."""
