@@ -14,9 +14,9 @@ from typing import Callable
 
 import torch
 
+from furlong.cluster.placement import plan_placement
 from furlong.config import Config, eval_datasets
 from furlong.data import DataKeys, PromptDataset, PromptEncoder
-from furlong.cluster.placement import plan_placement
 from furlong.engine.base import Engine
 from furlong.engine.factory import create_engine, engine_options
 from furlong.hooks import load_function

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from furlong.cluster.placement import plan_placement
-
 from furlong.config import Config, eval_datasets
 from furlong.config.report import format_config
 from furlong.data import DataError, DataKeys, PromptEncoder, load_records

@@ -13,7 +13,6 @@ import json
 import math
 import re
 import sys
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace

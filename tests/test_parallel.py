@@ -21,6 +21,7 @@ import torch
 import torch.multiprocessing as mp
 
 from furlong.config import load_config
+from furlong.ports import free_port
 from furlong.train import distributed_state, parallel
 from furlong.train.actor import RankInfo, TrainActor
 from furlong.train.advantages import compute_advantages
@@ -148,7 +149,7 @@ def ranks(tiny, tmp_path_factory):
     """(prepared batch, results of the 2-rank spawn, its output directory)."""
     out = tmp_path_factory.mktemp("parallel")
     batch = prepared_batch(tiny)
-    mp.spawn(_worker, args=(parallel.free_port(), tiny, batch, out), nprocs=WORLD)
+    mp.spawn(_worker, args=(free_port(), tiny, batch, out), nprocs=WORLD)
     return batch, torch.load(out / "results.pt", weights_only=False), out
 
 
@@ -295,7 +296,7 @@ def test_two_gpus_match_one_process_in_bf16(tiny, tmp_path):
     """The NCCL path: data, tensor and sequence parallel on 2 GPUs give the float32
     one-process step to bfloat16 accuracy, and resume exactly."""
     batch = prepared_batch(tiny)
-    mp.spawn(_worker, args=(parallel.free_port(), tiny, batch, tmp_path, "cuda"), nprocs=WORLD)
+    mp.spawn(_worker, args=(free_port(), tiny, batch, tmp_path, "cuda"), nprocs=WORLD)
     results = torch.load(tmp_path / "results.pt", weights_only=False)
     for name, (_, extra) in RUNS.items():
         reference = TrainActor(config_for(tiny, single_process_flags(extra)), RankInfo(),

@@ -13,7 +13,6 @@ import base64
 import contextlib
 import io
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from aiohttp import web
 from transformers import AutoTokenizer
 
 from furlong.engine.base import SamplingParams
+from furlong.ports import free_port
 from furlong.engine.client import EngineHTTPError, HTTPEngine
 from furlong.engine.hf_engine import HFEngine, load_named_tensors
 from furlong.engine.serve import EngineServer, parse_args
@@ -173,12 +173,6 @@ def assert_same_outputs(actual, expected) -> None:
 
 def post(url: str, path: str, body) -> requests.Response:
     return requests.post(url + path, json=body, timeout=30)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---- generation -----------------------------------------------------------------------------

@@ -30,8 +30,9 @@ from furlong.engine.base import SamplingParams
 from furlong.engine.client import HTTPEngine
 from furlong.engine.factory import EngineOptions, create_engine, engine_options
 from furlong.engine.launcher import (BUILTIN_SERVER, ServerLauncher, ServerProcess, ServerSpec,
-                                     free_port, server_command, server_env)
+                                     server_command, server_env)
 from furlong.engine.router import EngineRouter, EngineState, RouterOptions
+from furlong.ports import free_port
 from furlong.train.policy import load_hf_model
 
 pytestmark = pytest.mark.timeout(120)

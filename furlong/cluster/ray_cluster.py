@@ -12,10 +12,9 @@ import os
 from dataclasses import dataclass
 
 import ray
+import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-import torch
 
 from furlong.cluster.placement import Placement
 from furlong.cluster.ray_engine import EngineActor

@@ -8,12 +8,11 @@ ranks push weights to the same URLs: CUDA IPC payloads from the rank on the same
 """
 from __future__ import annotations
 
-import socket
-
 import ray
 import torch
 
 from furlong.engine.factory import EngineOptions, create_engine
+from furlong.ports import free_port
 
 
 @ray.remote
@@ -41,9 +40,7 @@ class EngineActor:
         self.runner = web.AppRunner(server.build_app())
         await self.runner.setup()
         host = ray.util.get_node_ip_address()
-        with socket.socket() as probe:
-            probe.bind((host, 0))
-            port = probe.getsockname()[1]
+        port = free_port(host)
         await web.TCPSite(self.runner, host, port).start()
         return f"http://{host}:{port}"
 

@@ -8,7 +8,6 @@ an error naming the rank and the cause, even while the others block in a collect
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 
 import ray
@@ -17,16 +16,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from furlong.config import Config
 from furlong.engine.weight_transfer import (WeightBroadcaster, iter_buckets, post_tensor_update,
-                                            serialize_named_tensors,
-                                            serialize_named_tensors_ipc)
+                                            serialize_named_tensors, serialize_named_tensors_ipc)
+from furlong.ports import free_port
 from furlong.train.actor import TrainActor
 from furlong.train.parallel import rank_info
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
 
 
 def wait_all(refs: list, role: str) -> list:

@@ -17,8 +17,7 @@ import aiohttp
 import torch
 
 from furlong.engine.base import GenerateOutput, SamplingParams
-from furlong.engine.weight_transfer import (iter_buckets, serialize_named_tensors,
-                                            tensor_update_body)
+from furlong.engine.weight_transfer import iter_buckets, serialize_named_tensors, tensor_update_body
 
 
 class EngineHTTPError(RuntimeError):

@@ -23,7 +23,6 @@ import ctypes
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ import requests
 
 from furlong.config.groups import SglangArgs
 from furlong.config.sglang import launch_server_args
+from furlong.ports import free_port, free_ports
 
 log = logging.getLogger(__name__)
 
@@ -82,23 +82,6 @@ def server_env(devices: list[int] | None) -> dict[str, str]:
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(device) for device in devices)
     return env
-
-
-def free_ports(host: str, count: int) -> list[int]:
-    """`count` distinct ports nobody listens on now (servers bind them a moment later).
-    The sockets are held together: one closed early could hand its port out again."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    return free_ports(host, 1)[0]
 
 
 def _parent_death_signal() -> Callable[[], None] | None:

@@ -38,10 +38,10 @@ import torch
 
 from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.client import EngineHTTPError, HTTPEngine
-from furlong.engine.launcher import ServerLauncher, free_port
+from furlong.engine.launcher import ServerLauncher
 from furlong.engine.weight_transfer import (WeightBroadcaster, iter_buckets,
-                                            serialize_named_tensors,
-                                            serialize_named_tensors_ipc)
+                                            serialize_named_tensors, serialize_named_tensors_ipc)
+from furlong.ports import free_port
 
 log = logging.getLogger(__name__)
 

@@ -80,8 +80,9 @@ def serialize_named_tensors_ipc(named_tensors: NamedTensors) -> str:
     which torch reduces CUDA tensors to IPC handles. A process on the same GPU maps the
     sender's memory instead of receiving bytes; the sender keeps the tensors alive until
     the request returns (after the load)."""
-    import torch.multiprocessing  # noqa: F401  (registers the tensor reductions)
     from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers the tensor reductions)
     pairs = [(name, tensor.detach().contiguous()) for name, tensor in named_tensors]
     return base64.b64encode(ForkingPickler.dumps(pairs)).decode("ascii")
 

@@ -14,7 +14,6 @@ the plain model is faster and needs no process group.
 from __future__ import annotations
 
 import functools
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -23,12 +22,12 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
-                                               RowwiseParallel, SequenceParallel,
-                                               parallelize_module)
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                               SequenceParallel, parallelize_module)
 from torch.utils.checkpoint import checkpoint
 
 from furlong.config.groups import PerfArgs
+from furlong.ports import free_port
 from furlong.train.attention import RECOMPUTE_CORE
 
 
@@ -88,13 +87,6 @@ def rank_info(rank: int, world_size: int, tp_size: int, device_type: str,
 
 
 # ---- process group and mesh ---------------------------------------------------------
-def free_port() -> int:
-    """A TCP port that is free now (for a process group of one)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int,
                      backend: str, local_rank: int | None = None) -> None:
     """Join the default process group (once per process; later calls do nothing).
