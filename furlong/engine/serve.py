@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
-import uuid
-from dataclasses import dataclass
-from typing import NoReturn
 
 import torch
 from aiohttp import web
 
-from furlong.engine.base import Engine, GenerateOutput, SamplingParams
+from furlong.engine.base import Engine, SamplingParams
+from furlong.engine.request_fields import (GENERATE_FIELDS, LoadOptions, bad_request,
+                                           check_load_format, field, generate_item, is_int,
+                                           json_body, load_options, parse_batch_sampling_params,
+                                           parse_dtype, parse_shape, request_ids, version_field)
 from furlong.engine.weight_transfer import (DEVICE_OF_BACKEND, WeightUpdateGroup,
                                             deserialize_ipc_tensors, deserialize_named_tensors,
                                             is_ipc_payload, read_hf_weights)
@@ -34,10 +34,7 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16, "half": torch.float16}
-GENERATE_FIELDS = {"input_ids", "text", "sampling_params", "return_logprob", "rid", "stream"}
 MAX_BODY_BYTES = 1 << 40  # serialized weights travel in request bodies
-_REQUIRED = object()
-_KIND_NAMES = {bool: "true or false", int: "an integer", str: "a string", list: "a list"}
 
 
 # ---- command line and engine -----------------------------------------------------------------
@@ -116,132 +113,8 @@ def main(argv: list[str] | None = None) -> None:
                 access_log=logger if args.log_level == "debug" else None)
 
 
-# ---- request fields --------------------------------------------------------------------------
-
-def bad_request(message: str) -> NoReturn:
-    raise web.HTTPBadRequest(text=json.dumps({"error": message}), content_type="application/json")
-
-
-async def _json_body(request: web.Request) -> dict:
-    if not request.body_exists:
-        return {}
-    try:
-        body = await request.json()
-    except json.JSONDecodeError as error:
-        bad_request(f"the body is not JSON: {error}")
-    if not isinstance(body, dict):
-        bad_request("the body must be a JSON object")
-    return body
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _field(body: dict, name: str, kind: type, default=_REQUIRED):
-    """body[name], checked to be of `kind`; `default` when absent or null."""
-    value = body.get(name)
-    if value is None:
-        if default is _REQUIRED:
-            bad_request(f"field {name!r} is required")
-        return default
-    if not (_is_int(value) if kind is int else isinstance(value, kind)):
-        bad_request(f"field {name!r} must be {_KIND_NAMES[kind]}, got {value!r}")
-    return value
-
-
-def _version_field(body: dict, name: str) -> int | None:
-    """A weight version: SGLang sends a string, furlong engines number them."""
-    value = body.get(name)
-    if value is None:
-        return None
-    try:
-        if _is_int(value) or isinstance(value, str):
-            return int(value)
-    except ValueError:
-        pass
-    bad_request(f"field {name!r} must be an integer (or its string), got {value!r}")
-
-
-@dataclass(frozen=True)
-class _LoadOptions:
-    """The fields of SGLang's weight-update requests that say how to load."""
-    weight_version: int | None
-    flush_cache: bool
-    abort_all_requests: bool
-
-
-def _load_options(body: dict) -> _LoadOptions:
-    return _LoadOptions(_version_field(body, "weight_version"),
-                        _field(body, "flush_cache", bool, True),
-                        _field(body, "abort_all_requests", bool, False))
-
-
-def _check_load_format(body: dict) -> None:
-    if body.get("load_format") not in (None, "auto"):
-        bad_request(f"load_format {body['load_format']!r} is not supported; leave it out")
-
-
-def _torch_dtype(name, field: str) -> torch.dtype:
-    dtype = getattr(torch, name.removeprefix("torch."), None) if isinstance(name, str) else None
-    if not isinstance(dtype, torch.dtype):
-        bad_request(f"{field} = {name!r} is not a torch dtype (e.g. 'bfloat16')")
-    return dtype
-
-
-def _shape(value, field: str) -> list[int]:
-    if not isinstance(value, list) or not all(_is_int(size) and size >= 0 for size in value):
-        bad_request(f"{field} must be a list of sizes, got {value!r}")
-    return value
-
-
-def _sampling_params(value: dict, field: str) -> SamplingParams:
-    try:
-        return SamplingParams.from_dict(value).validate()
-    except (ValueError, TypeError) as error:
-        bad_request(f"{field}: {error}")
-
-
-def _batch_sampling_params(value, count: int, batched: bool) -> list[SamplingParams]:
-    """One SamplingParams per prompt: a dict is shared, a list gives one per prompt."""
-    if value is None or isinstance(value, dict):
-        return [_sampling_params(value or {}, "sampling_params")] * count
-    if not (batched and isinstance(value, list) and len(value) == count
-            and all(isinstance(item, dict) for item in value)):
-        bad_request(f"sampling_params must be a dict, or in a batch of {count} a list of "
-                    f"{count} dicts, got {value!r}")
-    return [_sampling_params(item, f"sampling_params[{i}]") for i, item in enumerate(value)]
-
-
-def _rids(value, count: int, batched: bool) -> list[str]:
-    if value is None:
-        return [uuid.uuid4().hex for _ in range(count)]
-    if not batched and isinstance(value, str):
-        return [value]
-    if batched and isinstance(value, list) and len(value) == count:
-        return [str(rid) for rid in value]
-    bad_request(f"rid must be a string, or in a batch of {count} a list of {count}")
-
-
-def _generate_item(output: GenerateOutput, rid: str, return_logprob: bool) -> dict:
-    """One /generate result in SGLang's shape."""
-    finish: dict = {"type": output.finish_reason}
-    if output.finish_reason == "length":
-        finish["length"] = len(output.output_ids)
-    elif output.finish_reason == "abort":
-        finish["message"] = "the request was aborted"
-    meta = {"id": rid, "finish_reason": finish, "prompt_tokens": output.prompt_tokens,
-            "completion_tokens": len(output.output_ids),
-            "weight_version": str(output.weight_version)}
-    if return_logprob:
-        meta["output_token_logprobs"] = [
-            [log_prob, token, None]
-            for log_prob, token in zip(output.output_log_probs, output.output_ids, strict=True)]
-    return {"text": output.text, "output_ids": output.output_ids, "meta_info": meta}
-
-
 @web.middleware
-async def _errors_as_json(request: web.Request, handler):
+async def errors_as_json(request: web.Request, handler):
     try:
         return await handler(request)
     except web.HTTPException:
@@ -277,7 +150,7 @@ class EngineServer:
         return next(self.engine.model.parameters()).device
 
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors_as_json])
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors_as_json])
         app.add_routes([
             web.post("/generate", self.generate),
             web.get("/health", self.health),
@@ -308,19 +181,19 @@ class EngineServer:
     # -- generation
 
     async def generate(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await json_body(request)
         unknown = set(body) - GENERATE_FIELDS
         if unknown:
             bad_request(f"unknown fields {sorted(unknown)}; known: {sorted(GENERATE_FIELDS)}")
-        if _field(body, "stream", bool, False):
+        if field(body, "stream", bool, False):
             bad_request("stream: streaming is not supported; leave it out")
         prompts, batched = self._prompts(body)
-        params = _batch_sampling_params(body.get("sampling_params"), len(prompts), batched)
-        rids = _rids(body.get("rid"), len(prompts), batched)
-        return_logprob = _field(body, "return_logprob", bool, False)
+        params = parse_batch_sampling_params(body.get("sampling_params"), len(prompts), batched)
+        rids = request_ids(body.get("rid"), len(prompts), batched)
+        return_logprob = field(body, "return_logprob", bool, False)
         outputs = await asyncio.gather(*(self.engine.generate(ids, p)
                                          for ids, p in zip(prompts, params, strict=True)))
-        items = [_generate_item(output, rid, return_logprob)
+        items = [generate_item(output, rid, return_logprob)
                  for output, rid in zip(outputs, rids, strict=True)]
         return web.json_response(items if batched else items[0])
 
@@ -345,7 +218,7 @@ class EngineServer:
         if not isinstance(ids, list) or not ids:
             bad_request(f"{field} must be a non-empty list of token ids, got {ids!r}")
         for i, token in enumerate(ids):
-            if not (_is_int(token) and 0 <= token < self.vocab_size):
+            if not (is_int(token) and 0 <= token < self.vocab_size):
                 bad_request(f"{field}[{i}] = {token!r} is not a token id in [0, {self.vocab_size})")
         return ids
 
@@ -363,8 +236,8 @@ class EngineServer:
         return web.Response(status=200)
 
     async def abort_request(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
-        if not _field(body, "abort_all", bool, False):
+        body = await json_body(request)
+        if not field(body, "abort_all", bool, False):
             bad_request("abort_all: this server aborts all requests at once; send "
                         '{"abort_all": true} (abort by rid is not supported)')
         await self.engine.abort_all()
@@ -381,18 +254,18 @@ class EngineServer:
 
     async def release_memory_occupation(self, request: web.Request) -> web.Response:
         """Every tag at once: the Engine protocol releases all or nothing."""
-        self._check_tags(await _json_body(request))
+        self._check_tags(await json_body(request))
         await self.engine.release_memory()
         return web.json_response({"success": True})
 
     async def resume_memory_occupation(self, request: web.Request) -> web.Response:
-        self._check_tags(await _json_body(request))
+        self._check_tags(await json_body(request))
         await self.engine.resume_memory()
         return web.json_response({"success": True})
 
     @staticmethod
     def _check_tags(body: dict) -> None:
-        tags = _field(body, "tags", list, [])
+        tags = field(body, "tags", list, [])
         if not all(isinstance(tag, str) for tag in tags):
             bad_request(f"tags must be a list of strings, got {tags!r}")
 
@@ -400,9 +273,9 @@ class EngineServer:
 
     async def get_weights_by_name(self, request: web.Request) -> web.Response:
         """The first `truncate_size` rows of a parameter, as floats (SGLang's debug aid)."""
-        body = await _json_body(request)
-        name = _field(body, "name", str)
-        truncate_size = _field(body, "truncate_size", int, 100)
+        body = await json_body(request)
+        name = field(body, "name", str)
+        truncate_size = field(body, "truncate_size", int, 100)
         try:
             parameter = self.engine.model.get_parameter(name)
         except AttributeError:
@@ -412,26 +285,26 @@ class EngineServer:
     async def update_weights_from_disk(self, request: web.Request) -> web.Response:
         from furlong.train.policy import resolve_hf_dir
 
-        body = await _json_body(request)
-        model_path = _field(body, "model_path", str)
-        _check_load_format(body)
+        body = await json_body(request)
+        model_path = field(body, "model_path", str)
+        check_load_format(body)
         try:
             named_tensors = read_hf_weights(resolve_hf_dir(model_path))
         except FileNotFoundError as error:
             bad_request(f"model_path: {error}")
         async with self._weights_lock:
-            response = await self._load_weights(named_tensors, _load_options(body))
+            response = await self._load_weights(named_tensors, load_options(body))
         self.model_path = model_path
         return response
 
     async def update_weights_from_tensor(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
-        payloads = _field(body, "serialized_named_tensors", list)
+        body = await json_body(request)
+        payloads = field(body, "serialized_named_tensors", list)
         if not payloads or not isinstance(payloads[0], str):
             bad_request("serialized_named_tensors must be a list of base64 strings, one per "
                         "tensor-parallel rank (this server has one)")
-        _check_load_format(body)
-        options = _load_options(body)
+        check_load_format(body)
+        options = load_options(body)
         ipc = is_ipc_payload(payloads[0])
         if ipc and not self.accept_ipc_weights:
             bad_request("serialized_named_tensors: CUDA IPC payloads are accepted only by a "
@@ -446,11 +319,11 @@ class EngineServer:
 
     async def init_weights_update_group(self, request: web.Request) -> web.Response:
         """Join the trainer's group as rank `rank_offset`; returns once every rank joined."""
-        body = await _json_body(request)
-        address, port = _field(body, "master_address", str), _field(body, "master_port", int)
-        rank, world_size = _field(body, "rank_offset", int), _field(body, "world_size", int)
-        group_name = _field(body, "group_name", str, "weight_update_group")
-        backend = _field(body, "backend", str, "nccl")
+        body = await json_body(request)
+        address, port = field(body, "master_address", str), field(body, "master_port", int)
+        rank, world_size = field(body, "rank_offset", int), field(body, "world_size", int)
+        group_name = field(body, "group_name", str, "weight_update_group")
+        backend = field(body, "backend", str, "nccl")
         if backend not in DEVICE_OF_BACKEND:
             bad_request(f"backend {backend!r}: use gloo (CPU) or nccl (CUDA)")
         if DEVICE_OF_BACKEND[backend] == "cuda" and self.device.type != "cuda":
@@ -471,18 +344,18 @@ class EngineServer:
 
     async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
         """Receive the listed tensors, in order, by broadcast from rank 0; then load them."""
-        body = await _json_body(request)
-        names, dtypes = _field(body, "names", list), _field(body, "dtypes", list)
-        shapes = _field(body, "shapes", list)
+        body = await json_body(request)
+        names, dtypes = field(body, "names", list), field(body, "dtypes", list)
+        shapes = field(body, "shapes", list)
         if not len(names) == len(dtypes) == len(shapes):
             bad_request(f"names, dtypes and shapes need one entry per tensor; got {len(names)}, "
                         f"{len(dtypes)} and {len(shapes)}")
         if not all(isinstance(name, str) for name in names):
             bad_request("names must be a list of strings")
-        dtypes = [_torch_dtype(dtype, f"dtypes[{i}]") for i, dtype in enumerate(dtypes)]
-        shapes = [_shape(shape, f"shapes[{i}]") for i, shape in enumerate(shapes)]
-        group = self._group(_field(body, "group_name", str, "weight_update_group"))
-        options = _load_options(body)
+        dtypes = [parse_dtype(dtype, f"dtypes[{i}]") for i, dtype in enumerate(dtypes)]
+        shapes = [parse_shape(shape, f"shapes[{i}]") for i, shape in enumerate(shapes)]
+        group = self._group(field(body, "group_name", str, "weight_update_group"))
+        options = load_options(body)
         device = self.device if group.device_type == "cuda" else torch.device("cpu")
         async with self._weights_lock:
             tensors = await asyncio.to_thread(group.receive, dtypes, shapes, device)
@@ -494,22 +367,22 @@ class EngineServer:
         return self.groups[name]
 
     async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
-        name = _field(await _json_body(request), "group_name", str, "weight_update_group")
+        name = field(await json_body(request), "group_name", str, "weight_update_group")
         async with self._weights_lock:
             await asyncio.to_thread(self._group(name).destroy)  # waits for the other members
             del self.groups[name]
         return web.json_response({"success": True, "message": f"left {name}"})
 
     async def update_weight_version(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
-        version = _version_field(body, "new_version")
+        body = await json_body(request)
+        version = version_field(body, "new_version")
         if version is None:
             bad_request("field 'new_version' is required")
-        options = _LoadOptions(version, False, _field(body, "abort_all_requests", bool, False))
+        options = LoadOptions(version, False, field(body, "abort_all_requests", bool, False))
         async with self._weights_lock:
             return await self._load_weights([], options)
 
-    async def _load_weights(self, named_tensors, options: _LoadOptions) -> web.Response:
+    async def _load_weights(self, named_tensors, options: LoadOptions) -> web.Response:
         """Load by parameter name, under the weights lock (which the caller holds)."""
         if options.abort_all_requests:
             await self.engine.abort_all()

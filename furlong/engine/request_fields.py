@@ -1,0 +1,142 @@
+"""The fields of SGLang HTTP requests: parsing, checking, and the 400 that names the field.
+
+Used by the engine server (furlong/engine/serve.py); every bad value raises
+`bad_request` with a message naming the field and what it must be.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import NoReturn
+
+import torch
+from aiohttp import web
+
+from furlong.engine.base import GenerateOutput, SamplingParams
+
+GENERATE_FIELDS = {"input_ids", "text", "sampling_params", "return_logprob", "rid", "stream"}
+_REQUIRED = object()
+_KIND_NAMES = {bool: "true or false", int: "an integer", str: "a string", list: "a list"}
+
+
+def bad_request(message: str) -> NoReturn:
+    raise web.HTTPBadRequest(text=json.dumps({"error": message}), content_type="application/json")
+
+
+async def json_body(request: web.Request) -> dict:
+    if not request.body_exists:
+        return {}
+    try:
+        body = await request.json()
+    except json.JSONDecodeError as error:
+        bad_request(f"the body is not JSON: {error}")
+    if not isinstance(body, dict):
+        bad_request("the body must be a JSON object")
+    return body
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def field(body: dict, name: str, kind: type, default=_REQUIRED):
+    """body[name], checked to be of `kind`; `default` when absent or null."""
+    value = body.get(name)
+    if value is None:
+        if default is _REQUIRED:
+            bad_request(f"field {name!r} is required")
+        return default
+    if not (is_int(value) if kind is int else isinstance(value, kind)):
+        bad_request(f"field {name!r} must be {_KIND_NAMES[kind]}, got {value!r}")
+    return value
+
+
+def version_field(body: dict, name: str) -> int | None:
+    """A weight version: SGLang sends a string, furlong engines number them."""
+    value = body.get(name)
+    if value is None:
+        return None
+    try:
+        if is_int(value) or isinstance(value, str):
+            return int(value)
+    except ValueError:
+        pass
+    bad_request(f"field {name!r} must be an integer (or its string), got {value!r}")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """The fields of SGLang's weight-update requests that say how to load."""
+    weight_version: int | None
+    flush_cache: bool
+    abort_all_requests: bool
+
+
+def load_options(body: dict) -> LoadOptions:
+    return LoadOptions(version_field(body, "weight_version"),
+                        field(body, "flush_cache", bool, True),
+                        field(body, "abort_all_requests", bool, False))
+
+
+def check_load_format(body: dict) -> None:
+    if body.get("load_format") not in (None, "auto"):
+        bad_request(f"load_format {body['load_format']!r} is not supported; leave it out")
+
+
+def parse_dtype(name, field: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        bad_request(f"{field} = {name!r} is not a torch dtype (e.g. 'bfloat16')")
+    return dtype
+
+
+def parse_shape(value, field: str) -> list[int]:
+    if not isinstance(value, list) or not all(is_int(size) and size >= 0 for size in value):
+        bad_request(f"{field} must be a list of sizes, got {value!r}")
+    return value
+
+
+def parse_sampling_params(value: dict, field: str) -> SamplingParams:
+    try:
+        return SamplingParams.from_dict(value).validate()
+    except (ValueError, TypeError) as error:
+        bad_request(f"{field}: {error}")
+
+
+def parse_batch_sampling_params(value, count: int, batched: bool) -> list[SamplingParams]:
+    """One SamplingParams per prompt: a dict is shared, a list gives one per prompt."""
+    if value is None or isinstance(value, dict):
+        return [parse_sampling_params(value or {}, "sampling_params")] * count
+    if not (batched and isinstance(value, list) and len(value) == count
+            and all(isinstance(item, dict) for item in value)):
+        bad_request(f"sampling_params must be a dict, or in a batch of {count} a list of "
+                    f"{count} dicts, got {value!r}")
+    return [parse_sampling_params(item, f"sampling_params[{i}]") for i, item in enumerate(value)]
+
+
+def request_ids(value, count: int, batched: bool) -> list[str]:
+    if value is None:
+        return [uuid.uuid4().hex for _ in range(count)]
+    if not batched and isinstance(value, str):
+        return [value]
+    if batched and isinstance(value, list) and len(value) == count:
+        return [str(rid) for rid in value]
+    bad_request(f"rid must be a string, or in a batch of {count} a list of {count}")
+
+
+def generate_item(output: GenerateOutput, rid: str, return_logprob: bool) -> dict:
+    """One /generate result in SGLang's shape."""
+    finish: dict = {"type": output.finish_reason}
+    if output.finish_reason == "length":
+        finish["length"] = len(output.output_ids)
+    elif output.finish_reason == "abort":
+        finish["message"] = "the request was aborted"
+    meta = {"id": rid, "finish_reason": finish, "prompt_tokens": output.prompt_tokens,
+            "completion_tokens": len(output.output_ids),
+            "weight_version": str(output.weight_version)}
+    if return_logprob:
+        meta["output_token_logprobs"] = [
+            [log_prob, token, None]
+            for log_prob, token in zip(output.output_log_probs, output.output_ids, strict=True)]
+    return {"text": output.text, "output_ids": output.output_ids, "meta_info": meta}
