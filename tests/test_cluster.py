@@ -157,3 +157,33 @@ def test_ray_async_generation_overlaps_training(grpo_argv, tmp_path):
         assert rows[k + 1]["perf/rollout_start"] < rows[k]["perf/train_end"]
         assert rows[k + 1]["perf/rollout_end"] > rows[k]["perf/train_start"]
         assert rows[k + 1]["rollout/staleness"] == 1
+
+
+@pytest.mark.slow
+def test_ray_places_server_processes_on_engine_bundles(grpo_argv, tmp_path, monkeypatch):
+    """--rollout-backend sglang under Ray: one server process per engine bundle, started
+    by a ServerHost actor with the exact SGLang command (furlong's server stands in for
+    SGLang here), fed weights by broadcast, stopped at the end."""
+    pytest.importorskip("ray")
+    from dataclasses import replace
+
+    import psutil
+
+    from furlong import cli
+    from furlong.cluster import ray_cluster
+    from furlong.engine.launcher import BUILTIN_SERVER
+    from furlong.metrics import read_metrics
+    original = ray_cluster.server_spec
+    monkeypatch.setattr(ray_cluster, "resolve_backend", lambda options, device: "sglang")
+    monkeypatch.setattr(ray_cluster, "server_spec", lambda path, options, device: original(
+        path, replace(options, server_module=BUILTIN_SERVER), device))
+    argv = grpo_argv + ["--actor-num-gpus-per-node", "1", "--rollout-num-gpus", "2",
+                        "--run-dir", str(tmp_path), "--num-steps-per-rollout", "2"]
+    assert cli.main(argv) == 0
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    assert max(r["train/train_rollout_logprob_abs_diff"] for r in rows) < 1e-4
+    model = grpo_argv[grpo_argv.index("--hf-checkpoint") + 1]
+    servers = [p for p in psutil.process_iter(["cmdline"])
+               if {"furlong.engine.serve", model} <= set(p.info["cmdline"] or [])]
+    assert not servers  # every server process of this run stopped with it
+

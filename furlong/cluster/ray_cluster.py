@@ -17,11 +17,12 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from furlong.cluster.placement import Placement
-from furlong.cluster.ray_engine import EngineActor
+from furlong.cluster.ray_engine import EngineActor, ServerHost
 from furlong.cluster.ray_trainer import RayTrainGroup, wait_all
 from furlong.config import Config, ConfigError
 from furlong.engine.base import Engine
-from furlong.engine.factory import EngineOptions, create_engine, resolve_backend, router_for
+from furlong.engine.factory import (EngineOptions, create_engine, resolve_backend, router_for,
+                                    server_spec)
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 120
@@ -39,6 +40,10 @@ class RayRoles:
         if self.trainer is not None:
             self.trainer.close()
         for actor in self.engine_actors:
+            try:  # a ServerHost stops its server process; an EngineActor its engine
+                ray.get(actor.stop.remote(), timeout=60)
+            except ray.exceptions.RayError as error:
+                log.warning("engine actor did not stop cleanly: %s", error)
             ray.kill(actor)
         remove_placement_group(self.group)
         if self.started_ray:
@@ -64,12 +69,18 @@ def start_ray(placement: Placement) -> bool:
 def build_ray_roles(config: Config, placement: Placement, init_weights: str,
                     total_steps: int, options: EngineOptions, trains: bool) -> RayRoles:
     started = start_ray(placement)
+    device = torch.device(placement.device)
     gpu = 1 if placement.device == "cuda" else 0
-    share = 0.5 if placement.colocate else 1.0
-    bundle = {"CPU": 2 if placement.colocate else 1, **({"GPU": 1} if gpu else {})}
-    engine_bundles = [] if placement.colocate else [
-        dict(bundle) for _ in range(placement.num_engines * placement.devices_per_engine)]
-    group = placement_group([dict(bundle) for _ in range(placement.trainer_ranks)]
+    share = 0.5 if placement.colocate else 1.0  # colocated roles take turns on a GPU
+    per_engine = placement.devices_per_engine
+    if placement.colocate and per_engine > 1:
+        raise ConfigError(f"--colocate with --rollout-num-gpus-per-engine {per_engine}: an "
+                          "engine would span several trainer bundles; give the engines GPUs "
+                          "of their own (--rollout-num-gpus) or use one GPU per engine")
+    trainer_bundle = {"CPU": 2 if placement.colocate else 1, **({"GPU": 1} if gpu else {})}
+    engine_bundles = [] if placement.colocate or options.external_engine_addrs else [
+        {"CPU": 1, **({"GPU": per_engine} if gpu else {})} for _ in range(placement.num_engines)]
+    group = placement_group([dict(trainer_bundle) for _ in range(placement.trainer_ranks)]
                             + engine_bundles, strategy="PACK")
     try:
         ray.get(group.ready(), timeout=READY_TIMEOUT_S)
@@ -83,26 +94,32 @@ def build_ray_roles(config: Config, placement: Placement, init_weights: str,
         trainer = RayTrainGroup(config, group, list(range(placement.trainer_ranks)),
                                 share * gpu, init_weights, total_steps)
     if options.external_engine_addrs:  # servers someone else runs: only the trainer is placed
-        engine = create_engine(config.ckpt.hf_checkpoint, None, torch.device(placement.device),
-                               torch.float32, options)
+        engine = create_engine(config.ckpt.hf_checkpoint, None, device, torch.float32, options)
         if trainer is not None:
             trainer.attach_engines(engine.urls, [], colocate=False)
         return RayRoles(trainer, engine, [], group, started)
-    if resolve_backend(options, torch.device(placement.device)) == "sglang":
-        raise ConfigError("--rollout-backend sglang with cluster flags: launching SGLang "
-                          "servers on Ray's bundles is not built; start them yourself and "
-                          "pass --rollout-external --rollout-external-engine-addrs HOST:PORT")
-    if placement.devices_per_engine > 1:
-        raise ConfigError(f"--rollout-num-gpus-per-engine {placement.devices_per_engine}: the "
-                         "built-in engine runs on one device; use --rollout-backend sglang for "
-                         "tensor-parallel engines")
-    actors = [EngineActor.options(
-        num_cpus=1, num_gpus=share * gpu, scheduling_strategy=PlacementGroupSchedulingStrategy(
-            group, placement_group_bundle_index=devices[0])).remote(  # numbered like bundles
-        config.ckpt.hf_checkpoint, options, placement.device, placement.colocate and gpu == 1)
-        for devices in placement.engine_devices]
-    urls = wait_all([actor.serve.remote() for actor in actors], "engine")
-    engine = router_for(urls, options, torch.device(placement.device)) if urls else None
+
+    def engine_options(index: int) -> dict:
+        bundle = index if placement.colocate else placement.trainer_ranks + index
+        return dict(num_cpus=1, num_gpus=share * gpu * per_engine,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        group, placement_group_bundle_index=bundle))
+
+    if resolve_backend(options, device) == "sglang":
+        spec = server_spec(config.ckpt.hf_checkpoint, options, device)
+        actors = [ServerHost.options(**engine_options(e)).remote(spec)
+                  for e in range(placement.num_engines)]
+        urls = wait_all([actor.start.remote() for actor in actors], "engine server")
+    else:
+        if per_engine > 1:
+            raise ConfigError(f"--rollout-num-gpus-per-engine {per_engine}: the built-in "
+                              "engine runs on one device; use --rollout-backend sglang for "
+                              "tensor-parallel engines")
+        actors = [EngineActor.options(**engine_options(e)).remote(
+            config.ckpt.hf_checkpoint, options, placement.device, placement.colocate and gpu == 1)
+            for e in range(placement.num_engines)]
+        urls = wait_all([actor.serve.remote() for actor in actors], "engine")
+    engine = router_for(urls, options, device) if urls else None
     if trainer is not None:
         trainer.attach_engines(urls, placement.engine_devices, placement.colocate)
     return RayRoles(trainer, engine, actors, group, started)

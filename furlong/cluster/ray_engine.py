@@ -1,5 +1,8 @@
 """Engines as Ray actors, each serving SGLang's HTTP API from its own process.
 
+Two kinds: an EngineActor runs the built-in engine and its server in the actor; a
+ServerHost starts an SGLang (or furlong) server process on the GPUs Ray gave it.
+
 An EngineActor builds the built-in engine on the devices Ray gave it and runs the
 furlong engine server (furlong/engine/serve.py) in its event loop; the driver talks to
 all of them through one EngineRouter, exactly as it would to SGLang servers. Trainer
@@ -12,6 +15,7 @@ import ray
 import torch
 
 from furlong.engine.factory import EngineOptions, create_engine
+from furlong.engine.launcher import ServerLauncher, ServerSpec
 from furlong.ports import free_port
 
 
@@ -48,3 +52,21 @@ class EngineActor:
         await self.engine.close()
         if self.runner is not None:
             await self.runner.cleanup()
+
+
+@ray.remote
+class ServerHost:
+    """One server process (`python -m sglang.launch_server ...`) on this actor's GPUs,
+    reachable from other nodes; stopped with the actor's `stop`."""
+
+    def __init__(self, spec: ServerSpec):
+        from dataclasses import replace
+        devices = [int(gpu) for gpu in ray.get_gpu_ids()] or None
+        self.launcher = ServerLauncher(replace(spec, host=ray.util.get_node_ip_address()),
+                                       [devices])
+
+    def start(self) -> str:
+        return self.launcher.start()[0]
+
+    def stop(self) -> None:
+        self.launcher.stop()

@@ -103,16 +103,21 @@ def create_in_process_engine(model_path: str, tokenizer, device: torch.device,
     return HFEngine(model, tokenizer, options.max_context_len, default_seed=options.seed)
 
 
-def launch_servers(model_path: str, options: EngineOptions, device: torch.device) -> Engine:
-    """One server per device group, started and healthy, behind a router that owns them."""
+def server_spec(model_path: str, options: EngineOptions, device: torch.device) -> ServerSpec:
+    """How to start each server: module, flags, and what sharing the trainer's GPU implies."""
     colocated = options.shares_device and device.type == "cuda"
     if options.server_module == SGLANG_SERVER and importlib.util.find_spec("sglang") is None:
         raise ValueError("--rollout-backend sglang needs the sglang package (pip install "
                          "sglang) in this environment; or use --rollout-backend fast or hf")
-    spec = ServerSpec(model_path, options.sglang, options.seed, module=options.server_module,
+    return ServerSpec(model_path, options.sglang, options.seed, module=options.server_module,
                       mem_fraction_static=(options.mem_fraction_static or 0.3) if colocated
-                      else None,
-                      accept_ipc_weights=colocated)
+                      else None, accept_ipc_weights=colocated)
+
+
+def launch_servers(model_path: str, options: EngineOptions, device: torch.device) -> Engine:
+    """One server per device group, started and healthy, behind a router that owns them."""
+    colocated = options.shares_device and device.type == "cuda"
+    spec = server_spec(model_path, options, device)
     launcher = ServerLauncher(spec, options.device_groups or [None])
     log.info("rollout engine: sglang (%d x python -m %s, devices %s, logs in %s)",
              len(launcher.device_groups), spec.module,
