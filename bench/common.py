@@ -18,6 +18,9 @@ QWEN3_SHAPES = {
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128),
     "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128),
+    # bench scripts' --cpu-check: the same code paths in seconds on a CPU
+    "qwen3-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16),
 }
 VOCAB = 151936
 

@@ -29,28 +29,40 @@ from bench.common import (device_name, qwen3_model, save_model_dir,  # noqa: E40
                           synthetic_tokenizer, write_results)
 
 
-def write_workload(directory: Path, steps: int) -> tuple[Path, Path]:
-    model_dir = save_model_dir(qwen3_model("qwen3-0.6b", torch.float32, "cpu"),
+def write_workload(directory: Path, steps: int, model: str = "qwen3-0.6b",
+                   num_prompts: int = 32, prompt_len: int = 128) -> tuple[Path, Path]:
+    """A random-init `model` (float32 on disk) and `num_prompts` x `steps` prompts of
+    `prompt_len` words, each a token of the synthetic tokenizer."""
+    model_dir = save_model_dir(qwen3_model(model, torch.float32, "cpu"),
                                directory / "model", synthetic_tokenizer())
     rng = random.Random(0)
     prompts = directory / "prompts.jsonl"
     prompts.write_text("".join(
-        json.dumps({"prompt": " ".join(f"t{rng.randrange(1, 150000)}" for _ in range(128))})
-        + "\n" for _ in range(32 * steps)))
+        json.dumps({"prompt": " ".join(f"t{rng.randrange(1, 150000)}"
+                                       for _ in range(prompt_len))}) + "\n"
+        for _ in range(num_prompts * steps)))
     return model_dir, prompts
 
 
-def run_furlong(model_dir: Path, prompts: Path, steps: int, run_dir: Path) -> dict:
-    argv = [sys.executable, str(ROOT / "train.py"), "--hf-checkpoint", str(model_dir),
+def run_train(model_dir: Path, prompts: Path, steps: int, run_dir: Path,
+              script: str = "train.py", extra: tuple[str, ...] = (), num_prompts: int = 32,
+              num_samples: int = 8, new_tokens: int = 256) -> list[dict]:
+    """Run `script` on the workload; its per-rollout metric rows."""
+    argv = [sys.executable, str(ROOT / script), "--hf-checkpoint", str(model_dir),
             "--prompt-data", str(prompts), "--input-key", "prompt", "--rm-type", "random",
-            "--rollout-batch-size", "32", "--n-samples-per-prompt", "8",
-            "--rollout-max-response-len", "256", "--rollout-temperature", "1.0",
-            "--global-batch-size", "256", "--use-dynamic-batch-size",
+            "--rollout-batch-size", str(num_prompts), "--n-samples-per-prompt",
+            str(num_samples), "--rollout-max-response-len", str(new_tokens),
+            "--rollout-temperature", "1.0", "--global-batch-size",
+            str(num_prompts * num_samples), "--use-dynamic-batch-size",
             "--max-tokens-per-gpu", "16384", "--lr", "1e-6", "--num-rollout", str(steps),
-            "--run-dir", str(run_dir)]
+            "--run-dir", str(run_dir), *extra]
     subprocess.run(argv, check=True, cwd=ROOT)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    per_rollout = [r for r in rows if "perf/step_time" in r]
+    return [r for r in rows if "perf/step_time" in r]
+
+
+def run_furlong(model_dir: Path, prompts: Path, steps: int, run_dir: Path) -> dict:
+    per_rollout = run_train(model_dir, prompts, steps, run_dir)
     keys = ("perf/step_time", "perf/rollout_time", "perf/actor_train_time",
             "perf/update_weights_time", "rollout/response_len/mean",
             "train/train_rollout_logprob_abs_diff", "perf/actor_train_tflops")

@@ -65,8 +65,6 @@ def bench_furlong(model_dir: Path, tokens: int) -> float:
         actor.train(batch)
         torch.cuda.synchronize()
     PROFILES[tokens] = profile.key_averages().table(sort_by="cuda_time_total", row_limit=30)
-    del actor
-    torch.cuda.empty_cache()
     return seconds
 
 
@@ -83,10 +81,7 @@ def bench_hf(model_dir: Path, tokens: int) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = timed(step)
-    del model, optimizer
-    torch.cuda.empty_cache()
-    return seconds
+    return timed(step)
 
 
 def main() -> None:
@@ -112,8 +107,9 @@ def main() -> None:
                     seconds = bench(model_dir, tokens)
                 except torch.OutOfMemoryError as error:
                     run[label] = {"error": f"out of memory: {str(error)[:120]}"}
-                    torch.cuda.empty_cache()
                     continue
+                finally:  # the model and optimizer of the run are gone
+                    torch.cuda.empty_cache()
                 run[label] = {"seconds": seconds, "tokens_per_s": tokens / seconds,
                               "tflops": flops / seconds / 1e12,
                               "mfu": flops / seconds / peak if peak else None}

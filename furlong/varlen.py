@@ -52,5 +52,5 @@ def varlen_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     pieces = [F.scaled_dot_product_attention(
         query[s:e].transpose(0, 1), key[s:e].transpose(0, 1), value[s:e].transpose(0, 1),
         is_causal=True, scale=scale, enable_gqa=groups > 1).transpose(0, 1)
-        for s, e in zip(bounds, bounds[1:])]
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
     return torch.cat(pieces, dim=0)

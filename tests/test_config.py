@@ -7,6 +7,7 @@ whose weights are corrupt), since that is what a user types.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -188,7 +189,7 @@ def test_flags_sit_in_the_seed_groups_and_dataclasses_agree():
 
 def test_config_is_frozen(grpo_argv):
     config, _ = load_config(grpo_argv)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         config.rollout.rollout_batch_size = 3  # type: ignore[misc]
 
 
