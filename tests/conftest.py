@@ -53,6 +53,19 @@ def grpo_argv(tiny) -> list[str]:
     ]
 
 
+def policy_config(tiny: Path, extra: list[str]):
+    """The config of a policy-loss step on the tiny task with every loss term on (KL to
+    the reference, entropy, asymmetric clipping), plus `extra` flags."""
+    from furlong.config import load_config
+    argv = ["--hf-checkpoint", str(tiny / "model"), "--prompt-data",
+            str(tiny / "data/train.jsonl"), "--input-key", "prompt", "--label-key", "label",
+            "--rm-type", "math", "--rollout-batch-size", "3", "--n-samples-per-prompt", "4",
+            "--rollout-max-response-len", "8", "--num-rollout", "1", "--use-kl-loss",
+            "--kl-loss-coef", "0.1", "--kl-loss-type", "low_var_kl", "--entropy-coef", "0.01",
+            "--eps-clip-high", "0.28", *extra]
+    return load_config(argv)[0]
+
+
 def random_batch(num_samples: int, vocab: int, seed: int = 0) -> TrainBatch:
     """Samples with random prompt/response lengths, rewards in {0, 1}."""
     rng = random.Random(seed)

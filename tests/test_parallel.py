@@ -20,14 +20,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from furlong.config import load_config
 from furlong.ports import free_port
 from furlong.train import distributed_state, parallel
 from furlong.train.actor import RankInfo, TrainActor
 from furlong.train.advantages import compute_advantages
 from furlong.train.policy import load_hf_model
 
-from conftest import random_batch
+from conftest import policy_config, random_batch
 
 WORLD = 2
 METRICS = ("train/loss", "train/pg_loss", "train/kl_loss", "train/entropy_loss",
@@ -45,16 +44,6 @@ RUNS = {
                             "--use-dynamic-batch-size", "--max-tokens-per-gpu", "40"]),
 }
 RESUME_FLAGS = ["--lr", "1e-3"]
-
-
-def config_for(tiny: Path, extra: list[str]):
-    argv = ["--hf-checkpoint", str(tiny / "model"), "--prompt-data",
-            str(tiny / "data/train.jsonl"), "--input-key", "prompt", "--label-key", "label",
-            "--rm-type", "math", "--rollout-batch-size", "3", "--n-samples-per-prompt", "4",
-            "--rollout-max-response-len", "8", "--num-rollout", "1", "--use-kl-loss",
-            "--kl-loss-coef", "0.1", "--kl-loss-type", "low_var_kl", "--entropy-coef", "0.01",
-            "--eps-clip-high", "0.28", *extra]
-    return load_config(argv)[0]
 
 
 def single_process_flags(extra: list[str]) -> list[str]:
@@ -91,7 +80,7 @@ def prepared_batch(tiny: Path):
     """12 samples with old log-probs (perturbed so that clipping happens), reference
     log-probs and advantages, from the one-process trainer."""
     torch.manual_seed(0)
-    actor = TrainActor(config_for(tiny, []), RankInfo(), str(tiny / "model"), total_steps=1)
+    actor = TrainActor(policy_config(tiny, []), RankInfo(), str(tiny / "model"), total_steps=1)
     batch = random_batch(12, actor.model_config.vocab_size, seed=3)
     batch.old_log_probs, _ = actor.compute_log_probs(batch)
     batch.old_log_probs = [lp + 0.3 * torch.randn_like(lp) for lp in batch.old_log_probs]
@@ -107,7 +96,7 @@ def _worker(rank: int, port: int, tiny: Path, batch, out: Path, device_type: str
 
     def actor_for(tp: int, extra: list[str], init: Path | None = None) -> TrainActor:
         info = parallel.rank_info(rank, WORLD, tp, device_type, master_port=port)
-        return TrainActor(config_for(tiny, extra), info, str(init or tiny / "model"), 2)
+        return TrainActor(policy_config(tiny, extra), info, str(init or tiny / "model"), 2)
 
     for name, (tp, extra) in RUNS.items():
         actor = actor_for(tp, extra)
@@ -163,7 +152,7 @@ def test_step_equals_one_process(tiny, ranks, name):
     """(a) data parallel, per-sample and per-token/dynamic; (b) tensor parallel;
     (c) tensor + sequence parallel, here with full recomputation of every layer."""
     batch, results, _ = ranks
-    reference = TrainActor(config_for(tiny, single_process_flags(RUNS[name][1])), RankInfo(),
+    reference = TrainActor(policy_config(tiny, single_process_flags(RUNS[name][1])), RankInfo(),
                            str(tiny / "model"), 2)
     expected_metrics, expected_grads = step_gradients(reference, batch)
     metrics, grads = results[name]
@@ -179,7 +168,7 @@ def test_step_equals_one_process(tiny, ranks, name):
 def test_log_probs_equal_one_process(tiny, ranks, name):
     """(e) compute_log_probs: every rank holds every sample's values."""
     batch, results, _ = ranks
-    reference = TrainActor(config_for(tiny, []), RankInfo(), str(tiny / "model"), 1)
+    reference = TrainActor(policy_config(tiny, []), RankInfo(), str(tiny / "model"), 1)
     expected, _ = reference.compute_log_probs(batch)
     for actual, values in zip(results[f"{name}/log_probs"], expected, strict=True):
         torch.testing.assert_close(actual, values, rtol=1e-5, atol=1e-6)
@@ -229,7 +218,7 @@ def test_saved_model_loads_with_transformers(ranks):
 
 def test_restore_on_another_world_size_names_both(tiny, ranks, tmp_path):
     shutil.copytree(ranks[2] / "checkpoint", tmp_path / "checkpoint")
-    actor = TrainActor(config_for(tiny, RESUME_FLAGS), RankInfo(), str(tiny / "model"), 2)
+    actor = TrainActor(policy_config(tiny, RESUME_FLAGS), RankInfo(), str(tiny / "model"), 2)
     with pytest.raises(ValueError, match="state of 2 trainer ranks .* this run has 1"):
         actor.restore(tmp_path / "checkpoint")
 
@@ -244,9 +233,9 @@ def test_restore_on_another_world_size_names_both(tiny, ranks, tmp_path):
 def test_recomputation_gives_the_same_gradients(tiny, flags, wrapped):
     """(d) activation checkpointing changes memory, not numbers."""
     batch = prepared_batch(tiny)
-    plain = step_gradients(TrainActor(config_for(tiny, []), RankInfo(), str(tiny / "model"), 1),
+    plain = step_gradients(TrainActor(policy_config(tiny, []), RankInfo(), str(tiny / "model"), 1),
                            batch)
-    actor = TrainActor(config_for(tiny, flags), RankInfo(), str(tiny / "model"), 1)
+    actor = TrainActor(policy_config(tiny, flags), RankInfo(), str(tiny / "model"), 1)
     layers = parallel.decoder_layers(actor.policy.hf_model)
     assert ["forward" in vars(layer) for layer in layers] == wrapped
     metrics, grads = step_gradients(actor, batch)
@@ -262,7 +251,7 @@ def test_mesh_rejects_a_tensor_parallel_size_that_does_not_divide():
 
 def test_tensor_parallel_needs_ranks(tiny):
     with pytest.raises(ValueError, match="--tensor-model-parallel-size 2 does not divide the 1"):
-        TrainActor(config_for(tiny, ["--tensor-model-parallel-size", "2"]), RankInfo(),
+        TrainActor(policy_config(tiny, ["--tensor-model-parallel-size", "2"]), RankInfo(),
                    str(tiny / "model"), 1)
 
 
@@ -273,9 +262,9 @@ def test_one_gpu_runs_bf16_on_float32_masters(tiny):
     weights (so the residual stream is bfloat16), the sharded master weights and Adam's
     moments stay float32, and the step's loss is the float32 one to bf16 accuracy."""
     batch = prepared_batch(tiny)
-    expected, _ = step_gradients(TrainActor(config_for(tiny, []), RankInfo(),
+    expected, _ = step_gradients(TrainActor(policy_config(tiny, []), RankInfo(),
                                             str(tiny / "model"), 1), batch)
-    actor = TrainActor(config_for(tiny, []), RankInfo(device=torch.device("cuda")),
+    actor = TrainActor(policy_config(tiny, []), RankInfo(device=torch.device("cuda")),
                        str(tiny / "model"), 1)
     seen = {}
     layer = parallel.decoder_layers(actor.policy.hf_model)[0]
@@ -299,7 +288,7 @@ def test_two_gpus_match_one_process_in_bf16(tiny, tmp_path):
     mp.spawn(_worker, args=(free_port(), tiny, batch, tmp_path, "cuda"), nprocs=WORLD)
     results = torch.load(tmp_path / "results.pt", weights_only=False)
     for name, (_, extra) in RUNS.items():
-        reference = TrainActor(config_for(tiny, single_process_flags(extra)), RankInfo(),
+        reference = TrainActor(policy_config(tiny, single_process_flags(extra)), RankInfo(),
                                str(tiny / "model"), 2)
         expected_metrics, expected_grads = step_gradients(reference, batch)
         metrics, grads = results[name]

@@ -13,7 +13,7 @@ from furlong.train.advantages import compute_advantages, group_normalized
 from furlong.train.batch import TrainBatch, pack, split_tokens
 from furlong.train.policy import CausalLMPolicy, load_hf_model
 
-from conftest import random_batch, reference_log_probs
+from conftest import policy_config, random_batch, reference_log_probs
 
 
 @pytest.mark.parametrize("chunk_size", [1024, 3])
@@ -48,14 +48,8 @@ def test_packing_layout():
 
 
 def make_actor(tiny, extra: list[str]) -> TrainActor:
-    argv = ["--hf-checkpoint", str(tiny / "model"), "--prompt-data",
-            str(tiny / "data/train.jsonl"), "--input-key", "prompt", "--label-key", "label",
-            "--rm-type", "math", "--rollout-batch-size", "3", "--n-samples-per-prompt", "4",
-            "--rollout-max-response-len", "8", "--num-rollout", "1", "--use-kl-loss",
-            "--kl-loss-coef", "0.1", "--kl-loss-type", "low_var_kl", "--entropy-coef", "0.01",
-            "--eps-clip-high", "0.28", *extra]
-    config, _ = load_config(argv)
-    return TrainActor(config, RankInfo(), str(tiny / "model"), total_steps=1)
+    return TrainActor(policy_config(tiny, extra), RankInfo(), str(tiny / "model"),
+                      total_steps=1)
 
 
 def one_step_gradients(tiny, extra: list[str], batch: TrainBatch) -> tuple[dict, dict]:
