@@ -4,11 +4,14 @@ from __future__ import annotations
 import os
 import random
 import shlex
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
+from furlong.engine.fast import FastEngine
 from furlong.tiny import write_tiny
 from furlong.train.batch import TrainBatch
 
@@ -88,3 +91,26 @@ def reference_log_probs(hf_model, tokens: torch.Tensor, response: int,
     logits = hf_model(tokens[None]).logits[0].float() / temperature
     log_probs = logits.log_softmax(-1)[:-1].gather(-1, tokens[1:, None]).squeeze(-1)
     return log_probs[-response:]
+
+
+@contextmanager
+def slowed(engine, on_step, seconds: float = 0.01):
+    """Every model step of `engine` (a forward of the HF engine, a decode window of the
+    fast engine) first calls `on_step()` and sleeps `seconds`."""
+    def pause(*_, **__):
+        on_step()
+        time.sleep(seconds)
+
+    if isinstance(engine, FastEngine):
+        window = engine.runner.decode_window
+        engine.runner.decode_window = lambda *args: (pause(), window(*args))[1]
+        try:
+            yield
+        finally:
+            del engine.runner.decode_window
+    else:
+        handle = engine.model.register_forward_pre_hook(pause, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()

@@ -1,4 +1,6 @@
-"""HFEngine on the tiny Qwen3 model (float32, CPU): the SGLang request semantics it promises.
+"""The engines on the tiny Qwen3 model (float32, CPU): the SGLang request semantics they
+promise. Tests taking the `engine` fixture run on HFEngine and on FastEngine (on the
+CPU its torch paths), so both are held to the same independent references.
 
 The tiny model is randomly initialised and nearly uniform, so every test here runs on a
 copy whose matrices get seeded noise (`sharpened_state`): its greedy continuations vary
@@ -10,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 import torch
+from conftest import slowed
 from transformers import AutoTokenizer
 
 from furlong.engine.base import GenerateOutput, SamplingParams
+from furlong.engine.fast import FastEngine
 from furlong.engine.hf_engine import HFEngine, load_named_tensors
 from furlong.engine.sampling import sample_tokens
 from furlong.train.batch import TrainBatch, pack, split_tokens
@@ -62,9 +65,17 @@ def sharpened_model(tiny, state, packed: bool = False):
     return model
 
 
-@pytest.fixture
-def engine(tiny, tokenizer, sharpened_state) -> HFEngine:
-    return HFEngine(sharpened_model(tiny, sharpened_state), tokenizer)
+@pytest.fixture(params=["hf", "fast"])
+def engine(request, tiny, tokenizer, sharpened_state):
+    model = sharpened_model(tiny, sharpened_state)
+    if request.param == "hf":
+        yield HFEngine(model, tokenizer)
+        return
+    # Small blocks and an odd window: block boundaries and window ends fall mid-response.
+    engine = FastEngine(model, tokenizer, kv_cache_tokens=4096, block_size=4, window=3,
+                        max_num_seqs=16)
+    yield engine
+    asyncio.run(engine.close())
 
 
 def run(engine: HFEngine, requests: list[tuple[list[int], SamplingParams]]
@@ -291,16 +302,14 @@ def test_skip_special_tokens_changes_the_text_only(engine, tokenizer, prompt_ids
 # ---- abort, weights, concurrency ------------------------------------------------------------
 
 def test_abort_all_finishes_running_and_queued_requests_with_abort(engine, prompt_ids):
-    forward_calls = []
+    steps = []
     decoding = threading.Event()
 
-    def slow_forward(module, args, kwargs):
-        forward_calls.append(kwargs["input_ids"].shape)
-        if len(forward_calls) >= 3:
+    def count_step():
+        steps.append(1)
+        if len(steps) >= 3:
             decoding.set()
-        time.sleep(0.01)
 
-    handle = engine.model.register_forward_pre_hook(slow_forward, with_kwargs=True)
     params = greedy(100, ignore_eos=True)
 
     async def main():
@@ -313,16 +322,45 @@ def test_abort_all_finishes_running_and_queued_requests_with_abort(engine, promp
         after = await engine.generate(prompt_ids[3], greedy(3, ignore_eos=True))
         return results, after
 
-    try:
+    with slowed(engine, count_step):
         (first, second, queued), after = asyncio.run(main())
-    finally:
-        handle.remove()
     for output in (first, second):
         assert output.finish_reason == "abort"
         assert 0 < len(output.output_ids) < 100
         assert len(output.output_log_probs) == len(output.output_ids)
-    assert (queued.finish_reason, queued.output_ids) == ("abort", [])
+    # Queued: the HF engine never ran it; the fast engine may have admitted it meanwhile.
+    assert queued.finish_reason == "abort" and len(queued.output_ids) < 100
     assert after.finish_reason == "length" and len(after.output_ids) == 3
+
+
+def test_cancelling_a_request_aborts_it_alone(engine, prompt_ids):
+    """Cancelling `generate` aborts that request: the others finish whole, and the
+    engine stops working on it (no steps once the others are done)."""
+    steps = []
+    long = greedy(10_000, ignore_eos=True)
+
+    async def main():
+        kept = asyncio.ensure_future(engine.generate(prompt_ids[0], greedy(40, ignore_eos=True)))
+        dropped = asyncio.ensure_future(engine.generate(prompt_ids[1], long))
+        while len(steps) < 3:
+            await asyncio.sleep(0.005)
+        dropped.cancel()
+        output = await asyncio.wait_for(kept, 30)
+        await asyncio.sleep(0.05)  # a step in progress ends
+        after_kept = len(steps)
+        await asyncio.sleep(0.3)   # ~30 steps if the dropped request were still running
+        return output, dropped, len(steps) - after_kept
+
+    with slowed(engine, lambda: steps.append(1)):
+        output, dropped, steps_after = asyncio.run(main())
+    assert dropped.cancelled()
+    assert output.finish_reason == "length" and len(output.output_ids) == 40
+    assert output.output_ids == run(engine, [(prompt_ids[0], greedy(40, ignore_eos=True))])[0] \
+        .output_ids  # unaffected by its batch-mate's abort
+    assert steps_after == 0
+    if isinstance(engine, FastEngine):
+        assert engine.scheduler.idle
+        assert engine.scheduler.blocks.num_free == len(engine.scheduler.blocks.ref_counts) - 1
 
 
 def test_update_weights_by_hf_name_changes_outputs_and_the_version(tiny, engine, prompt_ids):

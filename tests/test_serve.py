@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import io
 import os
@@ -23,11 +24,13 @@ import pytest
 import requests
 import torch
 from aiohttp import web
+from conftest import slowed
 from transformers import AutoTokenizer
 
 from furlong.engine.base import SamplingParams
 from furlong.ports import free_port
 from furlong.engine.client import EngineHTTPError, HTTPEngine
+from furlong.engine.fast import FastEngine
 from furlong.engine.hf_engine import HFEngine, load_named_tensors
 from furlong.engine.serve import EngineServer, parse_args
 from furlong.engine.weight_transfer import (WeightBroadcaster, deserialize_named_tensors,
@@ -93,16 +96,19 @@ def prompt_ids(tokenizer) -> list[list[int]]:
 
 
 class ServerThread:
-    """An EngineServer at 127.0.0.1 on a free port; its event loop runs in a daemon thread."""
+    """An EngineServer at 127.0.0.1 on a free port; its event loop runs in a daemon thread.
+    `engine`: "hf" (HFEngine) or "fast" (FastEngine, its CPU path)."""
 
-    def __init__(self, model_dir, tokenizer):
-        engine = HFEngine(load_hf_model(str(model_dir)), tokenizer)
+    def __init__(self, model_dir, tokenizer, engine: str = "hf"):
+        model = load_hf_model(str(model_dir))
+        engine = HFEngine(model, tokenizer) if engine == "hf" else FastEngine(
+            model, tokenizer, kv_cache_tokens=4096, block_size=4, window=3, max_num_seqs=16)
         self.server = EngineServer(engine, tokenizer, str(model_dir), health_timeout_s=10,
                                    weights_group_timeout_s=30)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.runner = web.AppRunner(self.server.build_app())
+        self.runner = self.server.app_runner()
         self.call(self._start())
         self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
 
@@ -128,6 +134,30 @@ def server(checkpoints, tokenizer):
         yield thread
     finally:
         thread.stop()
+
+
+@pytest.fixture
+def fast_server(checkpoints, tokenizer):
+    thread = ServerThread(checkpoints["base"], tokenizer, engine="fast")
+    try:
+        yield thread
+    finally:
+        thread.stop()
+
+
+@contextlib.contextmanager
+def counted_steps(engine):
+    """A list that gets one entry per step of `engine` (each made 10 ms longer)."""
+    steps = []
+    with slowed(engine, lambda: steps.append(1)):
+        yield steps
+
+
+def wait_for(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
 
 
 def reference(state, tiny, tokenizer) -> HFEngine:
@@ -256,7 +286,8 @@ def test_batches_text_and_the_raw_response_shape(server, tokenizer, prompt_ids):
     ("/generate", {"input_ids": [1], "return_logprob": "yes"}, "return_logprob"),
     ("/generate", {"input_ids": [1], "logprob_start_len": 0}, "logprob_start_len"),
     ("/generate", "[1, 2]", "JSON object"),
-    ("/abort_request", {"rid": "x"}, "abort_all"),
+    ("/abort_request", {}, "abort_all"),
+    ("/abort_request", {"rid": 7}, "rid"),
     ("/update_weights_from_disk", {"model_path": "/nonexistent"}, "model_path"),
     ("/update_weights_from_tensor", {"serialized_named_tensors": ["@@"]},
      "serialized_named_tensors"),
@@ -317,6 +348,41 @@ def test_abort_all_returns_in_flight_requests_with_abort(server, prompt_ids):
         assert output.finish_reason == "abort" and len(output.output_ids) < 100
         assert len(output.output_log_probs) == len(output.output_ids)
     assert after.finish_reason == "length" and len(after.output_ids) == 3
+
+
+def test_abort_by_rid_ends_that_request_alone(server, prompt_ids):
+    """SGLang's {"rid": ...}: the request with that id returns at once with 'abort'; the
+    other one runs to its end."""
+    body = lambda rid, ids: {"input_ids": ids, "rid": rid, "sampling_params": {  # noqa: E731
+        "temperature": 0, "max_new_tokens": 60, "ignore_eos": True}}
+    with counted_steps(server.server.engine) as steps, \
+            concurrent.futures.ThreadPoolExecutor(2) as pool:
+        dropped = pool.submit(post, server.url, "/generate", body("dropped", prompt_ids[0]))
+        kept = pool.submit(post, server.url, "/generate", body("kept", prompt_ids[1]))
+        wait_for(lambda: len(steps) >= 3)
+        assert post(server.url, "/abort_request", {"rid": "dropped"}).json() == {"success": True}
+        dropped, kept = dropped.result(30).json(), kept.result(30).json()
+    assert dropped["meta_info"]["id"] == "dropped"
+    assert dropped["meta_info"]["finish_reason"]["type"] == "abort"
+    assert kept["meta_info"]["finish_reason"]["type"] == "length"
+    assert len(kept["output_ids"]) == 60
+    assert server.server.in_flight == {}
+    # An unknown or finished rid aborts nothing.
+    assert post(server.url, "/abort_request", {"rid": "kept"}).json() == {"success": True}
+
+
+def test_a_client_that_disconnects_aborts_its_request(server, prompt_ids):
+    """As SGLang does: the engine stops generating for a client that went away."""
+    body = {"input_ids": prompt_ids[0],
+            "sampling_params": {"max_new_tokens": 10_000, "ignore_eos": True}}
+    with counted_steps(server.server.engine) as steps:
+        with pytest.raises(requests.Timeout):
+            requests.post(server.url + "/generate", json=body, timeout=0.5)
+        time.sleep(0.1)  # the step in progress ends
+        stopped_at = len(steps)
+        time.sleep(0.3)  # ~30 steps if it were still generating
+        assert len(steps) == stopped_at < 10_000
+    assert server.server.in_flight == {}
 
 
 def test_health_model_info_cache_and_memory_endpoints(server, checkpoints, prompt_ids):
@@ -550,3 +616,36 @@ def test_ipc_payloads_need_the_servers_consent(server):
     response = post(server.url, "/update_weights_from_tensor",
                     {"serialized_named_tensors": [payload]})
     assert response.status_code == 400 and "CUDA IPC" in response.json()["error"]
+
+
+# ---- the fast engine behind the server ------------------------------------------------------
+
+def test_the_fast_engine_serves_the_same_api(fast_server, states, tiny, tokenizer, prompt_ids):
+    """What a GPU machine runs, on the CPU: greedy outputs and log-probs as the reference
+    engine's, weights by tensor, release and resume memory, abort."""
+    requests_ = [(ids, greedy(20)) for ids in prompt_ids]
+    assert_same_outputs(generate_all(HTTPEngine(fast_server.url), requests_),
+                        generate_all(reference(states["base"], tiny, tokenizer), requests_))
+
+    sent = {name: tensor.bfloat16() for name, tensor in states["perturbed"].items()}
+    with_client(fast_server.url, lambda client: client.update_weights(sent.items(), version=5),
+                bucket_bytes=256 << 10)
+    after = generate_all(HTTPEngine(fast_server.url), requests_)
+    assert_same_outputs(after, generate_all(reference(sent, tiny, tokenizer), requests_))
+    assert {o.weight_version for o in after} == {5}
+
+    async def release_and_resume(client):
+        await client.release_memory()
+        await client.resume_memory()
+        return await asyncio.gather(*(client.generate(ids, p) for ids, p in requests_))
+    assert_same_outputs(with_client(fast_server.url, release_and_resume), after)
+
+    async def abort(client):
+        running = asyncio.ensure_future(client.generate(prompt_ids[0],
+                                                        greedy(100, ignore_eos=True)))
+        await asyncio.to_thread(wait_for, lambda: len(steps) >= 3)
+        await client.abort_all()
+        return await asyncio.wait_for(running, 10)
+    with counted_steps(fast_server.server.engine) as steps:
+        aborted = with_client(fast_server.url, abort)
+    assert aborted.finish_reason == "abort" and 0 < len(aborted.output_ids) < 100

@@ -41,7 +41,7 @@ class EngineActor:
         from furlong.engine.serve import EngineServer
         server = EngineServer(self.engine, self.tokenizer, self.model_path,
                               accept_ipc_weights=self.accept_ipc_weights)
-        self.runner = web.AppRunner(server.build_app())
+        self.runner = server.app_runner()
         await self.runner.setup()
         host = ray.util.get_node_ip_address()
         port = free_port(host)

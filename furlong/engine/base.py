@@ -91,7 +91,9 @@ class GenerateOutput:
 class Engine(Protocol):
     """What the loop and the rollout manager call; in-process and HTTP engines alike."""
 
-    async def generate(self, input_ids: list[int], params: SamplingParams) -> GenerateOutput: ...
+    async def generate(self, input_ids: list[int], params: SamplingParams) -> GenerateOutput:
+        """One response. Cancelling the call aborts that one request: the engine stops
+        working on it and frees what it held."""
 
     async def abort_all(self) -> None:
         """Finish every request in flight now, with finish reason 'abort'."""

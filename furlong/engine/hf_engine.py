@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.sampling import sample_tokens
+from furlong.engine.stops import ended_on_stop_token, response_text, stop_string_end
 
 
 @dataclass
@@ -27,6 +28,7 @@ class _Request:
     params: SamplingParams
     future: asyncio.Future
     seed: int
+    cancelled: bool = False  # the caller gave up on it: its row stops (finish "abort")
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -48,43 +50,23 @@ class _Row:
         self.output_ids: list[int] = []
         self.log_probs: list[float] = []
         self.finish_reason: str | None = None if max_new_tokens > 0 else "length"
-        self.stop_text: str | None = None
-        self.stopped_on_token = False  # a stop token id or EOS ended the row
 
     def accept(self, token: int, log_prob: float, eos_ids: set[int], tokenizer) -> None:
         params = self.request.params
         self.output_ids.append(token)
         self.log_probs.append(log_prob)
-        if token in params.stop_token_ids or (token in eos_ids and not params.ignore_eos):
-            self.finish_reason = "stop"
-            self.stopped_on_token = True
-        elif params.stop and self._hits_stop_string(tokenizer):
+        if ended_on_stop_token(self.output_ids, params, eos_ids) or (params.stop and (
+                stop_string_end(tokenizer, self.output_ids, params.stop,
+                                len(self.output_ids) - 1) is not None)):
             self.finish_reason = "stop"
         elif len(self.output_ids) >= self.max_new_tokens:
             self.finish_reason = "length"
 
-    def _hits_stop_string(self, tokenizer) -> bool:
-        longest = max(len(s) for s in self.request.params.stop)
-        tail = tokenizer.decode(self.output_ids[-(longest + 8):])
-        for stop in self.request.params.stop:
-            if stop in tail:
-                self.stop_text = stop
-                return True
-        return False
-
-    def output(self, tokenizer, version: int) -> GenerateOutput:
-        params = self.request.params
-        # As SGLang's detokenizer: unless no_stop_trim, the text leaves out the matched stop
-        # token (output_ids keep it) and everything from the first matched stop string on.
-        text_ids = self.output_ids
-        if self.stopped_on_token and not params.no_stop_trim:
-            text_ids = text_ids[:-1]
-        text = tokenizer.decode(text_ids, skip_special_tokens=params.skip_special_tokens)
-        if self.stop_text is not None and not params.no_stop_trim:
-            position = text.find(self.stop_text)  # -1 when skip_special_tokens removed it
-            text = text if position < 0 else text[:position]
-        return GenerateOutput(self.output_ids, self.log_probs, self.finish_reason or "abort",
-                              text, len(self.request.input_ids), version)
+    def output(self, tokenizer, eos_ids: set[int], version: int) -> GenerateOutput:
+        reason = self.finish_reason or "abort"
+        text = response_text(tokenizer, self.output_ids, self.request.params, reason, eos_ids)
+        return GenerateOutput(self.output_ids, self.log_probs, reason, text,
+                              len(self.request.input_ids), version)
 
 
 class HFEngine:
@@ -123,7 +105,13 @@ class HFEngine:
         request = _Request(list(input_ids), params, loop.create_future(), seed)
         self._pending.append(request)
         self._wake.set()
-        return await request.future
+        try:
+            return await request.future
+        except asyncio.CancelledError:  # abort this one request
+            request.cancelled = True
+            if request in self._pending:
+                self._pending.remove(request)
+            raise
 
     async def _serve(self) -> None:
         while True:
@@ -149,7 +137,8 @@ class HFEngine:
             rows = [_Row(r, min(r.params.max_new_tokens, self.max_context_len - len(r.input_ids)))
                     for r in requests]
             self._decode(rows)
-            return [row.output(self.tokenizer, self.weight_version) for row in rows]
+            return [row.output(self.tokenizer, self.eos_ids, self.weight_version)
+                    for row in rows]
 
     def _decode(self, rows: list[_Row]) -> None:
         device = self.device
@@ -178,7 +167,9 @@ class HFEngine:
             tokens, log_probs = sample_tokens(logits, temperature, top_k, top_p, seeds, steps)
             for row, token, log_prob in zip(rows, tokens.tolist(), log_probs.tolist(),
                                             strict=True):
-                if row.finish_reason is None:
+                if row.finish_reason is None and row.request.cancelled:
+                    row.finish_reason = "abort"
+                elif row.finish_reason is None:
                     row.accept(token, log_prob, self.eos_ids, self.tokenizer)
             input_ids = tokens[:, None]
             attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=-1)

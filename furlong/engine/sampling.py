@@ -71,11 +71,12 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor,
 
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                  top_p: torch.Tensor, seeds: torch.Tensor,
-                  steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  top_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
+                  filtered: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row. Returns (tokens (B,) int64, log-probs (B,) float32).
 
-    logits (B, V); temperature/top_p (B,) float; top_k/seeds/steps (B,) int.
+    logits (B, V); temperature/top_p (B,) float; top_k/seeds/steps (B,) int. `filtered`:
+    whether some row has top-k or top-p (None: find out, which reads back to the host).
     """
     logits = logits.float()
     greedy = temperature <= 0
@@ -83,7 +84,9 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     scaled = logits / scale
     log_probs = scaled.log_softmax(dim=-1)
     candidates = scaled
-    if bool(((top_k > 0) | (top_p < 1)).any()):
+    if filtered is None:
+        filtered = bool(((top_k > 0) | (top_p < 1)).any())
+    if filtered:  # rows without top-k/top-p pass through the filter unchanged
         candidates = filter_top_k_top_p(scaled, top_k, top_p)
     gumbel = -torch.log(-torch.log(hash_uniform(seeds, steps, logits.shape[-1])))
     sampled = (candidates + gumbel).argmax(dim=-1)

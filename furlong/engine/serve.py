@@ -21,7 +21,7 @@ import logging
 import torch
 from aiohttp import web
 
-from furlong.engine.base import Engine, SamplingParams
+from furlong.engine.base import Engine, GenerateOutput, SamplingParams
 from furlong.engine.request_fields import (GENERATE_FIELDS, LoadOptions, bad_request,
                                            check_load_format, field, generate_item, is_int,
                                            json_body, load_options, parse_batch_sampling_params,
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     server = EngineServer(build_engine(args, tokenizer), tokenizer, args.model_path,
                           tokenizer_path, accept_ipc_weights=args.accept_ipc_weights)
-    web.run_app(server.build_app(), host=args.host, port=args.port,
+    # handler_cancellation: a client that disconnects aborts its requests, as in SGLang.
+    web.run_app(server.build_app(), host=args.host, port=args.port, handler_cancellation=True,
                 access_log=logger if args.log_level == "debug" else None)
 
 
@@ -143,6 +144,7 @@ class EngineServer:
         self.vocab_size: int = engine.model.config.vocab_size
         self.weight_version = 0
         self.groups: dict[str, WeightUpdateGroup] = {}
+        self.in_flight: dict[str, asyncio.Task] = {}  # rid -> its engine call
         self._weights_lock = asyncio.Lock()
 
     @property
@@ -172,6 +174,11 @@ class EngineServer:
         app.on_cleanup.append(self._shutdown)
         return app
 
+    def app_runner(self) -> web.AppRunner:
+        """The app for a `web.TCPSite`, with `main`'s behaviour: a client that disconnects
+        aborts its requests (as with SGLang)."""
+        return web.AppRunner(self.build_app(), handler_cancellation=True)
+
     async def _shutdown(self, app: web.Application) -> None:
         # Groups are dropped, not destroyed: a member's shutdown would wait for a trainer
         # that may be gone.
@@ -191,11 +198,25 @@ class EngineServer:
         params = parse_batch_sampling_params(body.get("sampling_params"), len(prompts), batched)
         rids = request_ids(body.get("rid"), len(prompts), batched)
         return_logprob = field(body, "return_logprob", bool, False)
-        outputs = await asyncio.gather(*(self.engine.generate(ids, p)
-                                         for ids, p in zip(prompts, params, strict=True)))
-        items = [generate_item(output, rid, return_logprob)
-                 for output, rid in zip(outputs, rids, strict=True)]
+        tasks = [asyncio.ensure_future(self.engine.generate(ids, p))
+                 for ids, p in zip(prompts, params, strict=True)]
+        self.in_flight.update(zip(rids, tasks, strict=True))
+        try:
+            await asyncio.wait(tasks)
+        finally:  # also when the client went away: the engine aborts what is left
+            for rid, task in zip(rids, tasks, strict=True):
+                task.cancel()
+                if self.in_flight.get(rid) is task:
+                    del self.in_flight[rid]
+        items = [generate_item(self._outcome(task, len(ids)), rid, return_logprob)
+                 for task, ids, rid in zip(tasks, prompts, rids, strict=True)]
         return web.json_response(items if batched else items[0])
+
+    def _outcome(self, task: asyncio.Task, prompt_tokens: int) -> GenerateOutput:
+        """The engine's output, or an empty 'abort' one for a request aborted by rid."""
+        if task.cancelled():
+            return GenerateOutput([], [], "abort", "", prompt_tokens, self.weight_version)
+        return task.result()
 
     def _prompts(self, body: dict) -> tuple[list[list[int]], bool]:
         """(token ids of each prompt, whether the request is a batch)."""
@@ -236,11 +257,17 @@ class EngineServer:
         return web.Response(status=200)
 
     async def abort_request(self, request: web.Request) -> web.Response:
+        """{"abort_all": true}: every request, with the tokens made so far. {"rid": ID}:
+        that request (or none if it already finished), which returns 'abort' empty."""
         body = await json_body(request)
-        if not field(body, "abort_all", bool, False):
-            bad_request("abort_all: this server aborts all requests at once; send "
-                        '{"abort_all": true} (abort by rid is not supported)')
-        await self.engine.abort_all()
+        if field(body, "abort_all", bool, False):
+            await self.engine.abort_all()
+        elif isinstance(body.get("rid"), str):
+            task = self.in_flight.get(body["rid"])
+            if task is not None:
+                task.cancel()
+        else:
+            bad_request('send {"abort_all": true} or {"rid": "<id of a /generate request>"}')
         return web.json_response({"success": True})
 
     async def flush_cache(self, request: web.Request) -> web.Response:

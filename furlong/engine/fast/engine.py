@@ -23,6 +23,7 @@ from furlong.engine.fast.runner import ModelRunner
 from furlong.engine.fast.scheduler import Scheduler
 from furlong.engine.fast.sequence import Sequence
 from furlong.engine.hf_engine import eos_token_ids, load_named_tensors
+from furlong.engine.stops import ended_on_stop_token, response_text, stop_string_end
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class FastEngine:
         self.weight_version = 0
         self._seeds = itertools.count(default_seed)
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self._cancelled: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._abort_requested = False
@@ -100,9 +102,15 @@ class FastEngine:
             loop.call_soon_threadsafe(_resolve, future, output)
 
         seed = params.sampling_seed if params.sampling_seed is not None else next(self._seeds)
-        self._inbox.put(Sequence(list(input_ids), params, seed, max_new, on_finish))
+        seq = Sequence(list(input_ids), params, seed, max_new, on_finish)
+        self._inbox.put(seq)
         self._wake.set()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:  # the caller gave up on it: abort this one request
+            self._cancelled.put(seq)
+            self._wake.set()
+            raise
 
     async def abort_all(self) -> None:
         with self._lock:
@@ -161,6 +169,7 @@ class FastEngine:
                 with self._lock:
                     try:
                         self._drain_inbox()
+                        self._abort_cancelled()
                         if self._abort_requested:
                             self._abort_everything()
                             self._abort_requested = False
@@ -201,20 +210,13 @@ class FastEngine:
             self._finish(seq, tokens, log_probs)
         watched = [seq for seq in unfinished if seq.needs_host_tokens]
         for seq, (tokens, log_probs) in zip(watched, self.runner.fetch(watched), strict=True):
-            end = self._stop_string_end(seq, seq.output_ids + tokens, len(seq.output_ids))
+            ids = seq.output_ids + tokens
+            end = stop_string_end(self.tokenizer, ids, seq.params.stop,
+                                  max(seq.stop_checked, len(seq.output_ids)))
+            seq.stop_checked = len(ids)
             if end is not None:
                 keep = end - len(seq.output_ids)
                 self._finish(seq, tokens[:keep], log_probs[:keep], "stop")
-
-    def _stop_string_end(self, seq: Sequence, ids: list[int], start: int) -> int | None:
-        """Length of `ids` up to the token that completes one of `seq`'s stop strings."""
-        stops = seq.params.stop
-        longest = max(len(s) for s in stops) + 8
-        for end in range(start + 1, len(ids) + 1):
-            tail = self.tokenizer.decode(ids[max(0, end - longest):end])
-            if any(stop in tail for stop in stops):
-                return end
-        return None
 
     def _finish(self, seq: Sequence, tokens: list[int], log_probs: list[float],
                 reason: str | None = None) -> None:
@@ -222,9 +224,7 @@ class FastEngine:
         seq.output_log_probs += log_probs
         seq.num_generated = len(seq.output_ids)
         if reason is None:
-            last = seq.output_ids[-1] if seq.output_ids else None
-            stopped = last in seq.params.stop_token_ids or (
-                last in self.eos_ids and not seq.params.ignore_eos)
+            stopped = ended_on_stop_token(seq.output_ids, seq.params, self.eos_ids)
             reason = "stop" if stopped else "length"
         if seq.slot is not None:
             self.runner.free(seq)
@@ -238,12 +238,27 @@ class FastEngine:
         seq.num_generated = len(seq.output_ids)
         self.runner.free(seq)
 
+    def _abort_cancelled(self) -> None:
+        """Free the sequences whose callers cancelled them (those not finished yet)."""
+        cancelled = []
+        while True:
+            try:
+                cancelled.append(self._cancelled.get_nowait())
+            except queue.Empty:
+                break
+        self._abort([seq for seq in cancelled if seq.finish_reason is None])
+
     def _abort_everything(self) -> None:
-        running = list(self.scheduler.running)
+        self._abort(list(self.scheduler.running) + list(self.scheduler.waiting))
+
+    def _abort(self, seqs: list[Sequence]) -> None:
+        """Finish `seqs` (running or waiting) with 'abort' and the tokens made so far."""
+        running = [seq for seq in seqs if seq.slot is not None]
         for seq, (tokens, log_probs) in zip(running, self.runner.fetch(running), strict=True):
             self._finish(seq, tokens, log_probs, "abort")
-        for seq in list(self.scheduler.waiting):
-            self._finish(seq, [], [], "abort")
+        for seq in seqs:
+            if seq.slot is None:
+                self._finish(seq, [], [], "abort")
 
     def _fail_everything(self, error: Exception) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
@@ -256,12 +271,8 @@ class FastEngine:
     def _output(self, seq: Sequence) -> GenerateOutput | Exception:
         if isinstance(seq.finish_reason, Exception):
             return seq.finish_reason
-        params = seq.params
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=params.skip_special_tokens)
-        if seq.finish_reason == "stop" and params.stop and not params.no_stop_trim:
-            hits = [text.rfind(stop) for stop in params.stop if stop in text]
-            if hits:
-                text = text[:max(hits)]
+        text = response_text(self.tokenizer, seq.output_ids, seq.params, seq.finish_reason,
+                             self.eos_ids)
         return GenerateOutput(seq.output_ids, seq.output_log_probs, seq.finish_reason, text,
                               len(seq.prompt_ids), self.weight_version)
 

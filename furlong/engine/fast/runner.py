@@ -21,7 +21,7 @@ from furlong.engine.fast.sequence import Sequence
 from furlong.engine.sampling import sample_tokens
 from furlong.varlen import varlen_causal_attention
 
-MAX_STOP_IDS = 8
+STOP_IDS_WIDTH = 8  # per-slot stop ids; grows (dropping captured graphs) when needed
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448,
                  512, 640, 768, 896, 1024)
 
@@ -40,7 +40,7 @@ class ModelRunner:
         self.eos_ids = torch.tensor(sorted(eos_ids), device=self.device)
         self.buckets = [b for b in GRAPH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, filtered)
         self.free_slots = list(range(max_num_seqs))
         self.num_blocks = num_blocks
         self._allocate()
@@ -64,7 +64,8 @@ class ModelRunner:
         self.top_k = zeros(slots, dtype=torch.int64)
         self.top_p = zeros(slots, dtype=torch.float32)
         self.ignore_eos = zeros(slots, dtype=torch.bool)
-        self.stop_ids = torch.full((slots, MAX_STOP_IDS), -1, dtype=torch.int64, device=device)
+        self.stop_ids = torch.full((slots, STOP_IDS_WIDTH), -1, dtype=torch.int64,
+                                   device=device)
         self.out_tokens = zeros(slots, self.max_model_len, dtype=torch.int64)
         self.out_log_probs = zeros(slots, self.max_model_len, dtype=torch.float32)
         self.batch_slots = torch.full((self.max_num_seqs,), self.scratch, dtype=torch.int64,
@@ -129,10 +130,22 @@ class ModelRunner:
         self.top_k[slots] = values(lambda s: s.params.top_k, torch.int64)
         self.top_p[slots] = values(lambda s: s.params.top_p, torch.float32)
         self.ignore_eos[slots] = values(lambda s: s.params.ignore_eos, torch.bool)
-        stop = [list(s.params.stop_token_ids[:MAX_STOP_IDS]) for s in seqs]
+        stop = [list(s.params.stop_token_ids) for s in seqs]
+        self._fit_stop_ids(max(len(ids) for ids in stop))
+        width = self.stop_ids.shape[1]
         self.stop_ids[slots] = torch.tensor(
-            [ids + [-1] * (MAX_STOP_IDS - len(ids)) for ids in stop], device=self.device)
+            [ids + [-1] * (width - len(ids)) for ids in stop], device=self.device)
         self.done[slots] = False
+
+    def _fit_stop_ids(self, width: int) -> None:
+        """Widen the stop-id table to `width` columns; graphs captured on it are dropped."""
+        if width <= self.stop_ids.shape[1]:
+            return
+        wider = torch.full((self.stop_ids.shape[0], width), -1, dtype=torch.int64,
+                           device=self.device)
+        wider[:, :self.stop_ids.shape[1]] = self.stop_ids
+        self.stop_ids = wider
+        self.graphs.clear()
 
     def _prefill(self, prompts: list[list[int]], tables: list[list[int]]) -> torch.Tensor:
         """Run the prompts as one packed batch; returns each prompt's last hidden state."""
@@ -162,30 +175,33 @@ class ModelRunner:
         self.batch_slots[:len(seqs)] = slots
         filtered = any(s.params.top_k > 0 or s.params.top_p < 1 for s in seqs)
         for _ in range(window):
-            if self.use_graphs and not filtered:
-                self._graph(bucket).replay()
+            if self.use_graphs:
+                self._graph(bucket, filtered).replay()
             else:
                 self._decode_step(bucket, filtered)
         return self.done[slots].tolist()
 
-    def _graph(self, bucket: int) -> torch.cuda.CUDAGraph:
-        if bucket not in self.graphs:
+    def _graph(self, bucket: int, filtered: bool) -> torch.cuda.CUDAGraph:
+        """The decode step of `bucket` rows, with top-k/top-p filtering or without."""
+        key = (bucket, filtered)
+        if key not in self.graphs:
             saved = self.batch_slots.clone()
             self.batch_slots.fill_(self.scratch)  # capture on scratch rows: no state change
-            self._decode_step(bucket, False)      # warm up (compiles kernels)
+            self._decode_step(bucket, filtered)   # warm up (compiles kernels)
             graph = torch.cuda.CUDAGraph()
             pool = next(iter(self.graphs.values())).pool() if self.graphs else None
             with torch.cuda.graph(graph, pool=pool):
-                self._decode_step(bucket, False)
-            self.graphs[bucket] = graph
+                self._decode_step(bucket, filtered)
+            self.graphs[key] = graph
             self.batch_slots.copy_(saved)
-        return self.graphs[bucket]
+        return self.graphs[key]
 
     def capture_graphs(self) -> None:
-        """Capture every bucket, largest first (later ones reuse its memory pool)."""
+        """Capture every bucket without filtering, largest first (later ones reuse its
+        memory pool); filtered steps are captured when first needed."""
         if self.use_graphs:
             for bucket in reversed(self.buckets):
-                self._graph(bucket)
+                self._graph(bucket, False)
 
     @torch.no_grad()
     def _decode_step(self, bucket: int, filtered: bool) -> None:
@@ -213,9 +229,9 @@ class ModelRunner:
         steps = self.step_base[slots] + self.num_new[slots]
         if filtered is None:
             filtered = bool(((self.top_k[slots] > 0) | (self.top_p[slots] < 1)).any())
-        if filtered:
+        if filtered:  # no filter test inside: it would read back to the host every step
             return sample_tokens(logits, self.temperature[slots], self.top_k[slots],
-                                 self.top_p[slots], self.seeds[slots], steps)
+                                 self.top_p[slots], self.seeds[slots], steps, filtered=True)
         return fused_sample(logits, self.temperature[slots], self.seeds[slots], steps)
 
     def _record(self, slots, tokens, log_probs) -> None:

@@ -43,6 +43,8 @@ class Sequence:
     reserved_length: int = 0
     # Leading block-table entries already copied to the device (and unchanged since).
     table_synced: int = 0
+    # Generated tokens already searched for stop strings (see needs_host_tokens).
+    stop_checked: int = 0
 
     @property
     def token_ids(self) -> list[int]:
