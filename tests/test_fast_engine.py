@@ -145,7 +145,6 @@ def test_fast_engine_limits_and_stops(tiny, tokenizer):
     assert len(out.output_ids) == 6 and out.finish_reason == "length"
     out = run(temperature=1.0, max_new_tokens=100, ignore_eos=True, sampling_seed=3)
     assert len(out.output_ids) == 24 - len(prompt) and out.finish_reason == "length"
-    first = out.output_ids[0]
     out = run(temperature=1.0, max_new_tokens=100, ignore_eos=True, sampling_seed=3,
               stop_token_ids=(out.output_ids[2],))
     assert out.finish_reason == "stop" and len(out.output_ids) <= 3
