@@ -208,13 +208,31 @@ def test_async_run_overlaps_and_learns(tiny, sft_model, tmp_path):
         train_start, train_end = rollouts[k]["perf/train_start"], rollouts[k]["perf/train_end"]
         next_start, next_end = (rollouts[k + 1]["perf/rollout_start"],
                                 rollouts[k + 1]["perf/rollout_end"])
-        overlaps += next_start < train_end and next_end > train_start
-        assert next_start < train_start  # launched as soon as rollout k was handed over
-    assert overlaps >= 25
+        # It started running inside training k (had training held the event loop, it
+        # could only start after), and whether it also ended inside it is timing.
+        assert train_start <= next_start < train_end
+        overlaps += next_end < train_end
+    assert overlaps >= 10
     assert rollouts[0]["rollout/staleness"] == 0
     assert all(rollouts[k]["rollout/staleness"] == 1 for k in range(1, 30))
     accuracy = series(rows, "eval/addition")
     assert accuracy[30] > accuracy[0] + 0.05
+
+
+def test_weight_interval_two_staleness_and_eval_between_rollouts(tiny, tmp_path):
+    """--update-weights-interval 2: staleness counts the rollouts the trainer is ahead
+    (sync 0,1,0,1; async 0,1,2,1,2,1), and an eval every rollout waits for the
+    generation in flight, whose over-sampling abort would otherwise cut the eval short."""
+    base = grpo_argv(tiny, tiny / "model", tmp_path, 6, prompts=4) + [
+        "--update-weights-interval", "2", "--over-sampling-batch-size", "8",
+        "--eval-prompt-data", "addition", f"{tiny}/data/eval.jsonl@[0:16]",
+        "--eval-interval", "1", *EVAL]
+    for overlap, expected in ((False, [0, 1, 0, 1, 0, 1]), (True, [0, 1, 2, 1, 2, 1])):
+        argv = [str(tmp_path / str(overlap)) if a == str(tmp_path) else a for a in base]
+        assert cli.main(argv, prog="train_async.py", overlap=overlap) == 0
+        rows = read_metrics(tmp_path / str(overlap) / "metrics.jsonl")
+        assert list(series(rows, "rollout/staleness").values()) == expected, overlap
+        assert sorted(series(rows, "eval/addition")) == list(range(7))
 
 
 def test_async_resume_regenerates_the_rollout_in_flight(tiny, tmp_path, monkeypatch):

@@ -92,8 +92,9 @@ def greedy(max_new_tokens: int = 20, **extra) -> SamplingParams:
 
 def hf_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
     """HF generate, one prompt at a time (no padding), cut after the first EOS."""
-    output = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                                                                              dtype=torch.long),
+    output = model.generate(torch.tensor([ids], device=model.device),
+                            attention_mask=torch.ones(1, len(ids), dtype=torch.long,
+                                                      device=model.device),
                             do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0)
     return output[0, len(ids):].tolist()
 
@@ -111,6 +112,24 @@ def test_greedy_batch_equals_hf_generate(engine, prompt_ids):
     # The fixture is meant to be interesting: some rows stop early, outputs are varied.
     assert {o.finish_reason for o in outputs} == {"stop", "length"}
     assert len({tuple(o.output_ids) for o in outputs}) == len(outputs)
+
+
+@pytest.mark.gpu
+def test_bf16_fast_engine_follows_hf_generate_on_gpu(tiny, tokenizer, sharpened_state,
+                                                     prompt_ids):
+    """bf16 on the GPU (kernels, graphs): at least 99% of all greedy positions come before
+    the first divergence from HF `generate` on the same bf16 weights."""
+    model = sharpened_model(tiny, sharpened_state).to("cuda", torch.bfloat16)
+    engine = FastEngine(model, tokenizer, kv_cache_tokens=8192, max_num_seqs=16)
+    outputs = run(engine, [(ids, greedy(40)) for ids in prompt_ids])
+    asyncio.run(engine.close())
+    agreed = total = 0
+    for ids, output in zip(prompt_ids, outputs, strict=True):
+        reference = hf_greedy(model, ids, 40)
+        pairs = list(zip(output.output_ids, reference))
+        agreed += next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
+        total += len(reference)
+    assert agreed >= 0.99 * total, (agreed, total)
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, -1, 1.0), (0.7, 5, 0.9)])

@@ -502,6 +502,31 @@ def test_a_killed_engine_is_restarted_and_nothing_is_lost_or_counted_twice(tiny,
 
 # ---- flags and the factory -------------------------------------------------------------------
 
+def test_which_engine_runs(monkeypatch):
+    """auto: SGLang where importable on a GPU; else the fast engine on a GPU for the
+    families it supports, the HF engine otherwise; an explicit choice is kept."""
+    from transformers import GPT2Config, LlamaConfig, Qwen3Config
+
+    from furlong.engine import factory
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    qwen3, llama, gpt2 = Qwen3Config(), LlamaConfig(), GPT2Config()
+    assert factory.in_process_backend("auto", cuda, qwen3) == "fast"
+    assert factory.in_process_backend("auto", cuda, llama) == "fast"
+    assert factory.in_process_backend("auto", cuda, gpt2) == "hf"
+    assert factory.in_process_backend("auto", cpu, qwen3) == "hf"
+    assert factory.in_process_backend("hf", cuda, qwen3) == "hf"
+    assert factory.in_process_backend("fast", cpu, qwen3) == "fast"
+    sliding = Qwen3Config(use_sliding_window=True, sliding_window=128)
+    assert factory.in_process_backend("auto", cuda, sliding) == "hf"
+    options = EngineOptions()
+    monkeypatch.setattr(factory.importlib.util, "find_spec", lambda name: None)
+    assert factory.resolve_backend(options, cuda) == "auto"
+    monkeypatch.setattr(factory.importlib.util, "find_spec", lambda name: object())
+    assert factory.resolve_backend(options, cuda) == "sglang"
+    assert factory.resolve_backend(options, cpu) == "auto"
+    assert factory.resolve_backend(EngineOptions(backend="fast"), cuda) == "fast"
+
+
 def config_error(argv: list[str]) -> str:
     with pytest.raises(ConfigError) as info:
         load_config(argv)

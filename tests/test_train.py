@@ -11,6 +11,7 @@ from furlong.train import microbatch
 from furlong.train.actor import RankInfo, TrainActor
 from furlong.train.advantages import compute_advantages, group_normalized
 from furlong.train.batch import TrainBatch, pack, split_tokens
+from furlong.train.loss import LossInputs, make_reducer, policy_objective
 from furlong.train.policy import CausalLMPolicy, load_hf_model
 
 from conftest import policy_config, random_batch, reference_log_probs
@@ -145,6 +146,36 @@ def test_grpo_advantage_is_constant_per_sample(tiny):
         assert torch.all(values == scalar)
 
 
+def test_tis_scales_each_token_loss_by_the_clipped_engine_ratio(tiny):
+    """--use-tis: pg_loss = sum(mask * ppo_token_loss * clip(exp(old - rollout))) / tokens,
+    here written out by hand; train/tis is the mean weight."""
+    config = policy_config(tiny, ["--use-tis", "--tis-clip-low", "0.8", "--tis-clip", "1.2",
+                                  "--calculate-per-token-loss"]).grpo
+    batch = random_batch(6, vocab=22, seed=4)
+    generator = torch.Generator().manual_seed(0)
+
+    def per_token(scale: float, shift: float = 0.0) -> list[torch.Tensor]:
+        return [torch.randn(n, generator=generator) * scale + shift
+                for n in batch.response_lengths]
+    batch.old_log_probs, batch.rollout_log_probs = per_token(0.3, -1.5), per_token(0.3, -1.5)
+    batch.ref_log_probs, batch.advantages = per_token(0.3, -1.5), per_token(1.0)
+    micro = pack(batch, list(range(len(batch))), torch.device("cpu"))
+    fields, mask = micro.token_fields, micro.loss_mask
+    log_probs = fields["old_log_probs"] + torch.randn(len(mask), generator=generator) * 0.2
+    tokens = float(mask.sum())
+    inputs = LossInputs(log_probs, torch.zeros_like(log_probs), micro,
+                        make_reducer(micro, per_token=True, denominator=tokens))
+    _, metrics = policy_objective(config, inputs)
+
+    advantages, ratio = fields["advantages"], (log_probs - fields["old_log_probs"]).exp()
+    ppo = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(
+        1 - config.eps_clip, 1 + config.eps_clip_high))
+    weights = (fields["old_log_probs"] - fields["rollout_log_probs"]).exp().clamp(0.8, 1.2)
+    assert (weights == 0.8).any() and (weights == 1.2).any() and (weights != 1).any()
+    torch.testing.assert_close(metrics["pg_loss"], (mask * ppo * weights).sum() / tokens)
+    torch.testing.assert_close(metrics["tis"], (mask * weights).sum() / tokens)
+
+
 def test_snapshots_give_the_log_probs_of_the_pushed_weights(tiny):
     """--keep-old-actor: after training, log-probs of an older version's snapshot equal
     those computed with that version, and the current weights come back afterwards."""
@@ -161,6 +192,16 @@ def test_snapshots_give_the_log_probs_of_the_pushed_weights(tiny):
     assert all(torch.equal(a, b) for a, b in zip(old, before, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(again, after, strict=True))
     assert any(not torch.allclose(a, b) for a, b in zip(after, before, strict=True))
+    # A version without a snapshot is an error, not a silent use of the current weights.
+    with pytest.raises(RuntimeError, match="no snapshot of weights version 6"):
+        actor.compute_log_probs(batch, weights_version=6)
+
+
+def test_keep_old_actor_needs_every_sample_version(tiny):
+    from furlong.loop import log_probs_of_generating_weights
+    actor = make_actor(tiny, ["--keep-old-actor"])
+    with pytest.raises(ValueError, match="sample.weight_version"):
+        log_probs_of_generating_weights(actor, random_batch(2, 22), [3, None])
 
 
 def test_offload_and_reload_keep_the_optimizer_state(tiny):

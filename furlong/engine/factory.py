@@ -76,6 +76,15 @@ def resolve_backend(options: EngineOptions, device: torch.device) -> str:
     return options.backend
 
 
+def in_process_backend(backend: str, device: torch.device, model_config) -> str:
+    """fast or hf: the fast engine when asked for, or under auto on a GPU for the model
+    families it supports; the HF engine otherwise."""
+    if backend == "fast" or (backend == "auto" and device.type == "cuda"
+                             and supports(model_config)):
+        return "fast"
+    return "hf"
+
+
 def create_engine(model_path: str, tokenizer, device: torch.device, dtype: torch.dtype,
                   options: EngineOptions) -> Engine:
     if options.external_engine_addrs:
@@ -88,9 +97,7 @@ def create_engine(model_path: str, tokenizer, device: torch.device, dtype: torch
 def create_in_process_engine(model_path: str, tokenizer, device: torch.device,
                              dtype: torch.dtype, options: EngineOptions) -> Engine:
     model = load_hf_model(model_path, dtype, device)
-    fast = options.backend == "fast" or (options.backend == "auto" and device.type == "cuda"
-                                         and supports(model.config))
-    if fast:
+    if in_process_backend(options.backend, device, model.config) == "fast":
         fraction = options.mem_fraction_static or (0.3 if options.shares_device else 0.85)
         log.info("rollout engine: fast (%s, KV cache %.0f%% of the GPU)", device, 100 * fraction)
         return FastEngine(model, tokenizer, max_context_len=options.max_context_len,

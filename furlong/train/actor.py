@@ -128,7 +128,12 @@ class TrainActor:
         rank holds all. `weights_version` computes them with the weights the engines were
         given at that version (--keep-old-actor snapshots), not the current ones.
         """
-        if weights_version is not None and weights_version in self.snapshots:
+        if weights_version is not None:
+            if weights_version not in self.snapshots:
+                raise RuntimeError(
+                    f"--keep-old-actor: no snapshot of weights version {weights_version} "
+                    f"(kept: {sorted(self.snapshots)}); samples older than the last two "
+                    "pushes cannot get the log-probs of the weights that generated them")
             with self._weights_of(weights_version):
                 return self.compute_log_probs(batch)
         policy = self.ref_policy if reference else self.policy
