@@ -1,7 +1,8 @@
 """The fsdp backend over several ranks gives the numbers of one process.
 
 Two CPU processes (gloo) run every multi-rank check in one spawn: data parallel
-(per-sample loss with fixed micro-batches, per-token loss with dynamic batching),
+(per-sample loss with fixed micro-batches, per-token loss with dynamic batching, each
+with contiguous and with token-balanced shares),
 tensor parallel, tensor + sequence parallel with full recomputation, log-probs,
 full weights, and save -> restore -> the next step. The references are the plain
 one-process trainer (no torch.distributed). Tolerances, all float32: step metrics
@@ -43,6 +44,9 @@ RUNS = {
                             "--recompute-num-layers", "1", "--calculate-per-token-loss",
                             "--use-dynamic-batch-size", "--max-tokens-per-gpu", "40"]),
 }
+# The data-parallel runs again with each rank's share balanced by tokens, not contiguous.
+RUNS |= {f"{name}_balanced": (1, [*RUNS[name][1], "--balance-data"])
+         for name in ("dp", "dp_token_dynamic")}
 RESUME_FLAGS = ["--lr", "1e-3"]
 
 
@@ -149,7 +153,8 @@ def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_step_equals_one_process(tiny, ranks, name):
-    """(a) data parallel, per-sample and per-token/dynamic; (b) tensor parallel;
+    """(a) data parallel, per-sample and per-token/dynamic, shares contiguous or
+    balanced by tokens (--balance-data); (b) tensor parallel;
     (c) tensor + sequence parallel, here with full recomputation of every layer."""
     batch, results, _ = ranks
     reference = TrainActor(policy_config(tiny, single_process_flags(RUNS[name][1])), RankInfo(),

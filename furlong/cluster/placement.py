@@ -57,6 +57,13 @@ def plan_placement(config: Config, gpus_available: int) -> Placement:
                           f"{engine_devices} engine devices (--rollout-num-gpus, or the trainer's "
                           "with --colocate)")
     engines = engine_devices // per_engine
+    if per_engine > c.num_gpus_per_node and not config.rollout.rollout_external:
+        # An engine placed here is one Ray bundle, so one node's devices (running servers
+        # are not placed).
+        raise ConfigError(f"--rollout-num-gpus-per-engine {per_engine} is more than "
+                          f"--num-gpus-per-node {c.num_gpus_per_node}: an engine's GPUs must be "
+                          "on one node; lower --rollout-num-gpus-per-engine (or raise "
+                          "--num-gpus-per-node if the nodes have more GPUs)")
     if engines == 0 and not (config.debug.debug_train_only or config.rollout.rollout_external):
         raise ConfigError("no engine devices: give --rollout-num-gpus N or --colocate (or "
                           "--rollout-external with running servers)")

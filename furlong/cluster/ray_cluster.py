@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import ray
 import torch
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from furlong.cluster.placement import Placement
-from furlong.cluster.ray_engine import EngineActor, ServerHost
-from furlong.cluster.ray_trainer import RayTrainGroup, wait_all
+from furlong.cluster.ray_engine import EngineActor, RayEngineGroup, ServerHost
+from furlong.cluster.ray_trainer import RayTrainGroup, in_bundle, wait_all
 from furlong.config import Config, ConfigError
 from furlong.engine.base import Engine
 from furlong.engine.factory import (EngineOptions, create_engine, resolve_backend, router_for,
@@ -31,7 +30,7 @@ READY_TIMEOUT_S = 120
 @dataclass
 class RayRoles:
     trainer: RayTrainGroup | None
-    engine: Engine | None      # a router over the engine servers
+    engine: Engine | None      # a router over the engine servers (RayEngineGroup if placed here)
     engine_actors: list
     group: object
     started_ray: bool
@@ -66,17 +65,33 @@ def start_ray(placement: Placement) -> bool:
     return True
 
 
-def build_ray_roles(config: Config, placement: Placement, init_weights: str,
-                    total_steps: int, options: EngineOptions, trains: bool) -> RayRoles:
-    started = start_ray(placement)
-    device = torch.device(placement.device)
-    gpu = 1 if placement.device == "cuda" else 0
-    share = 0.5 if placement.colocate else 1.0  # colocated roles take turns on a GPU
+def check_engine_devices(placement: Placement, backend: str) -> None:
+    """Engines of several devices need a bundle of their own and SGLang (the one backend
+    that spans devices): checked before Ray starts, not by `--dry-run`, since what
+    `auto` runs depends on the machine the run starts on, and the colocated layout is
+    the SPEC launch script's own (a limit of this build, not a wrong flag)."""
     per_engine = placement.devices_per_engine
-    if placement.colocate and per_engine > 1:
+    if per_engine > 1 and placement.colocate:
         raise ConfigError(f"--colocate with --rollout-num-gpus-per-engine {per_engine}: an "
                           "engine would span several trainer bundles; give the engines GPUs "
                           "of their own (--rollout-num-gpus) or use one GPU per engine")
+    if per_engine > 1 and backend != "sglang":
+        raise ConfigError(f"--rollout-num-gpus-per-engine {per_engine} with --rollout-backend "
+                          f"{backend}: the built-in engine runs on one device; use "
+                          "--rollout-backend sglang (on GPUs, with sglang installed) for "
+                          "tensor-parallel engines, or one GPU per engine")
+
+
+def build_ray_roles(config: Config, placement: Placement, init_weights: str,
+                    total_steps: int, options: EngineOptions, trains: bool) -> RayRoles:
+    device = torch.device(placement.device)
+    backend = resolve_backend(options, device)
+    if not options.external_engine_addrs:  # running servers are not placed
+        check_engine_devices(placement, backend)
+    started = start_ray(placement)
+    gpu = 1 if placement.device == "cuda" else 0
+    share = 0.5 if placement.colocate else 1.0  # colocated roles take turns on a GPU
+    per_engine = placement.devices_per_engine
     trainer_bundle = {"CPU": 2 if placement.colocate else 1, **({"GPU": 1} if gpu else {})}
     engine_bundles = [] if placement.colocate or options.external_engine_addrs else [
         {"CPU": 1, **({"GPU": per_engine} if gpu else {})} for _ in range(placement.num_engines)]
@@ -96,30 +111,25 @@ def build_ray_roles(config: Config, placement: Placement, init_weights: str,
     if options.external_engine_addrs:  # servers someone else runs: only the trainer is placed
         engine = create_engine(config.ckpt.hf_checkpoint, None, device, torch.float32, options)
         if trainer is not None:
-            trainer.attach_engines(engine.urls, [], colocate=False)
+            trainer.attach_engines(engine.urls, [], colocate=False, actors=[])
         return RayRoles(trainer, engine, [], group, started)
 
     def engine_options(index: int) -> dict:
         bundle = index if placement.colocate else placement.trainer_ranks + index
         return dict(num_cpus=1, num_gpus=share * gpu * per_engine,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(
-                        group, placement_group_bundle_index=bundle))
+                    scheduling_strategy=in_bundle(group, bundle))
 
-    if resolve_backend(options, device) == "sglang":
+    if backend == "sglang":
         spec = server_spec(config.ckpt.hf_checkpoint, options, device)
         actors = [ServerHost.options(**engine_options(e)).remote(spec)
                   for e in range(placement.num_engines)]
         urls = wait_all([actor.start.remote() for actor in actors], "engine server")
     else:
-        if per_engine > 1:
-            raise ConfigError(f"--rollout-num-gpus-per-engine {per_engine}: the built-in "
-                              "engine runs on one device; use --rollout-backend sglang for "
-                              "tensor-parallel engines")
         actors = [EngineActor.options(**engine_options(e)).remote(
             config.ckpt.hf_checkpoint, options, placement.device, placement.colocate and gpu == 1)
             for e in range(placement.num_engines)]
         urls = wait_all([actor.serve.remote() for actor in actors], "engine")
-    engine = router_for(urls, options, device) if urls else None
+    engine = RayEngineGroup(router_for(urls, options, device), actors) if urls else None
     if trainer is not None:
-        trainer.attach_engines(urls, placement.engine_devices, placement.colocate)
+        trainer.attach_engines(urls, placement.engine_devices, placement.colocate, actors)
     return RayRoles(trainer, engine, actors, group, started)

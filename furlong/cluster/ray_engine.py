@@ -7,15 +7,21 @@ An EngineActor builds the built-in engine on the devices Ray gave it and runs th
 furlong engine server (furlong/engine/serve.py) in its event loop; the driver talks to
 all of them through one EngineRouter, exactly as it would to SGLang servers. Trainer
 ranks push weights to the same URLs: CUDA IPC payloads from the rank on the same GPU
-(colocated), a broadcast from rank 0 (apart), or bytes by value (CPU).
+(colocated), a broadcast from rank 0 (apart), or bytes by value (CPU). RayEngineGroup
+is that router as the loop sees it, with Ray's word on an engine that died.
 """
 from __future__ import annotations
+
+import asyncio
 
 import ray
 import torch
 
+from furlong.cluster.ray_trainer import check_engines
+from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.factory import EngineOptions, create_engine
 from furlong.engine.launcher import ServerLauncher, ServerSpec
+from furlong.engine.router import EngineRouter
 from furlong.ports import free_port
 
 
@@ -33,6 +39,9 @@ class EngineActor:
         self.model_path = model_path
         self.accept_ipc_weights = accept_ipc_weights
         self.runner = None
+
+    async def ready(self) -> bool:
+        return True
 
     async def serve(self) -> str:
         """Start the HTTP server on a free port of this node; returns its URL."""
@@ -65,8 +74,32 @@ class ServerHost:
         self.launcher = ServerLauncher(replace(spec, host=ray.util.get_node_ip_address()),
                                        [devices])
 
+    def ready(self) -> bool:
+        return True
+
     def start(self) -> str:
         return self.launcher.start()[0]
 
     def stop(self) -> None:
         self.launcher.stop()
+
+
+class RayEngineGroup:
+    """The loop's engine when the engines are Ray actors: the router over their servers
+    (every Engine method and attribute is the router's), except that a request that
+    fails asks the actors first: when an actor died, its index and Ray's cause are the
+    error, not the refused connection the router saw."""
+
+    def __init__(self, router: EngineRouter, actors: list):
+        self.router = router
+        self.actors = actors
+
+    def __getattr__(self, name: str):
+        return getattr(self.router, name)
+
+    async def generate(self, input_ids: list[int], params: SamplingParams) -> GenerateOutput:
+        try:
+            return await self.router.generate(input_ids, params)
+        except Exception:
+            await asyncio.to_thread(check_engines, self.actors)
+            raise

@@ -4,6 +4,8 @@ RayTrainGroup offers the loop what an in-process TrainActor offers (compute_log_
 train, save, restore, export_hf, push_weights, ...) by calling every rank and taking
 rank 0's answer. Calls wait with `ray.wait`, so a rank that dies surfaces at once as
 an error naming the rank and the cause, even while the others block in a collective.
+A weight push that fails asks the engine actors first, so that an engine that died is
+named as such rather than as the trainer rank whose connection it refused.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from furlong.config import Config
+from furlong.config.groups import SglangArgs
 from furlong.engine.weight_transfer import (WeightBroadcaster, iter_buckets, post_tensor_update,
                                             serialize_named_tensors, serialize_named_tensors_ipc)
 from furlong.ports import free_port
@@ -34,6 +37,32 @@ def wait_all(refs: list, role: str) -> list:
         except ray.exceptions.RayError as error:
             raise RuntimeError(f"{role} {index[ready[0]]} failed: {error}") from None
     return results
+
+
+def check_engines(actors: list) -> None:
+    """Raises the failure of the first engine actor that died (index and Ray's cause);
+    returns if every one answers."""
+    wait_all([actor.ready.remote() for actor in actors], "engine")
+
+
+def node_rendezvous() -> tuple[str, int]:
+    """This node's address and a port free on it, for a group whose rank 0 runs here."""
+    host = ray.util.get_node_ip_address()
+    return host, free_port(host)
+
+
+def in_bundle(group, bundle: int) -> PlacementGroupSchedulingStrategy:
+    return PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle)
+
+
+def join_servers(urls: list[str], sglang: SglangArgs) -> WeightBroadcaster:
+    """Rank 0's weight-update group with the engine servers, met on this node. An SGLang
+    server joins with one rank per GPU (--rollout-num-gpus-per-engine); with fewer
+    ranks counted, its extra ranks would wait for a group that never forms."""
+    broadcaster = WeightBroadcaster(urls, ranks_per_server=sglang.rollout_num_gpus_per_engine)
+    broadcaster.init_group(*node_rendezvous(),
+                           backend="nccl" if torch.cuda.is_available() else "gloo")
+    return broadcaster
 
 
 @ray.remote
@@ -121,9 +150,7 @@ class TrainRank:
     def _join_servers(self, urls: list[str]) -> None:
         if self.broadcaster is not None:
             self.broadcaster.close()
-        self.broadcaster = WeightBroadcaster(urls)
-        self.broadcaster.init_group(ray.util.get_node_ip_address(), free_port(),
-                                    backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.broadcaster = join_servers(urls, self.actor.config.sglang)
 
 
 class RayTrainGroup:
@@ -133,12 +160,13 @@ class RayTrainGroup:
                  gpus_per_rank: float, init_weights: str, total_steps: int):
         self.config = config
         self.world_size = len(bundle_of_rank)
-        address, port = ray.util.get_node_ip_address(), free_port()
+        # Rank 0 hosts the rendezvous, so its node (not the driver's: with several nodes
+        # bundle 0 may be elsewhere) names the address and a port free there.
+        address, port = ray.get(ray.remote(num_cpus=0)(node_rendezvous).options(
+            scheduling_strategy=in_bundle(placement_group, bundle_of_rank[0])).remote())
         self.ranks = [
-            TrainRank.options(
-                num_cpus=1, num_gpus=gpus_per_rank,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group, placement_group_bundle_index=bundle)).remote(
+            TrainRank.options(num_cpus=1, num_gpus=gpus_per_rank,
+                              scheduling_strategy=in_bundle(placement_group, bundle)).remote(
                 config, rank, self.world_size, address, port, init_weights, total_steps)
             for rank, bundle in enumerate(bundle_of_rank)]
         self._all("ready")
@@ -146,6 +174,7 @@ class RayTrainGroup:
                               "cuda" if gpus_per_rank else "cpu")
         self.model_config = ray.get(self.ranks[0].model_config.remote())
         self.urls: list[str] = []
+        self.engine_actors: list = []
         self.sync_mode = "value"
 
     def _all(self, method: str, *args) -> list:
@@ -186,11 +215,13 @@ class RayTrainGroup:
 
     # ---- weight sync --------------------------------------------------------------------
     def attach_engines(self, urls: list[str], engine_devices: list[list[int]],
-                       colocate: bool) -> None:
+                       colocate: bool, actors: list) -> None:
         """Choose how weights travel: CUDA IPC on shared GPUs, a broadcast to engines on
-        devices of their own, bytes by value for CPU processes that share a machine."""
+        devices of their own, bytes by value for CPU processes that share a machine.
+        `actors` host the servers at `urls` (none for servers started elsewhere)."""
         self.urls = urls
         self.engine_devices = engine_devices
+        self.engine_actors = actors
         cuda = self.rank.device.type == "cuda"
         self.sync_mode = "ipc" if cuda and colocate else "value" if colocate else "broadcast"
 
@@ -205,7 +236,11 @@ class RayTrainGroup:
             method = "send_by_value" if self.sync_mode == "value" else "send_by_broadcast"
             calls = [getattr(rank, method).remote(self.urls, version, bucket)
                      for rank in self.ranks]
-        await asyncio.to_thread(wait_all, calls, "trainer rank")
+        try:
+            await asyncio.to_thread(wait_all, calls, "trainer rank")
+        except RuntimeError:
+            await asyncio.to_thread(check_engines, self.engine_actors)
+            raise
 
     def close(self) -> None:
         for rank in self.ranks:
