@@ -146,6 +146,51 @@ def test_grpo_advantage_is_constant_per_sample(tiny):
         assert torch.all(values == scalar)
 
 
+def test_a_rollout_of_another_size_still_takes_the_configured_steps(tiny, monkeypatch):
+    """A custom generate function may return more or fewer samples than the flags imply
+    (2 steps of 6): the steps split what came, every sample once, sizes within one."""
+    actor = make_actor(tiny, ["--num-steps-per-rollout", "2"])
+    batch = random_batch(14, 22, seed=3)
+    batch.advantages = [torch.ones_like(m) for m in batch.loss_masks]
+    batch.ref_log_probs, _ = actor.compute_log_probs(batch, reference=True)
+    assert len(actor.train(batch)) == 2
+    seen = []
+    monkeypatch.setattr(actor, "_train_step", lambda _, indices: seen.append(indices) or {})
+    for size in (12, 13, 3, 1):
+        seen.clear()
+        actor.train(random_batch(size, 22))
+        assert sorted(i for step in seen for i in step) == list(range(size))
+        assert len(seen) == min(2, size) and max(map(len, seen)) - min(map(len, seen)) <= 1
+
+
+def test_kl_reward_shaping_loads_the_reference_and_subtracts_the_kl(tiny):
+    """--kl-coef alone (no --use-kl-loss) needs the reference model; reinforce++ with a
+    baseline gives A_t = (r - group mean) - kl_coef * (old_t - ref_t) (k1), whitened over
+    the loss tokens, by hand."""
+    config, _ = load_config(["--hf-checkpoint", str(tiny / "model"), "--prompt-data",
+                             str(tiny / "data/train.jsonl"), "--input-key", "prompt",
+                             "--label-key", "label", "--rm-type", "math",
+                             "--rollout-batch-size", "2", "--n-samples-per-prompt", "2",
+                             "--rollout-max-response-len", "8", "--kl-loss-type", "k1",
+                             "--advantage-estimator", "reinforce_plus_plus_baseline",
+                             "--kl-coef", "0.1", "--normalize-advantages"])
+    assert TrainActor(config, RankInfo(), str(tiny / "model"), total_steps=1).has_reference
+    batch = random_batch(4, 22, seed=2)
+    generator = torch.Generator().manual_seed(1)
+    batch.old_log_probs, batch.ref_log_probs = (
+        [torch.randn(n, generator=generator) - 2 for n in batch.response_lengths]
+        for _ in range(2))
+    tokens, _ = compute_advantages(config.grpo, batch, [0, 0, 1, 1])
+    rewards = batch.rewards.tolist()
+    means = [(rewards[0] + rewards[1]) / 2] * 2 + [(rewards[2] + rewards[3]) / 2] * 2
+    raw = torch.cat([rewards[i] - means[i] - 0.1 * (old - ref) for i, (old, ref) in
+                     enumerate(zip(batch.old_log_probs, batch.ref_log_probs, strict=True))])
+    mask = torch.cat(batch.loss_masks)
+    mean = (raw * mask).sum() / mask.sum()
+    std = (((raw - mean) ** 2 * mask).sum() / mask.sum() + 1e-8).sqrt()
+    torch.testing.assert_close(torch.cat(tokens), (raw - mean) / std)
+
+
 def test_tis_scales_each_token_loss_by_the_clipped_engine_ratio(tiny):
     """--use-tis: pg_loss = sum(mask * ppo_token_loss * clip(exp(old - rollout))) / tokens,
     here written out by hand; train/tis is the mean weight."""

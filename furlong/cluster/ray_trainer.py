@@ -182,8 +182,7 @@ class RayTrainGroup:
 
     @property
     def has_reference(self) -> bool:
-        g = self.config.grpo
-        return g.use_kl_loss
+        return self.config.grpo.needs_reference
 
     def compute_log_probs(self, batch, reference: bool = False,
                           weights_version: int | None = None):

@@ -217,6 +217,11 @@ class GrpoArgs:
     lambd: float = flag(1.0, "GAE lambda (PPO)")
     value_clip: float = flag(0.2, "Value clip (PPO)")
 
+    @property
+    def needs_reference(self) -> bool:
+        """The reference model is loaded for the KL loss and for KL reward shaping."""
+        return self.use_kl_loss or bool(self.kl_coef)
+
 
 @dataclass(frozen=True)
 class OptimizerArgs:

@@ -56,7 +56,7 @@ class TrainActor:
         self.policy = self._build_policy(init_weights, trainable=True)
         self.ref_policy = None
         self.snapshots = {}
-        if config.grpo.use_kl_loss:
+        if config.grpo.needs_reference:
             self.ref_policy = self._build_policy(
                 config.ckpt.ref_load or config.ckpt.hf_checkpoint, trainable=False)
         self.optimizer = build_optimizer(self.policy, config.optimizer)
@@ -161,10 +161,14 @@ class TrainActor:
 
     # ---- training ----------------------------------------------------------------------
     def train(self, batch: TrainBatch) -> list[dict]:
-        """num_steps_per_rollout optimizer steps over consecutive global batches."""
-        step_size = self.config.rollout.global_batch_size
-        return [self._train_step(batch, list(range(start, start + step_size)))
-                for start in range(0, len(batch), step_size)]
+        """--num-steps-per-rollout optimizer steps over consecutive, near-equal parts of
+        the batch: --global-batch-size samples each, unless a custom generate function
+        returned more or fewer samples than the flags imply (the step count, and with it
+        the learning-rate schedule, stays as configured)."""
+        steps = self.config.rollout.num_steps_per_rollout
+        bounds = [round(step * len(batch) / steps) for step in range(steps + 1)]
+        return [self._train_step(batch, list(range(start, end)))
+                for start, end in zip(bounds[:-1], bounds[1:], strict=True) if end > start]
 
     def _train_step(self, batch: TrainBatch, indices: list[int]) -> dict:
         self.policy.train()
