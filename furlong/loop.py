@@ -101,13 +101,13 @@ async def run_loop(run: Run, overlap: bool = False) -> dict:
             start = time.time()
             if offloads_trainer(run, overlap):
                 await asyncio.to_thread(run.trainer.reload)
-            async with engine_memory_released(run, enabled=not overlap):
+            async with engine_memory_released(run, overlap):
                 metrics.update(await asyncio.to_thread(train_on_rollout, run, rollout_id,
                                                        rollout.groups))
             metrics.update({"perf/train_start": start, "perf/train_end": time.time()})
         if should_save(run, rollout_id):
             save(run, rollout_id, pending.state_before if pending else run.manager.state_dict())
-        if should_push(run, rollout_id):
+        if should_push(run, rollout_id, overlap):
             if pending is not None:  # the generation in flight finishes on the old weights
                 await asyncio.wait([pending.task])
             with timed(metrics, "perf/update_weights_time"):
@@ -132,11 +132,15 @@ def offloads_trainer(run: Run, overlap: bool) -> bool:
     return run.config.cluster.offload_train and run.trainer is not None and not overlap
 
 
-@asynccontextmanager
-async def engine_memory_released(run: Run, enabled: bool):
+def releases_engine_memory(run: Run, overlap: bool) -> bool:
     """--offload-rollout: the engines free their KV cache and weights while the trainer
-    trains on the same devices (colocated runs)."""
-    release = enabled and run.config.cluster.offload_rollout and run.engine is not None
+    trains on the same devices (colocated, synchronous runs)."""
+    return run.config.cluster.offload_rollout and run.engine is not None and not overlap
+
+
+@asynccontextmanager
+async def engine_memory_released(run: Run, overlap: bool):
+    release = releases_engine_memory(run, overlap)
     if release:
         await run.engine.release_memory()
     try:
@@ -157,10 +161,13 @@ def staleness(rollout: RolloutResult, trainer_version: int) -> dict:
             "rollout/staleness": trainer_version - mean(versions)}
 
 
-def should_push(run: Run, rollout_id: int) -> bool:
+def should_push(run: Run, rollout_id: int, overlap: bool) -> bool:
+    """Every --update-weights-interval rollouts, and after every rollout whose training
+    released the engines' memory (SGLang's memory saver drops the weights with it)."""
     if run.engine is None or run.trainer is None:
         return False
-    return (rollout_id + 1) % run.config.rollout.update_weights_interval == 0
+    return releases_engine_memory(run, overlap) or \
+        (rollout_id + 1) % run.config.rollout.update_weights_interval == 0
 
 
 async def generate_rollout(run: Run, rollout_id: int) -> RolloutResult:

@@ -109,7 +109,7 @@ def test_weight_group_counts_every_gpu_of_a_server(grpo_argv, monkeypatch):
     monkeypatch.setattr(WeightBroadcaster, "init_group", lambda self, *args, **kwargs: None)
     config = config_of(grpo_argv, "--rollout-num-gpus-per-engine", "2")
     broadcaster = ray_trainer.join_servers(["http://10.0.0.1:1", "http://10.0.0.2:2"],
-                                           config.sglang)
+                                           config.sglang, "group")
     try:
         assert broadcaster.world_size == 1 + 2 * 2
     finally:
@@ -216,6 +216,32 @@ def test_ray_engine_death_fails_fast(grpo_argv, tmp_path, monkeypatch, met_by):
     with pytest.raises(RuntimeError, match="engine 0 failed: .*actor"):
         cli.main(argv)
     assert time.monotonic() - start < 180
+
+
+@pytest.mark.slow
+def test_ray_run_goes_on_when_one_of_two_engines_dies(grpo_argv, tmp_path, monkeypatch):
+    """Engine 0 dies after the first push: its requests go to engine 1, the router drops
+    it, and later pushes reach only the live engine; the run completes."""
+    pytest.importorskip("ray")
+    import ray
+
+    from furlong import cli
+    from furlong.cluster.ray_trainer import RayTrainGroup
+    from furlong.metrics import read_metrics
+    push_weights = RayTrainGroup.push_weights
+
+    async def push_then_kill(self, engine, version):
+        await push_weights(self, engine, version)
+        if version == 0:
+            ray.kill(self.engine_actors[0])
+
+    monkeypatch.setattr(RayTrainGroup, "push_weights", push_then_kill)
+    argv = grpo_argv + ["--actor-num-gpus-per-node", "1", "--rollout-num-gpus", "2",
+                        "--num-rollout", "3", "--run-dir", str(tmp_path)]
+    assert cli.main(argv) == 0
+    rollouts = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "perf/step_time" in r]
+    assert [r["step"] for r in rollouts] == [0, 1, 2]
+    assert all(r["perf/update_weights_time"] > 0 for r in rollouts)
 
 
 @pytest.mark.slow

@@ -271,9 +271,12 @@ def test_offload_frees_the_idle_side(tiny, tmp_path, monkeypatch):
     from furlong.train.actor import TrainActor
     monkeypatch.setattr(TrainActor, "offload", lambda self: calls.append("offload"))
     monkeypatch.setattr(TrainActor, "reload", lambda self: calls.append("reload"))
-    run(grpo_argv(tiny, tiny / "model", tmp_path / "o", 2) + ["--offload"])
+    rows = run(grpo_argv(tiny, tiny / "model", tmp_path / "o", 2) + [
+        "--offload", "--update-weights-interval", "2"])
     # the trainer's state comes back before training and leaves before the next rollout
     assert calls == ["reload", "release", "resume", "offload"] * 2
+    # released engines get the weights again after every rollout, whatever the interval
+    assert [r["step"] for r in rows if "perf/update_weights_time" in r] == [0, 1]
 
 
 def test_async_off_policy_corrections(tiny, sft_model, tmp_path):

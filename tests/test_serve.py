@@ -305,6 +305,16 @@ def test_bad_requests_get_400_naming_the_field(server, path, body, field):
     assert field in response.json()["error"]
 
 
+def test_the_client_reads_sglangs_answer_for_a_request_aborted_before_prefill():
+    """SGLang (2025 releases) answers such a request without output_ids."""
+    from furlong.engine.client import _generate_output
+    output = _generate_output({"text": "", "meta_info": {
+        "id": "x", "finish_reason": {"type": "abort", "message": "Abort before prefill"},
+        "prompt_tokens": 7, "completion_tokens": 0}})
+    assert (output.output_ids, output.output_log_probs, output.finish_reason,
+            output.prompt_tokens) == ([], [], "abort", 7)
+
+
 def test_client_errors_name_the_url_and_the_field(server, prompt_ids):
     with pytest.raises(EngineHTTPError, match=rf"{server.url}/generate.*400.*top_p") as error:
         generate_all(HTTPEngine(server.url), [(prompt_ids[0], SamplingParams(top_p=0.0))])

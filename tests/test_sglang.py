@@ -146,6 +146,11 @@ BASE = ["--model-path", "/models/qwen", "--host", "127.0.0.1", "--port", "30001"
      ["--tp-size", "1", "--random-seed", "42", "--mem-fraction-static", "0.5"]),
     (["--sglang-context-length", "4096"], {"module": BUILTIN_SERVER},
      ["--tp-size", "1", "--random-seed", "42", "--context-length", "4096"]),
+    # --offload-rollout: SGLang's release frees nothing without the memory saver.
+    ([], {"memory_saver": True},
+     ["--tp-size", "1", "--random-seed", "42", "--enable-memory-saver"]),
+    (["--sglang-enable-memory-saver"], {"memory_saver": True},
+     ["--tp-size", "1", "--random-seed", "42", "--enable-memory-saver"]),
 ])
 def test_server_command_is_exact(argv, extra, tail):
     spec = ServerSpec("/models/qwen", parse_config(argv).sglang, 42, **extra)

@@ -18,8 +18,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from furlong.config import Config
 from furlong.config.groups import SglangArgs
-from furlong.engine.weight_transfer import (WeightBroadcaster, iter_buckets, post_tensor_update,
-                                            serialize_named_tensors, serialize_named_tensors_ipc)
+from furlong.engine.weight_transfer import (WeightBroadcaster, iter_buckets, leave_group,
+                                            post_tensor_update, serialize_named_tensors,
+                                            serialize_named_tensors_ipc)
 from furlong.ports import free_port
 from furlong.train.actor import TrainActor
 from furlong.train.parallel import rank_info
@@ -55,11 +56,12 @@ def in_bundle(group, bundle: int) -> PlacementGroupSchedulingStrategy:
     return PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle)
 
 
-def join_servers(urls: list[str], sglang: SglangArgs) -> WeightBroadcaster:
+def join_servers(urls: list[str], sglang: SglangArgs, group_name: str) -> WeightBroadcaster:
     """Rank 0's weight-update group with the engine servers, met on this node. An SGLang
     server joins with one rank per GPU (--rollout-num-gpus-per-engine); with fewer
     ranks counted, its extra ranks would wait for a group that never forms."""
-    broadcaster = WeightBroadcaster(urls, ranks_per_server=sglang.rollout_num_gpus_per_engine)
+    broadcaster = WeightBroadcaster(urls, group_name,
+                                    ranks_per_server=sglang.rollout_num_gpus_per_engine)
     broadcaster.init_group(*node_rendezvous(),
                            backend="nccl" if torch.cuda.is_available() else "gloo")
     return broadcaster
@@ -84,6 +86,7 @@ class TrainRank:
         self.rank = rank
         self.actor = TrainActor(config, info, init_weights, total_steps, hook, HookArgs(config))
         self.broadcaster: WeightBroadcaster | None = None
+        self._num_groups = 0
 
     def ready(self) -> bool:
         return True
@@ -148,9 +151,11 @@ class TrainRank:
         self.broadcaster.broadcast(weights, bucket_bytes, version)
 
     def _join_servers(self, urls: list[str]) -> None:
-        if self.broadcaster is not None:
-            self.broadcaster.close()
-        self.broadcaster = join_servers(urls, self.actor.config.sglang)
+        if self.broadcaster is not None:  # the engines changed (one died): a new group
+            leave_group(self.broadcaster)
+        self._num_groups += 1
+        self.broadcaster = join_servers(urls, self.actor.config.sglang,
+                                        f"furlong_weights_{self._num_groups}")
 
 
 class RayTrainGroup:
@@ -225,16 +230,19 @@ class RayTrainGroup:
         self.sync_mode = "ipc" if cuda and colocate else "value" if colocate else "broadcast"
 
     async def push_weights(self, engine, version: int) -> None:
+        """To the engines still in `engine`'s rotation (the router drops one that died,
+        and the broadcast group is then rebuilt without it)."""
         bucket = self.config.rollout.update_weight_buffer_size
+        live = set(engine.urls)
+        urls = [url for url in self.urls if url in live]
         if self.sync_mode == "ipc":  # each rank feeds the engines on its own GPU
             calls = [rank.send_by_ipc.remote(
                 [url for url, devices in zip(self.urls, self.engine_devices, strict=True)
-                 if devices[0] == index], version, bucket)
+                 if devices[0] == index and url in live], version, bucket)
                 for index, rank in enumerate(self.ranks)]
         else:
             method = "send_by_value" if self.sync_mode == "value" else "send_by_broadcast"
-            calls = [getattr(rank, method).remote(self.urls, version, bucket)
-                     for rank in self.ranks]
+            calls = [getattr(rank, method).remote(urls, version, bucket) for rank in self.ranks]
         try:
             await asyncio.to_thread(wait_all, calls, "trainer rank")
         except RuntimeError:

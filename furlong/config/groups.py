@@ -270,7 +270,8 @@ class ClusterArgs:
     colocate: bool = flag(False, "Trainer and engines share devices, taking turns")
     offload: bool = flag(False, "Both --offload-train and --offload-rollout")
     offload_train: bool = flag(False, "Free trainer memory while generating")
-    offload_rollout: bool = flag(False, "Free engine memory while training")
+    offload_rollout: bool = flag(False, "Free engine memory while training (weights are "
+                                 "pushed again after each rollout)")
     train_backend: str = flag("fsdp", "Training backend", choices=("fsdp", "megatron"))
 
 

@@ -142,10 +142,13 @@ class HTTPEngine:
 
 
 def _generate_output(result: dict) -> GenerateOutput:
-    """SGLang's /generate answer as a GenerateOutput."""
+    """SGLang's /generate answer as a GenerateOutput. A request aborted before its
+    prefill comes back from SGLang releases of 2025 without `output_ids`: no tokens."""
     meta = dict(result["meta_info"])
-    log_probs = [entry[0] for entry in meta.pop("output_token_logprobs", [])]
-    return GenerateOutput(result["output_ids"], log_probs, meta["finish_reason"]["type"],
+    entries = meta.pop("output_token_logprobs", None) or []
+    log_probs = [entry[0] for entry in entries]
+    output_ids = result.get("output_ids", [entry[1] for entry in entries])
+    return GenerateOutput(output_ids, log_probs, meta["finish_reason"]["type"],
                           result.get("text", ""), meta.get("prompt_tokens", 0),
                           _weight_version(meta.get("weight_version")), meta)
 

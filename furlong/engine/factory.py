@@ -47,6 +47,7 @@ class EngineOptions:
     external_engine_addrs: tuple[str, ...] = ()  # HOST:PORT of running servers
     server_module: str = SGLANG_SERVER       # furlong.engine.serve stands in for tests
     update_weight_buffer_size: int = 512 * MIB
+    offload: bool = False                    # --offload-rollout: engines release memory
 
 
 def engine_options(config: Config, shares_device: bool,
@@ -63,7 +64,8 @@ def engine_options(config: Config, shares_device: bool,
         max_num_seqs=max(64, min(1024, in_flight)), seed=r.rollout_seed,
         shares_device=shares_device, sglang=sglang, device_groups=device_groups,
         external_engine_addrs=tuple(r.rollout_external_engine_addrs or ()) if r.rollout_external
-        else (), update_weight_buffer_size=r.update_weight_buffer_size)
+        else (), update_weight_buffer_size=r.update_weight_buffer_size,
+        offload=config.cluster.offload_rollout)
 
 
 def resolve_backend(options: EngineOptions, device: torch.device) -> str:
@@ -118,7 +120,7 @@ def server_spec(model_path: str, options: EngineOptions, device: torch.device) -
                          "sglang) in this environment; or use --rollout-backend fast or hf")
     return ServerSpec(model_path, options.sglang, options.seed, module=options.server_module,
                       mem_fraction_static=(options.mem_fraction_static or 0.3) if colocated
-                      else None, accept_ipc_weights=colocated)
+                      else None, accept_ipc_weights=colocated, memory_saver=options.offload)
 
 
 def launch_servers(model_path: str, options: EngineOptions, device: torch.device) -> Engine:

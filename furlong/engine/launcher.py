@@ -51,6 +51,8 @@ class ServerSpec:
 
     `mem_fraction_static` is added as `--mem-fraction-static` unless the passthrough
     flags already set it (the factory gives it when the trainer shares the devices).
+    `memory_saver` (--offload-rollout) adds `--enable-memory-saver`: without it SGLang's
+    /release_memory_occupation frees nothing.
     """
     model_path: str
     sglang: SglangArgs
@@ -59,6 +61,7 @@ class ServerSpec:
     module: str = SGLANG_SERVER
     mem_fraction_static: float | None = None
     accept_ipc_weights: bool = False  # furlong's server only: a colocated trainer sends IPC
+    memory_saver: bool = False
     startup_timeout_s: float = 900.0
     log_dir: str | None = None
 
@@ -71,6 +74,8 @@ def server_command(spec: ServerSpec, port: int) -> list[str]:
     if (spec.mem_fraction_static is not None
             and spec.sglang.passthrough_value("mem-fraction-static") is None):
         argv += ["--mem-fraction-static", str(spec.mem_fraction_static)]
+    if spec.memory_saver and spec.sglang.passthrough_value("enable-memory-saver") is None:
+        argv.append("--enable-memory-saver")
     if spec.accept_ipc_weights and spec.module != SGLANG_SERVER:
         argv.append("--accept-ipc-weights")
     return argv

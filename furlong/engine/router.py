@@ -18,8 +18,9 @@ every live engine. Weights take one of two paths (`RouterOptions.weight_sync`):
 
 Failure. An engine that refuses a connection, or fails the periodic /health_generate
 check, leaves the rotation: its requests in flight are cancelled and re-sent whole (the
-same SamplingParams, so the same sampling_seed and the same tokens) to other engines, and
-each `generate` call still returns exactly once. With a launcher the engine is restarted
+same SamplingParams and sampling_seed: the same tokens on furlong's engines, and on SGLang
+started with --enable-deterministic-inference) to other engines, and each `generate` call
+still returns exactly once. With a launcher the engine is restarted
 (else, or after `max_restarts`, dropped); a restarted engine booted from the checkpoint,
 so it serves again after the next weight update (at once if none was ever pushed).
 A failure during a weight update is raised, not recovered.
@@ -39,7 +40,7 @@ import torch
 from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.client import EngineHTTPError, HTTPEngine
 from furlong.engine.launcher import ServerLauncher
-from furlong.engine.weight_transfer import (WeightBroadcaster, iter_buckets,
+from furlong.engine.weight_transfer import (WeightBroadcaster, iter_buckets, leave_group,
                                             serialize_named_tensors, serialize_named_tensors_ipc)
 from furlong.ports import free_port
 
@@ -374,11 +375,7 @@ class EngineRouter:
         if self._broadcaster is None:
             return
         broadcaster, self._broadcaster = self._broadcaster, None
-        try:
-            broadcaster.close()
-        except Exception as error:  # a member that died cannot leave the group
-            log.warning("leaving weight-update group %s failed (%s); a new group replaces it",
-                        broadcaster.group_name, error)
+        leave_group(broadcaster)
 
     async def release_memory(self) -> None:
         self._bind()

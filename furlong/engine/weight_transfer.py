@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import pickle
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from datetime import timedelta
@@ -33,6 +34,8 @@ T = TypeVar("T")
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
 # gloo moves CPU tensors, nccl CUDA tensors; torch keys a backend's store by that device.
 DEVICE_OF_BACKEND = {"gloo": "cpu", "nccl": "cuda"}
+
+log = logging.getLogger(__name__)
 
 
 def read_hf_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -313,6 +316,16 @@ class WeightBroadcaster:
     def _post_all(self, path: str, bodies: list[dict]) -> list[Future]:
         return [self._pool.submit(_post, url + path, body, self.timeout_s)
                 for url, body in zip(self.urls, bodies, strict=True)]
+
+
+def leave_group(broadcaster: WeightBroadcaster) -> None:
+    """Close `broadcaster`'s group. A member that died cannot leave, which is logged, not
+    raised: the next group has another name, so a server that missed this still joins."""
+    try:
+        broadcaster.close()
+    except Exception as error:
+        log.warning("leaving weight-update group %s failed (%s); a new group replaces it",
+                    broadcaster.group_name, error)
 
 
 def _post(url: str, body: dict, timeout_s: float) -> dict:
