@@ -16,7 +16,7 @@ import torch
 
 from furlong.cluster.placement import plan_placement
 from furlong.config import Config, eval_datasets
-from furlong.data import DataKeys, PromptDataset, PromptEncoder
+from furlong.data import DataError, DataKeys, PromptDataset, PromptEncoder
 from furlong.engine.base import Engine
 from furlong.engine.factory import create_engine, engine_options
 from furlong.hooks import load_function
@@ -77,7 +77,12 @@ def count_rollouts(config: Config, dataset: PromptDataset | None) -> int:
         return r.num_rollout
     if dataset is None:
         raise ValueError("--num-rollout is required when there is no --prompt-data")
-    return len(dataset) // r.rollout_batch_size * r.num_epoch
+    rollouts = len(dataset) // r.rollout_batch_size * r.num_epoch
+    if rollouts == 0:
+        raise DataError(f"--prompt-data has {len(dataset)} prompts (after filtering), fewer "
+                        f"than --rollout-batch-size {r.rollout_batch_size}: no rollout would "
+                        "run; lower --rollout-batch-size or set --num-rollout")
+    return rollouts
 
 
 def build_rank() -> RankInfo:

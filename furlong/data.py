@@ -54,14 +54,22 @@ def read_records(path: str) -> Iterator[tuple[int, Any]]:
         raise DataError(f"{path}: no such file")
     if file.suffix == ".parquet":
         import pyarrow.parquet as pq
-        table = pq.read_table(file)
+        try:
+            table = pq.read_table(file)
+        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{path}: not a readable parquet file ({error})") from None
         for number, record in enumerate(table.to_pylist(), start=1):
             yield number, record
         return
     if file.suffix not in (".jsonl", ".json"):
         raise DataError(f"{path}: unsupported format {file.suffix!r}; use .jsonl or .parquet")
-    with file.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with file.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}:{number}: not UTF-8 ({error.reason} at byte "
+                                f"{error.start} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -90,6 +98,8 @@ def check_record(record: Any, where: str, keys: DataKeys) -> None:
     if keys.label_key is not None and keys.label_key not in record:
         raise DataError(f"{where}: no key {keys.label_key!r} (keys: {sorted(record)}); set "
                         "--label-key to the label column")
+    if keys.label_key is not None and record[keys.label_key] is None:
+        raise DataError(f"{where}: {keys.label_key!r} is null; every prompt needs its answer")
     _metadata(record.get(keys.metadata_key), where, keys.metadata_key)
 
 
@@ -107,14 +117,16 @@ def _metadata(value: Any, where: str, key: str) -> dict:
 
 
 def load_records(spec: str, keys: DataKeys, limit: int | None = None) -> list[tuple[str, dict]]:
-    """Checked records of `PATH[@[a:b]]` as (where, record); `limit` reads only the first rows."""
+    """Checked records of `PATH[@[a:b]]` as (where, record); `limit`: only the first rows
+    of the slice (read from the file's start when the slice counts from there)."""
     path, start, end = parse_path_spec(spec)
+    from_start = (start or 0) >= 0 and (end or 0) >= 0
     records = []
     for number, record in read_records(path):
         records.append((f"{path}:{number}", record))
-        if limit is not None and start is None and len(records) >= limit:
+        if limit is not None and from_start and len(records) >= (start or 0) + limit:
             break
-    records = records[start:end]
+    records = records[start:end][:limit]
     for where, record in records:
         check_record(record, where, keys)
     if not records:

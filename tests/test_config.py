@@ -379,10 +379,32 @@ def test_eps_clip_high_defaults_to_eps_clip(grpo_argv):
     (["--use-dynamic-batch-size"], ["--max-tokens-per-gpu"]),
     (["--eval-interval", "5"], ["--eval-interval 5", "--eval-prompt-data"]),
     (["--min-lr", "1"], ["--min-lr 1", "--lr"]),
+    (["--rollout-max-prompt-len", "0"], ["--rollout-max-prompt-len 0"]),
+    (["--ref-load", "/nonexistent"], ["--ref-load /nonexistent", "config.json"]),
 ])
 def test_cross_flag_rules(grpo_argv, given, words):
     message = config_error(grpo_argv + given)
     assert all(word in message for word in words), message
+
+
+def test_checkpoint_paths_and_eval_length_are_checked_up_front(grpo_argv, tiny, tmp_path):
+    """Caught by validation (so by --dry-run), not after the data and weights load."""
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("oops")
+    message = config_error(grpo_argv + ["--load", str(tmp_path)])
+    assert f"--load {tmp_path}" in message and "'oops'" in message
+    sft = [a for a in grpo_argv if a not in ("--rollout-max-response-len", "8")]
+    message = config_error(sft + ["--loss-type", "sft_loss", "--eval-prompt-data", "e",
+                                  str(tiny / "data/eval.jsonl"), "--eval-label-key", "label"])
+    assert "--eval-max-response-len" in message
+
+
+def test_a_dataset_smaller_than_one_rollout_is_an_error(grpo_argv):
+    from furlong.build import count_rollouts
+    from furlong.data import DataError
+    config, _ = load_config([a for a in grpo_argv if a not in ("--num-rollout", "2")])
+    with pytest.raises(DataError, match="3 prompts .* --rollout-batch-size 4"):
+        count_rollouts(config, [None] * 3)
+    assert count_rollouts(config, [None] * 9) == 2
 
 
 def test_eval_values_inherit_rollout_values(grpo_argv, tiny):

@@ -215,6 +215,7 @@ GOOD = '{"prompt": "1+1=", "label": "2"}'
     ('{"prompt": "1+1=", "label": "2"', ["bad JSON"]),
     ('{"label": "2"}', ["no key 'prompt'", "--input-key"]),
     ('{"prompt": "1+1="}', ["no key 'label'", "--label-key"]),
+    ('{"prompt": "1+1=", "label": null}', ["'label' is null"]),
     ('{"prompt": 5, "label": "2"}', ["'prompt' must be a string or a list", "int"]),
     ('{"prompt": ["1+1="], "label": "2"}', ["chat message"]),
     ('["1+1=", "2"]', ["expected a JSON object", "list"]),
@@ -251,11 +252,16 @@ def test_blank_lines_are_the_only_rows_skipped(tmp_path, plain):
     assert [r.where for r in dataset.rows] == [f"{path}:2", f"{path}:4", f"{path}:5"]
 
 
-@pytest.mark.parametrize("name,words", [("missing.jsonl", "no such file"),
-                                        ("data.csv", "unsupported format '.csv'")])
-def test_unreadable_files(tmp_path, plain, name, words):
-    if name.endswith(".csv"):
-        (tmp_path / name).write_text("prompt,label\n")
+@pytest.mark.parametrize("name,content,words", [
+    ("missing.jsonl", None, "no such file"),
+    ("data.csv", b"prompt,label\n", "unsupported format '.csv'"),
+    ("latin1.jsonl", GOOD.encode() + b'\n{"prompt": "caf\xe9", "label": "1"}\n',
+     "latin1.jsonl:2: not UTF-8"),
+    ("broken.parquet", b"PAR1 this is not parquet", "not a readable parquet file"),
+])
+def test_unreadable_files(tmp_path, plain, name, content, words):
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
     with pytest.raises(DataError, match=words):
         PromptDataset(str(tmp_path / name), KEYS, plain)
 
@@ -268,6 +274,16 @@ def test_load_records_limit_reads_only_the_first_rows(tmp_path):
         f"{path}:1", f"{path}:2"]
     with pytest.raises(DataError, match=":3: bad JSON"):
         load_records(str(path), KEYS)
+
+
+@pytest.mark.parametrize("slice_, rows", [("@[-3:]", [3, 4]), ("@[:-4]", [1]),
+                                          ("@[1:]", [2, 3]), ("@[-4:-1]", [2, 3])])
+def test_load_records_limit_takes_the_first_rows_of_the_slice(tmp_path, slice_, rows):
+    """Regression: --dry-run read `limit` rows and then sliced, so a slice from the end
+    had no rows."""
+    path = write_jsonl(tmp_path / "a.jsonl", addition_rows(5))
+    got = load_records(path + slice_, KEYS, limit=2)
+    assert [where for where, _ in got] == [f"{path}:{n}" for n in rows]
 
 
 # ---------------------------------------------------------------- read position

@@ -20,4 +20,22 @@ def load_config(argv: list[str], prog: str = "train.py") -> tuple[Config, list[s
     hf = read_hf_config(directory)
     check_model_args(config.model, given_model_args, hf, directory)
     check_tensor_parallel(config.perf.tensor_model_parallel_size, hf, directory)
+    check_checkpoint_paths(config)
     return config, warnings
+
+
+def check_checkpoint_paths(config: Config) -> None:
+    """--load's tracker and --ref-load's model resolve now, not after the data and the
+    policy have loaded (and under --dry-run). A --load without a tracker is a fresh run."""
+    from furlong.train.checkpoint import latest_iteration
+    from furlong.train.policy import resolve_hf_dir
+    ckpt = config.ckpt
+    try:
+        latest_iteration(ckpt.load)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--load {ckpt.load}: {error}") from None
+    if ckpt.ref_load is not None:
+        try:
+            resolve_hf_dir(ckpt.ref_load)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"--ref-load {ckpt.ref_load}: {error}") from None

@@ -115,6 +115,7 @@ def _resolve_rollout(config: Config) -> Config:
                               "response (e.g. --rollout-max-response-len 1024)")
         config = _resolve_reward(config)
     _positive(r.rollout_max_response_len, "--rollout-max-response-len")
+    _positive(r.rollout_max_prompt_len, "--rollout-max-prompt-len")
     if r.rollout_function_path and config.grpo.loss_type == "sft_loss":
         raise ConfigError("--rollout-function-path and --loss-type sft_loss: the SFT rollout "
                           "reads responses from the data; drop one of them")
@@ -174,6 +175,9 @@ def _resolve_eval(config: Config) -> Config:
         raise ConfigError(f"--eval-interval {e.eval_interval} needs --eval-prompt-data NAME PATH")
     if e.eval_prompt_data is not None:
         config = _check_eval_reward(config)
+        if config.eval.eval_max_response_len is None:  # SFT runs have no rollout length
+            raise ConfigError("--eval-prompt-data needs --eval-max-response-len (or "
+                              "--rollout-max-response-len): max new tokens per answer")
     _positive(e.eval_interval, "--eval-interval")
     _positive(e.n_samples_per_eval_prompt, "--n-samples-per-eval-prompt")
     return config
