@@ -195,6 +195,9 @@ def train_on_rollout(run: Run, rollout_id: int, groups: list[list[Sample]]) -> d
         run.logger.log(rollout_id, {**step_metrics, "train/step":
                                     rollout_id * len(steps) + step})
     metrics.update({name: mean(s[name] for s in steps) for name in steps[0]})
+    if "train/old_log_probs" in metrics:  # on-policy: the training forward's own
+        metrics["rollout/log_probs"] = metrics.pop("train/old_log_probs")
+        metrics["rollout/entropy"] = metrics["train/entropy_loss"]
     metrics.update(throughput(run, batch, metrics["perf/actor_train_time"]))
     ref_interval = config.grpo.ref_update_interval
     if ref_interval and trainer.has_reference and (rollout_id + 1) % ref_interval == 0:
@@ -239,7 +242,7 @@ def prepare_policy_batch(run: Run, batch: TrainBatch, group_ids: list[int],
             batch.ref_log_probs, _ = trainer.compute_log_probs(batch, reference=True)
     batch.advantages, normalized = compute_advantages(config.grpo, batch, group_ids)
     metrics["rollout/rewards"] = normalized.mean().item()
-    per_token = {"rollout/log_probs": batch.old_log_probs or batch.rollout_log_probs,
+    per_token = {"rollout/log_probs": batch.old_log_probs,
                  "rollout/advantages": batch.advantages,
                  "rollout/ref_log_probs": batch.ref_log_probs, "rollout/entropy": entropy}
     for name, values in per_token.items():
@@ -254,7 +257,8 @@ def needs_old_log_probs(config) -> bool:
     With one optimizer step per rollout the policy being improved is the current one:
     its log-probs are the training forward's own (detached), identical to a
     recomputation with the same weights, so the extra forward is skipped, unless
-    REINFORCE++ shapes rewards with a KL that needs them before the step.
+    REINFORCE++ shapes rewards with a KL that needs them before the step. That forward
+    then reports rollout/log_probs and rollout/entropy (averaged as the loss is).
     """
     g = config.grpo
     return config.rollout.num_steps_per_rollout > 1 or bool(g.kl_coef) or \

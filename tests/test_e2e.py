@@ -177,6 +177,17 @@ def test_load_without_tracker_warm_starts_from_ref_load(tiny, tmp_path):
     assert 0 in series(rows, "train/loss")
 
 
+def test_one_step_rollouts_report_the_rollout_metrics_of_the_training_forward(tiny, tmp_path):
+    """One optimizer step per rollout skips the old log-prob forward; rollout/log_probs
+    and rollout/entropy then come from the training forward, not from the engine."""
+    argv = [a if a != "2" else "1" for a in grpo_argv(tiny, tiny / "model", tmp_path, 2)]
+    row = next(r for r in run(argv) if "rollout/raw_reward" in r)
+    assert "perf/log_probs_time" not in row  # the forward was skipped
+    assert row["rollout/log_probs"] < 0 < row["rollout/entropy"]
+    assert row["rollout/entropy"] == row["train/entropy_loss"]
+    assert "train/old_log_probs" not in row  # reported under its rollout/ name only
+
+
 def test_debug_rollout_only_generates_without_training(tiny, tmp_path):
     rows = run(grpo_argv(tiny, tiny / "model", tmp_path / "r", 2) + ["--debug-rollout-only"])
     assert set(series(rows, "rollout/raw_reward")) == {0, 1}

@@ -38,14 +38,15 @@ def policy_objective(config: GrpoArgs, inputs: LossInputs) -> tuple[torch.Tensor
     """Clipped policy loss + KL loss - entropy bonus, with optional TIS. Returns (loss, metrics)."""
     fields, reduce = inputs.micro.token_fields, inputs.reduce
     log_probs = inputs.log_probs
-    # On-policy steps (see loop.needs_old_log_probs) use the forward's own log-probs.
+    # On-policy steps (see loop.needs_old_log_probs) use the forward's own log-probs,
+    # and report them (and the entropy, as entropy_loss) in place of a recomputation.
     old = fields.get("old_log_probs", log_probs.detach())
+    metrics = {} if "old_log_probs" in fields else {"old_log_probs": reduce(old)}
     token_loss, clipped, approx_kl = losses.policy_loss(
         log_probs, old, fields["advantages"], config.eps_clip, config.eps_clip_high,
         config.eps_clip_c, sequence_level=config.advantage_estimator == "gspo",
         mask=inputs.micro.loss_mask, sample_ids=inputs.micro.sample_ids,
         num_samples=inputs.micro.num_samples)
-    metrics = {}
     rollout = fields.get("rollout_log_probs")
     if rollout is not None:
         measured = log_probs.detach() if config.use_rollout_logprobs else old
