@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from furlong.cluster.placement import plan_placement
-from furlong.config import Config, eval_datasets
+from furlong.cluster.placement import check_engine_devices, plan_placement
+from furlong.config import Config, ConfigError, eval_datasets
 from furlong.config.report import format_config
 from furlong.data import DataError, DataKeys, PromptEncoder, load_records
 
@@ -79,6 +79,11 @@ def dry_run(config: Config) -> int:
         print(f"data: {path}: first {len(rows)} rows OK (longest prompt {longest} tokens)")
     print(format_config(config))
     print(device_plan(config))
-    print("layout: " + plan_placement(config, torch.cuda.device_count()).describe())
+    placement = plan_placement(config, torch.cuda.device_count())
+    print("layout: " + placement.describe())
+    try:  # the engine backend is known only on the machine that runs (auto)
+        check_engine_devices(placement, "sglang")
+    except ConfigError as error:
+        print(f"warning: the run will stop before starting Ray: {error}")
     print("dry run: configuration is valid")
     return 0

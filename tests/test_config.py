@@ -697,5 +697,8 @@ def test_dry_run_of_the_spec_launch_script_loads_no_weights(tiny, tmp_path):
     for source in ("(flag)", "(default)", "(derived)", "(inherited)"):
         assert source in out
     assert "devices: the run needs 8 GPUs on 1 node(s)" in out
+    # the SPEC layout (colocated 2-GPU engines) does not run in this build: said up front
+    assert "warning: the run will stop before starting Ray: --colocate with " \
+        "--rollout-num-gpus-per-engine 2" in out
     assert "--attention-backend has no effect" in result.stderr
     assert not (tmp_path / "save").exists()

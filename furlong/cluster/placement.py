@@ -89,3 +89,20 @@ def _check_trainer_split(config: Config, ranks: int) -> None:
         raise ConfigError(f"--global-batch-size {batch} does not split over {dp} data-parallel "
                           f"ranks ({ranks} trainer ranks / tensor-parallel {tp}): make it a "
                           f"multiple of {dp}")
+
+
+def check_engine_devices(placement: Placement, backend: str) -> None:
+    """Engines of several devices need a bundle of their own and SGLang (the one backend
+    that spans devices). Checked before Ray starts; `--dry-run` only warns, since what
+    `auto` runs depends on the machine the run starts on, and the colocated layout is
+    the SPEC launch script's own (a limit of this build, not a wrong flag)."""
+    per_engine = placement.devices_per_engine
+    if per_engine > 1 and placement.colocate:
+        raise ConfigError(f"--colocate with --rollout-num-gpus-per-engine {per_engine}: an "
+                          "engine would span several trainer bundles; give the engines GPUs "
+                          "of their own (--rollout-num-gpus) or use one GPU per engine")
+    if per_engine > 1 and backend != "sglang":
+        raise ConfigError(f"--rollout-num-gpus-per-engine {per_engine} with --rollout-backend "
+                          f"{backend}: the built-in engine runs on one device; use "
+                          "--rollout-backend sglang (on GPUs, with sglang installed) for "
+                          "tensor-parallel engines, or one GPU per engine")

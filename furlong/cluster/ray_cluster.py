@@ -15,10 +15,10 @@ import ray
 import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 
-from furlong.cluster.placement import Placement
+from furlong.cluster.placement import Placement, check_engine_devices
 from furlong.cluster.ray_engine import EngineActor, RayEngineGroup, ServerHost
 from furlong.cluster.ray_trainer import RayTrainGroup, in_bundle, wait_all
-from furlong.config import Config, ConfigError
+from furlong.config import Config
 from furlong.engine.base import Engine
 from furlong.engine.factory import (EngineOptions, create_engine, resolve_backend, router_for,
                                     server_spec)
@@ -63,23 +63,6 @@ def start_ray(placement: Placement) -> bool:
     ray.init(num_cpus=max(bundles * per_bundle, os.cpu_count() or 1), include_dashboard=False,
              log_to_driver=True, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
     return True
-
-
-def check_engine_devices(placement: Placement, backend: str) -> None:
-    """Engines of several devices need a bundle of their own and SGLang (the one backend
-    that spans devices): checked before Ray starts, not by `--dry-run`, since what
-    `auto` runs depends on the machine the run starts on, and the colocated layout is
-    the SPEC launch script's own (a limit of this build, not a wrong flag)."""
-    per_engine = placement.devices_per_engine
-    if per_engine > 1 and placement.colocate:
-        raise ConfigError(f"--colocate with --rollout-num-gpus-per-engine {per_engine}: an "
-                          "engine would span several trainer bundles; give the engines GPUs "
-                          "of their own (--rollout-num-gpus) or use one GPU per engine")
-    if per_engine > 1 and backend != "sglang":
-        raise ConfigError(f"--rollout-num-gpus-per-engine {per_engine} with --rollout-backend "
-                          f"{backend}: the built-in engine runs on one device; use "
-                          "--rollout-backend sglang (on GPUs, with sglang installed) for "
-                          "tensor-parallel engines, or one GPU per engine")
 
 
 def build_ray_roles(config: Config, placement: Placement, init_weights: str,
