@@ -29,6 +29,7 @@ from statistics import mean
 import torch
 
 from furlong.build import Run
+from furlong.engine.router import EngineRouter
 from furlong.plot import plot_rewards
 from furlong.progress import Progress
 from furlong.rollout.manager import RolloutResult
@@ -81,6 +82,10 @@ async def run_loop(run: Run, overlap: bool = False) -> dict:
     version = run.start_rollout  # of the weights the engines hold
     if run.engine is not None and run.trainer is not None:
         await push_weights(run, version)
+        if isinstance(run.engine, EngineRouter) and not overlap:
+            # Requests run only while the trainer is idle, its weights those of `version`:
+            # an engine restarted then gets them again at once (see EngineRouter).
+            run.engine.weight_source = lambda: push_weights(run, version)
     if run.num_rollout == 0 and run.manager.eval_datasets:
         return await evaluate(run, 0)
     progress = Progress(run.start_rollout, run.num_rollout)

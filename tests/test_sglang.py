@@ -505,6 +505,44 @@ def test_a_killed_engine_is_restarted_and_nothing_is_lost_or_counted_twice(tiny,
     assert launcher.urls == []
 
 
+def test_a_lone_engine_that_dies_gets_the_weights_again_and_serves(tiny, tokenizer):
+    """One engine, killed mid-rollout: restarted from the checkpoint it cannot serve
+    until it has the weights, so the router asks its weight source for them; every
+    request then returns what it would have (same seeds, same weights)."""
+    options = EngineOptions(backend="sglang", server_module=BUILTIN_SERVER, seed=7,
+                            sglang=parse_config(SERVER_FLAGS[:4]).sglang,
+                            device_groups=[[0]])
+    router = create_engine(str(tiny / "model"), tokenizer, CPU, torch.float32, options)
+    first_pid = router.launcher.servers[0].pid
+    requests_ = group_requests(tokenizer, num_groups=4, group_size=4, max_new_tokens=24)
+    weights = dict(load_hf_model(str(tiny / "model")).named_parameters())
+    pushes = []
+
+    async def weight_source():
+        pushes.append(router.weight_version)
+        await router.update_weights(weights.items(), version=1)
+
+    router.weight_source = weight_source
+
+    async def main():
+        try:
+            await router.update_weights(weights.items(), version=1)
+            reference = await asyncio.gather(*(router.generate(ids, p) for _, ids, p in requests_))
+            running = [asyncio.ensure_future(router.generate(ids, p)) for _, ids, p in requests_]
+            while not router.engines[0].in_flight:
+                await asyncio.sleep(0.005)
+            os.killpg(first_pid, signal.SIGKILL)
+            return reference, await asyncio.wait_for(asyncio.gather(*running), 120)
+        finally:
+            await router.close()
+
+    reference, outputs = run(main)
+    assert pushes == [1]
+    assert [o.output_ids for o in outputs] == [o.output_ids for o in reference]
+    assert {o.weight_version for o in outputs} == {1}
+    assert router.engines[0].restarts == 1
+
+
 # ---- flags and the factory -------------------------------------------------------------------
 
 def test_which_engine_runs(monkeypatch):

@@ -22,8 +22,10 @@ same SamplingParams and sampling_seed: the same tokens on furlong's engines, and
 started with --enable-deterministic-inference) to other engines, and each `generate` call
 still returns exactly once. With a launcher the engine is restarted
 (else, or after `max_restarts`, dropped); a restarted engine booted from the checkpoint,
-so it serves again after the next weight update (at once if none was ever pushed).
-A failure during a weight update is raised, not recovered.
+so it serves again after the next weight update (at once if none was ever pushed). When
+no engine can serve until then (a run with one engine), the router asks `weight_source`,
+if the owner set one, to push the current weights now. A failure during a weight update
+is raised, not recovered.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import logging
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Awaitable, Callable, Iterable
 
 import torch
 
@@ -125,6 +127,10 @@ class EngineRouter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
         self._background: set[asyncio.Task] = set()
+        # Pushes the weights of the current version again (set by the loop where that is
+        # safe: while the trainer is not changing them); None: a restarted engine waits.
+        self.weight_source: Callable[[], Awaitable[None]] | None = None
+        self._refresh: asyncio.Task | None = None
 
     def _client(self, url: str) -> HTTPEngine:
         o = self.options
@@ -177,7 +183,15 @@ class EngineRouter:
             serving = [slot for slot in self.engines if slot.state is EngineState.SERVING]
             if serving:
                 return min(serving, key=lambda slot: (slot.outstanding, slot.index))
-            if not any(slot.state is EngineState.RECOVERING for slot in self.engines):
+            if self._refresh is not None and self._refresh.done():
+                self._refresh.result()  # its failure is this request's
+            awaiting = any(slot.state is EngineState.AWAITING_WEIGHTS for slot in self.engines)
+            if awaiting and self.weight_source is not None and self._refresh is None:
+                log.warning("no engine serves until it has the weights: pushing them again")
+                self._refresh = asyncio.ensure_future(self.weight_source())
+                self._refresh.add_done_callback(lambda _: self._changed.set())
+            elif not any(slot.state is EngineState.RECOVERING for slot in self.engines) \
+                    and self._refresh is None:
                 raise RuntimeError(self._no_engine_message())
             self._changed.clear()
             await self._changed.wait()
@@ -335,6 +349,7 @@ class EngineRouter:
             else:
                 await asyncio.to_thread(self._broadcast, targets, named_tensors, version)
         self.weight_version = version
+        self._refresh = None  # a later failure may need another
         for slot, num_restarts in zip(targets, restarts, strict=True):
             if slot.state is EngineState.AWAITING_WEIGHTS and slot.restarts == num_restarts:
                 slot.state = EngineState.SERVING
