@@ -36,6 +36,7 @@ class PromptRow:
     label: Any
     metadata: dict
     where: str  # "FILE:LINE", for messages about this row
+    tools: list | None = None  # the --tool-key column, given to the chat template
 
 
 def parse_path_spec(spec: str) -> tuple[str, int | None, int | None]:
@@ -182,7 +183,8 @@ class PromptDataset:
                 continue
             label = record.get(keys.label_key) if keys.label_key else None
             metadata = _metadata(record.get(keys.metadata_key), where, keys.metadata_key)
-            self.rows.append(PromptRow(record[keys.input_key], tuple(ids), label, metadata, where))
+            self.rows.append(PromptRow(record[keys.input_key], tuple(ids), label, metadata, where,
+                                       record.get(keys.tool_key)))
         if not self.rows:
             raise DataError(f"{spec}: all {self.num_too_long} prompts are longer than "
                             f"--rollout-max-prompt-len {max_prompt_len}")

@@ -171,10 +171,16 @@ def test_sinks_and_hf_export(tiny, tmp_path):
 
 
 def test_load_without_tracker_warm_starts_from_ref_load(tiny, tmp_path):
+    """--load without a tracker is a fresh run from --ref-load's weights: another model
+    there gives other first-step numbers (same seeds, same data)."""
+    from furlong.tiny import write_tiny
+    other = write_tiny(tmp_path / "other", seed=1) / "model"
     empty = tmp_path / "empty"
     empty.mkdir()
-    rows = run(grpo_argv(tiny, tiny / "model", tmp_path / "s", 1) + ["--load", str(empty)])
-    assert 0 in series(rows, "train/loss")
+    entropy = {init.parent.name: series(run(grpo_argv(tiny, init, tmp_path / init.parent.name, 1)
+                                            + ["--load", str(empty)]), "train/entropy_loss")[0]
+               for init in (tiny / "model", other)}
+    assert entropy[tiny.name] != entropy["other"]
 
 
 def test_one_step_rollouts_report_the_rollout_metrics_of_the_training_forward(tiny, tmp_path):

@@ -558,6 +558,23 @@ def test_sft_masks_only_the_assistant_turns_of_a_multi_turn_conversation(tiny, t
     assert tokenizer.decode(sample.tokens) == tokenizer.apply_chat_template(messages, tokenize=False)
 
 
+def test_sft_gives_the_tool_column_to_the_chat_template(tiny, tmp_path, tokenizer, monkeypatch):
+    """Regression: SFT read tools from metadata while prompts used --tool-key's column."""
+    from furlong.rollout import sft
+    messages = [{"role": "user", "content": "1+2="}, {"role": "assistant", "content": "3"}]
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": messages, "tools": [{"name": "calc"}]}) + "\n")
+    config = sft_config(tiny, data, batch_size=1)
+    row = prompt_dataset(str(data), tokenizer, config).rows[0]
+    seen = []
+    encode = sft.conversation_tokens
+    monkeypatch.setattr(sft, "conversation_tokens",
+                        lambda tok, msgs, tools, kwargs: seen.append(tools) or encode(
+                            tok, msgs, tools, kwargs))
+    sft.sft_sample(tokenizer, row, 0)
+    assert seen == [[{"name": "calc"}]]
+
+
 # ---- eval ---------------------------------------------------------------------------------------
 
 def brute_force_pass_at_k(num_samples: int, num_correct: int, k: int) -> float:

@@ -45,7 +45,7 @@ def sft_sample(tokenizer, row: PromptRow, group_index: int, template_kwargs=None
                          "messages ending with the assistant's reply")
     try:
         tokens, prompt_length, mask = conversation_tokens(
-            tokenizer, row.prompt, row.metadata.get("tools"), template_kwargs)
+            tokenizer, row.prompt, row.tools, template_kwargs)
     except ValueError as error:
         raise ValueError(f"{row.where}: {error}") from None
     return Sample(group_index=group_index, index=0, prompt=row.prompt, tokens=tokens,
