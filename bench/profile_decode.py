@@ -113,7 +113,7 @@ def main() -> None:
     start = time.perf_counter()
     runner.decode_window(seqs, window)
     results["window_wall_us_per_step"] = (time.perf_counter() - start) / window * 1e6
-    graph = runner.graphs[next(b for b in runner.buckets if b >= len(seqs))]
+    graph = runner.graphs[(next(b for b in runner.buckets if b >= len(seqs)), False)]
     results["graph_replay_us"] = cuda_time(graph.replay, repeats=8) * 1e6
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         runner._decode_step(next(b for b in runner.buckets if b >= len(seqs)), False)

@@ -82,9 +82,11 @@ async def run_loop(run: Run, overlap: bool = False) -> dict:
     version = run.start_rollout  # of the weights the engines hold
     if run.engine is not None and run.trainer is not None:
         await push_weights(run, version)
-        if isinstance(run.engine, EngineRouter) and not overlap:
-            # Requests run only while the trainer is idle, its weights those of `version`:
-            # an engine restarted then gets them again at once (see EngineRouter).
+        pushes_every_rollout = config.rollout.update_weights_interval == 1 or \
+            releases_engine_memory(run, overlap)
+        if isinstance(run.engine, EngineRouter) and not overlap and pushes_every_rollout:
+            # Requests run only while the trainer is idle, and then its weights are those
+            # of `version`: a restarted engine can get them again at once (EngineRouter).
             run.engine.weight_source = lambda: push_weights(run, version)
     if run.num_rollout == 0 and run.manager.eval_datasets:
         return await evaluate(run, 0)

@@ -292,6 +292,18 @@ def test_stop_strings_end_the_request_and_are_trimmed_from_the_text(engine, toke
     assert kept.output_ids == reference[:end] and kept.text == full_text
 
 
+@pytest.mark.parametrize("limit", [8, 9, 10])
+def test_a_stop_string_wins_over_a_length_limit_reached_in_the_same_step_window(
+        engine, tokenizer, prompt_ids, limit):
+    """Regression (fast engine): when the device ended a sequence by its token limit in
+    the decode window where a stop string completed, the stop string was never searched."""
+    ids = prompt_ids[5]
+    reference = run(engine, [(ids, greedy(20, ignore_eos=True))])[0].output_ids
+    stop = tokenizer.decode(reference[6:8])  # first complete at 8 tokens (test above)
+    output = run(engine, [(ids, greedy(limit, ignore_eos=True, stop=(stop,)))])[0]
+    assert (output.finish_reason, output.output_ids) == ("stop", reference[:8])
+
+
 def test_a_stop_string_that_skip_special_tokens_hides_does_not_cut_the_text(engine, tokenizer,
                                                                            prompt_ids):
     """Regression: trimming at text.rfind(stop) == -1 dropped the last character."""

@@ -395,6 +395,29 @@ def test_a_client_that_disconnects_aborts_its_request(server, prompt_ids):
     assert server.server.in_flight == {}
 
 
+def test_only_generate_handlers_stop_when_their_client_goes():
+    """A weight update must finish even if its client timed out (group state stays
+    consistent); a generation may stop."""
+    from types import SimpleNamespace
+
+    from furlong.engine.serve import only_generate_cancels
+    finished = []
+
+    async def handler(request):
+        await asyncio.sleep(0.05)
+        finished.append(request.path)
+
+    async def main():
+        for path in ("/update_weights_from_distributed", "/generate"):
+            task = asyncio.ensure_future(only_generate_cancels(SimpleNamespace(path=path),
+                                                                handler))
+            await asyncio.sleep(0.01)
+            task.cancel()  # what aiohttp does when the client disconnects
+            await asyncio.sleep(0.1)
+    asyncio.run(main())
+    assert finished == ["/update_weights_from_distributed"]
+
+
 def test_health_model_info_cache_and_memory_endpoints(server, checkpoints, prompt_ids):
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
     assert requests.get(server.url + "/health_generate", timeout=10).status_code == 200

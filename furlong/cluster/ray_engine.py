@@ -21,7 +21,7 @@ from furlong.cluster.ray_trainer import check_engines
 from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.factory import EngineOptions, create_engine
 from furlong.engine.launcher import ServerLauncher, ServerSpec
-from furlong.engine.router import EngineRouter
+from furlong.engine.router import EngineRouter, EngineState
 from furlong.ports import free_port
 
 
@@ -98,8 +98,11 @@ class RayEngineGroup:
         return getattr(self.router, name)
 
     async def generate(self, input_ids: list[int], params: SamplingParams) -> GenerateOutput:
+        dropped = {slot.index for slot in self.router.engines
+                   if slot.state is EngineState.DROPPED}  # known dead, not this failure
         try:
             return await self.router.generate(input_ids, params)
         except Exception:
-            await asyncio.to_thread(check_engines, self.actors)
+            await asyncio.to_thread(check_engines, [actor for i, actor in enumerate(self.actors)
+                                                    if i not in dropped])
             raise

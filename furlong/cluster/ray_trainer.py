@@ -245,8 +245,11 @@ class RayTrainGroup:
             calls = [getattr(rank, method).remote(urls, version, bucket) for rank in self.ranks]
         try:
             await asyncio.to_thread(wait_all, calls, "trainer rank")
-        except RuntimeError:
-            await asyncio.to_thread(check_engines, self.engine_actors)
+        except RuntimeError:  # an engine this push went to may have died (none are
+            if self.engine_actors:  # actors when the servers run elsewhere)
+                await asyncio.to_thread(check_engines, [
+                    actor for actor, url in zip(self.engine_actors, self.urls, strict=True)
+                    if url in live])
             raise
 
     def close(self) -> None:

@@ -115,6 +115,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 @web.middleware
+async def only_generate_cancels(request: web.Request, handler):
+    """With handler cancellation on, a client that disconnects cancels its handler: right
+    for /generate (the engine aborts the request), wrong for weight and memory calls,
+    whose work (and group state) must finish whoever is still listening."""
+    if request.path == "/generate":
+        return await handler(request)
+    return await asyncio.shield(handler(request))
+
+
+@web.middleware
 async def errors_as_json(request: web.Request, handler):
     try:
         return await handler(request)
@@ -152,7 +162,8 @@ class EngineServer:
         return next(self.engine.model.parameters()).device
 
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors_as_json])
+        app = web.Application(client_max_size=MAX_BODY_BYTES,
+                              middlewares=[only_generate_cancels, errors_as_json])
         app.add_routes([
             web.post("/generate", self.generate),
             web.get("/health", self.health),

@@ -108,16 +108,22 @@ class RolloutManager:
         in_flight: list[asyncio.Task] = []
         accepted: list[list[Sample]] = []
         drops: Counter = Counter()
-        while len(accepted) < target:
-            if len(accepted) + len(in_flight) < target:
-                in_flight += [asyncio.create_task(self._run_group(g, params))
-                              for g in self.next_groups(r.over_sampling_batch_size)]
-            group = await in_flight.pop(0)
-            verdict = await self._filter(group)
-            if verdict.keep:
-                accepted.append(group)
-            else:
-                drops[verdict.reason] += 1
+        try:
+            while len(accepted) < target:
+                if len(accepted) + len(in_flight) < target:
+                    in_flight += [asyncio.create_task(self._run_group(g, params))
+                                  for g in self.next_groups(r.over_sampling_batch_size)]
+                group = await in_flight.pop(0)
+                verdict = await self._filter(group)
+                if verdict.keep:
+                    accepted.append(group)
+                else:
+                    drops[verdict.reason] += 1
+        except BaseException:  # the rollout failed: its other groups stop (engines abort)
+            for task in in_flight:
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+            raise
         await self._abort(in_flight)
         return RolloutResult(accepted, stats.rollout_stats(accepted, r.reward_key, drops))
 

@@ -163,10 +163,12 @@ class TrainActor:
     def train(self, batch: TrainBatch) -> list[dict]:
         """--num-steps-per-rollout optimizer steps over consecutive, near-equal parts of
         the batch: --global-batch-size samples each, unless a custom generate function
-        returned more or fewer samples than the flags imply (the step count, and with it
-        the learning-rate schedule, stays as configured)."""
-        steps = self.config.rollout.num_steps_per_rollout
-        bounds = [round(step * len(batch) / steps) for step in range(steps + 1)]
+        returned more or fewer samples than the flags imply. Parts are whole multiples of
+        the data-parallel size (the last takes the rest); a batch too small for every
+        step gives fewer steps."""
+        steps, ranks = self.config.rollout.num_steps_per_rollout, self.rank.dp_size
+        units = len(batch) // ranks
+        bounds = [round(step * units / steps) * ranks for step in range(steps)] + [len(batch)]
         return [self._train_step(batch, list(range(start, end)))
                 for start, end in zip(bounds[:-1], bounds[1:], strict=True) if end > start]
 

@@ -207,16 +207,26 @@ class FastEngine:
         for seq in unfinished:
             seq.num_generated += count
         for seq, (tokens, log_probs) in zip(finished, self.runner.fetch(finished), strict=True):
-            self._finish(seq, tokens, log_probs)
+            # A stop string may have completed in this window before the device stopped.
+            keep = self._stop_string_keep(seq, tokens) if seq.needs_host_tokens else None
+            if keep is None:
+                self._finish(seq, tokens, log_probs)
+            else:
+                self._finish(seq, tokens[:keep], log_probs[:keep], "stop")
         watched = [seq for seq in unfinished if seq.needs_host_tokens]
         for seq, (tokens, log_probs) in zip(watched, self.runner.fetch(watched), strict=True):
-            ids = seq.output_ids + tokens
-            end = stop_string_end(self.tokenizer, ids, seq.params.stop,
-                                  max(seq.stop_checked, len(seq.output_ids)))
-            seq.stop_checked = len(ids)
-            if end is not None:
-                keep = end - len(seq.output_ids)
+            keep = self._stop_string_keep(seq, tokens)
+            if keep is not None:
                 self._finish(seq, tokens[:keep], log_probs[:keep], "stop")
+
+    def _stop_string_keep(self, seq: Sequence, tokens: list[int]) -> int | None:
+        """How many of the new `tokens` to keep if they complete one of `seq`'s stop
+        strings (searching only the tokens not searched before); None if none does."""
+        ids = seq.output_ids + tokens
+        end = stop_string_end(self.tokenizer, ids, seq.params.stop,
+                              max(seq.stop_checked, len(seq.output_ids)))
+        seq.stop_checked = len(ids)
+        return None if end is None else end - len(seq.output_ids)
 
     def _finish(self, seq: Sequence, tokens: list[int], log_probs: list[float],
                 reason: str | None = None) -> None:
@@ -246,6 +256,7 @@ class FastEngine:
                 cancelled.append(self._cancelled.get_nowait())
             except queue.Empty:
                 break
+        self._drain_inbox()  # a cancelled request may have reached the inbox after the drain
         self._abort([seq for seq in cancelled if seq.finish_reason is None])
 
     def _abort_everything(self) -> None:
@@ -254,11 +265,11 @@ class FastEngine:
     def _abort(self, seqs: list[Sequence]) -> None:
         """Finish `seqs` (running or waiting) with 'abort' and the tokens made so far."""
         running = [seq for seq in seqs if seq.slot is not None]
+        waiting = [seq for seq in seqs if seq.slot is None]
         for seq, (tokens, log_probs) in zip(running, self.runner.fetch(running), strict=True):
             self._finish(seq, tokens, log_probs, "abort")
-        for seq in seqs:
-            if seq.slot is None:
-                self._finish(seq, [], [], "abort")
+        for seq in waiting:
+            self._finish(seq, [], [], "abort")
 
     def _fail_everything(self, error: Exception) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
