@@ -82,9 +82,8 @@ async def run_loop(run: Run, overlap: bool = False) -> dict:
     version = run.start_rollout  # of the weights the engines hold
     if run.engine is not None and run.trainer is not None:
         await push_weights(run, version)
-        pushes_every_rollout = config.rollout.update_weights_interval == 1 or \
-            releases_engine_memory(run, overlap)
-        if isinstance(run.engine, EngineRouter) and not overlap and pushes_every_rollout:
+        if isinstance(run.engine, EngineRouter) and not overlap \
+                and pushes_every_rollout(run, overlap):
             # Requests run only while the trainer is idle, and then its weights are those
             # of `version`: a restarted engine can get them again at once (EngineRouter).
             run.engine.weight_source = lambda: push_weights(run, version)
@@ -168,12 +167,18 @@ def staleness(rollout: RolloutResult, trainer_version: int) -> dict:
             "rollout/staleness": trainer_version - mean(versions)}
 
 
+def pushes_every_rollout(run: Run, overlap: bool) -> bool:
+    """--update-weights-interval 1, or training releases the engines' memory (SGLang's
+    memory saver drops the weights with it, so they are pushed again each time)."""
+    return run.config.rollout.update_weights_interval == 1 or \
+        releases_engine_memory(run, overlap)
+
+
 def should_push(run: Run, rollout_id: int, overlap: bool) -> bool:
-    """Every --update-weights-interval rollouts, and after every rollout whose training
-    released the engines' memory (SGLang's memory saver drops the weights with it)."""
+    """Every --update-weights-interval rollouts (see pushes_every_rollout)."""
     if run.engine is None or run.trainer is None:
         return False
-    return releases_engine_memory(run, overlap) or \
+    return pushes_every_rollout(run, overlap) or \
         (rollout_id + 1) % run.config.rollout.update_weights_interval == 0
 
 

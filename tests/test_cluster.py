@@ -167,7 +167,6 @@ def test_ray_rank_death_fails_fast(grpo_argv, tmp_path, monkeypatch):
     pytest.importorskip("ray")
     import ray
 
-    from furlong import cli
     from furlong.cluster import ray_trainer
     original = ray_trainer.RayTrainGroup.train
 
@@ -176,10 +175,15 @@ def test_ray_rank_death_fails_fast(grpo_argv, tmp_path, monkeypatch):
         return original(self, batch)
 
     monkeypatch.setattr(ray_trainer.RayTrainGroup, "train", train_then_die)
-    argv = grpo_argv + ["--actor-num-gpus-per-node", "2", "--rollout-num-gpus", "1",
-                        "--run-dir", str(tmp_path)]
+    fails_fast(grpo_argv + ["--actor-num-gpus-per-node", "2", "--rollout-num-gpus", "1",
+                            "--run-dir", str(tmp_path)], "trainer rank 1")
+
+
+def fails_fast(argv: list[str], match: str) -> None:
+    """train.py `argv` ends within 3 minutes (no hang) with an error matching `match`."""
+    from furlong import cli
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match="trainer rank 1"):
+    with pytest.raises(RuntimeError, match=match):
         cli.main(argv)
     assert time.monotonic() - start < 180
 
@@ -194,7 +198,6 @@ def test_ray_engine_death_fails_fast(grpo_argv, tmp_path, monkeypatch, met_by):
     pytest.importorskip("ray")
     import ray
 
-    from furlong import cli
     from furlong.cluster.ray_trainer import RayTrainGroup
     train, push_weights = RayTrainGroup.train, RayTrainGroup.push_weights
 
@@ -210,12 +213,8 @@ def test_ray_engine_death_fails_fast(grpo_argv, tmp_path, monkeypatch, met_by):
         monkeypatch.setattr(RayTrainGroup, "train", kill_then_train)
     else:
         monkeypatch.setattr(RayTrainGroup, "push_weights", push_then_kill)
-    argv = grpo_argv + ["--actor-num-gpus-per-node", "1", "--rollout-num-gpus", "1",
-                        "--run-dir", str(tmp_path)]
-    start = time.monotonic()
-    with pytest.raises(RuntimeError, match="engine 0 failed: .*actor"):
-        cli.main(argv)
-    assert time.monotonic() - start < 180
+    fails_fast(grpo_argv + ["--actor-num-gpus-per-node", "1", "--rollout-num-gpus", "1",
+                            "--run-dir", str(tmp_path)], "engine 0 failed: .*actor")
 
 
 @pytest.mark.slow

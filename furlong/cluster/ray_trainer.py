@@ -18,7 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from furlong.config import Config
 from furlong.config.groups import SglangArgs
-from furlong.engine.weight_transfer import (WeightBroadcaster, iter_buckets, leave_group,
+from furlong.engine.weight_transfer import (CurrentGroup, WeightBroadcaster, iter_buckets,
                                             post_tensor_update, serialize_named_tensors,
                                             serialize_named_tensors_ipc)
 from furlong.ports import free_port
@@ -85,8 +85,7 @@ class TrainRank:
         hook = load_function(path, "--custom-loss-function-path") if path else None
         self.rank = rank
         self.actor = TrainActor(config, info, init_weights, total_steps, hook, HookArgs(config))
-        self.broadcaster: WeightBroadcaster | None = None
-        self._num_groups = 0
+        self.weight_group = CurrentGroup()  # rank 0's, with the engine servers
 
     def ready(self) -> bool:
         return True
@@ -146,16 +145,9 @@ class TrainRank:
             for _ in weights:  # take part in the gathers
                 pass
             return
-        if self.broadcaster is None or self.broadcaster.urls != urls:
-            self._join_servers(urls)
-        self.broadcaster.broadcast(weights, bucket_bytes, version)
-
-    def _join_servers(self, urls: list[str]) -> None:
-        if self.broadcaster is not None:  # the engines changed (one died): a new group
-            leave_group(self.broadcaster)
-        self._num_groups += 1
-        self.broadcaster = join_servers(urls, self.actor.config.sglang,
-                                        f"furlong_weights_{self._num_groups}")
+        group = self.weight_group.get(urls, lambda name: join_servers(
+            urls, self.actor.config.sglang, name))
+        group.broadcast(weights, bucket_bytes, version)
 
 
 class RayTrainGroup:

@@ -42,7 +42,7 @@ import torch
 from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.client import EngineHTTPError, HTTPEngine
 from furlong.engine.launcher import ServerLauncher
-from furlong.engine.weight_transfer import (WeightBroadcaster, iter_buckets, leave_group,
+from furlong.engine.weight_transfer import (CurrentGroup, WeightBroadcaster, iter_buckets,
                                             serialize_named_tensors, serialize_named_tensors_ipc)
 from furlong.ports import free_port
 
@@ -121,9 +121,7 @@ class EngineRouter:
         self._abort_epoch = 0
         self._pauses = 0                # weights moving: no health checks
         self._released = False          # memory released: no health checks
-        self._broadcaster: WeightBroadcaster | None = None
-        self._group_key: list[tuple] = []
-        self._num_groups = 0
+        self._weight_group = CurrentGroup()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
         self._background: set[asyncio.Task] = set()
@@ -175,7 +173,7 @@ class EngineRouter:
 
     async def _choose(self, key: tuple[int, ...]) -> EngineSlot:
         """The engine serving this prompt already, else the least loaded one; waits while
-        every engine is restarting."""
+        every engine is restarting or (through `weight_source`) getting its weights again."""
         while True:
             pinned = self._pins.get(key)
             if pinned is not None and pinned[0].state is EngineState.SERVING:
@@ -369,28 +367,17 @@ class EngineRouter:
 
     def _broadcast(self, targets: list[EngineSlot], named_tensors, version: int) -> None:
         """Runs on a worker thread: WeightBroadcaster blocks until the servers join in."""
-        key = [(slot.index, slot.restarts, slot.url) for slot in targets]
-        if self._broadcaster is None or key != self._group_key:
-            self._close_broadcaster()
-            self._num_groups += 1  # a new name: a server that missed the destroy still works
+        def join(group_name: str) -> WeightBroadcaster:
             o = self.options
-            broadcaster = WeightBroadcaster([slot.url for slot in targets],
-                                            f"furlong_weights_{self._num_groups}", o.tp_size,
-                                            o.weights_timeout_s)
-            try:
-                broadcaster.init_group(o.master_address, free_port(o.master_address),
-                                       o.weight_sync_backend)
-            except Exception:
-                broadcaster.close()
-                raise
-            self._broadcaster, self._group_key = broadcaster, key
-        self._broadcaster.broadcast(named_tensors, self.options.bucket_bytes, version)
+            broadcaster = WeightBroadcaster([slot.url for slot in targets], group_name,
+                                            o.tp_size, o.weights_timeout_s)
+            broadcaster.init_group(o.master_address, free_port(o.master_address),
+                                   o.weight_sync_backend)
+            return broadcaster
 
-    def _close_broadcaster(self) -> None:
-        if self._broadcaster is None:
-            return
-        broadcaster, self._broadcaster = self._broadcaster, None
-        leave_group(broadcaster)
+        key = [(slot.index, slot.restarts, slot.url) for slot in targets]
+        self._weight_group.get(key, join).broadcast(named_tensors, self.options.bucket_bytes,
+                                                    version)
 
     async def release_memory(self) -> None:
         self._bind()
@@ -419,7 +406,7 @@ class EngineRouter:
             task.cancel()
         if self._loop is asyncio.get_running_loop():
             await asyncio.gather(*self._background, return_exceptions=True)
-        await asyncio.to_thread(self._close_broadcaster)
+        await asyncio.to_thread(self._weight_group.close)
         for slot in self.engines:
             await slot.client.close()
         if self.launcher is not None:

@@ -258,9 +258,14 @@ class WeightBroadcaster:
                    "rank_offset": 1 + i * self.ranks_per_server, "world_size": self.world_size,
                    "group_name": self.group_name, "backend": backend}
                   for i in range(len(self.urls))]
-        self.group = self._together("/init_weights_update_group", bodies, lambda: WeightUpdateGroup(
-            master_address, master_port, 0, self.world_size, self.group_name, backend,
-            self.timeout_s))
+        try:
+            self.group = self._together("/init_weights_update_group", bodies,
+                                        lambda: WeightUpdateGroup(
+                                            master_address, master_port, 0, self.world_size,
+                                            self.group_name, backend, self.timeout_s))
+        except BaseException:
+            self.close()  # its worker threads
+            raise
 
     def broadcast(self, named_tensors: NamedTensors, bucket_bytes: int = 512 << 20,
                   version: int | None = None, flush_cache: bool = True) -> int:
@@ -318,14 +323,34 @@ class WeightBroadcaster:
                 for url, body in zip(self.urls, bodies, strict=True)]
 
 
-def leave_group(broadcaster: WeightBroadcaster) -> None:
-    """Close `broadcaster`'s group. A member that died cannot leave, which is logged, not
-    raised: the next group has another name, so a server that missed this still joins."""
-    try:
-        broadcaster.close()
-    except Exception as error:
-        log.warning("leaving weight-update group %s failed (%s); a new group replaces it",
-                    broadcaster.group_name, error)
+class CurrentGroup:
+    """Rank 0's weight-update group with the servers of the last call, kept while they stay
+    the same (`key`) and replaced when they change (one died or restarted). Each group has
+    a new name, so a server that missed the old one's destroy still joins the next."""
+
+    def __init__(self):
+        self.broadcaster: WeightBroadcaster | None = None
+        self.key = None
+        self.count = 0
+
+    def get(self, key, join: Callable[[str], WeightBroadcaster]) -> WeightBroadcaster:
+        """The group for `key`; `join(group_name)` makes a new one when `key` changed."""
+        if self.broadcaster is None or key != self.key:
+            self.close()
+            self.count += 1
+            self.broadcaster, self.key = join(f"furlong_weights_{self.count}"), key
+        return self.broadcaster
+
+    def close(self) -> None:
+        """Leave the group. A member that died cannot leave: logged, not raised."""
+        broadcaster, self.broadcaster = self.broadcaster, None
+        if broadcaster is None:
+            return
+        try:
+            broadcaster.close()
+        except Exception as error:
+            log.warning("leaving weight-update group %s failed (%s); a new group replaces it",
+                        broadcaster.group_name, error)
 
 
 def _post(url: str, body: dict, timeout_s: float) -> dict:

@@ -168,8 +168,7 @@ class FastEngine:
             while not self._closed:
                 with self._lock:
                     try:
-                        self._drain_inbox()
-                        self._abort_cancelled()
+                        self._take_requests()
                         if self._abort_requested:
                             self._abort_everything()
                             self._abort_requested = False
@@ -180,12 +179,14 @@ class FastEngine:
                         log.exception("fast engine step failed")
                         self._fail_everything(error)
 
-    def _drain_inbox(self) -> None:
-        while True:
-            try:
-                self.scheduler.add(self._inbox.get_nowait())
-            except queue.Empty:
-                return
+    def _take_requests(self) -> None:
+        """New requests join the scheduler; cancelled ones that have not finished are
+        aborted. Cancellations are read first: each comes after its request, so the
+        inbox drained next holds every request a cancellation names."""
+        cancelled = _drain(self._cancelled)
+        for seq in _drain(self._inbox):
+            self.scheduler.add(seq)
+        self._abort([seq for seq in cancelled if seq.finish_reason is None])
 
     def _step(self) -> None:
         groups = self.scheduler.admit()
@@ -202,22 +203,20 @@ class FastEngine:
 
     def _after_tokens(self, seqs: list[Sequence], done: list[bool], count: int) -> None:
         """Book the `count` tokens each unfinished sequence made; finish the rest."""
-        finished = [seq for seq, d in zip(seqs, done, strict=True) if d]
-        unfinished = [seq for seq, d in zip(seqs, done, strict=True) if not d]
-        for seq in unfinished:
-            seq.num_generated += count
-        for seq, (tokens, log_probs) in zip(finished, self.runner.fetch(finished), strict=True):
-            # A stop string may have completed in this window before the device stopped.
+        for seq, finished in zip(seqs, done, strict=True):
+            if not finished:
+                seq.num_generated += count
+        # One read-back: the finished sequences, and those whose stop strings the host
+        # checks (one may also have completed in the window where the device stopped).
+        fetched = [(seq, finished) for seq, finished in zip(seqs, done, strict=True)
+                   if finished or seq.needs_host_tokens]
+        outputs = self.runner.fetch([seq for seq, _ in fetched])
+        for (seq, finished), (tokens, log_probs) in zip(fetched, outputs, strict=True):
             keep = self._stop_string_keep(seq, tokens) if seq.needs_host_tokens else None
-            if keep is None:
-                self._finish(seq, tokens, log_probs)
-            else:
-                self._finish(seq, tokens[:keep], log_probs[:keep], "stop")
-        watched = [seq for seq in unfinished if seq.needs_host_tokens]
-        for seq, (tokens, log_probs) in zip(watched, self.runner.fetch(watched), strict=True):
-            keep = self._stop_string_keep(seq, tokens)
             if keep is not None:
                 self._finish(seq, tokens[:keep], log_probs[:keep], "stop")
+            elif finished:
+                self._finish(seq, tokens, log_probs)
 
     def _stop_string_keep(self, seq: Sequence, tokens: list[int]) -> int | None:
         """How many of the new `tokens` to keep if they complete one of `seq`'s stop
@@ -248,17 +247,6 @@ class FastEngine:
         seq.num_generated = len(seq.output_ids)
         self.runner.free(seq)
 
-    def _abort_cancelled(self) -> None:
-        """Free the sequences whose callers cancelled them (those not finished yet)."""
-        cancelled = []
-        while True:
-            try:
-                cancelled.append(self._cancelled.get_nowait())
-            except queue.Empty:
-                break
-        self._drain_inbox()  # a cancelled request may have reached the inbox after the drain
-        self._abort([seq for seq in cancelled if seq.finish_reason is None])
-
     def _abort_everything(self) -> None:
         self._abort(list(self.scheduler.running) + list(self.scheduler.waiting))
 
@@ -286,6 +274,15 @@ class FastEngine:
                              self.eos_ids)
         return GenerateOutput(seq.output_ids, seq.output_log_probs, seq.finish_reason, text,
                               len(seq.prompt_ids), self.weight_version)
+
+
+def _drain(inbox: queue.SimpleQueue) -> list:
+    items = []
+    while True:
+        try:
+            items.append(inbox.get_nowait())
+        except queue.Empty:
+            return items
 
 
 def _resolve(future: asyncio.Future, output) -> None:
