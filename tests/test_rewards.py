@@ -217,11 +217,10 @@ def test_on_error_zero_scores_failures_zero_and_warns(hooks_module, caplog):
 
 
 def test_a_hook_slower_than_the_timeout_is_an_error(hooks_module):
+    """The hook would return 1.0 after 30 s: only the timeout can raise here."""
     model = make_model(custom_rm_path=f"{hooks_module}:slow", timeout=0.2)
-    started = time.monotonic()
     with pytest.raises(RewardError, match="group 3 index 1 .*timed out after 0.2s"):
         asyncio.run(model.score_group([make_sample("x")]))
-    assert time.monotonic() - started < 5
 
 
 # --- the process pool ------------------------------------------------------------------------
@@ -249,7 +248,8 @@ def test_builtin_rewards_off_the_main_thread():
 def test_a_hung_worker_times_out_without_stalling_the_loop():
     """`9^{9^{8}}` keeps sympy busy for minutes. With one such sample per worker, each must
     time out, the loop must keep running meanwhile, and later samples must be scored by a
-    fresh pool (the hung workers stay busy)."""
+    fresh pool (the hung workers stay busy). The fresh pool's start is not charged to the
+    sample's timeout, so a loaded machine does not turn the fine sample into a 0."""
     model = make_model(rm_type="math", timeout=4.0, on_error="zero")
     num_workers = min(4, os.cpu_count() or 1)
     hung = [make_sample(r"\boxed{9^{9^{8}}}", "3", index=i) for i in range(num_workers)]
@@ -275,9 +275,11 @@ def test_a_hung_worker_times_out_without_stalling_the_loop():
         model.close()
         closing_seconds = time.monotonic() - started
     assert rewards == [0.0] * num_workers + [1.0]
-    assert ticks > 40          # ~4 s of 50 ms ticks: the loop was never blocked
+    # >= 4 s of 50 ms ticks; a loop blocked by scoring would tick about once.
+    assert ticks >= 10
     assert later == [1.0]
-    assert closing_seconds < 5  # the hung worker is killed, not waited for
+    # The hung workers are killed, not waited for (sympy would run for minutes).
+    assert closing_seconds < 60
 
 
 # --- remote_rm -----------------------------------------------------------------------------

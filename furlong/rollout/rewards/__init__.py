@@ -102,6 +102,8 @@ class RewardModel:
         self._hook_args, self._seed = hook_args, seed
         self._num_workers = min(4, os.cpu_count() or 1)
         self._pool: ProcessPoolExecutor | None = None
+        # The current pool's warm-up, and the event loop it runs in.
+        self._pool_started: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None
         self._retired_workers: list[multiprocessing.Process] = []
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
 
@@ -166,10 +168,11 @@ class RewardModel:
         return await asyncio.to_thread(self._hook, self._hook_args, subject)
 
     async def _score_in_pool(self, sample: Sample) -> float | dict:
-        # The timeout starts once a worker is free, so a long queue does not time out.
+        # The timeout starts once a started worker is free, so neither a long queue nor
+        # a slow worker start (a loaded machine) times a sample out.
         loop = asyncio.get_running_loop()
         async with self._worker_slots(loop):
-            pool = self._live_pool()
+            pool = await self._started_pool(loop)
             try:
                 return await asyncio.wait_for(loop.run_in_executor(
                     pool, builtin_score, self._rm_type, sample.response, sample.label),
@@ -183,12 +186,29 @@ class RewardModel:
             self._slots = (loop, asyncio.Semaphore(self._num_workers))
         return self._slots[1]
 
-    def _live_pool(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(self._num_workers,
-                                             mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_quiet_math_verify)
-        return self._pool
+    async def _started_pool(self, loop: asyncio.AbstractEventLoop) -> ProcessPoolExecutor:
+        """The live pool once its workers have started and scored a first answer, so that
+        starting a process and importing math-verify is not charged to a sample."""
+        while True:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    self._num_workers, mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_quiet_math_verify)
+                self._pool_started = None
+            pool = self._pool
+            if self._pool_started is None or (self._pool_started[0] is not loop
+                                              and not self._pool_started[1].done()):
+                # Submitted together, the warm-ups start every worker (spawned on demand).
+                self._pool_started = (loop, asyncio.gather(*(
+                    loop.run_in_executor(pool, builtin_score, "math", r"\boxed{1}", "1")
+                    for _ in range(self._num_workers))))
+            try:
+                await asyncio.shield(self._pool_started[1])
+            except BrokenProcessPool:
+                self._retire(pool)
+                raise
+            if self._pool is pool:  # not retired by a sibling sample meanwhile
+                return pool
 
     def _retire(self, pool: ProcessPoolExecutor) -> None:
         """Send no more work to `pool`: its idle workers exit, busy ones finish or are
