@@ -35,7 +35,8 @@ from furlong.engine.router import EngineRouter, EngineState, RouterOptions
 from furlong.ports import free_port
 from furlong.train.policy import load_hf_model
 
-pytestmark = pytest.mark.timeout(120)
+# A hang guard only: every wait below is on a condition, with generous deadlines.
+pytestmark = pytest.mark.timeout(600)
 CPU = torch.device("cpu")
 
 FAKE_SERVER = '''
@@ -73,6 +74,52 @@ HTTPServer(("127.0.0.1", port), Handler).serve_forever()
 '''
 
 
+COUNTING_SERVER = '''
+"""furlong's server, whose engine appends one line per call it serves to
+$ENGINE_CALLS/<port>.log: "<method>" for memory and cache calls, "start <seed>" when a
+generation reaches the engine and "done <seed> <finish_reason>" when it returns."""
+import os, sys
+from furlong.engine import serve
+
+log_path = os.path.join(os.environ["ENGINE_CALLS"],
+                        sys.argv[sys.argv.index("--port") + 1] + ".log")
+
+
+def record(line):
+    with open(log_path, "a") as stream:
+        stream.write(line + "\\n")
+
+
+def counted(engine, name):
+    method = getattr(engine, name)
+
+    async def call(*args, **kwargs):
+        record(name)
+        return await method(*args, **kwargs)
+    setattr(engine, name, call)
+
+
+def build_engine(args, tokenizer, build=serve.build_engine):
+    engine = build(args, tokenizer)
+    for name in ("release_memory", "resume_memory", "flush_cache"):
+        counted(engine, name)
+    generate = engine.generate
+
+    async def counted_generate(input_ids, params):
+        record(f"start {params.sampling_seed}")
+        output = await generate(input_ids, params)
+        record(f"done {params.sampling_seed} {output.finish_reason}")
+        return output
+    engine.generate = counted_generate
+    return engine
+
+
+serve.build_engine = build_engine
+serve.main()
+'''
+COUNTING_SERVER_MODULE = "counting_serve"
+
+
 # ---- helpers --------------------------------------------------------------------------------
 
 def running(pid: int) -> bool:
@@ -84,7 +131,7 @@ def running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def wait_gone(pids, timeout_s: float = 10.0) -> list[int]:
+def wait_gone(pids, timeout_s: float = 60.0) -> list[int]:
     """The pids still running after `timeout_s` (an empty list is what tests want)."""
     deadline = time.monotonic() + timeout_s
     while any(running(pid) for pid in pids) and time.monotonic() < deadline:
@@ -101,6 +148,31 @@ def fake(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(REPO)]))
     monkeypatch.setenv("FAKE_RECORDS", str(records))
     return records
+
+
+def counting_servers(directory: Path, monkeypatch) -> Path:
+    """Servers started from now on (module COUNTING_SERVER_MODULE) record their engine's
+    calls in the returned folder; read them with `engine_calls`."""
+    (directory / f"{COUNTING_SERVER_MODULE}.py").write_text(COUNTING_SERVER)
+    calls = directory / "engine_calls"
+    calls.mkdir()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(directory), str(REPO)]))
+    monkeypatch.setenv("ENGINE_CALLS", str(calls))
+    return calls
+
+
+def engine_calls(calls: Path, url: str) -> list[str]:
+    """The lines the engine of the server at `url` recorded (see COUNTING_SERVER)."""
+    path = calls / f"{url.rsplit(':', 1)[1]}.log"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+async def wait_until(condition, timeout_s: float = 120.0) -> None:
+    """Poll `condition()` until true; fail after `timeout_s` (a hang guard, not a bound)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout_s:.0f} s: {condition}"
+        await asyncio.sleep(0.02)
 
 
 def fake_spec(argv: list[str] = (), **kwargs) -> ServerSpec:
@@ -188,7 +260,10 @@ def test_each_server_runs_that_command_on_its_devices_and_stops_with_its_workers
                                            ("silent", "did not answer")])
 def test_a_server_that_does_not_come_up_fails_with_its_log(fake, monkeypatch, mode, message):
     monkeypatch.setenv("FAKE_MODE", mode)
-    launcher = ServerLauncher(fake_spec(startup_timeout_s=2), [None, None])
+    # "exit" fails as soon as the process exits, whatever the deadline; "silent" waits
+    # out the whole deadline, which must leave the fake time to start and write its record.
+    launcher = ServerLauncher(fake_spec(startup_timeout_s=600 if mode == "exit" else 15),
+                              [None, None])
     with pytest.raises(RuntimeError, match=message) as error:
         launcher.start()
     assert "fake_sglang --model-path /models/qwen" in str(error.value)
@@ -208,7 +283,7 @@ def test_stop_kills_a_server_that_ignores_sigterm_and_its_workers(fake, monkeypa
     port = free_port()
     server = ServerProcess(server_command(fake_spec(), port), server_env(None),
                            f"http://127.0.0.1:{port}", tmp_path / "server.log")
-    server.wait_healthy(20)
+    server.wait_healthy(120)
     record = records_of(fake)[port]
     server.stop(timeout_s=0.5)
     assert wait_gone([record["pid"], record["worker"]]) == []
@@ -228,13 +303,21 @@ time.sleep(600)
 """
 
 
+def default_sigint() -> None:
+    """SIGINT as in a terminal. A process started in the background by a non-interactive
+    shell (CI runners, `make test &`) inherits SIGINT ignored, and Python then installs
+    no KeyboardInterrupt handler: the signal was dropped and the test waited in vain
+    (the 'process.wait(30) timed out' failure)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("how", ["raise", "SIGINT", "SIGTERM", "SIGKILL"])
 def test_no_server_outlives_the_process_that_launched_it(fake, how):
     """A crash (uncaught exception), Ctrl-C, SIGTERM and even SIGKILL of the launching
     process stop its servers and their workers."""
     process = subprocess.Popen([sys.executable, "-c", LAUNCHING_SCRIPT, how], cwd=REPO,
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         assert process.stdout.readline() == "up\n", process.stderr.read()
         pids = [pid for r in records_of(fake).values() for pid in (r["pid"], r["worker"])]
@@ -244,7 +327,7 @@ def test_no_server_outlives_the_process_that_launched_it(fake, how):
             process.stdin.flush()
         else:
             process.send_signal(getattr(signal, how))
-        process.wait(30)
+        process.wait(300)  # a hang guard: it exits at once unless the signal is lost
     finally:
         process.kill()
         process.communicate()
@@ -263,12 +346,15 @@ def tokenizer(tiny):
 
 
 @pytest.fixture(scope="module")
-def servers(tiny):
-    """Two `python -m furlong.engine.serve` servers launched with SGLang's argv."""
+def servers(tiny, tmp_path_factory):
+    """Two furlong servers launched with SGLang's argv; `servers.calls` holds what their
+    engines recorded (see COUNTING_SERVER)."""
     spec = ServerSpec(str(tiny / "model"), parse_config(SERVER_FLAGS).sglang, 7,
-                      module=BUILTIN_SERVER)
+                      module=COUNTING_SERVER_MODULE)
     launcher = ServerLauncher(spec, [None, None])
-    launcher.start()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        launcher.calls = counting_servers(tmp_path_factory.mktemp("servers"), monkeypatch)
+        launcher.start()
     pids = [server.pid for server in launcher.servers]
     try:
         yield launcher
@@ -361,18 +447,23 @@ async def restore(urls, tiny) -> None:
 
 
 def test_abort_reaches_every_engine_and_the_requests_waiting_in_the_router(servers, tokenizer):
-    long = [(g, prompt_ids(tokenizer, f"{g}+{g}="), sampled(g, 900, ignore_eos=True))
+    long = [(g, prompt_ids(tokenizer, f"{g}+{g}="), sampled(5000 + g, 900, ignore_eos=True))
             for g in range(8)]
+    starts = {f"start {params.sampling_seed}" for _, _, params in long}
+
+    def started() -> int:
+        return sum(line in starts for url in servers.urls
+                   for line in engine_calls(servers.calls, url))
 
     async def main():
         router = quiet_router(servers.urls, max_concurrency=2)
         try:
             running_ = [asyncio.ensure_future(router.generate(ids, p)) for _, ids, p in long]
-            while not all(len(slot.in_flight) == 2 for slot in router.engines):
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.3)
+            # Abort once the engines run 2 requests each (not merely once the router
+            # sent them: an abort that overtakes a request on the wire would miss it).
+            await wait_until(lambda: started() == 4)
             await router.abort_all()
-            aborted = await asyncio.wait_for(asyncio.gather(*running_), 30)
+            aborted = await asyncio.wait_for(asyncio.gather(*running_), 300)
             after = await router.generate(long[0][1], sampled(1, 4, ignore_eos=True))
         finally:
             await router.close()
@@ -386,7 +477,14 @@ def test_abort_reaches_every_engine_and_the_requests_waiting_in_the_router(serve
 
 
 def test_memory_cache_and_health_calls_reach_every_engine(servers, tokenizer):
+    """Counted where they land: each engine records every release, resume and flush."""
     ids = prompt_ids(tokenizer, "1+2=")
+    methods = ("release_memory", "resume_memory", "flush_cache")
+
+    def counts() -> list[dict[str, int]]:
+        return [{m: engine_calls(servers.calls, url).count(m) for m in methods}
+                for url in servers.urls]
+    before_counts = counts()
 
     async def main():
         router = quiet_router(servers.urls)
@@ -401,6 +499,8 @@ def test_memory_cache_and_health_calls_reach_every_engine(servers, tokenizer):
 
     before, after, healthy = run(main)
     assert healthy and after.output_ids == before.output_ids
+    for old, new in zip(before_counts, counts(), strict=True):
+        assert {m: new[m] - old[m] for m in methods} == dict.fromkeys(methods, 1)
 
 
 def test_an_engine_that_stops_answering_is_dropped_and_its_requests_finish_elsewhere(
@@ -410,14 +510,16 @@ def test_an_engine_that_stops_answering_is_dropped_and_its_requests_finish_elsew
     hung = servers.servers[1]
 
     async def main():
+        # The hung engine fails its check whatever the timeout; a long one keeps a slow
+        # (loaded) but live engine from failing it too.
         router = EngineRouter(servers.urls, RouterOptions(health_check_interval_s=0.3,
-                                                          health_timeout_s=3.0))
+                                                          health_timeout_s=30.0))
         try:
             running_ = [asyncio.ensure_future(router.generate(ids, p)) for _, ids, p in requests_]
             while not router.engines[1].in_flight:
                 await asyncio.sleep(0.005)
             os.kill(hung.pid, signal.SIGSTOP)
-            outputs = await asyncio.wait_for(asyncio.gather(*running_), 60)
+            outputs = await asyncio.wait_for(asyncio.gather(*running_), 300)
             return outputs, [slot.state for slot in router.engines]
         finally:
             os.kill(hung.pid, signal.SIGCONT)
@@ -455,67 +557,99 @@ def test_external_servers_are_used_as_they_are_and_left_running(servers, tokeniz
 
 # ---- a launched engine dies mid-rollout ----------------------------------------------------
 
+def served_weights(url: str, name: str) -> torch.Tensor:
+    """The first two rows of parameter `name` as the engine at `url` holds it."""
+    return torch.tensor(requests.post(url + "/get_weights_by_name", timeout=60,
+                                      json={"name": name, "truncate_size": 2}).json())
+
+
+CHECKED_WEIGHT = "model.layers.1.mlp.up_proj.weight"
+
+
 def test_a_killed_engine_is_restarted_and_nothing_is_lost_or_counted_twice(tiny, tokenizer,
-                                                                           caplog):
-    options = EngineOptions(backend="sglang", server_module=BUILTIN_SERVER, seed=7,
+                                                                           tmp_path, caplog,
+                                                                           monkeypatch):
+    """Engine 1 is killed mid-rollout: its requests finish on engine 0, each generated
+    there once (counted by the engines); the restarted engine serves again once it has
+    the next weights, and holds those (not its boot checkpoint's)."""
+    calls = counting_servers(tmp_path, monkeypatch)
+    options = EngineOptions(backend="sglang", server_module=COUNTING_SERVER_MODULE, seed=7,
                             sglang=parse_config(SERVER_FLAGS[:4]).sglang,
                             device_groups=[[0], [1]])
     router = create_engine(str(tiny / "model"), tokenizer, CPU, torch.float32, options)
     launcher = router.launcher
     first_pids = [server.pid for server in launcher.servers]
+    first_urls = list(launcher.urls)
     requests_ = group_requests(tokenizer, num_groups=12, group_size=4, max_new_tokens=24)
-    weights = dict(load_hf_model(str(tiny / "model")).named_parameters())
-    resolved = [0] * len(requests_)
-
-    async def one(index, ids, params):
-        output = await router.generate(ids, params)
-        resolved[index] += 1
-        return output
+    pushed = [perturbed_weights(tiny, seed) for seed in (3, 4)]  # versions 1 and 2
 
     async def main():
         try:
-            await router.update_weights(weights.items(), version=1)
-            running_ = [asyncio.ensure_future(one(i, ids, p))
-                        for i, (_, ids, p) in enumerate(requests_)]
+            await router.update_weights(pushed[0].items(), version=1)
+            running_ = [asyncio.ensure_future(router.generate(ids, p)) for _, ids, p in requests_]
             while not router.engines[1].in_flight:
                 await asyncio.sleep(0.005)
             # At once: a request of engine 1 is on the wire, so its death is seen (a
             # pause here let a fast machine finish them all first, and none failed).
             os.killpg(first_pids[1], signal.SIGKILL)
-            outputs = await asyncio.wait_for(asyncio.gather(*running_), 60)
+            outputs = await asyncio.wait_for(asyncio.gather(*running_), 300)
+            done = {url: done_seeds(engine_calls(calls, url)) for url in first_urls}
+            outstanding = [slot.outstanding for slot in router.engines]
             reference = await direct(router.engines[0].url, requests_)
             while router.engines[1].state is EngineState.RECOVERING:
                 await asyncio.sleep(0.05)
             waiting = router.engines[1].state
-            await router.update_weights(weights.items(), version=2)
+            await router.update_weights(pushed[1].items(), version=2)
+            restarted = served_weights(router.engines[1].url, CHECKED_WEIGHT)
             after = await asyncio.gather(*(router.generate(ids, p) for _, ids, p in requests_[:8]))
-            return outputs, reference, waiting, after
+            return outputs, done, outstanding, reference, waiting, restarted, after
         finally:
             await router.close()
 
     with caplog.at_level(logging.WARNING, "furlong.engine.router"):
-        outputs, reference, waiting, after = run(main)
-    assert resolved == [1] * len(requests_)
+        outputs, done, outstanding, reference, waiting, restarted, after = run(main)
     assert [o.output_ids for o in outputs] == [o.output_ids for o in reference]
     assert "re-sending" in caplog.text and "engine 1 restarted" in caplog.text
+    # Counted by the engines: engine 0 generated each request at most once (its own and
+    # those re-sent from engine 1), and every request was generated by one of the two;
+    # the one an output names generated it. The router's load counts are back to 0.
+    survivor, killed = (done[url] for url in first_urls)
+    assert all(count == 1 for count in survivor.values()), survivor
+    seeds = [params.sampling_seed for _, _, params in requests_]
+    assert set(seeds) <= set(survivor) | set(killed)
+    for seed, output in zip(seeds, outputs, strict=True):
+        assert seed in done[output.meta["engine_url"]]
+    assert outstanding == [0, 0]
     assert waiting is EngineState.AWAITING_WEIGHTS  # booted from the checkpoint
+    torch.testing.assert_close(restarted, pushed[1][CHECKED_WEIGHT][:2], rtol=0, atol=0)
     assert len({o.meta["engine_url"] for o in after}) == 2  # the restarted one serves again
     assert {o.weight_version for o in after} == {2}
     assert wait_gone(first_pids + [server.pid for server in launcher.servers if server]) == []
     assert launcher.urls == []
 
 
+def done_seeds(lines: list[str]) -> dict[int, int]:
+    """sampling_seed -> how many times the engine generated it to the end (not aborted)."""
+    counts: dict[int, int] = {}
+    for line in lines:
+        words = line.split()
+        if words[0] == "done" and words[2] != "abort":
+            counts[int(words[1])] = counts.get(int(words[1]), 0) + 1
+    return counts
+
+
 def test_a_lone_engine_that_dies_gets_the_weights_again_and_serves(tiny, tokenizer):
     """One engine, killed mid-rollout: restarted from the checkpoint it cannot serve
     until it has the weights, so the router asks its weight source for them; every
-    request then returns what it would have (same seeds, same weights)."""
+    request then returns what it would have (same seeds, same weights: pushed ones
+    that differ from the checkpoint, read back from the restarted engine)."""
     options = EngineOptions(backend="sglang", server_module=BUILTIN_SERVER, seed=7,
                             sglang=parse_config(SERVER_FLAGS[:4]).sglang,
                             device_groups=[[0]])
     router = create_engine(str(tiny / "model"), tokenizer, CPU, torch.float32, options)
     first_pid = router.launcher.servers[0].pid
     requests_ = group_requests(tokenizer, num_groups=4, group_size=4, max_new_tokens=24)
-    weights = dict(load_hf_model(str(tiny / "model")).named_parameters())
+    weights = perturbed_weights(tiny, seed=5)
     pushes = []
 
     async def weight_source():
@@ -532,15 +666,17 @@ def test_a_lone_engine_that_dies_gets_the_weights_again_and_serves(tiny, tokeniz
             while not router.engines[0].in_flight:
                 await asyncio.sleep(0.005)
             os.killpg(first_pid, signal.SIGKILL)
-            return reference, await asyncio.wait_for(asyncio.gather(*running), 120)
+            outputs = await asyncio.wait_for(asyncio.gather(*running), 300)
+            return reference, outputs, served_weights(router.engines[0].url, CHECKED_WEIGHT)
         finally:
             await router.close()
 
-    reference, outputs = run(main)
+    reference, outputs, restarted = run(main)
     assert pushes == [1]
     assert [o.output_ids for o in outputs] == [o.output_ids for o in reference]
     assert {o.weight_version for o in outputs} == {1}
     assert router.engines[0].restarts == 1
+    torch.testing.assert_close(restarted, weights[CHECKED_WEIGHT][:2], rtol=0, atol=0)
 
 
 # ---- flags and the factory -------------------------------------------------------------------
