@@ -15,11 +15,13 @@ a resumed step to 1e-6 (measured: identical). GPU tests (marked) use bf16 bounds
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from furlong.ports import free_port
 from furlong.train import distributed_state, parallel
@@ -105,8 +107,11 @@ def _worker(rank: int, port: int, tiny: Path, batch, out: Path, device_type: str
     for name, (tp, extra) in RUNS.items():
         actor = actor_for(tp, extra)
         results[f"{name}/weights"] = cpu_weights(actor)
+        results[f"{name}/layout"] = parameter_layout(actor)
         results[f"{name}/log_probs"] = actor.compute_log_probs(batch)[0]
-        results[name] = step_gradients(actor, batch)
+        with recorded_norm_input(actor) as norm_input:
+            results[name] = step_gradients(actor, batch)
+        results[f"{name}/norm_input"] = norm_input
     results["resume"] = _save_and_resume(actor_for, batch, out / "checkpoint")
     if rank == 0:
         torch.save(results, out / "results.pt")
@@ -130,6 +135,47 @@ def _save_and_resume(actor_for, batch, directory: Path) -> dict:
     return {"saved": saved_weights, "next": next_step, "next_weights": cpu_weights(actor),
             "resumed": resumed_step, "resumed_weights": cpu_weights(resumed),
             "reference_updated": reference}
+
+
+LAYOUT_PARAMETERS = ("model.layers.0.self_attn.q_proj.weight",
+                     "model.layers.0.self_attn.o_proj.weight",
+                     "model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight")
+
+
+def parameter_layout(actor: TrainActor) -> dict[str, dict]:
+    """How this rank holds some parameters: mesh dimension -> placement, and the local
+    shape (a plain tensor has no mesh)."""
+    layout = {}
+    for name, param in actor.policy.hf_model.named_parameters():
+        if name in LAYOUT_PARAMETERS:
+            placements = dict(zip(param.device_mesh.mesh_dim_names,
+                                  param.placements, strict=True)) \
+                if isinstance(param, DTensor) else {}
+            layout[name] = {"placements": placements, "local_shape": tuple(_local(param).shape)}
+    return layout
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+@contextmanager
+def recorded_norm_input(actor: TrainActor):
+    """What the first decoder layer's input norm receives in the training forwards:
+    a list of {"placements", "local_shape"} (placements empty for a plain tensor)."""
+    seen = []
+    norm = parallel.decoder_layers(actor.policy.hf_model)[0].input_layernorm
+
+    def record(module, args):
+        (hidden,) = args
+        placements = list(hidden.placements) if isinstance(hidden, DTensor) else []
+        seen.append({"placements": placements, "local_shape": tuple(_local(hidden).shape),
+                     "shape": tuple(hidden.shape)})
+    handle = norm.register_forward_pre_hook(record)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def cpu_weights(actor: TrainActor) -> dict[str, torch.Tensor]:
@@ -167,6 +213,41 @@ def test_step_equals_one_process(tiny, ranks, name):
     assert list(grads) == list(expected_grads)
     for key, grad in grads.items():
         assert_close_relative(grad, expected_grads[key])
+
+
+@pytest.mark.parametrize("name", ["tp", "tp_sp_recompute"])
+def test_tensor_parallel_is_in_effect(tiny, ranks, name):
+    """The numbers above would match with tensor parallelism off (one rank on the whole
+    batch computes them too): here each rank holds half of every split linear weight,
+    sharded over "tp" (q/k/v, gate/up by output rows, o/down by input columns), while
+    the embeddings stay whole over "tp"; with sequence parallel the norms see a
+    DTensor split along the sequence, each rank holding half of it."""
+    full = dict(load_hf_model(str(tiny / "model")).named_parameters())
+    layout = ranks[1][f"{name}/layout"]
+    row = LAYOUT_PARAMETERS[0]
+    assert layout[row]["placements"]["tp"] == Shard(0)
+    assert layout[row]["local_shape"] == (full[row].shape[0] // 2, full[row].shape[1])
+    for key in LAYOUT_PARAMETERS[1:3]:
+        assert layout[key]["placements"]["tp"] == Shard(1), key
+        assert layout[key]["local_shape"] == (full[key].shape[0], full[key].shape[1] // 2), key
+    assert "tp" not in layout[LAYOUT_PARAMETERS[3]]["placements"]
+    seen = ranks[1][f"{name}/norm_input"]
+    assert seen
+    for hidden in seen:
+        if name == "tp":  # every rank normalises the whole sequence
+            assert hidden["placements"] in ([], [Replicate()]), hidden
+            assert hidden["local_shape"] == hidden["shape"]
+        else:
+            assert hidden["placements"] == [Shard(1)], hidden
+            assert hidden["local_shape"][1] == -(-hidden["shape"][1] // 2), hidden
+
+
+def test_data_parallel_shards_over_dp_only(tiny, ranks):
+    """--tensor-model-parallel-size 1 on 2 ranks: FSDP shards each weight over "dp"."""
+    full = dict(load_hf_model(str(tiny / "model")).named_parameters())
+    for key, held in ranks[1]["dp/layout"].items():
+        assert held["placements"] == {"dp": Shard(0)}, key
+        assert held["local_shape"][0] == -(-full[key].shape[0] // 2), key
 
 
 @pytest.mark.parametrize("name", ["dp", "tp"])
