@@ -1,6 +1,9 @@
-"""Tests of furlong.algo: each function against a slow per-element reference written
-here with Python floats and loops, plus hand-computed values, gradients, and the
-invariance of the reduced loss to how a global batch is split into micro-batches."""
+"""Tests of furlong.algo and of the objective built from it (furlong.train.loss,
+furlong.train.advantages): each function against a slow per-element reference written
+here with Python floats and loops (the formulas of docs/algorithm.md, which are Miles'
+unless it says otherwise), plus hand-computed values, gradients, edge cases (equal
+rewards, empty responses, non-finite values on masked-out tokens), and the invariance
+of the reduced loss to how a global batch is split into micro-batches."""
 from __future__ import annotations
 
 import math
@@ -10,6 +13,13 @@ import torch
 
 from furlong.algo import advantages as adv
 from furlong.algo import losses
+from furlong.config.groups import GrpoArgs
+from furlong.rollout.filters import check_reward_nonzero_std
+from furlong.rollout.stats import rollout_stats
+from furlong.train.advantages import compute_advantages
+from furlong.train.batch import TrainBatch, pack
+from furlong.train.loss import LossInputs, make_reducer, policy_objective
+from furlong.types import Sample
 
 SEEDS = range(5)
 F64 = torch.float64
@@ -42,15 +52,26 @@ def token_lists(sample_ids: torch.Tensor) -> list[list[int]]:
 
 # ---------------------------------------------------------------- slow references
 
+def ref_std(values: list[float]) -> float:
+    """Unbiased standard deviation in Python floats (float64)."""
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def ref_zero_std(group: list[float]) -> bool:
+    return len(group) < 2 or not ref_std(group) > 1e-8
+
+
 def ref_grpo(rewards: list[list[float]], normalize_std: bool, eps: float) -> list[list[float]]:
     out = []
     for group in rewards:
-        n = len(group)
-        mean = sum(group) / n
+        if ref_zero_std(group):
+            out.append([0.0] * len(group))
+            continue
+        mean = sum(group) / len(group)
         centered = [r - mean for r in group]
-        if normalize_std and n > 1:
-            std = math.sqrt(sum(c * c for c in centered) / (n - 1))
-            centered = [c / (std + eps) for c in centered]
+        if normalize_std:
+            centered = [c / (ref_std(group) + eps) for c in centered]
         out.append(centered)
     return out
 
@@ -64,11 +85,12 @@ def ref_token_rewards(scalars, kl, sample_ids, mask, kl_coef) -> list[float]:
     return out
 
 
-def ref_returns(token_rewards, sample_ids, mask, gamma) -> list[float]:
+def ref_returns(token_rewards, sample_ids, gamma) -> list[float]:
+    """Every token of the sample counts, masked-out ones included (Miles)."""
     out = [0.0] * len(token_rewards)
     for tokens in token_lists(sample_ids):
         for i, t in enumerate(tokens):
-            out[t] = sum(gamma ** (j - i) * float(mask[u]) * float(token_rewards[u])
+            out[t] = sum(gamma ** (j - i) * float(token_rewards[u])
                          for j, u in enumerate(tokens) if j >= i)
     return out
 
@@ -76,7 +98,7 @@ def ref_returns(token_rewards, sample_ids, mask, gamma) -> list[float]:
 def ref_whiten(values, mask, eps) -> list[float]:
     kept = [float(v) for v, m in zip(values, mask, strict=True) if m == 1]
     mean = sum(kept) / len(kept)
-    var = sum((v - mean) ** 2 for v in kept) / len(kept)
+    var = sum((v - mean) ** 2 for v in kept) / max(len(kept) - 1, 1)  # Bessel, as Miles
     return [(float(v) - mean) / math.sqrt(var + eps) for v in values]
 
 
@@ -84,30 +106,47 @@ def ref_clamp(x: float, low: float, high: float) -> float:
     return min(max(x, low), high)
 
 
-def ref_policy_loss(log_probs, old, advantages, eps_clip, eps_clip_high, eps_clip_c,
-                    sequence_level=False, mask=None, sample_ids=None):
-    """Per-token (loss, clipped, approx_kl, d loss_t / d rho_t) as Python lists."""
-    rho = [ref_clamp(float(l) - float(o), -20, 20) for l, o in zip(log_probs, old, strict=True)]
+def ref_rho(log_probs, old, sequence_level=False, mask=None, sample_ids=None) -> list[float]:
+    """l - old per token, or under GSPO each sample's masked mean of it (not clamped)."""
+    rho = [float(l) - float(o) for l, o in zip(log_probs, old, strict=True)]
     if sequence_level:
         for tokens in token_lists(sample_ids):
             count = sum(float(mask[t]) for t in tokens)
             mean = sum(float(mask[t]) * rho[t] for t in tokens) / max(count, 1)
             for t in tokens:
                 rho[t] = mean
+    return rho
+
+
+def ref_policy_loss(log_probs, old, advantages, eps_clip, eps_clip_high, eps_clip_c,
+                    sequence_level=False, mask=None, sample_ids=None):
+    """Per-token (loss, clipped, approx_kl, d loss_t / d rho_t) as Python lists."""
+    rho = ref_rho(log_probs, old, sequence_level, mask, sample_ids)
     loss, clipped, dloss = [], [], []
     for r, a in zip(rho, advantages.tolist(), strict=True):
-        ratio = math.exp(r)
+        ratio = math.exp(ref_clamp(r, -20, 20))  # clamped after the GSPO mean
         unclipped_term = -ratio * a
         clipped_term = -ref_clamp(ratio, 1 - eps_clip, 1 + eps_clip_high) * a
         value = max(unclipped_term, clipped_term)
-        # The unclipped term carries the gradient d(-exp(rho) a)/d rho = -ratio * a.
-        grad = -ratio * a if unclipped_term >= clipped_term else 0.0
+        # The unclipped term carries the gradient d(-exp(rho) a)/d rho = -ratio * a,
+        # unless the log-ratio clamp is active.
+        grad = -ratio * a if unclipped_term >= clipped_term and abs(r) <= 20 else 0.0
         if eps_clip_c is not None and a < 0 and -eps_clip_c * a < value:
             value, grad = -eps_clip_c * a, 0.0
         loss.append(value)
         clipped.append(1.0 if clipped_term > unclipped_term else 0.0)
         dloss.append(grad)
     return loss, clipped, [-r for r in rho], dloss
+
+
+def ref_ess(rho, mask, sample_ids) -> list[float]:
+    """Per-sample (sum w)^2 / (K * sum w^2) over mask-1 tokens, w = exp(clamp(rho))."""
+    out = []
+    for tokens in token_lists(sample_ids):
+        weights = [math.exp(ref_clamp(rho[t], -20, 20)) for t in tokens if mask[t] == 1]
+        count = max(len(weights), 1)
+        out.append(sum(weights) ** 2 / (count * max(sum(w * w for w in weights), 1e-8)))
+    return out
 
 
 def ref_kl(d: float, kind: str) -> float:
@@ -151,9 +190,10 @@ def assert_close(actual: torch.Tensor, expected, **kwargs) -> None:
 def test_grpo_matches_reference(seed, normalize_std):
     rewards = randn(seed, 4, 5)
     rewards[0] = 1.0  # a group with equal rewards
+    rewards[1, 1:] = rewards[1, 0] + 1e-9  # std ~4e-10 <= 1e-8: counts as equal
+    rewards[2, 1:] = rewards[2, 0] + 1e-7  # std ~4e-8 > 1e-8: a (tiny) real spread
     expected = ref_grpo(rewards.tolist(), normalize_std, 1e-6)
     assert_close(adv.grpo_advantages(rewards, normalize_std), expected)
-    assert adv.gspo_advantages is adv.grpo_advantages
 
 
 def test_grpo_hand_computed():
@@ -163,6 +203,48 @@ def test_grpo_hand_computed():
     assert_close(a, [[a_plus, -a_plus, -a_plus, a_plus]])
     assert_close(adv.grpo_advantages(torch.tensor([[5.0]])), [[0.0]])  # one sample: no NaN
     assert_close(adv.grpo_advantages(torch.tensor([[2.0, 2.0, 2.0]])), [[0.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("normalize_std", [True, False])
+def test_equal_rewards_give_exactly_zero_advantage(dtype, normalize_std):
+    """Regression: eight float32 rewards of 0.7 got +0.056 each (up to 0.106 for other
+    group sizes), the rounding error of the group mean divided by std + 1e-6."""
+    for value in (0.7, 0.1, 1 / 3, -2.5, 1e6 + 0.1, 0.0):
+        for size in range(1, 17):
+            rewards = torch.full((3, size), value, dtype=dtype)
+            out = adv.grpo_advantages(rewards, normalize_std)
+            assert out.dtype == dtype
+            assert (out == 0).all(), (value, size, out)
+    # A real spread is not swallowed, even a small one.
+    rewards = torch.tensor([[0.7] * 7 + [0.7001]])
+    assert (adv.grpo_advantages(rewards) != 0).all()
+
+
+def test_zero_std_rule_is_shared_by_filter_count_and_advantage():
+    """The zero-std filter, rollout/zero_std/count and the zero advantage use one rule
+    (Miles' filter: float64 std > 1e-8); drop reasons are named as Miles names them."""
+    groups = {"eight 0.7": [0.7] * 8, "all right": [1.0, 1.0, 1.0], "one": [0.3],
+              "within 1e-8": [0.3, 0.3 + 1e-9], "spread 1e-7": [0.3, 0.3 + 1e-7],
+              "mixed": [0.0, 1.0, 1.0, 0.0], "all wrong": [0.0, 0.0]}
+    samples = {name: [Sample(reward=r, response_length=1) for r in rewards]
+               for name, rewards in groups.items()}
+    args = type("Args", (), {"reward_key": None})()
+    expected_zero = {name: ref_zero_std(rewards) for name, rewards in groups.items()}
+    assert [name for name, zero in expected_zero.items() if not zero] == ["spread 1e-7",
+                                                                         "mixed"]
+    for name, rewards in groups.items():
+        verdict = check_reward_nonzero_std(args, samples[name])
+        assert verdict.keep == (not expected_zero[name]), name
+        assert adv.has_zero_std(rewards) == expected_zero[name], name
+        advantages = adv.grpo_advantages(torch.tensor([rewards]))
+        assert bool((advantages == 0).all()) == expected_zero[name], name
+    reasons = {name: check_reward_nonzero_std(args, samples[name]).reason for name in groups}
+    assert reasons == {"eight 0.7": "zero_std_0.7", "all right": "zero_std_1.0",
+                       "one": "zero_std_0.3", "within 1e-8": "zero_std_0.3",
+                       "spread 1e-7": None, "mixed": None, "all wrong": "zero_std_0.0"}
+    stats = rollout_stats(list(samples.values()), None, {})
+    assert stats["rollout/zero_std/count"] == sum(expected_zero.values()) == 5
 
 
 def test_broadcast_to_tokens():
@@ -193,18 +275,29 @@ def test_reinforce_plus_plus_token_rewards_hand_computed():
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("gamma", [1.0, 0.9, 0.0])
 def test_reinforce_plus_plus_returns_matches_reference(seed, gamma):
-    sample_ids, mask = random_batch(seed)
+    sample_ids, _ = random_batch(seed)
     token_rewards = randn(seed, sample_ids.shape[0])
-    out = adv.reinforce_plus_plus_returns(token_rewards, sample_ids, mask, gamma)
-    assert_close(out, ref_returns(token_rewards, sample_ids, mask, gamma))
+    out = adv.reinforce_plus_plus_returns(token_rewards, sample_ids, gamma)
+    assert_close(out, ref_returns(token_rewards, sample_ids, gamma))
 
 
 def test_reinforce_plus_plus_returns_hand_computed():
     # sample 0: [1, 2, 3], gamma 0.5 -> [1 + 0.5 * 3.5, 2 + 0.5 * 3, 3]; sample 1: [4]
     sample_ids = torch.tensor([0, 0, 0, 1])
     out = adv.reinforce_plus_plus_returns(torch.tensor([1.0, 2.0, 3.0, 4.0]), sample_ids,
-                                          torch.ones(4), gamma=0.5)
+                                          gamma=0.5)
     assert_close(out, [2.75, 3.5, 3.0, 4.0])
+
+
+def test_reinforce_plus_plus_returns_keep_the_kl_of_masked_out_tokens():
+    """As Miles: a masked-out token's -kl_coef * KL still enters the returns of the
+    tokens before it. Sample [a, tool, b], mask [1, 0, 1], KL [1, 2, 3], kl_coef 0.5,
+    reward 10 at b: returns [-0.5 - 1 + 8.5, -1 + 8.5, 8.5] = [7, 7.5, 8.5]."""
+    sample_ids, mask = torch.tensor([0, 0, 0]), torch.tensor([1.0, 0.0, 1.0])
+    token_rewards = adv.reinforce_plus_plus_token_rewards(
+        torch.tensor([10.0]), torch.tensor([1.0, 2.0, 3.0]), sample_ids, mask, kl_coef=0.5)
+    assert_close(adv.reinforce_plus_plus_returns(token_rewards, sample_ids, 1.0),
+                 [7.0, 7.5, 8.5])
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -215,11 +308,64 @@ def test_whiten_matches_reference(seed):
     assert_close(out, ref_whiten(values, mask, 1e-8))
     kept = out[mask == 1]
     assert_close(kept.mean(), 0.0, atol=1e-9, rtol=0)
-    assert_close(kept.var(correction=0), 1.0, atol=1e-6, rtol=0)
+    assert_close(kept.var(correction=1), 1.0, atol=1e-6, rtol=0)  # Bessel, as Miles
 
 
-def test_whiten_empty_mask_gives_no_nan():
-    assert torch.isfinite(adv.whiten(torch.tensor([1.0, 2.0]), torch.zeros(2))).all()
+def test_whiten_edge_cases():
+    values = torch.tensor([1.0, 2.0])
+    assert torch.equal(adv.whiten(values, torch.zeros(2)), values)  # no loss token at all
+    assert torch.equal(adv.whiten(values[:0], torch.zeros(0)), values[:0])  # empty batch
+    assert_close(adv.whiten(values, torch.tensor([0.0, 1.0])), [-1e4, 0.0])  # one token
+    # Masked-out values do not enter the statistics, even when not finite.
+    values = torch.tensor([1.0, float("nan"), 3.0, float("inf")], dtype=F64)
+    out = adv.whiten(values, torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=F64))
+    assert_close(out[[0, 2]], [-1 / math.sqrt(2 + 1e-8), 1 / math.sqrt(2 + 1e-8)])
+
+
+def reinforce_batch(response_lengths: list[int], seed: int = 0) -> TrainBatch:
+    g = torch.Generator().manual_seed(seed)
+    masks = [(torch.arange(n) % 3 != 1).float() for n in response_lengths]
+    return TrainBatch(
+        tokens=[torch.zeros(n + 2, dtype=torch.long) for n in response_lengths],
+        response_lengths=response_lengths, loss_masks=masks,
+        rewards=torch.rand(len(response_lengths), generator=g),
+        old_log_probs=[torch.randn(n, generator=g) - 2 for n in response_lengths],
+        ref_log_probs=[torch.randn(n, generator=g) - 2 for n in response_lengths])
+
+
+@pytest.mark.parametrize("estimator", ["reinforce_plus_plus", "reinforce_plus_plus_baseline"])
+def test_reinforce_plus_plus_on_a_batch_of_empty_responses(estimator):
+    """Regression: a batch whose responses are all empty crashed REINFORCE++
+    (max() of an empty tensor)."""
+    config = GrpoArgs(advantage_estimator=estimator, normalize_advantages=True, kl_coef=0.1,
+                      kl_loss_type="k3")
+    tokens, scalars = compute_advantages(config, reinforce_batch([0, 0, 0]), [0, 0, 1])
+    assert [t.shape for t in tokens] == [torch.Size([0])] * 3 and scalars.shape == (3,)
+
+
+@pytest.mark.parametrize("estimator", ["reinforce_plus_plus", "reinforce_plus_plus_baseline"])
+def test_reinforce_plus_plus_ignores_non_finite_log_probs_of_masked_out_tokens(estimator):
+    """A NaN old log-prob or a -inf reference log-prob on a masked-out token counts as
+    KL 0 there; finite masked-out KL still counts (Miles). Compared with the same batch
+    where those two tokens hold log-probs whose KL is exactly 0."""
+    config = GrpoArgs(advantage_estimator=estimator, normalize_advantages=True, kl_coef=0.1,
+                      kl_loss_type="k3")
+    batch = reinforce_batch([5, 4, 6])
+    assert batch.loss_masks[0][1] == 0 and batch.loss_masks[2][4] == 0
+    clean = [lp.clone() for lp in batch.ref_log_probs]
+    clean[0][1], clean[2][4] = batch.old_log_probs[0][1], batch.old_log_probs[2][4]
+    expected, _ = compute_advantages(config, replace_field(batch, ref_log_probs=clean),
+                                     [0, 0, 1])
+    batch.old_log_probs[0][1] = float("nan")
+    batch.ref_log_probs[2][4] = float("-inf")
+    tokens, _ = compute_advantages(config, batch, [0, 0, 1])
+    for got, want in zip(tokens, expected, strict=True):
+        assert torch.isfinite(got).all()
+        assert_close(got, want)
+
+
+def replace_field(batch: TrainBatch, **changes) -> TrainBatch:
+    return TrainBatch(**{**batch.__dict__, **changes})
 
 
 # ---------------------------------------------------------------- policy loss
@@ -257,6 +403,7 @@ def policy_inputs(seed: int):
     old = randn(seed, num_tokens) - 2.0
     log_probs = old + randn(seed + 1, num_tokens, scale=0.5)
     log_probs[0] = old[0] + 2.0  # ratio ~7.4: exercises the dual clip when A < 0
+    log_probs[1] = old[1] + 25.0  # beyond the log-ratio clamp of 20
     advantages = randn(seed + 2, num_tokens)
     return log_probs, old, advantages, sample_ids, mask
 
@@ -316,9 +463,29 @@ def test_gspo_needs_sample_layout():
         losses.policy_loss(x, x, x, 0.2, 0.2, sequence_level=True)
 
 
-def test_log_ratio_clamps():
-    out = losses.log_ratio(torch.tensor([0.0, -50.0, 1.0]), torch.tensor([-50.0, 0.0, 0.5]))
-    assert_close(out, [20.0, -20.0, 0.5])
+def test_clamp_log_ratio():
+    assert_close(losses.clamp_log_ratio(torch.tensor([50.0, -50.0, 0.5])), [20.0, -20.0, 0.5])
+
+
+def test_gspo_averages_the_log_ratio_then_clamps():
+    """Miles' order: the sequence mean of l - old, then the clamp. One sample, log-ratios
+    [30, 0], A = -1: rho = 15 -> L = exp(15) (clamping first would give exp(10)), and
+    ppo_kl = -15. A second sample [50, 30]: rho = 40 -> ratio exp(20), ppo_kl = -40."""
+    log_probs = torch.tensor([30.0, 0.0, 50.0, 30.0], dtype=F64)
+    loss, _, approx_kl = losses.policy_loss(
+        log_probs, torch.zeros(4, dtype=F64), torch.full((4,), -1.0, dtype=F64), 0.2, 0.2,
+        sequence_level=True, mask=torch.ones(4, dtype=F64), sample_ids=torch.tensor([0, 0, 1, 1]),
+        num_samples=2)
+    assert_close(loss, [math.exp(15)] * 2 + [math.exp(20)] * 2)
+    assert_close(approx_kl, [-15.0, -15.0, -40.0, -40.0])
+
+
+def test_ppo_kl_is_not_clamped():
+    """train/ppo_kl is the mean of old - l as is (Miles); only the ratio is clamped."""
+    log_probs = torch.tensor([-60.0, 0.0, -1.0])
+    _, _, approx_kl = losses.policy_loss(log_probs, torch.tensor([0.0, -45.0, -1.5]),
+                                         torch.ones(3), 0.2, 0.2)
+    assert_close(approx_kl, [60.0, -45.0, -0.5])
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -379,19 +546,43 @@ def test_entropy_uniform_is_log_vocab():
 def test_tis_weights_are_clipped_and_detached():
     old = torch.tensor([0.0, 0.0, 0.0, 0.0], dtype=F64, requires_grad=True)
     rollout = torch.tensor([0.0, 2.0, -2.0, 30.0], dtype=F64)  # ratio 1, e^-2, e^2, e^-30
-    weights, clipped = losses.tis_weights(old, rollout, clip_low=0.5, clip_high=2.0)
-    assert not weights.requires_grad and not clipped.requires_grad
+    weights, ratio, clipped = losses.tis_weights(old, rollout, clip_low=0.5, clip_high=2.0)
+    assert not any(t.requires_grad for t in (weights, ratio, clipped))
     assert_close(weights, [1.0, 0.5, 2.0, 0.5])
+    assert_close(ratio, [1.0, math.exp(-2), math.exp(2), math.exp(-30)])  # not clipped
     assert_close(clipped, [0.0, 1.0, 1.0, 1.0])
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_tis_weights_match_reference(seed):
     old, rollout = randn(seed, 30), randn(seed + 1, 30)
-    weights, clipped = losses.tis_weights(old, rollout, clip_low=0.3, clip_high=1.5)
+    weights, ratio, clipped = losses.tis_weights(old, rollout, clip_low=0.3, clip_high=1.5)
     raw = [math.exp(float(o - r)) for o, r in zip(old, rollout, strict=True)]
+    assert_close(ratio, raw)
     assert_close(weights, [ref_clamp(w, 0.3, 1.5) for w in raw])
     assert_close(clipped, [float(not 0.3 <= w <= 1.5) for w in raw])
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_ess_ratio_matches_reference(seed):
+    sample_ids, mask = random_batch(seed)
+    rho = randn(seed, sample_ids.shape[0])
+    rho[0] = 30.0  # beyond the clamp
+    out = losses.ess_ratio(rho, mask, sample_ids, 6)
+    assert_close(out, ref_ess(rho.tolist(), mask, sample_ids))
+
+
+def test_ess_ratio_hand_computed():
+    # Equal weights: 1. Weights [1, e^2]: (1 + e^2)^2 / (2 (1 + e^4)). A sample whose
+    # tokens are all masked out: 0 (Miles). A masked-out token does not count.
+    sample_ids = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    rho = torch.tensor([0.7, 0.7, 0.7, 0.0, 2.0, 1.0, 5.0, -3.0], dtype=F64)
+    mask = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0], dtype=F64)
+    e2 = math.exp(2)
+    assert_close(losses.ess_ratio(rho, mask, sample_ids, 3),
+                 [1.0, (1 + e2) ** 2 / (2 * (1 + e2 * e2)), 0.0])
+    mask[6] = 1.0
+    assert_close(losses.ess_ratio(rho, mask, sample_ids, 3)[2], 1.0)
 
 
 def test_sft_loss_reduces_to_negative_masked_mean():
@@ -401,6 +592,160 @@ def test_sft_loss_reduces_to_negative_masked_mean():
     assert_close(losses.reduce_loss(values, mask, sample_ids, 2, True, mask.sum().item()),
                  (1.0 + 3.0 + 4.0) / 3)
     assert_close(losses.reduce_loss(values, mask, sample_ids, 2, False, 2), (1.0 + 3.5) / 2)
+
+
+# ---------------------------------------------------------------- the objective
+
+def objective_batch(seed: int, num_samples: int = 7) -> tuple[TrainBatch, list[torch.Tensor]]:
+    """A float64 batch with every token field, and the current log-probs of each sample.
+    Sample 1 is entirely masked out; the others mask out every third token."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 8, (num_samples,), generator=g).tolist()
+
+    def per_sample(scale: float, shift: float = 0.0) -> list[torch.Tensor]:
+        return [torch.randn(n, generator=g, dtype=F64) * scale + shift for n in lengths]
+
+    masks = [(torch.arange(n) % 3 != 2).to(F64) for n in lengths]
+    masks[1].zero_()
+    old = per_sample(0.5, -1.5)
+    batch = TrainBatch(tokens=[torch.zeros(n + 3, dtype=torch.long) for n in lengths],
+                       response_lengths=lengths, loss_masks=masks,
+                       rewards=torch.zeros(num_samples, dtype=F64),
+                       rollout_log_probs=[o + 0.4 * r for o, r in zip(old, per_sample(1.0),
+                                                                        strict=True)],
+                       old_log_probs=old, ref_log_probs=per_sample(0.5, -1.5),
+                       advantages=per_sample(1.0))
+    current = [o + 0.4 * r for o, r in zip(old, per_sample(1.0), strict=True)]
+    current[0][0] = old[0][0] + 25.0  # beyond the log-ratio clamp
+    return batch, current
+
+
+def objective_config(per_token: bool, gspo: bool, use_rollout_logprobs: bool = False,
+                     kl_loss_type: str = "low_var_kl") -> GrpoArgs:
+    return GrpoArgs(advantage_estimator="gspo" if gspo else "grpo", use_kl_loss=True,
+                    kl_loss_coef=0.1, kl_loss_type=kl_loss_type, entropy_coef=0.01,
+                    eps_clip_high=0.28, eps_clip_c=3.0, use_tis=True, tis_clip_low=0.5,
+                    tis_clip=1.5, calculate_per_token_loss=per_token,
+                    use_rollout_logprobs=use_rollout_logprobs)
+
+
+def run_objective(config: GrpoArgs, batch: TrainBatch, current: list[torch.Tensor],
+                  bounds: list[tuple[int, int]]) -> tuple[dict, torch.Tensor]:
+    """Metrics summed over the micro-batches [start, end) (each reduced with the global
+    denominator, as the trainer does), and the gradient of the loss in `current`."""
+    leaves = [c.clone().requires_grad_(True) for c in current]
+    denominator = batch.num_loss_tokens() if config.calculate_per_token_loss else len(batch)
+    totals: dict = {}
+    for start, end in bounds:
+        micro = pack(batch, list(range(start, end)), "cpu")
+        log_probs = torch.cat(leaves[start:end])
+        entropy = log_probs.detach().neg().exp()  # any per-token values
+        inputs = LossInputs(log_probs, entropy, micro,
+                            make_reducer(micro, config.calculate_per_token_loss,
+                                         max(denominator, 1)))
+        loss, metrics = policy_objective(config, inputs)
+        loss.backward()
+        for name, value in metrics.items():
+            totals[name] = totals.get(name, 0.0) + value
+    return totals, torch.cat([leaf.grad for leaf in leaves])
+
+
+def ref_objective_metrics(config: GrpoArgs, batch: TrainBatch, current) -> dict[str, float]:
+    """The metrics of policy_objective, one token at a time in Python floats (Miles'
+    definitions, docs/algorithm.md)."""
+    sample_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(batch.response_lengths)])
+    mask, adv_ = torch.cat(batch.loss_masks), torch.cat(batch.advantages)
+    l, ref = torch.cat(current).tolist(), torch.cat(batch.ref_log_probs).tolist()
+    rollout = torch.cat(batch.rollout_log_probs).tolist()
+    old = rollout if config.use_rollout_logprobs else torch.cat(batch.old_log_probs).tolist()
+    trainer = l if config.use_rollout_logprobs else old
+    gspo = config.advantage_estimator == "gspo"
+    pg, clipped, approx_kl, _ = ref_policy_loss(l, old, adv_, config.eps_clip,
+                                                config.eps_clip_high, config.eps_clip_c,
+                                                gspo, mask, sample_ids)
+    ratio = [math.exp(t - r) for t, r in zip(trainer, rollout, strict=True)]
+    weights = [ref_clamp(w, config.tis_clip_low, config.tis_clip) for w in ratio]
+    per_token = config.calculate_per_token_loss
+    denominator = float(mask.sum()) if per_token else len(batch)
+
+    def mean(values) -> float:
+        return ref_reduce(values, mask, sample_ids, per_token, denominator)
+
+    ess = ref_ess([-k for k in approx_kl], mask, sample_ids)
+    counts = [float(m.sum()) for m in batch.loss_masks]
+    metrics = {
+        "pg_loss": mean([p * w for p, w in zip(pg, weights, strict=True)]),
+        "pg_clipfrac": mean(clipped), "ppo_kl": mean(approx_kl),
+        "entropy_loss": mean([math.exp(-x) for x in l]),
+        "kl_loss": mean([ref_kl(x - r, config.kl_loss_type) for x, r in zip(l, ref,
+                                                                            strict=True)]),
+        "ess_ratio": sum(e * (c if per_token else 1.0) for e, c in zip(ess, counts, strict=True))
+        / denominator,
+        "train_rollout_logprob_abs_diff": mean([abs(t - r) for t, r in zip(trainer, rollout,
+                                                                           strict=True)]),
+        "train_rollout_kl": mean([ref_kl(r - t, "low_var_kl") for t, r in zip(trainer, rollout,
+                                                                              strict=True)]),
+        "tis": mean(ratio), "tis_abs": mean([abs(w - 1) for w in ratio]),
+        "tis_clipfrac": mean([float(w != c) for w, c in zip(ratio, weights, strict=True)]),
+        "ois": mean([math.exp(-k) for k in approx_kl]),
+    }
+    metrics["loss"] = (metrics["pg_loss"] - config.entropy_coef * metrics["entropy_loss"]
+                       + config.kl_loss_coef * metrics["kl_loss"])
+    return metrics
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("gspo", [False, True])
+@pytest.mark.parametrize("use_rollout_logprobs", [False, True])
+def test_policy_objective_metrics_match_reference(seed, per_token, gspo, use_rollout_logprobs):
+    """Every metric of the objective, TIS and Miles' mismatch metrics included, against
+    a float64 loop; with --use-rollout-logprobs the old log-probs are the engine's and
+    the trainer side of the mismatch metrics is the current forward."""
+    config = objective_config(per_token, gspo, use_rollout_logprobs)
+    batch, current = objective_batch(seed)
+    if use_rollout_logprobs:
+        batch.old_log_probs = batch.rollout_log_probs
+    metrics, _ = run_objective(config, batch, current, [(0, len(batch))])
+    expected = ref_objective_metrics(config, batch, current)
+    assert sorted(metrics) == sorted(expected)
+    for name, value in expected.items():
+        assert_close(metrics[name], value, msg=name)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("gspo", [False, True])
+def test_policy_objective_does_not_depend_on_the_split(per_token, gspo):
+    """Every metric (ess_ratio and the TIS metrics included) and the gradient are the
+    same whatever the micro-batch split, each reduced with the global denominator."""
+    config = objective_config(per_token, gspo)
+    batch, current = objective_batch(seed=3)
+    whole, whole_grad = run_objective(config, batch, current, [(0, 7)])
+    for bounds in SPLITS:
+        split, split_grad = run_objective(config, batch, current, bounds)
+        for name, value in whole.items():
+            assert_close(split[name], value, msg=name)
+        assert_close(split_grad, whole_grad)
+
+
+@pytest.mark.parametrize("kl_loss_type", losses.KL_KINDS)
+@pytest.mark.parametrize("gspo", [False, True])
+def test_non_finite_values_on_masked_out_tokens_change_nothing(kl_loss_type, gspo):
+    """Regression: a NaN old log-prob or a -inf reference log-prob on a masked-out token
+    made the loss (or its gradient) NaN through 0 * NaN. Loss, metrics and gradient
+    must equal those of the same batch with finite values there."""
+    config = objective_config(per_token=False, gspo=gspo, kl_loss_type=kl_loss_type)
+    batch, current = objective_batch(seed=4)
+    clean, clean_grad = run_objective(config, batch, current, [(0, 7)])
+    for field, value in (("old_log_probs", "nan"), ("ref_log_probs", "-inf"),
+                         ("rollout_log_probs", "nan"), ("advantages", "nan")):
+        for i, mask in enumerate(batch.loss_masks):
+            getattr(batch, field)[i][mask == 0] = float(value)
+    metrics, grad = run_objective(config, batch, current, [(0, 7)])
+    assert all(torch.isfinite(v) for v in metrics.values()) and torch.isfinite(grad).all()
+    for name, value in clean.items():
+        assert_close(metrics[name], value, msg=name)
+    assert_close(grad, clean_grad)
 
 
 # ---------------------------------------------------------------- reductions

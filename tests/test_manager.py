@@ -335,7 +335,9 @@ def test_over_sampling_refills_until_enough_groups_pass_and_aborts_the_surplus(
     for group in result.groups:
         assert [s.reward for s in group] == [1.0, 0.0, 1.0, 0.0]
         assert all(s.status == Status.COMPLETED for s in group)
-    assert result.metrics["rollout/dynamic_filter/drop_zero_std"] == 2
+    drops = {k: v for k, v in result.metrics.items() if "/drop_zero_std" in k}
+    assert drops == {"rollout/dynamic_filter/drop_zero_std_0.0": 1,
+                     "rollout/dynamic_filter/drop_zero_std_1.0": 1}
     assert result.metrics["rollout/zero_std/count"] == 0
     assert not any(key.startswith("rollout/dynamic_filter/drop_aborted") for key in result.metrics)
     # Two refills of 4 prompts, 4 requests each, one abort for the surplus, nothing kept.
@@ -381,7 +383,7 @@ def test_check_reward_nonzero_std_reads_the_reward_key():
     group = [Sample(reward={"score": 1.0, "acc": True}), Sample(reward={"score": -1.0, "acc": 0})]
     assert check_reward_nonzero_std(args, group) == FilterResult(True)
     same = [Sample(reward={"score": 1.0}), Sample(reward={"score": 1.0})]
-    assert check_reward_nonzero_std(args, same) == FilterResult(False, "zero_std")
+    assert check_reward_nonzero_std(args, same) == FilterResult(False, "zero_std_1.0")
 
 
 # ---- partial rollouts ---------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Advantage estimators (SPEC.md section 3): GRPO/GSPO, REINFORCE++, REINFORCE++-baseline.
+"""Advantage estimators (docs/algorithm.md): GRPO/GSPO, REINFORCE++, REINFORCE++-baseline.
 
 Samples are ordered group-major: slot s = g * n + i is response i of prompt group g.
 Per-token quantities are flattened over the response tokens of a batch, (N,), with
@@ -10,24 +10,48 @@ REINFORCE++ and REINFORCE++-baseline must be followed by `whiten` over the whole
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
+ZERO_STD_TOLERANCE = 1e-8  # Miles' dynamic-sampling threshold on the float64 std
+
+
+def zero_std_groups(rewards: Tensor) -> Tensor:
+    """Which groups count as having equal rewards, (G, n) -> (G,) bool.
+
+    `not std64(r) > 1e-8`, with the unbiased std (correction 1) computed in float64, as
+    Miles' `check_reward_nonzero_std` decides; a group of one response (std undefined)
+    counts as equal. The zero-std filter, `rollout/zero_std/count` and the zero advantage
+    of `grpo_advantages` all use this one rule.
+    """
+    if rewards.shape[1] < 2:
+        return torch.ones(rewards.shape[0], dtype=torch.bool, device=rewards.device)
+    return ~(rewards.double().std(dim=1) > ZERO_STD_TOLERANCE)
+
+
+def has_zero_std(rewards: Sequence[float]) -> bool:
+    """`zero_std_groups` for the rewards of one group, given as Python numbers."""
+    return bool(zero_std_groups(torch.tensor([list(rewards)], dtype=torch.float64))[0])
+
 
 def grpo_advantages(rewards: Tensor, normalize_std: bool = True, eps: float = 1e-6) -> Tensor:
-    """Group-relative advantage of each response, (G, n) -> (G, n).
+    """Group-relative advantage of each response, (G, n) -> (G, n), in the rewards' dtype.
 
     `A = r - mean_group(r)`, then `A / (std_group(r) + eps)` with the unbiased std
-    (correction 1) when `normalize_std` and n > 1. A group with one response or with
-    equal rewards gets 0. GSPO uses the same advantage (`gspo_advantages`).
+    (correction 1) when `normalize_std`; computed in float64. A group that
+    `zero_std_groups` calls equal (one response included) gets exactly 0: rounding
+    noise in the mean of equal float32 rewards would otherwise be divided by a std near
+    0 and push every sample of the group the same way (Miles gives eight rewards of 0.7
+    an advantage of +0.056 each). GSPO uses this same advantage.
     """
-    centered = rewards - rewards.mean(dim=1, keepdim=True)  # (G, n)
-    if not normalize_std or rewards.shape[1] == 1:
-        return centered
-    return centered / (rewards.std(dim=1, keepdim=True) + eps)
-
-
-gspo_advantages = grpo_advantages
+    r = rewards.double()
+    centered = r - r.mean(dim=1, keepdim=True)  # (G, n)
+    if normalize_std and r.shape[1] > 1:
+        centered = centered / (r.std(dim=1, keepdim=True) + eps)
+    equal = zero_std_groups(rewards)[:, None]  # (G, 1)
+    return torch.where(equal, torch.zeros_like(centered), centered).to(rewards.dtype)
 
 
 def broadcast_to_tokens(per_sample: Tensor, sample_ids: Tensor) -> Tensor:
@@ -40,9 +64,10 @@ def reinforce_plus_plus_token_rewards(
 ) -> Tensor:
     """REINFORCE++ token rewards, (N,).
 
-    `r_t = -kl_coef * kl_t` on every token, plus the sample's scalar reward
-    (`scalar_rewards`, (S,)) at its last token with mask 1; a sample with no such token
-    gets it at its last token.
+    `r_t = -kl_coef * kl_t` on every token, masked-out ones included (as in Miles), plus
+    the sample's scalar reward (`scalar_rewards`, (S,)) at its last token with mask 1;
+    a sample with no such token gets it at its last token (Miles refuses such a
+    sample), and a sample without tokens drops it.
     """
     num_samples = scalar_rewards.shape[0]
     index = torch.arange(sample_ids.shape[0], device=sample_ids.device)  # (N,)
@@ -55,20 +80,21 @@ def reinforce_plus_plus_token_rewards(
     return token_rewards.index_add(0, last[has_tokens], scalar_rewards[has_tokens].to(kl.dtype))
 
 
-def reinforce_plus_plus_returns(
-    token_rewards: Tensor, sample_ids: Tensor, mask: Tensor, gamma: float
-) -> Tensor:
+def reinforce_plus_plus_returns(token_rewards: Tensor, sample_ids: Tensor, gamma: float) -> Tensor:
     """Discounted return to the end of each sample, (N,).
 
-    `A_t = sum_{s >= t, s in sample(t)} gamma^(s - t) * m_s * r_s`: a masked-out token
-    adds nothing to the sums but still gets a return (the loss mask drops it later).
+    `A_t = sum_{s >= t, s in sample(t)} gamma^(s - t) * r_s` over every token of the
+    sample, masked-out ones included (as in Miles: the KL of a tool-output token
+    still shapes the returns before it; the loss mask drops its own term later).
+    An empty batch (no response tokens) gives an empty result.
     """
-    rewards = token_rewards * mask
+    if sample_ids.numel() == 0:
+        return token_rewards.clone()
     positions = _positions_in_sample(sample_ids)  # (N,)
     num_samples, max_length = int(sample_ids.max()) + 1, int(positions.max()) + 1
     # (S, T), zero-padded after each sample's end so the padding adds nothing.
-    padded = rewards.new_zeros(num_samples, max_length)
-    padded[sample_ids, positions] = rewards
+    padded = token_rewards.new_zeros(num_samples, max_length)
+    padded[sample_ids, positions] = token_rewards
     if gamma == 1.0:
         returns = padded.flip(1).cumsum(1).flip(1)
     else:
@@ -83,15 +109,19 @@ def reinforce_plus_plus_returns(
 def whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
     """Masked whitening over all tokens given, (N,): `(A - mean) / sqrt(var + eps)`.
 
-    `mean` and `var` (population variance, mean of squared deviations) are over tokens
-    with mask 1. Every token is whitened with these statistics, masked-out ones
-    included (as in Miles and verl); the loss mask discards those later. An all-zero
-    mask gives mean 0 and var 0 rather than NaN.
+    `mean` and `var` are over the K tokens with mask 1, `var` with Bessel's correction,
+    `sum_m (A - mean)^2 / (K - 1)`, as Miles (K = 1 gives var 0). Masked-out tokens do
+    not enter the statistics, even when not finite, but are whitened with them (as in
+    Miles and verl); the loss mask discards them later. An all-zero mask (no loss token
+    in the batch) leaves the values as they are, where Miles raises.
     """
-    count = mask.sum().clamp(min=1)
-    mean = (values * mask).sum() / count
-    var = ((values - mean) ** 2 * mask).sum() / count
-    return (values - mean) * torch.rsqrt(var + eps)
+    active = mask > 0
+    count = active.sum()
+    kept = torch.where(active, values, torch.zeros_like(values))
+    mean = kept.sum() / count.clamp(min=1)
+    squared = torch.where(active, (values - mean) ** 2, torch.zeros_like(values))
+    var = squared.sum() / (count - 1).clamp(min=1)
+    return torch.where(count > 0, (values - mean) * torch.rsqrt(var + eps), values)
 
 
 def _positions_in_sample(sample_ids: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Per-token loss terms and the reductions over a batch (SPEC.md section 3).
+"""Per-token loss terms and the reductions over a batch (docs/algorithm.md).
 
 Tensors are flattened over the response tokens of a micro-batch, (N,), with
 `sample_ids` (N,) naming each token's sample slot 0..S-1 and `mask` (N,) the 0/1 loss
@@ -18,9 +18,20 @@ LOG_RATIO_LIMIT = 20.0  # exp(20) ~ 5e8: keeps the ratio finite without changing
 KL_KINDS = ("k1", "k2", "k3", "low_var_kl")
 
 
-def log_ratio(log_probs: Tensor, old_log_probs: Tensor) -> Tensor:
-    """`clamp(l - old, -20, 20)`, (N,)."""
-    return (log_probs - old_log_probs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+def zero_inactive(values: Tensor, mask: Tensor) -> Tensor:
+    """`m_t ? x_t : 0`, (N,), selected rather than multiplied.
+
+    Applied to every per-token input before any arithmetic, so that a NaN or infinite
+    value on a masked-out token (an unscored old log-prob, a reference log-prob of
+    -inf) reaches neither the loss nor its gradient: `0 * NaN` is NaN, and a gradient
+    through `exp(-inf)` is NaN even where a later `where` discards the value.
+    """
+    return torch.where(mask > 0, values, torch.zeros_like(values))
+
+
+def clamp_log_ratio(log_ratio: Tensor) -> Tensor:
+    """`clamp(x, -20, 20)`, (N,): applied to the log-ratio just before `exp`."""
+    return log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
 
 
 def sequence_mean(values: Tensor, mask: Tensor, sample_ids: Tensor, num_samples: int) -> Tensor:
@@ -46,24 +57,24 @@ def policy_loss(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Clipped policy-gradient loss per token (PPO/GRPO; GSPO with `sequence_level`).
 
-    `rho = log_ratio(l, old)`, or under GSPO `sequence_mean(rho, mask, sample_ids,
+    `rho = l - old`, or under GSPO `sequence_mean(l - old, mask, sample_ids,
     num_samples)` so every token of a sample shares one ratio (the gradient flows
-    through the mean); `ratio = exp(rho)`;
-    `L = max(-ratio * A, -clip(ratio, 1 - eps_clip, 1 + eps_clip_high) * A)`;
+    through the mean); `ratio = exp(clamp_log_ratio(rho))`, the clamp after the mean
+    as in Miles; `L = max(-ratio * A, -clip(ratio, 1 - eps_clip, 1 + eps_clip_high) * A)`;
     with `eps_clip_c` and `A < 0`: `L = min(L, -eps_clip_c * A)` (dual clip).
 
     Returns `(L, clipped, approx_kl)`, each (N,): `clipped` is 1.0 where the clipped
     term is strictly larger than the unclipped one (before the dual clip), and
-    `approx_kl = -rho` (`old - l`, the sequence mean under GSPO).
+    `approx_kl = -rho` (`old - l`, the sequence mean under GSPO), not clamped.
     """
-    rho = log_ratio(log_probs, old_log_probs)
+    rho = log_probs - old_log_probs
     if sequence_level:
         if mask is None or sample_ids is None or num_samples is None:
             raise ValueError(
                 "policy_loss(sequence_level=True) needs mask, sample_ids and num_samples"
             )
         rho = sequence_mean(rho, mask, sample_ids, num_samples)
-    ratio = rho.exp()
+    ratio = clamp_log_ratio(rho).exp()
     unclipped = -ratio * advantages
     clipped = -ratio.clamp(1 - eps_clip, 1 + eps_clip_high) * advantages
     loss = torch.maximum(unclipped, clipped)
@@ -73,6 +84,24 @@ def policy_loss(
         dual_clipped = torch.minimum(loss, -eps_clip_c * advantages)
         loss = torch.where(advantages < 0, dual_clipped, loss)
     return loss, clip_won, -rho
+
+
+def ess_ratio(log_ratio: Tensor, mask: Tensor, sample_ids: Tensor, num_samples: int) -> Tensor:
+    """Effective-sample-size ratio of each sample's importance weights, (S,), no gradient.
+
+    With `w_t = exp(clamp_log_ratio(log_ratio_t))` (the ratio of `policy_loss`: pass
+    its `-approx_kl`) and K = the sample's count of mask-1 tokens:
+    `ess = (sum m w)^2 / (max(K, 1) * max(sum m w^2, 1e-8))`; 1 when every weight is
+    equal, near 1/K when one token carries all the weight, 0 for a sample without
+    mask-1 tokens.
+    """
+    with torch.no_grad():
+        weights = zero_inactive(clamp_log_ratio(log_ratio).exp(), mask)
+        zeros = weights.new_zeros(num_samples)
+        total = zeros.index_add(0, sample_ids, weights)
+        total_squared = zeros.index_add(0, sample_ids, weights * weights)
+        count = zeros.index_add(0, sample_ids, mask.to(weights.dtype)).clamp(min=1)
+        return total * total / (count * total_squared.clamp(min=1e-8))
 
 
 def kl_penalty(log_probs: Tensor, ref_log_probs: Tensor, kind: str) -> Tensor:
@@ -104,26 +133,27 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
 
 
 def tis_weights(
-    old_log_probs: Tensor, rollout_log_probs: Tensor, clip_low: float, clip_high: float
-) -> tuple[Tensor, Tensor]:
+    trainer_log_probs: Tensor, rollout_log_probs: Tensor, clip_low: float, clip_high: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """Truncated importance-sampling weights, no gradient, (N,) each.
 
-    `w = clip(exp(old - rollout), clip_low, clip_high)`; also returns the indicator
-    (1.0 where the clip changed w).
+    `ratio = exp(trainer - rollout)` (not clamped, as Miles reports it);
+    `w = clip(ratio, clip_low, clip_high)`. Returns `(w, ratio, clipped)`, `clipped`
+    being 1.0 where the clip changed the ratio.
     """
     with torch.no_grad():
-        raw = (old_log_probs - rollout_log_probs).exp()
-        weights = raw.clamp(clip_low, clip_high)
-        return weights, (weights != raw).to(weights.dtype)
+        ratio = (trainer_log_probs - rollout_log_probs).exp()
+        weights = ratio.clamp(clip_low, clip_high)
+        return weights, ratio, (weights != ratio).to(weights.dtype)
 
 
 def sft_loss(log_probs: Tensor, mask: Tensor) -> Tensor:
-    """Per-token negative log-likelihood `-m_t * l_t`, (N,).
+    """Per-token negative log-likelihood `-l_t` on mask-1 tokens, 0 elsewhere, (N,).
 
     Reduce it with `reduce_loss` like every other term; the result is then
     `-mean(l_t)` over masked tokens (per token) or per sample then over samples.
     """
-    return -log_probs * mask
+    return -zero_inactive(log_probs, mask)
 
 
 def per_sample_mean_sum(
@@ -139,7 +169,7 @@ def per_sample_mean_sum(
 
 def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
     """`sum_t m_t x_t`, a scalar; the caller divides by the global number of loss tokens."""
-    return (values * mask).sum()
+    return zero_inactive(values, mask).sum()
 
 
 def reduce_loss(
@@ -165,7 +195,7 @@ def reduce_loss(
 
 def _per_sample_means(values: Tensor, mask: Tensor, sample_ids: Tensor, num_samples: int) -> Tensor:
     """Masked mean of each sample's tokens, (S,); 0 for a sample without masked tokens."""
-    sums = values.new_zeros(num_samples).index_add(0, sample_ids, values * mask)
+    sums = values.new_zeros(num_samples).index_add(0, sample_ids, zero_inactive(values, mask))
     counts = values.new_zeros(num_samples).index_add(0, sample_ids, mask.to(values.dtype))
     return sums / counts.clamp(min=1)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from furlong.algo.advantages import has_zero_std
 
 
 @dataclass(frozen=True)
@@ -17,10 +17,15 @@ class FilterResult:
 
 
 def check_reward_nonzero_std(args, samples) -> FilterResult:
-    """Keep the group only if its rewards are not all equal (equal rewards: zero advantage)."""
-    rewards = torch.tensor([s.scalar_reward(args.reward_key) for s in samples])
-    keep = len(samples) > 1 and bool(rewards.std() > 0)
-    return FilterResult(keep, None if keep else "zero_std")
+    """Keep the group only if its rewards are not all equal (equal rewards: zero advantage).
+
+    "Equal" is `algo.advantages.zero_std_groups` (float64 std <= 1e-8, or one sample);
+    a dropped group's reason is Miles' `zero_std_<first reward rounded to 0.1>`, e.g.
+    `zero_std_0.0` for an all-wrong group and `zero_std_1.0` for an all-right one.
+    """
+    rewards = [s.scalar_reward(args.reward_key) for s in samples]
+    keep = not has_zero_std(rewards)
+    return FilterResult(keep, None if keep else f"zero_std_{round(rewards[0], 1)}")
 
 
 def as_filter_result(value) -> FilterResult:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from statistics import mean
 
+from furlong.algo.advantages import has_zero_std
 from furlong.types import Sample, Status
 
 
@@ -27,8 +28,10 @@ def rollout_stats(groups: list[list[Sample]], reward_key: str | None,
     samples = [s for group in groups for s in group]
     stats = {"rollout/raw_reward": mean(s.scalar_reward(reward_key) for s in samples),
              **response_stats(samples, "rollout")}
+    # Counted with the zero-std filter's rule (float64 std <= 1e-8), equal rewards
+    # being what gives a group zero advantage.
     stats["rollout/zero_std/count"] = sum(
-        len({s.scalar_reward(reward_key) for s in group}) == 1 for group in groups)
+        has_zero_std([s.scalar_reward(reward_key) for s in group]) for group in groups)
     stats.update({f"rollout/dynamic_filter/drop_{reason}": count
                   for reason, count in sorted(drops.items())})
     return stats

@@ -1,4 +1,5 @@
-"""The objective of one micro-batch, from GRPO_ARGS and the pure functions of furlong.algo.
+"""The objective of one micro-batch, from GRPO_ARGS and the pure functions of furlong.algo
+(formulas and metrics: docs/algorithm.md).
 
 Every term is reduced with global denominators (the step's sample count, or its
 loss-token count with --calculate-per-token-loss), so summing micro-batch losses and
@@ -35,9 +36,17 @@ def make_reducer(micro: PackedMicroBatch, per_token: bool,
 
 
 def policy_objective(config: GrpoArgs, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
-    """Clipped policy loss + KL loss - entropy bonus, with optional TIS. Returns (loss, metrics)."""
-    fields, reduce = inputs.micro.token_fields, inputs.reduce
-    log_probs = inputs.log_probs
+    """Clipped policy loss + KL loss - entropy bonus, with optional TIS. Returns (loss, metrics).
+
+    The formulas and metrics are those of docs/algorithm.md (Miles' names and values).
+    """
+    micro, reduce = inputs.micro, inputs.reduce
+    mask = micro.loss_mask
+    # Zero every per-token input at masked-out tokens before any arithmetic (see
+    # losses.zero_inactive): a NaN or -inf there must reach neither loss nor gradient.
+    fields = {name: losses.zero_inactive(values, mask)
+              for name, values in micro.token_fields.items()}
+    log_probs = losses.zero_inactive(inputs.log_probs, mask)
     # On-policy steps (see loop.needs_old_log_probs) use the forward's own log-probs,
     # and report them (and the entropy, as entropy_loss) in place of a recomputation.
     old = fields.get("old_log_probs", log_probs.detach())
@@ -45,19 +54,17 @@ def policy_objective(config: GrpoArgs, inputs: LossInputs) -> tuple[torch.Tensor
     token_loss, clipped, approx_kl = losses.policy_loss(
         log_probs, old, fields["advantages"], config.eps_clip, config.eps_clip_high,
         config.eps_clip_c, sequence_level=config.advantage_estimator == "gspo",
-        mask=inputs.micro.loss_mask, sample_ids=inputs.micro.sample_ids,
-        num_samples=inputs.micro.num_samples)
-    rollout = fields.get("rollout_log_probs")
-    if rollout is not None:
-        measured = log_probs.detach() if config.use_rollout_logprobs else old
-        metrics["train_rollout_logprob_abs_diff"] = reduce((measured - rollout).abs())
-    if config.use_tis:
-        weights, tis_clipped = losses.tis_weights(old, rollout, config.tis_clip_low,
-                                                  config.tis_clip)
-        token_loss = token_loss * weights
-        metrics.update(tis=reduce(weights), tis_clipfrac=reduce(tis_clipped))
+        mask=mask, sample_ids=micro.sample_ids, num_samples=micro.num_samples)
+    ess = losses.ess_ratio(-approx_kl, mask, micro.sample_ids, micro.num_samples)  # (S,)
+    metrics["ess_ratio"] = reduce(ess[micro.sample_ids])
+    # The trainer's log-probs of the rollout's tokens: the old ones, or with
+    # --use-rollout-logprobs (old = the engine's own) the current forward's.
+    trainer = log_probs.detach() if config.use_rollout_logprobs else old
+    token_loss, rollout_metrics = rollout_correction(
+        config, token_loss, trainer, fields.get("rollout_log_probs"), approx_kl, reduce)
+    metrics.update(rollout_metrics)
     pg_loss = reduce(token_loss)
-    entropy_loss = reduce(inputs.entropy)
+    entropy_loss = reduce(losses.zero_inactive(inputs.entropy, mask))
     loss = pg_loss - config.entropy_coef * entropy_loss
     metrics.update(pg_loss=pg_loss, pg_clipfrac=reduce(clipped), ppo_kl=reduce(approx_kl),
                    entropy_loss=entropy_loss)
@@ -70,7 +77,36 @@ def policy_objective(config: GrpoArgs, inputs: LossInputs) -> tuple[torch.Tensor
     return loss, {name: value.detach() for name, value in metrics.items()}
 
 
+def rollout_correction(config: GrpoArgs, token_loss: torch.Tensor, trainer: torch.Tensor,
+                       rollout: torch.Tensor | None, approx_kl: torch.Tensor,
+                       reduce: Callable[[torch.Tensor], torch.Tensor]
+                       ) -> tuple[torch.Tensor, dict]:
+    """How far the trainer's log-probs are from the engine's, and --use-tis. All (N,).
+
+    train_rollout_logprob_abs_diff = mean |trainer - rollout|; train_rollout_kl = mean
+    low_var_kl(rollout, trainer) (k3 estimate of KL(rollout || trainer)). With TIS the
+    token loss is scaled by the clipped ratio; tis = mean raw ratio, tis_abs =
+    mean |ratio - 1|, tis_clipfrac, and ois = mean exp(-approx_kl) (the policy ratio).
+    """
+    if rollout is None:
+        if config.use_tis:
+            raise ValueError("--use-tis needs the engine's log-probs of every sample "
+                             "(sample.rollout_log_probs), and this batch has none")
+        return token_loss, {}
+    metrics = {"train_rollout_logprob_abs_diff": reduce((trainer - rollout).abs()),
+               "train_rollout_kl": reduce(losses.kl_penalty(rollout, trainer, "low_var_kl"))}
+    if config.use_tis:
+        weights, ratio, clipped = losses.tis_weights(trainer, rollout, config.tis_clip_low,
+                                                     config.tis_clip)
+        token_loss = token_loss * weights
+        metrics.update(tis=reduce(ratio), tis_abs=reduce((ratio - 1).abs()),
+                       tis_clipfrac=reduce(clipped), ois=reduce((-approx_kl).exp()))
+    return token_loss, metrics
+
+
 def sft_objective(config: GrpoArgs, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
     """Negative log-likelihood of the response tokens."""
-    loss = inputs.reduce(losses.sft_loss(inputs.log_probs, inputs.micro.loss_mask))
-    return loss, {"loss": loss.detach(), "entropy_loss": inputs.reduce(inputs.entropy).detach()}
+    mask = inputs.micro.loss_mask
+    loss = inputs.reduce(losses.sft_loss(inputs.log_probs, mask))
+    entropy = inputs.reduce(losses.zero_inactive(inputs.entropy, mask))
+    return loss, {"loss": loss.detach(), "entropy_loss": entropy.detach()}
