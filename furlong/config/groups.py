@@ -259,6 +259,11 @@ class SglangArgs:
             return default
         return found[-1][0] if found[-1] else "true"
 
+    @property
+    def api_key(self) -> str | None:
+        """--sglang-api-key: the key the engine servers require (SGLang's --api-key)."""
+        return self.passthrough_value("api-key")
+
 
 @dataclass(frozen=True)
 class ClusterArgs:

@@ -5,6 +5,7 @@ furlong.engine.serve` and `python -m sglang.launch_server` alike. The aiohttp se
 on first use in the running event loop. At most `max_concurrency` generate calls are in
 flight; control calls (abort, weights, health) never queue behind them, since an abort must
 reach the server while generations wait for it. Every failure names the URL it came from.
+With an `api_key`, every request carries `Authorization: Bearer KEY` (SGLang's `--api-key`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Iterable
 import aiohttp
 import torch
 
+from furlong.engine.api_key import auth_headers
 from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.weight_transfer import iter_buckets, serialize_named_tensors, tensor_update_body
 
@@ -34,12 +36,14 @@ class HTTPEngine:
     `tp_size`: the server's tensor-parallel size (SGLang wants one serialized copy of the
     weights per rank). `bucket_bytes`: the most bytes of weights per update request.
     `timeout_s`: the limit of each request (None: none), `health_timeout_s` that of `health`.
+    `api_key`: the server's --api-key, sent with every request.
     """
 
     def __init__(self, url: str, max_concurrency: int = 512, timeout_s: float | None = None,
                  health_timeout_s: float = 30.0, tp_size: int = 1,
-                 bucket_bytes: int = 512 << 20):
+                 bucket_bytes: int = 512 << 20, api_key: str | None = None):
         self.url = url.rstrip("/")
+        self.api_key = api_key
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
         self.health_timeout_s = health_timeout_s
@@ -110,7 +114,8 @@ class HTTPEngine:
         loop = asyncio.get_running_loop()
         if self._session is None or self._loop is not loop:
             # No connection limit: the semaphore bounds generate calls alone.
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                                  headers=auth_headers(self.api_key))
             self._semaphore = asyncio.Semaphore(self.max_concurrency)
             self._loop = loop
         return self._session, self._semaphore

@@ -4,6 +4,8 @@ One server per engine: `python -m sglang.launch_server` with the exact argument 
 `furlong.config.sglang.launch_server_args` (model path, host, port, `--tp-size` from
 `--rollout-num-gpus-per-engine`, seed, then every `--sglang-X` flag as `--X`, in order),
 on the devices of its placement (CUDA_VISIBLE_DEVICES), with its output in a log file.
+A `ServerSpec.api_key` goes on the command line as SGLang's `--api-key`; logs and errors
+show the command with the key hidden.
 The module is configurable so that furlong's own server (`furlong.engine.serve`, which
 accepts SGLang's launch flags) can stand in for SGLang, as the tests do.
 
@@ -36,6 +38,7 @@ import requests
 
 from furlong.config.groups import SglangArgs
 from furlong.config.sglang import launch_server_args
+from furlong.engine.api_key import redacted
 from furlong.ports import free_port, free_ports
 
 log = logging.getLogger(__name__)
@@ -52,7 +55,8 @@ class ServerSpec:
     `mem_fraction_static` is added as `--mem-fraction-static` unless the passthrough
     flags already set it (the factory gives it when the trainer shares the devices).
     `memory_saver` (--offload-rollout) adds `--enable-memory-saver`: without it SGLang's
-    /release_memory_occupation frees nothing.
+    /release_memory_occupation frees nothing. `api_key` is added as `--api-key` unless
+    the passthrough flags set it (then it must be that value: the router sends it).
     """
     model_path: str
     sglang: SglangArgs
@@ -62,6 +66,7 @@ class ServerSpec:
     mem_fraction_static: float | None = None
     accept_ipc_weights: bool = False  # furlong's server only: a colocated trainer sends IPC
     memory_saver: bool = False
+    api_key: str | None = None
     startup_timeout_s: float = 900.0
     log_dir: str | None = None
 
@@ -78,6 +83,10 @@ def server_command(spec: ServerSpec, port: int) -> list[str]:
         argv.append("--enable-memory-saver")
     if spec.accept_ipc_weights and spec.module != SGLANG_SERVER:
         argv.append("--accept-ipc-weights")
+    given = spec.sglang.passthrough_value("api-key")
+    assert given is None or given == spec.api_key, "the clients must send the servers' key"
+    if spec.api_key and given is None:
+        argv += ["--api-key", spec.api_key]
     return argv
 
 
@@ -108,7 +117,7 @@ class ServerProcess:
     def __init__(self, command: list[str], env: dict[str, str], url: str, log_path: Path):
         self.command, self.url, self.log_path = command, url, log_path
         with open(log_path, "ab") as stream:
-            stream.write(f"$ {' '.join(command)}\n".encode())
+            stream.write(f"$ {' '.join(redacted(command))}\n".encode())
             stream.flush()
             self.process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=env,
@@ -143,7 +152,7 @@ class ServerProcess:
             time.sleep(0.25)
 
     def _failure(self, what: str) -> str:
-        return (f"engine server {self.url} {what}. Command: {' '.join(self.command)}\n"
+        return (f"engine server {self.url} {what}. Command: {' '.join(redacted(self.command))}\n"
                 f"Last lines of {self.log_path}:\n{self.log_tail()}")
 
     def stop(self, timeout_s: float = 15.0) -> None:

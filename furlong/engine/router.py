@@ -26,6 +26,9 @@ so it serves again after the next weight update (at once if none was ever pushed
 no engine can serve until then (a run with one engine), the router asks `weight_source`,
 if the owner set one, to push the current weights now. A failure during a weight update
 is raised, not recovered.
+
+Keys. With `RouterOptions.api_key` (SGLang's --api-key of the servers) every request to
+the servers, weight broadcasts included, carries `Authorization: Bearer KEY`.
 """
 from __future__ import annotations
 
@@ -76,6 +79,7 @@ class RouterOptions:
     max_restarts: int = 3               # per engine; then it is dropped
     max_attempts: int = 4               # sends of one request before its error is raised
     weights_timeout_s: float = 600.0
+    api_key: str | None = None          # the servers' --api-key, sent with every request
 
 
 @dataclass(eq=False)
@@ -133,7 +137,7 @@ class EngineRouter:
     def _client(self, url: str) -> HTTPEngine:
         o = self.options
         return HTTPEngine(url, o.max_concurrency, health_timeout_s=o.health_timeout_s,
-                          tp_size=o.tp_size, bucket_bytes=o.bucket_bytes)
+                          tp_size=o.tp_size, bucket_bytes=o.bucket_bytes, api_key=o.api_key)
 
     def _bind(self) -> None:
         """Queues, the change event and the health monitor of the running event loop."""
@@ -370,7 +374,7 @@ class EngineRouter:
         def join(group_name: str) -> WeightBroadcaster:
             o = self.options
             broadcaster = WeightBroadcaster([slot.url for slot in targets], group_name,
-                                            o.tp_size, o.weights_timeout_s)
+                                            o.tp_size, o.weights_timeout_s, o.api_key)
             broadcaster.init_group(o.master_address, free_port(o.master_address),
                                    o.weight_sync_backend)
             return broadcaster

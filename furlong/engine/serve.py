@@ -1,8 +1,8 @@
 """The engine server: a furlong `Engine` behind SGLang's HTTP API (SPEC.md section 7).
 
 `python -m furlong.engine.serve --model-path DIR [--host H] [--port P] [--dtype D]
-[--device cpu|cuda] [--random-seed N] [--context-length N] [--tp-size 1]` loads the HF model
-and serves it. SGLang launch_server flags that this server does not implement are ignored
+[--device cpu|cuda] [--random-seed N] [--context-length N] [--tp-size 1] [--api-key KEY]`
+loads the HF model and serves it. SGLang launch_server flags that this server does not implement are ignored
 with one warning each, so an SGLang command line starts it too. `build_engine` is the one
 place that picks the engine; the server reaches the engine only through the `Engine`
 protocol plus `engine.model` (vocabulary size, device, `/get_weights_by_name`).
@@ -10,7 +10,9 @@ protocol plus `engine.model` (vocabulary size, device, `/get_weights_by_name`).
 Requests are served concurrently: each /generate prompt is one `engine.generate` call, and
 the engine batches the calls in flight. Weight updates hold one lock, so the buckets of a
 distributed update never interleave with another update. Bad requests get HTTP 400 and
-`{"error": message}` naming the field; failures inside the server get 500.
+`{"error": message}` naming the field; failures inside the server get 500. With
+`--api-key`, requests without `Authorization: Bearer KEY` get 401, as from SGLang
+(furlong/engine/api_key.py); the health checks stay open.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import logging
 import torch
 from aiohttp import web
 
+from furlong.engine.api_key import api_key_middleware
 from furlong.engine.base import Engine, GenerateOutput, SamplingParams
 from furlong.engine.request_fields import (GENERATE_FIELDS, LoadOptions, bad_request,
                                            check_load_format, field, generate_item, is_int,
@@ -65,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         choices=("debug", "info", "warning", "error", "critical"))
     parser.add_argument("--accept-ipc-weights", action="store_true",
                         help="take CUDA IPC weight payloads (a trainer on the same GPU)")
+    parser.add_argument("--api-key", help="requests need the header 'Authorization: Bearer "
+                                          "API_KEY' (the health checks excepted)")
     args, unknown = parser.parse_known_args(argv)
     if args.tp_size != 1:
         parser.error(f"--tp-size {args.tp_size}: this server runs one device per engine; use "
@@ -108,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer_path = args.tokenizer_path or args.model_path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     server = EngineServer(build_engine(args, tokenizer), tokenizer, args.model_path,
-                          tokenizer_path, accept_ipc_weights=args.accept_ipc_weights)
+                          tokenizer_path, accept_ipc_weights=args.accept_ipc_weights,
+                          api_key=args.api_key)
     # handler_cancellation: a client that disconnects aborts its requests, as in SGLang.
     web.run_app(server.build_app(), host=args.host, port=args.port, handler_cancellation=True,
                 access_log=logger if args.log_level == "debug" else None)
@@ -138,13 +144,17 @@ async def errors_as_json(request: web.Request, handler):
 # ---- the server ------------------------------------------------------------------------------
 
 class EngineServer:
-    """SGLang's HTTP API over one engine. `build_app` gives the aiohttp application."""
+    """SGLang's HTTP API over one engine. `build_app` gives the aiohttp application.
+    `api_key`: requests must carry it as a Bearer token (None: the server is open)."""
 
     def __init__(self, engine: Engine, tokenizer, model_path: str,
                  tokenizer_path: str | None = None, health_timeout_s: float = 20.0,
-                 weights_group_timeout_s: float = 600.0, accept_ipc_weights: bool = False):
+                 weights_group_timeout_s: float = 600.0, accept_ipc_weights: bool = False,
+                 api_key: str | None = None):
         self.engine = engine
-        # CUDA IPC payloads are pickles: only a server placed next to its trainer takes them.
+        self.api_key = api_key
+        # CUDA IPC payloads name memory on this GPU: only a server placed next to its
+        # trainer takes them.
         self.accept_ipc_weights = accept_ipc_weights
         self.tokenizer = tokenizer
         self.model_path = model_path
@@ -162,8 +172,10 @@ class EngineServer:
         return next(self.engine.model.parameters()).device
 
     def build_app(self) -> web.Application:
+        # The key is checked first: a refused request reads no body and runs nothing.
+        guard = [api_key_middleware(self.api_key)] if self.api_key else []
         app = web.Application(client_max_size=MAX_BODY_BYTES,
-                              middlewares=[only_generate_cancels, errors_as_json])
+                              middlewares=[*guard, only_generate_cancels, errors_as_json])
         app.add_routes([
             web.post("/generate", self.generate),
             web.get("/health", self.health),

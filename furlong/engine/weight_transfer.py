@@ -5,6 +5,8 @@
 - By value over HTTP (`/update_weights_from_tensor`): `serialize_named_tensors` packs
   (name, tensor) pairs as a base64 `torch.save` archive, `deserialize_named_tensors` opens
   it with `weights_only=True`, so a request can carry tensors, names and lists, never code.
+  CUDA IPC payloads (SGLang's format: a pickle of IPC handles) are unpickled with an
+  allowlist of the few torch globals such a pickle names, so they cannot run code either.
 - By broadcast (`/init_weights_update_group`, `/update_weights_from_distributed`): the
   trainer is rank 0 of a process group of its own with the engine servers.
   `WeightUpdateGroup` is one member's end of it, `WeightBroadcaster` the trainer's driver.
@@ -13,7 +15,7 @@ The group is built from public c10d parts (TCPStore, PrefixStore, ProcessGroupGl
 is never registered with torch.distributed: a trainer that already runs a default group
 (FSDP) keeps it, and both ends can live in one process (the tests do). Its store keys are
 the ones SGLang's and Miles' `init_custom_process_group` produce, so the other end may be
-an SGLang server or a Miles trainer.
+an SGLang server or a Miles trainer. Every HTTP call carries the servers' `api_key`, if any.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import requests
 import torch
 import torch.distributed as dist
+
+from furlong.engine.api_key import auth_headers
 
 T = TypeVar("T")
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
@@ -95,11 +99,35 @@ def is_ipc_payload(payload: str) -> bool:
     return base64.b64decode(payload[:8])[:1] == b"\x80"
 
 
+class _IpcUnpickler(pickle.Unpickler):
+    """Unpickles (name, CUDA tensor) pairs only: the one function that maps an IPC handle,
+    the classes and dtypes it takes. Any other global (os.system, ...) is refused, so a
+    payload cannot run code; it can at most name GPU memory to map."""
+
+    ALLOWED = {("torch.multiprocessing.reductions", "rebuild_cuda_tensor"),
+               ("torch", "Tensor"), ("torch", "Size"), ("torch.storage", "TypedStorage"),
+               ("torch.storage", "UntypedStorage"), ("torch", "UntypedStorage")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not part of a CUDA IPC "
+                                     "tensor payload")
+
+
 def deserialize_ipc_tensors(payload: str) -> list[tuple[str, torch.Tensor]]:
-    """The tensors of a `serialize_named_tensors_ipc` payload, mapped from the sender.
-    Unpickling runs code: servers accept this only when started next to their trainer."""
+    """The tensors of a `serialize_named_tensors_ipc` payload, mapped from the sender;
+    a ValueError for anything else. Servers accept these only when started next to their
+    trainer (the handles name memory on the same GPU)."""
     import torch.multiprocessing  # noqa: F401
-    return list(pickle.loads(base64.b64decode(payload)))
+    try:
+        pairs = _IpcUnpickler(io.BytesIO(base64.b64decode(payload))).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
+        raise ValueError(f"serialized_named_tensors: not a CUDA IPC tensor payload "
+                         f"({error})") from None
+    return _named_tensor_pairs(pairs)
 
 
 def tensor_update_body(payload: str, version: int | None, tp_size: int = 1) -> dict:
@@ -112,10 +140,10 @@ def tensor_update_body(payload: str, version: int | None, tp_size: int = 1) -> d
 
 
 def post_tensor_update(url: str, payload: str, version: int | None,
-                       timeout_s: float = 600.0) -> dict:
+                       timeout_s: float = 600.0, api_key: str | None = None) -> dict:
     """Send one bucket to a server, synchronously (trainer processes)."""
     return _post(f"{url}/update_weights_from_tensor", tensor_update_body(payload, version),
-                 timeout_s)
+                 timeout_s, api_key)
 
 
 def deserialize_named_tensors(payload: str) -> list[tuple[str, torch.Tensor]]:
@@ -132,10 +160,14 @@ def deserialize_named_tensors(payload: str) -> list[tuple[str, torch.Tensor]]:
         pairs = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
         raise ValueError(f"serialized_named_tensors: the archive does not load ({error})") from None
+    return _named_tensor_pairs(pairs)
+
+
+def _named_tensor_pairs(pairs) -> list[tuple[str, torch.Tensor]]:
     if not isinstance(pairs, list) or not all(
             isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)
             and isinstance(pair[1], torch.Tensor) for pair in pairs):
-        raise ValueError("serialized_named_tensors: the archive must hold a list of "
+        raise ValueError("serialized_named_tensors: the payload must hold a list of "
                          "(name, tensor) pairs")
     return [(name, tensor) for name, tensor in pairs]
 
@@ -233,17 +265,19 @@ class WeightBroadcaster:
     size N takes N ranks; a furlong server takes one). Neither end of a collective returns
     before the other has joined, so the HTTP calls that make the servers join and rank 0's
     part run at the same time, on worker threads. After a failure the group is unusable:
-    `close` it and build another.
+    `close` it and build another. `api_key`: the servers' --api-key.
     """
 
     def __init__(self, urls: list[str], group_name: str = "weight_update_group",
-                 ranks_per_server: int = 1, timeout_s: float = 600.0):
+                 ranks_per_server: int = 1, timeout_s: float = 600.0,
+                 api_key: str | None = None):
         if not urls:
             raise ValueError("WeightBroadcaster needs at least one engine server URL")
         self.urls = [url.rstrip("/") for url in urls]
         self.group_name = group_name
         self.ranks_per_server = ranks_per_server
         self.timeout_s = timeout_s
+        self.api_key = api_key
         self.group: WeightUpdateGroup | None = None
         # One thread per server call plus one for rank 0's part of the collective.
         self._pool = ThreadPoolExecutor(len(self.urls) + 1, thread_name_prefix="weight-broadcast")
@@ -319,7 +353,7 @@ class WeightBroadcaster:
         return local.result()
 
     def _post_all(self, path: str, bodies: list[dict]) -> list[Future]:
-        return [self._pool.submit(_post, url + path, body, self.timeout_s)
+        return [self._pool.submit(_post, url + path, body, self.timeout_s, self.api_key)
                 for url, body in zip(self.urls, bodies, strict=True)]
 
 
@@ -353,9 +387,10 @@ class CurrentGroup:
                         broadcaster.group_name, error)
 
 
-def _post(url: str, body: dict, timeout_s: float) -> dict:
+def _post(url: str, body: dict, timeout_s: float, api_key: str | None = None) -> dict:
     try:
-        response = requests.post(url, json=body, timeout=timeout_s)
+        response = requests.post(url, json=body, timeout=timeout_s,
+                                 headers=auth_headers(api_key))
     except requests.RequestException as error:
         raise ConnectionError(f"cannot reach the engine server at {url}: {error}") from error
     if response.status_code >= 400:
