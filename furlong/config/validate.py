@@ -38,6 +38,7 @@ def resolve(config: Config) -> tuple[Config, list[str]]:
     config = _resolve_grpo(config)
     config = _resolve_cluster(config)
     _check_external_engines(config)
+    _check_checkpoint_formats(config)
     _check_optimizer(config)
     _check_perf(config)
     check_hooks(config)
@@ -272,6 +273,34 @@ def _check_external_engines(config: Config) -> None:
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"--rollout-external-engine-addrs {address}: expected HOST:PORT, "
                               "e.g. 10.0.0.5:30000")
+
+
+def megatron_checkpoint(path: str | Path) -> Path | None:
+    """The directory of a Megatron distributed (torch_dist) checkpoint at `path`: `path`
+    itself or one of its iter_* directories, holding `.metadata` and `*.distcp` files."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    for directory in (path, *sorted(path.glob("iter_*"))):
+        if (directory / ".metadata").is_file() and any(directory.glob("*.distcp")):
+            return directory
+    return None
+
+
+def _check_checkpoint_formats(config: Config) -> None:
+    """--load and --ref-load are furlong checkpoints or HF directories, not Megatron's."""
+    for name, what in (("load", "resumes furlong's own checkpoints (--save) only"),
+                       ("ref_load", "loads HF-format model directories and furlong checkpoints")):
+        path = getattr(config.ckpt, name)
+        found = megatron_checkpoint(path) if path else None
+        if found is not None:
+            raise ConfigError(
+                f"{option_name(name)} {path}: {found} is a Megatron distributed checkpoint "
+                "(torch_dist: .metadata and *.distcp files), which furlong cannot read; "
+                f"{option_name(name)} {what}. Convert it to an HF directory first, e.g. with "
+                "Miles' tools/convert_torch_dist_to_hf.py --input-dir "
+                f"{found} --output-dir HF_DIR --origin-hf-dir "
+                f"{config.ckpt.hf_checkpoint}, then pass --ref-load HF_DIR")
 
 
 def _check_optimizer(config: Config) -> None:

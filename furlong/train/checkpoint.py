@@ -15,11 +15,16 @@ directory is whole and loads anywhere).
 A save fills `iter_0000007.tmp/`, renames it into place, then replaces the tracker
 through a temporary file: until the rename of the tracker, the previous iteration
 stays the latest, and its directory is never touched.
+
+Every .pt file is read with `load_state` (`torch.load(weights_only=True)`): tensors,
+numbers, strings and containers only, so a tampered checkpoint cannot run code when it
+is loaded. The RNG states are such values already (Python's state is a tuple of ints).
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -80,6 +85,26 @@ def save_checkpoint(save_dir: str | Path, iteration: int, write: Callable[[Path]
     os.replace(staging, final)
     _write_atomic(Path(save_dir) / TRACKER, f"{iteration}\n")
     return final
+
+
+def load_state(path: str | Path):
+    """A `torch.save` file of plain values (a checkpoint's .pt files, saved rollouts), loaded
+    without running code; a ValueError naming the file if it holds anything else."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path}: refused to load: it holds objects other than tensors and "
+                         f"plain values ({_refusal_reason(error)}). furlong writes only such "
+                         "values; this file was written by something else or tampered "
+                         "with") from None
+
+
+def _refusal_reason(error: Exception) -> str:
+    """The line of torch's weights_only error that names what was refused."""
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file")
+    lines = [line.strip() for line in str(error).splitlines()
+             if line.strip() and not line.startswith(boilerplate)]
+    return lines[0] if lines else "not a weights-only archive"
 
 
 def rng_state() -> dict:
