@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 
 from furlong.config import load_config
 from furlong.train import microbatch
@@ -249,9 +251,20 @@ def test_keep_old_actor_needs_every_sample_version(tiny):
         log_probs_of_generating_weights(actor, random_batch(2, 22), [3, None])
 
 
-def test_offload_and_reload_keep_the_optimizer_state(tiny):
+def moments(actor: TrainActor) -> dict[tuple[int, str], torch.Tensor]:
+    """The optimizer's per-parameter state tensors (Adam's moments; `step` excluded), this
+    rank's shards where they are DTensors."""
+    return {(index, key): value.to_local() if isinstance(value, DTensor) else value
+            for index, state in enumerate(actor.optimizer.state.values())
+            for key, value in state.items() if isinstance(value, torch.Tensor) and value.dim()}
+
+
+def test_offload_and_reload_keep_the_optimizer_state(tiny, monkeypatch):
     """--offload-train moves the optimizer state off the device and back unchanged: the
-    next step is the same as without offloading."""
+    next step is the same as without offloading. On a CPU machine the state never
+    leaves the CPU, so a trainer told its device is "meta" shows that reload moves
+    every moment to the trainer's device (meta holds no values: the moments are then
+    put back by hand); the GPU test below sees both directions."""
     losses = []
     for offload in (False, True):
         torch.manual_seed(0)
@@ -261,9 +274,44 @@ def test_offload_and_reload_keep_the_optimizer_state(tiny):
         batch.ref_log_probs, _ = actor.compute_log_probs(batch, reference=True)
         actor.train(batch)
         if offload:
-            actor.offload()
-            assert all(v.device.type == "cpu" for s in actor.optimizer.state.values()
-                       for v in s.values() if isinstance(v, torch.Tensor))
+            before = {key: value.clone() for key, value in moments(actor).items()}
+            assert before
+            on_cpu = actor.rank
+            monkeypatch.setattr(actor, "rank", replace(on_cpu, device=torch.device("meta")))
             actor.reload()
+            assert {value.device.type for value in moments(actor).values()} == {"meta"}
+            states = list(actor.optimizer.state.values())
+            for (index, key), value in before.items():
+                states[index][key] = value.clone()
+            monkeypatch.setattr(actor, "rank", on_cpu)
+            actor.offload()
+            actor.reload()
+            after = moments(actor)
+            assert after.keys() == before.keys()
+            assert all(torch.equal(after[key], before[key]) for key in before)
         losses.append(actor.train(batch)[0]["train/loss"])
     assert losses[0] == losses[1]
+
+
+@pytest.mark.gpu
+def test_offload_moves_the_optimizer_state_to_the_cpu_and_back(tiny):
+    """On a GPU: offload leaves every moment on the CPU (and frees the device memory
+    they held), reload brings each back to the GPU with its values."""
+    actor = TrainActor(policy_config(tiny, []), RankInfo(device=torch.device("cuda")),
+                       str(tiny / "model"), 2)
+    batch = random_batch(12, actor.model_config.vocab_size, seed=5)
+    batch.advantages = [torch.ones_like(m) for m in batch.loss_masks]
+    batch.ref_log_probs, _ = actor.compute_log_probs(batch, reference=True)
+    actor.train(batch)
+    before = {key: value.cpu() for key, value in moments(actor).items()}
+    assert before and {v.device.type for v in moments(actor).values()} == {"cuda"}
+    allocated = torch.cuda.memory_allocated()
+    actor.offload()
+    torch.cuda.synchronize()
+    assert {v.device.type for v in moments(actor).values()} == {"cpu"}
+    assert torch.cuda.memory_allocated() < allocated
+    actor.reload()
+    torch.cuda.synchronize()
+    after = moments(actor)
+    assert {v.device.type for v in after.values()} == {"cuda"}
+    assert all(torch.equal(after[key].cpu(), before[key]) for key in before)
