@@ -146,7 +146,7 @@ def make_manager(config, engine, tokenizer, reward, generate_fn=default_generate
 
 
 def generate(manager: RolloutManager, rollout_id: int):
-    return asyncio.run(asyncio.wait_for(manager.generate(rollout_id), 15))
+    return asyncio.run(asyncio.wait_for(manager.generate(rollout_id), 300))  # a hang guard
 
 
 # ---- a scripted engine ------------------------------------------------------------------
@@ -190,7 +190,7 @@ class ScriptedEngine:
         plan = self.script(group, index)
         if plan.wait_for_group is not None:
             try:
-                await asyncio.wait_for(self._group_requested(plan.wait_for_group).wait(), 5)
+                await asyncio.wait_for(self._group_requested(plan.wait_for_group).wait(), 300)
             except TimeoutError:
                 raise AssertionError(f"group {group} waited for a request of group "
                                      f"{plan.wait_for_group}, which never came") from None
@@ -614,7 +614,7 @@ def test_eval_reports_mean_reward_pass_at_k_lengths_and_truncation(tmp_path, grp
     engine = ScriptedEngine(tokenizer, script)
     manager = make_manager(config, engine, tokenizer, reward,
                            eval_datasets={"adds": prompt_dataset(str(data), tokenizer, config)})
-    metrics = asyncio.run(asyncio.wait_for(manager.evaluate(), 15))
+    metrics = asyncio.run(asyncio.wait_for(manager.evaluate(), 300))
 
     assert {(p.temperature, p.max_new_tokens) for _, p in engine.calls} == {(0.5, 6)}
     assert metrics["eval/adds"] == pytest.approx(6 / 12)
