@@ -168,7 +168,7 @@ def test_a_rollout_of_another_size_still_takes_the_configured_steps(tiny, monkey
 def test_kl_reward_shaping_loads_the_reference_and_subtracts_the_kl(tiny):
     """--kl-coef alone (no --use-kl-loss) needs the reference model; reinforce++ with a
     baseline gives A_t = (r - group mean) - kl_coef * (old_t - ref_t) (k1), whitened over
-    the loss tokens, by hand."""
+    the loss tokens (Bessel-corrected variance, as Miles), by hand."""
     config, _ = load_config(["--hf-checkpoint", str(tiny / "model"), "--prompt-data",
                              str(tiny / "data/train.jsonl"), "--input-key", "prompt",
                              "--label-key", "label", "--rm-type", "math",
@@ -189,13 +189,13 @@ def test_kl_reward_shaping_loads_the_reference_and_subtracts_the_kl(tiny):
                      enumerate(zip(batch.old_log_probs, batch.ref_log_probs, strict=True))])
     mask = torch.cat(batch.loss_masks)
     mean = (raw * mask).sum() / mask.sum()
-    std = (((raw - mean) ** 2 * mask).sum() / mask.sum() + 1e-8).sqrt()
+    std = (((raw - mean) ** 2 * mask).sum() / (mask.sum() - 1) + 1e-8).sqrt()  # Bessel
     torch.testing.assert_close(torch.cat(tokens), (raw - mean) / std)
 
 
 def test_tis_scales_each_token_loss_by_the_clipped_engine_ratio(tiny):
     """--use-tis: pg_loss = sum(mask * ppo_token_loss * clip(exp(old - rollout))) / tokens,
-    here written out by hand; train/tis is the mean weight."""
+    here written out by hand; train/tis is the mean ratio before the clip (Miles)."""
     config = policy_config(tiny, ["--use-tis", "--tis-clip-low", "0.8", "--tis-clip", "1.2",
                                   "--calculate-per-token-loss"]).grpo
     batch = random_batch(6, vocab=22, seed=4)
@@ -217,10 +217,11 @@ def test_tis_scales_each_token_loss_by_the_clipped_engine_ratio(tiny):
     advantages, ratio = fields["advantages"], (log_probs - fields["old_log_probs"]).exp()
     ppo = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(
         1 - config.eps_clip, 1 + config.eps_clip_high))
-    weights = (fields["old_log_probs"] - fields["rollout_log_probs"]).exp().clamp(0.8, 1.2)
+    engine_ratio = (fields["old_log_probs"] - fields["rollout_log_probs"]).exp()
+    weights = engine_ratio.clamp(0.8, 1.2)
     assert (weights == 0.8).any() and (weights == 1.2).any() and (weights != 1).any()
     torch.testing.assert_close(metrics["pg_loss"], (mask * ppo * weights).sum() / tokens)
-    torch.testing.assert_close(metrics["tis"], (mask * weights).sum() / tokens)
+    torch.testing.assert_close(metrics["tis"], (mask * engine_ratio).sum() / tokens)
 
 
 def test_snapshots_give_the_log_probs_of_the_pushed_weights(tiny):

@@ -1,4 +1,4 @@
-"""The pure tensor math of the RL objective (SPEC.md section 3).
+"""The pure tensor math of the RL objective (docs/algorithm.md).
 
 `advantages` turns rewards into per-token advantages (GRPO/GSPO, REINFORCE++,
 REINFORCE++-baseline, whitening); `losses` holds the per-token policy loss, KL
