@@ -44,14 +44,16 @@ def sft_model(tiny, tmp_path_factory) -> tuple[Path, list[dict]]:
     return save, rows
 
 
-def grpo_argv(tiny: Path, init: Path, save: Path, rollouts: int, prompts: int = 16) -> list[str]:
+def grpo_argv(tiny: Path, init: Path, save: Path, rollouts: int, prompts: int = 16,
+              steps_per_rollout: int = 2) -> list[str]:
     return ["--hf-checkpoint", str(tiny / "model"), "--ref-load", str(init), "--save", str(save),
             "--prompt-data", str(tiny / "data/train.jsonl"), "--input-key", "prompt",
             "--label-key", "label", "--apply-chat-template", "--rollout-shuffle",
             "--rm-type", "math", "--num-rollout", str(rollouts),
             "--rollout-batch-size", str(prompts),
             "--n-samples-per-prompt", "8", "--rollout-max-response-len", "8",
-            "--num-steps-per-rollout", "2", "--micro-batch-size", "64", "--lr", "1e-4",
+            "--num-steps-per-rollout", str(steps_per_rollout), "--micro-batch-size", "64",
+            "--lr", "1e-4",
             "--weight-decay", "0"]
 
 
@@ -186,7 +188,7 @@ def test_load_without_tracker_warm_starts_from_ref_load(tiny, tmp_path):
 def test_one_step_rollouts_report_the_rollout_metrics_of_the_training_forward(tiny, tmp_path):
     """One optimizer step per rollout skips the old log-prob forward; rollout/log_probs
     and rollout/entropy then come from the training forward, not from the engine."""
-    argv = [a if a != "2" else "1" for a in grpo_argv(tiny, tiny / "model", tmp_path, 2)]
+    argv = grpo_argv(tiny, tiny / "model", tmp_path, 2, steps_per_rollout=1)
     row = next(r for r in run(argv) if "rollout/raw_reward" in r)
     assert "perf/log_probs_time" not in row  # the forward was skipped
     assert row["rollout/log_probs"] < 0 < row["rollout/entropy"]
@@ -296,10 +298,27 @@ def test_offload_frees_the_idle_side(tiny, tmp_path, monkeypatch):
     assert [r["step"] for r in rows if "perf/update_weights_time" in r] == [0, 1]
 
 
-def test_async_off_policy_corrections(tiny, sft_model, tmp_path):
+def test_async_off_policy_corrections(tiny, sft_model, tmp_path, monkeypatch):
     """Samples trained one version late: --keep-old-actor computes their old log-probs
     with the weights that generated them (they then match the engine's), and --use-tis
-    reweights by the ratio to the engine's log-probs."""
+    reweights by the ratio to the engine's log-probs: each training micro-batch's
+    policy-gradient loss is also computed without TIS, on the same inputs, and TIS
+    changes it on the stale steps."""
+    from dataclasses import replace
+
+    from furlong.train import actor
+    objective = actor.policy_objective
+    pg_losses = []  # (with TIS, without) per micro-batch of the run with --use-tis
+
+    def with_and_without_tis(config, inputs):
+        loss, metrics = objective(config, inputs)
+        if config.use_tis and inputs.log_probs.requires_grad:  # a training forward
+            _, plain = objective(replace(config, use_tis=False), inputs)
+            pg_losses.append((float(metrics["pg_loss"]), float(plain["pg_loss"])))
+        return loss, metrics
+
+    monkeypatch.setattr(actor, "policy_objective", with_and_without_tis)
+
     def mean_diff(*extra):
         rows = run_async(grpo_argv(tiny, sft_model[0], tmp_path / "_".join(extra), 4)
                          + ["--lr", "1e-3", *extra])
@@ -308,3 +327,10 @@ def test_async_off_policy_corrections(tiny, sft_model, tmp_path):
     stale = mean_diff("--use-tis")
     kept = mean_diff("--keep-old-actor")
     assert max(kept) < 1e-4 < min(stale)
+    # 4 rollouts of 2 steps, one micro-batch each. TIS weights differ from 1 where the
+    # engine's log-probs are not the old policy's, on every step trained one version late
+    # (rollouts 1 to 3); they change every policy-gradient loss that is not 0 (a batch
+    # whose groups all have equal rewards has zero advantages and a zero loss).
+    assert len(pg_losses) == 8
+    late = [(with_tis, without) for with_tis, without in pg_losses[2:] if without != 0]
+    assert late and all(with_tis != without for with_tis, without in late), pg_losses
