@@ -8,10 +8,15 @@ import pytest
 
 from furlong.cluster.placement import plan_placement
 from furlong.config import ConfigError, load_config
+from furlong.engine.api_key import auth_headers
+from furlong.engine.weight_transfer import read_hf_weights
 
 # With --lr 1e-3 engines that miss the weight pushes are off the trainer's log-probs by
-# 3e-6 to 4.4e-6 (measured); engines that get them agree to 1.7e-7.
-SYNC_FLAGS = ["--lr", "1e-3"]
+# 3e-6 to 4.4e-6 (measured); engines that get them agree to 1.7e-7. The random reward
+# varies within groups, so advantages are not zero and the weights move by the gradient
+# (with the math reward the tiny model scores 0 everywhere); without weight decay,
+# nothing else moves them.
+SYNC_FLAGS = ["--lr", "1e-3", "--rm-type", "random", "--weight-decay", "0"]
 SYNC_BOUND = 1e-6
 
 
@@ -25,6 +30,61 @@ def assert_engines_follow_the_trainer(run_dir: Path) -> None:
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r]
     assert len(rows) >= 2
     assert max(r["train/train_rollout_logprob_abs_diff"] for r in rows) < SYNC_BOUND
+
+
+def read_back_every_push(monkeypatch, directory: Path) -> list[dict]:
+    """After each weight push of a Ray trainer, the trainer's weights (exported) and what
+    every engine it pushed to serves (/get_weights_by_name, whole tensors), appended to
+    the returned list as {"version", "trainer", "engines": {url: weights}}."""
+    import asyncio
+
+    from furlong.cluster.ray_trainer import RayTrainGroup
+    original = RayTrainGroup.push_weights
+    pushes: list[dict] = []
+
+    def read_back(trainer: RayTrainGroup, urls: list[str], headers: dict, version: int) -> None:
+        path = directory / f"pushed_{len(pushes)}"
+        trainer.export_hf(path)
+        weights = dict(read_hf_weights(path))
+        pushes.append({"version": version, "trainer": weights,
+                       "engines": {url: {name: served(url, headers, name, len(tensor))
+                                         for name, tensor in weights.items()}
+                                   for url in urls}})
+
+    async def push_then_read_back(self, engine, version):
+        await original(self, engine, version)
+        urls = [url for url in self.urls if url in set(engine.urls)]
+        await asyncio.to_thread(read_back, self, urls, auth_headers(engine.options.api_key),
+                                version)
+
+    monkeypatch.setattr(RayTrainGroup, "push_weights", push_then_read_back)
+    return pushes
+
+
+def served(url: str, headers: dict, name: str, rows: int):
+    """Parameter `name` of the engine server at `url`, whole (its first `rows` rows)."""
+    import requests
+    import torch
+    response = requests.post(f"{url}/get_weights_by_name", timeout=120, headers=headers,
+                             json={"name": name, "truncate_size": rows})
+    response.raise_for_status()
+    return torch.tensor(response.json())
+
+
+def assert_engines_hold_the_pushed_weights(pushes: list[dict], num_engines: int) -> None:
+    """Each push left every engine with the trainer's weights, exactly; the weights after
+    the first push are not the boot ones (so the pushes carried the training's updates)."""
+    import torch
+    assert len(pushes) >= 2
+    for push in pushes:
+        assert len(push["engines"]) == num_engines
+        for url, weights in push["engines"].items():
+            for name, tensor in push["trainer"].items():
+                torch.testing.assert_close(weights[name], tensor.float(), rtol=0, atol=0,
+                                           msg=lambda m: f"{url} {name}: {m}")
+    boot, last = pushes[0]["trainer"], pushes[-1]["trainer"]
+    assert any(not torch.equal(boot[name], last[name]) for name in boot), \
+        "training did not change the weights: the pushes were not tested"
 
 
 def test_no_cluster_flags_means_one_process(grpo_argv):
@@ -118,22 +178,28 @@ def test_weight_group_counts_every_gpu_of_a_server(grpo_argv, monkeypatch):
 
 # ---- Ray on CPU -------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [("--rollout-num-gpus", "1"), ("--colocate",)],
+@pytest.mark.timeout(900)  # a hang guard: Ray runs on 2 loaded cores are slow
+@pytest.mark.parametrize("layout, num_engines", [(("--rollout-num-gpus", "1"), 1),
+                                                 (("--colocate",), 2)],
                          ids=["disaggregated", "colocated"])
-def test_ray_run_syncs_weights(grpo_argv, tmp_path, layout):
+def test_ray_run_syncs_weights(grpo_argv, tmp_path, monkeypatch, layout, num_engines):
     """Two CPU trainer ranks (FSDP2 over gloo) and one engine apart (weights by
     broadcast) or two engines on the trainers' bundles (weights by value, requests
-    through the router): after each push the engines' log-probs equal the trainer's."""
+    through the router): after each push every engine holds the trainer's weights, and
+    its log-probs equal the trainer's."""
     pytest.importorskip("ray")
     from furlong import cli
+    pushes = read_back_every_push(monkeypatch, tmp_path / "pushed")
     argv = grpo_argv + ["--actor-num-gpus-per-node", "2", *layout, *SYNC_FLAGS,
                         "--run-dir", str(tmp_path), "--num-steps-per-rollout", "2",
                         "--update-weight-buffer-size", "100000"]
     assert cli.main(argv) == 0
+    assert_engines_hold_the_pushed_weights(pushes, num_engines)
     assert_engines_follow_the_trainer(tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a hang guard: Ray runs on 2 loaded cores are slow
 def test_trainers_meet_on_the_node_of_rank_0(grpo_argv, tiny, monkeypatch):
     """Regression: the trainers' rendezvous address and port came from the driver, whose
     node need not host rank 0 (bundle 0), and a run over several nodes hung. A task on
@@ -162,6 +228,7 @@ def test_trainers_meet_on_the_node_of_rank_0(grpo_argv, tiny, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a hang guard: Ray runs on 2 loaded cores are slow
 def test_ray_rank_death_fails_fast(grpo_argv, tmp_path, monkeypatch):
     """A trainer rank that dies ends the run at once with the role named, never a hang."""
     pytest.importorskip("ray")
@@ -180,15 +247,15 @@ def test_ray_rank_death_fails_fast(grpo_argv, tmp_path, monkeypatch):
 
 
 def fails_fast(argv: list[str], match: str) -> None:
-    """train.py `argv` ends within 3 minutes (no hang) with an error matching `match`."""
+    """train.py `argv` ends with an error matching `match` (a hang is caught by the
+    test's timeout mark, not by timing the run)."""
     from furlong import cli
-    start = time.monotonic()
     with pytest.raises(RuntimeError, match=match):
         cli.main(argv)
-    assert time.monotonic() - start < 180
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a hang guard: Ray runs on 2 loaded cores are slow
 @pytest.mark.parametrize("met_by", ["push", "request"])
 def test_ray_engine_death_fails_fast(grpo_argv, tmp_path, monkeypatch, met_by):
     """Regression: an engine actor that died was reported as trainer rank 0's refused
@@ -218,6 +285,7 @@ def test_ray_engine_death_fails_fast(grpo_argv, tmp_path, monkeypatch, met_by):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a hang guard: Ray runs on 2 loaded cores are slow
 def test_ray_run_goes_on_when_one_of_two_engines_dies(grpo_argv, tmp_path, monkeypatch):
     """Engine 0 dies after the first push: its requests go to engine 1, the router drops
     it, and later pushes reach only the live engine; the run completes."""
@@ -244,7 +312,8 @@ def test_ray_run_goes_on_when_one_of_two_engines_dies(grpo_argv, tmp_path, monke
 
 
 @pytest.mark.slow
-def test_ray_trainers_feed_external_servers(grpo_argv, tiny, tmp_path):
+@pytest.mark.timeout(900)  # a hang guard: Ray runs on 2 loaded cores are slow
+def test_ray_trainers_feed_external_servers(grpo_argv, tiny, tmp_path, monkeypatch):
     """Trainer ranks on Ray push weights by broadcast to a server they did not start."""
     pytest.importorskip("ray")
     import socket
@@ -261,26 +330,39 @@ def test_ray_trainers_feed_external_servers(grpo_argv, tiny, tmp_path):
                                str(tiny / "model"), "--port", str(port), "--device", "cpu",
                                "--dtype", "float32"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
+    pushes = read_back_every_push(monkeypatch, tmp_path / "pushed")
     try:
-        for _ in range(120):
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.5)
+        wait_healthy(server, f"http://127.0.0.1:{port}")
         argv = grpo_argv + ["--actor-num-gpus-per-node", "2", "--rollout-external",
                             "--rollout-external-engine-addrs", f"127.0.0.1:{port}",
                             *SYNC_FLAGS, "--run-dir", str(tmp_path),
                             "--num-steps-per-rollout", "2"]
         assert cli.main(argv) == 0
+        assert_engines_hold_the_pushed_weights(pushes, 1)
         assert_engines_follow_the_trainer(tmp_path)
         assert server.poll() is None  # an external server outlives the run
     finally:
         server.terminate()
-        server.wait(30)
+        server.wait(120)
+
+
+def wait_healthy(server, url: str, timeout_s: float = 300.0) -> None:
+    """Poll /health until the server at `url` answers (fails if it exits first)."""
+    import requests
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert server.poll() is None, f"the server exited with code {server.returncode}"
+        try:
+            if requests.get(f"{url}/health", timeout=10).ok:
+                return
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not come up in {timeout_s:.0f} s"
+        time.sleep(0.5)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a hang guard: Ray runs on 2 loaded cores are slow
 def test_ray_async_generation_overlaps_training(grpo_argv, tmp_path):
     """train_async.py on Ray: a trainer rank and an engine in their own processes; the
     generation of rollout k+1 runs while rollout k trains, one weight version behind."""
@@ -299,6 +381,7 @@ def test_ray_async_generation_overlaps_training(grpo_argv, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a hang guard: Ray runs on 2 loaded cores are slow
 def test_ray_places_server_processes_on_engine_bundles(grpo_argv, tmp_path, monkeypatch):
     """--rollout-backend sglang under Ray: one server process per engine bundle, started
     by a ServerHost actor with the exact SGLang command (furlong's server stands in for
@@ -315,9 +398,11 @@ def test_ray_places_server_processes_on_engine_bundles(grpo_argv, tmp_path, monk
     monkeypatch.setattr(ray_cluster, "resolve_backend", lambda options, device: "sglang")
     monkeypatch.setattr(ray_cluster, "server_spec", lambda path, options, device: original(
         path, replace(options, server_module=BUILTIN_SERVER), device))
+    pushes = read_back_every_push(monkeypatch, tmp_path / "pushed")
     argv = grpo_argv + ["--actor-num-gpus-per-node", "1", "--rollout-num-gpus", "2",
                         *SYNC_FLAGS, "--run-dir", str(tmp_path), "--num-steps-per-rollout", "2"]
     assert cli.main(argv) == 0
+    assert_engines_hold_the_pushed_weights(pushes, 2)
     assert_engines_follow_the_trainer(tmp_path)
     model = grpo_argv[grpo_argv.index("--hf-checkpoint") + 1]
     servers = [p for p in psutil.process_iter(["cmdline"])
