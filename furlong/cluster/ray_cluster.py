@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ray
 import torch
@@ -19,6 +19,7 @@ from furlong.cluster.placement import Placement, check_engine_devices
 from furlong.cluster.ray_engine import EngineActor, RayEngineGroup, ServerHost
 from furlong.cluster.ray_trainer import RayTrainGroup, in_bundle, wait_all
 from furlong.config import Config
+from furlong.engine.api_key import run_api_key
 from furlong.engine.base import Engine
 from furlong.engine.factory import (EngineOptions, create_engine, resolve_backend, router_for,
                                     server_spec)
@@ -94,8 +95,13 @@ def build_ray_roles(config: Config, placement: Placement, init_weights: str,
     if options.external_engine_addrs:  # servers someone else runs: only the trainer is placed
         engine = create_engine(config.ckpt.hf_checkpoint, None, device, torch.float32, options)
         if trainer is not None:
-            trainer.attach_engines(engine.urls, [], colocate=False, actors=[])
+            trainer.attach_engines(engine.urls, [], colocate=False, actors=[],
+                                   api_key=options.api_key)
         return RayRoles(trainer, engine, [], group, started)
+    # The servers placed here listen on node addresses: unless the user gave a key, they
+    # get one that only this run knows.
+    options = replace(options, api_key=run_api_key(options.api_key,
+                                                   ray.util.get_node_ip_address()))
 
     def engine_options(index: int) -> dict:
         bundle = index if placement.colocate else placement.trainer_ranks + index
@@ -114,5 +120,6 @@ def build_ray_roles(config: Config, placement: Placement, init_weights: str,
         urls = wait_all([actor.serve.remote() for actor in actors], "engine")
     engine = RayEngineGroup(router_for(urls, options, device), actors) if urls else None
     if trainer is not None:
-        trainer.attach_engines(urls, placement.engine_devices, placement.colocate, actors)
+        trainer.attach_engines(urls, placement.engine_devices, placement.colocate, actors,
+                               options.api_key)
     return RayRoles(trainer, engine, actors, group, started)

@@ -8,7 +8,9 @@ furlong engine server (furlong/engine/serve.py) in its event loop; the driver ta
 all of them through one EngineRouter, exactly as it would to SGLang servers. Trainer
 ranks push weights to the same URLs: CUDA IPC payloads from the rank on the same GPU
 (colocated), a broadcast from rank 0 (apart), or bytes by value (CPU). RayEngineGroup
-is that router as the loop sees it, with Ray's word on an engine that died.
+is that router as the loop sees it, with Ray's word on an engine that died. Servers
+listen on node addresses, so they require the run's API key (`run_api_key`), which the
+driver hands to the router and the trainer ranks.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class EngineActor:
         self.engine = create_engine(model_path, self.tokenizer, device, dtype, options)
         self.model_path = model_path
         self.accept_ipc_weights = accept_ipc_weights
+        self.api_key = options.api_key  # the server listens on the node's address
         self.runner = None
 
     async def ready(self) -> bool:
@@ -49,7 +52,7 @@ class EngineActor:
 
         from furlong.engine.serve import EngineServer
         server = EngineServer(self.engine, self.tokenizer, self.model_path,
-                              accept_ipc_weights=self.accept_ipc_weights)
+                              accept_ipc_weights=self.accept_ipc_weights, api_key=self.api_key)
         self.runner = server.app_runner()
         await self.runner.setup()
         host = ray.util.get_node_ip_address()
