@@ -131,11 +131,21 @@ def test_grpo_resume_repeats_rollouts_and_buffer(tiny, sft_model, tmp_path, monk
     state = json.loads((tmp_path / "cut/iter_0000001/rollout.json").read_text())
     assert state["buffer"], "the surplus groups should be in the checkpoint"
     resumed = run(cut_argv)
-    for name in ("rollout/raw_reward", "rollout/response_len/mean", "train/loss",
-                 "rollout/dynamic_filter/drop_zero_std"):
+    for name in ("rollout/raw_reward", "rollout/response_len/mean", "train/loss"):
         expected, got = series(full, name), series(resumed, name)
         assert [got.get(i) for i in (2, 3)] == pytest.approx([expected.get(i) for i in (2, 3)],
                                                              rel=1e-6), name
+    # The filter named each drop zero_std_<reward>; the resumed run drops the same groups.
+    assert sum(sum(drops.values()) for drops in zero_std_drops(full).values()) > 0
+    assert [zero_std_drops(resumed).get(i) for i in (2, 3)] == [
+        zero_std_drops(full).get(i) for i in (2, 3)]
+
+
+def zero_std_drops(rows: list[dict]) -> dict[int, dict[str, float]]:
+    """Per rollout, the zero-std drop counts by reason (`drop_zero_std_<reward>`)."""
+    prefix = "rollout/dynamic_filter/drop_zero_std"
+    return {row["step"]: {k: v for k, v in row.items() if k.startswith(prefix)}
+            for row in rows if any(k.startswith(prefix) for k in row)}
 
 
 def test_saved_rollout_replays_to_the_same_loss(tiny, tmp_path):
