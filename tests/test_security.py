@@ -263,14 +263,32 @@ def test_an_ipc_payload_to_a_consenting_server_is_refused_too(tiny, tokenizer, t
     assert not marker.exists()
 
 
+IPC_RECEIVER = """
+import sys
+from furlong.engine.weight_transfer import deserialize_ipc_tensors
+for name, tensor in deserialize_ipc_tensors(sys.stdin.read()):
+    print(name, tensor.device.type, str(tensor.dtype), tensor.float().sum().item())
+"""
+
+
 @pytest.mark.gpu
-def test_cuda_ipc_payloads_still_load():
+def test_cuda_ipc_payloads_from_another_process_still_load():
+    """The allowlist admits what torch writes for CUDA tensors (a process cannot open its
+    own IPC handles, so the receiver is a child, as a colocated server is)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
     from furlong.engine.weight_transfer import serialize_named_tensors_ipc
-    sent = [("a", torch.randn(4, 3, device="cuda")), ("b", torch.arange(5, device="cuda"))]
-    loaded = deserialize_ipc_tensors(serialize_named_tensors_ipc(sent))
-    assert [name for name, _ in loaded] == ["a", "b"]
-    for (_, want), (_, got) in zip(sent, loaded, strict=True):
-        assert got.is_cuda and got.dtype == want.dtype and torch.equal(got, want)
+    sent = [("a", torch.ones(4, 3, device="cuda")), ("b", torch.arange(5, device="cuda")),
+            ("c", torch.ones(6, device="cuda", dtype=torch.bfloat16)[2:])]
+    received = subprocess.run([sys.executable, "-c", IPC_RECEIVER],
+                              input=serialize_named_tensors_ipc(sent), capture_output=True,
+                              text=True, cwd=REPO, timeout=START_STOP_TIMEOUT_S)
+    assert received.returncode == 0, received.stderr
+    assert received.stdout.split("\n")[:3] == ["a cuda torch.float32 12.0",
+                                               "b cuda torch.int64 10.0",
+                                               "c cuda torch.bfloat16 4.0"]
 
 
 # ---- Megatron checkpoints ---------------------------------------------------------------------
