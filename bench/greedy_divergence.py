@@ -129,6 +129,22 @@ def main() -> None:
               f"(float32 top-2 gap {(top2[0] - top2[1]).item():.4f}; engine picked the "
               f"float32 max: {int(logits.argmax()) == ours[split]})")
 
+    print("float32 gap (max logit - logit of the chosen token) along each decoder's tokens, "
+          "and HF bf16's own max |logit - float32 logit| on them:")
+    for name, outputs in decoders.items():
+        gaps, noise = [], []
+        for ids, output in zip(prompts, outputs, strict=True):
+            start, full = len(ids) - 1, ids + output
+            reference = teacher_forced_logits(fp32, full, False)[start:len(full) - 1]
+            rounded = teacher_forced_logits(bf16, full, False)[start:len(full) - 1]
+            chosen = torch.tensor(output, device=DEVICE)[:, None]
+            gaps.append(reference.max(-1).values - reference.gather(1, chosen)[:, 0])
+            noise.append((rounded - reference).abs().max(-1).values)
+        gaps, noise = torch.cat(gaps), torch.cat(noise)
+        print(f"  {name:32s} gap max {gaps.max().item():.4f}, not the float32 argmax at "
+              f"{int((gaps > 0).sum())}/{len(gaps)}; HF bf16 logit error max "
+              f"{noise.max().item():.4f} mean {noise.mean().item():.4f}")
+
     print("mean |log-prob - float32 log-prob| of each decoder's own tokens (teacher-forced):")
     engine_lp = torch.tensor([lp for o in engine_outputs for lp in o.output_log_probs],
                              device=DEVICE)
