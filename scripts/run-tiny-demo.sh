@@ -4,7 +4,8 @@
 #   2. SFT warm-up through train.py (--loss-type sft_loss)
 #   3. GRPO through train.py, warm-started from the SFT checkpoint (--ref-load)
 # Eval runs before and after each stage; a summary table and reward curves end it.
-# Usage: scripts/run-tiny-demo.sh [OUT_DIR] (default runs/demo). PYTHON overrides python.
+# Usage: scripts/run-tiny-demo.sh [OUT_DIR] (default runs/demo). Environment overrides:
+# PYTHON (python), SEED (0), SFT_STEPS (120), GRPO_ROLLOUTS (80), GRPO_LR (2e-4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/demo}
@@ -59,7 +60,10 @@ GRPO_ARGS=(
    --micro-batch-size 64
    --advantage-estimator grpo
    --eps-clip 0.2
-   --optimizer adam --lr 1e-4 --weight-decay 0.0 --seed "$SEED"
+   # The engine's log-probs equal the trainer's (both float32 on the CPU), so the two
+   # optimizer steps per rollout (256 samples / --global-batch-size 128) need no extra forward.
+   --use-rollout-logprobs
+   --optimizer adam --lr ${GRPO_LR:-2e-4} --weight-decay 0.0 --seed "$SEED"
 )
 
 "$PYTHON" train.py "${MODEL_ARGS[@]}" "${SFT_ARGS[@]}" "${EVAL_ARGS[@]}"
