@@ -353,7 +353,7 @@ def save_rollout(path: str, result: RolloutResult) -> None:
 
 
 def load_rollout(path: str) -> RolloutResult:
-    data = torch.load(path, weights_only=False)
+    data = checkpoint.load_state(path)
     groups = [[Sample.from_dict(s) for s in g] for g in data["groups"]]
     return RolloutResult(groups, data["metrics"])
 

@@ -177,7 +177,7 @@ def test_sinks_and_hf_export(tiny, tmp_path):
     assert list((tmp_path / "run/wandb").glob("offline-run-*"))
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_0")
-    saved = torch.load(tmp_path / "run/iter_0000000/trainer_rank0.pt", weights_only=False)
+    saved = torch.load(tmp_path / "run/iter_0000000/trainer_rank0.pt", weights_only=True)
     assert saved["scheduler"]["step_count"] == 2
     assert model.config.num_hidden_layers == 2
 
@@ -280,7 +280,7 @@ def test_async_resume_regenerates_the_rollout_in_flight(tiny, tmp_path, monkeypa
     monkeypatch.undo()
     run_async(cut)
     prompts = lambda name, k: [g[0]["prompt"] for g in torch.load(  # noqa: E731
-        tmp_path / f"{name}_{k}.pt", weights_only=False)["groups"]]
+        tmp_path / f"{name}_{k}.pt", weights_only=True)["groups"]]
     for k in range(4):
         assert prompts("cut", k) == prompts("full", k), k
 

@@ -189,7 +189,7 @@ def ranks(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
     batch = prepared_batch(tiny)
     mp.spawn(_worker, args=(free_port(), tiny, batch, out), nprocs=WORLD)
-    return batch, torch.load(out / "results.pt", weights_only=False), out
+    return batch, torch.load(out / "results.pt", weights_only=True), out
 
 
 def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -372,7 +372,7 @@ def test_two_gpus_match_one_process_in_bf16(tiny, tmp_path):
     one-process step to bfloat16 accuracy, and resume exactly."""
     batch = prepared_batch(tiny)
     mp.spawn(_worker, args=(free_port(), tiny, batch, tmp_path, "cuda"), nprocs=WORLD)
-    results = torch.load(tmp_path / "results.pt", weights_only=False)
+    results = torch.load(tmp_path / "results.pt", weights_only=True)
     for name, (_, extra) in RUNS.items():
         reference = TrainActor(policy_config(tiny, single_process_flags(extra)), RankInfo(),
                                str(tiny / "model"), 2)

@@ -56,12 +56,14 @@ def in_bundle(group, bundle: int) -> PlacementGroupSchedulingStrategy:
     return PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle)
 
 
-def join_servers(urls: list[str], sglang: SglangArgs, group_name: str) -> WeightBroadcaster:
+def join_servers(urls: list[str], sglang: SglangArgs, group_name: str,
+                 api_key: str | None = None) -> WeightBroadcaster:
     """Rank 0's weight-update group with the engine servers, met on this node. An SGLang
     server joins with one rank per GPU (--rollout-num-gpus-per-engine); with fewer
     ranks counted, its extra ranks would wait for a group that never forms."""
     broadcaster = WeightBroadcaster(urls, group_name,
-                                    ranks_per_server=sglang.rollout_num_gpus_per_engine)
+                                    ranks_per_server=sglang.rollout_num_gpus_per_engine,
+                                    api_key=api_key)
     broadcaster.init_group(*node_rendezvous(),
                            backend="nccl" if torch.cuda.is_available() else "gloo")
     return broadcaster
@@ -121,24 +123,29 @@ class TrainRank:
         return self.actor.model_config
 
     # ---- weight sync (every rank takes part in gathering the full weights) -----------------
-    def send_by_value(self, urls: list[str], version: int, bucket_bytes: int) -> None:
+    def send_by_value(self, urls: list[str], version: int, bucket_bytes: int,
+                      api_key: str | None = None) -> None:
         """Rank 0 posts each bucket's bytes to every engine server."""
         for bucket, last in iter_buckets(self.actor.named_weights(), bucket_bytes):
             if self.rank == 0:
                 payload = serialize_named_tensors(bucket)
                 for url in urls:
-                    post_tensor_update(url, payload, version if last else None)
+                    post_tensor_update(url, payload, version if last else None,
+                                       api_key=api_key)
 
-    def send_by_ipc(self, urls: list[str], version: int, bucket_bytes: int) -> None:
+    def send_by_ipc(self, urls: list[str], version: int, bucket_bytes: int,
+                    api_key: str | None = None) -> None:
         """Each rank hands the engines on its own GPU CUDA IPC handles (no copy here)."""
         for bucket, last in iter_buckets(self.actor.named_weights(), bucket_bytes):
             if urls:
                 payload = serialize_named_tensors_ipc(bucket)  # `bucket` stays alive meanwhile
                 for url in urls:
-                    post_tensor_update(url, payload, version if last else None)
+                    post_tensor_update(url, payload, version if last else None,
+                                       api_key=api_key)
                 torch.cuda.synchronize()
 
-    def send_by_broadcast(self, urls: list[str], version: int, bucket_bytes: int) -> None:
+    def send_by_broadcast(self, urls: list[str], version: int, bucket_bytes: int,
+                          api_key: str | None = None) -> None:
         """Rank 0 broadcasts buckets over a weight-update group that the servers joined."""
         weights = self.actor.named_weights()
         if self.rank != 0:
@@ -146,7 +153,7 @@ class TrainRank:
                 pass
             return
         group = self.weight_group.get(urls, lambda name: join_servers(
-            urls, self.actor.config.sglang, name))
+            urls, self.actor.config.sglang, name, api_key))
         group.broadcast(weights, bucket_bytes, version)
 
 
@@ -173,6 +180,7 @@ class RayTrainGroup:
         self.urls: list[str] = []
         self.engine_actors: list = []
         self.sync_mode = "value"
+        self.api_key: str | None = None
 
     def _all(self, method: str, *args) -> list:
         return wait_all([getattr(r, method).remote(*args) for r in self.ranks], "trainer rank")
@@ -211,11 +219,13 @@ class RayTrainGroup:
 
     # ---- weight sync --------------------------------------------------------------------
     def attach_engines(self, urls: list[str], engine_devices: list[list[int]],
-                       colocate: bool, actors: list) -> None:
+                       colocate: bool, actors: list, api_key: str | None = None) -> None:
         """Choose how weights travel: CUDA IPC on shared GPUs, a broadcast to engines on
         devices of their own, bytes by value for CPU processes that share a machine.
-        `actors` host the servers at `urls` (none for servers started elsewhere)."""
+        `actors` host the servers at `urls` (none for servers started elsewhere);
+        `api_key` is the servers' key, sent with every weight push."""
         self.urls = urls
+        self.api_key = api_key
         self.engine_devices = engine_devices
         self.engine_actors = actors
         cuda = self.rank.device.type == "cuda"
@@ -230,11 +240,12 @@ class RayTrainGroup:
         if self.sync_mode == "ipc":  # each rank feeds the engines on its own GPU
             calls = [rank.send_by_ipc.remote(
                 [url for url, devices in zip(self.urls, self.engine_devices, strict=True)
-                 if devices[0] == index and url in live], version, bucket)
+                 if devices[0] == index and url in live], version, bucket, self.api_key)
                 for index, rank in enumerate(self.ranks)]
         else:
             method = "send_by_value" if self.sync_mode == "value" else "send_by_broadcast"
-            calls = [getattr(rank, method).remote(urls, version, bucket) for rank in self.ranks]
+            calls = [getattr(rank, method).remote(urls, version, bucket, self.api_key)
+                     for rank in self.ranks]
         try:
             await asyncio.to_thread(wait_all, calls, "trainer rank")
         except RuntimeError:  # an engine this push went to may have died (none are

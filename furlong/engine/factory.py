@@ -48,6 +48,7 @@ class EngineOptions:
     server_module: str = SGLANG_SERVER       # furlong.engine.serve stands in for tests
     update_weight_buffer_size: int = 512 * MIB
     offload: bool = False                    # --offload-rollout: engines release memory
+    api_key: str | None = None               # the servers' --api-key (--sglang-api-key)
 
 
 def engine_options(config: Config, shares_device: bool,
@@ -65,7 +66,7 @@ def engine_options(config: Config, shares_device: bool,
         shares_device=shares_device, sglang=sglang, device_groups=device_groups,
         external_engine_addrs=tuple(r.rollout_external_engine_addrs or ()) if r.rollout_external
         else (), update_weight_buffer_size=r.update_weight_buffer_size,
-        offload=config.cluster.offload_rollout)
+        offload=config.cluster.offload_rollout, api_key=sglang.api_key)
 
 
 def resolve_backend(options: EngineOptions, device: torch.device) -> str:
@@ -120,7 +121,8 @@ def server_spec(model_path: str, options: EngineOptions, device: torch.device) -
                          "sglang) in this environment; or use --rollout-backend fast or hf")
     return ServerSpec(model_path, options.sglang, options.seed, module=options.server_module,
                       mem_fraction_static=(options.mem_fraction_static or 0.3) if colocated
-                      else None, accept_ipc_weights=colocated, memory_saver=options.offload)
+                      else None, accept_ipc_weights=colocated, memory_saver=options.offload,
+                      api_key=options.api_key)
 
 
 def launch_servers(model_path: str, options: EngineOptions, device: torch.device) -> Engine:
@@ -166,4 +168,4 @@ def _router_options(options: EngineOptions, device: torch.device, weight_sync: s
         max_concurrency=options.sglang.sglang_server_concurrency, weight_sync=weight_sync,
         weight_sync_backend="nccl" if device.type == "cuda" else "gloo",
         master_address=master_address, tp_size=options.sglang.rollout_num_gpus_per_engine,
-        bucket_bytes=options.update_weight_buffer_size)
+        bucket_bytes=options.update_weight_buffer_size, api_key=options.api_key)

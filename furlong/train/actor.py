@@ -309,12 +309,12 @@ class TrainActor:
         (the weights were loaded at construction)."""
         rank = self.rank.rank
         saved_world = len(list(directory.glob("rng_rank*.pt")))
-        rng = torch.load(directory / f"rng_rank{rank}.pt", weights_only=False) \
+        rng = checkpoint.load_state(directory / f"rng_rank{rank}.pt") \
             if rank < saved_world else {}
         self._check_saved_layout(directory, saved_world, rng.get("tp_size", 1))
         state_file = directory / f"trainer_rank{rank}.pt"
         if state_file.is_file():
-            state = torch.load(state_file, weights_only=False)
+            state = checkpoint.load_state(state_file)
             distributed_state.load_local_optimizer_state(self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(rng)
