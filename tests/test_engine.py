@@ -116,21 +116,43 @@ def test_greedy_batch_equals_hf_generate(engine, prompt_ids):
 
 
 @pytest.mark.gpu
-def test_bf16_fast_engine_follows_hf_generate_on_gpu(tiny, tokenizer, sharpened_state,
-                                                     prompt_ids):
-    """bf16 on the GPU (kernels, graphs): at least 99% of all greedy positions come before
-    the first divergence from HF `generate` on the same bf16 weights."""
+def test_bf16_fast_engine_greedy_is_float32_greedy_up_to_bf16_rounding(
+        tiny, tokenizer, sharpened_state, prompt_ids):
+    """bf16 on the GPU (kernels, graphs), judged against float32, not against HF's bf16.
+
+    HF `generate` in bf16 is no reference for greedy tokens: it rounds logits to bf16
+    (the engine keeps the float32 accumulator, furlong/logits.py), and where two tokens
+    are within bf16 rounding of each other either may win. On an H200 the engine and HF
+    parted at 25% of the positions, each time at a float32 near-tie (margin 0.014) that
+    the engine resolved as float32 does (bench/greedy_divergence.py). So: teacher-forced
+    on the engine's own tokens, every token it chose is within HF bf16's own logit error
+    of the float32 maximum (nearly always the maximum itself), and its log-probs are
+    no further from float32 than HF's bf16 forward of the same tokens.
+    """
     model = sharpened_model(tiny, sharpened_state).to("cuda", torch.bfloat16)
+    reference = sharpened_model(tiny, sharpened_state).to("cuda")  # float32
     engine = FastEngine(model, tokenizer, kv_cache_tokens=8192, max_num_seqs=16)
     outputs = run(engine, [(ids, greedy(40)) for ids in prompt_ids])
     asyncio.run(engine.close())
-    agreed = total = 0
-    for ids, output in zip(prompt_ids, outputs, strict=True):
-        reference = hf_greedy(model, ids, 40)
-        pairs = list(zip(output.output_ids, reference))
-        agreed += next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
-        total += len(reference)
-    assert agreed >= 0.99 * total, (agreed, total)
+    gaps, rounding, engine_error, hf_error = [], [], [], []
+    with torch.no_grad():
+        for ids, output in zip(prompt_ids, outputs, strict=True):
+            full = torch.tensor([ids + output.output_ids], device="cuda")
+            rows = slice(len(ids) - 1, full.shape[1] - 1)  # positions predicting the output
+            float32 = reference(full).logits[0, rows].float()  # (R, V)
+            bf16 = model(full).logits[0, rows].float()
+            chosen = torch.tensor(output.output_ids, device="cuda")[:, None]  # (R, 1)
+            gaps.append(float32.max(-1).values - float32.gather(1, chosen)[:, 0])
+            rounding.append((bf16 - float32).abs().max(-1).values)
+            exact = float32.log_softmax(-1).gather(1, chosen)[:, 0]
+            engine_error.append((torch.tensor(output.output_log_probs, device="cuda")
+                                 - exact).abs())
+            hf_error.append((bf16.log_softmax(-1).gather(1, chosen)[:, 0] - exact).abs())
+    gaps, rounding = torch.cat(gaps), torch.cat(rounding)
+    assert len(gaps) > 100
+    assert (gaps <= rounding).all(), (gaps.max(), rounding.min())
+    assert (gaps == 0).float().mean() >= 0.95
+    assert torch.cat(engine_error).mean() <= 1.5 * torch.cat(hf_error).mean()
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, -1, 1.0), (0.7, 5, 0.9)])

@@ -43,10 +43,11 @@ def ipc_server(tiny, tmp_path_factory):
 
 
 def pushed_weights(tiny, seed: int) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors plus noise, on the GPU (what a trainer would hold)."""
+    """The checkpoint's tensors plus noise, on the GPU (what a trainer would hold); the
+    noise has a floor, so constant tensors (norm weights of 1) change too."""
     generator = torch.Generator().manual_seed(seed)
     return {name: (tensor.float() + torch.randn(tensor.shape, generator=generator)
-                   * tensor.float().std()).cuda()
+                   * (tensor.float().std() + 0.01)).cuda()
             for name, tensor in read_hf_weights(tiny / "model")}
 
 
