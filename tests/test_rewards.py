@@ -64,6 +64,21 @@ def test_math(response, label, expected):
     assert score_math(response, label) == expected
 
 
+def test_integer_answers_are_compared_by_value_without_math_verify(monkeypatch):
+    """Guards the fast path that keeps a rollout of wrong integer answers cheap: the
+    symbolic check costs milliseconds per answer, the integer comparison microseconds."""
+    import furlong.rollout.rewards.math as math_reward
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("math-verify was called for two integers")
+    monkeypatch.setattr(math_reward.math_verify, "parse", refuse)
+    assert score_math(r"\boxed{084}", "84") == 1.0
+    assert score_math(r"\boxed{-7}", "-7") == 1.0
+    assert score_math(r"\boxed{84}", "85") == 0.0
+    with pytest.raises(AssertionError, match="two integers"):
+        score_math(r"\boxed{0.5}", "1")
+
+
 def test_deepscaler_counts_only_text_after_the_last_think_close():
     assert score_deepscaler(r"<think>it is \boxed{85}</think> I am not sure.", "85") == 0.0
     assert score_deepscaler(r"<think>maybe 84</think> so \boxed{85}", "85") == 1.0

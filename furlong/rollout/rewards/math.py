@@ -17,6 +17,7 @@ _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox)\{([^{}]*)\}")
 _DROPPED = (r"\left", r"\right", r"\displaystyle", r"\!", r"\,", r"\;", r"\:", "^{\\circ}",
             "^\\circ", r"\%", "%", r"\$", "$")
 _THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
+_INTEGER = re.compile(r"-?\d+")
 
 
 def last_boxed(text: str) -> str | None:
@@ -56,12 +57,16 @@ def normalize_answer(answer: str) -> str:
 
 
 def answers_match(predicted: str, label: str) -> bool:
-    """Normalised strings equal, or math-verify's symbolic equivalence (label as gold)."""
+    """Normalised strings equal, integers equal in value, or math-verify's symbolic
+    equivalence (label as gold)."""
     predicted, label = normalize_answer(predicted), normalize_answer(label)
     if predicted == label:
         return True
     if not predicted or not label:
         return False
+    if _INTEGER.fullmatch(predicted) and _INTEGER.fullmatch(label):
+        # Two integers (`007` and `7` too) need no symbolic check, which costs ~1000x more.
+        return int(predicted) == int(label)
     # Wrapping both in \boxed{} makes math-verify read them as LaTeX answers.
     gold = math_verify.parse(f"\\boxed{{{label}}}", parsing_timeout=None)
     target = math_verify.parse(f"\\boxed{{{predicted}}}", parsing_timeout=None)
