@@ -72,10 +72,10 @@ class HTTPEngine:
             await self.update_weights_from_serialized(payload, version if is_last else None)
 
     async def update_weights_from_serialized(self, payload: str, version: int | None) -> None:
-        """One /update_weights_from_tensor request: `payload` (from serialize_named_tensors)
-        for every tensor-parallel rank; a `version` also sets it and flushes the cache, so
-        it goes with the last bucket. A real SGLang server rejects this payload: it expects
-        its own MultiprocessingSerializer format (docs/sglang.md)."""
+        """One /update_weights_from_tensor request: `payload` for every tensor-parallel
+        rank; a `version` also sets it and flushes the cache, so it goes with the last
+        bucket. A `serialize_named_tensors_ipc` payload (CUDA IPC handles) is SGLang's own
+        format; a `serialize_named_tensors` one (bytes) only furlong's servers read."""
         await self._update("/update_weights_from_tensor",
                            tensor_update_body(payload, version, self.tp_size))
 

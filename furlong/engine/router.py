@@ -9,9 +9,9 @@ others wait here, where an abort still reaches them.
 
 Fan-out. abort_all, update_weights, release/resume_memory, flush_cache and health go to
 every live engine. Weights take one of two paths (`RouterOptions.weight_sync`):
-- "tensor": /update_weights_from_tensor, each bucket serialized once, sent to all. Only
-  furlong's servers read this payload; SGLang expects its own MultiprocessingSerializer
-  format (CUDA IPC handles), which furlong does not produce (docs/sglang.md).
+- "tensor": /update_weights_from_tensor, each bucket serialized once, sent to all: CUDA
+  tensors as CUDA IPC handles in SGLang's own format (colocated engines), CPU tensors as
+  a `torch.save` archive that only furlong's servers read (docs/sglang.md).
 - "distributed": the trainer is rank 0 of a process group with the servers
   (/init_weights_update_group) and broadcasts buckets (/update_weights_from_distributed);
   right for SGLang and furlong servers alike. The group is rebuilt when the engines change.
