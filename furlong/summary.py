@@ -1,4 +1,8 @@
-"""`python -m furlong.summary RUN_DIR...`: eval scores before and after each run, as a table."""
+"""`python -m furlong.summary RUN_DIR...`: eval scores before and after each run, as a table.
+
+`python -m furlong.summary --last eval/NAME RUN_DIR` prints the run's latest score alone
+(the demo script reads it to decide whether the SFT warm-up goes on).
+"""
 from __future__ import annotations
 
 import argparse
@@ -27,10 +31,25 @@ def summary_table(run_dirs: list[str]) -> str:
     return "\n".join(lines)
 
 
+def latest_score(run_dir: str | Path, name: str) -> float:
+    points = eval_scores(run_dir).get(name)
+    if not points:
+        raise SystemExit(f"{run_dir}: no {name} in {METRICS_FILE}")
+    return points[-1][1]
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dirs", nargs="+")
-    print(summary_table(parser.parse_args().run_dirs))
+    parser.add_argument("--last", metavar="eval/NAME",
+                        help="print only the latest score of this metric (one run)")
+    args = parser.parse_args()
+    if args.last:
+        if len(args.run_dirs) != 1:
+            parser.error("--last reads one run directory")
+        print(latest_score(args.run_dirs[0], args.last))
+    else:
+        print(summary_table(args.run_dirs))
 
 
 if __name__ == "__main__":
