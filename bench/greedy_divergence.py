@@ -7,7 +7,7 @@ with a float32 reference of the same weights, teacher-forced on each one's own t
   tokens they chose (a near-tie is a margin of bf16 rounding size, ~1e-2 here);
 - the mean |log-prob - float32 log-prob| of each decoder's chosen tokens;
 - the same for HF in bf16 with its output projection accumulated in float32 (what the
-  engine and the trainer do, `furlong/logits.py`), which isolates the logits' rounding.
+  engine and the trainer do, `furlong/model/logits.py`), which isolates the logits' rounding.
 
     python bench/greedy_divergence.py [--new-tokens 40]
 """
@@ -23,10 +23,9 @@ from transformers import AutoTokenizer
 
 from furlong.engine.base import SamplingParams
 from furlong.engine.fast import FastEngine
-from furlong.engine.hf_engine import load_named_tensors
-from furlong.logits import output_logits
+from furlong.model.loading import load_hf_model, load_named_tensors
+from furlong.model.logits import output_logits
 from furlong.tiny import write_tiny
-from furlong.train.policy import load_hf_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke run
 PROMPTS = ["1+2=", "37+48=", "99+11=12", "5", "10+10=", "42+17=", "88+99="]

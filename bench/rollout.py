@@ -90,7 +90,7 @@ def logprob_agreement(model, outputs, workload, samples: int = 16) -> float:
               for (p, _), o in list(zip(workload, outputs, strict=True))[:samples]]
     batch = TrainBatch.from_samples(chosen, None)
     policy = CausalLMPolicy(model)
-    from furlong.train.attention import register
+    from furlong.model.attention import register
     model.config._attn_implementation = register()
     diffs = []
     with torch.no_grad():

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from furlong import checkpoint
 from furlong.cluster.placement import plan_placement
 from furlong.config import Config, eval_datasets
 from furlong.data import DataError, DataKeys, PromptDataset, PromptEncoder
@@ -25,7 +26,6 @@ from furlong.rollout.context import HookArgs
 from furlong.rollout.generate import generate as default_generate
 from furlong.rollout.manager import RolloutManager
 from furlong.rollout.rewards import RewardModel
-from furlong.train import checkpoint
 from furlong.train.actor import RankInfo, TrainActor
 
 log = logging.getLogger("furlong")

@@ -28,12 +28,12 @@ from statistics import mean
 
 import torch
 
+from furlong import checkpoint
 from furlong.build import Run
 from furlong.engine.router import EngineRouter
 from furlong.plot import plot_rewards
 from furlong.progress import Progress
 from furlong.rollout.manager import RolloutResult
-from furlong.train import checkpoint
 from furlong.train.advantages import compute_advantages
 from furlong.train.batch import TrainBatch
 from furlong.train.flops import forward_flops, peak_flops

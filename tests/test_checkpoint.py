@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from furlong.train import checkpoint
+from furlong import checkpoint
 
 
 def write_marker(value: str):

@@ -21,10 +21,11 @@ from transformers import AutoTokenizer
 
 from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.fast import FastEngine
-from furlong.engine.hf_engine import HFEngine, load_named_tensors
+from furlong.engine.hf_engine import HFEngine
 from furlong.engine.sampling import sample_tokens
+from furlong.model.loading import load_hf_model, load_named_tensors
 from furlong.train.batch import TrainBatch, pack, split_tokens
-from furlong.train.policy import CausalLMPolicy, load_hf_model
+from furlong.train.policy import CausalLMPolicy
 from furlong.types import Sample
 
 # Mixed lengths (12 to 16 prompt tokens); greedy from "1+2=" and "5" reaches EOS early.
@@ -121,7 +122,7 @@ def test_bf16_fast_engine_greedy_is_float32_greedy_up_to_bf16_rounding(
     """bf16 on the GPU (kernels, graphs), judged against float32, not against HF's bf16.
 
     HF `generate` in bf16 is no reference for greedy tokens: it rounds logits to bf16
-    (the engine keeps the float32 accumulator, furlong/logits.py), and where two tokens
+    (the engine keeps the float32 accumulator, furlong/model/logits.py), and where two tokens
     are within bf16 rounding of each other either may win. On an H200 the engine and HF
     parted at 25% of the positions, each time at a float32 near-tie (margin 0.014) that
     the engine resolved as float32 does (bench/greedy_divergence.py). So: teacher-forced

@@ -18,7 +18,7 @@ from furlong.engine.fast.block_manager import BlockManager
 from furlong.engine.fast.scheduler import Scheduler
 from furlong.engine.fast.sequence import Sequence
 from furlong.engine.hf_engine import HFEngine
-from furlong.train.policy import load_hf_model
+from furlong.model.loading import load_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from furlong.model.loading import load_hf_model
 from furlong.train.batch import pack, split_tokens
-from furlong.train.policy import CausalLMPolicy, load_hf_model
+from furlong.train.policy import CausalLMPolicy
 from conftest import random_batch, reference_log_probs
 
 

@@ -27,6 +27,7 @@ from furlong.data import DataKeys, PromptDataset, PromptEncoder
 from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.hf_engine import HFEngine
 from furlong.hooks import load_function
+from furlong.model.loading import load_hf_model
 from furlong.rollout.context import HookArgs
 from furlong.rollout.filters import FilterResult, as_filter_result, check_reward_nonzero_std
 from furlong.rollout.generate import generate as default_generate
@@ -35,7 +36,6 @@ from furlong.rollout.manager import RolloutManager
 from furlong.rollout.rewards import RewardModel
 from furlong.rollout.stats import pass_at_k
 from furlong.train.batch import TrainBatch
-from furlong.train.policy import load_hf_model
 from furlong.types import Sample, Status
 
 EOS = 2  # <|im_end|> of the tiny tokenizer

@@ -23,11 +23,11 @@ import torch
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from furlong.model.loading import load_hf_model
 from furlong.ports import free_port
 from furlong.train import distributed_state, parallel
 from furlong.train.actor import RankInfo, TrainActor
 from furlong.train.advantages import compute_advantages
-from furlong.train.policy import load_hf_model
 
 from conftest import policy_config, random_batch
 

@@ -24,6 +24,7 @@ from test_serve import (REQUEST_TIMEOUT_S, START_STOP_TIMEOUT_S, ServerThread, g
                         with_client)
 from transformers import AutoTokenizer
 
+from furlong import checkpoint
 from furlong.config import ConfigError, load_config
 from furlong.config.parser import parse_config
 from furlong.engine.api_key import is_authorized, redacted, run_api_key
@@ -32,7 +33,6 @@ from furlong.engine.launcher import ServerLauncher, ServerSpec, server_command
 from furlong.engine.router import EngineRouter, RouterOptions
 from furlong.engine.weight_transfer import (deserialize_ipc_tensors,
                                             deserialize_named_tensors)
-from furlong.train import checkpoint
 
 pytestmark = pytest.mark.timeout(600)
 KEY = "s3cret-key"

@@ -28,15 +28,15 @@ from conftest import slowed
 from transformers import AutoTokenizer
 
 from furlong.engine.base import SamplingParams
-from furlong.ports import free_port
 from furlong.engine.client import EngineHTTPError, HTTPEngine
 from furlong.engine.fast import FastEngine
-from furlong.engine.hf_engine import HFEngine, load_named_tensors
+from furlong.engine.hf_engine import HFEngine
 from furlong.engine.serve import EngineServer, parse_args
 from furlong.engine.weight_transfer import (WeightBroadcaster, deserialize_named_tensors,
                                             iter_buckets, serialize_named_tensors)
+from furlong.model.loading import load_hf_model, load_named_tensors
+from furlong.ports import free_port
 from furlong.tiny import write_tiny
-from furlong.train.policy import load_hf_model
 
 pytestmark = pytest.mark.timeout(600)
 # Generous limits: these requests must succeed, also on a loaded machine. Nothing waits

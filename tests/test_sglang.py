@@ -32,8 +32,8 @@ from furlong.engine.factory import EngineOptions, create_engine, engine_options
 from furlong.engine.launcher import (BUILTIN_SERVER, ServerLauncher, ServerProcess, ServerSpec,
                                      server_command, server_env)
 from furlong.engine.router import EngineRouter, EngineState, RouterOptions
+from furlong.model.loading import load_hf_model
 from furlong.ports import free_port
-from furlong.train.policy import load_hf_model
 
 # A hang guard only: every wait below is on a condition, with generous deadlines.
 pytestmark = pytest.mark.timeout(600)

@@ -9,12 +9,13 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from furlong.config import load_config
+from furlong.model.loading import load_hf_model
 from furlong.train import microbatch
 from furlong.train.actor import RankInfo, TrainActor
 from furlong.train.advantages import compute_advantages, group_normalized
 from furlong.train.batch import TrainBatch, pack, split_tokens
 from furlong.train.loss import LossInputs, make_reducer, policy_objective
-from furlong.train.policy import CausalLMPolicy, load_hf_model
+from furlong.train.policy import CausalLMPolicy
 
 from conftest import policy_config, random_batch, reference_log_probs
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from furlong import varlen
+from furlong.model import varlen
 
 
 def reference(query, key, value, lengths):

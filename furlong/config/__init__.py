@@ -27,8 +27,8 @@ def load_config(argv: list[str], prog: str = "train.py") -> tuple[Config, list[s
 def check_checkpoint_paths(config: Config) -> None:
     """--load's tracker and --ref-load's model resolve now, not after the data and the
     policy have loaded (and under --dry-run). A --load without a tracker is a fresh run."""
-    from furlong.train.checkpoint import latest_iteration
-    from furlong.train.policy import resolve_hf_dir
+    from furlong.checkpoint import latest_iteration
+    from furlong.model.loading import resolve_hf_dir
     ckpt = config.ckpt
     try:
         latest_iteration(ckpt.load)

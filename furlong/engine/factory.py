@@ -27,7 +27,7 @@ from furlong.engine.fast import FastEngine, supports
 from furlong.engine.hf_engine import HFEngine
 from furlong.engine.launcher import SGLANG_SERVER, ServerLauncher, ServerSpec
 from furlong.engine.router import EngineRouter, RouterOptions, address_towards
-from furlong.train.policy import load_hf_model
+from furlong.model.loading import load_hf_model
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.sampling import sample_tokens
 from furlong.engine.stops import ended_on_stop_token, response_text, stop_string_end
+from furlong.model.loading import eos_token_ids, load_named_tensors
 
 
 @dataclass
@@ -29,16 +30,6 @@ class _Request:
     future: asyncio.Future
     seed: int
     cancelled: bool = False  # the caller gave up on it: its row stops (finish "abort")
-
-
-def eos_token_ids(model, tokenizer) -> set[int]:
-    """Every id that ends a response: config, generation config and tokenizer EOS."""
-    ids: set[int] = set()
-    for value in (getattr(model.generation_config, "eos_token_id", None),
-                  model.config.eos_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            ids.update([value] if isinstance(value, int) else value)
-    return ids
 
 
 class _Row:
@@ -216,26 +207,3 @@ class HFEngine:
         await self.abort_all()
         if self._worker is not None:
             self._worker.cancel()
-
-
-@torch.no_grad()
-def load_named_tensors(model: torch.nn.Module,
-                       named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-    """Copy tensors into `model` by HF parameter name (casting dtype). Returns the count.
-
-    A name the model does not have, or a tensor of another shape, is an error naming it
-    (`copy_` would broadcast a smaller tensor silently); tied weights (lm_head sharing the
-    embedding) are listed once by `named_parameters` on both sides.
-    """
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
-    count = 0
-    for name, tensor in named_tensors:
-        if name not in params:
-            raise KeyError(f"weight {name!r} is not a parameter of {type(model).__name__}")
-        if tensor.shape != params[name].shape:
-            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, the model's is "
-                             f"{tuple(params[name].shape)}")
-        params[name].copy_(tensor.to(params[name].device), non_blocking=True)
-        count += 1
-    return count

@@ -84,7 +84,7 @@ def resolve_dtype(name: str, model_path: str) -> torch.dtype:
         return DTYPES[name]
     from transformers import AutoConfig
 
-    from furlong.train.policy import resolve_hf_dir
+    from furlong.model.loading import resolve_hf_dir
     dtype = getattr(AutoConfig.from_pretrained(resolve_hf_dir(model_path)), "dtype", None)
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
 
@@ -333,7 +333,7 @@ class EngineServer:
         return web.json_response(parameter.detach()[:truncate_size].float().cpu().tolist())
 
     async def update_weights_from_disk(self, request: web.Request) -> web.Response:
-        from furlong.train.policy import resolve_hf_dir
+        from furlong.model.loading import resolve_hf_dir
 
         body = await json_body(request)
         model_path = field(body, "model_path", str)

@@ -24,13 +24,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from furlong import checkpoint
 from furlong.config.groups import Config
-from furlong.train import checkpoint, distributed_state, microbatch, parallel
+from furlong.model.loading import load_hf_model
+from furlong.train import distributed_state, microbatch, parallel
 from furlong.train.batch import TrainBatch, pack, split_tokens
 from furlong.train.loss import LossInputs, make_reducer, policy_objective, sft_objective
 from furlong.train.optim import LRScheduler, build_optimizer
 from furlong.train.parallel import RankInfo
-from furlong.train.policy import CausalLMPolicy, load_hf_model
+from furlong.train.policy import CausalLMPolicy
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,8 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 from torch.utils.checkpoint import checkpoint
 
 from furlong.config.groups import PerfArgs
+from furlong.model.attention import RECOMPUTE_CORE
 from furlong.ports import free_port
-from furlong.train.attention import RECOMPUTE_CORE
 
 
 # ---- where a rank sits -------------------------------------------------------------------

@@ -10,15 +10,12 @@ Keeping the projection inside this module's forward also means a sharded root
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from furlong.algo.losses import entropy_from_logits
-from furlong.logits import compute_dtype, output_logits
-from furlong.train import attention
+from furlong.model.logits import compute_dtype, output_logits
 from furlong.train.batch import PackedMicroBatch
 
 
@@ -68,27 +65,3 @@ class CausalLMPolicy(nn.Module):
             return empty, empty
         log_probs, entropy = zip(*pieces, strict=True)
         return torch.cat(log_probs), torch.cat(entropy)
-
-
-def resolve_hf_dir(path: str) -> Path:
-    """An HF directory, or the model inside a furlong checkpoint (`iter_N/` or its parent)."""
-    root = Path(path)
-    tracker = root / "latest_checkpointed_iteration.txt"
-    if tracker.is_file():
-        root = root / f"iter_{int(tracker.read_text().strip()):07d}"
-    if (root / "model" / "config.json").is_file():
-        return root / "model"
-    if (root / "config.json").is_file():
-        return root
-    raise FileNotFoundError(f"{path}: neither an HF model directory (config.json) nor a furlong "
-                            "checkpoint (iter_NNNNNNN/ with latest_checkpointed_iteration.txt)")
-
-
-def load_hf_model(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                  packed: bool = False) -> nn.Module:
-    """An HF causal LM; `packed` selects the attention for packed micro-batches (training)."""
-    from transformers import AutoModelForCausalLM
-    implementation = attention.register() if packed else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_hf_dir(path), dtype=dtype, attn_implementation=implementation)
-    return model.to(device)

@@ -22,8 +22,8 @@ from furlong.engine.fast.block_manager import BlockManager
 from furlong.engine.fast.runner import ModelRunner
 from furlong.engine.fast.scheduler import Scheduler
 from furlong.engine.fast.sequence import Sequence
-from furlong.engine.hf_engine import eos_token_ids, load_named_tensors
 from furlong.engine.stops import ended_on_stop_token, response_text, stop_string_end
+from furlong.model.loading import eos_token_ids, load_named_tensors
 
 log = logging.getLogger(__name__)
 

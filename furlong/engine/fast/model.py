@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from furlong.engine.fast.fused import add_rms_norm, qk_norm_rope_store, silu_mul
-from furlong.logits import output_logits
+from furlong.model.logits import output_logits
 
 SUPPORTED_FAMILIES = ("qwen2", "qwen3", "llama")
 

@@ -19,7 +19,7 @@ from furlong.engine.fast.kernels import decode_splits, fused_sample, paged_decod
 from furlong.engine.fast.model import FastDecoder
 from furlong.engine.fast.sequence import Sequence
 from furlong.engine.sampling import sample_tokens
-from furlong.varlen import varlen_causal_attention
+from furlong.model.varlen import varlen_causal_attention
 
 STOP_IDS_WIDTH = 8  # per-slot stop ids; grows (dropping captured graphs) when needed
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448,

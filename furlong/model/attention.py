@@ -2,7 +2,7 @@
 
 HF attention modules call it with (1, heads, T, D) tensors and the sample bounds as
 `cu_seq_lens_q` (passed through the model's forward kwargs); the work is done by
-`furlong.varlen.varlen_causal_attention`. Under tensor parallel the heads are this
+`furlong.model.varlen.varlen_causal_attention`. Under tensor parallel the heads are this
 rank's share (whole query and KV heads, same grouping), which changes nothing here.
 A module marked with `RECOMPUTE_CORE` (--recompute-granularity selective) keeps only
 the attention inputs and recomputes the core in the backward.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from furlong.varlen import varlen_causal_attention
+from furlong.model.varlen import varlen_causal_attention
 
 NAME = "furlong_varlen"
 RECOMPUTE_CORE = "furlong_recompute_core"  # attribute set on an attention module
