@@ -25,21 +25,10 @@ from furlong.engine.base import SamplingParams
 from furlong.engine.fast import FastEngine
 from furlong.model.loading import load_hf_model, load_named_tensors
 from furlong.model.logits import output_logits
-from furlong.tiny import write_tiny
+from furlong.tiny import sharpened_state, write_tiny
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke run
 PROMPTS = ["1+2=", "37+48=", "99+11=12", "5", "10+10=", "42+17=", "88+99="]
-
-
-def sharpened_state(model_dir: Path) -> dict[str, torch.Tensor]:
-    """The engine tests' weights: seeded noise of 4 x each matrix's std."""
-    model = load_hf_model(str(model_dir))
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for _, param in model.named_parameters():
-            if param.dim() > 1:
-                param.add_(torch.randn(param.shape, generator=generator) * param.std() * 4)
-    return {name: param.detach().clone() for name, param in model.named_parameters()}
 
 
 def load(model_dir: Path, state, dtype):

@@ -20,7 +20,7 @@ from furlong.config import Config, eval_datasets
 from furlong.data import DataError, DataKeys, PromptDataset, PromptEncoder
 from furlong.engine.base import Engine
 from furlong.engine.factory import create_engine, engine_options
-from furlong.hooks import load_function
+from furlong.hooks import Hooks, load_hooks
 from furlong.metrics import MetricsLogger
 from furlong.rollout.context import HookArgs
 from furlong.rollout.generate import generate as default_generate
@@ -92,17 +92,16 @@ def build_rank() -> RankInfo:
     return RankInfo(device=torch.device("cpu"))
 
 
-def build_in_process(config: Config, tokenizer, init: str, total_steps: int, trains: bool,
-                     generates: bool) -> tuple[TrainActor | None, Engine | None]:
+def build_in_process(config: Config, hooks: Hooks, tokenizer, init: str, total_steps: int,
+                     trains: bool, generates: bool) -> tuple[TrainActor | None, Engine | None]:
     """Trainer and engine in this process (the engine boots from --hf-checkpoint; the
     actor's weights are pushed to it before the first rollout)."""
     rank = build_rank()
     trainer = None
     if trains:
         log.info("actor weights from %s", init)
-        trainer = TrainActor(config, rank, init, total_steps,
-                             _hook(config.grpo.custom_loss_function_path,
-                                   "--custom-loss-function-path"), HookArgs(config))
+        trainer = TrainActor(config, rank, init, total_steps, hooks.custom_loss,
+                             HookArgs(config))
     engine = None
     if generates:
         engine = create_engine(config.ckpt.hf_checkpoint, tokenizer, rank.device,
@@ -111,21 +110,15 @@ def build_in_process(config: Config, tokenizer, init: str, total_steps: int, tra
     return trainer, engine
 
 
-def _hook(path: str | None, flag: str):
-    return load_function(path, flag) if path else None
-
-
-def build_manager(config: Config, hook_args: HookArgs, dataset, evals) -> RolloutManager:
+def build_manager(config: Config, hooks: Hooks, hook_args: HookArgs, dataset,
+                  evals) -> RolloutManager:
     r = config.rollout
     reward = None
-    if r.rm_type or r.custom_rm_path:
-        reward = RewardModel(r.rm_type, r.custom_rm_path, r.group_rm, r.rm_url, r.rm_timeout,
+    if r.rm_type or hooks.custom_rm:
+        reward = RewardModel(r.rm_type, hooks.custom_rm, r.group_rm, r.rm_url, r.rm_timeout,
                              r.rm_on_error, hook_args, r.rollout_seed)
-    generate = _hook(r.custom_generate_function_path,
-                     "--custom-generate-function-path") or default_generate
-    return RolloutManager(config, hook_args, dataset, reward, generate,
-                          _hook(r.dynamic_sampling_filter_path, "--dynamic-sampling-filter-path"),
-                          evals, _hook(r.rollout_function_path, "--rollout-function-path"))
+    return RolloutManager(config, hook_args, dataset, reward, hooks.generate or default_generate,
+                          hooks.dynamic_sampling_filter, evals, hooks.rollout_function)
 
 
 def run_directory(config: Config) -> Path:
@@ -139,6 +132,7 @@ def run_directory(config: Config) -> Path:
 def build_run(config: Config, argv: list[str]) -> Run:
     random.seed(config.optimizer.seed)
     torch.manual_seed(config.optimizer.seed)
+    hooks = load_hooks(config)
     tokenizer = build_tokenizer(config)
     dataset, evals = build_datasets(config, tokenizer)
     num_rollout = count_rollouts(config, dataset)
@@ -152,7 +146,7 @@ def build_run(config: Config, argv: list[str]) -> Run:
     placement = plan_placement(config, torch.cuda.device_count())
     closers: list[Callable[[], None]] = []
     if placement.in_process:
-        trainer, engine = build_in_process(config, tokenizer, init, total_steps, trains,
+        trainer, engine = build_in_process(config, hooks, tokenizer, init, total_steps, trains,
                                            generates)
     else:  # Ray is imported only by runs that use it
         from furlong.cluster.ray_cluster import build_ray_roles
@@ -161,7 +155,7 @@ def build_run(config: Config, argv: list[str]) -> Run:
         trainer, engine = roles.trainer, roles.engine
         closers.append(roles.close)
     hook_args = HookArgs(config, engine, tokenizer)
-    manager = build_manager(config, hook_args, dataset, evals)
+    manager = build_manager(config, hooks, hook_args, dataset, evals)
     run_dir = run_directory(config)
     run = Run(config, argv, tokenizer, trainer, engine, manager,
               MetricsLogger(run_dir, config.logging, dict(config.sources)), run_dir,

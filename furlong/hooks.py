@@ -1,4 +1,5 @@
-"""User hooks: loading a function from a dotted path, and the reward hook signatures.
+"""User hooks: loading them from their dotted paths (`load_hooks`, the one place that
+does), and the reward hook signatures.
 
 A hook path is `package.module:function` or `package.module.function` (the last dotted
 component is the function). A missing module or attribute is a `ValueError` that names
@@ -7,6 +8,7 @@ the flag, the path and how to fix it, raised at startup rather than mid-run.
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol
 
 from furlong.types import Sample
@@ -31,6 +33,36 @@ ALIASES = {
         "furlong.rollout.filters:check_reward_nonzero_std"
     for project in ("slime", "miles")
 }
+
+
+# Hooks.field -> (config group, flag field) of its dotted path.
+HOOK_FLAGS = {
+    "custom_rm": ("rollout", "custom_rm_path"),
+    "dynamic_sampling_filter": ("rollout", "dynamic_sampling_filter_path"),
+    "generate": ("rollout", "custom_generate_function_path"),
+    "rollout_function": ("rollout", "rollout_function_path"),
+    "custom_loss": ("grpo", "custom_loss_function_path"),
+}
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """The run's user hooks, loaded; None where the flag is not given."""
+    custom_rm: Callable | None = None
+    dynamic_sampling_filter: Callable | None = None
+    generate: Callable | None = None
+    rollout_function: Callable | None = None
+    custom_loss: Callable | None = None
+
+
+def load_hooks(config) -> Hooks:
+    """Import every hook the config names (ValueError naming the flag if one is missing)."""
+    loaded = {}
+    for field, (group, name) in HOOK_FLAGS.items():
+        path = getattr(getattr(config, group), name)
+        if path:
+            loaded[field] = load_function(path, "--" + name.replace("_", "-"))
+    return Hooks(**loaded)
 
 
 def load_function(path: str, flag: str) -> Callable:

@@ -97,6 +97,21 @@ def write_tiny(out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
+def sharpened_state(model_dir: str | Path) -> dict:
+    """The tiny model's weights with seeded noise on every matrix (4 x its std): a model
+    whose next-token distributions are peaked, so engines' greedy choices can be compared."""
+    import torch
+
+    from furlong.model.loading import load_hf_model
+    model = load_hf_model(str(model_dir))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, param in model.named_parameters():
+            if param.dim() > 1:
+                param.add_(torch.randn(param.shape, generator=generator) * param.std() * 4)
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")

@@ -26,6 +26,7 @@ from furlong.engine.sampling import sample_tokens
 from furlong.model.loading import load_hf_model, load_named_tensors
 from furlong.train.batch import TrainBatch, pack, split_tokens
 from furlong.train.policy import CausalLMPolicy
+from furlong.tiny import sharpened_state as tiny_sharpened_state
 from furlong.types import Sample
 
 # Mixed lengths (12 to 16 prompt tokens); greedy from "1+2=" and "5" reaches EOS early.
@@ -40,14 +41,7 @@ def tokenizer(tiny):
 
 @pytest.fixture(scope="module")
 def sharpened_state(tiny) -> dict[str, torch.Tensor]:
-    """The tiny model's weights with seeded noise on every matrix (4 x its std)."""
-    model = load_hf_model(str(tiny / "model"))
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for _, param in model.named_parameters():
-            if param.dim() > 1:
-                param.add_(torch.randn(param.shape, generator=generator) * param.std() * 4)
-    return {name: param.detach().clone() for name, param in model.named_parameters()}
+    return tiny_sharpened_state(tiny / "model")
 
 
 @pytest.fixture(scope="module")

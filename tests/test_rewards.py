@@ -31,10 +31,11 @@ def make_sample(response: str, label=None, group_index: int = 3, index: int = 1,
                   label=label)
 
 
-def make_model(**overrides) -> RewardModel:
-    options = dict(rm_type=None, custom_rm_path=None, group_rm=False, rm_url=None,
-                   timeout=10.0, on_error="raise", hook_args=None, seed=0)
-    return RewardModel(**{**options, **overrides})
+def make_model(custom_rm_path: str | None = None, **overrides) -> RewardModel:
+    options = dict(rm_type=None, group_rm=False, rm_url=None, timeout=10.0, on_error="raise",
+                   hook_args=None, seed=0)
+    custom_rm = load_function(custom_rm_path, "--custom-rm-path") if custom_rm_path else None
+    return RewardModel(**{**options, **overrides}, custom_rm=custom_rm)
 
 
 # --- math and deepscaler ---------------------------------------------------------------

@@ -75,7 +75,7 @@ class TrainRank:
 
     def __init__(self, config: Config, rank: int, world_size: int, master_address: str,
                  master_port: int, init_weights: str, total_steps: int):
-        from furlong.hooks import load_function
+        from furlong.hooks import load_hooks
         from furlong.rollout.context import HookArgs
         from furlong.train import parallel
         cuda = torch.cuda.is_available()
@@ -83,10 +83,9 @@ class TrainRank:
                                   "nccl" if cuda else "gloo")
         info = parallel.rank_info(rank, world_size, config.perf.tensor_model_parallel_size,
                                   "cuda" if cuda else "cpu")
-        path = config.grpo.custom_loss_function_path
-        hook = load_function(path, "--custom-loss-function-path") if path else None
         self.rank = rank
-        self.actor = TrainActor(config, info, init_weights, total_steps, hook, HookArgs(config))
+        self.actor = TrainActor(config, info, init_weights, total_steps,
+                                load_hooks(config).custom_loss, HookArgs(config))
         self.weight_group = CurrentGroup()  # rank 0's, with the engine servers
 
     def ready(self) -> bool:

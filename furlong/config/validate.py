@@ -11,14 +11,10 @@ from pathlib import Path
 
 from furlong.config.groups import GROUPS, Config, flag_fields
 from furlong.config.parser import ConfigError, option_name
-from furlong.hooks import load_function
-from furlong.rollout.rewards import TEXT_REWARDS, split_rm_type
+from furlong.config.reward_types import LABELLED_REWARDS, split_rm_type
+from furlong.hooks import load_hooks
 
 # Hook flags and their group: each path must import before the run starts.
-HOOK_FLAGS = (("rollout", "custom_rm_path"), ("rollout", "dynamic_sampling_filter_path"),
-              ("rollout", "custom_generate_function_path"), ("rollout", "rollout_function_path"),
-              ("grpo", "custom_loss_function_path"))
-
 # (eval field, rollout field) pairs: an unset eval value takes the rollout value.
 EVAL_INHERITS = (
     ("eval_max_response_len", "rollout_max_response_len"),
@@ -136,7 +132,7 @@ def _resolve_reward(config: Config) -> Config:
     base = _reward_base(r.rm_type)
     if base == "remote_rm" and not r.rm_url:
         raise ConfigError("--rm-type remote_rm needs --rm-url http://HOST:PORT/PATH")
-    if base in TEXT_REWARDS and r.label_key is None:
+    if base in LABELLED_REWARDS and r.label_key is None:
         raise ConfigError(f"--rm-type {r.rm_type} compares responses with a label: set "
                           "--label-key to the label column (e.g. --label-key label)")
     if base == "dapo" and r.reward_key is None:
@@ -153,13 +149,10 @@ def _reward_base(rm_type: str) -> str:
 
 def check_hooks(config: Config) -> None:
     """Import every hook given by dotted path, so a typo fails before any heavy work."""
-    for group, name in HOOK_FLAGS:
-        path = getattr(getattr(config, group), name)
-        if path:
-            try:
-                load_function(path, option_name(name))
-            except ValueError as error:
-                raise ConfigError(str(error)) from None
+    try:
+        load_hooks(config)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _resolve_eval(config: Config) -> Config:
@@ -190,7 +183,7 @@ def _check_eval_reward(config: Config) -> Config:
         raise ConfigError("--eval-prompt-data needs a reward to score answers: set --rm-type "
                           "or --custom-rm-path")
     base = _reward_base(r.rm_type) if r.custom_rm_path is None else None
-    if base in TEXT_REWARDS and e.eval_label_key is None:
+    if base in LABELLED_REWARDS and e.eval_label_key is None:
         raise ConfigError(f"--rm-type {r.rm_type} compares answers with a label: set "
                           "--eval-label-key (or --label-key) to the eval label column")
     return config

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import aiohttp
 
-from furlong.hooks import load_function
+from furlong.config.reward_types import LABELLED_REWARDS, split_rm_type
 from furlong.rollout.rewards.dapo import score_dapo
 from furlong.rollout.rewards.f1 import score_f1
 from furlong.rollout.rewards.gpqa import score_gpqa
@@ -42,27 +42,12 @@ TEXT_REWARDS: dict[str, Callable[[str, Any], float | dict]] = {
     "math": score_math, "deepscaler": score_deepscaler, "dapo": score_dapo,
     "f1": score_f1, "gpqa": score_gpqa,
 }
-REWARD_TYPES = (*TEXT_REWARDS, "remote_rm", "random")
-# These find their own answer in the response; a boxed_ prefix would extract it twice
-# and score every response as wrong.
-_SELF_EXTRACTING = ("math", "deepscaler", "dapo")
+assert tuple(TEXT_REWARDS) == LABELLED_REWARDS, "config/reward_types.py names every text reward"
 _CLOSE_GRACE_SECONDS = 1.0
 
 
 class RewardError(RuntimeError):
     """A reward failed; the message names the sample (group, index, prompt) and the cause."""
-
-
-def split_rm_type(rm_type: str) -> tuple[bool, str]:
-    """(has the boxed_ prefix, base type) of an --rm-type value; ValueError if unknown."""
-    boxed, base = rm_type.startswith("boxed_"), rm_type.removeprefix("boxed_")
-    if base not in REWARD_TYPES:
-        raise ValueError(f"--rm-type {rm_type}: unknown; choose one of "
-                         f"{', '.join(REWARD_TYPES)} (optionally prefixed boxed_)")
-    if boxed and base in _SELF_EXTRACTING:
-        raise ValueError(f"--rm-type {rm_type}: {base} already finds the answer in the "
-                         f"response itself; use --rm-type {base}")
-    return boxed, base
 
 
 def builtin_score(rm_type: str, response: str, label) -> float | dict:
@@ -83,17 +68,16 @@ class RewardModel:
     """Scores groups of samples with the configured reward. Use it from one event loop at
     a time, and call close() when done (it stops the worker processes)."""
 
-    def __init__(self, rm_type: str | None, custom_rm_path: str | None, group_rm: bool,
+    def __init__(self, rm_type: str | None, custom_rm: Callable | None, group_rm: bool,
                  rm_url: str | None, timeout: float, on_error: str, hook_args: Any, seed: int):
         if on_error not in ("raise", "zero"):
             raise ValueError(f"--rm-on-error {on_error}: choose raise or zero")
-        if group_rm and custom_rm_path is None:
+        if group_rm and custom_rm is None:
             raise ValueError("--group-rm needs --custom-rm-path module:function(args, samples)")
-        if custom_rm_path is None and rm_type is None:
+        if custom_rm is None and rm_type is None:
             raise ValueError("no reward: set --rm-type or --custom-rm-path")
         # A custom hook takes precedence over --rm-type.
-        self._hook = None if custom_rm_path is None else load_function(custom_rm_path,
-                                                                       "--custom-rm-path")
+        self._hook = custom_rm
         self._boxed, self._base = (False, "custom") if self._hook else split_rm_type(rm_type)
         if self._base == "remote_rm" and not rm_url:
             raise ValueError("--rm-type remote_rm needs --rm-url http://HOST:PORT/PATH")
