@@ -82,9 +82,9 @@ def hf_generate(model, workload) -> tuple[float, int]:
 
 def logprob_agreement(model, outputs, workload, samples: int = 16) -> float:
     """Mean |engine log-prob - trainer log-prob| over response tokens (bf16 both)."""
+    from furlong.sample import Sample
     from furlong.train.batch import TrainBatch, pack
     from furlong.train.policy import CausalLMPolicy
-    from furlong.types import Sample
     chosen = [Sample(tokens=list(p) + o.output_ids, response_length=len(o.output_ids),
                      rollout_log_probs=o.output_log_probs, reward=0.0)
               for (p, _), o in list(zip(workload, outputs, strict=True))[:samples]]

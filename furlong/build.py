@@ -21,7 +21,7 @@ from furlong.data import DataError, DataKeys, PromptDataset, PromptEncoder
 from furlong.engine.base import Engine
 from furlong.engine.factory import create_engine, engine_options
 from furlong.hooks import Hooks, load_hooks
-from furlong.metrics import MetricsLogger
+from furlong.output.metrics import MetricsLogger
 from furlong.rollout.context import HookArgs
 from furlong.rollout.generate import generate as default_generate
 from furlong.rollout.manager import RolloutManager

@@ -11,7 +11,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol
 
-from furlong.types import Sample
+from furlong.sample import Sample
 
 
 class RewardHook(Protocol):

@@ -31,13 +31,13 @@ import torch
 from furlong import checkpoint
 from furlong.build import Run
 from furlong.engine.router import EngineRouter
-from furlong.plot import plot_rewards
-from furlong.progress import Progress
+from furlong.output.plot import plot_rewards
+from furlong.output.progress import Progress
 from furlong.rollout.manager import RolloutResult
+from furlong.sample import Sample
 from furlong.train.advantages import compute_advantages
 from furlong.train.batch import TrainBatch
 from furlong.train.flops import forward_flops, peak_flops
-from furlong.types import Sample
 
 log = logging.getLogger("furlong")
 

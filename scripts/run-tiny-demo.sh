@@ -84,7 +84,7 @@ GRPO_ARGS=(
 
 sft_steps=100
 "$PYTHON" train.py "${MODEL_ARGS[@]}" "${SFT_ARGS[@]}" "${EVAL_ARGS[@]}" --num-rollout $sft_steps
-while awk -v score="$("$PYTHON" -m furlong.summary --last eval/addition "$OUT/sft")" \
+while awk -v score="$("$PYTHON" -m furlong.output.summary --last eval/addition "$OUT/sft")" \
           -v goal="${WARMUP_ACCURACY:-0.15}" 'BEGIN { exit !(score < goal) }' \
       && (( sft_steps < ${SFT_MAX_STEPS:-240} )); do
    sft_steps=$((sft_steps + 20))
@@ -94,5 +94,5 @@ done
 "$PYTHON" train.py "${MODEL_ARGS[@]}" "${GRPO_ARGS[@]}" "${EVAL_ARGS[@]}"
 
 echo
-"$PYTHON" -m furlong.summary "$OUT/sft" "$OUT/grpo"
+"$PYTHON" -m furlong.output.summary "$OUT/sft" "$OUT/grpo"
 echo "reward curves: $OUT/sft/reward_curve.png $OUT/grpo/reward_curve.png"

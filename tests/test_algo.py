@@ -16,10 +16,10 @@ from furlong.algo import losses
 from furlong.config.groups import GrpoArgs
 from furlong.rollout.filters import check_reward_nonzero_std
 from furlong.rollout.stats import rollout_stats
+from furlong.sample import Sample
 from furlong.train.advantages import compute_advantages
 from furlong.train.batch import TrainBatch, pack
 from furlong.train.loss import LossInputs, make_reducer, policy_objective
-from furlong.types import Sample
 
 SEEDS = range(5)
 F64 = torch.float64

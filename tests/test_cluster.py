@@ -26,7 +26,7 @@ def config_of(grpo_argv, *extra):
 
 def assert_engines_follow_the_trainer(run_dir: Path) -> None:
     """Every step's rollout log-probs are the trainer's own, to SYNC_BOUND."""
-    from furlong.metrics import read_metrics
+    from furlong.output.metrics import read_metrics
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r]
     assert len(rows) >= 2
     assert max(r["train/train_rollout_logprob_abs_diff"] for r in rows) < SYNC_BOUND
@@ -294,7 +294,7 @@ def test_ray_run_goes_on_when_one_of_two_engines_dies(grpo_argv, tmp_path, monke
 
     from furlong import cli
     from furlong.cluster.ray_trainer import RayTrainGroup
-    from furlong.metrics import read_metrics
+    from furlong.output.metrics import read_metrics
     push_weights = RayTrainGroup.push_weights
 
     async def push_then_kill(self, engine, version):
@@ -368,7 +368,7 @@ def test_ray_async_generation_overlaps_training(grpo_argv, tmp_path):
     generation of rollout k+1 runs while rollout k trains, one weight version behind."""
     pytest.importorskip("ray")
     from furlong import cli
-    from furlong.metrics import read_metrics
+    from furlong.output.metrics import read_metrics
     argv = grpo_argv + ["--actor-num-gpus-per-node", "1", "--rollout-num-gpus", "1",
                         "--num-rollout", "4", "--run-dir", str(tmp_path)]
     assert cli.main(argv, prog="train_async.py", overlap=True) == 0

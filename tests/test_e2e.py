@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from furlong import cli, loop
-from furlong.metrics import read_metrics
+from furlong.output.metrics import read_metrics
 
 EVAL = ["--eval-input-key", "prompt", "--eval-label-key", "label", "--eval-temperature", "0",
         "--eval-max-response-len", "8", "--rm-type", "math"]

@@ -24,10 +24,10 @@ from furlong.engine.fast import FastEngine
 from furlong.engine.hf_engine import HFEngine
 from furlong.engine.sampling import sample_tokens
 from furlong.model.loading import load_hf_model, load_named_tensors
+from furlong.sample import Sample
+from furlong.tiny import sharpened_state as tiny_sharpened_state
 from furlong.train.batch import TrainBatch, pack, split_tokens
 from furlong.train.policy import CausalLMPolicy
-from furlong.tiny import sharpened_state as tiny_sharpened_state
-from furlong.types import Sample
 
 # Mixed lengths (12 to 16 prompt tokens); greedy from "1+2=" and "5" reaches EOS early.
 PROMPTS = ["1+2=", "37+48=", "99+11=12", "5", "10+10=", "42+17=", "88+99="]

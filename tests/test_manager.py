@@ -35,8 +35,8 @@ from furlong.rollout.generate import sample_seed
 from furlong.rollout.manager import RolloutManager
 from furlong.rollout.rewards import RewardModel
 from furlong.rollout.stats import pass_at_k
+from furlong.sample import Sample, Status
 from furlong.train.batch import TrainBatch
-from furlong.types import Sample, Status
 
 EOS = 2  # <|im_end|> of the tiny tokenizer
 MILES_FILTER = "miles.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std"
@@ -46,7 +46,7 @@ HOOKS = '''
 from types import SimpleNamespace
 
 from furlong.engine.base import SamplingParams
-from furlong.types import Sample, Status
+from furlong.sample import Sample, Status
 
 TOOL_TEXT = "<|im_end|>\\n<|im_start|>user\\n7<|im_end|>\\n<|im_start|>assistant\\n"
 

@@ -217,7 +217,7 @@ def test_rng_state_resumes_exactly_through_a_safe_load(tmp_path):
 def test_optimizer_state_and_rollout_data_load_as_plain_values(tmp_path):
     """What furlong writes to .pt files loads under weights_only: AdamW state with its
     schedule, and saved rollouts (Sample.to_dict rows and metrics)."""
-    from furlong.types import Sample
+    from furlong.sample import Sample
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.ones(1, 3)).sum().backward()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from furlong.summary import latest_score, summary_table
+from furlong.output.summary import latest_score, summary_table
 
 
 @pytest.fixture
@@ -30,6 +30,6 @@ def test_latest_score_is_the_last_eval_and_a_missing_metric_is_an_error(run_dir)
     assert latest_score(run_dir, "eval/addition") == 0.125
     with pytest.raises(SystemExit, match="no eval/other"):
         latest_score(run_dir, "eval/other")
-    printed = subprocess.run([sys.executable, "-m", "furlong.summary", "--last", "eval/addition",
-                              str(run_dir)], capture_output=True, text=True, check=True).stdout
+    printed = subprocess.run([sys.executable, "-m", "furlong.output.summary", "--last",
+                              "eval/addition", str(run_dir)], capture_output=True, text=True, check=True).stdout
     assert float(printed) == 0.125

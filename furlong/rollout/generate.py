@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 
 from furlong.engine.base import SamplingParams
-from furlong.types import Sample, Status
+from furlong.sample import Sample, Status
 
 
 def sample_seed(rollout_seed: int, group_index: int, index: int, offset: int = 0) -> int:

@@ -25,7 +25,7 @@ from furlong.rollout import stats
 from furlong.rollout.filters import FilterResult, as_filter_result
 from furlong.rollout.generate import sample_seed
 from furlong.rollout.sft import sft_sample
-from furlong.types import Sample, Status
+from furlong.sample import Sample, Status
 
 
 @dataclass

@@ -8,7 +8,7 @@ that the turn adds are the ones the model must learn to produce.
 from __future__ import annotations
 
 from furlong.data import PromptRow
-from furlong.types import Sample, Status
+from furlong.sample import Sample, Status
 
 
 def _encode(tokenizer, messages: list, tools, add_generation_prompt: bool, kwargs: dict):

@@ -5,7 +5,7 @@ import math
 from statistics import mean
 
 from furlong.algo.advantages import has_zero_std
-from furlong.types import Sample, Status
+from furlong.sample import Sample, Status
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:

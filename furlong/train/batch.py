@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from furlong.types import Sample
+from furlong.sample import Sample
 
 # Per-sample list fields that are concatenated over response tokens when packing.
 TOKEN_FIELDS = ("loss_masks", "advantages", "old_log_probs", "ref_log_probs",

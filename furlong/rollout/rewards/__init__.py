@@ -34,7 +34,7 @@ from furlong.rollout.rewards.f1 import score_f1
 from furlong.rollout.rewards.gpqa import score_gpqa
 from furlong.rollout.rewards.math import last_boxed, score_deepscaler, score_math
 from furlong.rollout.rewards.remote import remote_rm
-from furlong.types import Sample
+from furlong.sample import Sample
 
 logger = logging.getLogger(__name__)
 

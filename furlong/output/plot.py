@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from furlong.metrics import read_metrics
+from furlong.output.metrics import read_metrics
 
 
 def plot_rewards(metrics_path: str | Path, out_path: str | Path) -> Path:

@@ -1,14 +1,15 @@
-"""`python -m furlong.summary RUN_DIR...`: eval scores before and after each run, as a table.
+"""`python -m furlong.output.summary RUN_DIR...`: eval scores before and after each run,
+as a table.
 
-`python -m furlong.summary --last eval/NAME RUN_DIR` prints the run's latest score alone
-(the demo script reads it to decide whether the SFT warm-up goes on).
+`python -m furlong.output.summary --last eval/NAME RUN_DIR` prints the run's latest score
+alone (the demo script reads it to decide whether the SFT warm-up goes on).
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from furlong.metrics import METRICS_FILE, read_metrics
+from furlong.output.metrics import METRICS_FILE, read_metrics
 
 
 def eval_scores(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
