@@ -1,4 +1,4 @@
-"""Tests of furlong.algo and of the objective built from it (furlong.train.loss,
+"""Tests of furlong.algo and of the objective built from it (furlong.train.objective,
 furlong.train.advantages): each function against a slow per-element reference written
 here with Python floats and loops (the formulas of docs/algorithm.md, which are Miles'
 unless it says otherwise), plus hand-computed values, gradients, edge cases (equal
@@ -19,7 +19,7 @@ from furlong.rollout.stats import rollout_stats
 from furlong.sample import Sample
 from furlong.train.advantages import compute_advantages
 from furlong.train.batch import TrainBatch, pack
-from furlong.train.loss import LossInputs, make_reducer, policy_objective
+from furlong.train.objective import LossInputs, make_reducer, policy_objective
 
 SEEDS = range(5)
 F64 = torch.float64

@@ -14,7 +14,7 @@ from furlong.train import microbatch
 from furlong.train.actor import RankInfo, TrainActor
 from furlong.train.advantages import compute_advantages, group_normalized
 from furlong.train.batch import TrainBatch, pack, split_tokens
-from furlong.train.loss import LossInputs, make_reducer, policy_objective
+from furlong.train.objective import LossInputs, make_reducer, policy_objective
 from furlong.train.policy import CausalLMPolicy
 
 from conftest import policy_config, random_batch, reference_log_probs

@@ -29,7 +29,7 @@ from furlong.config.groups import Config
 from furlong.model.loading import load_hf_model
 from furlong.train import distributed_state, microbatch, parallel
 from furlong.train.batch import TrainBatch, pack, split_tokens
-from furlong.train.loss import LossInputs, make_reducer, policy_objective, sft_objective
+from furlong.train.objective import LossInputs, make_reducer, policy_objective, sft_objective
 from furlong.train.optim import LRScheduler, build_optimizer
 from furlong.train.parallel import RankInfo
 from furlong.train.policy import CausalLMPolicy
