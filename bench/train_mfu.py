@@ -52,14 +52,19 @@ def timed(fn, repeats: int = 3) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def bench_furlong(model_dir: Path, tokens: int) -> float:
-    num_samples = tokens // SAMPLE
+def furlong_actor(model_dir: Path, tokens: int, *flags: str) -> TrainActor:
+    """furlong's trainer on the first GPU, micro-batches of `tokens` tokens."""
     config, _ = load_config([
-        "--hf-checkpoint", str(model_dir), "--rollout-batch-size", str(num_samples),
+        "--hf-checkpoint", str(model_dir), "--rollout-batch-size", str(tokens // SAMPLE),
         "--rollout-max-response-len", "1", "--num-rollout", "0", "--rm-type", "random",
-        "--use-dynamic-batch-size", "--max-tokens-per-gpu", str(tokens), "--lr", "1e-6"])
-    actor = TrainActor(config, RankInfo(device=torch.device("cuda")), str(model_dir), 100)
-    batch = synthetic_batch(num_samples)
+        "--use-dynamic-batch-size", "--max-tokens-per-gpu", str(tokens), "--lr", "1e-6",
+        *flags])
+    return TrainActor(config, RankInfo(device=torch.device("cuda")), str(model_dir), 100)
+
+
+def bench_furlong(model_dir: Path, tokens: int) -> float:
+    actor = furlong_actor(model_dir, tokens)
+    batch = synthetic_batch(tokens // SAMPLE)
     seconds = timed(lambda: actor.train(batch))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         actor.train(batch)
