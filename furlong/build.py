@@ -27,6 +27,7 @@ from furlong.rollout.generate import generate as default_generate
 from furlong.rollout.manager import RolloutManager
 from furlong.rollout.rewards import RewardModel
 from furlong.train.actor import RankInfo, TrainActor
+from furlong.train.base import Trainer
 
 log = logging.getLogger("furlong")
 
@@ -37,7 +38,7 @@ class Run:
     config: Config
     argv: list[str]
     tokenizer: object
-    trainer: TrainActor | None
+    trainer: Trainer | None  # a TrainActor in this process, or a RayTrainGroup
     engine: Engine | None
     manager: RolloutManager
     logger: MetricsLogger
