@@ -1,11 +1,11 @@
-"""The training loop of train.py and train_async.py, step by step as in SPEC.md section 1.
+"""The training loop of train.py and train_async.py: the schedule of SPEC.md section 1.
 
     push the actor's weights to the engines
     for rollout_id in [start, num_rollout):
         eval first (rollout 0, unless --skip-eval-before-train)
         take rollout k (generated and scored by the RolloutManager)
         [async: start generating rollout k+1 now, on the current weights]
-        old / ref log-probs, advantages, optimizer steps   (the trainer)
+        train on it: old / ref log-probs, advantages, optimizer steps (train/rl_step.py)
         save every --save-interval rollouts and at the last one
         every --update-weights-interval rollouts: [async: wait for the generation in
             flight, so that no generation mixes two weight versions] push weights
@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from statistics import mean
 
@@ -30,23 +30,64 @@ import torch
 
 from furlong import checkpoint
 from furlong.build import Run
-from furlong.engine.router import EngineRouter
 from furlong.output.plot import plot_rewards
 from furlong.output.progress import Progress
 from furlong.rollout.manager import RolloutResult
 from furlong.sample import Sample
-from furlong.train.advantages import compute_advantages
-from furlong.train.batch import TrainBatch
-from furlong.train.flops import forward_flops, peak_flops
+from furlong.train.rl_step import RLStep
 
 log = logging.getLogger("furlong")
 
 
-@contextmanager
-def timed(metrics: dict, name: str):
-    start = time.perf_counter()
-    yield
-    metrics[name] = metrics.get(name, 0.0) + time.perf_counter() - start
+async def run_loop(run: Run, overlap: bool = False) -> dict:
+    """Run rollouts [start, num_rollout); `overlap` is train_async.py's mode.
+    Returns the last eval metrics (if any)."""
+    config = run.config
+    last_eval: dict = {}
+    version = run.start_rollout  # of the weights the engines hold
+    step = RLStep(config.grpo, config.rollout, run.trainer) if run.trainer is not None else None
+    if run.engine is not None and run.trainer is not None:
+        await push_weights(run, version)
+        if trainer_holds_pushed_weights(run, overlap):
+            offer_weight_source(run.engine, lambda: push_weights(run, version))
+    if run.num_rollout == 0 and run.manager.eval_datasets:
+        return await evaluate(run, 0)
+    progress = Progress(run.start_rollout, run.num_rollout)
+    pending: Generation | None = None
+    for rollout_id in range(run.start_rollout, run.num_rollout):
+        step_start = time.perf_counter()
+        if (rollout_id == 0 and config.eval.eval_interval is not None
+                and not config.eval.skip_eval_before_train):
+            last_eval = await evaluate(run, rollout_id)
+        pending = pending or start_generation(run, rollout_id)
+        rollout = await pending.task
+        pending = None
+        metrics = {**rollout.metrics, **staleness(rollout, trainer_version=rollout_id)}
+        last = rollout_id + 1 == run.num_rollout
+        if overlap and not last:
+            pending = start_generation(run, rollout_id + 1)
+        if step is not None:
+            metrics.update(await train_rollout(run, step, rollout_id, rollout.groups, overlap))
+        if should_save(run, rollout_id):
+            save(run, rollout_id, pending.state_before if pending else run.manager.state_dict())
+        if should_push(run, rollout_id, overlap):
+            if pending is not None:  # the generation in flight finishes on the old weights
+                await asyncio.wait([pending.task])
+            push_start = time.perf_counter()
+            version = rollout_id + 1
+            await push_weights(run, version)
+            metrics["perf/update_weights_time"] = time.perf_counter() - push_start
+        if offloads_trainer(run, overlap):  # the engines generate next, on this device
+            await asyncio.to_thread(run.trainer.offload)
+        metrics["perf/step_time"] = time.perf_counter() - step_start
+        run.logger.log(rollout_id, metrics)
+        progress.update(rollout_id, metrics)
+        if should_eval(run, rollout_id):
+            if pending is not None:  # the engines finish it first: no abort hits the eval
+                await asyncio.wait([pending.task])
+            last_eval = await evaluate(run, rollout_id + 1)
+    progress.close()
+    return last_eval
 
 
 @dataclass
@@ -74,62 +115,31 @@ async def timed_rollout(run: Run, rollout_id: int) -> RolloutResult:
     return result
 
 
-async def run_loop(run: Run, overlap: bool = False) -> dict:
-    """Run rollouts [start, num_rollout); `overlap` is train_async.py's mode.
-    Returns the last eval metrics (if any)."""
-    config = run.config
-    last_eval: dict = {}
-    version = run.start_rollout  # of the weights the engines hold
-    if run.engine is not None and run.trainer is not None:
-        await push_weights(run, version)
-        if isinstance(run.engine, EngineRouter) and not overlap \
-                and pushes_every_rollout(run, overlap):
-            # Requests run only while the trainer is idle, and then its weights are those
-            # of `version`: a restarted engine can get them again at once (EngineRouter).
-            run.engine.weight_source = lambda: push_weights(run, version)
-    if run.num_rollout == 0 and run.manager.eval_datasets:
-        return await evaluate(run, 0)
-    progress = Progress(run.start_rollout, run.num_rollout)
-    pending: Generation | None = None
-    for rollout_id in range(run.start_rollout, run.num_rollout):
-        step_start = time.perf_counter()
-        if (rollout_id == 0 and config.eval.eval_interval is not None
-                and not config.eval.skip_eval_before_train):
-            last_eval = await evaluate(run, rollout_id)
-        pending = pending or start_generation(run, rollout_id)
-        rollout = await pending.task
-        pending = None
-        metrics = {**rollout.metrics, **staleness(rollout, trainer_version=rollout_id)}
-        last = rollout_id + 1 == run.num_rollout
-        if overlap and not last:
-            pending = start_generation(run, rollout_id + 1)
-        if run.trainer is not None:
-            start = time.time()
-            if offloads_trainer(run, overlap):
-                await asyncio.to_thread(run.trainer.reload)
-            async with engine_memory_released(run, overlap):
-                metrics.update(await asyncio.to_thread(train_on_rollout, run, rollout_id,
-                                                       rollout.groups))
-            metrics.update({"perf/train_start": start, "perf/train_end": time.time()})
-        if should_save(run, rollout_id):
-            save(run, rollout_id, pending.state_before if pending else run.manager.state_dict())
-        if should_push(run, rollout_id, overlap):
-            if pending is not None:  # the generation in flight finishes on the old weights
-                await asyncio.wait([pending.task])
-            with timed(metrics, "perf/update_weights_time"):
-                version = rollout_id + 1
-                await push_weights(run, version)
-        if offloads_trainer(run, overlap):  # the engines generate next, on this device
-            await asyncio.to_thread(run.trainer.offload)
-        metrics["perf/step_time"] = time.perf_counter() - step_start
-        run.logger.log(rollout_id, metrics)
-        progress.update(rollout_id, metrics)
-        if should_eval(run, rollout_id):
-            if pending is not None:  # the engines finish it first: no abort hits the eval
-                await asyncio.wait([pending.task])
-            last_eval = await evaluate(run, rollout_id + 1)
-    progress.close()
-    return last_eval
+async def generate_rollout(run: Run, rollout_id: int) -> RolloutResult:
+    debug = run.config.debug
+    if debug.load_debug_rollout_data:
+        return load_rollout(debug.load_debug_rollout_data.format(rollout_id=rollout_id))
+    result = await run.manager.generate(rollout_id)
+    if debug.save_debug_rollout_data:
+        save_rollout(debug.save_debug_rollout_data.format(rollout_id=rollout_id), result)
+    return result
+
+
+async def train_rollout(run: Run, step: RLStep, rollout_id: int, groups: list[list[Sample]],
+                        overlap: bool) -> dict:
+    """The RL step of one rollout, in a worker thread (the event loop goes on generating
+    in async mode), on a trainer whose optimizer state is on the device and, with
+    --offload-rollout, next to engines that released their memory. Logs each optimizer
+    step; returns the rollout's metrics."""
+    start = time.time()
+    if offloads_trainer(run, overlap):
+        await asyncio.to_thread(run.trainer.reload)
+    async with engine_memory_released(run, overlap):
+        result = await asyncio.to_thread(step, rollout_id, groups)
+    end = time.time()
+    for row in result.optimizer_steps:
+        run.logger.log(rollout_id, row)
+    return {**result.metrics, "perf/train_start": start, "perf/train_end": end}
 
 
 def offloads_trainer(run: Run, overlap: bool) -> bool:
@@ -182,125 +192,24 @@ def should_push(run: Run, rollout_id: int, overlap: bool) -> bool:
         (rollout_id + 1) % run.config.rollout.update_weights_interval == 0
 
 
-async def generate_rollout(run: Run, rollout_id: int) -> RolloutResult:
-    debug = run.config.debug
-    if debug.load_debug_rollout_data:
-        return load_rollout(debug.load_debug_rollout_data.format(rollout_id=rollout_id))
-    result = await run.manager.generate(rollout_id)
-    if debug.save_debug_rollout_data:
-        save_rollout(debug.save_debug_rollout_data.format(rollout_id=rollout_id), result)
-    return result
-
-
-def train_on_rollout(run: Run, rollout_id: int, groups: list[list[Sample]]) -> dict:
-    """Log-probs, advantages and the optimizer steps of one rollout; returns its metrics."""
-    config, trainer = run.config, run.trainer
-    samples = [s for group in groups for s in group]
-    batch = TrainBatch.from_samples(samples, config.rollout.reward_key)
-    metrics: dict = {}
-    if config.grpo.loss_type != "sft_loss":
-        metrics.update(prepare_policy_batch(run, batch, [s.group_index for s in samples],
-                                            [s.weight_version for s in samples]))
-    with timed(metrics, "perf/actor_train_time"):
-        steps = trainer.train(batch)
-    for step, step_metrics in enumerate(steps):
-        run.logger.log(rollout_id, {**step_metrics, "train/step":
-                                    rollout_id * len(steps) + step})
-    metrics.update({name: mean(s[name] for s in steps) for name in steps[0]})
-    if "train/old_log_probs" in metrics:  # on-policy: the training forward's own
-        metrics["rollout/log_probs"] = metrics.pop("train/old_log_probs")
-        metrics["rollout/entropy"] = metrics["train/entropy_loss"]
-    metrics.update(throughput(run, batch, metrics["perf/actor_train_time"]))
-    ref_interval = config.grpo.ref_update_interval
-    if ref_interval and trainer.has_reference and (rollout_id + 1) % ref_interval == 0:
-        trainer.update_reference()
-    return metrics
-
-
-def log_probs_of_generating_weights(trainer, batch: TrainBatch, versions: list[int]):
-    """--keep-old-actor: each sample's old log-probs under the weights that generated it
-    (the trainer's snapshot of that version), grouped by version."""
-    if None in versions:
-        raise ValueError("--keep-old-actor needs the weight version that generated each "
-                         "sample, and some have none: a custom generate function must copy "
-                         "the engine output's weight_version into sample.weight_version")
-    log_probs: list = [None] * len(batch)
-    entropy: list = [None] * len(batch)
-    for version in sorted(set(versions)):
-        indices = [i for i, v in enumerate(versions) if v == version]
-        values, ent = trainer.compute_log_probs(batch.select(indices), weights_version=version)
-        for i, lp, en in zip(indices, values, ent, strict=True):
-            log_probs[i], entropy[i] = lp, en
-    return log_probs, entropy
-
-
-def prepare_policy_batch(run: Run, batch: TrainBatch, group_ids: list[int],
-                         versions: list[int]) -> dict:
-    """Fill old/ref log-probs and advantages into `batch`; returns rollout/* metrics."""
-    config, trainer = run.config, run.trainer
-    metrics: dict = {}
-    entropy = None
-    if config.grpo.use_rollout_logprobs:
-        batch.old_log_probs = batch.rollout_log_probs
-    elif config.rollout.keep_old_actor:
-        with timed(metrics, "perf/log_probs_time"):
-            batch.old_log_probs, entropy = log_probs_of_generating_weights(trainer, batch,
-                                                                           versions)
-    elif needs_old_log_probs(config):
-        with timed(metrics, "perf/log_probs_time"):
-            batch.old_log_probs, entropy = trainer.compute_log_probs(batch)
-    if trainer.has_reference:
-        with timed(metrics, "perf/ref_log_probs_time"):
-            batch.ref_log_probs, _ = trainer.compute_log_probs(batch, reference=True)
-    batch.advantages, normalized = compute_advantages(config.grpo, batch, group_ids)
-    metrics["rollout/rewards"] = normalized.mean().item()
-    per_token = {"rollout/log_probs": batch.old_log_probs,
-                 "rollout/advantages": batch.advantages,
-                 "rollout/ref_log_probs": batch.ref_log_probs, "rollout/entropy": entropy}
-    for name, values in per_token.items():
-        if values is not None:
-            metrics[name] = masked_mean(values, batch.loss_masks)
-    return metrics
-
-
-def needs_old_log_probs(config) -> bool:
-    """Whether old log-probs must be recomputed before training.
-
-    With one optimizer step per rollout the policy being improved is the current one:
-    its log-probs are the training forward's own (detached), identical to a
-    recomputation with the same weights, so the extra forward is skipped, unless
-    REINFORCE++ shapes rewards with a KL that needs them before the step. That forward
-    then reports rollout/log_probs and rollout/entropy (averaged as the loss is).
-    """
-    g = config.grpo
-    return config.rollout.num_steps_per_rollout > 1 or bool(g.kl_coef) or \
-        g.loss_type == "custom_loss"
-
-
-def masked_mean(per_sample: list[torch.Tensor], masks: list[torch.Tensor]) -> float:
-    values, mask = torch.cat(per_sample), torch.cat(masks)
-    return float((values * mask).sum() / mask.sum().clamp(min=1))
-
-
-def throughput(run: Run, batch: TrainBatch, seconds: float) -> dict:
-    """perf/tokens_per_gpu_per_sec, perf/actor_train_tflops and (on known GPUs) MFU."""
-    trainer = run.trainer
-    lengths = [len(t) for t in batch.tokens]
-    world = trainer.rank.world_size
-    flops = 3 * forward_flops(trainer.model_config, lengths, batch.response_lengths)
-    metrics = {"perf/tokens_per_gpu_per_sec": sum(lengths) / seconds / world,
-               "perf/actor_train_tflops": flops / seconds / world / 1e12}
-    if trainer.rank.device.type == "cuda":
-        peak = peak_flops(torch.cuda.get_device_name(trainer.rank.device))
-        if peak:
-            metrics["perf/actor_train_mfu"] = flops / seconds / world / peak
-    return metrics
-
-
 async def push_weights(run: Run, version: int) -> None:
     await run.trainer.push_weights(run.engine, version)
     if run.config.rollout.keep_old_actor:
         await asyncio.to_thread(run.trainer.snapshot_weights, version)
+
+
+def trainer_holds_pushed_weights(run: Run, overlap: bool) -> bool:
+    """Whenever requests run, the trainer is idle and holds the weights the engines were
+    last given: synchronous runs that push every rollout."""
+    return not overlap and pushes_every_rollout(run, overlap)
+
+
+def offer_weight_source(engine, source) -> None:
+    """An engine that restarts failed servers (EngineRouter, engine/router.py) has a
+    `weight_source`: when no server can serve until it has the weights, it awaits
+    `source()` to push them again. Other engines have none and need none."""
+    if hasattr(engine, "weight_source"):
+        engine.weight_source = source
 
 
 def should_save(run: Run, rollout_id: int) -> bool:

@@ -1,5 +1,5 @@
 """Tests of furlong.algo and of the objective built from it (furlong.train.objective,
-furlong.train.advantages): each function against a slow per-element reference written
+furlong.train.rl_step): each function against a slow per-element reference written
 here with Python floats and loops (the formulas of docs/algorithm.md, which are Miles'
 unless it says otherwise), plus hand-computed values, gradients, edge cases (equal
 rewards, empty responses, non-finite values on masked-out tokens), and the invariance
@@ -17,9 +17,9 @@ from furlong.config.groups import GrpoArgs
 from furlong.rollout.filters import check_reward_nonzero_std
 from furlong.rollout.stats import rollout_stats
 from furlong.sample import Sample
-from furlong.train.advantages import compute_advantages
 from furlong.train.batch import TrainBatch, pack
 from furlong.train.objective import LossInputs, make_reducer, policy_objective
+from furlong.train.rl_step import compute_advantages
 
 SEEDS = range(5)
 F64 = torch.float64

@@ -12,10 +12,10 @@ from furlong.config import load_config
 from furlong.model.loading import load_hf_model
 from furlong.train import microbatch
 from furlong.train.actor import RankInfo, TrainActor
-from furlong.train.advantages import compute_advantages, group_normalized
 from furlong.train.batch import TrainBatch, pack, split_tokens
 from furlong.train.objective import LossInputs, make_reducer, policy_objective
 from furlong.train.policy import CausalLMPolicy
+from furlong.train.rl_step import compute_advantages, group_normalized
 
 from conftest import policy_config, random_batch, reference_log_probs
 
@@ -247,7 +247,7 @@ def test_snapshots_give_the_log_probs_of_the_pushed_weights(tiny):
 
 
 def test_keep_old_actor_needs_every_sample_version(tiny):
-    from furlong.loop import log_probs_of_generating_weights
+    from furlong.train.rl_step import log_probs_of_generating_weights
     actor = make_actor(tiny, ["--keep-old-actor"])
     with pytest.raises(ValueError, match="sample.weight_version"):
         log_probs_of_generating_weights(actor, random_batch(2, 22), [3, None])

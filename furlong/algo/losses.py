@@ -172,6 +172,12 @@ def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
     return zero_inactive(values, mask).sum()
 
 
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """`sum_t m_t x_t / max(sum_t m_t, 1)`, a scalar: the mean over the loss tokens given
+    (the rollout/* per-token metrics; 0 when no token has mask 1)."""
+    return masked_sum(values, mask) / mask.sum().clamp(min=1)
+
+
 def reduce_loss(
     values: Tensor,
     mask: Tensor,

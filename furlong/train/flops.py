@@ -1,4 +1,4 @@
-"""Counted FLOPs of a training step, for perf/actor_train_tflops and MFU.
+"""Counted FLOPs of a training step, and the perf/* throughput metrics built on them.
 
 Per sample of L tokens with R response tokens, forward:
   2 * P * L                      matmuls of the non-embedding parameters P
@@ -8,6 +8,8 @@ Training counts 3x forward (backward is twice the forward); recomputation is not
 counted (MFU measures useful work).
 """
 from __future__ import annotations
+
+import torch
 
 # Dense bf16 peak of the cards MFU is reported against (vendor datasheets, no sparsity).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -35,3 +37,17 @@ def peak_flops(device_name: str) -> float | None:
         if card in device_name:
             return peak
     return None
+
+
+def train_throughput(hf_config, lengths: list[int], response_lengths: list[int],
+                     seconds: float, world_size: int, device: torch.device) -> dict:
+    """perf/tokens_per_gpu_per_sec, perf/actor_train_tflops and (on known GPUs) MFU of
+    `seconds` of training on samples of these lengths, over `world_size` ranks."""
+    flops = 3 * forward_flops(hf_config, lengths, response_lengths)
+    metrics = {"perf/tokens_per_gpu_per_sec": sum(lengths) / seconds / world_size,
+               "perf/actor_train_tflops": flops / seconds / world_size / 1e12}
+    if device.type == "cuda":
+        peak = peak_flops(torch.cuda.get_device_name(device))
+        if peak:
+            metrics["perf/actor_train_mfu"] = flops / seconds / world_size / peak
+    return metrics

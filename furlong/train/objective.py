@@ -47,8 +47,9 @@ def policy_objective(config: GrpoArgs, inputs: LossInputs) -> tuple[torch.Tensor
     fields = {name: losses.zero_inactive(values, mask)
               for name, values in micro.token_fields.items()}
     log_probs = losses.zero_inactive(inputs.log_probs, mask)
-    # On-policy steps (see loop.needs_old_log_probs) use the forward's own log-probs,
-    # and report them (and the entropy, as entropy_loss) in place of a recomputation.
+    # A batch without old log-probs (rl_step.old_log_probs_source: TRAINING_FORWARD) uses
+    # the forward's own, and reports them (and the entropy, as entropy_loss) in place of
+    # a recomputation.
     old = fields.get("old_log_probs", log_probs.detach())
     metrics = {} if "old_log_probs" in fields else {"old_log_probs": reduce(old)}
     token_loss, clipped, approx_kl = losses.policy_loss(

@@ -1,0 +1,222 @@
+"""The RL step of one rollout: samples -> TrainBatch -> old and reference log-probs ->
+advantages -> the trainer's optimizer steps -> metrics, named as they are logged.
+
+Why a module of its own, beside the trainer: the loop (furlong/loop.py) decides when a
+rollout trains; this decides what training on it means, as docs/algorithm.md describes
+it, in one place. It runs in the process that runs the loop and drives any `Trainer`
+(train/base.py): the ranks of this process or a group of Ray actors. The per-rank half
+(forward, objective, optimizer step) is train/actor.py with train/objective.py.
+
+Where the old log-probs come from is decided by `old_log_probs_source` and nowhere else:
+
+    ROLLOUT             --use-rollout-logprobs: the engine's own
+    GENERATING_WEIGHTS  --keep-old-actor: each sample's, under the snapshot of the
+                        weights that generated it
+    RECOMPUTED          a forward of the current weights before the first optimizer step:
+                        the policy changes within the rollout (several steps), REINFORCE++
+                        shapes rewards with KL(old, ref), or a custom loss reads them
+    TRAINING_FORWARD    otherwise: with one step per rollout the policy being improved is
+                        the current one, so the training forward's own log-probs
+                        (detached) are the old ones; the batch carries none, the objective
+                        uses its forward's (train/objective.py) and reports them as
+                        train/old_log_probs, which become rollout/log_probs here
+
+Advantages (GRPO_ARGS -> furlong.algo.advantages, formulas in docs/algorithm.md) are
+computed over the whole rollout batch. Groups are identified by the samples' group
+index: a custom generate function may return several samples per prompt, so groups
+need not be equal in size.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from statistics import mean
+
+import torch
+
+from furlong.algo import advantages as adv
+from furlong.algo import losses
+from furlong.config.groups import GrpoArgs, RolloutArgs
+from furlong.sample import Sample
+from furlong.train.base import Trainer
+from furlong.train.batch import TrainBatch
+from furlong.train.flops import train_throughput
+
+
+@contextmanager
+def timed(metrics: dict, name: str):
+    start = time.perf_counter()
+    yield
+    metrics[name] = metrics.get(name, 0.0) + time.perf_counter() - start
+
+
+class OldLogProbs(enum.Enum):
+    ROLLOUT = "rollout"
+    GENERATING_WEIGHTS = "generating weights"
+    RECOMPUTED = "recomputed"
+    TRAINING_FORWARD = "training forward"
+
+
+def old_log_probs_source(grpo: GrpoArgs, rollout: RolloutArgs) -> OldLogProbs:
+    """Where the old log-probs of a rollout come from (see the module docstring)."""
+    if grpo.use_rollout_logprobs:
+        return OldLogProbs.ROLLOUT
+    if rollout.keep_old_actor:
+        return OldLogProbs.GENERATING_WEIGHTS
+    if rollout.num_steps_per_rollout > 1 or bool(grpo.kl_coef) or \
+            grpo.loss_type == "custom_loss":
+        return OldLogProbs.RECOMPUTED
+    return OldLogProbs.TRAINING_FORWARD
+
+
+@dataclass
+class StepResult:
+    metrics: dict                # the rollout's: rollout/*, train/* (mean over steps), perf/*
+    optimizer_steps: list[dict]  # train/* of each optimizer step, with train/step
+
+
+class RLStep:
+    """Trains `trainer` on one rollout at a time (`__call__`)."""
+    grpo: GrpoArgs
+    rollout: RolloutArgs
+    trainer: Trainer
+    old_log_probs: OldLogProbs
+
+    def __init__(self, grpo: GrpoArgs, rollout: RolloutArgs, trainer: Trainer):
+        self.grpo, self.rollout, self.trainer = grpo, rollout, trainer
+        self.old_log_probs = old_log_probs_source(grpo, rollout)
+
+    def __call__(self, rollout_id: int, groups: list[list[Sample]]) -> StepResult:
+        samples = [s for group in groups for s in group]
+        batch = TrainBatch.from_samples(samples, self.rollout.reward_key)
+        metrics: dict = {}
+        if self.grpo.loss_type != "sft_loss":
+            metrics.update(self.prepare_policy_batch(batch, samples))
+        with timed(metrics, "perf/actor_train_time"):
+            steps = self.trainer.train(batch)
+        metrics.update({name: mean(s[name] for s in steps) for name in steps[0]})
+        if "train/old_log_probs" in metrics:  # TRAINING_FORWARD: the training forward's own
+            metrics["rollout/log_probs"] = metrics.pop("train/old_log_probs")
+            metrics["rollout/entropy"] = metrics["train/entropy_loss"]
+        rank = self.trainer.rank
+        metrics.update(train_throughput(self.trainer.model_config, [len(t) for t in batch.tokens],
+                                        batch.response_lengths, metrics["perf/actor_train_time"],
+                                        rank.world_size, rank.device))
+        interval = self.grpo.ref_update_interval
+        if interval and self.trainer.has_reference and (rollout_id + 1) % interval == 0:
+            self.trainer.update_reference()
+        return StepResult(metrics, [{**step, "train/step": rollout_id * len(steps) + index}
+                                    for index, step in enumerate(steps)])
+
+    def prepare_policy_batch(self, batch: TrainBatch, samples: list[Sample]) -> dict:
+        """Fill old/ref log-probs and advantages into `batch`; returns their metrics."""
+        metrics: dict = {}
+        entropy = self.fill_old_log_probs(batch, [s.weight_version for s in samples], metrics)
+        if self.trainer.has_reference:
+            with timed(metrics, "perf/ref_log_probs_time"):
+                batch.ref_log_probs, _ = self.trainer.compute_log_probs(batch, reference=True)
+        batch.advantages, normalized = compute_advantages(self.grpo, batch,
+                                                          [s.group_index for s in samples])
+        metrics["rollout/rewards"] = normalized.mean().item()
+        per_token = {"rollout/log_probs": batch.old_log_probs,
+                     "rollout/advantages": batch.advantages,
+                     "rollout/ref_log_probs": batch.ref_log_probs, "rollout/entropy": entropy}
+        mask = torch.cat(batch.loss_masks)
+        for name, values in per_token.items():
+            if values is not None:
+                metrics[name] = losses.masked_mean(torch.cat(values), mask).item()
+        return metrics
+
+    def fill_old_log_probs(self, batch: TrainBatch, versions: list[int | None],
+                           metrics: dict) -> list[torch.Tensor] | None:
+        """batch.old_log_probs from `self.old_log_probs`; the entropy where a forward ran."""
+        if self.old_log_probs is OldLogProbs.ROLLOUT:
+            batch.old_log_probs = batch.rollout_log_probs
+        if self.old_log_probs in (OldLogProbs.ROLLOUT, OldLogProbs.TRAINING_FORWARD):
+            return None
+        with timed(metrics, "perf/log_probs_time"):
+            if self.old_log_probs is OldLogProbs.GENERATING_WEIGHTS:
+                batch.old_log_probs, entropy = log_probs_of_generating_weights(
+                    self.trainer, batch, versions)
+            else:
+                batch.old_log_probs, entropy = self.trainer.compute_log_probs(batch)
+        return entropy
+
+
+def log_probs_of_generating_weights(trainer: Trainer, batch: TrainBatch,
+                                    versions: list[int | None]):
+    """--keep-old-actor: each sample's old log-probs under the weights that generated it
+    (the trainer's snapshot of that version), grouped by version."""
+    if None in versions:
+        raise ValueError("--keep-old-actor needs the weight version that generated each "
+                         "sample, and some have none: a custom generate function must copy "
+                         "the engine output's weight_version into sample.weight_version")
+    log_probs: list = [None] * len(batch)
+    entropy: list = [None] * len(batch)
+    for version in sorted(set(versions)):
+        indices = [i for i, v in enumerate(versions) if v == version]
+        values, ent = trainer.compute_log_probs(batch.select(indices), weights_version=version)
+        for i, lp, en in zip(indices, values, ent, strict=True):
+            log_probs[i], entropy[i] = lp, en
+    return log_probs, entropy
+
+
+# ---- advantages --------------------------------------------------------------------------
+def group_normalized(rewards: torch.Tensor, group_ids: list[int],
+                     normalize_std: bool) -> torch.Tensor:
+    """(S,) rewards -> (S,) GRPO scalars: r - mean(group), / (std(group) + 1e-6) if asked;
+    exactly 0 for a group of equal rewards (algo.advantages.grpo_advantages)."""
+    out = torch.empty_like(rewards)
+    members: dict[int, list[int]] = {}
+    for i, group in enumerate(group_ids):
+        members.setdefault(group, []).append(i)
+    for indices in members.values():
+        out[indices] = adv.grpo_advantages(rewards[indices][None], normalize_std)[0]
+    return out
+
+
+def _flat(per_sample: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate per-sample token tensors; returns (values (N,), sample_ids (N,))."""
+    sample_ids = torch.cat([torch.full((len(t),), i) for i, t in enumerate(per_sample)])
+    return torch.cat(per_sample), sample_ids
+
+
+def shaping_kl(config: GrpoArgs, batch: TrainBatch, mask: torch.Tensor) -> torch.Tensor:
+    """KL_t of REINFORCE++ reward shaping, (N,): kl_penalty(old, ref) on every token.
+
+    Masked-out tokens keep their KL (Miles adds it to the returns), except where it is
+    not finite (a masked-out token the engine or reference did not score): that counts
+    0, rather than making the returns of its whole sample NaN.
+    """
+    if not config.kl_coef:
+        return torch.zeros_like(mask)
+    old, _ = _flat(batch.old_log_probs)
+    ref, _ = _flat(batch.ref_log_probs)
+    kl = losses.kl_penalty(old, ref, config.kl_loss_type)
+    return torch.where((mask > 0) | kl.isfinite(), kl, torch.zeros_like(kl))
+
+
+def compute_advantages(config: GrpoArgs, batch: TrainBatch, group_ids: list[int]
+                       ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-sample advantage tensors (R_i,), and the per-sample normalised rewards (S,)."""
+    estimator = config.advantage_estimator
+    mask, sample_ids = _flat(batch.loss_masks)
+    counts = [len(m) for m in batch.loss_masks]
+    if estimator in ("grpo", "gspo"):
+        scalars = group_normalized(batch.rewards, group_ids,
+                                   not config.disable_grpo_std_normalization)
+        tokens = adv.broadcast_to_tokens(scalars, sample_ids)
+    elif estimator == "reinforce_plus_plus":
+        scalars = batch.rewards
+        token_rewards = adv.reinforce_plus_plus_token_rewards(
+            scalars, shaping_kl(config, batch, mask), sample_ids, mask, config.kl_coef)
+        tokens = adv.reinforce_plus_plus_returns(token_rewards, sample_ids, config.gamma)
+    else:  # reinforce_plus_plus_baseline: A_t = (r - group mean) - kl_coef * kl_t
+        scalars = group_normalized(batch.rewards, group_ids, normalize_std=False)
+        tokens = (adv.broadcast_to_tokens(scalars, sample_ids)
+                  - config.kl_coef * shaping_kl(config, batch, mask))
+    if config.normalize_advantages:
+        tokens = adv.whiten(tokens, mask)
+    return list(tokens.split(counts)), scalars
