@@ -9,7 +9,7 @@ whole rollout batch; each rank trains on its data-parallel share of it. `Engine`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from furlong.train.parallel import RankInfo
 
 
+@runtime_checkable
 class Trainer(Protocol):
     """The policy being trained, its reference and optimizer, on one or more ranks."""
 
