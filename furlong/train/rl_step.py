@@ -1,11 +1,12 @@
 """The RL step of one rollout: samples -> TrainBatch -> old and reference log-probs ->
 advantages -> the trainer's optimizer steps -> metrics, named as they are logged.
 
-Why a module of its own, beside the trainer: the loop (furlong/loop.py) decides when a
-rollout trains; this decides what training on it means, as docs/algorithm.md describes
-it, in one place. It runs in the process that runs the loop and drives any `Trainer`
-(train/base.py): the ranks of this process or a group of Ray actors. The per-rank half
-(forward, objective, optimizer step) is train/actor.py with train/objective.py.
+Why here: the loop (furlong/loop.py) decides when a rollout trains; this module decides
+what training on it means, as docs/algorithm.md describes it. It sits in train/, beside
+what it drives and fills in (the `Trainer` of train/base.py, `TrainBatch`, the objective
+that reads the batch), so that one package holds the whole of training. It runs in the
+process that runs the loop, against the ranks of this process or a group of Ray actors
+alike; the per-rank half (forward, objective, optimizer step) is train/actor.py.
 
 Where the old log-probs come from is decided by `old_log_probs_source` and nowhere else:
 
@@ -16,10 +17,12 @@ Where the old log-probs come from is decided by `old_log_probs_source` and nowhe
                         the policy changes within the rollout (several steps), REINFORCE++
                         shapes rewards with KL(old, ref), or a custom loss reads them
     TRAINING_FORWARD    otherwise: with one step per rollout the policy being improved is
-                        the current one, so the training forward's own log-probs
-                        (detached) are the old ones; the batch carries none, the objective
-                        uses its forward's (train/objective.py) and reports them as
-                        train/old_log_probs, which become rollout/log_probs here
+                        the current one, and the training forward's own log-probs
+                        (detached) equal a recomputation, so that forward is skipped. The
+                        batch carries none; the objective uses its forward's
+                        (train/objective.py) and reports them as train/old_log_probs, which
+                        become rollout/log_probs here (averaged as the loss is), and its
+                        entropy_loss rollout/entropy
 
 Advantages (GRPO_ARGS -> furlong.algo.advantages, formulas in docs/algorithm.md) are
 computed over the whole rollout batch. Groups are identified by the samples' group
