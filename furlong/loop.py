@@ -45,10 +45,10 @@ async def run_loop(run: Run, overlap: bool = False) -> dict:
     config = run.config
     last_eval: dict = {}
     version = run.start_rollout  # of the weights the engines hold
-    step = RLStep(config.grpo, config.rollout, run.trainer) if run.trainer is not None else None
+    rl_step = None if run.trainer is None else RLStep(config.grpo, config.rollout, run.trainer)
     if run.engine is not None and run.trainer is not None:
         await push_weights(run, version)
-        if trainer_holds_pushed_weights(run, overlap):
+        if trainer_holds_pushed_weights(run, overlap):  # `version` as of the call
             offer_weight_source(run.engine, lambda: push_weights(run, version))
     if run.num_rollout == 0 and run.manager.eval_datasets:
         return await evaluate(run, 0)
@@ -66,8 +66,9 @@ async def run_loop(run: Run, overlap: bool = False) -> dict:
         last = rollout_id + 1 == run.num_rollout
         if overlap and not last:
             pending = start_generation(run, rollout_id + 1)
-        if step is not None:
-            metrics.update(await train_rollout(run, step, rollout_id, rollout.groups, overlap))
+        if rl_step is not None:
+            metrics.update(await train_rollout(run, rl_step, rollout_id, rollout.groups,
+                                               overlap))
         if should_save(run, rollout_id):
             save(run, rollout_id, pending.state_before if pending else run.manager.state_dict())
         if should_push(run, rollout_id, overlap):
@@ -125,8 +126,8 @@ async def generate_rollout(run: Run, rollout_id: int) -> RolloutResult:
     return result
 
 
-async def train_rollout(run: Run, step: RLStep, rollout_id: int, groups: list[list[Sample]],
-                        overlap: bool) -> dict:
+async def train_rollout(run: Run, rl_step: RLStep, rollout_id: int,
+                        groups: list[list[Sample]], overlap: bool) -> dict:
     """The RL step of one rollout, in a worker thread (the event loop goes on generating
     in async mode), on a trainer whose optimizer state is on the device and, with
     --offload-rollout, next to engines that released their memory. Logs each optimizer
@@ -135,7 +136,7 @@ async def train_rollout(run: Run, step: RLStep, rollout_id: int, groups: list[li
     if offloads_trainer(run, overlap):
         await asyncio.to_thread(run.trainer.reload)
     async with engine_memory_released(run, overlap):
-        result = await asyncio.to_thread(step, rollout_id, groups)
+        result = await asyncio.to_thread(rl_step, rollout_id, groups)
     end = time.time()
     for row in result.optimizer_steps:
         run.logger.log(rollout_id, row)
