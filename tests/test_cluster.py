@@ -9,7 +9,7 @@ import pytest
 from furlong.cluster.placement import plan_placement
 from furlong.config import ConfigError, load_config
 from furlong.engine.api_key import auth_headers
-from furlong.engine.weight_transfer import read_hf_weights
+from furlong.engine.weights.receive import read_hf_weights
 
 # With --lr 1e-3 engines that miss the weight pushes are off the trainer's log-probs by
 # 3e-6 to 4.4e-6 (measured); engines that get them agree to 1.7e-7. The random reward
@@ -165,15 +165,10 @@ def test_weight_group_counts_every_gpu_of_a_server(grpo_argv, monkeypatch):
     group did not count, and the broadcast never started."""
     pytest.importorskip("ray")
     from furlong.cluster import ray_trainer
-    from furlong.engine.weight_transfer import WeightBroadcaster
-    monkeypatch.setattr(WeightBroadcaster, "init_group", lambda self, *args, **kwargs: None)
     config = config_of(grpo_argv, "--rollout-num-gpus-per-engine", "2")
-    broadcaster = ray_trainer.join_servers(["http://10.0.0.1:1", "http://10.0.0.2:2"],
-                                           config.sglang, "group")
-    try:
-        assert broadcaster.world_size == 1 + 2 * 2
-    finally:
-        broadcaster.close()
+    servers = ray_trainer.engine_servers(["http://10.0.0.1:1", "http://10.0.0.2:2"],
+                                         config.sglang)
+    assert servers.world_size == 1 + 2 * 2
 
 
 # ---- Ray on CPU -------------------------------------------------------------------------------

@@ -31,8 +31,7 @@ from furlong.engine.api_key import is_authorized, redacted, run_api_key
 from furlong.engine.client import EngineHTTPError, HTTPEngine
 from furlong.engine.launcher import ServerLauncher, ServerSpec, server_command
 from furlong.engine.router import EngineRouter, RouterOptions
-from furlong.engine.weight_transfer import (deserialize_ipc_tensors,
-                                            deserialize_named_tensors)
+from furlong.engine.weights.wire import deserialize_ipc_tensors, deserialize_named_tensors
 
 pytestmark = pytest.mark.timeout(600)
 KEY = "s3cret-key"
@@ -265,7 +264,7 @@ def test_an_ipc_payload_to_a_consenting_server_is_refused_too(tiny, tokenizer, t
 
 IPC_RECEIVER = """
 import sys
-from furlong.engine.weight_transfer import deserialize_ipc_tensors
+from furlong.engine.weights.wire import deserialize_ipc_tensors
 for name, tensor in deserialize_ipc_tensors(sys.stdin.read()):
     print(name, tensor.device.type, str(tensor.dtype), tensor.float().sum().item())
 """
@@ -279,7 +278,7 @@ def test_cuda_ipc_payloads_from_another_process_still_load():
     import sys
 
     from conftest import REPO
-    from furlong.engine.weight_transfer import serialize_named_tensors_ipc
+    from furlong.engine.weights.wire import serialize_named_tensors_ipc
     sent = [("a", torch.ones(4, 3, device="cuda")), ("b", torch.arange(5, device="cuda")),
             ("c", torch.ones(6, device="cuda", dtype=torch.bfloat16)[2:])]
     received = subprocess.run([sys.executable, "-c", IPC_RECEIVER],

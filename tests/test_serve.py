@@ -31,9 +31,11 @@ from furlong.engine.base import SamplingParams
 from furlong.engine.client import EngineHTTPError, HTTPEngine
 from furlong.engine.fast import FastEngine
 from furlong.engine.hf_engine import HFEngine
-from furlong.engine.serve import EngineServer, parse_args
-from furlong.engine.weight_transfer import (WeightBroadcaster, deserialize_named_tensors,
-                                            iter_buckets, serialize_named_tensors)
+from furlong.engine.server.app import EngineServer
+from furlong.engine.server.cli import parse_args
+from furlong.engine.weights.send import BroadcastSender, Servers
+from furlong.engine.weights.wire import (deserialize_named_tensors, iter_buckets,
+                                         serialize_named_tensors)
 from furlong.model.loading import load_hf_model, load_named_tensors
 from furlong.ports import free_port
 from furlong.tiny import write_tiny
@@ -424,7 +426,7 @@ def test_only_generate_handlers_stop_when_their_client_goes():
     consistent); a generation may stop."""
     from types import SimpleNamespace
 
-    from furlong.engine.serve import only_generate_cancels
+    from furlong.engine.server.app import only_generate_cancels
     outcome = {}
 
     async def main():
@@ -515,11 +517,12 @@ def test_update_weights_from_tensor_serves_the_sent_weights(server, states, tiny
 
 def test_distributed_update_in_buckets_over_gloo(server, states, tiny, tokenizer, prompt_ids):
     """Rank 0 here, the server rank 1; two updates over one group, many buckets each."""
-    broadcaster = WeightBroadcaster([server.url], timeout_s=REQUEST_TIMEOUT_S)
+    broadcaster = BroadcastSender("gloo", lambda: ("127.0.0.1", free_port()), 64 << 10,
+                                  timeout_s=REQUEST_TIMEOUT_S)
+    servers = Servers((server.url,))
     requests_ = [(ids, greedy(12)) for ids in prompt_ids]
     try:
-        broadcaster.init_group("127.0.0.1", free_port(), backend="gloo")
-        assert broadcaster.broadcast(states["perturbed"].items(), 64 << 10, version=4) > 5
+        assert broadcaster.send(states["perturbed"].items(), servers, version=4) > 5
         name = "model.layers.1.mlp.up_proj.weight"
         rows = post(server.url, "/get_weights_by_name", {"name": name, "truncate_size": 3}).json()
         torch.testing.assert_close(torch.tensor(rows), states["perturbed"][name][:3],
@@ -529,7 +532,7 @@ def test_distributed_update_in_buckets_over_gloo(server, states, tiny, tokenizer
             reference(states["perturbed"], tiny, tokenizer), requests_))
         assert {o.weight_version for o in perturbed} == {4}
 
-        broadcaster.broadcast(states["base"].items(), 64 << 10, version=6)
+        broadcaster.send(states["base"].items(), servers, version=6)
         base = generate_all(HTTPEngine(server.url), requests_)
         assert_same_outputs(base, generate_all(reference(states["base"], tiny, tokenizer),
                                                requests_))
@@ -664,11 +667,11 @@ def test_a_server_process_receives_weights_over_nccl(checkpoints, states, tmp_pa
     """The server on cuda:1 in its own process, rank 0 here on cuda:0; several buckets."""
     with launched_server(checkpoints["base"], tmp_path / "server.log", "--device", "cuda",
                          "--base-gpu-id", "1", "--dtype", "float32") as url:
-        broadcaster = WeightBroadcaster([url], timeout_s=REQUEST_TIMEOUT_S)
+        broadcaster = BroadcastSender("nccl", lambda: ("127.0.0.1", free_port()), 64 << 10,
+                                      timeout_s=REQUEST_TIMEOUT_S)
         try:
-            broadcaster.init_group("127.0.0.1", free_port(), backend="nccl")
             sent = {name: t.to("cuda:0") for name, t in states["perturbed"].items()}
-            assert broadcaster.broadcast(sent.items(), 64 << 10, version=4) > 5
+            assert broadcaster.send(sent.items(), Servers((url,)), version=4) > 5
         finally:
             broadcaster.close()
         for name, tensor in server_weights(url, sent).items():
@@ -683,7 +686,7 @@ def test_ipc_payloads_need_the_servers_consent(server):
     import base64
     import pickle
 
-    from furlong.engine.weight_transfer import is_ipc_payload, serialize_named_tensors
+    from furlong.engine.weights.wire import is_ipc_payload, serialize_named_tensors
     assert not is_ipc_payload(serialize_named_tensors([("w", torch.ones(2))]))
     payload = base64.b64encode(pickle.dumps([("model.norm.weight", 1)])).decode()
     assert is_ipc_payload(payload)

@@ -79,7 +79,7 @@ COUNTING_SERVER = '''
 $ENGINE_CALLS/<port>.log: "<method>" for memory and cache calls, "start <seed>" when a
 generation reaches the engine and "done <seed> <finish_reason>" when it returns."""
 import os, sys
-from furlong.engine import serve
+from furlong.engine.server import cli
 
 log_path = os.path.join(os.environ["ENGINE_CALLS"],
                         sys.argv[sys.argv.index("--port") + 1] + ".log")
@@ -99,7 +99,7 @@ def counted(engine, name):
     setattr(engine, name, call)
 
 
-def build_engine(args, tokenizer, build=serve.build_engine):
+def build_engine(args, tokenizer, build=cli.build_engine):
     engine = build(args, tokenizer)
     for name in ("release_memory", "resume_memory", "flush_cache"):
         counted(engine, name)
@@ -114,8 +114,8 @@ def build_engine(args, tokenizer, build=serve.build_engine):
     return engine
 
 
-serve.build_engine = build_engine
-serve.main()
+cli.build_engine = build_engine
+cli.main()
 '''
 COUNTING_SERVER_MODULE = "counting_serve"
 

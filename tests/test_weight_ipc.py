@@ -1,9 +1,9 @@
 """CUDA IPC weight transfer, on a GPU: the trainer hands an engine server on its device
 handles to its tensors (`serialize_named_tensors_ipc`) instead of their bytes.
 
-Both paths that send IPC payloads are driven: the router's /update_weights_from_tensor
-for CUDA tensors (a trainer in this process with colocated servers) and a Ray trainer
-rank's `send_by_ipc` (colocated ranks on Ray). CUDA IPC opens a handle only in another
+Both callers of the IPC sender are driven: the router's /update_weights_from_tensor for
+CUDA tensors (a trainer in this process with colocated servers) and a Ray trainer rank's
+`send_weights` (colocated ranks on Ray). CUDA IPC opens a handle only in another
 process, so the server (furlong's, `--accept-ipc-weights`) runs as a subprocess on the
 same GPU. After each push its weights are read back (/get_weights_by_name) and compared
 exactly with the pushed ones, which differ from the boot checkpoint's.
@@ -20,7 +20,8 @@ import torch
 
 from furlong.engine.launcher import BUILTIN_SERVER, ServerProcess
 from furlong.engine.router import EngineRouter, RouterOptions
-from furlong.engine.weight_transfer import read_hf_weights
+from furlong.engine.weights.receive import read_hf_weights
+from furlong.engine.weights.send import Servers
 from furlong.ports import free_port
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(900)]
@@ -86,12 +87,14 @@ def test_router_pushes_cuda_tensors_by_ipc(tiny, ipc_server):
 
 
 def test_ray_rank_sends_by_ipc(tiny, ipc_server):
-    """TrainRank.send_by_ipc, run here on a stand-in rank whose actor holds `weights`."""
+    """TrainRank.send_weights by CUDA IPC, run here on a stand-in rank whose actor holds
+    `weights`."""
     pytest.importorskip("ray")
-    from furlong.cluster.ray_trainer import TrainRank
+    from furlong.cluster.ray_trainer import TrainRank, weight_senders
     weights = pushed_weights(tiny, seed=2)
-    rank = SimpleNamespace(rank=0, actor=SimpleNamespace(named_weights=weights.items))
+    rank = SimpleNamespace(actor=SimpleNamespace(named_weights=weights.items),
+                           senders=weight_senders(64 << 10))
     # The class under Ray's actor wrapper (its methods as plain functions).
-    send_by_ipc = TrainRank.__ray_metadata__.modified_class.send_by_ipc
-    send_by_ipc(rank, [ipc_server], 4, 64 << 10)
+    send_weights = TrainRank.__ray_metadata__.modified_class.send_weights
+    send_weights(rank, "ipc", Servers((ipc_server,)), 4)
     assert_served(ipc_server, weights, version=4)

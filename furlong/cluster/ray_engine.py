@@ -4,10 +4,11 @@ Two kinds: an EngineActor runs the built-in engine and its server in the actor; 
 ServerHost starts an SGLang (or furlong) server process on the GPUs Ray gave it.
 
 An EngineActor builds the built-in engine on the devices Ray gave it and runs the
-furlong engine server (furlong/engine/serve.py) in its event loop; the driver talks to
+furlong engine server (furlong/engine/server/) in its event loop; the driver talks to
 all of them through one EngineRouter, exactly as it would to SGLang servers. Trainer
-ranks push weights to the same URLs: CUDA IPC payloads from the rank on the same GPU
-(colocated), a broadcast from rank 0 (apart), or bytes by value (CPU). RayEngineGroup
+ranks push weights to the same URLs with the router's senders (engine/weights/send.py):
+CUDA IPC payloads from the rank on the same GPU (colocated), a broadcast from rank 0
+(apart), or bytes by value (CPU). RayEngineGroup
 is that router as the loop sees it, with Ray's word on an engine that died. Servers
 listen on node addresses, so they require the run's API key (`run_api_key`), which the
 driver hands to the router and the trainer ranks.
@@ -50,7 +51,7 @@ class EngineActor:
         """Start the HTTP server on a free port of this node; returns its URL."""
         from aiohttp import web
 
-        from furlong.engine.serve import EngineServer
+        from furlong.engine.server.app import EngineServer
         server = EngineServer(self.engine, self.tokenizer, self.model_path,
                               accept_ipc_weights=self.accept_ipc_weights, api_key=self.api_key)
         self.runner = server.app_runner()

@@ -4,8 +4,11 @@ RayTrainGroup offers the loop what an in-process TrainActor offers (compute_log_
 train, save, restore, export_hf, push_weights, ...) by calling every rank and taking
 rank 0's answer. Calls wait with `ray.wait`, so a rank that dies surfaces at once as
 an error naming the rank and the cause, even while the others block in a collective.
-A weight push that fails asks the engine actors first, so that an engine that died is
-named as such rather than as the trainer rank whose connection it refused.
+Weight pushes: every rank gathers the full weights and hands them to one sender of
+furlong/engine/weights/send.py (the router's own): CUDA IPC to the engines on its GPU,
+or, from rank 0 alone, a broadcast or bytes by value. A weight push that fails asks the
+engine actors first, so that an engine that died is named as such rather than as the
+trainer rank whose connection it refused.
 """
 from __future__ import annotations
 
@@ -18,9 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from furlong.config import Config
 from furlong.config.groups import SglangArgs
-from furlong.engine.weight_transfer import (CurrentGroup, WeightBroadcaster, iter_buckets,
-                                            post_tensor_update, serialize_named_tensors,
-                                            serialize_named_tensors_ipc)
+from furlong.engine.weights.send import BroadcastSender, Servers, TensorSender, WeightSender
 from furlong.ports import free_port
 from furlong.train.actor import TrainActor
 from furlong.train.parallel import rank_info
@@ -56,17 +57,19 @@ def in_bundle(group, bundle: int) -> PlacementGroupSchedulingStrategy:
     return PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle)
 
 
-def join_servers(urls: list[str], sglang: SglangArgs, group_name: str,
-                 api_key: str | None = None) -> WeightBroadcaster:
-    """Rank 0's weight-update group with the engine servers, met on this node. An SGLang
-    server joins with one rank per GPU (--rollout-num-gpus-per-engine); with fewer
-    ranks counted, its extra ranks would wait for a group that never forms."""
-    broadcaster = WeightBroadcaster(urls, group_name,
-                                    ranks_per_server=sglang.rollout_num_gpus_per_engine,
-                                    api_key=api_key)
-    broadcaster.init_group(*node_rendezvous(),
-                           backend="nccl" if torch.cuda.is_available() else "gloo")
-    return broadcaster
+def engine_servers(urls: list[str], sglang: SglangArgs, api_key: str | None = None) -> Servers:
+    """The engine servers at `urls` as the target of a push. An SGLang server has one rank
+    per GPU (--rollout-num-gpus-per-engine), in a broadcast group and for tensor payloads;
+    with fewer ranks counted, its extra ranks would wait for a group that never forms."""
+    return Servers(tuple(urls), api_key, sglang.rollout_num_gpus_per_engine)
+
+
+def weight_senders(bucket_bytes: int) -> dict[str, WeightSender]:
+    """A trainer rank's senders, by RayTrainGroup.sync_mode (furlong/engine/weights/send.py);
+    rank 0 of a broadcast group meets the servers on this rank's node."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    return {"ipc": TensorSender("ipc", bucket_bytes), "value": TensorSender("value", bucket_bytes),
+            "broadcast": BroadcastSender(backend, node_rendezvous, bucket_bytes)}
 
 
 @ray.remote
@@ -83,10 +86,9 @@ class TrainRank:
                                   "nccl" if cuda else "gloo")
         info = parallel.rank_info(rank, world_size, config.perf.tensor_model_parallel_size,
                                   "cuda" if cuda else "cpu")
-        self.rank = rank
         self.actor = TrainActor(config, info, init_weights, total_steps,
                                 load_hooks(config).custom_loss, HookArgs(config))
-        self.weight_group = CurrentGroup()  # rank 0's, with the engine servers
+        self.senders = weight_senders(config.rollout.update_weight_buffer_size)
 
     def ready(self) -> bool:
         return True
@@ -121,39 +123,15 @@ class TrainRank:
     def model_config(self):
         return self.actor.model_config
 
-    # ---- weight sync (every rank takes part in gathering the full weights) -----------------
-    def send_by_value(self, urls: list[str], version: int, bucket_bytes: int,
-                      api_key: str | None = None) -> None:
-        """Rank 0 posts each bucket's bytes to every engine server."""
-        for bucket, last in iter_buckets(self.actor.named_weights(), bucket_bytes):
-            if self.rank == 0:
-                payload = serialize_named_tensors(bucket)
-                for url in urls:
-                    post_tensor_update(url, payload, version if last else None,
-                                       api_key=api_key)
-
-    def send_by_ipc(self, urls: list[str], version: int, bucket_bytes: int,
-                    api_key: str | None = None) -> None:
-        """Each rank hands the engines on its own GPU CUDA IPC handles (no copy here)."""
-        for bucket, last in iter_buckets(self.actor.named_weights(), bucket_bytes):
-            if urls:
-                payload = serialize_named_tensors_ipc(bucket)  # `bucket` stays alive meanwhile
-                for url in urls:
-                    post_tensor_update(url, payload, version if last else None,
-                                       api_key=api_key)
-                torch.cuda.synchronize()
-
-    def send_by_broadcast(self, urls: list[str], version: int, bucket_bytes: int,
-                          api_key: str | None = None) -> None:
-        """Rank 0 broadcasts buckets over a weight-update group that the servers joined."""
+    def send_weights(self, sync_mode: str, servers: Servers, version: int) -> None:
+        """This rank's part of a push: every rank takes part in gathering the full weights,
+        and sends them on to `servers` (none: it only gathers)."""
         weights = self.actor.named_weights()
-        if self.rank != 0:
+        if not servers.urls:
             for _ in weights:  # take part in the gathers
                 pass
             return
-        group = self.weight_group.get(urls, lambda name: join_servers(
-            urls, self.actor.config.sglang, name, api_key))
-        group.broadcast(weights, bucket_bytes, version)
+        self.senders[sync_mode].send(weights, servers, version)
 
 
 class RayTrainGroup:
@@ -233,18 +211,10 @@ class RayTrainGroup:
     async def push_weights(self, engine, version: int) -> None:
         """To the engines still in `engine`'s rotation (the router drops one that died,
         and the broadcast group is then rebuilt without it)."""
-        bucket = self.config.rollout.update_weight_buffer_size
         live = set(engine.urls)
-        urls = [url for url in self.urls if url in live]
-        if self.sync_mode == "ipc":  # each rank feeds the engines on its own GPU
-            calls = [rank.send_by_ipc.remote(
-                [url for url, devices in zip(self.urls, self.engine_devices, strict=True)
-                 if devices[0] == index and url in live], version, bucket, self.api_key)
-                for index, rank in enumerate(self.ranks)]
-        else:
-            method = "send_by_value" if self.sync_mode == "value" else "send_by_broadcast"
-            calls = [getattr(rank, method).remote(urls, version, bucket, self.api_key)
-                     for rank in self.ranks]
+        calls = [rank.send_weights.remote(self.sync_mode, self._servers_of_rank(index, live),
+                                          version)
+                 for index, rank in enumerate(self.ranks)]
         try:
             await asyncio.to_thread(wait_all, calls, "trainer rank")
         except RuntimeError:  # an engine this push went to may have died (none are
@@ -253,6 +223,16 @@ class RayTrainGroup:
                     actor for actor, url in zip(self.engine_actors, self.urls, strict=True)
                     if url in live])
             raise
+
+    def _servers_of_rank(self, index: int, live: set[str]) -> Servers:
+        """With CUDA IPC each rank feeds the live engines on its own GPU; otherwise rank 0
+        sends to every live engine and the other ranks only gather."""
+        if self.sync_mode == "ipc":
+            urls = [url for url, devices in zip(self.urls, self.engine_devices, strict=True)
+                    if devices[0] == index and url in live]
+        else:
+            urls = [url for url in self.urls if url in live] if index == 0 else []
+        return engine_servers(urls, self.config.sglang, self.api_key)
 
     def close(self) -> None:
         for rank in self.ranks:

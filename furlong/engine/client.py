@@ -6,6 +6,7 @@ on first use in the running event loop. At most `max_concurrency` generate calls
 flight; control calls (abort, weights, health) never queue behind them, since an abort must
 reach the server while generations wait for it. Every failure names the URL it came from.
 With an `api_key`, every request carries `Authorization: Bearer KEY` (SGLang's `--api-key`).
+Weight updates go through the one sender module (furlong/engine/weights/send.py).
 """
 from __future__ import annotations
 
@@ -19,15 +20,8 @@ import torch
 
 from furlong.engine.api_key import auth_headers
 from furlong.engine.base import GenerateOutput, SamplingParams
-from furlong.engine.weight_transfer import iter_buckets, serialize_named_tensors, tensor_update_body
-
-
-class EngineHTTPError(RuntimeError):
-    """The engine server answered an error status."""
-
-    def __init__(self, message: str, status: int):
-        super().__init__(message)
-        self.status = status
+from furlong.engine.http_error import EngineHTTPError
+from furlong.engine.weights.send import Servers, TensorSender, send_from_disk
 
 
 class HTTPEngine:
@@ -66,23 +60,18 @@ class HTTPEngine:
 
     async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
                              version: int) -> None:
-        """By value, in requests of at most `bucket_bytes`; the last one sets `version`."""
-        for bucket, is_last in iter_buckets(named_tensors, self.bucket_bytes):
-            payload = await asyncio.to_thread(serialize_named_tensors, bucket)
-            await self.update_weights_from_serialized(payload, version if is_last else None)
-
-    async def update_weights_from_serialized(self, payload: str, version: int | None) -> None:
-        """One /update_weights_from_tensor request: `payload` for every tensor-parallel
-        rank; a `version` also sets it and flushes the cache, so it goes with the last
-        bucket. A `serialize_named_tensors_ipc` payload (CUDA IPC handles) is SGLang's own
-        format; a `serialize_named_tensors` one (bytes) only furlong's servers read."""
-        await self._update("/update_weights_from_tensor",
-                           tensor_update_body(payload, version, self.tp_size))
+        """By value (weights/send.py), in requests of at most `bucket_bytes`; the last one
+        sets `version`. Only furlong's servers read this format."""
+        sender = TensorSender("value", self.bucket_bytes, self.timeout_s)
+        await asyncio.to_thread(sender.send, named_tensors, self._servers(), version)
 
     async def update_weights_from_disk(self, model_path: str | Path, version: int) -> None:
         """Load an HF directory that the server can read."""
-        await self._update("/update_weights_from_disk",
-                           {"model_path": str(model_path), "weight_version": str(version)})
+        await asyncio.to_thread(send_from_disk, model_path, self._servers(), version,
+                                self.timeout_s)
+
+    def _servers(self) -> Servers:
+        return Servers((self.url,), self.api_key, self.tp_size)
 
     async def release_memory(self) -> None:
         await self._request("POST", "/release_memory_occupation", {})
@@ -119,11 +108,6 @@ class HTTPEngine:
             self._semaphore = asyncio.Semaphore(self.max_concurrency)
             self._loop = loop
         return self._session, self._semaphore
-
-    async def _update(self, path: str, body: dict) -> None:
-        result = await self._request("POST", path, body)
-        if isinstance(result, dict) and result.get("success") is False:
-            raise EngineHTTPError(f"POST {self.url}{path} failed: {result.get('message')}", 200)
 
     async def _request(self, method: str, path: str, body: dict | None = None,
                        timeout_s: float | None = None):

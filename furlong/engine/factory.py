@@ -26,7 +26,8 @@ from furlong.engine.base import Engine
 from furlong.engine.fast import FastEngine, supports
 from furlong.engine.hf_engine import HFEngine
 from furlong.engine.launcher import SGLANG_SERVER, ServerLauncher, ServerSpec
-from furlong.engine.router import EngineRouter, RouterOptions, address_towards
+from furlong.engine.router import EngineRouter, RouterOptions
+from furlong.engine.weights.send import address_towards
 from furlong.model.loading import load_hf_model
 
 log = logging.getLogger(__name__)

@@ -1,19 +1,19 @@
 """The fields of SGLang HTTP requests: parsing, checking, and the 400 that names the field.
 
-Used by the engine server (furlong/engine/serve.py); every bad value raises
+Used by the engine server (furlong/engine/server/); every bad value raises
 `bad_request` with a message naming the field and what it must be.
 """
 from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
 from typing import NoReturn
 
 import torch
 from aiohttp import web
 
 from furlong.engine.base import GenerateOutput, SamplingParams
+from furlong.engine.weights.receive import LoadOptions
 
 GENERATE_FIELDS = {"input_ids", "text", "sampling_params", "return_logprob", "rid", "stream"}
 _REQUIRED = object()
@@ -65,15 +65,8 @@ def version_field(body: dict, name: str) -> int | None:
     bad_request(f"field {name!r} must be an integer (or its string), got {value!r}")
 
 
-@dataclass(frozen=True)
-class LoadOptions:
-    """The fields of SGLang's weight-update requests that say how to load."""
-    weight_version: int | None
-    flush_cache: bool
-    abort_all_requests: bool
-
-
 def load_options(body: dict) -> LoadOptions:
+    """How to load: the fields of SGLang's weight-update requests that say it."""
     return LoadOptions(version_field(body, "weight_version"),
                         field(body, "flush_cache", bool, True),
                         field(body, "abort_all_requests", bool, False))

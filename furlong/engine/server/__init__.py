@@ -1,0 +1,8 @@
+"""The engine server: a furlong `Engine` behind SGLang's HTTP API (SPEC.md section 7).
+
+- `cli.py`: the command line (`python -m furlong.engine.serve`), dtype, engine choice.
+- `app.py`: `EngineServer`, the aiohttp application: middlewares, health, cache, memory.
+- `generation.py`: /generate and /abort_request.
+- `weight_routes.py`: the weight endpoints, over furlong/engine/weights/receive.py.
+Request fields are checked in furlong/engine/request_fields.py, the API key in api_key.py.
+"""

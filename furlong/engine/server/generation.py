@@ -1,0 +1,103 @@
+"""The server's /generate and /abort_request: prompts in, SGLang-shaped results out.
+
+Each prompt of a request is one `engine.generate` call, and the engine batches the calls
+in flight. A request's calls are known by their `rid` until they finish, so an abort by
+rid reaches them; a client that disconnects cancels them (the engine aborts).
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from aiohttp import web
+
+from furlong.engine.base import Engine, GenerateOutput
+from furlong.engine.request_fields import (GENERATE_FIELDS, bad_request, field, generate_item,
+                                           is_int, json_body, parse_batch_sampling_params,
+                                           request_ids)
+
+
+class GenerationRoutes:
+    """/generate and /abort_request over `engine`. `weight_version()`: the version an
+    output aborted by rid reports."""
+
+    def __init__(self, engine: Engine, tokenizer, weight_version: Callable[[], int]):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.weight_version = weight_version
+        self.vocab_size: int = engine.model.config.vocab_size
+        self.in_flight: dict[str, asyncio.Task] = {}  # rid -> its engine call
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post("/generate", self.generate),
+                web.post("/abort_request", self.abort_request)]
+
+    async def generate(self, request: web.Request) -> web.Response:
+        body = await json_body(request)
+        unknown = set(body) - GENERATE_FIELDS
+        if unknown:
+            bad_request(f"unknown fields {sorted(unknown)}; known: {sorted(GENERATE_FIELDS)}")
+        if field(body, "stream", bool, False):
+            bad_request("stream: streaming is not supported; leave it out")
+        prompts, batched = self._prompts(body)
+        params = parse_batch_sampling_params(body.get("sampling_params"), len(prompts), batched)
+        rids = request_ids(body.get("rid"), len(prompts), batched)
+        return_logprob = field(body, "return_logprob", bool, False)
+        tasks = [asyncio.ensure_future(self.engine.generate(ids, p))
+                 for ids, p in zip(prompts, params, strict=True)]
+        self.in_flight.update(zip(rids, tasks, strict=True))
+        try:
+            await asyncio.wait(tasks)
+        finally:  # also when the client went away: the engine aborts what is left
+            for rid, task in zip(rids, tasks, strict=True):
+                task.cancel()
+                if self.in_flight.get(rid) is task:
+                    del self.in_flight[rid]
+        items = [generate_item(self._outcome(task, len(ids)), rid, return_logprob)
+                 for task, ids, rid in zip(tasks, prompts, rids, strict=True)]
+        return web.json_response(items if batched else items[0])
+
+    def _outcome(self, task: asyncio.Task, prompt_tokens: int) -> GenerateOutput:
+        """The engine's output, or an empty 'abort' one for a request aborted by rid."""
+        if task.cancelled():
+            return GenerateOutput([], [], "abort", "", prompt_tokens, self.weight_version())
+        return task.result()
+
+    def _prompts(self, body: dict) -> tuple[list[list[int]], bool]:
+        """(token ids of each prompt, whether the request is a batch)."""
+        if (body.get("input_ids") is None) == (body.get("text") is None):
+            bad_request("give exactly one of input_ids (token ids) and text")
+        text = body.get("text")
+        if isinstance(text, str):
+            return [self._token_ids(self.tokenizer.encode(text), "text")], False
+        if text is not None:
+            if not (isinstance(text, list) and text and all(isinstance(t, str) for t in text)):
+                bad_request(f"text must be a string or a non-empty list of strings, got {text!r}")
+            return [self._token_ids(self.tokenizer.encode(t), f"text[{i}]")
+                    for i, t in enumerate(text)], True
+        ids = body["input_ids"]
+        if isinstance(ids, list) and ids and all(isinstance(row, list) for row in ids):
+            return [self._token_ids(row, f"input_ids[{i}]") for i, row in enumerate(ids)], True
+        return [self._token_ids(ids, "input_ids")], False
+
+    def _token_ids(self, ids, field: str) -> list[int]:
+        if not isinstance(ids, list) or not ids:
+            bad_request(f"{field} must be a non-empty list of token ids, got {ids!r}")
+        for i, token in enumerate(ids):
+            if not (is_int(token) and 0 <= token < self.vocab_size):
+                bad_request(f"{field}[{i}] = {token!r} is not a token id in [0, {self.vocab_size})")
+        return ids
+
+    async def abort_request(self, request: web.Request) -> web.Response:
+        """{"abort_all": true}: every request, with the tokens made so far. {"rid": ID}:
+        that request (or none if it already finished), which returns 'abort' empty."""
+        body = await json_body(request)
+        if field(body, "abort_all", bool, False):
+            await self.engine.abort_all()
+        elif isinstance(body.get("rid"), str):
+            task = self.in_flight.get(body["rid"])
+            if task is not None:
+                task.cancel()
+        else:
+            bad_request('send {"abort_all": true} or {"rid": "<id of a /generate request>"}')
+        return web.json_response({"success": True})

@@ -1,0 +1,9 @@
+"""Weights from the trainer into engine servers, over SGLang's weight-update endpoints.
+
+- `wire.py`: the format both ends share: buckets, tensor payloads (by value; CUDA IPC with
+  its unpickling allowlist), the request bodies.
+- `group.py`: the weight-update process group (rank 0 the trainer, then the servers).
+- `send.py`: every way of sending (by value, CUDA IPC, broadcast, disk) behind one
+  `send(named_tensors, servers, version)`, used by the router, HTTPEngine and Ray ranks.
+- `receive.py`: what a server does with each kind of update.
+"""

@@ -1,0 +1,189 @@
+"""What a weight update looks like on the wire: buckets, tensor payloads, request bodies.
+
+Both ends import this module: the senders (`send.py`) build what it describes and the
+server (`receive.py`) reads it back, so the two cannot drift apart.
+
+- Buckets: `iter_buckets` cuts (name, tensor) pairs into runs of at most `bucket_bytes`;
+  the last bucket carries the new weight version and the cache flush.
+- By value: `serialize_named_tensors` packs pairs as a base64 `torch.save` archive of CPU
+  copies; `deserialize_named_tensors` opens it with `weights_only=True`, so a request can
+  carry tensors, names and lists, never code. Only furlong's servers read this format.
+- CUDA IPC: `serialize_named_tensors_ipc` writes SGLang's own format (base64 of a
+  multiprocessing pickle of IPC handles); `deserialize_ipc_tensors` unpickles it through
+  an allowlist of the few torch globals such a pickle names, so it cannot run code either.
+- Request bodies of SGLang's endpoints (/update_weights_from_tensor,
+  /update_weights_from_distributed, /update_weights_from_disk, the group calls), with
+  SGLang's field names and spellings, so real SGLang servers accept them.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import pickle
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+NamedTensors = Iterable[tuple[str, torch.Tensor]]
+Bucket = list[tuple[str, torch.Tensor]]
+
+
+# ---- buckets ---------------------------------------------------------------------------------
+
+def iter_buckets(named_tensors: NamedTensors, bucket_bytes: int) -> Iterator[tuple[Bucket, bool]]:
+    """(bucket, is_last): runs of `named_tensors`, in order, of at most `bucket_bytes` each
+    (a larger tensor travels alone). There is always at least one bucket, maybe empty, so
+    the last one can carry the new weight version and the cache flush."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be positive (--update-weight-buffer-size), "
+                         f"got {bucket_bytes}")
+    bucket: Bucket = []
+    size = 0
+    for name, tensor in named_tensors:
+        num_bytes = tensor.numel() * tensor.element_size()
+        if bucket and size + num_bytes > bucket_bytes:
+            yield bucket, False
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += num_bytes
+    yield bucket, True
+
+
+# ---- tensor payloads -------------------------------------------------------------------------
+
+def serialize_named_tensors(named_tensors: NamedTensors) -> str:
+    """(name, tensor) pairs as one base64 string: a `torch.save` archive of CPU copies.
+    The by-value transport, right for any device and any two hosts."""
+    pairs = [(name, _owning_cpu_copy(tensor)) for name, tensor in named_tensors]
+    buffer = io.BytesIO()
+    torch.save(pairs, buffer)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _owning_cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor on the CPU with a storage of its own: torch.save writes a view's whole
+    storage (a flat FSDP buffer, say), not just the view."""
+    tensor = tensor.detach().cpu()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()
+    return tensor
+
+
+def serialize_named_tensors_ipc(named_tensors: NamedTensors) -> str:
+    """(name, CUDA tensor) pairs as CUDA IPC handles, in SGLang's format for
+    /update_weights_from_tensor: base64 of a multiprocessing (ForkingPickler) pickle, in
+    which torch reduces CUDA tensors to IPC handles. A process on the same GPU maps the
+    sender's memory instead of receiving bytes; the sender keeps the tensors alive until
+    the request returns (after the load)."""
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers the tensor reductions)
+    pairs = [(name, tensor.detach().contiguous()) for name, tensor in named_tensors]
+    return base64.b64encode(ForkingPickler.dumps(pairs)).decode("ascii")
+
+
+def is_ipc_payload(payload: str) -> bool:
+    """Pickles start with the protocol opcode; torch.save archives with the zip magic."""
+    return base64.b64decode(payload[:8])[:1] == b"\x80"
+
+
+def deserialize_named_tensors(payload: str) -> list[tuple[str, torch.Tensor]]:
+    """The pairs that `serialize_named_tensors` packed; a ValueError for anything else."""
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"serialized_named_tensors: not base64 ({error})") from None
+    if not data.startswith(b"PK"):  # torch.save writes a zip archive
+        raise ValueError("serialized_named_tensors: not a torch.save archive; this server reads "
+                         "furlong.engine.weights.wire.serialize_named_tensors payloads (SGLang's "
+                         "CUDA IPC payloads are not supported)")
+    try:
+        pairs = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(f"serialized_named_tensors: the archive does not load ({error})") from None
+    return _named_tensor_pairs(pairs)
+
+
+class _IpcUnpickler(pickle.Unpickler):
+    """Unpickles (name, CUDA tensor) pairs only: the one function that maps an IPC handle,
+    the classes and dtypes it takes. Any other global (os.system, ...) is refused, so a
+    payload cannot run code; it can at most name GPU memory to map."""
+
+    ALLOWED = {("torch.multiprocessing.reductions", "rebuild_cuda_tensor"),
+               ("torch", "Tensor"), ("torch", "Size"), ("torch.storage", "TypedStorage"),
+               ("torch.storage", "UntypedStorage"), ("torch", "UntypedStorage")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not part of a CUDA IPC "
+                                     "tensor payload")
+
+
+def deserialize_ipc_tensors(payload: str) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of a `serialize_named_tensors_ipc` payload, mapped from the sender;
+    a ValueError for anything else. Servers accept these only when started next to their
+    trainer (the handles name memory on the same GPU)."""
+    import torch.multiprocessing  # noqa: F401
+    try:
+        pairs = _IpcUnpickler(io.BytesIO(base64.b64decode(payload))).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
+        raise ValueError(f"serialized_named_tensors: not a CUDA IPC tensor payload "
+                         f"({error})") from None
+    return _named_tensor_pairs(pairs)
+
+
+def _named_tensor_pairs(pairs) -> list[tuple[str, torch.Tensor]]:
+    if not isinstance(pairs, list) or not all(
+            isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)
+            and isinstance(pair[1], torch.Tensor) for pair in pairs):
+        raise ValueError("serialized_named_tensors: the payload must hold a list of "
+                         "(name, tensor) pairs")
+    return [(name, tensor) for name, tensor in pairs]
+
+
+# ---- request bodies (SGLang's field names) ---------------------------------------------------
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """SGLang's spelling of a dtype in `dtypes`: 'bfloat16', not 'torch.bfloat16'."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _with_version(body: dict, version: int | None) -> dict:
+    """SGLang reports versions as strings; furlong numbers them."""
+    if version is not None:
+        body["weight_version"] = str(version)
+    return body
+
+
+def tensor_update_body(payload: str, version: int | None, tp_size: int = 1) -> dict:
+    """/update_weights_from_tensor for one bucket: the payload for every tensor-parallel
+    rank; a `version` (the last bucket) also sets it and flushes the cache."""
+    return _with_version({"serialized_named_tensors": [payload] * tp_size,
+                          "flush_cache": version is not None}, version)
+
+
+def distributed_update_body(bucket: Bucket, group_name: str, version: int | None,
+                            flush_cache: bool) -> dict:
+    """/update_weights_from_distributed: what the servers allocate before the broadcast
+    of one bucket fills it (tensors in their own dtype; engines cast)."""
+    return _with_version({"names": [name for name, _ in bucket],
+                          "dtypes": [dtype_name(tensor.dtype) for _, tensor in bucket],
+                          "shapes": [list(tensor.shape) for _, tensor in bucket],
+                          "group_name": group_name, "flush_cache": flush_cache}, version)
+
+
+def join_group_body(master_address: str, master_port: int, rank_offset: int, world_size: int,
+                    group_name: str, backend: str) -> dict:
+    """/init_weights_update_group: the server's first rank is `rank_offset`."""
+    return {"master_address": master_address, "master_port": master_port,
+            "rank_offset": rank_offset, "world_size": world_size, "group_name": group_name,
+            "backend": backend}
+
+
+def disk_update_body(model_path: str | Path, version: int) -> dict:
+    """/update_weights_from_disk: an HF directory the server can read."""
+    return _with_version({"model_path": str(model_path)}, version)
