@@ -5,8 +5,7 @@
 Profiles one TrainActor step (the `bench/train_mfu.py` work) by ATen operator (self CUDA
 time), then times its phases separately: the packed forward without grad, forward and
 backward, and the optimizer step. The anchor is plain HF with bf16 parameters and
-Liger-Kernel's fused kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy), when the
-liger_kernel wheel is installed. Writes $OUT/profile_train.json.
+Liger-Kernel's fused kernels (train_mfu.bench_hf_liger; the liger_kernel wheel carried). Writes $OUT/profile_train.json.
 """
 from __future__ import annotations
 
@@ -21,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (device_name, qwen3_model, save_model_dir,  # noqa: E402
                           synthetic_tokenizer, write_results)
-from bench.train_mfu import SAMPLE, PROMPT, furlong_actor, synthetic_batch, timed  # noqa: E402
+from bench.train_mfu import (PROMPT, SAMPLE, bench_hf_liger, furlong_actor,  # noqa: E402
+                             synthetic_batch, timed)
 from furlong.train.batch import pack  # noqa: E402
 from furlong.train.flops import forward_flops, peak_flops  # noqa: E402
 
@@ -54,25 +54,14 @@ def phases(actor, batch) -> dict:
     return result
 
 
-def bench_liger(model_dir: Path, tokens: int) -> dict:
-    try:
-        from liger_kernel.transformers import apply_liger_kernel_to_qwen3
-    except ImportError as error:
-        return {"error": f"liger_kernel not installed ({error})"}
-    from transformers import AutoModelForCausalLM
-    apply_liger_kernel_to_qwen3(rope=True, rms_norm=True, swiglu=True,
-                                fused_linear_cross_entropy=True, cross_entropy=False)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)
-    ids = torch.randint(1, 150000, (tokens // SAMPLE, SAMPLE), device="cuda")
-
-    def step():
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    seconds = timed(step)
-    return {"seconds": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+def profile_furlong(model_dir: Path, tokens: int) -> tuple[dict, str]:
+    actor = furlong_actor(model_dir, tokens)
+    batch = synthetic_batch(tokens // SAMPLE)
+    torch.cuda.reset_peak_memory_stats()
+    seconds = timed(lambda: actor.train(batch))
+    result = {"seconds": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+              "phases": phases(actor, batch)}
+    return result, op_table(lambda: actor.train(batch))
 
 
 def main() -> None:
@@ -89,22 +78,14 @@ def main() -> None:
         flops = 3 * forward_flops(model.config, [SAMPLE] * samples, [SAMPLE - PROMPT] * samples)
         model_dir = save_model_dir(model, Path(temporary) / "model", synthetic_tokenizer())
         del model
-        actor = furlong_actor(model_dir, args.tokens)
-        batch = synthetic_batch(samples)
-        torch.cuda.reset_peak_memory_stats()
-        step = timed(lambda: actor.train(batch))
-        results["furlong"] = {"seconds": step, "mfu": flops / step / peak_flops(name),
-                              "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-                              "phases": phases(actor, batch)}
-        results["furlong_ops"] = op_table(lambda: actor.train(batch))
+        results["furlong"], results["furlong_ops"] = profile_furlong(model_dir, args.tokens)
+        results["furlong"]["mfu"] = flops / results["furlong"]["seconds"] / peak_flops(name)
         write_results("profile_train", results)
-        del actor
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        liger = bench_liger(model_dir, args.tokens)
-        if "seconds" in liger:
-            liger["mfu"] = flops / liger["seconds"] / peak_flops(name)
-        results["hf_liger"] = liger
+        seconds = bench_hf_liger(model_dir, args.tokens)
+        results["hf_liger"] = {"seconds": seconds, "mfu": flops / seconds / peak_flops(name),
+                               "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
         write_results("profile_train", results)
     print({k: v for k, v in results.items() if k != "furlong_ops"})
     print(results["furlong_ops"])

@@ -1,11 +1,14 @@
 """Training throughput of one policy-loss step on one GPU, vs a plain HF forward/backward.
 
     python bench/train_mfu.py [--model qwen3-1.7b] [--tokens 8192 16384]
+        [--furlong-flags "--recompute-granularity full ..."] [--no-baselines]
 
 furlong: TrainActor, packed micro-batches of `tokens` tokens (dynamic batching), float32
 master weights under bf16 autocast, varlen flash attention, chunked log-probs, AdamW.
-Baseline: the HF model's own forward (SDPA) with labels and loss.backward() on the same
-tokens as equal-length rows, same autocast and optimizer. MFU = counted FLOPs
+Baselines: the HF model's own forward (SDPA) with labels and loss.backward() on the same
+tokens as equal-length rows, same autocast and optimizer ("hf"); and HF with bf16
+parameters and Liger-Kernel's fused kernels (RMSNorm, SwiGLU, RoPE, fused linear
+cross-entropy; "hf_liger", when the wheel is installed). Peak memory per configuration. MFU = counted FLOPs
 (bench-independent formula in furlong/train/flops.py, 3x forward, response-only output
 projection) over time over the card's dense bf16 peak. Writes $OUT/train_mfu.json.
 """
@@ -62,8 +65,8 @@ def furlong_actor(model_dir: Path, tokens: int, *flags: str) -> TrainActor:
     return TrainActor(config, RankInfo(device=torch.device("cuda")), str(model_dir), 100)
 
 
-def bench_furlong(model_dir: Path, tokens: int) -> float:
-    actor = furlong_actor(model_dir, tokens)
+def bench_furlong(model_dir: Path, tokens: int, *flags: str) -> float:
+    actor = furlong_actor(model_dir, tokens, *flags)
     batch = synthetic_batch(tokens // SAMPLE)
     seconds = timed(lambda: actor.train(batch))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
@@ -89,13 +92,34 @@ def bench_hf(model_dir: Path, tokens: int) -> float:
     return timed(step)
 
 
+def bench_hf_liger(model_dir: Path, tokens: int) -> float:
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen3
+    from transformers import AutoModelForCausalLM
+    apply_liger_kernel_to_qwen3(rope=True, rms_norm=True, swiglu=True,
+                                fused_linear_cross_entropy=True, cross_entropy=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)
+    ids = torch.randint(1, 150000, (tokens // SAMPLE, SAMPLE), device="cuda")
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return timed(step)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="qwen3-1.7b")
     parser.add_argument("--tokens", nargs="+", type=int, default=[8192, 16384])
+    parser.add_argument("--furlong-flags", default="", help="extra train.py flags")
+    parser.add_argument("--no-baselines", action="store_true")
     args = parser.parse_args()
+    flags = args.furlong_flags.split()
     name = device_name()
     results = {"device": name, "torch": torch.__version__, "model": args.model,
+               "furlong_flags": args.furlong_flags,
                "measured_bf16_gemm_tflops": matmul_flops() / 1e12, "runs": []}
     peak = peak_flops(name)
     with tempfile.TemporaryDirectory() as temporary:
@@ -107,17 +131,23 @@ def main() -> None:
             samples = tokens // SAMPLE
             flops = 3 * forward_flops(config, [SAMPLE] * samples, [SAMPLE - PROMPT] * samples)
             run = {"tokens": tokens}
-            for label, bench in (("furlong", bench_furlong), ("hf", bench_hf)):
+            benches = {"furlong": lambda: bench_furlong(model_dir, tokens, *flags)}
+            if not args.no_baselines:
+                benches.update(hf=lambda: bench_hf(model_dir, tokens),
+                               hf_liger=lambda: bench_hf_liger(model_dir, tokens))
+            for label, bench in benches.items():
+                torch.cuda.reset_peak_memory_stats()
                 try:
-                    seconds = bench(model_dir, tokens)
-                except torch.OutOfMemoryError as error:
-                    run[label] = {"error": f"out of memory: {str(error)[:120]}"}
+                    seconds = bench()
+                except (torch.OutOfMemoryError, ImportError) as error:
+                    run[label] = {"error": f"{type(error).__name__}: {str(error)[:120]}"}
                     continue
                 finally:  # the model and optimizer of the run are gone
                     torch.cuda.empty_cache()
                 run[label] = {"seconds": seconds, "tokens_per_s": tokens / seconds,
                               "tflops": flops / seconds / 1e12,
-                              "mfu": flops / seconds / peak if peak else None}
+                              "mfu": flops / seconds / peak if peak else None,
+                              "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
             run["furlong_profile"] = PROFILES.get(tokens)
             results["runs"].append(run)
             write_results("train_mfu", results)
