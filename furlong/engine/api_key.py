@@ -61,7 +61,9 @@ def run_api_key(user_key: str | None, host: str) -> str | None:
     when `host` is reachable from other machines, else None."""
     if user_key:
         return user_key
-    return None if is_loopback(host) else secrets.token_urlsafe(32)
+    # Hex, not urlsafe base64: a key that starts with "-" reads as a flag on the
+    # servers' command line (`--api-key -x...`) and the server refuses to start.
+    return None if is_loopback(host) else secrets.token_hex(32)
 
 
 def redacted(argv: list[str]) -> list[str]:
