@@ -206,7 +206,7 @@ def trainer_holds_pushed_weights(run: Run, overlap: bool) -> bool:
 
 
 def offer_weight_source(engine, source) -> None:
-    """An engine that restarts failed servers (EngineRouter, engine/router.py) has a
+    """An engine that restarts failed servers (EngineRouter, engine/router/) has a
     `weight_source`: when no server can serve until it has the weights, it awaits
     `source()` to push them again. Other engines have none and need none."""
     if hasattr(engine, "weight_source"):
