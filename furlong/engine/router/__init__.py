@@ -7,6 +7,6 @@
 - `slots.py`: `RouterOptions`, `EngineState` and the router's view of each engine.
 """
 from furlong.engine.router.engine_router import EngineRouter
-from furlong.engine.router.slots import EngineSlot, EngineState, RouterOptions
+from furlong.engine.router.slots import EngineState, RouterOptions
 
-__all__ = ["EngineRouter", "EngineSlot", "EngineState", "RouterOptions"]
+__all__ = ["EngineRouter", "EngineState", "RouterOptions"]
