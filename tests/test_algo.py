@@ -160,13 +160,6 @@ def ref_kl(d: float, kind: str) -> float:
     return ref_clamp(math.exp(neg_d) - 1 - neg_d, -10, 10)
 
 
-def ref_entropy(row: list[float]) -> float:
-    top = max(row)
-    weights = [math.exp(z - top) for z in row]
-    total = sum(weights)
-    return -sum(w / total * math.log(w / total) for w in weights if w > 0)
-
-
 def ref_reduce(values, mask, sample_ids, per_token, denominator) -> float:
     if per_token:
         return sum(float(v) * float(m) for v, m in zip(values, mask, strict=True)) / denominator
@@ -529,18 +522,6 @@ def test_low_var_kl_clamps_at_extreme_d():
 def test_kl_penalty_unknown_kind_lists_kinds():
     with pytest.raises(ValueError, match="k1, k2, k3, low_var_kl"):
         losses.kl_penalty(torch.zeros(1), torch.zeros(1), "kl")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_entropy_matches_reference(dtype):
-    logits = randn(0, 4, 11, scale=3.0).to(dtype)
-    out = losses.entropy_from_logits(logits)
-    assert out.dtype == torch.float32
-    assert_close(out, [ref_entropy(row) for row in logits.double().tolist()])
-
-
-def test_entropy_uniform_is_log_vocab():
-    assert_close(losses.entropy_from_logits(torch.zeros(2, 7)), [math.log(7)] * 2)
 
 
 def test_tis_weights_are_clipped_and_detached():

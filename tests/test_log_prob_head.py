@@ -1,4 +1,6 @@
 """The fused log-prob/entropy head against the plain computation over whole logits."""
+import math
+
 import pytest
 import torch
 
@@ -49,3 +51,10 @@ def test_fused_head_with_only_log_probs_in_the_loss():
     hidden.grad = None
     plain_head(hidden, weight, targets, 1.0)[0].sum().backward()
     torch.testing.assert_close(fused, hidden.grad.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_uniform_logits_have_the_log_of_the_vocabulary_as_entropy():
+    log_probs, entropy = log_probs_and_entropy(torch.ones(3, 4), torch.zeros(7, 4),
+                                               torch.tensor([0, 3, 6]))
+    torch.testing.assert_close(entropy, torch.full((3,), math.log(7)))
+    torch.testing.assert_close(log_probs, torch.full((3,), -math.log(7)))

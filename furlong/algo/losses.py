@@ -123,15 +123,6 @@ def kl_penalty(log_probs: Tensor, ref_log_probs: Tensor, kind: str) -> Tensor:
     raise ValueError(f"unknown KL kind {kind!r}; expected one of {', '.join(KL_KINDS)}")
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Exact entropy over the full vocabulary, (N, V) -> (N,), in float32.
-
-    `H = logsumexp(z) - sum_v softmax(z)_v * z_v`.
-    """
-    z = logits.float()
-    return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
-
-
 def tis_weights(
     trainer_log_probs: Tensor, rollout_log_probs: Tensor, clip_low: float, clip_high: float
 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -26,6 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from furlong import checkpoint
 from furlong.config.groups import Config
+from furlong.model.fused_kernels import apply_fused_kernels
 from furlong.model.loading import load_hf_model
 from furlong.train import distributed_state, microbatch, parallel
 from furlong.train.batch import TrainBatch, pack, split_tokens
@@ -83,6 +84,8 @@ class TrainActor:
             perf = replace(perf, recompute_granularity=None, recompute_method=None)
         device = self.rank.device if self.mesh is None else "cpu"  # parallelize places it
         hf_model = load_hf_model(path, torch.float32, device, packed=True)
+        if self.rank.device.type == "cuda" and self.rank.tp_size == 1:
+            apply_fused_kernels(hf_model)  # Liger's kernels take no DTensors (TP)
         policy = CausalLMPolicy(hf_model, perf.log_probs_chunk_size)
         if not trainable:
             policy.requires_grad_(False).eval()

@@ -34,15 +34,18 @@ def learning_rate(step: int, config: OptimizerArgs, total_steps: int) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, config: OptimizerArgs) -> torch.optim.AdamW:
-    """AdamW; like Megatron, biases and norm weights (1-D parameters) get no weight decay."""
+    """AdamW; like Megatron, biases and norm weights (1-D parameters) get no weight decay.
+    On a GPU the fused kernel updates every parameter in one launch per group."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(param.is_cuda for group in groups for param in group["params"])
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                             eps=config.adam_eps, foreach=True)
+                             eps=config.adam_eps, foreach=None if fused else True,
+                             fused=fused or None)
 
 
 class LRScheduler:
