@@ -1,4 +1,4 @@
-"""The training loop of train.py and train_async.py: the schedule of SPEC.md section 1.
+"""The training loop of train.py and train_async.py: the schedule of a run.
 
     push the actor's weights to the engines
     for rollout_id in [start, num_rollout):

@@ -1,4 +1,4 @@
-"""Sample: one response and everything known about it (SPEC.md section 6)."""
+"""Sample: one response and everything known about it."""
 from __future__ import annotations
 
 import dataclasses

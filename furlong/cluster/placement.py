@@ -95,7 +95,7 @@ def check_engine_devices(placement: Placement, backend: str) -> None:
     """Engines of several devices need a bundle of their own and SGLang (the one backend
     that spans devices). Checked before Ray starts; `--dry-run` only warns, since what
     `auto` runs depends on the machine the run starts on, and the colocated layout is
-    the SPEC launch script's own (a limit of this build, not a wrong flag)."""
+    a Miles launch script's own (a limit of this build, not a wrong flag)."""
     per_engine = placement.devices_per_engine
     if per_engine > 1 and placement.colocate:
         raise ConfigError(f"--colocate with --rollout-num-gpus-per-engine {per_engine}: an "

@@ -3,7 +3,7 @@
 Each field is one command-line flag (`rollout_batch_size` is `--rollout-batch-size`);
 its metadata carries the help text and how argparse should read it, so the parser,
 the `--help` groups, the dry-run report and the frozen-flags test all come from this
-one table. Defaults are the ones of SPEC.md section 2 (Miles/slime defaults).
+one table. Defaults are Miles' and slime's.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """SGLang's `sampling_params` (the subset in SPEC.md section 7, plus the seed).
+    """SGLang's `sampling_params` (the subset in docs/sglang.md, plus the seed).
 
     `sampling_seed` makes one request reproducible whatever else is in the batch.
     """

@@ -1,4 +1,4 @@
-"""The engine server: a furlong `Engine` behind SGLang's HTTP API (SPEC.md section 7).
+"""The engine server: a furlong `Engine` behind SGLang's HTTP API (docs/sglang.md).
 
 - `cli.py`: the command line (`python -m furlong.engine.serve`), dtype, engine choice.
 - `app.py`: `EngineServer`, the aiohttp application: middlewares, health, cache, memory.

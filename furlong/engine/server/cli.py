@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     the other flags given (to warn about once each)."""
     parser = argparse.ArgumentParser(prog="python -m furlong.engine.serve", allow_abbrev=False,
                                      description="The engine server: a furlong Engine behind "
-                                                 "SGLang's HTTP API (SPEC.md section 7).")
+                                                 "SGLang's HTTP API (docs/sglang.md).")
     parser.add_argument("--model-path", required=True, help="HF model directory")
     parser.add_argument("--tokenizer-path", help="[--model-path]")
     parser.add_argument("--host", default="127.0.0.1")
