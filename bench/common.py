@@ -1,7 +1,7 @@
 """Shared pieces of the GPU benchmarks: model shapes, a synthetic tokenizer, ceilings.
 
-Models are random-init (no hub on the GPU machine): the architectures of Qwen3-0.6B and
-Qwen3-1.7B with their published shapes. Timings are independent of the weights'
+Models are random-init (no hub on the GPU machine): the architectures of Qwen3-0.6B,
+Qwen3-1.7B and Qwen3-4B with their published shapes. Timings are independent of the weights'
 values except where EOS would stop a sequence, and benchmarks ignore EOS.
 """
 from __future__ import annotations
@@ -18,6 +18,8 @@ QWEN3_SHAPES = {
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128),
     "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128),
+    "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128),
     # bench scripts' --cpu-check: the same code paths in seconds on a CPU
     "qwen3-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16),

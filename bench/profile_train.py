@@ -74,7 +74,7 @@ def main() -> None:
     results: dict = {"device": name, "torch": torch.__version__, "model": args.model,
                      "tokens": args.tokens}
     with tempfile.TemporaryDirectory() as temporary:
-        model = qwen3_model(args.model, torch.float32, "cpu")
+        model = qwen3_model(args.model, torch.bfloat16, "cpu")  # saved in bf16: half the bytes
         flops = 3 * forward_flops(model.config, [SAMPLE] * samples, [SAMPLE - PROMPT] * samples)
         model_dir = save_model_dir(model, Path(temporary) / "model", synthetic_tokenizer())
         del model

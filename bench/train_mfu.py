@@ -10,7 +10,7 @@ tokens as equal-length rows, same autocast and optimizer ("hf"); and HF with bf1
 parameters and Liger-Kernel's fused kernels (RMSNorm, SwiGLU, RoPE, fused linear
 cross-entropy; "hf_liger", when the wheel is installed). Peak memory per configuration. MFU = counted FLOPs
 (bench-independent formula in furlong/train/flops.py, 3x forward, response-only output
-projection) over time over the card's dense bf16 peak. Writes $OUT/train_mfu.json.
+projection) over time over the card's dense bf16 peak. Writes $OUT/train_mfu_MODEL_TOKENS.json.
 """
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def main() -> None:
                "measured_bf16_gemm_tflops": matmul_flops() / 1e12, "runs": []}
     peak = peak_flops(name)
     with tempfile.TemporaryDirectory() as temporary:
-        model = qwen3_model(args.model, torch.float32, "cpu")
+        model = qwen3_model(args.model, torch.bfloat16, "cpu")  # saved in bf16: half the bytes
         config = model.config
         model_dir = save_model_dir(model, Path(temporary) / "model", synthetic_tokenizer())
         del model
@@ -150,7 +150,7 @@ def main() -> None:
                               "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
             run["furlong_profile"] = PROFILES.get(tokens)
             results["runs"].append(run)
-            write_results("train_mfu", results)
+            write_results(f"train_mfu_{args.model}_{'-'.join(map(str, args.tokens))}", results)
     for run in results["runs"]:
         print({k: v for k, v in run.items() if k != "furlong_profile"})
     print(PROFILES.get(args.tokens[0], ""))
