@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded tiny model and task, written once per test session."""
+"""Shared fixtures and helpers: the embedded tiny model and task (written once per test
+session), the tiny train.py command line, random train batches."""
 from __future__ import annotations
 
 import os
@@ -44,28 +45,46 @@ def model_args() -> list[str]:
     return shlex.split(text.split("MODEL_ARGS=(")[1].split(")")[0], comments=True)
 
 
+def train_argv(tiny: Path, *extra: str, **flags) -> list[str]:
+    """The tiny GRPO command line of train.py: the tiny model on the tiny task's prompts
+    (math reward, chat template), 4 prompts x 4 samples of up to 8 tokens, 2 rollouts.
+
+    Each keyword sets the flag of its name (`rollout_batch_size=3` gives
+    `--rollout-batch-size 3`, `True` a bare switch) or, given None or False, leaves the
+    flag out; `extra` flags (those of several values) follow as they are."""
+    given = {"hf_checkpoint": tiny / "model", "prompt_data": tiny / "data/train.jsonl",
+             "input_key": "prompt", "label_key": "label", "apply_chat_template": True,
+             "rm_type": "math", "rollout_batch_size": 4, "n_samples_per_prompt": 4,
+             "rollout_max_response_len": 8, "num_rollout": 2}
+    argv = []
+    for name, value in {**given, **flags}.items():
+        if value is None or value is False:
+            continue
+        argv.append("--" + name.replace("_", "-"))
+        if value is not True:
+            argv.append(str(value))
+    return argv + list(extra)
+
+
+# train_argv's keywords for SFT instead of GRPO: message rows, the SFT loss, no reward,
+# one sample per prompt.
+SFT_FLAGS = {"input_key": "messages", "label_key": None, "rm_type": None,
+             "n_samples_per_prompt": None, "loss_type": "sft_loss"}
+
+
 @pytest.fixture
 def grpo_argv(tiny) -> list[str]:
     """A small valid GRPO command line on the tiny task."""
-    return [
-        "--hf-checkpoint", str(tiny / "model"),
-        "--prompt-data", str(tiny / "data/train.jsonl"),
-        "--input-key", "prompt", "--label-key", "label", "--apply-chat-template",
-        "--rm-type", "math", "--rollout-batch-size", "4", "--n-samples-per-prompt", "4",
-        "--rollout-max-response-len", "8", "--num-rollout", "2",
-    ]
+    return train_argv(tiny)
 
 
 def policy_config(tiny: Path, extra: list[str]):
     """The config of a policy-loss step on the tiny task with every loss term on (KL to
     the reference, entropy, asymmetric clipping), plus `extra` flags."""
     from furlong.config import load_config
-    argv = ["--hf-checkpoint", str(tiny / "model"), "--prompt-data",
-            str(tiny / "data/train.jsonl"), "--input-key", "prompt", "--label-key", "label",
-            "--rm-type", "math", "--rollout-batch-size", "3", "--n-samples-per-prompt", "4",
-            "--rollout-max-response-len", "8", "--num-rollout", "1", "--use-kl-loss",
-            "--kl-loss-coef", "0.1", "--kl-loss-type", "low_var_kl", "--entropy-coef", "0.01",
-            "--eps-clip-high", "0.28", *extra]
+    argv = train_argv(tiny, *extra, apply_chat_template=False, rollout_batch_size=3,
+                      num_rollout=1, use_kl_loss=True, kl_loss_coef=0.1,
+                      kl_loss_type="low_var_kl", entropy_coef=0.01, eps_clip_high=0.28)
     return load_config(argv)[0]
 
 

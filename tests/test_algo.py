@@ -27,7 +27,7 @@ F64 = torch.float64
 
 # ---------------------------------------------------------------- random inputs
 
-def random_batch(seed: int, num_samples: int = 6, max_length: int = 7):
+def random_sample_ids_and_mask(seed: int, num_samples: int = 6, max_length: int = 7):
     """(sample_ids, mask) with random lengths; an even seed masks out all of sample 1."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, max_length + 1, (num_samples,), generator=g)
@@ -248,7 +248,7 @@ def test_broadcast_to_tokens():
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_reinforce_plus_plus_token_rewards_matches_reference(seed):
-    sample_ids, mask = random_batch(seed)
+    sample_ids, mask = random_sample_ids_and_mask(seed)
     scalars, kl = randn(seed + 100, 6), randn(seed + 200, sample_ids.shape[0])
     out = adv.reinforce_plus_plus_token_rewards(scalars, kl, sample_ids, mask, kl_coef=0.1)
     assert_close(out, ref_token_rewards(scalars, kl, sample_ids, mask, 0.1))
@@ -268,7 +268,7 @@ def test_reinforce_plus_plus_token_rewards_hand_computed():
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("gamma", [1.0, 0.9, 0.0])
 def test_reinforce_plus_plus_returns_matches_reference(seed, gamma):
-    sample_ids, _ = random_batch(seed)
+    sample_ids, _ = random_sample_ids_and_mask(seed)
     token_rewards = randn(seed, sample_ids.shape[0])
     out = adv.reinforce_plus_plus_returns(token_rewards, sample_ids, gamma)
     assert_close(out, ref_returns(token_rewards, sample_ids, gamma))
@@ -295,7 +295,7 @@ def test_reinforce_plus_plus_returns_keep_the_kl_of_masked_out_tokens():
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_whiten_matches_reference(seed):
-    sample_ids, mask = random_batch(seed)
+    sample_ids, mask = random_sample_ids_and_mask(seed)
     values = randn(seed, sample_ids.shape[0], scale=3.0) + 2.0
     out = adv.whiten(values, mask)
     assert_close(out, ref_whiten(values, mask, 1e-8))
@@ -391,7 +391,7 @@ def test_policy_loss_hand_computed():
 
 
 def policy_inputs(seed: int):
-    sample_ids, mask = random_batch(seed)
+    sample_ids, mask = random_sample_ids_and_mask(seed)
     num_tokens = sample_ids.shape[0]
     old = randn(seed, num_tokens) - 2.0
     log_probs = old + randn(seed + 1, num_tokens, scale=0.5)
@@ -483,7 +483,7 @@ def test_ppo_kl_is_not_clamped():
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_sequence_mean_matches_reference(seed):
-    sample_ids, mask = random_batch(seed)
+    sample_ids, mask = random_sample_ids_and_mask(seed)
     values = randn(seed, sample_ids.shape[0])
     expected = [0.0] * len(values)
     for tokens in token_lists(sample_ids):
@@ -546,7 +546,7 @@ def test_tis_weights_match_reference(seed):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_ess_ratio_matches_reference(seed):
-    sample_ids, mask = random_batch(seed)
+    sample_ids, mask = random_sample_ids_and_mask(seed)
     rho = randn(seed, sample_ids.shape[0])
     rho[0] = 30.0  # beyond the clamp
     out = losses.ess_ratio(rho, mask, sample_ids, 6)
@@ -734,7 +734,7 @@ def test_non_finite_values_on_masked_out_tokens_change_nothing(kl_loss_type, gsp
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("per_token", [True, False])
 def test_reduce_loss_matches_reference(seed, per_token):
-    sample_ids, mask = random_batch(seed)
+    sample_ids, mask = random_sample_ids_and_mask(seed)
     values = randn(seed, sample_ids.shape[0])
     out = losses.reduce_loss(values, mask, sample_ids, 6, per_token, global_denominator=9.0)
     assert_close(out, ref_reduce(values, mask, sample_ids, per_token, 9.0))
@@ -774,7 +774,7 @@ def total_loss(log_probs, old, advantages, ref_log_probs, sample_ids, mask, boun
 def test_reduced_loss_does_not_depend_on_the_split(seed, per_token, sequence_level):
     """Guards against averaging per micro-batch, which weights samples by how the global
     batch happened to be split into micro-batches and ranks."""
-    sample_ids, mask = random_batch(seed, num_samples=7)
+    sample_ids, mask = random_sample_ids_and_mask(seed, num_samples=7)
     num_tokens = sample_ids.shape[0]
     old, advantages, ref_log_probs = (randn(seed + k, num_tokens) for k in range(3))
     log_probs = (old + randn(seed + 3, num_tokens, scale=0.4)).requires_grad_(True)

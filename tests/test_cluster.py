@@ -315,8 +315,6 @@ def test_ray_trainers_feed_external_servers(grpo_argv, tiny, tmp_path, monkeypat
     import subprocess
     import sys
 
-    import requests
-
     from furlong import cli
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -377,7 +375,7 @@ def test_ray_async_generation_overlaps_training(grpo_argv, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # a hang guard: Ray runs on 2 loaded cores are slow
-def test_ray_places_server_processes_on_engine_bundles(grpo_argv, tmp_path, monkeypatch):
+def test_ray_places_server_processes_on_engine_bundles(grpo_argv, tiny, tmp_path, monkeypatch):
     """--rollout-backend sglang under Ray: one server process per engine bundle, started
     by a ServerHost actor with the exact SGLang command (furlong's server stands in for
     SGLang here), fed weights by broadcast, stopped at the end."""
@@ -399,7 +397,7 @@ def test_ray_places_server_processes_on_engine_bundles(grpo_argv, tmp_path, monk
     assert cli.main(argv) == 0
     assert_engines_hold_the_pushed_weights(pushes, 2)
     assert_engines_follow_the_trainer(tmp_path)
-    model = grpo_argv[grpo_argv.index("--hf-checkpoint") + 1]
+    model = str(tiny / "model")
     servers = [p for p in psutil.process_iter(["cmdline"])
                if {"furlong.engine.serve", model} <= set(p.info["cmdline"] or [])]
     assert not servers  # every server process of this run stopped with it

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, model_args
+from conftest import REPO, model_args, train_argv
 from furlong import cli, dry_run
 from furlong.config import ConfigError, build_parser, eval_datasets, load_config
 from furlong.config.groups import GROUPS, flag_fields
@@ -491,10 +491,8 @@ def test_vocab_size_may_exceed_the_config(grpo_argv):
     assert "--vocab-size 16" in message and "22" in message
 
 
-def test_hf_checkpoint_without_config_json(grpo_argv, tmp_path):
-    i = grpo_argv.index("--hf-checkpoint")
-    argv = grpo_argv[:i + 1] + [str(tmp_path)] + grpo_argv[i + 2:]
-    message = config_error(argv)
+def test_hf_checkpoint_without_config_json(tiny, tmp_path):
+    message = config_error(train_argv(tiny, hf_checkpoint=tmp_path))
     assert "--hf-checkpoint" in message and "config.json" in message
 
 
@@ -644,16 +642,14 @@ def test_dry_run_in_process(grpo_argv, tiny, capsys, no_gpu):
     assert out.rstrip().endswith("dry run: configuration is valid")
 
 
-def test_dry_run_rejects_a_bad_first_row(grpo_argv, tmp_path, capsys):
+def test_dry_run_rejects_a_bad_first_row(tiny, tmp_path, capsys):
     data = tmp_path / "train.jsonl"
     data.write_text('{"prompt": "1+1=", "label": "2"}\n{"prompt": ["oops"], "label": "3"}\n')
-    i = grpo_argv.index("--prompt-data")
-    argv = grpo_argv[:i + 1] + [str(data)] + grpo_argv[i + 2:] + ["--dry-run"]
-    assert cli.main(argv) == 2
+    assert cli.main(train_argv(tiny, prompt_data=data, dry_run=True)) == 2
     assert f"train.py: error: {data}:2: " in capsys.readouterr().err
 
 
-def test_dry_run_renders_prompts_with_the_chat_template(grpo_argv, tiny, tmp_path, capsys):
+def test_dry_run_renders_prompts_with_the_chat_template(tiny, tmp_path, capsys):
     """Guards against a dry run that passes with --apply-chat-template on a tokenizer that
     has no chat template: the real run would fail only after loading the weights."""
     model = tmp_path / "model"
@@ -662,9 +658,7 @@ def test_dry_run_renders_prompts_with_the_chat_template(grpo_argv, tiny, tmp_pat
     config = json.loads((model / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (model / "tokenizer_config.json").write_text(json.dumps(config))
-    i = grpo_argv.index("--hf-checkpoint")
-    argv = grpo_argv[:i + 1] + [str(model)] + grpo_argv[i + 2:] + ["--dry-run"]
-    assert cli.main(argv) == 2
+    assert cli.main(train_argv(tiny, hf_checkpoint=model, dry_run=True)) == 2
     err = capsys.readouterr().err
     assert f"{tiny / 'data/train.jsonl'}:1: cannot render the prompt" in err
     assert "chat_template" in err

@@ -10,6 +10,8 @@ import torch
 from furlong import cli, loop
 from furlong.output.metrics import read_metrics
 
+from conftest import SFT_FLAGS, train_argv
+
 EVAL = ["--eval-input-key", "prompt", "--eval-label-key", "label", "--eval-temperature", "0",
         "--eval-max-response-len", "8", "--rm-type", "math"]
 
@@ -27,11 +29,9 @@ def series(rows: list[dict], name: str) -> dict[int, float]:
 
 
 def sft_argv(tiny: Path, save: Path, steps: int) -> list[str]:
-    return ["--hf-checkpoint", str(tiny / "model"), "--save", str(save),
-            "--prompt-data", str(tiny / "data/sft.jsonl"), "--input-key", "messages",
-            "--apply-chat-template", "--loss-type", "sft_loss", "--rollout-batch-size", "128",
-            "--micro-batch-size", "128", "--num-rollout", str(steps), "--lr", "2e-3",
-            "--weight-decay", "0"]
+    return train_argv(tiny, **SFT_FLAGS, prompt_data=tiny / "data/sft.jsonl", save=save,
+                      rollout_max_response_len=None, rollout_batch_size=128,
+                      micro_batch_size=128, num_rollout=steps, lr="2e-3", weight_decay=0)
 
 
 @pytest.fixture(scope="session")
@@ -44,17 +44,12 @@ def sft_model(tiny, tmp_path_factory) -> tuple[Path, list[dict]]:
     return save, rows
 
 
-def grpo_argv(tiny: Path, init: Path, save: Path, rollouts: int, prompts: int = 16,
-              steps_per_rollout: int = 2) -> list[str]:
-    return ["--hf-checkpoint", str(tiny / "model"), "--ref-load", str(init), "--save", str(save),
-            "--prompt-data", str(tiny / "data/train.jsonl"), "--input-key", "prompt",
-            "--label-key", "label", "--apply-chat-template", "--rollout-shuffle",
-            "--rm-type", "math", "--num-rollout", str(rollouts),
-            "--rollout-batch-size", str(prompts),
-            "--n-samples-per-prompt", "8", "--rollout-max-response-len", "8",
-            "--num-steps-per-rollout", str(steps_per_rollout), "--micro-batch-size", "64",
-            "--lr", "1e-4",
-            "--weight-decay", "0"]
+def grpo_run_argv(tiny: Path, init: Path, save: Path, rollouts: int, prompts: int = 16,
+                  steps_per_rollout: int = 2) -> list[str]:
+    return train_argv(tiny, ref_load=init, save=save, rollout_shuffle=True,
+                      num_rollout=rollouts, rollout_batch_size=prompts, n_samples_per_prompt=8,
+                      num_steps_per_rollout=steps_per_rollout, micro_batch_size=64, lr="1e-4",
+                      weight_decay=0)
 
 
 @pytest.mark.slow
@@ -68,7 +63,7 @@ def test_sft_loss_falls_and_accuracy_rises(sft_model):
 
 @pytest.mark.slow
 def test_grpo_reward_rises(tiny, sft_model, tmp_path):
-    rows = run(grpo_argv(tiny, sft_model[0], tmp_path / "grpo", 30, prompts=32) + [
+    rows = run(grpo_run_argv(tiny, sft_model[0], tmp_path / "grpo", 30, prompts=32) + [
         "--eval-prompt-data", "addition", f"{tiny}/data/eval.jsonl@[0:200]",
         "--eval-interval", "30", *EVAL])
     rewards = series(rows, "rollout/raw_reward")
@@ -121,8 +116,8 @@ def test_grpo_resume_repeats_rollouts_and_buffer(tiny, sft_model, tmp_path, monk
     extra = ["--over-sampling-batch-size", "32", "--partial-rollout", "--save-interval", "2",
              "--dynamic-sampling-filter-path",
              "miles.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std"]
-    full = run(grpo_argv(tiny, sft_model[0], tmp_path / "full", 4) + extra)
-    cut_argv = grpo_argv(tiny, sft_model[0], tmp_path / "cut", 4) + extra + [
+    full = run(grpo_run_argv(tiny, sft_model[0], tmp_path / "full", 4) + extra)
+    cut_argv = grpo_run_argv(tiny, sft_model[0], tmp_path / "cut", 4) + extra + [
         "--load", str(tmp_path / "cut")]
     crash_after(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
@@ -150,18 +145,20 @@ def zero_std_drops(rows: list[dict]) -> dict[int, dict[str, float]]:
 
 def test_saved_rollout_replays_to_the_same_loss(tiny, tmp_path):
     data = str(tmp_path / "rollout_{rollout_id}.pt")
-    argv = grpo_argv(tiny, tiny / "model", tmp_path / "a", 1)
+    argv = grpo_run_argv(tiny, tiny / "model", tmp_path / "a", 1)
     first = series(run(argv + ["--save-debug-rollout-data", data]), "train/loss")
-    replay = grpo_argv(tiny, tiny / "model", tmp_path / "b", 1) + [
+    replay = grpo_run_argv(tiny, tiny / "model", tmp_path / "b", 1) + [
         "--load-debug-rollout-data", data, "--debug-train-only"]
     assert series(run(replay), "train/loss") == pytest.approx(first, rel=1e-6)
 
 
 def test_eval_only_run(tiny, tmp_path):
-    rows = run(["--hf-checkpoint", str(tiny / "model"), "--run-dir", str(tmp_path),
-                "--rollout-batch-size", "1", "--num-rollout", "0", "--log-passrate",
-                "--n-samples-per-eval-prompt", "4", "--eval-prompt-data",
-                f"{tiny}/data/eval.jsonl@[0:8]", *EVAL])
+    no_train_data = dict(prompt_data=None, input_key=None, label_key=None,
+                         apply_chat_template=False, rm_type=None, n_samples_per_prompt=None,
+                         rollout_max_response_len=None)
+    rows = run(train_argv(tiny, "--eval-prompt-data", f"{tiny}/data/eval.jsonl@[0:8]", *EVAL,
+                          **no_train_data, run_dir=tmp_path, rollout_batch_size=1,
+                          num_rollout=0, log_passrate=True, n_samples_per_eval_prompt=4))
     (row,) = rows
     assert {"eval/eval", "eval/eval/pass@1", "eval/eval/pass@4",
             "eval/eval/truncated_ratio"} <= set(row)
@@ -170,7 +167,7 @@ def test_eval_only_run(tiny, tmp_path):
 def test_sinks_and_hf_export(tiny, tmp_path):
     pytest.importorskip("wandb")
     export = tmp_path / "hf_{rollout_id}"
-    run(grpo_argv(tiny, tiny / "model", tmp_path / "run", 1) + [
+    run(grpo_run_argv(tiny, tiny / "model", tmp_path / "run", 1) + [
         "--use-tensorboard", "--use-wandb", "--wandb-mode", "offline",
         "--wandb-project", "furlong-test", "--save-hf", str(export)])
     assert list((tmp_path / "run/tensorboard").rglob("events.out.tfevents.*"))
@@ -189,16 +186,16 @@ def test_load_without_tracker_warm_starts_from_ref_load(tiny, tmp_path):
     other = write_tiny(tmp_path / "other", seed=1) / "model"
     empty = tmp_path / "empty"
     empty.mkdir()
-    entropy = {init.parent.name: series(run(grpo_argv(tiny, init, tmp_path / init.parent.name, 1)
-                                            + ["--load", str(empty)]), "train/entropy_loss")[0]
-               for init in (tiny / "model", other)}
+    entropy = {init.parent.name: series(run(
+        grpo_run_argv(tiny, init, tmp_path / init.parent.name, 1) + ["--load", str(empty)]),
+        "train/entropy_loss")[0] for init in (tiny / "model", other)}
     assert entropy[tiny.name] != entropy["other"]
 
 
 def test_one_step_rollouts_report_the_rollout_metrics_of_the_training_forward(tiny, tmp_path):
     """One optimizer step per rollout skips the old log-prob forward; rollout/log_probs
     and rollout/entropy then come from the training forward, not from the engine."""
-    argv = grpo_argv(tiny, tiny / "model", tmp_path, 2, steps_per_rollout=1)
+    argv = grpo_run_argv(tiny, tiny / "model", tmp_path, 2, steps_per_rollout=1)
     row = next(r for r in run(argv) if "rollout/raw_reward" in r)
     assert "perf/log_probs_time" not in row  # the forward was skipped
     assert row["rollout/log_probs"] < 0 < row["rollout/entropy"]
@@ -207,7 +204,7 @@ def test_one_step_rollouts_report_the_rollout_metrics_of_the_training_forward(ti
 
 
 def test_debug_rollout_only_generates_without_training(tiny, tmp_path):
-    rows = run(grpo_argv(tiny, tiny / "model", tmp_path / "r", 2) + ["--debug-rollout-only"])
+    rows = run(grpo_run_argv(tiny, tiny / "model", tmp_path / "r", 2) + ["--debug-rollout-only"])
     assert set(series(rows, "rollout/raw_reward")) == {0, 1}
     assert not series(rows, "train/loss")
     assert not (tmp_path / "r/latest_checkpointed_iteration.txt").exists()
@@ -219,7 +216,7 @@ def run_async(argv: list[str]) -> list[dict]:
 
 
 def test_train_async_refuses_colocate(tiny, tmp_path, capsys):
-    code = cli.main(grpo_argv(tiny, tiny / "model", tmp_path, 1) + ["--colocate"],
+    code = cli.main(grpo_run_argv(tiny, tiny / "model", tmp_path, 1) + ["--colocate"],
                     prog="train_async.py", overlap=True)
     assert code == 2 and "--colocate" in capsys.readouterr().err
 
@@ -228,7 +225,7 @@ def test_train_async_refuses_colocate(tiny, tmp_path, capsys):
 def test_async_run_overlaps_and_learns(tiny, sft_model, tmp_path):
     """Generation of rollout k+1 runs while rollout k trains; samples are one version
     behind; the reward still rises."""
-    rows = run_async(grpo_argv(tiny, sft_model[0], tmp_path / "async", 30, prompts=32) + [
+    rows = run_async(grpo_run_argv(tiny, sft_model[0], tmp_path / "async", 30, prompts=32) + [
         "--eval-prompt-data", "addition", f"{tiny}/data/eval.jsonl@[0:200]",
         "--eval-interval", "30", *EVAL])
     rollouts = {r["step"]: r for r in rows if "perf/rollout_start" in r}
@@ -252,7 +249,7 @@ def test_weight_interval_two_staleness_and_eval_between_rollouts(tiny, tmp_path)
     """--update-weights-interval 2: staleness counts the rollouts the trainer is ahead
     (sync 0,1,0,1; async 0,1,2,1,2,1), and an eval every rollout waits for the
     generation in flight, whose over-sampling abort would otherwise cut the eval short."""
-    base = grpo_argv(tiny, tiny / "model", tmp_path, 6, prompts=4) + [
+    base = grpo_run_argv(tiny, tiny / "model", tmp_path, 6, prompts=4) + [
         "--update-weights-interval", "2", "--over-sampling-batch-size", "8",
         "--eval-prompt-data", "addition", f"{tiny}/data/eval.jsonl@[0:16]",
         "--eval-interval", "1", *EVAL]
@@ -269,10 +266,10 @@ def test_async_resume_regenerates_the_rollout_in_flight(tiny, tmp_path, monkeypa
     from the same prompts; no prompt is skipped or repeated."""
     data = str(tmp_path / "{name}_{{rollout_id}}.pt")
     extra = ["--save-interval", "2", "--rollout-shuffle"]
-    full = grpo_argv(tiny, tiny / "model", tmp_path / "full", 4) + extra + [
+    full = grpo_run_argv(tiny, tiny / "model", tmp_path / "full", 4) + extra + [
         "--save-debug-rollout-data", data.format(name="full")]
     run_async(full)
-    cut = grpo_argv(tiny, tiny / "model", tmp_path / "cut", 4) + extra + [
+    cut = grpo_run_argv(tiny, tiny / "model", tmp_path / "cut", 4) + extra + [
         "--save-debug-rollout-data", data.format(name="cut"), "--load", str(tmp_path / "cut")]
     crash_after(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
@@ -300,7 +297,7 @@ def test_offload_frees_the_idle_side(tiny, tmp_path, monkeypatch):
     from furlong.train.actor import TrainActor
     monkeypatch.setattr(TrainActor, "offload", lambda self: calls.append("offload"))
     monkeypatch.setattr(TrainActor, "reload", lambda self: calls.append("reload"))
-    rows = run(grpo_argv(tiny, tiny / "model", tmp_path / "o", 2) + [
+    rows = run(grpo_run_argv(tiny, tiny / "model", tmp_path / "o", 2) + [
         "--offload", "--update-weights-interval", "2"])
     # the trainer's state comes back before training and leaves before the next rollout
     assert calls == ["reload", "release", "resume", "offload"] * 2
@@ -330,7 +327,7 @@ def test_async_off_policy_corrections(tiny, sft_model, tmp_path, monkeypatch):
     monkeypatch.setattr(actor, "policy_objective", with_and_without_tis)
 
     def mean_diff(*extra):
-        rows = run_async(grpo_argv(tiny, sft_model[0], tmp_path / "_".join(extra), 4)
+        rows = run_async(grpo_run_argv(tiny, sft_model[0], tmp_path / "_".join(extra), 4)
                          + ["--lr", "1e-3", *extra])
         return [r["train/train_rollout_logprob_abs_diff"] for r in rows
                 if "train/loss" in r and r["step"] >= 2]

@@ -38,6 +38,8 @@ from furlong.rollout.stats import pass_at_k
 from furlong.sample import Sample, Status
 from furlong.train.batch import TrainBatch
 
+from conftest import SFT_FLAGS, train_argv
+
 EOS = 2  # <|im_end|> of the tiny tokenizer
 MILES_FILTER = "miles.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std"
 HOOKS_MODULE = "furlong_test_manager_hooks"
@@ -511,11 +513,8 @@ def masked_spans(sample: Sample, tokenizer) -> list[str]:
 
 
 def sft_config(tiny, data: Path, batch_size: int = 4):
-    config, _ = load_config([
-        "--hf-checkpoint", str(tiny / "model"), "--prompt-data", str(data),
-        "--input-key", "messages", "--apply-chat-template", "--loss-type", "sft_loss",
-        "--rollout-batch-size", str(batch_size), "--num-rollout", "2",
-        "--rollout-max-response-len", "8"])
+    config, _ = load_config(train_argv(tiny, **SFT_FLAGS, prompt_data=data,
+                                       rollout_batch_size=batch_size))
     return config
 
 
@@ -557,7 +556,8 @@ def test_sft_masks_only_the_assistant_turns_of_a_multi_turn_conversation(tiny, t
     assert masked_spans(sample, tokenizer) == ["\\boxed{3}<|im_end|>\n", "\\boxed{9}<|im_end|>\n"]
     unmasked = [t for t, m in zip(sample.response_tokens, sample.loss_mask, strict=True) if not m]
     assert tokenizer.decode(unmasked) == "<|im_start|>user\n4+5=<|im_end|>\n<|im_start|>assistant\n"
-    assert tokenizer.decode(sample.tokens) == tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.decode(sample.tokens) == tokenizer.apply_chat_template(messages,
+                                                                            tokenize=False)
 
 
 def test_sft_gives_the_tool_column_to_the_chat_template(tiny, tmp_path, tokenizer, monkeypatch):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import train_argv
 from furlong import cli, loop
 
 HOOK = '''
@@ -38,11 +39,10 @@ def draws_hook(tmp_path, monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(tmp_path))
 
 
-def argv_of(grpo_argv: list[str], save: Path) -> list[str]:
-    return grpo_argv + ["--custom-rm-path", "rng_draws_hook.reward",
-                        "--num-rollout", str(NUM_ROLLOUTS), "--rollout-batch-size", str(PROMPTS),
-                        "--n-samples-per-prompt", str(SAMPLES), "--save", str(save),
-                        "--save-interval", "2", "--load", str(save)]
+def argv_of(tiny: Path, save: Path) -> list[str]:
+    return train_argv(tiny, custom_rm_path="rng_draws_hook.reward", num_rollout=NUM_ROLLOUTS,
+                      rollout_batch_size=PROMPTS, n_samples_per_prompt=SAMPLES, save=save,
+                      save_interval=2, load=save)
 
 
 def drawn(path: Path, monkeypatch, argv: list[str]) -> list[frozenset]:
@@ -57,9 +57,9 @@ def drawn(path: Path, monkeypatch, argv: list[str]) -> list[frozenset]:
             for i in range(0, len(lines), DRAWS_PER_ROLLOUT)]
 
 
-def test_resumed_run_draws_what_the_uninterrupted_run_drew(grpo_argv, draws_hook, tmp_path,
+def test_resumed_run_draws_what_the_uninterrupted_run_drew(tiny, draws_hook, tmp_path,
                                                            monkeypatch):
-    full = drawn(tmp_path / "full.txt", monkeypatch, argv_of(grpo_argv, tmp_path / "full"))
+    full = drawn(tmp_path / "full.txt", monkeypatch, argv_of(tiny, tmp_path / "full"))
     assert len(full) == NUM_ROLLOUTS and len(set(full)) == NUM_ROLLOUTS
 
     original = loop.save
@@ -69,7 +69,7 @@ def test_resumed_run_draws_what_the_uninterrupted_run_drew(grpo_argv, draws_hook
         if rollout_id == 1:
             raise KeyboardInterrupt("simulated kill after the checkpoint of rollout 1")
 
-    cut_argv = argv_of(grpo_argv, tmp_path / "cut")
+    cut_argv = argv_of(tiny, tmp_path / "cut")
     with monkeypatch.context() as patch:
         patch.setattr(loop, "save", save_then_die)
         with pytest.raises(KeyboardInterrupt):

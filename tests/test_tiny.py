@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, model_args
+from conftest import REPO, model_args, train_argv
 from furlong.config import ConfigError, load_config
 from furlong.tiny import NUM_EVAL, write_tiny
 
@@ -161,10 +161,11 @@ def test_sft_rows_answer_the_train_prompts(tiny):
 
 # ---------------------------------------------------------------- MODEL_ARGS scripts
 
-def tiny_argv(tiny: Path) -> list[str]:
-    return ["--hf-checkpoint", str(tiny / "model"), "--prompt-data",
-            str(tiny / "data/train.jsonl"), "--input-key", "prompt", "--label-key", "label",
-            "--rm-type", "math", "--rollout-batch-size", "4", "--rollout-max-response-len", "8"]
+def tiny_argv(tiny: Path, **flags) -> list[str]:
+    """The tiny command line without the chat template, --n-samples-per-prompt and
+    --num-rollout, which the model checks do not need."""
+    return train_argv(tiny, apply_chat_template=False, n_samples_per_prompt=None,
+                      num_rollout=None, **flags)
 
 
 def test_tiny_sh_passes_the_config_check(tiny):
@@ -204,8 +205,7 @@ def test_qwen3_scripts_match_their_configs(tiny, tmp_path, family):
     (tmp_path / "config.json").write_text(json.dumps({**QWEN3, **QWEN3_SIZES[family]}))
     script = (REPO / f"scripts/models/{family}.sh").read_text()
     args = shlex.split(script.split("MODEL_ARGS=(")[1].split(")")[0], comments=True)
-    argv = tiny_argv(tiny)
-    argv[1] = str(tmp_path)
+    argv = tiny_argv(tiny, hf_checkpoint=tmp_path)
     config, _ = load_config(args + argv)
     assert config.model.hidden_size == QWEN3_SIZES[family]["hidden_size"]
     other = "qwen3-1.7B" if family == "qwen3-0.6B" else "qwen3-0.6B"

@@ -17,7 +17,7 @@ from furlong.train.objective import LossInputs, make_reducer, policy_objective
 from furlong.train.policy import CausalLMPolicy
 from furlong.train.rl_step import compute_advantages, group_normalized
 
-from conftest import policy_config, random_batch, reference_log_probs
+from conftest import policy_config, random_batch, reference_log_probs, train_argv
 
 
 @pytest.mark.parametrize("chunk_size", [1024, 3])
@@ -138,11 +138,8 @@ def test_group_normalized_handles_unequal_groups():
 
 
 def test_grpo_advantage_is_constant_per_sample(tiny):
-    config, _ = load_config(["--hf-checkpoint", str(tiny / "model"), "--prompt-data",
-                             str(tiny / "data/train.jsonl"), "--input-key", "prompt",
-                             "--label-key", "label", "--rm-type", "math",
-                             "--rollout-batch-size", "2", "--n-samples-per-prompt", "3",
-                             "--rollout-max-response-len", "8"])
+    config, _ = load_config(train_argv(tiny, apply_chat_template=False, rollout_batch_size=2,
+                                       n_samples_per_prompt=3, num_rollout=None))
     batch = random_batch(6, 22)
     tokens, scalars = compute_advantages(config.grpo, batch, [0, 0, 0, 1, 1, 1])
     for values, scalar in zip(tokens, scalars, strict=True):
@@ -170,13 +167,10 @@ def test_kl_reward_shaping_loads_the_reference_and_subtracts_the_kl(tiny):
     """--kl-coef alone (no --use-kl-loss) needs the reference model; reinforce++ with a
     baseline gives A_t = (r - group mean) - kl_coef * (old_t - ref_t) (k1), whitened over
     the loss tokens (Bessel-corrected variance, as Miles), by hand."""
-    config, _ = load_config(["--hf-checkpoint", str(tiny / "model"), "--prompt-data",
-                             str(tiny / "data/train.jsonl"), "--input-key", "prompt",
-                             "--label-key", "label", "--rm-type", "math",
-                             "--rollout-batch-size", "2", "--n-samples-per-prompt", "2",
-                             "--rollout-max-response-len", "8", "--kl-loss-type", "k1",
-                             "--advantage-estimator", "reinforce_plus_plus_baseline",
-                             "--kl-coef", "0.1", "--normalize-advantages"])
+    config, _ = load_config(train_argv(
+        tiny, apply_chat_template=False, rollout_batch_size=2, n_samples_per_prompt=2,
+        num_rollout=None, kl_loss_type="k1", advantage_estimator="reinforce_plus_plus_baseline",
+        kl_coef=0.1, normalize_advantages=True))
     assert TrainActor(config, RankInfo(), str(tiny / "model"), total_steps=1).has_reference
     batch = random_batch(4, 22, seed=2)
     generator = torch.Generator().manual_seed(1)
