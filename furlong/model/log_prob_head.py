@@ -71,7 +71,9 @@ class _FusedHead(torch.autograd.Function):
                                  lse[rows], entropy[rows], targets[rows],
                                  None if grad_log_probs is None else grad_log_probs[rows],
                                  None if grad_entropy is None else grad_entropy[rows])
-            grad_z = grad_z.mul_(inv_temperature).to(hidden.dtype)  # d/d(h @ W.T)
+            if inv_temperature != 1.0:  # d/d(h @ W.T)
+                grad_z.mul_(inv_temperature)
+            grad_z = grad_z.to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_z @ weight
             if grad_weight is not None:

@@ -72,17 +72,16 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> floa
     grads = [p.grad for p in parameters]
     if not any(isinstance(g, DTensor) for g in grads):
         return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
-    squares = torch.zeros((), dtype=torch.float64, device=grads[0].device)
-    for grad in grads:
-        local = grad.to_local() if isinstance(grad, DTensor) else grad
-        squares += local.double().pow(2).sum() / _copies(grad)
+    locals_ = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    norms = torch.stack(torch._foreach_norm(locals_, 2, dtype=torch.float64))  # one launch
+    copies = torch.tensor([_copies(g) for g in grads], dtype=torch.float64, device=norms.device)
+    squares = (norms.square() / copies).sum()
     if dist.is_initialized():
         dist.all_reduce(squares)
     norm = math.sqrt(squares.item())
     if max_norm < norm:
         scale = max_norm / (norm + 1e-6)
-        torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads],
-                            scale)
+        torch._foreach_mul_(locals_, scale)
     return norm
 
 

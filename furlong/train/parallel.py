@@ -272,7 +272,9 @@ def apply_fully_shard(policy: nn.Module, layers: nn.ModuleList, dp_mesh: DeviceM
     """Shard each decoder layer, then the root, over "dp". Mixed precision keeps the
     float32 master weights and optimizer state sharded and gathers bfloat16 copies for
     compute, so the whole forward (residual stream included) runs in bfloat16;
-    gradients are reduced in float32."""
+    gradients are reduced in float32. With one data-parallel rank nothing is sharded, so
+    a layer keeps its gathered copy from the forward to the backward instead of
+    gathering (copying and casting) it twice."""
     layer_policy = root_policy = MixedPrecisionPolicy()  # float32 throughout
     if mixed_precision:
         layer_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
@@ -282,7 +284,8 @@ def apply_fully_shard(policy: nn.Module, layers: nn.ModuleList, dp_mesh: DeviceM
                                            reduce_dtype=torch.float32,
                                            cast_forward_inputs=False)
     for layer in layers:
-        fully_shard(layer, mesh=dp_mesh, mp_policy=layer_policy)
+        fully_shard(layer, mesh=dp_mesh, mp_policy=layer_policy,
+                    reshard_after_forward=dp_mesh.size() > 1)
     fully_shard(policy, mesh=dp_mesh, mp_policy=root_policy)
 
 
