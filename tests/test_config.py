@@ -2,7 +2,7 @@
 passthrough, the model check against config.json, --help and --dry-run.
 
 Most tests call `load_config`/`parse_config` in-process; two run `train.py` in a
-subprocess (--help, and --dry-run of the SPEC launch script on a model directory
+subprocess (--help, and --dry-run of the seed's launch script on a model directory
 whose weights are corrupt), since that is what a user types.
 """
 from __future__ import annotations
@@ -32,8 +32,8 @@ GROUP_TITLES = [title for title, _, _ in GROUPS]
 SEED_GROUPS = ["MODEL_ARGS", "CKPT_ARGS", "ROLLOUT_ARGS", "EVAL_ARGS", "PERF_ARGS",
                "GRPO_ARGS", "OPTIMIZER_ARGS", "SGLANG_ARGS"]
 
-# Every flag named in SPEC.md section 2 (the --sglang-* ones are passthrough, tested below).
-SPEC_FLAGS = """
+# Every flag of the seed's flag groups (the --sglang-* ones are passthrough, tested below).
+SEED_FLAGS = """
 --num-layers --hidden-size --ffn-hidden-size --num-attention-heads --group-query-attention
 --num-query-groups --kv-channels --seq-length --max-position-embeddings --vocab-size
 --rotary-base --rotary-percent --normalization --norm-epsilon --swiglu --disable-bias-linear
@@ -70,12 +70,12 @@ SPEC_FLAGS = """
 --attention-dropout --hidden-dropout --accumulate-allreduce-grads-in-fp32
 --attention-softmax-in-fp32 --attention-backend
 """.split()
-SPEC_SGLANG_FLAGS = ["--sglang-mem-fraction-static", "--sglang-context-length",
+SEED_SGLANG_FLAGS = ["--sglang-mem-fraction-static", "--sglang-context-length",
                      "--sglang-enable-ep-moe", "--sglang-enable-dp-attention",
                      "--sglang-log-level"]
 
-# The defaults SPEC.md section 2 gives in brackets.
-SPEC_DEFAULTS = {
+# The defaults the seed's flag groups give in brackets.
+SEED_DEFAULTS = {
     "--input-key": "input", "--label-key": None, "--metadata-key": "metadata",
     "--tool-key": "tools", "--rollout-seed": 42, "--n-samples-per-prompt": 1,
     "--micro-batch-size": 1, "--rollout-temperature": 1.0, "--rollout-top-p": 1.0,
@@ -93,7 +93,7 @@ SPEC_DEFAULTS = {
 
 
 def launch_script(tiny: Path, save: Path) -> list[str]:
-    """The launch script quoted at the end of SPEC.md section 2, paths on the tiny model."""
+    """The launch script quoted at the end of the seed's flag groups, paths on the tiny model."""
     model, data = str(tiny / "model"), tiny / "data"
     return f"""
 --hf-checkpoint {model} --ref-load {model} --load {save} --save {save} --save-interval 20
@@ -160,17 +160,17 @@ def test_flag_set_and_defaults_match_snapshot():
 
 def test_snapshot_holds_every_spec_flag():
     frozen = json.loads(SNAPSHOT.read_text())
-    assert [flag for flag in SPEC_FLAGS if flag not in frozen] == []
+    assert [flag for flag in SEED_FLAGS if flag not in frozen] == []
 
 
 def test_every_spec_flag_is_accepted():
     options = set(current_flags())
-    assert [flag for flag in SPEC_FLAGS if flag not in options] == []
+    assert [flag for flag in SEED_FLAGS if flag not in options] == []
 
 
-@pytest.mark.parametrize("flag", SPEC_DEFAULTS)
+@pytest.mark.parametrize("flag", SEED_DEFAULTS)
 def test_spec_defaults(flag):
-    assert current_flags()[flag]["default"] == SPEC_DEFAULTS[flag]
+    assert current_flags()[flag]["default"] == SEED_DEFAULTS[flag]
 
 
 def test_flags_sit_in_the_seed_groups_and_dataclasses_agree():
@@ -193,7 +193,7 @@ def test_config_is_frozen(grpo_argv):
         config.rollout.rollout_batch_size = 3  # type: ignore[misc]
 
 
-# ---------------------------------------------------------------- the SPEC launch script
+# ---------------------------------------------------------------- the seed's launch script
 
 def test_spec_launch_script_parses(tiny, tmp_path):
     config, warnings = load_config(model_args() + launch_script(tiny, tmp_path / "save"))
@@ -575,11 +575,11 @@ def test_owned_tp_size_points_at_the_flag_to_use(grpo_argv):
 
 
 def test_spec_sglang_flags_are_captured(grpo_argv):
-    argv = grpo_argv + [SPEC_SGLANG_FLAGS[0], "0.7", SPEC_SGLANG_FLAGS[1], "4096",
-                        *SPEC_SGLANG_FLAGS[2:4], SPEC_SGLANG_FLAGS[4], "debug"]
+    argv = grpo_argv + [SEED_SGLANG_FLAGS[0], "0.7", SEED_SGLANG_FLAGS[1], "4096",
+                        *SEED_SGLANG_FLAGS[2:4], SEED_SGLANG_FLAGS[4], "debug"]
     config, _ = load_config(argv)
     assert [name for name, _ in config.sglang.passthrough] == [
-        flag.removeprefix("--sglang-") for flag in SPEC_SGLANG_FLAGS]
+        flag.removeprefix("--sglang-") for flag in SEED_SGLANG_FLAGS]
 
 
 # ---------------------------------------------------------------- report, dry run, --help
@@ -678,7 +678,7 @@ def test_help_lists_the_groups():
 
 
 def test_dry_run_of_the_spec_launch_script_loads_no_weights(tiny, tmp_path):
-    """train.py --dry-run on the SPEC launch script exits 0 with a model directory whose
+    """train.py --dry-run on the seed's launch script exits 0 with a model directory whose
     model.safetensors is garbage: only config.json and the tokenizer may be read."""
     model = tmp_path / "model"
     shutil.copytree(tiny / "model", model)
@@ -691,7 +691,7 @@ def test_dry_run_of_the_spec_launch_script_loads_no_weights(tiny, tmp_path):
     for source in ("(flag)", "(default)", "(derived)", "(inherited)"):
         assert source in out
     assert "devices: the run needs 8 GPUs on 1 node(s)" in out
-    # the SPEC layout (colocated 2-GPU engines) does not run in this build: said up front
+    # the seed's layout (colocated 2-GPU engines) does not run in this build: said up front
     assert "warning: the run will stop before starting Ray: --colocate with " \
         "--rollout-num-gpus-per-engine 2" in out
     assert "--attention-backend has no effect" in result.stderr
