@@ -4,5 +4,6 @@
 - `app.py`: `EngineServer`, the aiohttp application: middlewares, health, cache, memory.
 - `generation.py`: /generate and /abort_request.
 - `weight_routes.py`: the weight endpoints, over furlong/engine/weights/receive.py.
-Request fields are checked in furlong/engine/request_fields.py, the API key in api_key.py.
+- `request_fields.py`: parsing and checking request fields (a 400 names the bad one).
+The API key is checked by furlong/engine/api_key.py.
 """

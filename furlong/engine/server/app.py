@@ -17,7 +17,7 @@ from aiohttp import web
 
 from furlong.engine.api_key import api_key_middleware
 from furlong.engine.base import Engine, SamplingParams
-from furlong.engine.request_fields import bad_request, field, json_body
+from furlong.engine.server.request_fields import bad_request, field, json_body
 from furlong.engine.server.generation import GenerationRoutes
 from furlong.engine.server.weight_routes import WeightRoutes
 from furlong.engine.weights.group import WeightUpdateGroup

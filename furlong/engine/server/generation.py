@@ -12,9 +12,9 @@ from typing import Callable
 from aiohttp import web
 
 from furlong.engine.base import Engine, GenerateOutput
-from furlong.engine.request_fields import (GENERATE_FIELDS, bad_request, field, generate_item,
-                                           is_int, json_body, parse_batch_sampling_params,
-                                           request_ids)
+from furlong.engine.server.request_fields import (GENERATE_FIELDS, bad_request, field,
+                                                  generate_item, is_int, json_body,
+                                                  parse_batch_sampling_params, request_ids)
 
 
 class GenerationRoutes:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from furlong.engine.request_fields import (bad_request, check_load_format, field, json_body,
-                                           load_options, parse_dtype, parse_shape,
-                                           version_field)
+from furlong.engine.server.request_fields import (bad_request, check_load_format, field,
+                                                  json_body, load_options, parse_dtype,
+                                                  parse_shape, version_field)
 from furlong.engine.weights.receive import UpdateRefused, WeightReceiver
 
 DEFAULT_GROUP = "weight_update_group"  # SGLang's default group_name

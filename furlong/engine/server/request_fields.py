@@ -1,6 +1,6 @@
 """The fields of SGLang HTTP requests: parsing, checking, and the 400 that names the field.
 
-Used by the engine server (furlong/engine/server/); every bad value raises
+Used by the engine server's routes (this package); every bad value raises
 `bad_request` with a message naming the field and what it must be.
 """
 from __future__ import annotations
