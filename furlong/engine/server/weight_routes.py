@@ -11,9 +11,8 @@ from aiohttp import web
 from furlong.engine.server.request_fields import (bad_request, check_load_format, field,
                                                   json_body, load_options, parse_dtype,
                                                   parse_shape, version_field)
+from furlong.engine.weights.group import DEFAULT_GROUP_NAME
 from furlong.engine.weights.receive import UpdateRefused, WeightReceiver
-
-DEFAULT_GROUP = "weight_update_group"  # SGLang's default group_name
 
 
 class WeightRoutes:
@@ -64,7 +63,7 @@ class WeightRoutes:
         body = await json_body(request)
         address, port = field(body, "master_address", str), field(body, "master_port", int)
         rank, world_size = field(body, "rank_offset", int), field(body, "world_size", int)
-        group_name = field(body, "group_name", str, DEFAULT_GROUP)
+        group_name = field(body, "group_name", str, DEFAULT_GROUP_NAME)
         backend = field(body, "backend", str, "nccl")
         return await _answer(self.receiver.join_group(address, port, rank, world_size,
                                                       group_name, backend))
@@ -81,12 +80,12 @@ class WeightRoutes:
             bad_request("names must be a list of strings")
         dtypes = [parse_dtype(dtype, f"dtypes[{i}]") for i, dtype in enumerate(dtypes)]
         shapes = [parse_shape(shape, f"shapes[{i}]") for i, shape in enumerate(shapes)]
-        group_name = field(body, "group_name", str, DEFAULT_GROUP)
+        group_name = field(body, "group_name", str, DEFAULT_GROUP_NAME)
         return await _answer(self.receiver.from_distributed(names, dtypes, shapes, group_name,
                                                             load_options(body)))
 
     async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
-        group_name = field(await json_body(request), "group_name", str, DEFAULT_GROUP)
+        group_name = field(await json_body(request), "group_name", str, DEFAULT_GROUP_NAME)
         return await _answer(self.receiver.leave_group(group_name))
 
     async def update_weight_version(self, request: web.Request) -> web.Response:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 # gloo moves CPU tensors, nccl CUDA tensors; torch keys a backend's store by that device.
 DEVICE_OF_BACKEND = {"gloo": "cpu", "nccl": "cuda"}
+DEFAULT_GROUP_NAME = "weight_update_group"  # SGLang's default group_name
 
 
 class WeightUpdateGroup:
@@ -28,7 +29,7 @@ class WeightUpdateGroup:
     """
 
     def __init__(self, master_address: str, master_port: int, rank: int, world_size: int,
-                 group_name: str = "weight_update_group", backend: str = "nccl",
+                 group_name: str = DEFAULT_GROUP_NAME, backend: str = "nccl",
                  timeout_s: float = 600.0):
         if backend not in DEVICE_OF_BACKEND:
             raise ValueError(f"backend {backend!r}: use gloo (CPU tensors) or nccl (CUDA tensors)")
