@@ -288,11 +288,6 @@ class ModelRunner:
         log_probs = self.out_log_probs[slots, :width].tolist()
         return [(t[:n], lp[:n]) for t, lp, n in zip(tokens, log_probs, counts, strict=True)]
 
-    def stop_slot(self, seq: Sequence, keep: int) -> None:
-        """Mark a slot finished after `keep` of its new tokens (a host-side stop)."""
-        self.num_new[seq.slot] = keep
-        self.done[seq.slot] = True
-
     def free(self, seq: Sequence) -> None:
         self.done[seq.slot] = True
         self.free_slots.append(seq.slot)
