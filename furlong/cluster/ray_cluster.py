@@ -16,8 +16,9 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 
 from furlong.cluster.placement import Placement, check_engine_devices
+from furlong.cluster.ray_calls import in_bundle, wait_all
 from furlong.cluster.ray_engine import EngineActor, RayEngineGroup, ServerHost
-from furlong.cluster.ray_trainer import RayTrainGroup, in_bundle, wait_all
+from furlong.cluster.ray_trainer import RayTrainGroup
 from furlong.config import Config
 from furlong.engine.api_key import run_api_key
 from furlong.engine.base import Engine

@@ -20,7 +20,7 @@ import asyncio
 import ray
 import torch
 
-from furlong.cluster.ray_trainer import check_engines
+from furlong.cluster.ray_calls import check_engines
 from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.factory import EngineOptions, create_engine
 from furlong.engine.launcher import ServerLauncher, ServerSpec

@@ -17,44 +17,13 @@ from pathlib import Path
 
 import ray
 import torch
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from furlong.cluster.ray_calls import check_engines, in_bundle, node_rendezvous, wait_all
 from furlong.config import Config
 from furlong.config.groups import SglangArgs
 from furlong.engine.weights.send import BroadcastSender, Servers, TensorSender, WeightSender
-from furlong.ports import free_port
 from furlong.train.actor import TrainActor
 from furlong.train.parallel import rank_info
-
-
-def wait_all(refs: list, role: str) -> list:
-    """ray.get of every ref, failing at the first error with `role` and the index."""
-    index = {ref: i for i, ref in enumerate(refs)}
-    results: list = [None] * len(refs)
-    pending = list(refs)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        try:
-            results[index[ready[0]]] = ray.get(ready[0])
-        except ray.exceptions.RayError as error:
-            raise RuntimeError(f"{role} {index[ready[0]]} failed: {error}") from None
-    return results
-
-
-def check_engines(actors: list) -> None:
-    """Raises the failure of the first engine actor that died (index and Ray's cause);
-    returns if every one answers."""
-    wait_all([actor.ready.remote() for actor in actors], "engine")
-
-
-def node_rendezvous() -> tuple[str, int]:
-    """This node's address and a port free on it, for a group whose rank 0 runs here."""
-    host = ray.util.get_node_ip_address()
-    return host, free_port(host)
-
-
-def in_bundle(group, bundle: int) -> PlacementGroupSchedulingStrategy:
-    return PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle)
 
 
 def engine_servers(urls: list[str], sglang: SglangArgs, api_key: str | None = None) -> Servers:
