@@ -28,7 +28,7 @@ from furlong import checkpoint
 from furlong.config import ConfigError, load_config
 from furlong.config.parser import parse_config
 from furlong.engine.api_key import is_authorized, redacted, run_api_key
-from furlong.engine.client import EngineHTTPError, HTTPEngine
+from furlong.engine.client import EngineHTTPError
 from furlong.engine.launcher import ServerLauncher, ServerSpec, server_command
 from furlong.engine.router import EngineRouter, RouterOptions
 from furlong.engine.weights.wire import deserialize_ipc_tensors, deserialize_named_tensors
@@ -128,7 +128,7 @@ def test_the_router_sends_the_key_on_requests_and_weight_pushes(guarded, prompt)
         await engine.update_weights(weights.items(), version)
         return output
 
-    for version, sync in enumerate(("tensor", "distributed"), start=2):
+    for version, sync in enumerate(("auto", "broadcast"), start=2):
         output = run(router(guarded.url, KEY, weight_sync=sync), lambda engine: use(engine,
                                                                                  version))
         assert len(output.output_ids) == 3

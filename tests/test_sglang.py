@@ -410,10 +410,10 @@ def test_the_router_balances_and_keeps_each_group_on_one_engine(servers, tokeniz
     assert [o.output_ids for o in routed] == [o.output_ids for o in on_one_engine]
 
 
-@pytest.mark.parametrize("weight_sync", ["tensor", "distributed"])
+@pytest.mark.parametrize("weight_sync", ["auto", "broadcast"])
 def test_weights_reach_every_engine_equally(servers, tokenizer, tiny, weight_sync):
     requests_ = group_requests(tokenizer, num_groups=3, group_size=2)
-    weights = perturbed_weights(tiny, seed=1 if weight_sync == "tensor" else 2)
+    weights = perturbed_weights(tiny, seed=1 if weight_sync == "auto" else 2)
     name = "model.layers.1.mlp.up_proj.weight"
 
     async def main():

@@ -75,7 +75,7 @@ def test_router_pushes_cuda_tensors_by_ipc(tiny, ipc_server):
     async def push():
         # Small buckets: several IPC requests, the last one carrying the version.
         router = EngineRouter([ipc_server], RouterOptions(health_check_interval_s=None,
-                                                          weight_sync="tensor",
+                                                          weight_sync="auto",
                                                           bucket_bytes=64 << 10))
         try:
             await router.update_weights(weights.items(), version=3)

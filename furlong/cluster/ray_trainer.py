@@ -21,7 +21,7 @@ import torch
 from furlong.cluster.ray_calls import check_engines, in_bundle, node_rendezvous, wait_all
 from furlong.config import Config
 from furlong.config.groups import SglangArgs
-from furlong.engine.weights.send import BroadcastSender, Servers, TensorSender, WeightSender
+from furlong.engine.weights.send import Servers, WeightSender, make_sender
 from furlong.train.actor import TrainActor
 from furlong.train.parallel import rank_info
 
@@ -34,11 +34,12 @@ def engine_servers(urls: list[str], sglang: SglangArgs, api_key: str | None = No
 
 
 def weight_senders(bucket_bytes: int) -> dict[str, WeightSender]:
-    """A trainer rank's senders, by RayTrainGroup.sync_mode (furlong/engine/weights/send.py);
-    rank 0 of a broadcast group meets the servers on this rank's node."""
+    """A trainer rank's senders, by RayTrainGroup.sync_mode (a mode of
+    furlong/engine/weights/send.py); rank 0 of a broadcast group meets the servers on this
+    rank's node."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    return {"ipc": TensorSender("ipc", bucket_bytes), "value": TensorSender("value", bucket_bytes),
-            "broadcast": BroadcastSender(backend, node_rendezvous, bucket_bytes)}
+    return {mode: make_sender(mode, bucket_bytes, backend=backend, rendezvous=node_rendezvous)
+            for mode in ("ipc", "value", "broadcast")}
 
 
 @ray.remote

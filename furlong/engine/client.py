@@ -21,7 +21,7 @@ import torch
 from furlong.engine.api_key import auth_headers
 from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.http_error import EngineHTTPError
-from furlong.engine.weights.send import Servers, TensorSender, send_from_disk
+from furlong.engine.weights.send import Servers, make_sender, send_from_disk
 
 
 class HTTPEngine:
@@ -62,7 +62,7 @@ class HTTPEngine:
                              version: int) -> None:
         """By value (weights/send.py), in requests of at most `bucket_bytes`; the last one
         sets `version`. Only furlong's servers read this format."""
-        sender = TensorSender("value", self.bucket_bytes, self.timeout_s)
+        sender = make_sender("value", self.bucket_bytes, self.timeout_s)
         await asyncio.to_thread(sender.send, named_tensors, self._servers(), version)
 
     async def update_weights_from_disk(self, model_path: str | Path, version: int) -> None:

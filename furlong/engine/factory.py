@@ -135,7 +135,7 @@ def launch_servers(model_path: str, options: EngineOptions, device: torch.device
              len(launcher.device_groups), spec.module,
              options.device_groups or "inherited", launcher.log_dir)
     urls = launcher.start()
-    router_options = _router_options(options, device, "tensor" if colocated else "distributed",
+    router_options = _router_options(options, device, "auto" if colocated else "broadcast",
                                       spec.host)
     return EngineRouter(urls, router_options, launcher)
 
@@ -154,13 +154,13 @@ def connect_external(options: EngineOptions, device: torch.device) -> Engine:
                              "start that server first or fix the address") from None
     host = options.external_engine_addrs[0].rpartition(":")[0]
     log.info("rollout engine: external servers %s", " ".join(urls))
-    return EngineRouter(urls, _router_options(options, device, "distributed",
+    return EngineRouter(urls, _router_options(options, device, "broadcast",
                                               address_towards(host)))
 
 
 def router_for(urls: list[str], options: EngineOptions, device: torch.device) -> EngineRouter:
     """A router over servers another layer started (and feeds weights to)."""
-    return EngineRouter(urls, _router_options(options, device, "distributed", "127.0.0.1"))
+    return EngineRouter(urls, _router_options(options, device, "broadcast", "127.0.0.1"))
 
 
 def _router_options(options: EngineOptions, device: torch.device, weight_sync: str,

@@ -11,11 +11,11 @@ one engine), the router asks `weight_source`, if the owner set one, to push the 
 weights now.
 
 abort_all, update_weights, release/resume_memory, flush_cache and health go to every live
-engine. Weights go through one sender of weights/send.py (`RouterOptions.weight_sync`):
-"tensor" (/update_weights_from_tensor: CUDA tensors as IPC handles in SGLang's format for
-colocated engines, CPU tensors as bytes that only furlong's servers read) or
-"distributed" (a broadcast group with the servers, rebuilt when the engines change). A
-failure during a weight update is raised, not recovered.
+engine. Weights go through the sender `make_sender(RouterOptions.weight_sync)` of
+weights/send.py: "auto" (/update_weights_from_tensor: CUDA tensors as IPC handles in
+SGLang's format for colocated engines, CPU tensors as bytes that only furlong's servers
+read) or "broadcast" (a broadcast group with the servers, rebuilt when the engines change).
+A failure during a weight update is raised, not recovered.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from furlong.engine.router.health import Recovery
 from furlong.engine.router.routing import Affinity, PromptKey
 from furlong.engine.router.slots import (LIVE, EngineLost, EngineSlot, EngineState,
                                          RouterOptions, no_engine_message)
-from furlong.engine.weights.send import BroadcastSender, Servers, TensorSender, WeightSender
+from furlong.engine.weights.send import Servers, WeightSender, make_sender
 from furlong.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,8 @@ log = logging.getLogger(__name__)
 def weight_sender(options: RouterOptions) -> WeightSender:
     """The sender of `options.weight_sync`; rank 0 of a broadcast group is this process."""
     o = options
-    if o.weight_sync == "tensor":
-        return TensorSender("auto", o.bucket_bytes, o.weights_timeout_s)
-    return BroadcastSender(o.weight_sync_backend,
-                           lambda: (o.master_address, free_port(o.master_address)),
-                           o.bucket_bytes, o.weights_timeout_s)
+    return make_sender(o.weight_sync, o.bucket_bytes, o.weights_timeout_s, o.weight_sync_backend,
+                       lambda: (o.master_address, free_port(o.master_address)))
 
 
 class EngineRouter:
@@ -57,16 +54,14 @@ class EngineRouter:
                  launcher: ServerLauncher | None = None):
         if not urls:
             raise ValueError("EngineRouter needs at least one engine server URL")
-        if options.weight_sync not in ("distributed", "tensor"):
-            raise ValueError(f"weight_sync {options.weight_sync!r}: use distributed or tensor")
         self.options = options
+        self._sender = weight_sender(options)  # first: an unknown mode is a ValueError
         self.launcher = launcher
         self.engines = [EngineSlot(index, self._client(url)) for index, url in enumerate(urls)]
         self.weight_version: int | None = None  # the last version pushed
         self.recovery = Recovery(self.engines, options, launcher, self._client)
         self._affinity = Affinity()
         self._abort_epoch = 0
-        self._sender = weight_sender(options)
         self._loop: asyncio.AbstractEventLoop | None = None
         # Pushes the weights of the current version again (set by the loop where that is
         # safe: while the trainer is not changing them); None: a restarted engine waits.

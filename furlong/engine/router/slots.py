@@ -25,7 +25,7 @@ class EngineLost(ConnectionError):
 @dataclass(frozen=True)
 class RouterOptions:
     max_concurrency: int = 512          # requests on the wire per engine
-    weight_sync: str = "distributed"    # distributed | tensor
+    weight_sync: str = "broadcast"      # a mode of weights/send.py: broadcast | auto | ...
     weight_sync_backend: str = "gloo"   # gloo (CPU tensors) | nccl (CUDA tensors)
     master_address: str = "127.0.0.1"   # where the servers reach rank 0 (this process)
     tp_size: int = 1                    # ranks per server: --rollout-num-gpus-per-engine

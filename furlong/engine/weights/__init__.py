@@ -3,7 +3,8 @@
 - `wire.py`: the format both ends share: buckets, tensor payloads (by value; CUDA IPC with
   its unpickling allowlist), the request bodies.
 - `group.py`: the weight-update process group (rank 0 the trainer, then the servers).
-- `send.py`: every way of sending (by value, CUDA IPC, broadcast, disk) behind one
-  `send(named_tensors, servers, version)`, used by the router, HTTPEngine and Ray ranks.
+- `send.py`: every way of sending tensors (by value, CUDA IPC, broadcast) behind one
+  `send(named_tensors, servers, version)`, built by `make_sender(mode)`, used by the
+  router, HTTPEngine and Ray ranks; and `send_from_disk`, which sends a path instead.
 - `receive.py`: what a server does with each kind of update.
 """

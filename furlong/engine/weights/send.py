@@ -1,20 +1,23 @@
 """Sending weights to engine servers: one bucket loop behind every transport SGLang offers.
 
-A push is `sender.send(named_tensors, servers, version)`. `named_tensors` is any iterable
-of (HF parameter name, tensor) pairs: a model's full weights, a LoRA adapter, some
-experts. It is cut into buckets of at most `bucket_bytes` (`send_in_buckets`, the one
-loop); the last bucket sets `version` and flushes the servers' caches. Two senders:
+A push is `sender.send(named_tensors, servers, version)`, with the sender `make_sender(mode)`
+builds. `named_tensors` is any iterable of (HF parameter name, tensor) pairs: a model's full
+weights, a LoRA adapter, some experts. It is cut into buckets of at most `bucket_bytes`
+(`send_in_buckets`, the one loop); the last bucket sets `version` and flushes the servers'
+caches. The modes (SEND_MODES), one vocabulary for the router, HTTPEngine and Ray ranks:
 
-- `TensorSender`: /update_weights_from_tensor, each bucket serialized once and posted to
-  every server at the same time: by value (`"value"`: a torch.save archive that only
-  furlong's servers read), as CUDA IPC handles (`"ipc"`: SGLang's own format, for servers
-  on the sender's GPU), or by the bucket's device (`"auto"`: IPC for CUDA tensors).
-- `BroadcastSender`: the sender is rank 0 of a process group with the servers
-  (/init_weights_update_group) and broadcasts each bucket (/update_weights_from_distributed);
+- "value", "ipc", "auto": `TensorSender`, /update_weights_from_tensor, each bucket
+  serialized once and posted to every server at the same time: by value ("value": a
+  torch.save archive that only furlong's servers read), as CUDA IPC handles ("ipc":
+  SGLang's own format, for servers on the sender's GPU), or by the bucket's device
+  ("auto": IPC for CUDA tensors, by value for CPU ones).
+- "broadcast": `BroadcastSender`, rank 0 of a process group with the servers
+  (/init_weights_update_group) broadcasts each bucket (/update_weights_from_distributed);
   right for SGLang and furlong servers on any host. The group is formed on the first push
   and formed anew, under a new name, when the servers change (one died or restarted).
 
-`send_from_disk` asks servers to load an HF directory (/update_weights_from_disk).
+Loading from disk is not a sender (it carries a path, not tensors): `send_from_disk` asks
+servers to load an HF directory (/update_weights_from_disk).
 
 Callers: the router and HTTPEngine (in-process driver, on a worker thread) and the Ray
 trainer ranks (directly). Everything here blocks (HTTP through `requests`, collectives).
@@ -43,7 +46,8 @@ from furlong.engine.weights.wire import (Bucket, NamedTensors, disk_update_body,
                                          tensor_update_body)
 
 T = TypeVar("T")
-TRANSPORTS = ("value", "ipc", "auto")
+TRANSPORTS = ("value", "ipc", "auto")          # TensorSender's
+SEND_MODES = (*TRANSPORTS, "broadcast")         # make_sender's
 DEFAULT_BUCKET_BYTES = 512 << 20  # --update-weight-buffer-size
 
 log = logging.getLogger(__name__)
@@ -73,6 +77,20 @@ class WeightSender(Protocol):
 
     def close(self) -> None:
         """Let go of what the sender holds between pushes (a process group)."""
+
+
+def make_sender(mode: str, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                timeout_s: float | None = 600.0, backend: str = "gloo",
+                rendezvous: Callable[[], tuple[str, int]] | None = None) -> WeightSender:
+    """The sender of `mode` (one of SEND_MODES). "broadcast" needs the group's `backend`
+    (gloo: CPU tensors, nccl: CUDA tensors) and `rendezvous()`, where the servers reach
+    rank 0 (see BroadcastSender); the tensor modes ignore both."""
+    if mode in TRANSPORTS:
+        return TensorSender(mode, bucket_bytes, timeout_s)
+    if mode == "broadcast":
+        assert rendezvous is not None, "a broadcast sender needs a rendezvous"
+        return BroadcastSender(backend, rendezvous, bucket_bytes, timeout_s)
+    raise ValueError(f"weight sync mode {mode!r}: use one of {', '.join(SEND_MODES)}")
 
 
 def send_in_buckets(named_tensors: NamedTensors, bucket_bytes: int, version: int,
