@@ -1,7 +1,10 @@
 """What a weight update looks like on the wire: buckets, tensor payloads, request bodies.
 
-Both ends import this module: the senders (`send.py`) build what it describes and the
-server (`receive.py`) reads it back, so the two cannot drift apart.
+Tensor payloads are shared code: the senders (`send.py`) serialize with this module and the
+server (`receive.py`) deserializes with it. Request bodies are only written here; the
+server's weight routes (engine/server/weight_routes.py, with the field checks of
+engine/server/request_fields.py) parse them, and tests/test_serve.py pushes with these
+bodies to a furlong server, which is what keeps the two in step.
 
 - Buckets: `iter_buckets` cuts (name, tensor) pairs into runs of at most `bucket_bytes`;
   the last bucket carries the new weight version and the cache flush.
