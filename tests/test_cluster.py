@@ -205,12 +205,12 @@ def test_trainers_meet_on_the_node_of_rank_0(grpo_argv, tiny, monkeypatch):
     import ray
     from ray.util.placement_group import placement_group
 
-    from furlong.cluster import ray_cluster, ray_trainer
+    from furlong.cluster import ray_calls, ray_cluster, ray_trainer
     config = config_of(grpo_argv, "--actor-num-gpus-per-node", "2", "--rollout-num-gpus", "1")
     with socket.socket() as taken:
         taken.bind(("", 0))
         taken.listen()
-        monkeypatch.setattr(ray_trainer, "free_port", lambda host=None: taken.getsockname()[1])
+        monkeypatch.setattr(ray_calls, "free_port", lambda host=None: taken.getsockname()[1])
         ray_cluster.start_ray(plan_placement(config, 0))
         try:
             group = placement_group([{"CPU": 1}, {"CPU": 1}])
