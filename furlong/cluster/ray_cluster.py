@@ -69,17 +69,48 @@ def start_ray(placement: Placement) -> bool:
 
 def build_ray_roles(config: Config, placement: Placement, init_weights: str,
                     total_steps: int, options: EngineOptions, trains: bool) -> RayRoles:
+    """Check the engine devices, start Ray, reserve the bundles, then place the trainer
+    ranks and the engines (with --rollout-external only the trainer: the servers run)."""
     device = torch.device(placement.device)
     backend = resolve_backend(options, device)
-    if not options.external_engine_addrs:  # running servers are not placed
+    external = bool(options.external_engine_addrs)
+    if not external:  # running servers are not placed
         check_engine_devices(placement, backend)
     started = start_ray(placement)
-    gpu = 1 if placement.device == "cuda" else 0
-    share = 0.5 if placement.colocate else 1.0  # colocated roles take turns on a GPU
-    per_engine = placement.devices_per_engine
+    group = build_placement_group(placement, external)
+    trainer = build_trainer(config, placement, group, init_weights, total_steps) \
+        if trains else None
+    if external:
+        return RayRoles(trainer, build_external_engine(config, options, device, trainer), [],
+                        group, started)
+    # The servers placed here listen on node addresses: unless the user gave a key, they
+    # get one that only this run knows.
+    options = replace(options, api_key=run_api_key(options.api_key,
+                                                   ray.util.get_node_ip_address()))
+    actors, urls = build_engine_actors(config, placement, group, options, backend)
+    engine = RayEngineGroup(router_for(urls, options, device), actors) if urls else None
+    if trainer is not None:
+        trainer.attach_engines(urls, placement.engine_devices, placement.colocate, actors,
+                               options.api_key)
+    return RayRoles(trainer, engine, actors, group, started)
+
+
+def gpus_per_device(placement: Placement) -> float:
+    """Ray's GPU count for a role on one device: colocated roles take turns on a GPU, so
+    each counts half; none on a CPU machine."""
+    if placement.device != "cuda":
+        return 0.0
+    return 0.5 if placement.colocate else 1.0
+
+
+def build_placement_group(placement: Placement, external: bool):
+    """One bundle per trainer rank, then (apart, with servers placed here) one per engine;
+    ready, or a RuntimeError saying what the cluster lacks."""
+    gpu = placement.device == "cuda"
     trainer_bundle = {"CPU": 2 if placement.colocate else 1, **({"GPU": 1} if gpu else {})}
-    engine_bundles = [] if placement.colocate or options.external_engine_addrs else [
-        {"CPU": 1, **({"GPU": per_engine} if gpu else {})} for _ in range(placement.num_engines)]
+    engine_bundles = [] if placement.colocate or external else [
+        {"CPU": 1, **({"GPU": placement.devices_per_engine} if gpu else {})}
+        for _ in range(placement.num_engines)]
     group = placement_group([dict(trainer_bundle) for _ in range(placement.trainer_ranks)]
                             + engine_bundles, strategy="PACK")
     try:
@@ -89,38 +120,42 @@ def build_ray_roles(config: Config, placement: Placement, init_weights: str,
                            f"{READY_TIMEOUT_S}s: the cluster lacks CPUs/GPUs "
                            f"({ray.available_resources()} available)") from None
     log.info("placed %s", placement.describe())
-    trainer = None
-    if trains:
-        trainer = RayTrainGroup(config, group, list(range(placement.trainer_ranks)),
-                                share * gpu, init_weights, total_steps)
-    if options.external_engine_addrs:  # servers someone else runs: only the trainer is placed
-        engine = create_engine(config.ckpt.hf_checkpoint, None, device, torch.float32, options)
-        if trainer is not None:
-            trainer.attach_engines(engine.urls, [], colocate=False, actors=[],
-                                   api_key=options.api_key)
-        return RayRoles(trainer, engine, [], group, started)
-    # The servers placed here listen on node addresses: unless the user gave a key, they
-    # get one that only this run knows.
-    options = replace(options, api_key=run_api_key(options.api_key,
-                                                   ray.util.get_node_ip_address()))
+    return group
 
-    def engine_options(index: int) -> dict:
+
+def build_trainer(config: Config, placement: Placement, group, init_weights: str,
+                  total_steps: int) -> RayTrainGroup:
+    """Trainer rank i on bundle i."""
+    return RayTrainGroup(config, group, list(range(placement.trainer_ranks)),
+                         gpus_per_device(placement), init_weights, total_steps)
+
+
+def build_external_engine(config: Config, options: EngineOptions, device: torch.device,
+                          trainer: RayTrainGroup | None) -> Engine:
+    """A router over servers someone else runs; the trainer pushes to them by broadcast."""
+    engine = create_engine(config.ckpt.hf_checkpoint, None, device, torch.float32, options)
+    if trainer is not None:
+        trainer.attach_engines(engine.urls, [], colocate=False, actors=[],
+                               api_key=options.api_key)
+    return engine
+
+
+def build_engine_actors(config: Config, placement: Placement, group, options: EngineOptions,
+                        backend: str) -> tuple[list, list[str]]:
+    """One actor per engine on its bundle, serving: a ServerHost with an SGLang server
+    process, else an EngineActor with the built-in engine. Returns the actors and URLs."""
+    def on_bundle(index: int) -> dict:
         bundle = index if placement.colocate else placement.trainer_ranks + index
-        return dict(num_cpus=1, num_gpus=share * gpu * per_engine,
+        return dict(num_cpus=1, num_gpus=gpus_per_device(placement) * placement.devices_per_engine,
                     scheduling_strategy=in_bundle(group, bundle))
 
+    engines = range(placement.num_engines)
     if backend == "sglang":
-        spec = server_spec(config.ckpt.hf_checkpoint, options, device)
-        actors = [ServerHost.options(**engine_options(e)).remote(spec)
-                  for e in range(placement.num_engines)]
-        urls = wait_all([actor.start.remote() for actor in actors], "engine server")
-    else:
-        actors = [EngineActor.options(**engine_options(e)).remote(
-            config.ckpt.hf_checkpoint, options, placement.device, placement.colocate and gpu == 1)
-            for e in range(placement.num_engines)]
-        urls = wait_all([actor.serve.remote() for actor in actors], "engine")
-    engine = RayEngineGroup(router_for(urls, options, device), actors) if urls else None
-    if trainer is not None:
-        trainer.attach_engines(urls, placement.engine_devices, placement.colocate, actors,
-                               options.api_key)
-    return RayRoles(trainer, engine, actors, group, started)
+        spec = server_spec(config.ckpt.hf_checkpoint, options, torch.device(placement.device))
+        actors = [ServerHost.options(**on_bundle(e)).remote(spec) for e in engines]
+        return actors, wait_all([actor.start.remote() for actor in actors], "engine server")
+    accept_ipc_weights = placement.colocate and placement.device == "cuda"
+    actors = [EngineActor.options(**on_bundle(e)).remote(
+        config.ckpt.hf_checkpoint, options, placement.device, accept_ipc_weights)
+        for e in engines]
+    return actors, wait_all([actor.serve.remote() for actor in actors], "engine")
