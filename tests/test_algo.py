@@ -1,5 +1,5 @@
-"""Tests of furlong.algo and of the objective built from it (furlong.train.objective,
-furlong.train.rl_step): each function against a slow per-element reference written
+"""Tests of furlong.algo and of the wiring built from it (furlong.train.objective,
+furlong.train.advantage_estimator): each function against a slow per-element reference written
 here with Python floats and loops (the formulas of docs/algorithm.md, which are Miles'
 unless it says otherwise), plus hand-computed values, gradients, edge cases (equal
 rewards, empty responses, non-finite values on masked-out tokens), and the invariance
@@ -19,7 +19,7 @@ from furlong.rollout.stats import rollout_stats
 from furlong.sample import Sample
 from furlong.train.batch import TrainBatch, pack
 from furlong.train.objective import LossInputs, make_reducer, policy_objective
-from furlong.train.rl_step import compute_advantages
+from furlong.train.advantage_estimator import compute_advantages
 
 SEEDS = range(5)
 F64 = torch.float64
@@ -73,6 +73,27 @@ def ref_grpo(rewards: list[list[float]], normalize_std: bool, eps: float) -> lis
         if normalize_std:
             centered = [c / (ref_std(group) + eps) for c in centered]
         out.append(centered)
+    return out
+
+
+def ref_grpo_by_group_id(rewards: list[float], group_ids: list[int], normalize_std: bool,
+                         eps: float) -> list[float]:
+    """ref_grpo of each group gathered by id, written back to the samples' slots."""
+    out = [0.0] * len(rewards)
+    for group in set(group_ids):
+        slots = [i for i, g in enumerate(group_ids) if g == group]
+        for i, value in zip(slots, ref_grpo([[rewards[i] for i in slots]], normalize_std,
+                                            eps)[0], strict=True):
+            out[i] = value
+    return out
+
+
+def ref_shaping_kl(old, ref, mask, kind) -> list[float]:
+    """KL of every token; 0 on a masked-out token whose KL is not finite."""
+    out = []
+    for o, r, m in zip(old.tolist(), ref.tolist(), mask.tolist(), strict=True):
+        kl = ref_kl(o - r, kind)
+        out.append(kl if m == 1 or math.isfinite(kl) else 0.0)
     return out
 
 
@@ -238,6 +259,48 @@ def test_zero_std_rule_is_shared_by_filter_count_and_advantage():
                        "spread 1e-7": None, "mixed": None, "all wrong": "zero_std_0.0"}
     stats = rollout_stats(list(samples.values()), None, {})
     assert stats["rollout/zero_std/count"] == sum(expected_zero.values()) == 5
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("normalize_std", [True, False])
+def test_grpo_by_group_id_matches_reference(seed, normalize_std):
+    """Groups of unequal size, in interleaved slots, one of equal rewards, one of one."""
+    group_ids = [3, 1, 3, 0, 1, 3, 2, 0, 2, 2, 3]
+    rewards = randn(seed, len(group_ids))
+    rewards[[6, 8, 9]] = 0.7  # group 2: equal rewards
+    rewards[[3, 7]] = torch.tensor([0.25, 0.75], dtype=F64)  # group 0: two responses
+    ids = torch.tensor(group_ids)
+    expected = ref_grpo_by_group_id(rewards.tolist(), group_ids, normalize_std, 1e-6)
+    assert_close(adv.grpo_advantages_by_group_id(rewards, ids, normalize_std), expected)
+    one_group = adv.grpo_advantages_by_group_id(rewards, torch.zeros_like(ids), normalize_std)
+    assert_close(one_group, adv.grpo_advantages(rewards[None], normalize_std)[0])
+
+
+def test_grpo_by_group_id_handles_unequal_groups():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 5.0])
+    out = adv.grpo_advantages_by_group_id(rewards, torch.tensor([7, 7, 7, 9, 9, 4]),
+                                          normalize_std=True)
+    first = rewards[:3] - rewards[:3].mean()
+    torch.testing.assert_close(out[:3], first / (rewards[:3].std() + 1e-6))
+    assert out[3:5].tolist() == [0.0, 0.0]  # equal rewards: zero advantage, no NaN
+    assert out[5].item() == 0.0             # a group of one
+    assert out.dtype == rewards.dtype
+
+
+@pytest.mark.parametrize("kind", losses.KL_KINDS)
+def test_reward_shaping_kl_matches_reference(kind):
+    """Finite KL everywhere, masked-out tokens included; a non-finite one counts 0 on a
+    masked-out token and stays on a loss token."""
+    old, ref = randn(0, 12, scale=2.0), randn(1, 12, scale=2.0)
+    mask = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0] * 2, dtype=F64)
+    old[1], ref[3], ref[4] = math.nan, -math.inf, math.inf  # masked out
+    old[5] = math.nan  # a loss token
+    out = adv.reward_shaping_kl(old, ref, mask, kind)
+    assert_close(out, ref_shaping_kl(old, ref, mask, kind), equal_nan=True)
+    assert out[1].item() == 0.0  # NaN old log-prob, masked out
+    if kind != "low_var_kl":  # which clamps an infinite d to a finite KL
+        assert out[[3, 4]].tolist() == [0.0, 0.0]
+    assert out[5].isnan()
 
 
 def test_broadcast_to_tokens():

@@ -1,9 +1,13 @@
 """Advantage estimators (docs/algorithm.md): GRPO/GSPO, REINFORCE++, REINFORCE++-baseline.
 
-Samples are ordered group-major: slot s = g * n + i is response i of prompt group g.
-Per-token quantities are flattened over the response tokens of a batch, (N,), with
-`sample_ids` (N,) naming each token's slot and `mask` (N,) the 0/1 loss mask; a
-sample's tokens are contiguous.
+A rollout batch holds S samples in slots 0..S-1, each with a group id (its prompt's
+`Sample.group_index`, `group_ids` (S,)); a group's samples need not be adjacent, and
+groups may differ in size (a custom generate function may return several samples per
+prompt). Functions of whole groups (`zero_std_groups`, `grpo_advantages`) take them as
+rows of an equal-sized (G, n) tensor; `grpo_advantages_by_group_id` applies them to the
+(S,) rewards of a batch. Per-token quantities are flattened over the response tokens of
+a batch, (N,), with `sample_ids` (N,) naming each token's slot and `mask` (N,) the 0/1
+loss mask; a sample's tokens are contiguous.
 
 REINFORCE++ and REINFORCE++-baseline must be followed by `whiten` over the whole batch
 (`--normalize-advantages`); GRPO and GSPO use the group-normalised scalar as is.
@@ -14,6 +18,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from furlong.algo.losses import kl_penalty
 
 ZERO_STD_TOLERANCE = 1e-8  # Miles' dynamic-sampling threshold on the float64 std
 
@@ -54,9 +60,40 @@ def grpo_advantages(rewards: Tensor, normalize_std: bool = True, eps: float = 1e
     return torch.where(equal, torch.zeros_like(centered), centered).to(rewards.dtype)
 
 
+def grpo_advantages_by_group_id(rewards: Tensor, group_ids: Tensor, normalize_std: bool = True,
+                                eps: float = 1e-6) -> Tensor:
+    """`grpo_advantages` of a batch whose groups are named by id, (S,) -> (S,).
+
+    For sample i of group g = group_ids_i (the samples of g: those with that id, in any
+    slots, any number of them): `A_i = r_i - mean_g(r)`, divided by `std_g(r) + eps`
+    (unbiased) when `normalize_std`, in float64, and exactly 0 when `zero_std_groups`
+    calls the group's rewards equal (a group of one included). In the rewards' dtype.
+    """
+    group_ids = torch.as_tensor(group_ids, device=rewards.device)  # (S,)
+    out = torch.empty_like(rewards)
+    for group in group_ids.unique():
+        members = group_ids == group  # (S,) bool
+        out[members] = grpo_advantages(rewards[members][None], normalize_std, eps)[0]
+    return out
+
+
 def broadcast_to_tokens(per_sample: Tensor, sample_ids: Tensor) -> Tensor:
     """Give every token its sample's value: `out_t = per_sample[sample_ids_t]`, (S,) -> (N,)."""
     return per_sample[sample_ids]
+
+
+def reward_shaping_kl(old_log_probs: Tensor, ref_log_probs: Tensor, mask: Tensor,
+                      kind: str) -> Tensor:
+    """The `KL_t` of REINFORCE++ reward shaping, (N,).
+
+    `KL_t = kl_penalty(old_t, ref_t, kind)` on every token, masked-out ones included (as
+    in Miles, their KL enters the returns), except `KL_t = 0` where `mask_t = 0` and the
+    KL is not finite (a masked-out token the engine or reference did not score): Miles
+    lets it turn the returns of its whole sample into NaN. A non-finite KL on a token
+    with `mask_t = 1` stays as it is: a fault that the loss should show.
+    """
+    kl = kl_penalty(old_log_probs, ref_log_probs, kind)
+    return torch.where((mask > 0) | kl.isfinite(), kl, torch.zeros_like(kl))
 
 
 def reinforce_plus_plus_token_rewards(
