@@ -1,0 +1,64 @@
+"""--advantage-estimator and its flags -> the advantages of one rollout batch.
+
+The wiring between the flags (`GrpoArgs`) and the formulas of furlong.algo.advantages
+(written out in docs/algorithm.md), as train/objective.py is for the loss. Advantages
+are computed over the whole rollout batch at once, before it is split into optimizer
+steps and micro-batches. Groups are identified by the samples' group index: a custom
+generate function may return several samples per prompt, so groups need not be equal
+in size.
+"""
+from __future__ import annotations
+
+import torch
+
+from furlong.algo import advantages as adv
+from furlong.config.groups import GrpoArgs
+from furlong.train.batch import TrainBatch
+
+
+def compute_advantages(config: GrpoArgs, batch: TrainBatch, group_ids: list[int | None]
+                       ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-sample advantage tensors (R_i,), and the per-sample normalised rewards (S,)."""
+    estimator = config.advantage_estimator
+    mask, sample_ids = _flat(batch.loss_masks)
+    counts = [len(m) for m in batch.loss_masks]
+    group_tensor = _dense_group_ids(group_ids)
+    if estimator in ("grpo", "gspo"):
+        scalars = adv.grpo_advantages_by_group_id(batch.rewards, group_tensor,
+                                                  not config.disable_grpo_std_normalization)
+        tokens = adv.broadcast_to_tokens(scalars, sample_ids)
+    elif estimator == "reinforce_plus_plus":
+        scalars = batch.rewards
+        token_rewards = adv.reinforce_plus_plus_token_rewards(
+            scalars, _shaping_kl(config, batch, mask), sample_ids, mask, config.kl_coef)
+        tokens = adv.reinforce_plus_plus_returns(token_rewards, sample_ids, config.gamma)
+    else:  # reinforce_plus_plus_baseline: A_t = (r - group mean) - kl_coef * kl_t
+        scalars = adv.grpo_advantages_by_group_id(batch.rewards, group_tensor,
+                                                  normalize_std=False)
+        tokens = (adv.broadcast_to_tokens(scalars, sample_ids)
+                  - config.kl_coef * _shaping_kl(config, batch, mask))
+    if config.normalize_advantages:
+        tokens = adv.whiten(tokens, mask)
+    return list(tokens.split(counts)), scalars
+
+
+def _shaping_kl(config: GrpoArgs, batch: TrainBatch, mask: torch.Tensor) -> torch.Tensor:
+    """KL_t of REINFORCE++ reward shaping, (N,); zeros without --kl-coef."""
+    if not config.kl_coef:
+        return torch.zeros_like(mask)
+    old, _ = _flat(batch.old_log_probs)
+    ref, _ = _flat(batch.ref_log_probs)
+    return adv.reward_shaping_kl(old, ref, mask, config.kl_loss_type)
+
+
+def _dense_group_ids(group_ids: list[int | None]) -> torch.Tensor:
+    """(S,) ids 0..G-1 for the samples' group indices. A custom rollout function may leave
+    `Sample.group_index` unset: the samples without one form one group."""
+    dense = {group: i for i, group in enumerate(dict.fromkeys(group_ids))}
+    return torch.tensor([dense[group] for group in group_ids], dtype=torch.long)
+
+
+def _flat(per_sample: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate per-sample token tensors; returns (values (N,), sample_ids (N,))."""
+    sample_ids = torch.cat([torch.full((len(t),), i) for i, t in enumerate(per_sample)])
+    return torch.cat(per_sample), sample_ids
