@@ -101,6 +101,16 @@ class RayEngineGroup:
     def __getattr__(self, name: str):
         return getattr(self.router, name)
 
+    @property
+    def weight_source(self):
+        """The router's `weight_source`: set on this group, it is set on the router, which
+        alone asks for it (__getattr__ would only read it)."""
+        return self.router.weight_source
+
+    @weight_source.setter
+    def weight_source(self, source) -> None:
+        self.router.weight_source = source
+
     async def generate(self, input_ids: list[int], params: SamplingParams) -> GenerateOutput:
         dropped = {slot.index for slot in self.router.engines
                    if slot.state is EngineState.DROPPED}  # known dead, not this failure

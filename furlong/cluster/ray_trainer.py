@@ -180,8 +180,10 @@ class RayTrainGroup:
 
     async def push_weights(self, engine, version: int) -> None:
         """To the engines still in `engine`'s rotation (the router drops one that died,
-        and the broadcast group is then rebuilt without it)."""
-        live = set(engine.urls)
+        and the broadcast group is then rebuilt without it); then the router learns of it,
+        as of a push of its own."""
+        targets = engine.push_targets()
+        live = set(targets.urls)
         calls = [rank.send_weights.remote(self.sync_mode, self._servers_of_rank(index, live),
                                           version)
                  for index, rank in enumerate(self.ranks)]
@@ -193,6 +195,7 @@ class RayTrainGroup:
                     actor for actor, url in zip(self.engine_actors, self.urls, strict=True)
                     if url in live])
             raise
+        engine.weights_pushed(version, targets)
 
     def _servers_of_rank(self, index: int, live: set[str]) -> Servers:
         """With CUDA IPC each rank feeds the live engines on its own GPU; otherwise rank 0

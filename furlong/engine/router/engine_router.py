@@ -175,22 +175,34 @@ class EngineRouter:
             if isinstance(result, Exception):  # a dead engine's requests end as aborted
                 log.warning("abort on engine %s failed: %s", slot.url, result)
 
+    def push_targets(self) -> Servers:
+        """The engines a push goes to now: those in rotation. Equal only while the same
+        server processes (a restart makes a new one)."""
+        targets = self._live()
+        return Servers(tuple(slot.url for slot in targets), self.options.api_key,
+                       self.options.tp_size, tuple(slot.restarts for slot in targets))
+
     async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
                              version: int) -> None:
         """To every live engine; restarted engines serve again once this succeeds."""
         self._bind()
-        targets = self._live()
-        restarts = [slot.restarts for slot in targets]
-        # Equal only while the same server processes (a restart makes a new one).
-        servers = Servers(tuple(slot.url for slot in targets), self.options.api_key,
-                          self.options.tp_size, tuple(restarts))
+        servers = self.push_targets()
         with self.recovery.checks_paused():
             await asyncio.to_thread(self._sender.send, named_tensors, servers, version)
+        self.weights_pushed(version, servers)
+
+    def weights_pushed(self, version: int, servers: Servers) -> None:
+        """`version` reached `servers` (`push_targets()` before the push), sent by this
+        router or by trainer ranks directly (Ray): it is the version now, and engines that
+        waited for weights (and did not restart again meanwhile) serve. In the event loop."""
+        self._bind()
         self.weight_version = version
         self.recovery.weights_pushed = True
         self._refresh = None  # a later failure may need another
-        for slot, num_restarts in zip(targets, restarts, strict=True):
-            if slot.state is EngineState.AWAITING_WEIGHTS and slot.restarts == num_restarts:
+        restarts_at = dict(zip(servers.urls, servers.restarts, strict=True))
+        for slot in self.engines:
+            if slot.state is EngineState.AWAITING_WEIGHTS and \
+                    restarts_at.get(slot.url) == slot.restarts:
                 slot.state = EngineState.SERVING
                 log.info("engine %d (%s) serves again with weights version %d", slot.index,
                          slot.url, version)
