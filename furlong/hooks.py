@@ -1,29 +1,72 @@
-"""User hooks: loading them from their dotted paths (`load_hooks`, the one place that
-does), and the reward hook signatures.
+"""User hooks: their signatures (one `Protocol` each, as docs/hooks.md lists them) and
+loading them from their dotted paths (`load_hooks`, the one place that does).
 
 A hook path is `package.module:function` or `package.module.function` (the last dotted
 component is the function). A missing module or attribute is a `ValueError` that names
 the flag, the path and how to fix it, raised at startup rather than mid-run.
+
+This module stays light: the types of other furlong layers are imported for checking
+only, so config validation can load hooks without importing the trainer or the engine.
 """
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 
 from furlong.sample import Sample
+
+if TYPE_CHECKING:
+    import torch
+
+    from furlong.rollout.context import HookArgs
+    from furlong.rollout.filters import FilterResult
+    from furlong.rollout.manager import RolloutManager
+    from furlong.train.objective import LossInputs
 
 
 class RewardHook(Protocol):
     """--custom-rm-path: `fn(args, sample) -> float | dict`, sync or async."""
 
-    def __call__(self, args: Any, sample: Sample) -> float | dict | Awaitable[float | dict]: ...
+    def __call__(self, args: HookArgs, sample: Sample
+                 ) -> float | dict | Awaitable[float | dict]: ...
 
 
 class GroupRewardHook(Protocol):
     """--custom-rm-path with --group-rm: `fn(args, samples) -> list`, one reward per sample."""
 
-    def __call__(self, args: Any, samples: list[Sample]) -> list | Awaitable[list]: ...
+    def __call__(self, args: HookArgs, samples: list[Sample]) -> list | Awaitable[list]: ...
+
+
+class DynamicSamplingFilterHook(Protocol):
+    """--dynamic-sampling-filter-path: `fn(args, samples) -> bool | obj(.keep, .reason)`,
+    sync or async; a falsy value or `.keep` drops the group (rollout/filters.py)."""
+
+    def __call__(self, args: HookArgs, samples: list[Sample]
+                 ) -> bool | FilterResult | Awaitable[bool | FilterResult]: ...
+
+
+class GenerateHook(Protocol):
+    """--custom-generate-function-path: `async fn(args, sample, sampling_params: dict)
+    -> Sample | list[Sample]` (SGLang's sampling-parameter names)."""
+
+    async def __call__(self, args: HookArgs, sample: Sample,
+                       sampling_params: dict) -> Sample | list[Sample]: ...
+
+
+class RolloutFunctionHook(Protocol):
+    """--rollout-function-path: `fn(args, rollout_id, manager, evaluation)
+    -> list[list[Sample]]`, sync or async; replaces the whole rollout."""
+
+    def __call__(self, args: HookArgs, rollout_id: int, manager: RolloutManager,
+                 evaluation: bool) -> list[list[Sample]] | Awaitable[list[list[Sample]]]: ...
+
+
+class CustomLossHook(Protocol):
+    """--custom-loss-function-path: `fn(args, inputs) -> (loss, metrics)`, sync; `loss` a
+    scalar tensor with a gradient, `metrics` named values to log."""
+
+    def __call__(self, args: HookArgs, inputs: LossInputs) -> tuple[torch.Tensor, dict]: ...
 
 
 # Hook paths of Miles/slime launch scripts -> the furlong built-in that behaves the same,
@@ -48,11 +91,11 @@ HOOK_FLAGS = {
 @dataclass(frozen=True)
 class Hooks:
     """The run's user hooks, loaded; None where the flag is not given."""
-    custom_rm: Callable | None = None
-    dynamic_sampling_filter: Callable | None = None
-    generate: Callable | None = None
-    rollout_function: Callable | None = None
-    custom_loss: Callable | None = None
+    custom_rm: RewardHook | GroupRewardHook | None = None  # GroupRewardHook with --group-rm
+    dynamic_sampling_filter: DynamicSamplingFilterHook | None = None
+    generate: GenerateHook | None = None
+    rollout_function: RolloutFunctionHook | None = None
+    custom_loss: CustomLossHook | None = None
 
 
 def load_hooks(config) -> Hooks:
