@@ -27,7 +27,7 @@ from furlong.model.loading import load_hf_model
 from furlong.ports import free_port
 from furlong.train import distributed_state, parallel
 from furlong.train.actor import RankInfo, TrainActor
-from furlong.train.rl_step import compute_advantages
+from furlong.train.advantage_estimator import compute_advantages
 
 from conftest import policy_config, random_batch
 

@@ -45,9 +45,6 @@ from furlong.train.base import Trainer
 from furlong.train.batch import TrainBatch
 from furlong.train.flops import train_throughput
 
-# Transitional: tests/test_train.py still imports the GRPO normalisation from here under
-# its old name; delete this line once it imports grpo_advantages_by_group_id from algo.
-from furlong.algo.advantages import grpo_advantages_by_group_id as group_normalized  # noqa: F401
 
 
 @contextmanager
