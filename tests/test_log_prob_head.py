@@ -58,3 +58,23 @@ def test_uniform_logits_have_the_log_of_the_vocabulary_as_entropy():
                                                torch.tensor([0, 3, 6]))
     torch.testing.assert_close(entropy, torch.full((3,), math.log(7)))
     torch.testing.assert_close(log_probs, torch.full((3,), -math.log(7)))
+
+
+@pytest.mark.gpu
+def test_fused_head_on_the_gpu_in_bf16_matches_whole_logits():
+    """The compiled GPU path (bf16 GEMMs, float32 logits) against float64 whole logits."""
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(300, 64, generator=generator).cuda().bfloat16().requires_grad_()
+    weight = torch.randn(5000, 64, generator=generator).cuda().bfloat16().requires_grad_()
+    targets = torch.randint(0, 5000, (300,), generator=generator).cuda()
+    grad_log_probs, grad_entropy = torch.randn(2, 300, generator=generator).cuda()
+    log_probs, entropy = log_probs_and_entropy(hidden, weight, targets, 0.8, 128)
+    (log_probs * grad_log_probs + entropy * grad_entropy).sum().backward()
+    fused_grads = hidden.grad.float(), weight.grad.float()
+    hidden.grad = weight.grad = None
+    expected_log_probs, expected_entropy = plain_head(hidden, weight, targets, 0.8)
+    (expected_log_probs * grad_log_probs + expected_entropy * grad_entropy).sum().backward()
+    torch.testing.assert_close(log_probs.double(), expected_log_probs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(entropy.double(), expected_entropy, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fused_grads[0], hidden.grad.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(fused_grads[1], weight.grad.float(), atol=2e-2, rtol=2e-2)

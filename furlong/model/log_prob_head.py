@@ -14,10 +14,14 @@ logits and turns the upstream gradients (g for the log-probs, e for the entropy)
 
     dz_v = g * (1[v = t] - p_v) - e * p_v * (log p_v + entropy)
 
-then dh = dz @ W / T and dW = dz.T @ h / T. Peak extra memory is one chunk of logits;
-the GEMMs are those of an unfused head (one forward, one recomputed, two backward).
+then dh = dz @ W / T and dW = dz.T @ h / T. Peak extra memory is one chunk of logits
+and its gradient; the GEMMs are those of an unfused head (one forward, one recomputed,
+two backward). The elementwise work between them is two pure functions, each compiled
+into one fused kernel on a GPU (torch.compile) and run as plain tensor code elsewhere.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -39,6 +43,39 @@ def _scaled_logits(hidden: torch.Tensor, weight: torch.Tensor,
     return logits.mul_(inv_temperature) if inv_temperature != 1.0 else logits
 
 
+def _forward_stats(logits: torch.Tensor, targets: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse, log p(target), entropy) of a chunk of logits z (C, V) float32, each (C,)."""
+    lse = logits.logsumexp(dim=-1)
+    log_p = logits - lse[:, None]
+    log_probs = log_p.gather(-1, targets[:, None]).squeeze(-1)
+    return lse, log_probs, -(log_p.exp() * log_p).sum(dim=-1)
+
+
+def _logit_grad(logits: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+                targets: torch.Tensor, grad_log_probs: torch.Tensor,
+                grad_entropy: torch.Tensor, inv_temperature: float,
+                dtype: torch.dtype) -> torch.Tensor:
+    """d loss / d(h @ W.T) (C, V) in `dtype`: the module docstring's dz, times 1/T."""
+    log_p = logits - lse[:, None]
+    p = log_p.exp()
+    onehot = torch.arange(logits.shape[1], device=logits.device) == targets[:, None]
+    grad = grad_log_probs[:, None] * (onehot.to(logits.dtype) - p) \
+        - grad_entropy[:, None] * p * (log_p + entropy[:, None])
+    return (grad * inv_temperature).to(dtype)
+
+
+@functools.cache
+def _compiled(fn):
+    """On a GPU each function becomes one fused kernel (a pass or two over the chunk, not
+    ten); shapes vary with the chunk, hence dynamic. Compiled at the first GPU call."""
+    return torch.compile(fn, dynamic=True)
+
+
+def _run(fn, *args):
+    return _compiled(fn)(*args) if args[0].is_cuda else fn(*args)
+
+
 class _FusedHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, inv_temperature: float, chunk_size: int):
@@ -48,32 +85,25 @@ class _FusedHead(torch.autograd.Function):
         lse = hidden.new_empty(num_positions, dtype=torch.float32)
         for start in range(0, num_positions, chunk_size):
             rows = slice(start, start + chunk_size)
-            log_p = _scaled_logits(hidden[rows], weight, inv_temperature)
-            lse[rows] = log_p.logsumexp(dim=-1)
-            log_p.sub_(lse[rows, None])  # (C, V): log p
-            log_probs[rows] = log_p.gather(-1, targets[rows, None]).squeeze(-1)
-            entropy[rows] = -torch.linalg.vecdot(log_p.exp(), log_p)
+            logits = _scaled_logits(hidden[rows], weight, inv_temperature)
+            lse[rows], log_probs[rows], entropy[rows] = _run(_forward_stats, logits,
+                                                             targets[rows])
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.inv_temperature, ctx.chunk_size = inv_temperature, chunk_size
-        ctx.set_materialize_grads(False)
         return log_probs, entropy
 
     @staticmethod
     def backward(ctx, grad_log_probs, grad_entropy):
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
-        inv_temperature = ctx.inv_temperature
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
                        if ctx.needs_input_grad[1] else None)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            grad_z = _chunk_grad(_scaled_logits(hidden[rows], weight, inv_temperature),
-                                 lse[rows], entropy[rows], targets[rows],
-                                 None if grad_log_probs is None else grad_log_probs[rows],
-                                 None if grad_entropy is None else grad_entropy[rows])
-            if inv_temperature != 1.0:  # d/d(h @ W.T)
-                grad_z.mul_(inv_temperature)
-            grad_z = grad_z.to(hidden.dtype)
+            grad_z = _run(_logit_grad,
+                          _scaled_logits(hidden[rows], weight, ctx.inv_temperature),
+                          lse[rows], entropy[rows], targets[rows], grad_log_probs[rows],
+                          grad_entropy[rows], ctx.inv_temperature, hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_z @ weight
             if grad_weight is not None:
@@ -81,19 +111,3 @@ class _FusedHead(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
-
-
-def _chunk_grad(logits: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
-                targets: torch.Tensor, grad_log_probs: torch.Tensor | None,
-                grad_entropy: torch.Tensor | None) -> torch.Tensor:
-    """dz (C, V) float32 from the chunk's logits z (overwritten) and upstream gradients."""
-    log_p = logits.sub_(lse[:, None])
-    p = log_p.exp()
-    if grad_entropy is not None:  # -e * p * (log p + entropy)
-        grad_z = log_p.add_(entropy[:, None]).mul_(p).mul_(-grad_entropy[:, None])
-    else:
-        grad_z = log_p.zero_()
-    if grad_log_probs is not None:  # g * (onehot - p)
-        grad_z.sub_(p.mul_(grad_log_probs[:, None]))
-        grad_z.scatter_add_(-1, targets[:, None], grad_log_probs[:, None])
-    return grad_z
