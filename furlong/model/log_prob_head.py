@@ -60,8 +60,10 @@ def _logit_grad(logits: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
     log_p = logits - lse[:, None]
     p = log_p.exp()
     onehot = torch.arange(logits.shape[1], device=logits.device) == targets[:, None]
-    grad = grad_log_probs[:, None] * (onehot.to(logits.dtype) - p) \
-        - grad_entropy[:, None] * p * (log_p + entropy[:, None])
+    g, e = grad_log_probs[:, None], grad_entropy[:, None]
+    # g * onehot - g * p, not g * (onehot - p): autograd through gather and logsumexp
+    # rounds this way, so runs reproduce those of the unfused head bit for bit.
+    grad = g * onehot - g * p - e * p * (log_p + entropy[:, None])
     return (grad * inv_temperature).to(dtype)
 
 
