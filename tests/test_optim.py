@@ -52,19 +52,20 @@ def test_warmup_fraction_and_decay_iters():
 def test_scheduler_sets_and_restores_lr():
     model = torch.nn.Linear(2, 2)
     config = OptimizerArgs(lr=1e-3, lr_warmup_iters=4)
-    optimizer = build_optimizer(model, config)
+    optimizer = build_optimizer(model.parameters(), config)
     scheduler = LRScheduler(optimizer, config, total_steps=10)
     scheduler.step()
     scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
-    restored = LRScheduler(build_optimizer(model, config), config, total_steps=10)
+    restored = LRScheduler(build_optimizer(model.parameters(), config), config, total_steps=10)
     restored.load_state_dict(scheduler.state_dict())
     assert restored.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
 
 
 def test_no_weight_decay_on_biases_and_norms():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
-    optimizer = build_optimizer(model, OptimizerArgs(weight_decay=0.1, adam_beta2=0.98))
+    optimizer = build_optimizer(model.parameters(),
+                                OptimizerArgs(weight_decay=0.1, adam_beta2=0.98))
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and [p.ndim for p in decay["params"]] == [2]
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3

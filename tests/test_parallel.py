@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from furlong.model.loading import load_hf_model
@@ -343,15 +344,16 @@ def test_tensor_parallel_needs_ranks(tiny):
 
 # ---- GPU ----------------------------------------------------------------------------------
 @pytest.mark.gpu
-def test_one_gpu_runs_bf16_on_float32_masters(tiny):
-    """One GPU goes through FSDP2 mixed precision: the layers compute with bfloat16
-    weights (so the residual stream is bfloat16), the sharded master weights and Adam's
-    moments stay float32, and the step's loss is the float32 one to bf16 accuracy."""
+def test_one_gpu_runs_bf16_on_float32_masters(tiny, tmp_path):
+    """One GPU trains the plain model in bfloat16 (so the residual stream is bfloat16)
+    with float32 master weights and Adam moments beside it; the step's loss is the
+    float32 one to bf16 accuracy, and checkpoints and weight sync carry the masters."""
     batch = prepared_batch(tiny)
     expected, _ = step_gradients(TrainActor(policy_config(tiny, []), RankInfo(),
                                             str(tiny / "model"), 1), batch)
     actor = TrainActor(policy_config(tiny, []), RankInfo(device=torch.device("cuda")),
                        str(tiny / "model"), 1)
+    assert actor.mesh is None
     seen = {}
     layer = parallel.decoder_layers(actor.policy.hf_model)[0]
     layer.mlp.register_forward_hook(
@@ -359,10 +361,20 @@ def test_one_gpu_runs_bf16_on_float32_masters(tiny):
                                                  output=output.dtype))
     (metrics,) = actor.train(batch)
     assert seen == {"weight": torch.bfloat16, "output": torch.bfloat16}
-    assert all(p.dtype == torch.float32 for p in actor.policy.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in actor.policy.parameters())
     moments = [s["exp_avg"] for s in actor.optimizer.state.values()]
     assert moments and all(m.dtype == torch.float32 for m in moments)
     assert metrics["train/loss"] == pytest.approx(expected["train/loss"], rel=2e-2, abs=2e-3)
+    masters = dict(actor.masters.named_masters())
+    pushed = dict(actor.named_weights())
+    assert pushed.keys() == masters.keys()
+    assert all(t.dtype == torch.float32 and torch.equal(t, masters[n]) for n, t in pushed.items())
+    actor.export_hf(tmp_path / "model")
+    saved = {}
+    for shard in (tmp_path / "model").glob("*.safetensors"):
+        saved.update(load_file(shard))
+    for name, master in masters.items():
+        assert saved[name].dtype == torch.float32 and torch.equal(saved[name], master.cpu())
 
 
 @pytest.mark.gpu

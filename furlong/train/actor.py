@@ -9,9 +9,10 @@ data-parallel ranks by FSDP and metrics summed over them here.
 Where it runs (`RankInfo`):
 - one CPU process (`RankInfo()`): the plain HF model in float32, no torch.distributed;
 - several CPU processes (gloo): `parallel.parallelize` in float32;
-- one or more GPUs (nccl, a process group of one for a single GPU):
-  `parallel.parallelize` with FSDP2 mixed precision, bfloat16 compute on float32
-  master weights and optimizer state.
+- one GPU: the plain HF model in bfloat16, its float32 master weights and optimizer
+  state beside it (`master_weights.MasterWeights`); no wrapper, no process group;
+- several GPUs (nccl): `parallel.parallelize` with FSDP2 mixed precision, bfloat16
+  compute on float32 master weights and optimizer state.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from furlong.model.fused_kernels import apply_fused_kernels
 from furlong.model.loading import load_hf_model
 from furlong.train import distributed_state, microbatch, parallel
 from furlong.train.batch import TrainBatch, pack, split_tokens
+from furlong.train.master_weights import MasterWeights
 from furlong.train.objective import LossInputs, make_reducer, policy_objective, sft_objective
 from furlong.train.optim import LRScheduler, build_optimizer
 from furlong.train.parallel import RankInfo
@@ -44,8 +46,9 @@ def _local(param: torch.Tensor) -> torch.Tensor:
 class TrainActor:
     config: Config
     rank: RankInfo
-    mesh: DeviceMesh | None  # ("dp", "tp"); None for one CPU process
+    mesh: DeviceMesh | None  # ("dp", "tp"); None for one process
     policy: CausalLMPolicy
+    masters: MasterWeights | None  # one GPU: the policy is bfloat16, these its float32 masters
     ref_policy: CausalLMPolicy | None
     snapshots: dict[int, list[torch.Tensor]]  # --keep-old-actor: weights version -> CPU copy
     optimizer: torch.optim.Optimizer
@@ -57,12 +60,13 @@ class TrainActor:
         self.rank = rank
         self.mesh = self._build_mesh()
         self.policy = self._build_policy(init_weights, trainable=True)
+        self.masters = MasterWeights(self.policy.hf_model) if self._one_gpu else None
         self.ref_policy = None
         self.snapshots = {}
         if config.grpo.needs_reference:
             self.ref_policy = self._build_policy(
                 config.ckpt.ref_load or config.ckpt.hf_checkpoint, trainable=False)
-        self.optimizer = build_optimizer(self.policy, config.optimizer)
+        self.optimizer = build_optimizer(self._optimized_parameters(), config.optimizer)
         self.scheduler = LRScheduler(self.optimizer, config.optimizer, total_steps)
         self.loss_hook = loss_hook
         self.hook_args = hook_args
@@ -78,12 +82,19 @@ class TrainActor:
         parallel.join(rank)
         return parallel.build_mesh(rank.world_size, rank.tp_size, rank.device.type)
 
+    @property
+    def _one_gpu(self) -> bool:
+        return self.mesh is None and self.rank.device.type == "cuda"
+
     def _build_policy(self, path: str, trainable: bool) -> CausalLMPolicy:
+        """The policy in float32 (one GPU: `MasterWeights` then casts the trained one),
+        or, for the reference on one GPU, directly in bfloat16."""
         perf = self.config.perf
         if not trainable:  # no backward, nothing to recompute
             perf = replace(perf, recompute_granularity=None, recompute_method=None)
         device = self.rank.device if self.mesh is None else "cpu"  # parallelize places it
-        hf_model = load_hf_model(path, torch.float32, device, packed=True)
+        dtype = torch.bfloat16 if self._one_gpu and not trainable else torch.float32
+        hf_model = load_hf_model(path, dtype, device, packed=True)
         if self.rank.device.type == "cuda" and self.rank.tp_size == 1:
             apply_fused_kernels(hf_model)  # Liger's kernels take no DTensors (TP)
         policy = CausalLMPolicy(hf_model, perf.log_probs_chunk_size)
@@ -216,12 +227,19 @@ class TrainActor:
             return self.loss_hook(self.hook_args, inputs)
         return policy_objective(grpo, inputs)
 
+    def _optimized_parameters(self) -> list[torch.nn.Parameter]:
+        if self.masters is not None:
+            return self.masters.parameters()
+        return [param for param in self.policy.parameters() if param.requires_grad]
+
     def _optimizer_step(self) -> float:
         clip = self.config.optimizer.clip_grad
-        grad_norm = distributed_state.clip_grad_norm_(self.policy.parameters(),
+        grad_norm = distributed_state.clip_grad_norm_(self._optimized_parameters(),
                                                       clip if clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.masters is not None:
+            self.masters.copy_to_model()
         return grad_norm
 
     # ---- weights and state -------------------------------------------------------------
@@ -238,6 +256,8 @@ class TrainActor:
 
         With several ranks this is collective: every rank iterates to the end.
         """
+        if self.masters is not None:
+            return self.masters.named_masters()
         parallel.reshard(self.policy)
         return distributed_state.full_named_weights(self.policy.hf_model)
 
@@ -338,7 +358,8 @@ class TrainActor:
         ranks: all gather, rank 0 writes."""
         hf_model = self.policy.hf_model
         if self.mesh is None:
-            hf_model.save_pretrained(path)
+            hf_model.save_pretrained(path, state_dict=None if self.masters is None
+                                     else self.masters.state_dict())
             return
         parallel.reshard(self.policy)
         state = distributed_state.full_state_dict(hf_model, keep=self.rank.rank == 0)

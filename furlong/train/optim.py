@@ -12,6 +12,7 @@ total optimizer steps.
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 
@@ -33,11 +34,13 @@ def learning_rate(step: int, config: OptimizerArgs, total_steps: int) -> float:
     return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * ratio))
 
 
-def build_optimizer(model: torch.nn.Module, config: OptimizerArgs) -> torch.optim.AdamW:
-    """AdamW; like Megatron, biases and norm weights (1-D parameters) get no weight decay.
-    On a GPU the fused kernel updates every parameter in one launch per group."""
+def build_optimizer(parameters: Iterable[torch.nn.Parameter],
+                    config: OptimizerArgs) -> torch.optim.AdamW:
+    """AdamW over the trainable `parameters`; like Megatron, biases and norm weights (1-D
+    parameters) get no weight decay. On a GPU the fused kernel updates every parameter
+    in one launch per group."""
     decay, no_decay = [], []
-    for param in model.parameters():
+    for param in parameters:
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
     groups = [{"params": decay, "weight_decay": config.weight_decay},

@@ -8,8 +8,8 @@ and each holds a slice of every linear layer (Megatron's layout, done with DTens
 
 `parallelize` supports the dense decoder layers of Qwen2, Qwen3 and Llama (HF module
 names self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, the two layer norms and
-Qwen3's per-head q_norm/k_norm). One CPU process (`RankInfo()`) is not parallelised:
-the plain model is faster and needs no process group.
+Qwen3's per-head q_norm/k_norm). One process (`RankInfo()`, or one GPU) is not
+parallelised: the plain model is faster and needs no process group.
 """
 from __future__ import annotations
 
@@ -59,9 +59,9 @@ class RankInfo:
 
     @property
     def sharded(self) -> bool:
-        """Whether the policy goes through `parallelize`: several ranks, or a GPU (whose
-        bfloat16 compute comes from FSDP2's mixed precision)."""
-        return self.world_size > 1 or self.device.type == "cuda"
+        """Whether the policy goes through `parallelize`: several ranks. One process, CPU
+        or GPU, trains the plain model."""
+        return self.world_size > 1
 
     @property
     def compute_dtype(self) -> torch.dtype:
