@@ -3,18 +3,21 @@
     python bench/train_mfu.py [--model qwen3-1.7b] [--tokens 8192 16384]
         [--furlong-flags "--recompute-granularity full ..."] [--no-baselines]
 
-furlong: TrainActor, packed micro-batches of `tokens` tokens (dynamic batching), float32
-master weights under bf16 autocast, varlen flash attention, chunked log-probs, AdamW.
+furlong: TrainActor, packed micro-batches of `tokens` tokens (dynamic batching), bf16
+weights with float32 masters, varlen flash attention, the fused log-prob head, AdamW.
+Each figure is the median of 5 timed steps after 2 warm-up steps.
 Baselines: the HF model's own forward (SDPA) with labels and loss.backward() on the same
 tokens as equal-length rows, same autocast and optimizer ("hf"); and HF with bf16
 parameters and Liger-Kernel's fused kernels (RMSNorm, SwiGLU, RoPE, fused linear
-cross-entropy; "hf_liger", when the wheel is installed). Peak memory per configuration. MFU = counted FLOPs
+cross-entropy; "hf_liger", when the wheel is installed). Peak memory per configuration.
+MFU = counted FLOPs
 (bench-independent formula in furlong/train/flops.py, 3x forward, response-only output
 projection) over time over the card's dense bf16 peak. Writes $OUT/train_mfu_MODEL_TOKENS.json.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -30,6 +33,7 @@ from furlong.config import load_config  # noqa: E402
 from furlong.train.actor import RankInfo, TrainActor  # noqa: E402
 from furlong.train.batch import TrainBatch  # noqa: E402
 from furlong.train.flops import forward_flops, peak_flops  # noqa: E402
+from furlong.train.parallel import decoder_layers  # noqa: E402
 
 SAMPLE, PROMPT = 1024, 256  # tokens per sample, of which prompt
 PROFILES: dict[int, str] = {}  # tokens -> CUDA kernel table of one furlong step
@@ -45,14 +49,23 @@ def synthetic_batch(num_samples: int) -> TrainBatch:
         advantages=[torch.randn(1).expand(response).clone() for _ in range(num_samples)])
 
 
-def timed(fn, repeats: int = 3) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
+STEP_TIMES: dict[str, list[float]] = {}  # label -> every timed step, for the JSON
+
+
+def timed(fn, warmup: int = 2, repeats: int = 5, label: str | None = None) -> float:
+    """Median seconds of `repeats` calls after `warmup` (first calls compile and tune)."""
+    for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    if label:
+        STEP_TIMES[label] = times
+    return statistics.median(times)
 
 
 def furlong_actor(model_dir: Path, tokens: int, *flags: str) -> TrainActor:
@@ -65,10 +78,14 @@ def furlong_actor(model_dir: Path, tokens: int, *flags: str) -> TrainActor:
     return TrainActor(config, RankInfo(device=torch.device("cuda")), str(model_dir), 100)
 
 
-def bench_furlong(model_dir: Path, tokens: int, *flags: str) -> float:
+def bench_furlong(model_dir: Path, tokens: int, *flags: str, compile_layers: bool = False
+                  ) -> float:
     actor = furlong_actor(model_dir, tokens, *flags)
+    if compile_layers:  # experiment: each decoder layer through torch.compile
+        for layer in decoder_layers(actor.policy.hf_model):
+            layer.compile(dynamic=True)
     batch = synthetic_batch(tokens // SAMPLE)
-    seconds = timed(lambda: actor.train(batch))
+    seconds = timed(lambda: actor.train(batch), label=f"furlong_{tokens}")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         actor.train(batch)
         torch.cuda.synchronize()
@@ -89,7 +106,7 @@ def bench_hf(model_dir: Path, tokens: int) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return timed(step)
+    return timed(step, label=f"hf_{tokens}")
 
 
 def bench_hf_liger(model_dir: Path, tokens: int) -> float:
@@ -106,7 +123,7 @@ def bench_hf_liger(model_dir: Path, tokens: int) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return timed(step)
+    return timed(step, label=f"hf_liger_{tokens}")
 
 
 def main() -> None:
@@ -115,11 +132,19 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[8192, 16384])
     parser.add_argument("--furlong-flags", default="", help="extra train.py flags")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--compile-layers", action="store_true",
+                        help="experiment: torch.compile each decoder layer")
+    parser.add_argument("--no-liger", action="store_true",
+                        help="experiment: furlong without Liger-Kernel's layer kernels")
     args = parser.parse_args()
+    if args.no_liger:
+        import furlong.train.actor
+        furlong.train.actor.apply_fused_kernels = lambda hf_model: False
     flags = args.furlong_flags.split()
     name = device_name()
     results = {"device": name, "torch": torch.__version__, "model": args.model,
-               "furlong_flags": args.furlong_flags,
+               "furlong_flags": args.furlong_flags, "compile_layers": args.compile_layers,
+               "liger": not args.no_liger,
                "measured_bf16_gemm_tflops": matmul_flops() / 1e12, "runs": []}
     peak = peak_flops(name)
     with tempfile.TemporaryDirectory() as temporary:
@@ -131,7 +156,8 @@ def main() -> None:
             samples = tokens // SAMPLE
             flops = 3 * forward_flops(config, [SAMPLE] * samples, [SAMPLE - PROMPT] * samples)
             run = {"tokens": tokens}
-            benches = {"furlong": lambda: bench_furlong(model_dir, tokens, *flags)}
+            benches = {"furlong": lambda: bench_furlong(
+                model_dir, tokens, *flags, compile_layers=args.compile_layers)}
             if not args.no_baselines:
                 benches.update(hf=lambda: bench_hf(model_dir, tokens),
                                hf_liger=lambda: bench_hf_liger(model_dir, tokens))
@@ -149,8 +175,12 @@ def main() -> None:
                               "mfu": flops / seconds / peak if peak else None,
                               "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
             run["furlong_profile"] = PROFILES.get(tokens)
+            run["step_times"] = dict(STEP_TIMES)
+            STEP_TIMES.clear()
             results["runs"].append(run)
-            write_results(f"train_mfu_{args.model}_{'-'.join(map(str, args.tokens))}", results)
+            write_results(f"train_mfu_{args.model}_{'-'.join(map(str, args.tokens))}"
+                          + "_compiled" * args.compile_layers + "_noliger" * args.no_liger,
+                          results)
     for run in results["runs"]:
         print({k: v for k, v in run.items() if k != "furlong_profile"})
     print(PROFILES.get(args.tokens[0], ""))
