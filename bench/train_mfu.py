@@ -4,7 +4,8 @@
         [--furlong-flags "--recompute-granularity full ..."] [--no-baselines]
 
 furlong: TrainActor, packed micro-batches of `tokens` tokens (dynamic batching), bf16
-weights with float32 masters, varlen flash attention, the fused log-prob head, AdamW.
+weights with float32 masters, compiled decoder layers, varlen flash attention, the fused
+log-prob head, AdamW.
 Each figure is the median of 5 timed steps after 2 warm-up steps.
 Baselines: the HF model's own forward (SDPA) with labels and loss.backward() on the same
 tokens as equal-length rows, same autocast and optimizer ("hf"); and HF with bf16
@@ -33,7 +34,6 @@ from furlong.config import load_config  # noqa: E402
 from furlong.train.actor import RankInfo, TrainActor  # noqa: E402
 from furlong.train.batch import TrainBatch  # noqa: E402
 from furlong.train.flops import forward_flops, peak_flops  # noqa: E402
-from furlong.train.parallel import decoder_layers  # noqa: E402
 
 SAMPLE, PROMPT = 1024, 256  # tokens per sample, of which prompt
 PROFILES: dict[int, str] = {}  # tokens -> CUDA kernel table of one furlong step
@@ -78,12 +78,8 @@ def furlong_actor(model_dir: Path, tokens: int, *flags: str) -> TrainActor:
     return TrainActor(config, RankInfo(device=torch.device("cuda")), str(model_dir), 100)
 
 
-def bench_furlong(model_dir: Path, tokens: int, *flags: str, compile_layers: bool = False
-                  ) -> float:
+def bench_furlong(model_dir: Path, tokens: int, *flags: str) -> float:
     actor = furlong_actor(model_dir, tokens, *flags)
-    if compile_layers:  # experiment: each decoder layer through torch.compile
-        for layer in decoder_layers(actor.policy.hf_model):
-            layer.compile(dynamic=True)
     batch = synthetic_batch(tokens // SAMPLE)
     seconds = timed(lambda: actor.train(batch), label=f"furlong_{tokens}")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
@@ -132,19 +128,11 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[8192, 16384])
     parser.add_argument("--furlong-flags", default="", help="extra train.py flags")
     parser.add_argument("--no-baselines", action="store_true")
-    parser.add_argument("--compile-layers", action="store_true",
-                        help="experiment: torch.compile each decoder layer")
-    parser.add_argument("--no-liger", action="store_true",
-                        help="experiment: furlong without Liger-Kernel's layer kernels")
     args = parser.parse_args()
-    if args.no_liger:
-        import furlong.train.actor
-        furlong.train.actor.apply_fused_kernels = lambda hf_model: False
     flags = args.furlong_flags.split()
     name = device_name()
     results = {"device": name, "torch": torch.__version__, "model": args.model,
-               "furlong_flags": args.furlong_flags, "compile_layers": args.compile_layers,
-               "liger": not args.no_liger,
+               "furlong_flags": args.furlong_flags,
                "measured_bf16_gemm_tflops": matmul_flops() / 1e12, "runs": []}
     peak = peak_flops(name)
     with tempfile.TemporaryDirectory() as temporary:
@@ -156,8 +144,7 @@ def main() -> None:
             samples = tokens // SAMPLE
             flops = 3 * forward_flops(config, [SAMPLE] * samples, [SAMPLE - PROMPT] * samples)
             run = {"tokens": tokens}
-            benches = {"furlong": lambda: bench_furlong(
-                model_dir, tokens, *flags, compile_layers=args.compile_layers)}
+            benches = {"furlong": lambda: bench_furlong(model_dir, tokens, *flags)}
             if not args.no_baselines:
                 benches.update(hf=lambda: bench_hf(model_dir, tokens),
                                hf_liger=lambda: bench_hf_liger(model_dir, tokens))
@@ -178,9 +165,7 @@ def main() -> None:
             run["step_times"] = dict(STEP_TIMES)
             STEP_TIMES.clear()
             results["runs"].append(run)
-            write_results(f"train_mfu_{args.model}_{'-'.join(map(str, args.tokens))}"
-                          + "_compiled" * args.compile_layers + "_noliger" * args.no_liger,
-                          results)
+            write_results(f"train_mfu_{args.model}_{'-'.join(map(str, args.tokens))}", results)
     for run in results["runs"]:
         print({k: v for k, v in run.items() if k != "furlong_profile"})
     print(PROFILES.get(args.tokens[0], ""))

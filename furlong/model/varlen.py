@@ -50,7 +50,9 @@ def varlen_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch
         elif groups > 1:
             key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
         cu = cu_seq_lens.to(torch.int32)
-        return varlen_attn(query, key, value, cu, cu, int(max_length), int(max_length),
+        # max_length goes in as given: int() of a compiled layer's symbolic length would
+        # specialise the graph to one value and recompile for every micro-batch.
+        return varlen_attn(query, key, value, cu, cu, max_length, max_length,
                            scale=scale, **extra)
     if _pads_cheaply(cu_seq_lens.diff(), query.shape[1]):
         return _padded_causal_attention(query, key, value, cu_seq_lens, int(max_length), scale)

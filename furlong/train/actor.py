@@ -9,8 +9,9 @@ data-parallel ranks by FSDP and metrics summed over them here.
 Where it runs (`RankInfo`):
 - one CPU process (`RankInfo()`): the plain HF model in float32, no torch.distributed;
 - several CPU processes (gloo): `parallel.parallelize` in float32;
-- one GPU: the plain HF model in bfloat16, its float32 master weights and optimizer
-  state beside it (`master_weights.MasterWeights`); no wrapper, no process group;
+- one GPU: the plain HF model in bfloat16 with compiled decoder layers, its float32
+  master weights and optimizer state beside it (`master_weights.MasterWeights`); no
+  wrapper, no process group;
 - several GPUs (nccl): `parallel.parallelize` with FSDP2 mixed precision, bfloat16
   compute on float32 master weights and optimizer state.
 """
@@ -27,7 +28,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from furlong import checkpoint
 from furlong.config.groups import Config
-from furlong.model.fused_kernels import apply_fused_kernels
+from furlong.model.fused_kernels import apply_fused_kernels, compile_decoder_layers
 from furlong.model.loading import load_hf_model
 from furlong.train import distributed_state, microbatch, parallel
 from furlong.train.batch import TrainBatch, pack, split_tokens
@@ -95,7 +96,8 @@ class TrainActor:
         device = self.rank.device if self.mesh is None else "cpu"  # parallelize places it
         dtype = torch.bfloat16 if self._one_gpu and not trainable else torch.float32
         hf_model = load_hf_model(path, dtype, device, packed=True)
-        if self.rank.device.type == "cuda" and self.rank.tp_size == 1:
+        if self.mesh is not None and self.rank.device.type == "cuda" \
+                and self.rank.tp_size == 1:
             apply_fused_kernels(hf_model)  # Liger's kernels take no DTensors (TP)
         policy = CausalLMPolicy(hf_model, perf.log_probs_chunk_size)
         if not trainable:
@@ -104,6 +106,8 @@ class TrainActor:
             if perf.recompute_granularity is not None:
                 parallel.apply_activation_checkpointing(parallel.decoder_layers(hf_model),
                                                         perf)
+            if self._one_gpu:  # after checkpointing: the compiled graph contains it
+                compile_decoder_layers(parallel.decoder_layers(hf_model))
             return policy
         return parallel.parallelize(policy, self.mesh, perf,
                                     mixed_precision=self.rank.device.type == "cuda")
