@@ -15,11 +15,11 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_log_prob_
   | grep -v "Backend impl" | tail -40 | tee "$OUT/gpu_tests.txt"
 mfu() { timeout "$1" python3 bench/train_mfu.py "${@:2}" 2>&1 | grep -v Warn \
   | tee -a "$OUT/train_mfu.txt" | grep "^{" | cut -c1-330; }
-mfu 120 --model qwen3-1.7b --tokens 8192 16384
+mfu 170 --model qwen3-1.7b --tokens 8192 16384
 timeout 200 python3 bench/e2e.py --steps 6 > "$OUT/e2e.txt" 2>&1; tail -12 "$OUT/e2e.txt"
-mfu 170 --model qwen3-4b --tokens 8192
-mfu 60 --model qwen3-1.7b --tokens 32768 --no-baselines --furlong-flags \
+mfu 150 --model qwen3-4b --tokens 8192 --baselines hf_liger
+mfu 60 --model qwen3-1.7b --tokens 32768 --baselines --furlong-flags \
   "--recompute-granularity full --recompute-method uniform --recompute-num-layers 1"
-mfu 40 --model qwen3-0.6b --tokens 8192 --no-baselines
+mfu 40 --model qwen3-0.6b --tokens 8192 --baselines
 timeout 45 python3 bench/profile_train.py --tokens 8192 2>&1 | grep -v Warn \
   | tee "$OUT/profile.txt" | tail -45

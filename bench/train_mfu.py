@@ -1,7 +1,7 @@
 """Training throughput of one policy-loss step on one GPU, vs a plain HF forward/backward.
 
     python bench/train_mfu.py [--model qwen3-1.7b] [--tokens 8192 16384]
-        [--furlong-flags "--recompute-granularity full ..."] [--no-baselines]
+        [--furlong-flags "--recompute-granularity full ..."] [--baselines [hf hf_liger]]
 
 furlong: TrainActor, packed micro-batches of `tokens` tokens (dynamic batching), bf16
 weights with float32 masters, compiled decoder layers, varlen flash attention, the fused
@@ -127,7 +127,8 @@ def main() -> None:
     parser.add_argument("--model", default="qwen3-1.7b")
     parser.add_argument("--tokens", nargs="+", type=int, default=[8192, 16384])
     parser.add_argument("--furlong-flags", default="", help="extra train.py flags")
-    parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--baselines", nargs="*", default=["hf", "hf_liger"],
+                        choices=["hf", "hf_liger"], help="none: furlong alone")
     args = parser.parse_args()
     flags = args.furlong_flags.split()
     name = device_name()
@@ -145,9 +146,9 @@ def main() -> None:
             flops = 3 * forward_flops(config, [SAMPLE] * samples, [SAMPLE - PROMPT] * samples)
             run = {"tokens": tokens}
             benches = {"furlong": lambda: bench_furlong(model_dir, tokens, *flags)}
-            if not args.no_baselines:
-                benches.update(hf=lambda: bench_hf(model_dir, tokens),
-                               hf_liger=lambda: bench_hf_liger(model_dir, tokens))
+            baselines = {"hf": lambda: bench_hf(model_dir, tokens),
+                         "hf_liger": lambda: bench_hf_liger(model_dir, tokens)}
+            benches.update({name: baselines[name] for name in args.baselines})
             for label, bench in benches.items():
                 torch.cuda.reset_peak_memory_stats()
                 try:

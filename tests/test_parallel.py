@@ -354,13 +354,12 @@ def test_one_gpu_runs_bf16_on_float32_masters(tiny, tmp_path):
     actor = TrainActor(policy_config(tiny, []), RankInfo(device=torch.device("cuda")),
                        str(tiny / "model"), 1)
     assert actor.mesh is None
-    seen = {}
-    layer = parallel.decoder_layers(actor.policy.hf_model)[0]
-    layer.mlp.register_forward_hook(
-        lambda module, args, output: seen.update(weight=module.up_proj.weight.dtype,
-                                                 output=output.dtype))
+    seen = {}  # the final norm (not compiled) sees the layers' residual stream
+    actor.policy.hf_model.base_model.norm.register_forward_hook(
+        lambda module, args, output: seen.update(weight=module.weight.dtype,
+                                                 residual=args[0].dtype))
     (metrics,) = actor.train(batch)
-    assert seen == {"weight": torch.bfloat16, "output": torch.bfloat16}
+    assert seen == {"weight": torch.bfloat16, "residual": torch.bfloat16}
     assert all(p.dtype == torch.bfloat16 for p in actor.policy.parameters())
     moments = [s["exp_avg"] for s in actor.optimizer.state.values()]
     assert moments and all(m.dtype == torch.float32 for m in moments)
