@@ -1,12 +1,14 @@
 """The embedded default: a tiny Qwen3 model and a verifiable addition task, no network.
 
-`python -m furlong.tiny OUT_DIR [--seed N]` writes
+`python -m furlong.tiny OUT_DIR [--seed N] [--moe]` writes
   OUT_DIR/model/   an HF directory (config.json, tokenizer with a chat template,
                    model.safetensors) that AutoModelForCausalLM/AutoTokenizer load;
   OUT_DIR/data/    sft.jsonl (chat messages with the answer), train.jsonl and
                    eval.jsonl ({"prompt": "37+48=", "label": "85"}).
 The answer format is `\\boxed{85}`, so the built-in `math` reward scores it. Everything
 is a pure function of the seed. The MODEL_ARGS of this model are in scripts/models/tiny.sh.
+`--moe` writes a Qwen3-MoE model of the same width instead (8 experts, 2 per token; its
+MODEL_ARGS in scripts/models/tiny-moe.sh).
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ CHAT_TEMPLATE = (
 MODEL_SHAPE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                    max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0)
+# The MoE variant: each MLP is 8 experts of width 128, 2 routed per token (0.79M parameters).
+MOE_SHAPE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
+                 decoder_sparse_step=1, norm_topk_prob=True)
 NUM_EVAL = 500
 
 
@@ -48,18 +53,22 @@ def build_tokenizer():
     return fast
 
 
-def build_model(tokenizer, seed: int):
+def build_model(tokenizer, seed: int, moe: bool = False):
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     shape = dict(MODEL_SHAPE)
     rope_theta = shape.pop("rope_theta")
-    config = Qwen3Config(vocab_size=len(tokenizer), tie_word_embeddings=True,
-                         rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=None, **shape)
+    config_class, model_class = Qwen3Config, Qwen3ForCausalLM
+    if moe:
+        config_class, model_class = Qwen3MoeConfig, Qwen3MoeForCausalLM
+        shape.update(MOE_SHAPE)
+    config = config_class(vocab_size=len(tokenizer), tie_word_embeddings=True,
+                          rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+                          eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **shape)
     torch.manual_seed(seed)
-    return Qwen3ForCausalLM(config)
+    return model_class(config)
 
 
 def addition_problems(seed: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -86,11 +95,11 @@ def write_task(data_dir: Path, seed: int) -> None:
         for a, b in train])
 
 
-def write_tiny(out_dir: str | Path, seed: int = 0) -> Path:
+def write_tiny(out_dir: str | Path, seed: int = 0, moe: bool = False) -> Path:
     """Write OUT_DIR/model and OUT_DIR/data; returns OUT_DIR."""
     out = Path(out_dir)
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, seed)
+    model = build_model(tokenizer, seed, moe)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     write_task(out / "data", seed)
@@ -116,8 +125,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--moe", action="store_true", help="a Qwen3-MoE model (8 experts)")
     args = parser.parse_args()
-    out = write_tiny(args.out_dir, args.seed)
+    out = write_tiny(args.out_dir, args.seed, args.moe)
     print(f"wrote {out / 'model'} and {out / 'data'}/{{sft,train,eval}}.jsonl")
 
 

@@ -39,6 +39,12 @@ def tiny(tmp_path_factory) -> Path:
     return write_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory) -> Path:
+    """OUT_DIR of `python -m furlong.tiny OUT_DIR --seed 0 --moe`: a Qwen3-MoE model/ and data/."""
+    return write_tiny(tmp_path_factory.mktemp("tiny_moe"), seed=0, moe=True)
+
+
 def model_args() -> list[str]:
     """The MODEL_ARGS array of scripts/models/tiny.sh."""
     text = (REPO / "scripts/models/tiny.sh").read_text()
