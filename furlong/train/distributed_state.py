@@ -67,12 +67,11 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> floa
     """Scale gradients so that their global L2 norm is at most `max_norm`; returns the
     norm before clipping. Sharded gradients count once: a rank's squared local shard is
     divided by the number of ranks holding that same shard, then summed over all ranks
-    (one all-reduce, whatever mix of meshes the gradients live on). The gradients are
-    read once for the norm and scaled only when the norm exceeds `max_norm` (a pass over
-    float32 gradients is ~1.5% of a 4B model's step on one GPU)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return 0.0
+    (one all-reduce, whatever mix of meshes the gradients live on)."""
+    parameters = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in parameters]
+    if not any(isinstance(g, DTensor) for g in grads):
+        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
     locals_ = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
     norms = torch.stack(torch._foreach_norm(locals_, 2, dtype=torch.float64))  # one launch
     copies = torch.tensor([_copies(g) for g in grads], dtype=torch.float64, device=norms.device)
