@@ -226,6 +226,8 @@ def _sample_argv(cls: type, f) -> list[str]:
         return [flag]
     if f.metadata.get("nargs") == 2:
         return [flag, "a", "b"]
+    if f.metadata.get("choices"):
+        return [flag, f.metadata["choices"][0]]
     text = str(hint)
     return [flag, "x" if "str" in text else "1" if "int" in text else "0.5"]
 
@@ -239,8 +241,9 @@ MEGATRON_ONLY = [(cls, f) for _, _, cls in GROUPS for f in flag_fields(cls)
 def test_megatron_only_flag_warns_once(grpo_argv, cls, f):
     sample = _sample_argv(cls, f)
     _, warnings = load_config(grpo_argv + sample + sample)  # given twice, still one warning
+    why = f": {f.metadata['why']}" if f.metadata.get("why") else ""
     assert [w for w in warnings if w.startswith(option_name(f.name) + " ")] == [
-        f"{option_name(f.name)} has no effect on the fsdp backend (Megatron only); ignored"]
+        f"{option_name(f.name)} has no effect on the fsdp backend (Megatron only{why}); ignored"]
 
 
 def test_no_warnings_without_megatron_flags(grpo_argv):

@@ -8,6 +8,7 @@ one table. Defaults are Miles' and slime's.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -17,14 +18,15 @@ MIB = 1024 * 1024
 
 
 def flag(default: Any = None, help: str = "", *, choices: tuple | None = None,
-         megatron_only: bool = False, metavar: str | None = None, parse: Any = None,
-         nargs: str | int | None = None) -> Any:
+         megatron_only: bool = False, why: str = "", metavar: str | None = None,
+         parse: Any = None, nargs: str | int | None = None) -> Any:
     """One flag: a dataclass field whose metadata tells argparse how to read it.
 
     `megatron_only` marks flags that only the Megatron backend acts on: they are
-    accepted and, when given, produce one warning naming the flag.
+    accepted and, when given, produce one warning naming the flag (and `why`, when the
+    reason is not plain from the flag's name).
     """
-    metadata = {"help": help, "choices": choices, "megatron_only": megatron_only,
+    metadata = {"help": help, "choices": choices, "megatron_only": megatron_only, "why": why,
                 "metavar": metavar, "parse": parse, "nargs": nargs}
     return field(default=default, metadata=metadata)
 
@@ -39,6 +41,58 @@ def _json_object(text: str) -> dict:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a JSON object; expected e.g. '{{\"enable_thinking\": false}}'")
     return value
+
+
+# Longest --moe-layer-freq pattern accepted; guards `[0]*10**9` against filling memory.
+MAX_PATTERN_LAYERS = 100_000
+
+
+def parse_moe_layer_freq(text: str) -> int | list[int]:
+    """Megatron's --moe-layer-freq: an int N (layers 0, N, 2N, ... are MoE) or a Python
+    list expression with 1 (MoE) or 0 (dense) per layer, such as "([0]*3+[1]*45)".
+
+    The expression is evaluated on its syntax tree (int and list literals, + and *),
+    never by eval(); anything else raises ValueError.
+    """
+    if "[" not in text:
+        every = int(text)
+        if every < 1:
+            raise ValueError(f"{every} < 1")
+        return every
+    try:
+        pattern = _list_expression(ast.parse(text.strip(), mode="eval").body)
+    except (SyntaxError, TypeError) as error:
+        raise ValueError(str(error)) from None
+    if not isinstance(pattern, list) or not pattern or any(bit not in (0, 1) for bit in pattern):
+        raise ValueError("not a list of 0 and 1")
+    return pattern
+
+
+def _list_expression(node: ast.expr) -> int | list:
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if isinstance(node, ast.List):
+        return [_list_expression(element) for element in node.elts]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+        left, right = _list_expression(node.left), _list_expression(node.right)
+        if isinstance(node.op, ast.Add):
+            return left + right
+        items, count = (left, right) if isinstance(left, list) else (right, left)
+        if isinstance(items, list) and len(items) * count > MAX_PATTERN_LAYERS:
+            raise ValueError(f"longer than {MAX_PATTERN_LAYERS} layers")
+        return left * right
+    raise ValueError(f"{ast.unparse(node)!r} is not an int, a list, + or *")
+
+
+def _moe_layer_freq(text: str) -> str:
+    """argparse reader of --moe-layer-freq: checks the text, keeps it as given."""
+    try:
+        parse_moe_layer_freq(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} ({error}): expected a layer step N or a list of 0/1 per layer such as "
+            "'[0]*3+[1]*45'") from None
+    return text
 
 
 @dataclass(frozen=True)
@@ -64,9 +118,37 @@ class ModelArgs:
     qk_layernorm: bool = flag(False, "RMSNorm on queries and keys (Qwen3)")
     untie_embeddings_and_output_weights: bool = flag(False, "Separate input and output embeddings")
     use_rotary_position_embeddings: bool = flag(False, "RoPE positions")
-    num_experts: int | None = flag(help="MoE experts (HF num_experts)")
+    num_experts: int | None = flag(help="MoE routed experts (HF num_experts, n_routed_experts)")
     moe_router_topk: int | None = flag(help="Experts per token (HF num_experts_per_tok)")
-    moe_grouped_gemm: bool = flag(False, "Grouped GEMM for experts", megatron_only=True)
+    moe_ffn_hidden_size: int | None = flag(help="Expert MLP inner size (HF moe_intermediate_size)")
+    moe_shared_expert_intermediate_size: int | None = flag(
+        help="Inner size of all shared experts together (HF shared_expert_intermediate_size)")
+    moe_router_score_function: str = flag("softmax", "Router scores (HF scoring_func)",
+                                          choices=("softmax", "sigmoid"))
+    moe_router_pre_softmax: bool = flag(False, "Softmax over all experts, top-k weights not "
+                                               "renormalised (HF norm_topk_prob false)")
+    moe_layer_freq: str = flag("1", "MoE layers: every Nth, or 0/1 per layer as '[0]*3+[1]*45' "
+                                    "(HF decoder_sparse_step, first_k_dense_replace)",
+                               metavar="N|PATTERN", parse=_moe_layer_freq)
+    moe_router_topk_scaling_factor: float | None = flag(
+        help="Factor on the routing weights (HF routed_scaling_factor)")
+    moe_router_enable_expert_bias: bool = flag(False, "Per-expert bias in top-k selection (HF "
+                                                      "e_score_correction_bias)")
+    moe_aux_loss_coeff: float = flag(0.0, "Weight of the load-balancing loss")
+    moe_router_load_balancing_type: str = flag(
+        "aux_loss", "Balancing loss per micro-batch, per sequence (seq_), across ranks (global_)",
+        choices=("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"))
+    moe_router_dtype: str | None = flag(
+        choices=("fp32", "fp64"), help="Megatron router precision", megatron_only=True,
+        why="furlong's router computes its scores in float32 already")
+    moe_token_dispatcher_type: str = flag(
+        "allgather", "Megatron token exchange between expert ranks",
+        choices=("allgather", "alltoall", "flex"), megatron_only=True,
+        why="it picks how Megatron moves tokens between expert ranks")
+    moe_grouped_gemm: bool = flag(False, "Grouped GEMM for experts", megatron_only=True,
+                                  why="furlong's experts already run as grouped matmuls")
+    moe_permute_fusion: bool = flag(False, "Megatron fused token permutation", megatron_only=True,
+                                    why="it fuses kernels of Megatron's token dispatcher")
     spec: tuple[str, ...] | None = flag(nargs=2, metavar=("MODULE", "FUNC"),
                                         help="Megatron layer spec plugin", megatron_only=True)
     position_embedding_type: str | None = flag(help="Megatron position embedding type",

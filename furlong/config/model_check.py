@@ -3,6 +3,11 @@
 A launch script sources `scripts/models/<family>.sh`; if those constants disagree with
 the checkpoint, the run would train a different model than the user thinks. Every
 given value is compared; a mismatch names both values.
+
+MoE flags name their counterpart in config.json, which differs by family: Qwen2/3-MoE
+(softmax router, `decoder_sparse_step`/`mlp_only_layers`), DeepSeek-V3 and GLM-4.5
+(sigmoid router with `e_score_correction_bias`, `first_k_dense_replace` dense layers,
+`n_shared_experts`) and Mixtral (every layer MoE, top-k then softmax).
 """
 from __future__ import annotations
 
@@ -10,11 +15,20 @@ import json
 import math
 from pathlib import Path
 
-from furlong.config.groups import ModelArgs
+from furlong.config.groups import ModelArgs, parse_moe_layer_freq
 from furlong.config.parser import ConfigError, option_name
 
 # Qwen3 puts RMSNorm on queries and keys; these families do not.
 QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")
+# How each MoE family scores experts when config.json has no `scoring_func`.
+ROUTER_SCORES = {"qwen2_moe": "softmax", "qwen3_moe": "softmax", "mixtral": "softmax",
+                 "deepseek_v3": "sigmoid", "glm4_moe": "sigmoid"}
+# MODEL_ARGS fields that only an MoE model has: given for a dense config.json, an error.
+MOE_FIELDS = ("num_experts", "moe_router_topk", "moe_ffn_hidden_size",
+              "moe_shared_expert_intermediate_size", "moe_router_score_function",
+              "moe_router_pre_softmax", "moe_layer_freq", "moe_router_topk_scaling_factor",
+              "moe_router_enable_expert_bias", "moe_aux_loss_coeff",
+              "moe_router_load_balancing_type")
 
 
 def read_hf_config(directory: str) -> dict:
@@ -53,13 +67,140 @@ def expected_values(hf: dict) -> dict[str, object]:
         "swiglu": hf.get("hidden_act") in ("silu", "swish"),
         "qk_layernorm": model_type in QK_NORM_FAMILIES,
         "untie_embeddings_and_output_weights": not hf.get("tie_word_embeddings", True),
-        "num_experts": hf.get("num_experts", hf.get("num_local_experts")),
-        "moe_router_topk": hf.get("num_experts_per_tok"),
         "add_qkv_bias": model_type == "qwen2" or bool(hf.get("attention_bias")),
         "disable_bias_linear": not hf.get("attention_bias", False) and not hf.get("mlp_bias",
                                                                                   False),
     }
     return {k: v for k, v in values.items() if v is not None}
+
+
+def moe_expected_values(hf: dict) -> dict[str, tuple[object, str]]:
+    """MoE MODEL_ARGS field -> (the value config.json implies, the config.json fields that
+    say so); empty for a dense model. Fields a family leaves open are absent."""
+    experts = next(((key, hf[key]) for key in ("num_experts", "num_local_experts",
+                                                "n_routed_experts") if hf.get(key)), None)
+    if experts is None:
+        return {}
+    model_type = hf.get("model_type", "")
+    expert_size = "intermediate_size" if model_type == "mixtral" else "moe_intermediate_size"
+    scores = _router_scores(hf, model_type)
+    values = {
+        "num_experts": (experts[1], f"{experts[0]} {experts[1]}"),
+        "moe_router_topk": _field(hf, "num_experts_per_tok"),
+        "moe_ffn_hidden_size": _field(hf, expert_size),
+        "moe_shared_expert_intermediate_size": _shared_experts(hf, model_type),
+        "moe_router_score_function": scores,
+        "moe_router_pre_softmax": _pre_softmax(hf, model_type, scores),
+        "moe_layer_freq": _moe_layer_pattern(hf, model_type),
+        "moe_router_topk_scaling_factor": _field(hf, "routed_scaling_factor", 1.0),
+        "moe_router_enable_expert_bias": _expert_bias(hf, model_type),
+    }
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _field(hf: dict, key: str, absent: object = None) -> tuple[object, str] | None:
+    """(value, "key value") of one config.json field; `absent` is what its absence means."""
+    value = hf.get(key, absent)
+    if value is None:
+        return None
+    return value, f"{key} {json.dumps(value)}" if key in hf else f"no {key} (so {value})"
+
+
+def _shared_experts(hf: dict, model_type: str) -> tuple[int, str] | None:
+    if "shared_expert_intermediate_size" in hf:  # Qwen2-MoE
+        return _field(hf, "shared_expert_intermediate_size")
+    if "n_shared_experts" in hf and "moe_intermediate_size" in hf:  # DeepSeek, GLM-4.5
+        count, size = hf["n_shared_experts"] or 0, hf["moe_intermediate_size"]
+        return count * size, f"n_shared_experts {count} x moe_intermediate_size {size}"
+    if model_type in ("qwen3_moe", "mixtral"):
+        return 0, f"model_type {model_type} (no shared experts)"
+    return None
+
+
+def _router_scores(hf: dict, model_type: str) -> tuple[str, str] | None:
+    if "scoring_func" in hf:
+        return _field(hf, "scoring_func")
+    scores = ROUTER_SCORES.get(model_type)
+    return (scores, f"model_type {model_type} (a {scores} router)") if scores else None
+
+
+def _pre_softmax(hf: dict, model_type: str, scores: tuple | None) -> tuple[bool, str] | None:
+    """Megatron's pre-softmax is a softmax over all experts whose top-k weights are not
+    renormalised; HF's softmax routers renormalise them when norm_topk_prob is true (which
+    equals Megatron's softmax over the top-k logits). A sigmoid router ignores the flag."""
+    if scores is None or scores[0] != "softmax":
+        return None
+    if model_type == "mixtral":
+        return False, "model_type mixtral (softmax over the top-k logits)"
+    if "norm_topk_prob" in hf or model_type in ("qwen2_moe", "qwen3_moe"):
+        renormalise = hf.get("norm_topk_prob", False)
+        return not renormalise, f"norm_topk_prob {json.dumps(renormalise)}"
+    return None
+
+
+def _expert_bias(hf: dict, model_type: str) -> tuple[bool, str] | None:
+    if "topk_method" in hf:  # DeepSeek: "noaux_tc" selects with e_score_correction_bias
+        return hf["topk_method"] == "noaux_tc", f"topk_method {json.dumps(hf['topk_method'])}"
+    if model_type in ROUTER_SCORES:
+        bias = ROUTER_SCORES[model_type] == "sigmoid"  # these carry e_score_correction_bias
+        return bias, f"model_type {model_type} ({'an' if bias else 'no'} expert bias)"
+    return None
+
+
+def _moe_layer_pattern(hf: dict, model_type: str) -> tuple[list[int], str] | None:
+    """1 (MoE) or 0 (dense) per layer, as the HF modelling code decides it."""
+    layers = hf.get("num_hidden_layers")
+    if layers is None:
+        return None
+    if "first_k_dense_replace" in hf:  # DeepSeek, GLM-4.5
+        dense = hf["first_k_dense_replace"]
+        return [int(i >= dense) for i in range(layers)], f"first_k_dense_replace {dense}"
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        step, dense = hf.get("decoder_sparse_step", 1), hf.get("mlp_only_layers") or []
+        pattern = [int(i not in dense and (i + 1) % step == 0) for i in range(layers)]
+        return pattern, f"decoder_sparse_step {step} and mlp_only_layers {dense}"
+    if model_type == "mixtral":
+        return [1] * layers, "model_type mixtral (every layer MoE)"
+    return None
+
+
+def layer_pattern(moe_layer_freq: str, num_layers: int) -> list[int]:
+    """--moe-layer-freq as 1 (MoE) or 0 (dense) per layer; Megatron's step N makes layers
+    0, N, 2N, ... MoE."""
+    freq = parse_moe_layer_freq(moe_layer_freq)
+    if isinstance(freq, int):
+        return [int(i % freq == 0) for i in range(num_layers)]
+    return freq
+
+
+def pattern_text(pattern: list[int]) -> str:
+    """[0, 0, 1, 1, 1] -> "[0]*2+[1]*3", the form Miles' model scripts write."""
+    runs: list[list[int]] = []
+    for bit in pattern:
+        if runs and runs[-1][0] == bit:
+            runs[-1][1] += 1
+        else:
+            runs.append([bit, 1])
+    return "+".join(f"[{bit}]*{count}" for bit, count in runs)
+
+
+def _check_moe_arg(name: str, value: object, moe: dict, directory: str) -> None:
+    flag = option_name(name)
+    if not moe:
+        raise ConfigError(f"{flag} {value} disagrees with {directory}/config.json, which "
+                          "describes a dense model (no experts): drop the MoE flags or fix "
+                          "the checkpoint path")
+    if name not in moe:
+        return  # the family leaves it open, or the flag acts on training only
+    want, source = moe[name]
+    if name == "moe_layer_freq":
+        same, want = layer_pattern(value, len(want)) == want, pattern_text(want)
+    else:
+        same = math.isclose(value, want) if isinstance(want, float) else value == want
+    if not same:
+        fix = f"drop {flag}" if want is False else f"use {flag} {want}"
+        raise ConfigError(f"{flag} {value} disagrees with {source} in {directory}/config.json: "
+                          f"{fix} (scripts/models/*.sh), or fix the checkpoint path")
 
 
 def check_model_args(model: ModelArgs, given: set[str], hf: dict, directory: str) -> None:
@@ -68,7 +209,7 @@ def check_model_args(model: ModelArgs, given: set[str], hf: dict, directory: str
     `given` holds the field names set on the command line; boolean flags are compared
     only when given (their absence is Megatron's default, not a claim about the model).
     """
-    expected = expected_values(hf)
+    expected, moe_expected = expected_values(hf), moe_expected_values(hf)
     for name in sorted(given):
         value = getattr(model, name)
         if name == "vocab_size":
@@ -78,18 +219,16 @@ def check_model_args(model: ModelArgs, given: set[str], hf: dict, directory: str
             continue
         if name == "group_query_attention":
             continue  # --num-query-groups carries the claim
-        if name in ("num_experts", "moe_router_topk") and name not in expected:
-            # A dense config.json implies no experts: an MoE claim is a mismatch too.
-            raise ConfigError(f"{option_name(name)} {value} disagrees with {directory}/"
-                              "config.json, which describes a dense model (no experts): drop "
-                              "the MoE flags or fix the checkpoint path")
+        if name in MOE_FIELDS:
+            _check_moe_arg(name, value, moe_expected, directory)
+            continue
         if name not in expected:
             continue
         want = expected[name]
         same = math.isclose(value, want, rel_tol=1e-9) if isinstance(want, float) else value == want
         if not same:
-            raise ConfigError(f"{option_name(name)} {value} disagrees with {directory}/config.json, "
-                              f"which implies {want}: fix the model script "
+            raise ConfigError(f"{option_name(name)} {value} disagrees with {directory}/"
+                              f"config.json, which implies {want}: fix the model script "
                               "(scripts/models/*.sh) or the checkpoint path")
 
 

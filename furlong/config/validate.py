@@ -38,7 +38,8 @@ def resolve(config: Config) -> tuple[Config, list[str]]:
     _check_optimizer(config)
     _check_perf(config)
     check_hooks(config)
-    return config, megatron_only_warnings(config) + _soft_warnings(config)
+    moe_warnings = _check_moe(config)
+    return config, megatron_only_warnings(config) + _soft_warnings(config) + moe_warnings
 
 
 def _positive(value: int | float | None, flag: str, allow_zero: bool = False) -> None:
@@ -338,8 +339,10 @@ def megatron_only_warnings(config: Config) -> list[str]:
     for _, attr, cls in GROUPS:
         for f in flag_fields(cls):
             if f.metadata.get("megatron_only") and config.sources.get(f"{attr}.{f.name}") == "flag":
+                why = f": {f.metadata['why']}" if f.metadata.get("why") else ""
                 warnings.append(f"{option_name(f.name)} has no effect on the "
-                                f"{config.cluster.train_backend} backend (Megatron only); ignored")
+                                f"{config.cluster.train_backend} backend (Megatron only{why}); "
+                                "ignored")
     return warnings
 
 
@@ -356,3 +359,23 @@ def _soft_warnings(config: Config) -> list[str]:
         raise ConfigError("--use-wandb needs the wandb package: pip install 'furlong[wandb]'")
     return warnings
 
+
+def _check_moe(config: Config) -> list[str]:
+    """Rejects a negative loss weight; returns a warning for each MoE flag that Megatron
+    itself ignores in the combination given (config.json is checked in model_check)."""
+    m, given = config.model, config.sources
+    warnings = []
+    _positive(m.moe_aux_loss_coeff, "--moe-aux-loss-coeff", allow_zero=True)
+    if m.moe_router_pre_softmax and m.moe_router_score_function == "sigmoid":
+        warnings.append("--moe-router-pre-softmax has no effect with --moe-router-score-function "
+                        "sigmoid (it applies to softmax scores only); ignored")
+    balancing = m.moe_router_load_balancing_type
+    if m.moe_aux_loss_coeff > 0 and balancing in ("sinkhorn", "none"):
+        warnings.append(f"--moe-aux-loss-coeff {m.moe_aux_loss_coeff} has no effect with "
+                        f"--moe-router-load-balancing-type {balancing} (no auxiliary loss); "
+                        "ignored")
+    if (m.moe_aux_loss_coeff == 0 and balancing.endswith("aux_loss")
+            and given.get("model.moe_router_load_balancing_type") == "flag"):
+        warnings.append(f"--moe-router-load-balancing-type {balancing} has no effect with "
+                        "--moe-aux-loss-coeff 0 (the loss is weighted 0); ignored")
+    return warnings

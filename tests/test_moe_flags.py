@@ -1,0 +1,242 @@
+"""The MoE flags of Miles' model scripts: each is checked against config.json, acts in
+training, or warns once saying why it has no effect here.
+
+The config.json files below carry the MoE fields of the real checkpoints (Qwen3-30B-A3B,
+Qwen1.5-MoE-A2.7B, DeepSeek-V3, GLM-4.5-Air, Mixtral-8x7B); each family spells the same
+facts with different fields, and the flags must agree with every spelling.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import train_argv
+from furlong.config import ConfigError, load_config
+from furlong.config.groups import parse_moe_layer_freq
+from furlong.config.model_check import MOE_FIELDS, layer_pattern, pattern_text
+from furlong.config.parser import option_name
+
+QWEN3_MOE = {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
+             "num_hidden_layers": 48, "hidden_size": 2048, "intermediate_size": 6144,
+             "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+             "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True}
+QWEN2_MOE = {"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"],
+             "num_hidden_layers": 24, "hidden_size": 2048, "intermediate_size": 5632,
+             "num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+             "shared_expert_intermediate_size": 5632, "decoder_sparse_step": 1,
+             "mlp_only_layers": [], "norm_topk_prob": False}
+DEEPSEEK_V3 = {"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"],
+               "num_hidden_layers": 61, "hidden_size": 7168, "intermediate_size": 18432,
+               "n_routed_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 2048,
+               "n_shared_experts": 1, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
+               "topk_method": "noaux_tc", "first_k_dense_replace": 3, "moe_layer_freq": 1,
+               "norm_topk_prob": True}
+GLM4_MOE = {"model_type": "glm4_moe", "architectures": ["Glm4MoeForCausalLM"],
+            "num_hidden_layers": 46, "hidden_size": 4096, "intermediate_size": 10944,
+            "n_routed_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 1408,
+            "n_shared_experts": 1, "routed_scaling_factor": 1.0, "first_k_dense_replace": 1,
+            "norm_topk_prob": True}
+MIXTRAL = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+           "num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336,
+           "num_local_experts": 8, "num_experts_per_tok": 2}
+
+# The flags that only tune Megatron's kernels: one warning each, whatever the model.
+PERF_ONLY = ["--moe-grouped-gemm", "--moe-permute-fusion", "--moe-router-dtype fp32",
+             "--moe-token-dispatcher-type alltoall"]
+# The MoE part of each family's Miles model script (scripts/models/*.py), with its values.
+MILES_MOE_ARGS = {
+    "qwen3_moe": (QWEN3_MOE, """--moe-ffn-hidden-size 768 --moe-router-score-function softmax
+        --moe-router-topk 8 --moe-layer-freq [1]*48 --num-experts 128
+        --moe-aux-loss-coeff 0"""),
+    "qwen2_moe": (QWEN2_MOE, """--moe-ffn-hidden-size 1408
+        --moe-shared-expert-intermediate-size 5632 --moe-router-pre-softmax
+        --moe-router-score-function softmax --moe-router-topk 4 --moe-layer-freq 1
+        --num-experts 60 --moe-aux-loss-coeff 0"""),
+    "deepseek_v3": (DEEPSEEK_V3, """--num-experts 256 --moe-layer-freq [0]*3+[1]*58
+        --moe-ffn-hidden-size 2048 --moe-router-topk 8 --moe-shared-expert-intermediate-size 2048
+        --moe-router-pre-softmax --moe-router-score-function sigmoid
+        --moe-router-enable-expert-bias --moe-router-load-balancing-type seq_aux_loss
+        --moe-aux-loss-coeff 0 --moe-router-topk-scaling-factor 2.5"""),
+    "glm4_moe": (GLM4_MOE, """--moe-ffn-hidden-size 1408 --moe-shared-expert-intermediate-size 1408
+        --moe-router-pre-softmax --moe-router-score-function sigmoid
+        --moe-router-enable-expert-bias --moe-router-load-balancing-type seq_aux_loss
+        --moe-router-topk 8 --moe-layer-freq ([0]*1+[1]*45) --num-experts 128
+        --moe-aux-loss-coeff 0"""),
+    "mixtral": (MIXTRAL, """--num-experts 8 --moe-router-topk 2 --moe-ffn-hidden-size 14336
+        --moe-layer-freq 1 --moe-router-score-function softmax"""),
+}
+# Warnings the sigmoid families' scripts earn: flags Megatron itself ignores there.
+SIGMOID_WARNINGS = [
+    "--moe-router-pre-softmax has no effect with --moe-router-score-function sigmoid (it "
+    "applies to softmax scores only); ignored",
+    "--moe-router-load-balancing-type seq_aux_loss has no effect with --moe-aux-loss-coeff 0 "
+    "(the loss is weighted 0); ignored"]
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """Writes an HF config.json into a fresh directory; returns the directory."""
+    def write(hf: dict, **changes):
+        directory = tmp_path / hf["model_type"]
+        directory.mkdir(exist_ok=True)
+        (directory / "config.json").write_text(json.dumps({**hf, **changes}))
+        return directory
+    return write
+
+
+def moe_argv(tiny, directory, flags: str) -> list[str]:
+    return train_argv(tiny, *flags.split(), hf_checkpoint=directory)
+
+
+def config_error(argv: list[str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(argv)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("family", MILES_MOE_ARGS)
+def test_miles_moe_args_pass_with_one_warning_per_ignored_flag(tiny, checkpoint, family):
+    hf, flags = MILES_MOE_ARGS[family]
+    argv = moe_argv(tiny, checkpoint(hf), flags + " " + " ".join(PERF_ONLY))
+    config, warnings = load_config(argv)
+    warned = [w.split()[0] for w in warnings if "(Megatron only: " in w]
+    assert warned == ["--moe-router-dtype", "--moe-token-dispatcher-type", "--moe-grouped-gemm",
+                      "--moe-permute-fusion"]
+    sigmoid = hf["model_type"] in ("deepseek_v3", "glm4_moe")
+    assert [w for w in warnings if "Megatron only" not in w] == (SIGMOID_WARNINGS if sigmoid
+                                                                 else [])
+    assert config.model.moe_router_score_function == ("sigmoid" if sigmoid else "softmax")
+
+
+def test_aux_loss_fields_reach_the_trainer(tiny, checkpoint):
+    """The trainer reads config.model.moe_aux_loss_coeff and moe_router_load_balancing_type."""
+    directory = checkpoint(QWEN3_MOE)
+    model = load_config(moe_argv(tiny, directory, "--num-experts 128"))[0].model
+    assert (model.moe_aux_loss_coeff, model.moe_router_load_balancing_type) == (0.0, "aux_loss")
+    flags = "--moe-aux-loss-coeff 1e-3 --moe-router-load-balancing-type seq_aux_loss"
+    config, warnings = load_config(moe_argv(tiny, directory, flags))
+    assert config.model.moe_aux_loss_coeff == 1e-3
+    assert config.model.moe_router_load_balancing_type == "seq_aux_loss"
+    assert config.sources["model.moe_aux_loss_coeff"] == "flag" and warnings == []
+
+
+def test_negative_aux_loss_coeff(tiny, checkpoint):
+    message = config_error(moe_argv(tiny, checkpoint(QWEN3_MOE), "--moe-aux-loss-coeff -0.1"))
+    assert message == "--moe-aux-loss-coeff -0.1: must be >= 0"
+
+
+@pytest.mark.parametrize("balancing", ["none", "sinkhorn"])
+def test_aux_loss_coeff_without_an_aux_loss_warns(tiny, checkpoint, balancing):
+    flags = f"--moe-aux-loss-coeff 0.01 --moe-router-load-balancing-type {balancing}"
+    assert load_config(moe_argv(tiny, checkpoint(QWEN3_MOE), flags))[1] == [
+        f"--moe-aux-loss-coeff 0.01 has no effect with --moe-router-load-balancing-type "
+        f"{balancing} (no auxiliary loss); ignored"]
+
+
+@pytest.mark.parametrize("hf,flags,source,fix", [
+    (QWEN3_MOE, "--num-experts 64", "num_experts 128", "use --num-experts 128"),
+    (DEEPSEEK_V3, "--num-experts 128", "n_routed_experts 256", "use --num-experts 256"),
+    (QWEN3_MOE, "--moe-router-topk 4", "num_experts_per_tok 8", "use --moe-router-topk 8"),
+    (QWEN3_MOE, "--moe-ffn-hidden-size 1536", "moe_intermediate_size 768",
+     "use --moe-ffn-hidden-size 768"),
+    (MIXTRAL, "--moe-ffn-hidden-size 768", "intermediate_size 14336",
+     "use --moe-ffn-hidden-size 14336"),
+    (QWEN2_MOE, "--moe-shared-expert-intermediate-size 1408",
+     "shared_expert_intermediate_size 5632", "use --moe-shared-expert-intermediate-size 5632"),
+    (DEEPSEEK_V3, "--moe-shared-expert-intermediate-size 4096",
+     "n_shared_experts 1 x moe_intermediate_size 2048",
+     "use --moe-shared-expert-intermediate-size 2048"),
+    (QWEN3_MOE, "--moe-shared-expert-intermediate-size 768",
+     "model_type qwen3_moe (no shared experts)", "use --moe-shared-expert-intermediate-size 0"),
+    (QWEN3_MOE, "--moe-router-score-function sigmoid", "model_type qwen3_moe (a softmax router)",
+     "use --moe-router-score-function softmax"),
+    (DEEPSEEK_V3, "--moe-router-score-function softmax", 'scoring_func "sigmoid"',
+     "use --moe-router-score-function sigmoid"),
+    (GLM4_MOE, "--moe-router-score-function softmax", "model_type glm4_moe (a sigmoid router)",
+     "use --moe-router-score-function sigmoid"),
+    (QWEN3_MOE, "--moe-router-pre-softmax", "norm_topk_prob true",
+     "drop --moe-router-pre-softmax"),
+    (MIXTRAL, "--moe-router-pre-softmax", "model_type mixtral (softmax over the top-k logits)",
+     "drop --moe-router-pre-softmax"),
+    (QWEN3_MOE, "--moe-router-enable-expert-bias", "model_type qwen3_moe (no expert bias)",
+     "drop --moe-router-enable-expert-bias"),
+    (DEEPSEEK_V3, "--moe-router-topk-scaling-factor 1.0", "routed_scaling_factor 2.5",
+     "use --moe-router-topk-scaling-factor 2.5"),
+    (QWEN3_MOE, "--moe-router-topk-scaling-factor 2.5", "no routed_scaling_factor (so 1.0)",
+     "use --moe-router-topk-scaling-factor 1.0"),
+    (DEEPSEEK_V3, "--moe-layer-freq 1", "first_k_dense_replace 3",
+     "use --moe-layer-freq [0]*3+[1]*58"),
+    (GLM4_MOE, "--moe-layer-freq [0]*3+[1]*43", "first_k_dense_replace 1",
+     "use --moe-layer-freq [0]*1+[1]*45"),
+    (QWEN3_MOE, "--moe-layer-freq [0]*3+[1]*45", "decoder_sparse_step 1 and mlp_only_layers []",
+     "use --moe-layer-freq [1]*48"),
+])
+def test_moe_mismatch_names_the_flag_the_field_and_the_fix(tiny, checkpoint, hf, flags, source,
+                                                           fix):
+    directory = checkpoint(hf)
+    message = config_error(moe_argv(tiny, directory, flags))
+    flag, *value = flags.split()
+    shown = value[0] if value else "True"
+    assert message.startswith(f"{flag} {shown} disagrees with {source} in {directory}/config.json: "
+                              f"{fix} ")
+
+
+def test_expert_bias_follows_deepseek_topk_method(tiny, checkpoint):
+    directory = checkpoint(DEEPSEEK_V3, topk_method="greedy")
+    message = config_error(moe_argv(tiny, directory, "--moe-router-enable-expert-bias"))
+    assert 'topk_method "greedy"' in message and "drop --moe-router-enable-expert-bias" in message
+
+
+def test_qwen_layer_step_counts_from_one_and_megatron_from_zero(tiny, checkpoint):
+    """HF Qwen-MoE makes layer i MoE when (i+1) % decoder_sparse_step == 0 (layers 1, 3, ...);
+    Megatron's step N makes layers 0, N, 2N, ... MoE: the same number means other layers."""
+    directory = checkpoint(QWEN2_MOE, num_hidden_layers=4, decoder_sparse_step=2)
+    message = config_error(moe_argv(tiny, directory, "--moe-layer-freq 2"))
+    assert "use --moe-layer-freq [0]*1+[1]*1+[0]*1+[1]*1 " in message
+    load_config(moe_argv(tiny, directory, "--moe-layer-freq [0,1,0,1]"))
+    directory = checkpoint(QWEN2_MOE, num_hidden_layers=4, mlp_only_layers=[0, 2])
+    load_config(moe_argv(tiny, directory, "--moe-layer-freq ([0]*1+[1]*1)*2"))
+
+
+@pytest.mark.parametrize("name", MOE_FIELDS)
+def test_every_moe_flag_on_a_dense_model(grpo_argv, name):
+    """Guards against an MoE model script passing on a dense checkpoint: every MoE flag that
+    describes the model or its training is an error there, not only --num-experts."""
+    flag = option_name(name)
+    value = {"moe_router_score_function": "sigmoid", "moe_layer_freq": "1",
+             "moe_router_load_balancing_type": "seq_aux_loss",
+             "moe_router_topk_scaling_factor": "2.5", "moe_aux_loss_coeff": "0.0"}.get(name, "8")
+    switch = name in ("moe_router_pre_softmax", "moe_router_enable_expert_bias")
+    message = config_error(grpo_argv + ([flag] if switch else [flag, value]))
+    shown = "True" if switch else value
+    assert message.startswith(f"{flag} {shown} disagrees") and "dense model" in message
+
+
+@pytest.mark.parametrize("text,pattern", [
+    ("1", [1, 1, 1, 1]),
+    ("2", [1, 0, 1, 0]),
+    ("[0,1,1,1]", [0, 1, 1, 1]),
+    ("[0]*1+[1]*3", [0, 1, 1, 1]),
+    ("([0]*1+[1]*3)", [0, 1, 1, 1]),
+    ("([1]*1+[0]*1)*2", [1, 0, 1, 0]),
+])
+def test_layer_freq_forms(text, pattern):
+    assert layer_pattern(text, 4) == pattern
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "x", "[2]*4", "[0]*3+", "__import__('os')",
+                                  "[0]*10**9", "[0.5]*4", "([0]*1000)*1000", "[[0],[1]]", "[]"])
+def test_layer_freq_rejects_anything_but_ints_lists_plus_and_times(grpo_argv, text):
+    """Guards against evaluating the flag's text as Python: only literals, + and * count,
+    and a pattern may not grow past any real model's depth."""
+    with pytest.raises(ValueError):
+        parse_moe_layer_freq(text)
+    message = config_error(grpo_argv + ["--moe-layer-freq", text])
+    assert message.startswith("argument --moe-layer-freq:") and "'[0]*3+[1]*45'" in message
+
+
+def test_pattern_text_round_trips():
+    pattern = [0, 0, 0] + [1] * 58
+    assert pattern_text(pattern) == "[0]*3+[1]*58"
+    assert parse_moe_layer_freq(pattern_text(pattern)) == pattern
