@@ -45,9 +45,9 @@ def tiny_moe(tmp_path_factory) -> Path:
     return write_tiny(tmp_path_factory.mktemp("tiny_moe"), seed=0, moe=True)
 
 
-def model_args() -> list[str]:
-    """The MODEL_ARGS array of scripts/models/tiny.sh."""
-    text = (REPO / "scripts/models/tiny.sh").read_text()
+def model_args(script: str = "tiny.sh") -> list[str]:
+    """The MODEL_ARGS array of scripts/models/`script`."""
+    text = (REPO / "scripts/models" / script).read_text()
     return shlex.split(text.split("MODEL_ARGS=(")[1].split(")")[0], comments=True)
 
 

@@ -30,8 +30,10 @@ from furlong import checkpoint
 from furlong.config.groups import Config
 from furlong.model.fused_kernels import apply_fused_kernels, compile_decoder_layers
 from furlong.model.loading import load_hf_model
+from furlong.model.moe import RouterRecorder, is_moe
 from furlong.train import distributed_state, microbatch, parallel
 from furlong.train.batch import TrainBatch, pack, split_tokens
+from furlong.train.load_balancing import check_load_balancing, load_balancing_term
 from furlong.train.master_weights import MasterWeights
 from furlong.train.objective import LossInputs, make_reducer, policy_objective, sft_objective
 from furlong.train.optim import LRScheduler, build_optimizer
@@ -62,6 +64,9 @@ class TrainActor:
         self.mesh = self._build_mesh()
         self.policy = self._build_policy(init_weights, trainable=True)
         self.masters = MasterWeights(self.policy.hf_model) if self._one_gpu else None
+        self.routing = RouterRecorder(self.policy.hf_model) \
+            if is_moe(self.policy.hf_model) else None
+        check_load_balancing(config.model)
         self.ref_policy = None
         self.snapshots = {}
         if config.grpo.needs_reference:
@@ -202,10 +207,16 @@ class TrainActor:
             if not micro_indices:
                 continue
             micro = pack(batch, micro_indices, self.rank.device)
+            if self.routing is not None:
+                self.routing.take()  # drop the routes of earlier passes
             log_probs, entropy = self._forward(self.policy, micro)
             inputs = LossInputs(log_probs, entropy, micro,
                                 make_reducer(micro, per_token, max(denominator, 1)))
             loss, metrics = self._objective(inputs)
+            if self.routing is not None:
+                term, metrics["moe_aux_loss"] = load_balancing_term(
+                    self.routing.take(), self.config.model, inputs)
+                loss = loss + term
             # FSDP averages gradients over data-parallel ranks; the losses are shares of
             # the global mean, so scaling by dp_size turns that average back into a sum.
             # Tensor-parallel ranks compute the same loss and need no scaling.

@@ -1,0 +1,43 @@
+"""The MoE load-balancing term of a micro-batch's loss (--moe-aux-loss-coeff and
+--moe-router-load-balancing-type), from the routes its forward recorded.
+
+Per layer, the loss of model/moe.py over the micro-batch (aux_loss) or averaged over
+its sequences (seq_aux_loss); the term is the coefficient times their sum over layers
+(Megatron adds each layer's), as the micro-batch's share of the step. The logged
+moe_aux_loss is the layers' mean, without the coefficient. sinkhorn and none add
+nothing (the config warns when a coefficient is set with them).
+"""
+from __future__ import annotations
+
+import torch
+
+from furlong.config.groups import ModelArgs
+from furlong.model.moe import load_balancing_loss, sequence_load_balancing_loss
+from furlong.train.objective import LossInputs
+
+ADDS_A_LOSS = ("aux_loss", "seq_aux_loss")
+
+
+def check_load_balancing(model: ModelArgs) -> None:
+    if model.moe_aux_loss_coeff > 0 and model.moe_router_load_balancing_type == "global_aux_loss":
+        raise ValueError("--moe-router-load-balancing-type global_aux_loss is not supported yet: "
+                         "use aux_loss (per micro-batch) or seq_aux_loss (per sequence)")
+
+
+def load_balancing_term(routes: list[tuple[torch.Tensor, torch.Tensor]], model: ModelArgs,
+                        inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(term to add to the loss, moe_aux_loss share to log) of one forward's `routes`
+    ((router logits, routed experts) per layer)."""
+    balancing = model.moe_router_load_balancing_type
+    if balancing == "seq_aux_loss":
+        cu_seq_lens = inputs.micro.cu_seq_lens
+        layer_losses = [sequence_load_balancing_loss(logits, routed, cu_seq_lens)
+                        for logits, routed in routes]
+    else:
+        layer_losses = [load_balancing_loss(logits, routed) for logits, routed in routes]
+    losses = torch.stack(layer_losses)
+    share = inputs.reduce(torch.ones_like(inputs.log_probs))
+    logged = losses.detach().mean() * share.detach()
+    if balancing not in ADDS_A_LOSS:
+        return torch.zeros((), device=share.device), logged
+    return model.moe_aux_loss_coeff * losses.sum() * share, logged
