@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from safetensors import safe_open
 
 from furlong import cli
@@ -14,8 +16,11 @@ from furlong.model.moe import load_balancing_loss, routers, sequence_load_balanc
 from furlong.train.actor import RankInfo, TrainActor
 from furlong.train.batch import pack, split_tokens
 from furlong.output.metrics import read_metrics
+from furlong.ports import free_port
+from furlong.train import parallel
 from furlong.train.policy import CausalLMPolicy
 from conftest import model_args, policy_config, random_batch, reference_log_probs, train_argv
+from test_parallel import step_gradients
 
 
 def _saved_names(model_dir) -> set[str]:
@@ -189,3 +194,40 @@ def test_grpo_on_the_tiny_moe_runs_stably(tiny_moe, tmp_path):
         assert row["train/train_rollout_logprob_abs_diff"] < 1e-4
     entropy = [row["rollout/entropy"] for row in rows if "rollout/entropy" in row]
     assert len(entropy) == 6 and entropy[-1] > 0.5 * entropy[0]
+
+
+# ---- data parallel (FSDP2, 2 CPU ranks) -------------------------------------------------
+DP_FLAGS = ["--micro-batch-size", "2", "--moe-aux-loss-coeff", "0.1"]
+
+
+def _dp_worker(rank: int, port: int, tiny_moe: Path, batch, out: Path) -> None:
+    torch.set_num_threads(1)
+    info = parallel.rank_info(rank, 2, 1, "cpu", master_port=port)
+    actor = TrainActor(policy_config(tiny_moe, DP_FLAGS), info, str(tiny_moe / "model"), 2)
+    log_probs, _ = actor.compute_log_probs(batch)
+    metrics, grads = step_gradients(actor, batch)
+    if rank == 0:
+        torch.save({"log_probs": log_probs, "metrics": metrics, "grads": grads},
+                   out / "results.pt")
+
+
+def test_two_data_parallel_ranks_train_the_moe_as_one_process(tiny_moe, tmp_path):
+    """FSDP2 over 2 gloo ranks shards the expert tensors like any parameter: the step's
+    loss, load-balancing loss, gradients (experts and routers included) and log-probs
+    equal one process's (each rank's micro-batches are the same samples as there)."""
+    reference = TrainActor(policy_config(tiny_moe, DP_FLAGS), RankInfo(),
+                           str(tiny_moe / "model"), 2)
+    batch = random_batch(12, reference.model_config.vocab_size, seed=6)
+    batch.advantages = [torch.randn(len(m)) for m in batch.loss_masks]
+    batch.ref_log_probs, _ = reference.compute_log_probs(batch, reference=True)
+    expected_log_probs, _ = reference.compute_log_probs(batch)
+    expected, expected_grads = step_gradients(reference, batch)
+    mp.spawn(_dp_worker, args=(free_port(), tiny_moe, batch, tmp_path), nprocs=2)
+    results = torch.load(tmp_path / "results.pt", weights_only=True)
+    for name in ("train/loss", "train/moe_aux_loss", "train/grad_norm"):
+        assert results["metrics"][name] == pytest.approx(expected[name], rel=1e-5), name
+    assert "model.layers.0.mlp.experts.gate_up_proj" in results["grads"]
+    for name, grad in results["grads"].items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-7)
+    for values, reference_values in zip(results["log_probs"], expected_log_probs, strict=True):
+        torch.testing.assert_close(values, reference_values, rtol=0, atol=1e-5)
