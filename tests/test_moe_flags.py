@@ -13,8 +13,8 @@ import pytest
 
 from conftest import train_argv
 from furlong.config import ConfigError, load_config
-from furlong.config.groups import parse_moe_layer_freq
-from furlong.config.model_check import MOE_FIELDS, layer_pattern, pattern_text
+from furlong.config.model_check import MOE_FIELDS
+from furlong.config.moe_layers import layer_pattern, parse_moe_layer_freq, pattern_text
 from furlong.config.parser import option_name
 
 QWEN3_MOE = {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],

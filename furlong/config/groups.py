@@ -8,11 +8,12 @@ one table. Defaults are Miles' and slime's.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from furlong.config.moe_layers import moe_layer_freq_argument
 
 MIB = 1024 * 1024
 
@@ -41,58 +42,6 @@ def _json_object(text: str) -> dict:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a JSON object; expected e.g. '{{\"enable_thinking\": false}}'")
     return value
-
-
-# Longest --moe-layer-freq pattern accepted; guards `[0]*10**9` against filling memory.
-MAX_PATTERN_LAYERS = 100_000
-
-
-def parse_moe_layer_freq(text: str) -> int | list[int]:
-    """Megatron's --moe-layer-freq: an int N (layers 0, N, 2N, ... are MoE) or a Python
-    list expression with 1 (MoE) or 0 (dense) per layer, such as "([0]*3+[1]*45)".
-
-    The expression is evaluated on its syntax tree (int and list literals, + and *),
-    never by eval(); anything else raises ValueError.
-    """
-    if "[" not in text:
-        every = int(text)
-        if every < 1:
-            raise ValueError(f"{every} < 1")
-        return every
-    try:
-        pattern = _list_expression(ast.parse(text.strip(), mode="eval").body)
-    except (SyntaxError, TypeError) as error:
-        raise ValueError(str(error)) from None
-    if not isinstance(pattern, list) or not pattern or any(bit not in (0, 1) for bit in pattern):
-        raise ValueError("not a list of 0 and 1")
-    return pattern
-
-
-def _list_expression(node: ast.expr) -> int | list:
-    if isinstance(node, ast.Constant) and type(node.value) is int:
-        return node.value
-    if isinstance(node, ast.List):
-        return [_list_expression(element) for element in node.elts]
-    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
-        left, right = _list_expression(node.left), _list_expression(node.right)
-        if isinstance(node.op, ast.Add):
-            return left + right
-        items, count = (left, right) if isinstance(left, list) else (right, left)
-        if isinstance(items, list) and len(items) * count > MAX_PATTERN_LAYERS:
-            raise ValueError(f"longer than {MAX_PATTERN_LAYERS} layers")
-        return left * right
-    raise ValueError(f"{ast.unparse(node)!r} is not an int, a list, + or *")
-
-
-def _moe_layer_freq(text: str) -> str:
-    """argparse reader of --moe-layer-freq: checks the text, keeps it as given."""
-    try:
-        parse_moe_layer_freq(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} ({error}): expected a layer step N or a list of 0/1 per layer such as "
-            "'[0]*3+[1]*45'") from None
-    return text
 
 
 @dataclass(frozen=True)
@@ -129,7 +78,7 @@ class ModelArgs:
                                                "renormalised (HF norm_topk_prob false)")
     moe_layer_freq: str = flag("1", "MoE layers: every Nth, or 0/1 per layer as '[0]*3+[1]*45' "
                                     "(HF decoder_sparse_step, first_k_dense_replace)",
-                               metavar="N|PATTERN", parse=_moe_layer_freq)
+                               metavar="N|PATTERN", parse=moe_layer_freq_argument)
     moe_router_topk_scaling_factor: float | None = flag(
         help="Factor on the routing weights (HF routed_scaling_factor)")
     moe_router_enable_expert_bias: bool = flag(False, "Per-expert bias in top-k selection (HF "

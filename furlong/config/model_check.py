@@ -15,7 +15,8 @@ import json
 import math
 from pathlib import Path
 
-from furlong.config.groups import ModelArgs, parse_moe_layer_freq
+from furlong.config.groups import ModelArgs
+from furlong.config.moe_layers import layer_pattern, pattern_text
 from furlong.config.parser import ConfigError, option_name
 
 # Qwen3 puts RMSNorm on queries and keys; these families do not.
@@ -162,26 +163,6 @@ def _moe_layer_pattern(hf: dict, model_type: str) -> tuple[list[int], str] | Non
     if model_type == "mixtral":
         return [1] * layers, "model_type mixtral (every layer MoE)"
     return None
-
-
-def layer_pattern(moe_layer_freq: str, num_layers: int) -> list[int]:
-    """--moe-layer-freq as 1 (MoE) or 0 (dense) per layer; Megatron's step N makes layers
-    0, N, 2N, ... MoE."""
-    freq = parse_moe_layer_freq(moe_layer_freq)
-    if isinstance(freq, int):
-        return [int(i % freq == 0) for i in range(num_layers)]
-    return freq
-
-
-def pattern_text(pattern: list[int]) -> str:
-    """[0, 0, 1, 1, 1] -> "[0]*2+[1]*3", the form Miles' model scripts write."""
-    runs: list[list[int]] = []
-    for bit in pattern:
-        if runs and runs[-1][0] == bit:
-            runs[-1][1] += 1
-        else:
-            runs.append([bit, 1])
-    return "+".join(f"[{bit}]*{count}" for bit, count in runs)
 
 
 def _check_moe_arg(name: str, value: object, moe: dict, directory: str) -> None:
