@@ -12,8 +12,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from furlong.config.reward_types import LABELLED_REWARDS
 from furlong.hooks import load_function
-from furlong.rollout.rewards import RewardError, RewardModel, builtin_score
+from furlong.rollout.rewards import TEXT_REWARDS, RewardError, RewardModel, builtin_score
 from furlong.rollout.rewards.dapo import score_dapo
 from furlong.rollout.rewards.f1 import score_f1
 from furlong.rollout.rewards.gpqa import score_gpqa
@@ -353,3 +354,8 @@ def test_remote_rm_names_the_url_after_the_last_retry():
         return received
 
     assert len(asyncio.run(scenario())) == 4
+
+
+def test_the_config_names_every_text_reward_and_no_other():
+    """config/reward_types.py (which validation reads) and the scorers agree."""
+    assert tuple(TEXT_REWARDS) == LABELLED_REWARDS

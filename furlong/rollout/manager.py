@@ -64,7 +64,8 @@ class RolloutManager:
         self.generate_fn = generate_fn
         self.filter_fn = filter_fn
         self.eval_datasets = eval_datasets or {}
-        self.rollout_fn = rollout_fn  # --rollout-function-path: fn(args, rollout_id, manager, evaluation)
+        # --rollout-function-path: fn(args, rollout_id, manager, evaluation)
+        self.rollout_fn = rollout_fn
         self.buffer: list[list[Sample]] = []
         self.next_group_index = 0
 
@@ -79,7 +80,8 @@ class RolloutManager:
         """`count` groups: buffered ones first, then fresh prompts (the data source of hooks)."""
         groups, self.buffer = self.buffer[:count], self.buffer[count:]
         size = self.config.rollout.n_samples_per_prompt
-        groups += [self._new_group(row, size) for row in self.dataset.next_rows(count - len(groups))]
+        groups += [self._new_group(row, size)
+                   for row in self.dataset.next_rows(count - len(groups))]
         return groups
 
     # ---- one rollout -------------------------------------------------------------------
@@ -156,7 +158,8 @@ class RolloutManager:
             else:
                 tasks.append(_maybe_await(sample))
         results = await asyncio.gather(*tasks)
-        group = [s for result in results for s in (result if isinstance(result, list) else [result])]
+        group = [s for result in results
+                 for s in (result if isinstance(result, list) else [result])]
         if all(s.status not in (Status.ABORTED, Status.PENDING) for s in group):
             rewards = await self.reward_model.score_group(group)
             for sample, reward in zip(group, rewards, strict=True):
