@@ -2,8 +2,9 @@
 training, or warns once saying why it has no effect here.
 
 The config.json files below carry the MoE fields of the real checkpoints (Qwen3-30B-A3B,
-Qwen1.5-MoE-A2.7B, DeepSeek-V3, GLM-4.5-Air, Mixtral-8x7B); each family spells the same
-facts with different fields, and the flags must agree with every spelling.
+Qwen1.5-MoE-A2.7B, DeepSeek-V3, GLM-4.5-Air, Mixtral-8x7B, Qwen3-Next-80B-A3B,
+Nemotron-3-Super-120B-A12B); each family spells the same facts with different fields, and
+the flags must agree with every spelling.
 """
 from __future__ import annotations
 
@@ -31,15 +32,26 @@ DEEPSEEK_V3 = {"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCaus
                "n_routed_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 2048,
                "n_shared_experts": 1, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
                "topk_method": "noaux_tc", "first_k_dense_replace": 3, "moe_layer_freq": 1,
-               "norm_topk_prob": True}
+               "norm_topk_prob": True, "n_group": 8, "topk_group": 4}
 GLM4_MOE = {"model_type": "glm4_moe", "architectures": ["Glm4MoeForCausalLM"],
             "num_hidden_layers": 46, "hidden_size": 4096, "intermediate_size": 10944,
             "n_routed_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 1408,
             "n_shared_experts": 1, "routed_scaling_factor": 1.0, "first_k_dense_replace": 1,
-            "norm_topk_prob": True}
+            "norm_topk_prob": True, "n_group": 1, "topk_group": 1}
 MIXTRAL = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
            "num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336,
            "num_local_experts": 8, "num_experts_per_tok": 2}
+QWEN3_NEXT = {"model_type": "qwen3_next", "architectures": ["Qwen3NextForCausalLM"],
+              "num_hidden_layers": 48, "hidden_size": 2048, "intermediate_size": 5120,
+              "num_experts": 512, "num_experts_per_tok": 10, "moe_intermediate_size": 512,
+              "shared_expert_intermediate_size": 512, "decoder_sparse_step": 1,
+              "mlp_only_layers": [], "norm_topk_prob": True}
+NEMOTRON_H = {"model_type": "nemotron_h", "architectures": ["NemotronHForCausalLM"],
+              "num_hidden_layers": 88, "hidden_size": 4096, "intermediate_size": 2688,
+              "n_routed_experts": 512, "num_experts_per_tok": 22, "moe_intermediate_size": 2688,
+              "moe_shared_expert_intermediate_size": 5376, "n_shared_experts": 1,
+              "moe_latent_size": 1024, "n_group": 1, "topk_group": 1,
+              "routed_scaling_factor": 5.0, "norm_topk_prob": True}
 
 # The flags that only tune Megatron's kernels: one warning each, whatever the model.
 PERF_ONLY = ["--moe-grouped-gemm", "--moe-permute-fusion", "--moe-router-dtype fp32",
@@ -207,7 +219,8 @@ def test_every_moe_flag_on_a_dense_model(grpo_argv, name):
     value = {"moe_router_score_function": "sigmoid", "moe_layer_freq": "1",
              "moe_router_load_balancing_type": "seq_aux_loss",
              "moe_router_topk_scaling_factor": "2.5", "moe_aux_loss_coeff": "0.0"}.get(name, "8")
-    switch = name in ("moe_router_pre_softmax", "moe_router_enable_expert_bias")
+    switch = name in ("moe_router_pre_softmax", "moe_router_enable_expert_bias",
+                      "moe_shared_expert_gate")
     message = config_error(grpo_argv + ([flag] if switch else [flag, value]))
     shown = "True" if switch else value
     assert message.startswith(f"{flag} {shown} disagrees") and "dense model" in message
@@ -240,3 +253,132 @@ def test_pattern_text_round_trips():
     pattern = [0, 0, 0] + [1] * 58
     assert pattern_text(pattern) == "[0]*3+[1]*58"
     assert parse_moe_layer_freq(pattern_text(pattern)) == pattern
+
+
+def miles_layer_freq(num_layers: int, num_dense: int) -> str:
+    """--moe-layer-freq as Miles' model scripts render it: one 0 or 1 per layer."""
+    return "[" + ",".join(["0"] * num_dense + ["1"] * (num_layers - num_dense)) + "]"
+
+
+def megatron_only(flag: str, why: str) -> str:
+    return f"{flag} has no effect on the fsdp backend (Megatron only: {why}); ignored"
+
+
+DTYPE_WARNING = megatron_only("--moe-router-dtype",
+                              "furlong's router computes its scores in float32 already")
+DISPATCHER_WARNING = megatron_only("--moe-token-dispatcher-type",
+                                   "it picks how Megatron moves tokens between expert ranks")
+GEMM_WARNING = megatron_only("--moe-grouped-gemm", "furlong's experts already run as grouped "
+                                                   "matmuls")
+FUSION_WARNING = megatron_only("--moe-permute-fusion",
+                               "it fuses kernels of Megatron's token dispatcher")
+BIAS_RATE_WARNING = megatron_only("--moe-router-bias-update-rate", "furlong keeps the "
+                                  "checkpoint's expert bias fixed, as rate 0 does")
+DROP_POLICY_WARNING = megatron_only("--moe-token-drop-policy",
+                                    "furlong's experts take every token routed to them")
+# Every --moe-* flag (and --num-experts) of five Miles model scripts, as written there
+# (scripts/models/<name>.py), with the warnings each set earns, in order.
+MILES_SCRIPTS = {
+    "qwen3-30B-A3B": (QWEN3_MOE, f"""--moe-ffn-hidden-size 768
+        --moe-router-score-function softmax --moe-token-dispatcher-type alltoall
+        --moe-router-topk 8 --moe-layer-freq {miles_layer_freq(48, 0)} --num-experts 128
+        --moe-grouped-gemm --moe-token-drop-policy probs --moe-router-dtype fp32
+        --moe-permute-fusion --moe-aux-loss-coeff 0""",
+        [DTYPE_WARNING, DISPATCHER_WARNING, GEMM_WARNING, FUSION_WARNING,
+         DROP_POLICY_WARNING]),
+    "deepseek-v3": (DEEPSEEK_V3, f"""--num-experts 256
+        --moe-layer-freq {miles_layer_freq(61, 3)} --moe-ffn-hidden-size 2048
+        --moe-router-topk 8 --moe-shared-expert-intermediate-size 2048 --moe-router-pre-softmax
+        --moe-router-score-function sigmoid --moe-router-enable-expert-bias
+        --moe-router-load-balancing-type seq_aux_loss --moe-token-dispatcher-type alltoall
+        --moe-aux-loss-coeff 0 --moe-router-bias-update-rate 0 --moe-router-group-topk 4
+        --moe-router-num-groups 8 --moe-grouped-gemm --moe-router-topk-scaling-factor 2.5
+        --moe-router-dtype fp32 --moe-permute-fusion""",
+        [BIAS_RATE_WARNING, DTYPE_WARNING, DISPATCHER_WARNING, GEMM_WARNING, FUSION_WARNING]
+        + SIGMOID_WARNINGS),
+    "glm4.5-106B-A12B": (GLM4_MOE, """--moe-ffn-hidden-size 1408
+        --moe-shared-expert-intermediate-size 1408 --moe-router-pre-softmax
+        --moe-router-score-function sigmoid --moe-router-enable-expert-bias
+        --moe-router-bias-update-rate 0 --moe-router-load-balancing-type seq_aux_loss
+        --moe-token-dispatcher-type alltoall --moe-router-topk 8 --moe-layer-freq [0]*1+[1]*45
+        --num-experts 128 --moe-grouped-gemm --moe-router-dtype fp32 --moe-permute-fusion
+        --moe-aux-loss-coeff 0""",
+        [BIAS_RATE_WARNING, DTYPE_WARNING, DISPATCHER_WARNING, GEMM_WARNING, FUSION_WARNING]
+        + SIGMOID_WARNINGS),
+    "qwen3-next-80B-A3B": (QWEN3_NEXT, f"""--moe-ffn-hidden-size 512
+        --moe-shared-expert-intermediate-size 512 --moe-router-score-function softmax
+        --moe-token-dispatcher-type alltoall --moe-router-topk 10
+        --moe-layer-freq {miles_layer_freq(48, 0)} --num-experts 512 --moe-grouped-gemm
+        --moe-token-drop-policy probs --moe-router-dtype fp32 --moe-permute-fusion
+        --moe-aux-loss-coeff 0 --moe-shared-expert-gate""",
+        [DTYPE_WARNING, DISPATCHER_WARNING, GEMM_WARNING, FUSION_WARNING,
+         DROP_POLICY_WARNING]),
+    "nemotron-3-super-120b-a12b": (NEMOTRON_H, """--num-experts 512 --moe-router-topk 22
+        --moe-ffn-hidden-size 2688 --moe-shared-expert-intermediate-size 5376
+        --moe-latent-size 1024 --moe-router-score-function sigmoid
+        --moe-router-enable-expert-bias --moe-grouped-gemm --moe-router-dtype fp32
+        --moe-router-num-groups 1 --moe-router-group-topk 1
+        --moe-router-topk-scaling-factor 5.0 --moe-router-pre-softmax
+        --moe-router-load-balancing-type seq_aux_loss --moe-router-bias-update-rate 0
+        --moe-aux-loss-coeff 0""",
+        [BIAS_RATE_WARNING, DTYPE_WARNING, GEMM_WARNING] + SIGMOID_WARNINGS),
+}
+
+
+@pytest.mark.parametrize("script", MILES_SCRIPTS)
+def test_miles_script_moe_flags_pass_with_exactly_the_expected_warnings(tiny, checkpoint,
+                                                                        script):
+    """Guards against a Miles model script that furlong's parser rejects: every --moe-* flag
+    those scripts write is accepted, agrees with config.json, or warns once saying why."""
+    hf, flags, expected = MILES_SCRIPTS[script]
+    assert load_config(moe_argv(tiny, checkpoint(hf), flags))[1] == expected
+
+
+@pytest.mark.parametrize("hf,flags,source,fix", [
+    (DEEPSEEK_V3, "--moe-router-num-groups 4", "n_group 8", "use --moe-router-num-groups 8"),
+    (DEEPSEEK_V3, "--moe-router-group-topk 8", "topk_group 4", "use --moe-router-group-topk 4"),
+    (GLM4_MOE, "--moe-router-num-groups 8", "n_group 1", "use --moe-router-num-groups 1"),
+    (QWEN3_MOE, "--moe-router-num-groups 8", "model_type qwen3_moe (no expert groups)",
+     "drop --moe-router-num-groups"),
+    (MIXTRAL, "--moe-router-group-topk 2", "model_type mixtral (no expert groups)",
+     "drop --moe-router-group-topk"),
+    (QWEN3_MOE, "--moe-shared-expert-gate", "model_type qwen3_moe (no shared expert gate)",
+     "drop --moe-shared-expert-gate"),
+    (DEEPSEEK_V3, "--moe-shared-expert-gate", "model_type deepseek_v3 (no shared expert gate)",
+     "drop --moe-shared-expert-gate"),
+    (NEMOTRON_H, "--moe-latent-size 2048", "moe_latent_size 1024", "use --moe-latent-size 1024"),
+    (QWEN3_MOE, "--moe-latent-size 1024", "model_type qwen3_moe (no latent projection)",
+     "drop --moe-latent-size"),
+    (NEMOTRON_H, "--moe-shared-expert-intermediate-size 2688",
+     "moe_shared_expert_intermediate_size 5376",
+     "use --moe-shared-expert-intermediate-size 5376"),
+])
+def test_new_moe_flag_mismatch_message(tiny, checkpoint, hf, flags, source, fix):
+    directory = checkpoint(hf)
+    flag, *value = flags.split()
+    shown = value[0] if value else "True"
+    assert config_error(moe_argv(tiny, directory, flags)) == (
+        f"{flag} {shown} disagrees with {source} in {directory}/config.json: {fix} "
+        "(scripts/models/*.sh), or fix the checkpoint path")
+
+
+def test_latent_size_on_a_nemotron_without_one(tiny, checkpoint):
+    """Nemotron-3-Nano's config.json has moe_latent_size null: the flag must be left out."""
+    directory = checkpoint(NEMOTRON_H, moe_latent_size=None)
+    assert config_error(moe_argv(tiny, directory, "--moe-latent-size 1024")) == (
+        f"--moe-latent-size 1024 disagrees with moe_latent_size null in {directory}/"
+        "config.json: drop --moe-latent-size (scripts/models/*.sh), or fix the checkpoint path")
+
+
+@pytest.mark.parametrize("hf", [QWEN2_MOE, QWEN3_NEXT])
+def test_shared_expert_gate_on_the_families_that_have_one(tiny, checkpoint, hf):
+    config, warnings = load_config(moe_argv(tiny, checkpoint(hf), "--moe-shared-expert-gate"))
+    assert config.model.moe_shared_expert_gate and warnings == []
+
+
+def test_new_moe_flags_keep_megatron_defaults(grpo_argv):
+    model = load_config(grpo_argv)[0].model
+    assert (model.moe_token_drop_policy, model.moe_router_bias_update_rate,
+            model.moe_router_num_groups, model.moe_router_group_topk,
+            model.moe_shared_expert_gate, model.moe_latent_size) == ("probs", 1e-3, None, None,
+                                                                     False, None)

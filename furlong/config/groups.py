@@ -72,6 +72,10 @@ class ModelArgs:
     moe_ffn_hidden_size: int | None = flag(help="Expert MLP inner size (HF moe_intermediate_size)")
     moe_shared_expert_intermediate_size: int | None = flag(
         help="Inner size of all shared experts together (HF shared_expert_intermediate_size)")
+    moe_shared_expert_gate: bool = flag(False, "Sigmoid gate on the shared experts' output "
+                                               "(HF Qwen2-MoE, Qwen3-Next shared_expert_gate)")
+    moe_latent_size: int | None = flag(help="Experts work in this projected size (HF "
+                                            "moe_latent_size, Nemotron-H)")
     moe_router_score_function: str = flag("softmax", "Router scores (HF scoring_func)",
                                           choices=("softmax", "sigmoid"))
     moe_router_pre_softmax: bool = flag(False, "Softmax over all experts, top-k weights not "
@@ -83,6 +87,13 @@ class ModelArgs:
         help="Factor on the routing weights (HF routed_scaling_factor)")
     moe_router_enable_expert_bias: bool = flag(False, "Per-expert bias in top-k selection (HF "
                                                       "e_score_correction_bias)")
+    moe_router_bias_update_rate: float = flag(
+        1e-3, "Step of the expert bias update (aux-loss-free balancing)", megatron_only=True,
+        why="furlong keeps the checkpoint's expert bias fixed, as rate 0 does")
+    moe_router_num_groups: int | None = flag(help="Expert groups for group-limited routing "
+                                                  "(HF n_group)")
+    moe_router_group_topk: int | None = flag(help="Groups each token may route to (HF "
+                                                  "topk_group)")
     moe_aux_loss_coeff: float = flag(0.0, "Weight of the load-balancing loss")
     moe_router_load_balancing_type: str = flag(
         "aux_loss", "Balancing loss per micro-batch, per sequence (seq_), across ranks (global_)",
@@ -98,6 +109,9 @@ class ModelArgs:
                                   why="furlong's experts already run as grouped matmuls")
     moe_permute_fusion: bool = flag(False, "Megatron fused token permutation", megatron_only=True,
                                     why="it fuses kernels of Megatron's token dispatcher")
+    moe_token_drop_policy: str = flag(
+        "probs", "Megatron tokens dropped past expert capacity", choices=("probs", "position"),
+        megatron_only=True, why="furlong's experts take every token routed to them")
     spec: tuple[str, ...] | None = flag(nargs=2, metavar=("MODULE", "FUNC"),
                                         help="Megatron layer spec plugin", megatron_only=True)
     position_embedding_type: str | None = flag(help="Megatron position embedding type",

@@ -7,12 +7,15 @@ given value is compared; a mismatch names both values.
 MoE flags name their counterpart in config.json, which differs by family: Qwen2/3-MoE
 (softmax router, `decoder_sparse_step`/`mlp_only_layers`), DeepSeek-V3 and GLM-4.5
 (sigmoid router with `e_score_correction_bias`, `first_k_dense_replace` dense layers,
-`n_shared_experts`) and Mixtral (every layer MoE, top-k then softmax).
+`n_shared_experts`, expert groups `n_group`/`topk_group`) and Mixtral (every layer MoE,
+top-k then softmax); Qwen2-MoE and Qwen3-Next gate their shared expert, Nemotron-H may
+route in a smaller `moe_latent_size`.
 """
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Container
 from pathlib import Path
 
 from furlong.config.groups import ModelArgs
@@ -24,11 +27,16 @@ QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")
 # How each MoE family scores experts when config.json has no `scoring_func`.
 ROUTER_SCORES = {"qwen2_moe": "softmax", "qwen3_moe": "softmax", "mixtral": "softmax",
                  "deepseek_v3": "sigmoid", "glm4_moe": "sigmoid"}
+# MoE families whose HF router picks from all experts (no `n_group` expert groups).
+UNGROUPED_FAMILIES = ("qwen2_moe", "qwen3_moe", "qwen3_next", "mixtral")
+# MoE families whose shared expert's output passes a sigmoid gate (`mlp.shared_expert_gate`).
+SHARED_EXPERT_GATE_FAMILIES = ("qwen2_moe", "qwen3_next")
 # MODEL_ARGS fields that only an MoE model has: given for a dense config.json, an error.
 MOE_FIELDS = ("num_experts", "moe_router_topk", "moe_ffn_hidden_size",
-              "moe_shared_expert_intermediate_size", "moe_router_score_function",
-              "moe_router_pre_softmax", "moe_layer_freq", "moe_router_topk_scaling_factor",
-              "moe_router_enable_expert_bias", "moe_aux_loss_coeff",
+              "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "moe_latent_size",
+              "moe_router_score_function", "moe_router_pre_softmax", "moe_layer_freq",
+              "moe_router_topk_scaling_factor", "moe_router_enable_expert_bias",
+              "moe_router_num_groups", "moe_router_group_topk", "moe_aux_loss_coeff",
               "moe_router_load_balancing_type")
 
 
@@ -90,11 +98,18 @@ def moe_expected_values(hf: dict) -> dict[str, tuple[object, str]]:
         "moe_router_topk": _field(hf, "num_experts_per_tok"),
         "moe_ffn_hidden_size": _field(hf, expert_size),
         "moe_shared_expert_intermediate_size": _shared_experts(hf, model_type),
+        "moe_shared_expert_gate": _shared_expert_gate(model_type),
+        "moe_latent_size": _field_or_none(hf, "moe_latent_size", model_type, ROUTER_SCORES,
+                                          "no latent projection"),
         "moe_router_score_function": scores,
         "moe_router_pre_softmax": _pre_softmax(hf, model_type, scores),
         "moe_layer_freq": _moe_layer_pattern(hf, model_type),
         "moe_router_topk_scaling_factor": _field(hf, "routed_scaling_factor", 1.0),
         "moe_router_enable_expert_bias": _expert_bias(hf, model_type),
+        "moe_router_num_groups": _field_or_none(hf, "n_group", model_type, UNGROUPED_FAMILIES,
+                                                "no expert groups"),
+        "moe_router_group_topk": _field_or_none(hf, "topk_group", model_type,
+                                                UNGROUPED_FAMILIES, "no expert groups"),
     }
     return {name: value for name, value in values.items() if value is not None}
 
@@ -107,9 +122,29 @@ def _field(hf: dict, key: str, absent: object = None) -> tuple[object, str] | No
     return value, f"{key} {json.dumps(value)}" if key in hf else f"no {key} (so {value})"
 
 
+def _field_or_none(hf: dict, key: str, model_type: str, families: Container[str],
+                   missing: str) -> tuple[object, str] | None:
+    """(value, "key value") of one config.json field, null included; for a family whose
+    config.json never has `key`, (None, why): the flag must then be left out."""
+    if key in hf:
+        return hf[key], f"{key} {json.dumps(hf[key])}"
+    if model_type in families:
+        return None, f"model_type {model_type} ({missing})"
+    return None
+
+
+def _shared_expert_gate(model_type: str) -> tuple[bool, str] | None:
+    if model_type in SHARED_EXPERT_GATE_FAMILIES:
+        return True, f"model_type {model_type} (a gated shared expert)"
+    if model_type in ROUTER_SCORES:
+        return False, f"model_type {model_type} (no shared expert gate)"
+    return None
+
+
 def _shared_experts(hf: dict, model_type: str) -> tuple[int, str] | None:
-    if "shared_expert_intermediate_size" in hf:  # Qwen2-MoE
-        return _field(hf, "shared_expert_intermediate_size")
+    for key in ("shared_expert_intermediate_size", "moe_shared_expert_intermediate_size"):
+        if key in hf:  # Qwen2-MoE and Qwen3-Next; Nemotron-H
+            return _field(hf, key)
     if "n_shared_experts" in hf and "moe_intermediate_size" in hf:  # DeepSeek, GLM-4.5
         count, size = hf["n_shared_experts"] or 0, hf["moe_intermediate_size"]
         return count * size, f"n_shared_experts {count} x moe_intermediate_size {size}"
@@ -179,7 +214,7 @@ def _check_moe_arg(name: str, value: object, moe: dict, directory: str) -> None:
     else:
         same = math.isclose(value, want) if isinstance(want, float) else value == want
     if not same:
-        fix = f"drop {flag}" if want is False else f"use {flag} {want}"
+        fix = f"drop {flag}" if want is False or want is None else f"use {flag} {want}"
         raise ConfigError(f"{flag} {value} disagrees with {source} in {directory}/config.json: "
                           f"{fix} (scripts/models/*.sh), or fix the checkpoint path")
 
