@@ -28,7 +28,7 @@ CHAT_TEMPLATE = (
 MODEL_SHAPE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                    max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0)
-# The MoE variant: each MLP is 8 experts of width 128, 2 routed per token (0.79M parameters).
+# The MoE variant: each MLP is 8 experts of width 128, 2 routed per token (0.89M parameters).
 MOE_SHAPE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
                  decoder_sparse_step=1, norm_topk_prob=True)
 NUM_EVAL = 500

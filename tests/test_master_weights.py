@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
+from furlong.train import actor as actor_module
+from furlong.train.actor import RankInfo, TrainActor
+from furlong.train.batch import TrainBatch
 from furlong.train.master_weights import MasterWeights
+from conftest import policy_config, random_batch
 
 
 class TiedModel(nn.Module):
@@ -39,7 +45,8 @@ def test_the_model_is_cast_and_the_masters_keep_the_float32_values():
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     names = [name for name, _ in original.named_parameters()]
     assert [name for name, _ in masters.named_masters()] == names  # tied weight once
-    for (name, master), expected in zip(masters.named_masters(), original.parameters()):
+    for (name, master), expected in zip(masters.named_masters(), original.parameters(),
+                                       strict=True):
         assert master.dtype == torch.float32 and torch.equal(master, expected), name
 
 
@@ -56,7 +63,8 @@ def test_micro_batch_gradients_accumulate_in_float32_on_the_masters():
     for ids in batches:
         model(ids).backward()
     assert all(p.grad is None for p in model.parameters())  # freed after each backward
-    for (name, master), param in zip(masters.named_masters(), masters.parameters()):
+    for (name, master), param in zip(masters.named_masters(), masters.parameters(),
+                                     strict=True):
         assert param.grad.dtype == torch.float32
         assert torch.equal(param.grad, expected[name]), name
 
@@ -73,7 +81,7 @@ def test_updates_below_bfloat16_resolution_accumulate_in_the_masters():
         optimizer.step()
         masters.copy_to_model()
         expected = [master.to(torch.bfloat16) for master in masters.parameters()]
-        assert all(torch.equal(p, e) for p, e in zip(model.parameters(), expected))
+        assert all(torch.equal(p, e) for p, e in zip(model.parameters(), expected, strict=True))
     moved = model.norm.weight.detach() - before  # 64 steps of 1e-4, each below 1/256
     torch.testing.assert_close(moved.float(), torch.full_like(moved, 6.4e-3).float(),
                                atol=4e-3, rtol=0)
@@ -95,3 +103,59 @@ def test_frozen_parameters_are_cast_without_masters():
     masters = MasterWeights(model)
     assert model.norm.weight.dtype == torch.bfloat16
     assert [name for name, _ in masters.named_masters()] == ["embed.weight"]
+
+
+# ---- the trainer with masters (one GPU's path, run on the CPU in bf16) ------------------
+@pytest.fixture
+def masters_actor(tiny, monkeypatch):
+    """TrainActor as on one GPU (bf16 model, float32 masters; layers not compiled)."""
+    monkeypatch.setattr(actor_module.TrainActor, "_one_gpu", property(lambda self: True))
+    monkeypatch.setattr(actor_module, "compile_decoder_layers", lambda layers: None)
+
+    def build(init: Path | None = None) -> TrainActor:
+        return TrainActor(policy_config(tiny, ["--lr", "1e-3"]), RankInfo(),
+                          str(init or tiny / "model"), 4)
+    return build
+
+
+def _batch(actor: TrainActor) -> TrainBatch:
+    batch = random_batch(6, actor.model_config.vocab_size, seed=7)
+    batch.advantages = [torch.randn(len(m), generator=torch.Generator().manual_seed(i))
+                        for i, m in enumerate(batch.loss_masks)]
+    batch.ref_log_probs, _ = actor.compute_log_probs(batch, reference=True)
+    return batch
+
+
+def test_a_checkpoint_of_masters_resumes_to_the_same_next_step(masters_actor, tmp_path):
+    actor = masters_actor()
+    assert actor.masters is not None
+    assert {p.dtype for p in actor.ref_policy.parameters()} == {torch.bfloat16}
+    batch = _batch(actor)
+    actor.train(batch)
+    actor.save(tmp_path, save_optimizer=True)
+    (expected,) = actor.train(batch)
+    resumed = masters_actor(tmp_path / "model")
+    resumed.restore(tmp_path)
+    saved = dict(resumed.masters.named_masters())
+    (metrics,) = resumed.train(batch)
+    assert metrics == expected
+    assert all(t.dtype == torch.float32 for t in saved.values())
+
+
+def test_reference_snapshots_and_offload_keep_the_masters(masters_actor):
+    actor = masters_actor()
+    batch = _batch(actor)
+    actor.snapshot_weights(0)
+    actor.train(batch)
+    masters = {name: t.clone() for name, t in actor.masters.named_masters()}
+    actor.compute_log_probs(batch, weights_version=0)  # the old bf16 weights, then back
+    assert all(torch.equal(t, masters[n]) for n, t in actor.masters.named_masters())
+    actor.update_reference()
+    for param, master in zip(actor.ref_policy.parameters(), actor.masters.parameters(),
+                             strict=True):
+        assert torch.equal(param, master.to(torch.bfloat16))
+    objects = actor.masters.parameters()
+    actor.offload()
+    actor.reload()
+    assert all(a is b for a, b in zip(actor.masters.parameters(), objects, strict=True))
+    assert all(torch.equal(t, masters[n]) for n, t in actor.masters.named_masters())

@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors import safe_open
+from torch.distributed.tensor import DTensor
 
 from furlong import cli
-from furlong.config import load_config
+from furlong.config import ConfigError, load_config
 from furlong.model.loading import load_hf_model
-from furlong.model.moe import load_balancing_loss, routers, sequence_load_balancing_loss
+from furlong.model.moe import load_balancing_loss, sequence_load_balancing_loss
 from furlong.train.actor import RankInfo, TrainActor
 from furlong.train.batch import pack, split_tokens
 from furlong.output.metrics import read_metrics
@@ -97,7 +99,12 @@ def test_gpu_moe_trains_in_bf16_with_float32_masters(tiny_moe):
     batch.ref_log_probs, _ = actor.compute_log_probs(batch, reference=True)
     (metrics,) = actor.train(batch)
     assert math.isfinite(metrics["train/loss"]) and metrics["train/grad_norm"] > 0
+    assert metrics["train/moe_aux_loss"] > 0
     assert actor.policy.hf_model.config._experts_implementation == "grouped_mm"
+    assert all(p.dtype == torch.bfloat16 for p in actor.policy.parameters())
+    assert all(m.dtype == torch.float32 for m in actor.masters.parameters())
+    moments = [s["exp_avg"] for s in actor.optimizer.state.values()]
+    assert moments and all(m.dtype == torch.float32 for m in moments)
 
 
 # ---- load-balancing loss ---------------------------------------------------------------
@@ -130,27 +137,35 @@ def _one_micro_batch_actor(tiny_moe, coeff: str) -> TrainActor:
 
 
 def test_the_trainer_logs_and_follows_the_aux_loss_coefficient(tiny_moe):
-    """train/moe_aux_loss is the layers' mean loss of the step's forward, against HF's own
-    router logits; the coefficient moves the routers (and only it differs)."""
+    """train/moe_aux_loss is the layers' mean loss of the step's forward, and the
+    coefficient adds exactly coeff * d(sum over layers of the loss)/d(weights) to the
+    gradients; both against HF's own router logits (one micro-batch: its share is 1)."""
     batch = random_batch(8, 22, seed=5)
     batch.advantages = [torch.randn(len(m)) for m in batch.loss_masks]
-    routers_after = {}
+    grads, metrics = {}, {}
     for coeff in ("0", "10"):
         actor = _one_micro_batch_actor(tiny_moe, coeff)
         batch.ref_log_probs, _ = actor.compute_log_probs(batch, reference=True)
-        model = actor.policy.hf_model
-        micro = pack(batch, list(range(len(batch))), "cpu")
-        with torch.no_grad():
-            logits = model(input_ids=micro.input_ids, position_ids=micro.position_ids,
-                           cu_seq_lens_q=micro.cu_seq_lens, cu_seq_lens_k=micro.cu_seq_lens,
-                           max_length_q=micro.max_length, max_length_k=micro.max_length,
-                           output_router_logits=True).router_logits
-        expected = sum(_loop_load_balancing_loss(layer, layer.softmax(-1).topk(2).indices)
-                       for layer in logits) / len(logits)
-        (metrics,) = actor.train(batch)
-        assert metrics["train/moe_aux_loss"] == pytest.approx(expected, rel=1e-4)
-        routers_after[coeff] = [router.weight.detach().clone() for router in routers(model)]
-    assert not any(torch.equal(a, b) for a, b in zip(*routers_after.values()))
+        metrics[coeff], grads[coeff] = step_gradients(actor, batch)
+    model = load_hf_model(str(tiny_moe / "model"), packed=True)
+    micro = pack(batch, list(range(len(batch))), "cpu")
+    logits = model(input_ids=micro.input_ids, position_ids=micro.position_ids,
+                   cu_seq_lens_q=micro.cu_seq_lens, cu_seq_lens_k=micro.cu_seq_lens,
+                   max_length_q=micro.max_length, max_length_k=micro.max_length,
+                   output_router_logits=True).router_logits
+    routes = [layer.softmax(-1).topk(2).indices for layer in logits]
+    expected = sum(_loop_load_balancing_loss(layer.detach(), routed)
+                   for layer, routed in zip(logits, routes, strict=True)) / len(logits)
+    for coeff in ("0", "10"):
+        assert metrics[coeff]["train/moe_aux_loss"] == pytest.approx(expected, rel=1e-4)
+    total = sum(load_balancing_loss(layer, routed)
+                for layer, routed in zip(logits, routes, strict=True))
+    total.backward()
+    for name, param in model.named_parameters():
+        extra = grads["10"][name] - grads["0"][name]
+        reference = 10 * param.grad if param.grad is not None else torch.zeros_like(extra)
+        torch.testing.assert_close(extra, reference, rtol=1e-3, atol=1e-6)
+    assert model.model.layers[0].mlp.gate.weight.grad.abs().max() > 0
 
 
 def test_sequence_load_balancing_loss_averages_each_sequence_on_its_own_tokens():
@@ -159,17 +174,21 @@ def test_sequence_load_balancing_loss_averages_each_sequence_on_its_own_tokens()
     indices = logits.topk(2, dim=-1).indices
     bounds = [0, 4, 5, 11]
     expected = sum(_loop_load_balancing_loss(logits[s:e], indices[s:e])
-                   for s, e in zip(bounds[:-1], bounds[1:])) / 3
-    assert float(sequence_load_balancing_loss(logits, indices, torch.tensor(bounds))) == \
+                   for s, e in zip(bounds[:-1], bounds[1:], strict=True)) / 3
+    assert float(sequence_load_balancing_loss(logits, indices, bounds)) == \
         pytest.approx(expected, rel=1e-6)
 
 
-def test_global_aux_loss_is_refused_with_the_supported_choices(tiny_moe):
-    with pytest.raises(ValueError, match="global_aux_loss is not supported yet: use aux_loss"):
-        TrainActor(policy_config(tiny_moe, ["--moe-aux-loss-coeff", "0.01",
-                                            "--moe-router-load-balancing-type",
-                                            "global_aux_loss"]),
-                   RankInfo(), str(tiny_moe / "model"), 2)
+@pytest.mark.parametrize("flags, message", [
+    (["--moe-router-load-balancing-type", "global_aux_loss"],
+     "global_aux_loss is not supported yet: use aux_loss"),
+    (["--moe-router-score-function", "sigmoid"], "takes softmax router probabilities"),
+])
+def test_load_balancing_losses_the_trainer_lacks_are_refused_at_parse_time(tiny_moe, flags,
+                                                                           message):
+    argv = train_argv(tiny_moe, "--moe-aux-loss-coeff", "0.01", *flags)
+    with pytest.raises(ConfigError, match=message):
+        load_config(argv)
 
 
 # ---- a GRPO run ------------------------------------------------------------------------
@@ -204,11 +223,13 @@ def _dp_worker(rank: int, port: int, tiny_moe: Path, batch, out: Path) -> None:
     torch.set_num_threads(1)
     info = parallel.rank_info(rank, 2, 1, "cpu", master_port=port)
     actor = TrainActor(policy_config(tiny_moe, DP_FLAGS), info, str(tiny_moe / "model"), 2)
+    experts = actor.policy.hf_model.model.layers[0].mlp.experts.gate_up_proj
+    local_experts = experts.to_local().shape[0] if isinstance(experts, DTensor) else None
     log_probs, _ = actor.compute_log_probs(batch)
     metrics, grads = step_gradients(actor, batch)
     if rank == 0:
-        torch.save({"log_probs": log_probs, "metrics": metrics, "grads": grads},
-                   out / "results.pt")
+        torch.save({"log_probs": log_probs, "metrics": metrics, "grads": grads,
+                    "local_experts": local_experts}, out / "results.pt")
 
 
 def test_two_data_parallel_ranks_train_the_moe_as_one_process(tiny_moe, tmp_path):
@@ -226,8 +247,16 @@ def test_two_data_parallel_ranks_train_the_moe_as_one_process(tiny_moe, tmp_path
     results = torch.load(tmp_path / "results.pt", weights_only=True)
     for name in ("train/loss", "train/moe_aux_loss", "train/grad_norm"):
         assert results["metrics"][name] == pytest.approx(expected[name], rel=1e-5), name
+    assert results["local_experts"] == 4  # each rank holds half of the 8 experts' rows
     assert "model.layers.0.mlp.experts.gate_up_proj" in results["grads"]
     for name, grad in results["grads"].items():
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-7)
     for values, reference_values in zip(results["log_probs"], expected_log_probs, strict=True):
         torch.testing.assert_close(values, reference_values, rtol=0, atol=1e-5)
+
+
+def test_tensor_parallel_refuses_an_moe_model(tiny_moe):
+    """TP's plan names dense MLP projections; an MoE layer would stay unsplit silently."""
+    model = load_hf_model(str(tiny_moe / "model"))
+    with pytest.raises(ValueError, match="MoE model: the fsdp backend does not split experts"):
+        parallel.apply_tensor_parallel(model, SimpleNamespace(size=lambda: 2), False)

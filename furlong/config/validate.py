@@ -361,8 +361,9 @@ def _soft_warnings(config: Config) -> list[str]:
 
 
 def _check_moe(config: Config) -> list[str]:
-    """Rejects a negative loss weight; returns a warning for each MoE flag that Megatron
-    itself ignores in the combination given (config.json is checked in model_check)."""
+    """Rejects a negative loss weight and the load-balancing losses the trainer does not
+    compute; returns a warning for each MoE flag that Megatron itself ignores in the
+    combination given (config.json is checked in model_check)."""
     m, given = config.model, config.sources
     warnings = []
     _positive(m.moe_aux_loss_coeff, "--moe-aux-loss-coeff", allow_zero=True)
@@ -370,6 +371,14 @@ def _check_moe(config: Config) -> list[str]:
         warnings.append("--moe-router-pre-softmax has no effect with --moe-router-score-function "
                         "sigmoid (it applies to softmax scores only); ignored")
     balancing = m.moe_router_load_balancing_type
+    if m.moe_aux_loss_coeff > 0 and balancing == "global_aux_loss":
+        raise ConfigError("--moe-router-load-balancing-type global_aux_loss is not supported "
+                          "yet: use aux_loss (per micro-batch) or seq_aux_loss (per sequence)")
+    if m.moe_aux_loss_coeff > 0 and balancing.endswith("aux_loss") \
+            and m.moe_router_score_function == "sigmoid":
+        raise ConfigError("--moe-aux-loss-coeff with --moe-router-score-function sigmoid: "
+                          "furlong's load-balancing loss takes softmax router probabilities; "
+                          "set --moe-aux-loss-coeff 0 for sigmoid routers")
     if m.moe_aux_loss_coeff > 0 and balancing in ("sinkhorn", "none"):
         warnings.append(f"--moe-aux-loss-coeff {m.moe_aux_loss_coeff} has no effect with "
                         f"--moe-router-load-balancing-type {balancing} (no auxiliary loss); "

@@ -41,29 +41,36 @@ def load_balancing_loss(router_logits: torch.Tensor, indices: torch.Tensor) -> t
 
 
 def sequence_load_balancing_loss(router_logits: torch.Tensor, indices: torch.Tensor,
-                                 cu_seq_lens: torch.Tensor) -> torch.Tensor:
+                                 bounds: list[int]) -> torch.Tensor:
     """--moe-router-load-balancing-type seq_aux_loss: the loss of each packed sequence
-    (bounds `cu_seq_lens`) on its own tokens, averaged over the sequences."""
-    bounds = cu_seq_lens.tolist()
+    (token offsets `bounds`, cu_seq_lens as a list) on its own tokens, averaged over the
+    sequences."""
     return torch.stack([load_balancing_loss(router_logits[start:end], indices[start:end])
                         for start, end in zip(bounds[:-1], bounds[1:], strict=True)]).mean()
 
 
+ROUTES = "furlong_recorded_routes"  # attribute of a router: (logits, routed experts)
+
+
 class RouterRecorder:
-    """Records (router logits, routed experts) of every router forward (a forward hook on
-    each router, registered once so that compiled layers keep their graphs); `take`
-    returns the records since the last `take`, one per layer and forward. Call it before
-    a forward to drop those of earlier ones (no-grad passes, recomputation)."""
+    """The routes of each router's last forward with gradients (training forwards and
+    their recomputation in a backward; no-grad passes record nothing). A forward hook
+    keeps them on the router itself, one slot per router, so that compiled layers see no
+    changing Python state and keep one graph between them. `take` returns the routes
+    recorded since the last `take`, in layer order, and clears them (call it after a
+    backward too, or recomputed routes keep their graph alive)."""
 
     def __init__(self, hf_model: nn.Module):
-        self._records: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for router in routers(hf_model):
-            router.register_forward_hook(self._record)
-
-    def _record(self, module: nn.Module, args, output) -> None:
-        router_logits, _, indices = output
-        self._records.append((router_logits, indices))
+        self._routers = routers(hf_model)
+        for router in self._routers:
+            router.register_forward_hook(_record_routes)
 
     def take(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        records, self._records = self._records, []
-        return records
+        routes = [router.__dict__.pop(ROUTES, None) for router in self._routers]
+        return [route for route in routes if route is not None]
+
+
+def _record_routes(module: nn.Module, args, output) -> None:
+    if torch.is_grad_enabled():
+        router_logits, _, indices = output
+        setattr(module, ROUTES, (router_logits, indices))

@@ -32,8 +32,8 @@ from furlong.model.fused_kernels import apply_fused_kernels, compile_decoder_lay
 from furlong.model.loading import load_hf_model
 from furlong.model.moe import RouterRecorder, is_moe
 from furlong.train import distributed_state, microbatch, parallel
-from furlong.train.batch import TrainBatch, pack, split_tokens
-from furlong.train.load_balancing import check_load_balancing, load_balancing_term
+from furlong.train.batch import PackedMicroBatch, TrainBatch, pack, split_tokens
+from furlong.train.load_balancing import load_balancing_term
 from furlong.train.master_weights import MasterWeights
 from furlong.train.objective import LossInputs, make_reducer, policy_objective, sft_objective
 from furlong.train.optim import LRScheduler, build_optimizer
@@ -52,10 +52,13 @@ class TrainActor:
     mesh: DeviceMesh | None  # ("dp", "tp"); None for one process
     policy: CausalLMPolicy
     masters: MasterWeights | None  # one GPU: the policy is bfloat16, these its float32 masters
+    routing: RouterRecorder | None  # MoE: the routes of each training forward
     ref_policy: CausalLMPolicy | None
     snapshots: dict[int, list[torch.Tensor]]  # --keep-old-actor: weights version -> CPU copy
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler
+    loss_hook: Callable | None  # --custom-loss-function-path
+    hook_args: object           # what hooks receive as `args`
 
     def __init__(self, config: Config, rank: RankInfo, init_weights: str, total_steps: int,
                  loss_hook: Callable | None = None, hook_args=None):
@@ -66,7 +69,6 @@ class TrainActor:
         self.masters = MasterWeights(self.policy.hf_model) if self._one_gpu else None
         self.routing = RouterRecorder(self.policy.hf_model) \
             if is_moe(self.policy.hf_model) else None
-        check_load_balancing(config.model)
         self.ref_policy = None
         self.snapshots = {}
         if config.grpo.needs_reference:
@@ -207,21 +209,8 @@ class TrainActor:
             if not micro_indices:
                 continue
             micro = pack(batch, micro_indices, self.rank.device)
-            if self.routing is not None:
-                self.routing.take()  # drop the routes of earlier passes
-            log_probs, entropy = self._forward(self.policy, micro)
-            inputs = LossInputs(log_probs, entropy, micro,
-                                make_reducer(micro, per_token, max(denominator, 1)))
-            loss, metrics = self._objective(inputs)
-            if self.routing is not None:
-                term, metrics["moe_aux_loss"] = load_balancing_term(
-                    self.routing.take(), self.config.model, inputs)
-                loss = loss + term
-            # FSDP averages gradients over data-parallel ranks; the losses are shares of
-            # the global mean, so scaling by dp_size turns that average back into a sum.
-            # Tensor-parallel ranks compute the same loss and need no scaling.
-            (loss * self.rank.dp_size).backward()
-            for name, value in metrics.items():
+            reduce = make_reducer(micro, per_token, max(denominator, 1))
+            for name, value in self._backward(micro, reduce).items():
                 totals[name] = totals.get(name, 0.0) + value.float()
         grad_norm = self._optimizer_step()
         names = sorted(totals)
@@ -233,6 +222,24 @@ class TrainActor:
         result.update({"train/grad_norm": grad_norm, "train/lr": self.scheduler.lr})
         self.scheduler.step()
         return result
+
+    def _backward(self, micro: PackedMicroBatch,
+                  reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Forward, loss and backward of one micro-batch; its metrics (shares of the step)."""
+        log_probs, entropy = self._forward(self.policy, micro)
+        inputs = LossInputs(log_probs, entropy, micro, reduce)
+        loss, metrics = self._objective(inputs)
+        if self.routing is not None:
+            term, metrics["moe_aux_loss"] = load_balancing_term(
+                self.routing.take(), self.config.model, inputs)
+            loss = loss + term
+        # FSDP averages gradients over data-parallel ranks; the losses are shares of the
+        # global mean, so scaling by dp_size turns that average back into a sum.
+        # Tensor-parallel ranks compute the same loss and need no scaling.
+        (loss * self.rank.dp_size).backward()
+        if self.routing is not None:
+            self.routing.take()  # routes recomputed in the backward hold their graph
+        return metrics
 
     def _objective(self, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
         grpo = self.config.grpo
@@ -271,8 +278,9 @@ class TrainActor:
 
         With several ranks this is collective: every rank iterates to the end.
         """
-        if self.masters is not None:
-            return self.masters.named_masters()
+        if self.masters is not None:  # on the device even while offloaded, one at a time
+            return ((name, master.to(self.rank.device))
+                    for name, master in self.masters.named_masters())
         parallel.reshard(self.policy)
         return distributed_state.full_named_weights(self.policy.hf_model)
 
@@ -281,8 +289,9 @@ class TrainActor:
         await engine.update_weights(self.named_weights(), version)
 
     def offload(self) -> None:
-        """--offload-train: move the optimizer state (two float32 copies of the weights)
-        to the CPU while the engines generate on this device; `reload` brings it back."""
+        """--offload-train: move the optimizer state (two float32 copies of the weights,
+        three with one GPU's float32 masters) to the CPU while the engines generate on
+        this device; `reload` brings it back."""
         self._move_optimizer_state(torch.device("cpu"))
         if self.rank.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -291,6 +300,8 @@ class TrainActor:
         self._move_optimizer_state(self.rank.device)
 
     def _move_optimizer_state(self, device: torch.device) -> None:
+        if self.masters is not None:
+            self.masters.to(device)
         for state in self.optimizer.state.values():
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and value.dim():  # `step` stays put

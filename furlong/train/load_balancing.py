@@ -5,7 +5,8 @@ Per layer, the loss of model/moe.py over the micro-batch (aux_loss) or averaged 
 its sequences (seq_aux_loss); the term is the coefficient times their sum over layers
 (Megatron adds each layer's), as the micro-batch's share of the step. The logged
 moe_aux_loss is the layers' mean, without the coefficient. sinkhorn and none add
-nothing (the config warns when a coefficient is set with them).
+nothing (the config warns when a coefficient is set with them; it refuses global_aux_loss
+and sigmoid routers with a coefficient).
 """
 from __future__ import annotations
 
@@ -18,20 +19,14 @@ from furlong.train.objective import LossInputs
 ADDS_A_LOSS = ("aux_loss", "seq_aux_loss")
 
 
-def check_load_balancing(model: ModelArgs) -> None:
-    if model.moe_aux_loss_coeff > 0 and model.moe_router_load_balancing_type == "global_aux_loss":
-        raise ValueError("--moe-router-load-balancing-type global_aux_loss is not supported yet: "
-                         "use aux_loss (per micro-batch) or seq_aux_loss (per sequence)")
-
-
 def load_balancing_term(routes: list[tuple[torch.Tensor, torch.Tensor]], model: ModelArgs,
                         inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """(term to add to the loss, moe_aux_loss share to log) of one forward's `routes`
     ((router logits, routed experts) per layer)."""
     balancing = model.moe_router_load_balancing_type
     if balancing == "seq_aux_loss":
-        cu_seq_lens = inputs.micro.cu_seq_lens
-        layer_losses = [sequence_load_balancing_loss(logits, routed, cu_seq_lens)
+        bounds = inputs.micro.cu_seq_lens.tolist()  # once: a device sync on a GPU
+        layer_losses = [sequence_load_balancing_loss(logits, routed, bounds)
                         for logits, routed in routes]
     else:
         layer_losses = [load_balancing_loss(logits, routed) for logits, routed in routes]

@@ -53,6 +53,11 @@ class MasterWeights:
         return {name: master_of.get(id(value), value.detach())
                 for name, value in self._model.state_dict(keep_vars=True).items()}
 
+    def to(self, device: torch.device) -> None:
+        """Move the masters (the same objects, which optimizer state is keyed on)."""
+        for master in self._masters:
+            master.data = master.data.to(device, non_blocking=True)
+
     @torch.no_grad()
     def copy_to_model(self) -> None:
         """Round the masters into the model's parameters (after an optimizer step)."""

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from furlong.config.groups import PerfArgs
 from furlong.model.attention import RECOMPUTE_CORE
+from furlong.model.moe import is_moe
 from furlong.ports import free_port
 
 
@@ -208,6 +209,10 @@ def apply_tensor_parallel(hf_model: nn.Module, tp_mesh: DeviceMesh,
     first block's input is split along the sequence and the final norm's input
     gathered back, so the final norm and the head see the whole (replicated) row."""
     _check_divisible(hf_model.config, tp_mesh.size())
+    if is_moe(hf_model):
+        raise ValueError("--tensor-model-parallel-size above 1 with an MoE model: the fsdp "
+                         "backend does not split experts yet; set it to 1 (data parallel "
+                         "shards the experts with FSDP2)")
     layers = decoder_layers(hf_model)
     device = torch.device(tp_mesh.device_type, torch.cuda.current_device()
                           if tp_mesh.device_type == "cuda" else None)
