@@ -97,12 +97,18 @@ def test_state_dict_puts_the_float32_masters_under_every_name():
     assert torch.equal(state["norm.bias"], dict(masters.named_masters())["norm.bias"])
 
 
-def test_frozen_parameters_are_cast_without_masters():
+def test_frozen_parameters_keep_float32_values_outside_the_optimizer():
+    torch.manual_seed(0)
     model = TiedModel()
+    original = model.norm.weight.detach().clone()
     model.norm.requires_grad_(False)
     masters = MasterWeights(model)
     assert model.norm.weight.dtype == torch.bfloat16
-    assert [name for name, _ in masters.named_masters()] == ["embed.weight"]
+    assert len(masters.parameters()) == 1  # the tied embedding only
+    assert torch.equal(dict(masters.named_masters())["norm.weight"], original)
+    assert torch.equal(masters.state_dict()["norm.weight"], original)
+    model(torch.tensor([1, 2])).backward()
+    assert model.norm.weight.grad is None
 
 
 # ---- the trainer with masters (one GPU's path, run on the CPU in bf16) ------------------

@@ -260,3 +260,19 @@ def test_tensor_parallel_refuses_an_moe_model(tiny_moe):
     model = load_hf_model(str(tiny_moe / "model"))
     with pytest.raises(ValueError, match="MoE model: the fsdp backend does not split experts"):
         parallel.apply_tensor_parallel(model, SimpleNamespace(size=lambda: 2), False)
+
+
+def test_a_frozen_router_keeps_its_weights_while_the_experts_train(tiny_moe, tiny):
+    actor = TrainActor(policy_config(tiny_moe, ["--moe-router-freeze-gate"]), RankInfo(),
+                       str(tiny_moe / "model"), 2)
+    batch = random_batch(8, actor.model_config.vocab_size, seed=3)
+    batch.advantages = [torch.randn(len(m)) for m in batch.loss_masks]
+    batch.ref_log_probs, _ = actor.compute_log_probs(batch, reference=True)
+    layer = actor.policy.hf_model.model.layers[0].mlp
+    router, experts = layer.gate.weight.detach().clone(), layer.experts.down_proj.detach().clone()
+    actor.train(batch)
+    assert torch.equal(layer.gate.weight, router)
+    assert not torch.equal(layer.experts.down_proj, experts)
+    with pytest.raises(ValueError, match="--moe-router-freeze-gate: Qwen3ForCausalLM has no MoE"):
+        TrainActor(policy_config(tiny, ["--moe-router-freeze-gate"]), RankInfo(),
+                   str(tiny / "model"), 2)

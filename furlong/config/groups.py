@@ -109,6 +109,10 @@ class ModelArgs:
                                   why="furlong's experts already run as grouped matmuls")
     moe_permute_fusion: bool = flag(False, "Megatron fused token permutation", megatron_only=True,
                                     why="it fuses kernels of Megatron's token dispatcher")
+    moe_enable_deepep: bool = flag(False, "DeepEP token dispatch between expert ranks",
+                                   megatron_only=True,
+                                   why="furlong moves no tokens between expert ranks")
+    moe_router_freeze_gate: bool = flag(False, "Keep the routers' weights fixed in training")
     moe_token_drop_policy: str = flag(
         "probs", "Megatron tokens dropped past expert capacity", choices=("probs", "position"),
         megatron_only=True, why="furlong's experts take every token routed to them")

@@ -30,6 +30,16 @@ def routers(hf_model: nn.Module) -> list[nn.Module]:
             if hasattr(getattr(layer, "mlp", None), "experts") and hasattr(layer.mlp, "gate")]
 
 
+def freeze_routers(hf_model: nn.Module) -> None:
+    """--moe-router-freeze-gate: no router weight is trained."""
+    found = routers(hf_model)
+    if not found:
+        raise ValueError(f"--moe-router-freeze-gate: {type(hf_model).__name__} has no MoE "
+                         "routers; drop the flag")
+    for router in found:
+        router.requires_grad_(False)
+
+
 def load_balancing_loss(router_logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """The formula above for one layer: logits (T, E), routed experts (T, k) -> scalar."""
     tokens, experts = router_logits.shape

@@ -30,7 +30,7 @@ from furlong import checkpoint
 from furlong.config.groups import Config
 from furlong.model.fused_kernels import apply_fused_kernels, compile_decoder_layers
 from furlong.model.loading import load_hf_model
-from furlong.model.moe import RouterRecorder, is_moe
+from furlong.model.moe import RouterRecorder, freeze_routers, is_moe
 from furlong.train import distributed_state, microbatch, parallel
 from furlong.train.batch import PackedMicroBatch, TrainBatch, pack, split_tokens
 from furlong.train.load_balancing import load_balancing_term
@@ -109,6 +109,8 @@ class TrainActor:
         policy = CausalLMPolicy(hf_model, perf.log_probs_chunk_size)
         if not trainable:
             policy.requires_grad_(False).eval()
+        elif self.config.model.moe_router_freeze_gate:
+            freeze_routers(hf_model)
         if self.mesh is None:
             if perf.recompute_granularity is not None:
                 parallel.apply_activation_checkpointing(parallel.decoder_layers(hf_model),

@@ -18,7 +18,9 @@ from torch import nn
 
 
 class MasterWeights:
-    """The float32 masters of `model`'s trainable parameters; casts `model` to `dtype`."""
+    """The float32 masters of `model`'s parameters; casts `model` to `dtype`. Frozen
+    parameters keep theirs too (checkpoints and weight pushes carry float32 values) but
+    get no gradient hook and stay out of the optimizer."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
         self._model = model
@@ -27,22 +29,21 @@ class MasterWeights:
         self._names: list[str] = []
         with torch.no_grad():
             for name, param in model.named_parameters():
-                if not param.requires_grad:
-                    param.data = param.data.to(dtype)
-                    continue
-                master = nn.Parameter(param.data.float(), requires_grad=True)
+                master = nn.Parameter(param.data.float(), requires_grad=param.requires_grad)
                 param.data = param.data.to(dtype)
-                param.register_post_accumulate_grad_hook(_accumulate_into(master))
+                if param.requires_grad:
+                    param.register_post_accumulate_grad_hook(_accumulate_into(master))
                 self._params.append(param)
                 self._masters.append(master)
                 self._names.append(name)
 
     def parameters(self) -> list[nn.Parameter]:
-        """The float32 masters, in `model.named_parameters()` order: what the optimizer steps."""
-        return list(self._masters)
+        """The trainable parameters' float32 masters, in `model.named_parameters()` order:
+        what the optimizer steps."""
+        return [master for master in self._masters if master.requires_grad]
 
     def named_masters(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(model's parameter name, float32 master), tied parameters once."""
+        """(model's parameter name, float32 master) of every parameter, tied ones once."""
         return zip(self._names, (master.detach() for master in self._masters), strict=True)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -61,8 +62,10 @@ class MasterWeights:
     @torch.no_grad()
     def copy_to_model(self) -> None:
         """Round the masters into the model's parameters (after an optimizer step)."""
-        if self._params:
-            torch._foreach_copy_(self._params, self._masters)
+        pairs = [(param, master) for param, master in zip(self._params, self._masters,
+                                                            strict=True) if param.requires_grad]
+        if pairs:
+            torch._foreach_copy_([param for param, _ in pairs], [master for _, master in pairs])
 
 
 def _accumulate_into(master: nn.Parameter):
