@@ -11,9 +11,9 @@ Baselines: the HF model's own forward (SDPA) with labels and loss.backward() on 
 tokens as equal-length rows, same autocast and optimizer ("hf"); and HF with bf16
 parameters and Liger-Kernel's fused kernels (RMSNorm, SwiGLU, RoPE, fused linear
 cross-entropy; "hf_liger", when the wheel is installed). Peak memory per configuration.
-MFU = counted FLOPs
-(bench-independent formula in furlong/train/flops.py, 3x forward, response-only output
-projection) over time over the card's dense bf16 peak. Writes $OUT/train_mfu_MODEL_TOKENS.json.
+MFU = counted FLOPs (bench-independent formula in furlong/train/flops.py, 3x forward,
+response-only output projection) over time over the card's dense bf16 peak. Writes
+$OUT/train_mfu_MODEL_TOKENS.json.
 """
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def main() -> None:
             benches = {"furlong": lambda: bench_furlong(model_dir, tokens, *flags)}
             baselines = {"hf": lambda: bench_hf(model_dir, tokens),
                          "hf_liger": lambda: bench_hf_liger(model_dir, tokens)}
-            benches.update({name: baselines[name] for name in args.baselines})
+            benches.update({label: baselines[label] for label in args.baselines})
             for label, bench in benches.items():
                 torch.cuda.reset_peak_memory_stats()
                 try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-import shlex
+import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,9 +46,11 @@ def tiny_moe(tmp_path_factory) -> Path:
 
 
 def model_args(script: str = "tiny.sh") -> list[str]:
-    """The MODEL_ARGS array of scripts/models/`script`."""
-    text = (REPO / "scripts/models" / script).read_text()
-    return shlex.split(text.split("MODEL_ARGS=(")[1].split(")")[0], comments=True)
+    """The MODEL_ARGS array that scripts/models/`script` defines, as bash sources it."""
+    printed = subprocess.run(
+        ["bash", "-c", 'source "$1" && printf "%s\\0" "${MODEL_ARGS[@]}"', "model_args",
+         str(REPO / "scripts/models" / script)], check=True, capture_output=True, text=True)
+    return printed.stdout.split("\0")[:-1]
 
 
 def train_argv(tiny: Path, *extra: str, **flags) -> list[str]:
@@ -108,6 +110,16 @@ def random_batch(num_samples: int, vocab: int, seed: int = 0) -> TrainBatch:
         masks.append(mask)
     rewards = torch.tensor([float(rng.random() < 0.5) for _ in range(num_samples)])
     return TrainBatch(tokens, responses, masks, rewards)
+
+
+def trainer_batch(actor, num_samples: int, seed: int) -> TrainBatch:
+    """`random_batch` ready for a policy-loss step of `actor`: seeded random advantages and
+    the reference log-probs of `actor`."""
+    batch = random_batch(num_samples, actor.model_config.vocab_size, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    batch.advantages = [torch.randn(len(m), generator=generator) for m in batch.loss_masks]
+    batch.ref_log_probs, _ = actor.compute_log_probs(batch, reference=True)
+    return batch
 
 
 def reference_log_probs(hf_model, tokens: torch.Tensor, response: int,

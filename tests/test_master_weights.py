@@ -10,9 +10,8 @@ from torch import nn
 
 from furlong.train import actor as actor_module
 from furlong.train.actor import RankInfo, TrainActor
-from furlong.train.batch import TrainBatch
 from furlong.train.master_weights import MasterWeights
-from conftest import policy_config, random_batch
+from conftest import policy_config, trainer_batch
 
 
 class TiedModel(nn.Module):
@@ -124,19 +123,11 @@ def masters_actor(tiny, monkeypatch):
     return build
 
 
-def _batch(actor: TrainActor) -> TrainBatch:
-    batch = random_batch(6, actor.model_config.vocab_size, seed=7)
-    batch.advantages = [torch.randn(len(m), generator=torch.Generator().manual_seed(i))
-                        for i, m in enumerate(batch.loss_masks)]
-    batch.ref_log_probs, _ = actor.compute_log_probs(batch, reference=True)
-    return batch
-
-
 def test_a_checkpoint_of_masters_resumes_to_the_same_next_step(masters_actor, tmp_path):
     actor = masters_actor()
     assert actor.masters is not None
     assert {p.dtype for p in actor.ref_policy.parameters()} == {torch.bfloat16}
-    batch = _batch(actor)
+    batch = trainer_batch(actor, 6, seed=7)
     actor.train(batch)
     actor.save(tmp_path, save_optimizer=True)
     (expected,) = actor.train(batch)
@@ -150,7 +141,7 @@ def test_a_checkpoint_of_masters_resumes_to_the_same_next_step(masters_actor, tm
 
 def test_reference_snapshots_and_offload_keep_the_masters(masters_actor):
     actor = masters_actor()
-    batch = _batch(actor)
+    batch = trainer_batch(actor, 6, seed=7)
     actor.snapshot_weights(0)
     actor.train(batch)
     masters = {name: t.clone() for name, t in actor.masters.named_masters()}

@@ -21,7 +21,8 @@ from furlong.output.metrics import read_metrics
 from furlong.ports import free_port
 from furlong.train import parallel
 from furlong.train.policy import CausalLMPolicy
-from conftest import model_args, policy_config, random_batch, reference_log_probs, train_argv
+from conftest import (model_args, policy_config, random_batch, reference_log_probs,
+                      train_argv, trainer_batch)
 from test_parallel import step_gradients
 
 
@@ -74,9 +75,7 @@ def test_the_trainer_trains_the_moe_and_saves_it_in_hf_format(tiny_moe, tmp_path
     """Every expert and the router get gradients; the exported directory has the per-expert
     HF names and loads back to the trained weights."""
     actor = TrainActor(policy_config(tiny_moe, []), RankInfo(), str(tiny_moe / "model"), 2)
-    batch = random_batch(8, actor.model_config.vocab_size, seed=3)
-    batch.advantages = [torch.randn(len(m)) for m in batch.loss_masks]
-    batch.ref_log_probs, _ = actor.compute_log_probs(batch, reference=True)
+    batch = trainer_batch(actor, 8, seed=3)
     before = {n: p.detach().clone() for n, p in actor.policy.hf_model.named_parameters()}
     (metrics,) = actor.train(batch)
     assert math.isfinite(metrics["train/loss"]) and metrics["train/grad_norm"] > 0
@@ -94,9 +93,7 @@ def test_the_trainer_trains_the_moe_and_saves_it_in_hf_format(tiny_moe, tmp_path
 def test_gpu_moe_trains_in_bf16_with_float32_masters(tiny_moe):
     actor = TrainActor(policy_config(tiny_moe, []), RankInfo(device=torch.device("cuda")),
                        str(tiny_moe / "model"), 2)
-    batch = random_batch(8, actor.model_config.vocab_size, seed=3)
-    batch.advantages = [torch.randn(len(m)) for m in batch.loss_masks]
-    batch.ref_log_probs, _ = actor.compute_log_probs(batch, reference=True)
+    batch = trainer_batch(actor, 8, seed=3)
     (metrics,) = actor.train(batch)
     assert math.isfinite(metrics["train/loss"]) and metrics["train/grad_norm"] > 0
     assert metrics["train/moe_aux_loss"] > 0
@@ -238,9 +235,7 @@ def test_two_data_parallel_ranks_train_the_moe_as_one_process(tiny_moe, tmp_path
     equal one process's (each rank's micro-batches are the same samples as there)."""
     reference = TrainActor(policy_config(tiny_moe, DP_FLAGS), RankInfo(),
                            str(tiny_moe / "model"), 2)
-    batch = random_batch(12, reference.model_config.vocab_size, seed=6)
-    batch.advantages = [torch.randn(len(m)) for m in batch.loss_masks]
-    batch.ref_log_probs, _ = reference.compute_log_probs(batch, reference=True)
+    batch = trainer_batch(reference, 12, seed=6)
     expected_log_probs, _ = reference.compute_log_probs(batch)
     expected, expected_grads = step_gradients(reference, batch)
     mp.spawn(_dp_worker, args=(free_port(), tiny_moe, batch, tmp_path), nprocs=2)
@@ -265,9 +260,7 @@ def test_tensor_parallel_refuses_an_moe_model(tiny_moe):
 def test_a_frozen_router_keeps_its_weights_while_the_experts_train(tiny_moe, tiny):
     actor = TrainActor(policy_config(tiny_moe, ["--moe-router-freeze-gate"]), RankInfo(),
                        str(tiny_moe / "model"), 2)
-    batch = random_batch(8, actor.model_config.vocab_size, seed=3)
-    batch.advantages = [torch.randn(len(m)) for m in batch.loss_masks]
-    batch.ref_log_probs, _ = actor.compute_log_probs(batch, reference=True)
+    batch = trainer_batch(actor, 8, seed=3)
     layer = actor.policy.hf_model.model.layers[0].mlp
     router, experts = layer.gate.weight.detach().clone(), layer.experts.down_proj.detach().clone()
     actor.train(batch)

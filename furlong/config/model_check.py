@@ -200,6 +200,11 @@ def _moe_layer_pattern(hf: dict, model_type: str) -> tuple[list[int], str] | Non
     return None
 
 
+def _same(value: object, want: object) -> bool:
+    """A flag's value equals config.json's (floats to rounding)."""
+    return math.isclose(value, want, rel_tol=1e-9) if isinstance(want, float) else value == want
+
+
 def _check_moe_arg(name: str, value: object, moe: dict, directory: str) -> None:
     flag = option_name(name)
     if not moe:
@@ -212,7 +217,7 @@ def _check_moe_arg(name: str, value: object, moe: dict, directory: str) -> None:
     if name == "moe_layer_freq":
         same, want = layer_pattern(value, len(want)) == want, pattern_text(want)
     else:
-        same = math.isclose(value, want) if isinstance(want, float) else value == want
+        same = _same(value, want)
     if not same:
         fix = f"drop {flag}" if want is False or want is None else f"use {flag} {want}"
         raise ConfigError(f"{flag} {value} disagrees with {source} in {directory}/config.json: "
@@ -241,8 +246,7 @@ def check_model_args(model: ModelArgs, given: set[str], hf: dict, directory: str
         if name not in expected:
             continue
         want = expected[name]
-        same = math.isclose(value, want, rel_tol=1e-9) if isinstance(want, float) else value == want
-        if not same:
+        if not _same(value, want):
             raise ConfigError(f"{option_name(name)} {value} disagrees with {directory}/"
                               f"config.json, which implies {want}: fix the model script "
                               "(scripts/models/*.sh) or the checkpoint path")

@@ -254,7 +254,7 @@ class TrainActor:
     def _optimized_parameters(self) -> list[torch.nn.Parameter]:
         if self.masters is not None:
             return self.masters.parameters()
-        return [param for param in self.policy.parameters() if param.requires_grad]
+        return list(self.policy.parameters())  # build_optimizer leaves out the frozen
 
     def _optimizer_step(self) -> float:
         clip = self.config.optimizer.clip_grad

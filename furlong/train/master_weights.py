@@ -24,33 +24,33 @@ class MasterWeights:
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
         self._model = model
-        self._params: list[nn.Parameter] = []
-        self._masters: list[nn.Parameter] = []
         self._names: list[str] = []
+        self._masters: list[nn.Parameter] = []  # one per parameter, in model order
+        self._trained: list[tuple[nn.Parameter, nn.Parameter]] = []  # (param, master)
         with torch.no_grad():
             for name, param in model.named_parameters():
                 master = nn.Parameter(param.data.float(), requires_grad=param.requires_grad)
                 param.data = param.data.to(dtype)
                 if param.requires_grad:
                     param.register_post_accumulate_grad_hook(_accumulate_into(master))
-                self._params.append(param)
-                self._masters.append(master)
+                    self._trained.append((param, master))
                 self._names.append(name)
+                self._masters.append(master)
 
     def parameters(self) -> list[nn.Parameter]:
         """The trainable parameters' float32 masters, in `model.named_parameters()` order:
         what the optimizer steps."""
-        return [master for master in self._masters if master.requires_grad]
+        return [master for _, master in self._trained]
 
     def named_masters(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(model's parameter name, float32 master) of every parameter, tied ones once."""
         return zip(self._names, (master.detach() for master in self._masters), strict=True)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's state dict with each trainable parameter's float32 master in its
-        place (tied names share one master, as they shared one parameter)."""
-        master_of = {id(param): master.detach()
-                     for param, master in zip(self._params, self._masters, strict=True)}
+        """The model's state dict with each parameter's float32 master in its place (tied
+        names share one master, as they shared one parameter)."""
+        master_of = {id(param): master.detach() for param, master in
+                     zip(self._model.parameters(), self._masters, strict=True)}
         return {name: master_of.get(id(value), value.detach())
                 for name, value in self._model.state_dict(keep_vars=True).items()}
 
@@ -61,11 +61,9 @@ class MasterWeights:
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
-        """Round the masters into the model's parameters (after an optimizer step)."""
-        pairs = [(param, master) for param, master in zip(self._params, self._masters,
-                                                            strict=True) if param.requires_grad]
-        if pairs:
-            torch._foreach_copy_([param for param, _ in pairs], [master for _, master in pairs])
+        """Round the trained masters into the model's parameters (after an optimizer step)."""
+        if self._trained:
+            torch._foreach_copy_([param for param, _ in self._trained], self.parameters())
 
 
 def _accumulate_into(master: nn.Parameter):

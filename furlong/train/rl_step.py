@@ -46,7 +46,6 @@ from furlong.train.batch import TrainBatch
 from furlong.train.flops import train_throughput
 
 
-
 @contextmanager
 def timed(metrics: dict, name: str):
     start = time.perf_counter()

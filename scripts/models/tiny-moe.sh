@@ -1,22 +1,8 @@
-# MODEL_ARGS of the embedded tiny MoE (python -m furlong.tiny OUT --moe): Qwen3-MoE, 8 experts
-# of width 128, 2 routed per token, every layer MoE.
-MODEL_ARGS=(
-   --swiglu
-   --num-layers 2
-   --hidden-size 128
-   --ffn-hidden-size 512
-   --num-attention-heads 4
-   --group-query-attention
-   --num-query-groups 2
-   --use-rotary-position-embeddings
-   --disable-bias-linear
-   --normalization "RMSNorm"
-   --norm-epsilon 1e-6
-   --rotary-base 10000
-   --vocab-size 22
-   --kv-channels 32
-   --qk-layernorm
-   # moe
+# MODEL_ARGS of the embedded tiny MoE (python -m furlong.tiny OUT --moe): the tiny model's
+# (tiny.sh) plus its experts: Qwen3-MoE, 8 experts of width 128, 2 routed per token, every
+# layer MoE.
+source "$(dirname "${BASH_SOURCE[0]}")/tiny.sh"
+MODEL_ARGS+=(
    --num-experts 8
    --moe-router-topk 2
    --moe-ffn-hidden-size 128
