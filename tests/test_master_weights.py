@@ -59,13 +59,14 @@ def test_micro_batch_gradients_accumulate_in_float32_on_the_masters():
         plain(ids).backward()
         for name, p in plain.named_parameters():
             expected[name] += p.grad.float()
-    for ids in batches:
-        model(ids).backward()
-    assert all(p.grad is None for p in model.parameters())  # freed after each backward
-    for (name, master), param in zip(masters.named_masters(), masters.parameters(),
-                                     strict=True):
-        assert param.grad.dtype == torch.float32
-        assert torch.equal(param.grad, expected[name]), name
+    model(batches[0]).backward()
+    first = masters.gradients()  # one micro-batch: its bfloat16 gradients, not converted
+    assert all(g.dtype == torch.bfloat16 for g in first)
+    model(batches[1]).backward()
+    assert all(p.grad is None for p in model.parameters())  # taken after each backward
+    for (name, _), grad in zip(masters.named_masters(), masters.gradients(), strict=True):
+        assert grad.dtype == torch.float32
+        assert torch.equal(grad, expected[name]), name
 
 
 def test_updates_below_bfloat16_resolution_accumulate_in_the_masters():

@@ -258,12 +258,12 @@ class TrainActor:
 
     def _optimizer_step(self) -> float:
         clip = self.config.optimizer.clip_grad
-        grad_norm = distributed_state.clip_grad_norm_(self._optimized_parameters(),
-                                                      clip if clip > 0 else float("inf"))
+        max_norm = clip if clip > 0 else float("inf")
+        if self.masters is not None:
+            return self.masters.step(self.optimizer, max_norm)
+        grad_norm = distributed_state.clip_grad_norm_(self._optimized_parameters(), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.masters is not None:
-            self.masters.copy_to_model()
         return grad_norm
 
     # ---- weights and state -------------------------------------------------------------

@@ -2,10 +2,13 @@
 
 The model's parameters are cast to bfloat16 once, so the forward and backward run on
 them with no per-step casts of the weights and no wrapper around the layers. Each
-trainable parameter keeps a float32 master (its original storage); as soon as autograd
-has accumulated a parameter's bfloat16 gradient, a hook adds it to the master's float32
-gradient and frees it, so micro-batches accumulate in float32. The optimizer steps the
-masters and `copy_to_model` rounds them back into the model. Megatron's optimizer for
+trainable parameter keeps a float32 master (its original storage). As soon as autograd
+has accumulated a parameter's bfloat16 gradient, a hook takes it from the parameter:
+the first micro-batch's is kept as it is, later ones are added in float32, so
+micro-batches accumulate in float32 and a single one costs no conversion. `step` clips
+the gradients, steps AdamW on the masters and rounds them back into the model: one
+Triton pass per parameter on a GPU (train/fused_adamw.py), torch's ops elsewhere.
+Megatron's optimizer for
 half-precision parameters keeps the same split; several ranks get it from FSDP2's mixed
 precision instead (train/parallel.py).
 """
@@ -15,6 +18,8 @@ from typing import Iterator
 
 import torch
 from torch import nn
+
+from furlong.train import fused_adamw
 
 
 class MasterWeights:
@@ -27,12 +32,14 @@ class MasterWeights:
         self._names: list[str] = []
         self._masters: list[nn.Parameter] = []  # one per parameter, in model order
         self._trained: list[tuple[nn.Parameter, nn.Parameter]] = []  # (param, master)
+        self._grads: list[torch.Tensor | None] = []  # per trained pair, as accumulated
         with torch.no_grad():
             for name, param in model.named_parameters():
                 master = nn.Parameter(param.data.float(), requires_grad=param.requires_grad)
                 param.data = param.data.to(dtype)
                 if param.requires_grad:
-                    param.register_post_accumulate_grad_hook(_accumulate_into(master))
+                    param.register_post_accumulate_grad_hook(self._hook(len(self._trained)))
+                    self._grads.append(None)
                     self._trained.append((param, master))
                 self._names.append(name)
                 self._masters.append(master)
@@ -59,18 +66,50 @@ class MasterWeights:
         for master in self._masters:
             master.data = master.data.to(device, non_blocking=True)
 
+    def gradients(self) -> list[torch.Tensor | None]:
+        """Each trained master's gradient since the last step, in `parameters()` order:
+        bfloat16 after one micro-batch, float32 after several, None without any."""
+        return list(self._grads)
+
+    def _hook(self, index: int):
+        def accumulate(param: torch.Tensor) -> None:
+            grad = self._grads[index]
+            if grad is None:
+                self._grads[index] = param.grad
+            else:
+                if grad.dtype != torch.float32:
+                    grad = self._grads[index] = grad.float()
+                grad.add_(param.grad)
+            param.grad = None
+        return accumulate
+
+    @torch.no_grad()
+    def step(self, optimizer: torch.optim.AdamW, max_norm: float) -> float:
+        """Scale the gradients so that their global L2 norm is at most `max_norm` (as
+        `torch.nn.utils.clip_grad_norm_`), step `optimizer` (built on `parameters()`),
+        round the masters into the model and drop the gradients; returns the norm
+        before clipping."""
+        pairs = [(param, master, grad) for (param, master), grad
+                 in zip(self._trained, self._grads, strict=True) if grad is not None]
+        if not pairs:
+            return 0.0
+        params, masters, grads = (list(column) for column in zip(*pairs))
+        norm = torch.linalg.vector_norm(torch.stack(
+            torch._foreach_norm(grads, 2, dtype=torch.float32)))
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        if fused_adamw.available(masters[0]):
+            fused_adamw.adamw_step(optimizer, masters, grads, params, scale)
+        else:
+            for master, grad in zip(masters, grads, strict=True):
+                master.grad = grad.float() * scale
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            self.copy_to_model()
+        self._grads = [None] * len(self._grads)
+        return float(norm)
+
     @torch.no_grad()
     def copy_to_model(self) -> None:
         """Round the trained masters into the model's parameters (after an optimizer step)."""
         if self._trained:
             torch._foreach_copy_([param for param, _ in self._trained], self.parameters())
-
-
-def _accumulate_into(master: nn.Parameter):
-    def hook(param: torch.Tensor) -> None:
-        if master.grad is None:
-            master.grad = param.grad.float()
-        else:
-            master.grad.add_(param.grad)
-        param.grad = None
-    return hook
