@@ -86,14 +86,21 @@ class GenerateOutput:
     prompt_tokens: int = 0
     weight_version: int = 0
     meta: dict = field(default_factory=dict)
+    # With return_routed_experts: the experts every MoE router chose for every token the
+    # model processed (the prompt and each generated token but the last), in token order;
+    # int32 (len(input_ids) + len(output_ids) - 1, num_moe_layers, top_k). SGLang's
+    # meta_info.routed_experts.
+    routed_experts: torch.Tensor | None = None
 
 
 class Engine(Protocol):
     """What the loop and the rollout manager call; in-process and HTTP engines alike."""
 
-    async def generate(self, input_ids: list[int], params: SamplingParams) -> GenerateOutput:
+    async def generate(self, input_ids: list[int], params: SamplingParams,
+                       return_routed_experts: bool = False) -> GenerateOutput:
         """One response. Cancelling the call aborts that one request: the engine stops
-        working on it and frees what it held."""
+        working on it and frees what it held. `return_routed_experts` fills the output's
+        `routed_experts` (MoE models; for routing replay in training)."""
 
     async def abort_all(self) -> None:
         """Finish every request in flight now, with finish reason 'abort'."""
