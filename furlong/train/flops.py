@@ -1,7 +1,9 @@
 """Counted FLOPs of a training step, and the perf/* throughput metrics built on them.
 
 Per sample of L tokens with R response tokens, forward:
-  2 * P * L                      matmuls of the non-embedding parameters P
+  2 * P * L                      matmuls of the non-embedding parameters P a token meets
+                                 (in an MoE layer: the router, its top-k experts and
+                                 the shared experts, not the experts it skips)
   2 * layers * L^2 * heads * d   causal attention (QK^T and AV, half the square each)
   2 * V * H * R                  output projection, only at response positions
 Training counts 3x forward (backward is twice the forward); recomputation is not
@@ -10,6 +12,8 @@ counted (MFU measures useful work).
 from __future__ import annotations
 
 import torch
+
+from furlong.config.model_check import moe_expected_values
 
 # Dense bf16 peak of the cards MFU is reported against (vendor datasheets, no sparsity).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -22,13 +26,27 @@ def forward_flops(hf_config, lengths: list[int], response_lengths: list[int]) ->
     kv_heads = getattr(hf_config, "num_key_value_heads", heads)
     layers = hf_config.num_hidden_layers
     attention_params = hidden * head_dim * (2 * heads + 2 * kv_heads)
-    mlp_params = 3 * hidden * hf_config.intermediate_size
-    params = layers * (attention_params + mlp_params)
+    params = layers * attention_params + _mlp_params_per_token(hf_config)
     total = 0.0
     for length, response in zip(lengths, response_lengths, strict=True):
         total += 2 * params * length + 2 * layers * length ** 2 * heads * head_dim
         total += 2 * hf_config.vocab_size * hidden * response
     return total
+
+
+def _mlp_params_per_token(hf_config) -> int:
+    """MLP parameters one token multiplies by, over all layers: the dense MLP's, or in
+    an MoE layer the router's, its top-k experts' and the shared experts'."""
+    hidden, layers = hf_config.hidden_size, hf_config.num_hidden_layers
+    dense = 3 * hidden * hf_config.intermediate_size
+    moe = {name: value for name, (value, _) in moe_expected_values(hf_config.to_dict()).items()}
+    if not moe:
+        return layers * dense
+    routed = 3 * hidden * moe["moe_ffn_hidden_size"] * moe["moe_router_topk"]
+    shared = 3 * hidden * (moe.get("moe_shared_expert_intermediate_size") or 0)
+    sparse = routed + shared + hidden * moe["num_experts"]
+    pattern = moe.get("moe_layer_freq") or [1] * layers
+    return sum(sparse if is_moe else dense for is_moe in pattern)
 
 
 def peak_flops(device_name: str) -> float | None:
