@@ -19,11 +19,12 @@ import torch
 
 from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.fast.block_manager import BlockManager
+from furlong.engine.fast.moe import load_weights
 from furlong.engine.fast.runner import ModelRunner
 from furlong.engine.fast.scheduler import Scheduler
 from furlong.engine.fast.sequence import Sequence
 from furlong.engine.stops import ended_on_stop_token, response_text, stop_string_end
-from furlong.model.loading import eos_token_ids, load_named_tensors
+from furlong.model.loading import eos_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,7 @@ def kv_blocks_for_memory(hf_model, block_size: int, mem_fraction: float, max_num
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
     # Working memory, estimated: prefill activations, decode logits, output buffers.
-    prefill = max_prefill_tokens * (6 * config.hidden_size + 3 * config.intermediate_size) \
-        * itemsize
+    prefill = max_prefill_tokens * activation_width(config) * itemsize
     logits = 3 * max_num_seqs * config.vocab_size * 4
     outputs = 2 * (max_num_seqs + 1) * max_model_len * 8
     budget = total * mem_fraction - (total - free) - prefill - logits - outputs
@@ -48,6 +48,15 @@ def kv_blocks_for_memory(hf_model, block_size: int, mem_fraction: float, max_num
                            f"{total / 2**30:.1f} GiB; raise --mem-fraction-static or free "
                            "GPU memory")
     return blocks
+
+
+def activation_width(config) -> int:
+    """Elements of prefill activations per token: the residual stream and norms, and the
+    MLP's (or each routed expert's) gate/up, activation and output."""
+    dense = 6 * config.hidden_size + 3 * config.intermediate_size
+    top_k = getattr(config, "num_experts_per_tok", 0) or 0
+    moe_width = getattr(config, "moe_intermediate_size", 0) or 0
+    return max(dense, 6 * config.hidden_size + top_k * (3 * moe_width + config.hidden_size))
 
 
 class FastEngine:
@@ -90,7 +99,8 @@ class FastEngine:
                  num_blocks, block_size, max_num_seqs)
 
     # ---- the Engine protocol ------------------------------------------------------------
-    async def generate(self, input_ids: list[int], params: SamplingParams) -> GenerateOutput:
+    async def generate(self, input_ids: list[int], params: SamplingParams,
+                       return_routed_experts: bool = False) -> GenerateOutput:
         max_new = min(params.max_new_tokens, self.max_context_len - len(input_ids))
         if max_new <= 0:
             return GenerateOutput([], [], "length", "", len(input_ids), self.weight_version)
@@ -102,7 +112,8 @@ class FastEngine:
             loop.call_soon_threadsafe(_resolve, future, output)
 
         seed = params.sampling_seed if params.sampling_seed is not None else next(self._seeds)
-        seq = Sequence(list(input_ids), params, seed, max_new, on_finish)
+        seq = Sequence(list(input_ids), params, seed, max_new, on_finish,
+                       return_routed_experts=return_routed_experts)
         self._inbox.put(seq)
         self._wake.set()
         try:
@@ -132,7 +143,7 @@ class FastEngine:
 
     def _load_weights(self, named_tensors, version: int) -> None:
         with self._lock:
-            load_named_tensors(self.model, named_tensors)
+            load_weights(self.model, named_tensors)
             self.weight_version = version
 
     async def release_memory(self) -> None:
@@ -236,6 +247,8 @@ class FastEngine:
             stopped = ended_on_stop_token(seq.output_ids, seq.params, self.eos_ids)
             reason = "stop" if stopped else "length"
         if seq.slot is not None:
+            if seq.return_routed_experts:  # every processed token: all but the last one
+                seq.routed_experts = self.runner.fetch_routes(seq, seq.num_tokens - 1)
             self.runner.free(seq)
         self.scheduler.finish(seq, reason)
         seq.on_finish(seq)
@@ -273,7 +286,8 @@ class FastEngine:
         text = response_text(self.tokenizer, seq.output_ids, seq.params, seq.finish_reason,
                              self.eos_ids)
         return GenerateOutput(seq.output_ids, seq.output_log_probs, seq.finish_reason, text,
-                              len(seq.prompt_ids), self.weight_version)
+                              len(seq.prompt_ids), self.weight_version,
+                              routed_experts=seq.routed_experts)
 
 
 def _drain(inbox: queue.SimpleQueue) -> list:

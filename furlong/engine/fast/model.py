@@ -1,10 +1,14 @@
-"""FastDecoder: the forward pass of dense Qwen2/Qwen3/Llama models over flat token batches.
+"""FastDecoder: the forward pass of Qwen2/Qwen3/Llama and Qwen3-MoE models over flat
+token batches.
 
 It computes with the HF model's own parameters, so they keep their HF names and weight
 sync is by name, but runs its own fused layer: one GEMM for q/k/v and one for
 gate/up (the HF parameters become views into the fused weights), add+RMSNorm,
 q/k-norm + rotary + KV-cache store in one kernel, SiLU-mul, and the runner's
 attention. Ten kernels a layer instead of HF's fifty, with HF's rounding order.
+A layer whose mlp is a routed-experts block runs `moe.SparseMoE` instead (router,
+top-k, fused-MoE kernels) and writes the experts it chose into the `routes` buffer at
+each token's cache slot.
 """
 from __future__ import annotations
 
@@ -14,13 +18,14 @@ import torch
 from torch import nn
 
 from furlong.engine.fast.fused import add_rms_norm, qk_norm_rope_store, silu_mul
+from furlong.engine.fast.moe import SparseMoE, is_sparse_moe
 from furlong.model.logits import output_logits
 
-SUPPORTED_FAMILIES = ("qwen2", "qwen3", "llama")
+SUPPORTED_FAMILIES = ("qwen2", "qwen3", "llama", "qwen3_moe")
 
 
 def supports(config) -> bool:
-    """Dense families with full attention only (others run on the HF engine)."""
+    """These families with full attention only (others run on the HF engine)."""
     sliding = getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window",
                                                                         None)
     return (config.model_type in SUPPORTED_FAMILIES and not sliding
@@ -50,6 +55,10 @@ class FastDecoder(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.num_layers = config.num_hidden_layers
+        # Routed-experts layers, in order: their index in the `routes` buffer.
+        self.moe_layers = [i for i, layer in enumerate(self.decoder.layers)
+                           if is_sparse_moe(layer.mlp)]
+        self.top_k = getattr(config, "num_experts_per_tok", 0) if self.moe_layers else 0
         self.scale = self.head_dim ** -0.5
         self.eps = config.rms_norm_eps
         self.fuse()
@@ -62,9 +71,12 @@ class FastDecoder(nn.Module):
             projections = [attention.q_proj, attention.k_proj, attention.v_proj]
             bias = (fuse_parameters([p.bias for p in projections])
                     if projections[0].bias is not None else None)
-            self.fused.append({
-                "qkv": fuse_parameters([p.weight for p in projections]), "qkv_bias": bias,
-                "gate_up": fuse_parameters([mlp.gate_proj.weight, mlp.up_proj.weight])})
+            fused = {"qkv": fuse_parameters([p.weight for p in projections]), "qkv_bias": bias}
+            if is_sparse_moe(mlp):
+                fused["moe"] = SparseMoE(mlp)
+            else:
+                fused["gate_up"] = fuse_parameters([mlp.gate_proj.weight, mlp.up_proj.weight])
+            self.fused.append(fused)
         self._rotary_tables()
 
     def _rotary_tables(self) -> None:
@@ -81,11 +93,13 @@ class FastDecoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 k_caches: torch.Tensor, v_caches: torch.Tensor, slot_mapping: torch.Tensor,
-                attend: Callable[..., torch.Tensor], return_kv: bool) -> torch.Tensor:
+                attend: Callable[..., torch.Tensor], return_kv: bool,
+                routes: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids/positions (T,) -> final hidden states (T, H).
 
         Each layer stores its K/V at `slot_mapping` in `k_caches[layer]`/`v_caches[layer]`,
-        then calls attend(layer, q, k, v) (k, v given only when `return_kv`)."""
+        then calls attend(layer, q, k, v) (k, v given only when `return_kv`). MoE layers
+        write their expert ids to `routes` (cache slots, MoE layers, k) at `slot_mapping`."""
         hidden = self.decoder.embed_tokens(input_ids)
         residual = None
         for index, layer in enumerate(self.decoder.layers):
@@ -104,10 +118,20 @@ class FastDecoder(nn.Module):
             hidden = attention.o_proj(out.reshape(out.shape[0], -1))
             normed, residual = add_rms_norm(hidden, residual,
                                             layer.post_attention_layernorm.weight, self.eps)
-            gate_up = nn.functional.linear(normed, fused["gate_up"])
-            hidden = layer.mlp.down_proj(silu_mul(gate_up))
+            hidden = self._mlp(index, normed, slot_mapping, routes)
         normed, _ = add_rms_norm(hidden, residual, self.decoder.norm.weight, self.eps)
         return normed
+
+    def _mlp(self, index: int, normed: torch.Tensor, slot_mapping: torch.Tensor,
+             routes: torch.Tensor | None) -> torch.Tensor:
+        fused = self.fused[index]
+        if "moe" not in fused:
+            gate_up = nn.functional.linear(normed, fused["gate_up"])
+            return self.decoder.layers[index].mlp.down_proj(silu_mul(gate_up))
+        hidden, expert_ids = fused["moe"](normed)
+        if routes is not None:
+            routes[slot_mapping, self.moe_layers.index(index)] = expert_ids.to(routes.dtype)
+        return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, H) -> (N, V) float32 (the GEMM's output is not rounded to bf16)."""

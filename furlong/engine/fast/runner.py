@@ -10,6 +10,11 @@ which slots finished, and fetches the tokens of those.
 
 Slot `max_num_seqs` is scratch (always done): padded rows of a captured batch use it,
 and writes of finished rows go to block 0, which the block manager never hands out.
+
+For MoE models a routes buffer lies beside the KV cache, paged the same way: the
+experts each MoE layer chose for the token in that cache slot (int32), written by
+prefill and by every decode step, copied with the KV on copy-on-write, and read out
+along a sequence's block table (`fetch_routes`) when it finishes.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import torch
 
 from furlong.engine.fast.kernels import decode_splits, fused_sample, paged_decode_attention
 from furlong.engine.fast.model import FastDecoder
+from furlong.engine.fast.moe import is_sparse_moe
 from furlong.engine.fast.sequence import Sequence
 from furlong.engine.sampling import sample_tokens
 from furlong.model.varlen import varlen_causal_attention
@@ -51,6 +57,9 @@ class ModelRunner:
         shape = (m.num_layers, self.num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=device)
+        self.routes = (torch.zeros(self.num_blocks, self.block_size, len(m.moe_layers),
+                                   m.top_k, dtype=torch.int32, device=device)
+                       if m.moe_layers else None)
         zeros = lambda *s, dtype: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
         self.block_tables = zeros(slots, self.max_blocks, dtype=torch.int32)
         self.last_token = zeros(slots, dtype=torch.int64)
@@ -75,7 +84,8 @@ class ModelRunner:
         """Free the KV cache, slot state, graphs and fused weights (the HF parameters stay)."""
         self.graphs.clear()
         self.model.release()
-        for name in ("k_cache", "v_cache", "out_tokens", "out_log_probs", "block_tables"):
+        for name in ("k_cache", "v_cache", "routes", "out_tokens", "out_log_probs",
+                     "block_tables"):
             setattr(self, name, None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -87,12 +97,20 @@ class ModelRunner:
 
     @staticmethod
     def block_bytes(hf_model, block_size: int) -> int:
+        """Bytes of one KV block, with its routes (int32 ids per MoE layer and top-k)."""
         config = hf_model.config
         head_dim = getattr(config, "head_dim", None) or \
             config.hidden_size // config.num_attention_heads
         itemsize = next(hf_model.parameters()).element_size()
+        num_moe = sum(is_sparse_moe(layer.mlp) for layer in hf_model.base_model.layers)
+        routes = block_size * num_moe * getattr(config, "num_experts_per_tok", 0) * 4
         return (2 * config.num_hidden_layers * block_size * config.num_key_value_heads
-                * head_dim * itemsize)
+                * head_dim * itemsize) + routes
+
+    @property
+    def route_slots(self) -> torch.Tensor | None:
+        """The routes buffer by cache slot: (num_blocks * block_size, MoE layers, k)."""
+        return None if self.routes is None else self.routes.flatten(0, 1)
 
     # ---- admission and prefill ----------------------------------------------------------
     @torch.no_grad()
@@ -163,7 +181,7 @@ class ModelRunner:
 
         with torch.no_grad():
             hidden = self.model(ids, positions, self.k_cache, self.v_cache, slot_mapping, attend,
-                                return_kv=True)
+                                return_kv=True, routes=self.route_slots)
         return hidden[cu[1:] - 1]
 
     # ---- decode -------------------------------------------------------------------------
@@ -221,7 +239,7 @@ class ModelRunner:
                                           tables, context, self.model.scale, splits)
 
         hidden = self.model(self.last_token[slots], positions, self.k_cache, self.v_cache,
-                            slot_mapping, attend, return_kv=False)
+                            slot_mapping, attend, return_kv=False, routes=self.route_slots)
         tokens, log_probs = self._sample(self.model.logits(hidden), slots, filtered)
         self._record(slots, tokens, log_probs)
 
@@ -276,6 +294,8 @@ class ModelRunner:
             target = torch.tensor([t for _, t in copies], device=self.device)
             self.k_cache[:, target] = self.k_cache[:, source]
             self.v_cache[:, target] = self.v_cache[:, source]
+            if self.routes is not None:
+                self.routes[target] = self.routes[source]
 
     def fetch(self, seqs: list[Sequence]) -> list[tuple[list[int], list[float]]]:
         """Tokens and log-probs each sequence generated since its admission."""
@@ -287,6 +307,17 @@ class ModelRunner:
         tokens = self.out_tokens[slots, :width].tolist()
         log_probs = self.out_log_probs[slots, :width].tolist()
         return [(t[:n], lp[:n]) for t, lp, n in zip(tokens, log_probs, counts, strict=True)]
+
+    def fetch_routes(self, seq: Sequence, num_tokens: int) -> torch.Tensor | None:
+        """(num_tokens, MoE layers, k) int32 on the CPU: the experts chosen for the first
+        `num_tokens` tokens of `seq` (read along its block table); None for dense models."""
+        if self.routes is None:
+            return None
+        positions = torch.arange(num_tokens)
+        table = torch.tensor(seq.block_table, dtype=torch.int64)
+        slots = table[positions // self.block_size] * self.block_size \
+            + positions % self.block_size
+        return self.route_slots[slots.to(self.device)].cpu()
 
     def free(self, seq: Sequence) -> None:
         self.done[seq.slot] = True

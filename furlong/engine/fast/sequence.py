@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable
 
+import torch
+
 from furlong.engine.base import SamplingParams
 
 _ids = itertools.count()
@@ -45,6 +47,9 @@ class Sequence:
     table_synced: int = 0
     # Generated tokens already searched for stop strings (see needs_host_tokens).
     stop_checked: int = 0
+    # Routing replay: the routes are read off the device when it finishes (MoE models).
+    return_routed_experts: bool = False
+    routed_experts: torch.Tensor | None = None
 
     @property
     def token_ids(self) -> list[int]:
