@@ -79,12 +79,18 @@ def plan_placement(config: Config, gpus_available: int) -> Placement:
 
 
 def _check_trainer_split(config: Config, ranks: int) -> None:
-    """Tensor-parallel groups tile the ranks; each step's samples split over the rest."""
-    tp = config.perf.tensor_model_parallel_size
+    """Tensor-parallel groups tile the ranks; each step's samples split over the rest,
+    whose expert groups tile them in turn."""
+    tp, ep = config.perf.tensor_model_parallel_size, config.perf.expert_model_parallel_size
     if ranks % tp:
         raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide the {ranks} "
                           "trainer ranks (--actor-num-nodes x --actor-num-gpus-per-node)")
     dp, batch = ranks // tp, config.rollout.global_batch_size
+    if dp % ep:
+        raise ConfigError(f"--expert-model-parallel-size {ep} does not divide the {dp} "
+                          f"data-parallel trainer ranks ({ranks} trainer ranks / "
+                          f"tensor-parallel {tp}): expert-parallel ranks are carved from the "
+                          "data-parallel ones")
     if batch % dp:
         raise ConfigError(f"--global-batch-size {batch} does not split over {dp} data-parallel "
                           f"ranks ({ranks} trainer ranks / tensor-parallel {tp}): make it a "

@@ -314,7 +314,6 @@ def _check_optimizer(config: Config) -> None:
 def _check_perf(config: Config) -> None:
     p = config.perf
     for name, size in (("pipeline_model_parallel_size", p.pipeline_model_parallel_size),
-                       ("expert_model_parallel_size", p.expert_model_parallel_size),
                        ("expert_tensor_parallel_size", p.expert_tensor_parallel_size)):
         if size != 1:
             raise ConfigError(f"{option_name(name)} {size}: the fsdp backend does not do this "
@@ -324,6 +323,7 @@ def _check_perf(config: Config) -> None:
         raise ConfigError(f"--context-parallel-size {p.context_parallel_size}: context "
                           "parallelism is not implemented in the fsdp backend yet; set it to 1")
     _positive(p.tensor_model_parallel_size, "--tensor-model-parallel-size")
+    _positive(p.expert_model_parallel_size, "--expert-model-parallel-size")
     if p.use_dynamic_batch_size and p.max_tokens_per_gpu is None:
         raise ConfigError("--use-dynamic-batch-size needs --max-tokens-per-gpu N (the token "
                           "budget of one packed micro-batch)")

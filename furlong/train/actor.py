@@ -8,7 +8,8 @@ data-parallel ranks by FSDP and metrics summed over them here.
 
 Where it runs (`RankInfo`):
 - one CPU process (`RankInfo()`): the plain HF model in float32, no torch.distributed;
-- several CPU processes (gloo): `parallel.parallelize` in float32;
+- several CPU processes (gloo): `parallel.parallelize` in float32 (with
+  --expert-model-parallel-size, experts split over ranks: train/expert_parallel.py);
 - one GPU: the plain HF model in bfloat16 with compiled decoder layers, its float32
   master weights and optimizer state beside it (`master_weights.MasterWeights`); no
   wrapper, no process group;
@@ -33,6 +34,7 @@ from furlong.model.loading import load_hf_model
 from furlong.model.moe import RouterRecorder, freeze_routers, is_moe
 from furlong.train import distributed_state, microbatch, parallel
 from furlong.train.batch import PackedMicroBatch, TrainBatch, pack, split_tokens
+from furlong.train.expert_parallel import check_expert_parallel_size
 from furlong.train.load_balancing import load_balancing_term
 from furlong.train.master_weights import MasterWeights
 from furlong.train.objective import LossInputs, make_reducer, policy_objective, sft_objective
@@ -49,7 +51,7 @@ def _local(param: torch.Tensor) -> torch.Tensor:
 class TrainActor:
     config: Config
     rank: RankInfo
-    mesh: DeviceMesh | None  # ("dp", "tp"); None for one process
+    mesh: DeviceMesh | None  # ("dp", "tp"), or ("edp", "ep", "tp"); None for one process
     policy: CausalLMPolicy
     masters: MasterWeights | None  # one GPU: the policy is bfloat16, these its float32 masters
     routing: RouterRecorder | None  # MoE: the routes of each training forward
@@ -80,15 +82,17 @@ class TrainActor:
         self.hook_args = hook_args
 
     def _build_mesh(self) -> DeviceMesh | None:
-        rank, tp_size = self.rank, self.config.perf.tensor_model_parallel_size
-        parallel.check_tensor_parallel_size(rank.world_size, tp_size)
-        if rank.tp_size != tp_size:
+        rank, perf = self.rank, self.config.perf
+        parallel.check_tensor_parallel_size(rank.world_size, perf.tensor_model_parallel_size)
+        if rank.tp_size != perf.tensor_model_parallel_size:
             raise ValueError(f"RankInfo.tp_size {rank.tp_size} differs from "
-                             f"--tensor-model-parallel-size {tp_size}")
+                             f"--tensor-model-parallel-size {perf.tensor_model_parallel_size}")
+        check_expert_parallel_size(perf.expert_model_parallel_size, rank.dp_size)
         if not rank.sharded:
             return None
         parallel.join(rank)
-        return parallel.build_mesh(rank.world_size, rank.tp_size, rank.device.type)
+        return parallel.build_mesh(rank.world_size, rank.tp_size, rank.device.type,
+                                   perf.expert_model_parallel_size)
 
     @property
     def _one_gpu(self) -> bool:
@@ -353,7 +357,8 @@ class TrainActor:
                        directory / f"trainer_rank{rank}.pt")
         # The layout goes with the RNG state, which every rank always writes.
         torch.save({**checkpoint.rng_state(), "world_size": self.rank.world_size,
-                    "tp_size": self.rank.tp_size}, directory / f"rng_rank{rank}.pt")
+                    "tp_size": self.rank.tp_size, "ep_size": self._ep_size},
+                   directory / f"rng_rank{rank}.pt")
         if self.mesh is not None:
             dist.barrier()
 
@@ -364,7 +369,8 @@ class TrainActor:
         saved_world = len(list(directory.glob("rng_rank*.pt")))
         rng = checkpoint.load_state(directory / f"rng_rank{rank}.pt") \
             if rank < saved_world else {}
-        self._check_saved_layout(directory, saved_world, rng.get("tp_size", 1))
+        self._check_saved_layout(directory, saved_world, rng.get("tp_size", 1),
+                                 rng.get("ep_size", 1))
         state_file = directory / f"trainer_rank{rank}.pt"
         if state_file.is_file():
             state = checkpoint.load_state(state_file)
@@ -372,14 +378,21 @@ class TrainActor:
             self.scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(rng)
 
-    def _check_saved_layout(self, directory: Path, saved_world: int, saved_tp: int) -> None:
-        world, tp = self.rank.world_size, self.rank.tp_size
-        if (saved_world, saved_tp) != (world, tp):
+    @property
+    def _ep_size(self) -> int:
+        return self.config.perf.expert_model_parallel_size
+
+    def _check_saved_layout(self, directory: Path, saved_world: int, saved_tp: int,
+                            saved_ep: int) -> None:
+        world, tp, ep = self.rank.world_size, self.rank.tp_size, self._ep_size
+        if (saved_world, saved_tp, saved_ep) != (world, tp, ep):
             raise ValueError(
                 f"{directory} holds the optimizer and RNG state of {saved_world} trainer ranks "
-                f"(tensor parallel {saved_tp}); this run has {world} (tensor parallel {tp}). "
-                "Resume with the same trainer world size and --tensor-model-parallel-size, "
-                "or start from its model/ directory with --ref-load (weights only).")
+                f"(tensor parallel {saved_tp}, expert parallel {saved_ep}); this run has "
+                f"{world} (tensor parallel {tp}, expert parallel {ep}). Resume with the same "
+                "trainer world size, --tensor-model-parallel-size and "
+                "--expert-model-parallel-size, or start from its model/ directory with "
+                "--ref-load (weights only).")
 
     def export_hf(self, path: str | Path) -> None:
         """An HF directory of the current weights (float32). Collective with several

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.placement_types import _StridedShard
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -95,7 +96,9 @@ def _copies(grad: torch.Tensor) -> int:
     for dim, placement in enumerate(grad.placements):
         if placement.is_partial():
             raise AssertionError("a gradient is still a partial sum: reduce it first")
-        if placement.is_shard():
+        # FSDP over "dp" of a tensor already sharded on the same dimension ("tp", "ep")
+        # is a _StridedShard, which is not `is_shard()`.
+        if placement.is_shard() or isinstance(placement, _StridedShard):
             shards *= mesh.size(dim)
     return world // shards
 

@@ -5,6 +5,9 @@ The mesh has two dimensions, ("dp", "tp"), tensor-parallel innermost: global ran
 is data-parallel rank r // tp and tensor-parallel rank r % tp. Data-parallel ranks
 see different samples; the ranks of one tensor-parallel group see the same samples
 and each holds a slice of every linear layer (Megatron's layout, done with DTensor).
+With expert parallelism (`expert_parallel.py`) the data-parallel dimension is also
+seen as ("edp", "ep"): the "ep" ranks of a group hold different experts of each MoE
+layer, the "edp" ranks the same ones.
 
 `parallelize` supports the dense decoder layers of Qwen2, Qwen3 and Llama (HF module
 names self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, the two layer norms and
@@ -30,6 +33,8 @@ from furlong.config.groups import PerfArgs
 from furlong.model.attention import RECOMPUTE_CORE
 from furlong.model.moe import is_moe
 from furlong.ports import free_port
+from furlong.train.expert_parallel import (apply_expert_parallel, check_expert_parallel_size,
+                                           expert_modules)
 
 
 # ---- where a rank sits -------------------------------------------------------------------
@@ -119,11 +124,19 @@ def join(rank: RankInfo) -> None:
                      rank.master_port or free_port(), backend, local_rank=rank.device.index)
 
 
-def build_mesh(world_size: int, tp_size: int, device_type: str) -> DeviceMesh:
-    """A (dp, tp) mesh over all ranks, tensor-parallel ranks adjacent."""
+def build_mesh(world_size: int, tp_size: int, device_type: str, ep_size: int = 1) -> DeviceMesh:
+    """A (dp, tp) mesh over all ranks, tensor-parallel ranks adjacent. With expert
+    parallelism the mesh is ("edp", "ep", "tp") and "dp" the flattened ("edp", "ep"):
+    the ranks of an expert group are adjacent data-parallel ranks."""
     check_tensor_parallel_size(world_size, tp_size)
-    return init_device_mesh(device_type, (world_size // tp_size, tp_size),
-                            mesh_dim_names=("dp", "tp"))
+    dp_size = world_size // tp_size
+    if ep_size == 1:
+        return init_device_mesh(device_type, (dp_size, tp_size), mesh_dim_names=("dp", "tp"))
+    check_expert_parallel_size(ep_size, dp_size)
+    mesh = init_device_mesh(device_type, (dp_size // ep_size, ep_size, tp_size),
+                            mesh_dim_names=("edp", "ep", "tp"))
+    mesh["edp", "ep"]._flatten("dp")
+    return mesh
 
 
 # ---- the order ------------------------------------------------------------------------
@@ -133,7 +146,8 @@ def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs,
 
     The order matters. Tensor parallel comes first because it replaces each linear
     weight by its DTensor slice, which FSDP then shards further over "dp" (FSDP2 of a
-    TP DTensor is the 2-D layout). Activation checkpointing comes before FSDP so that
+    TP DTensor is the 2-D layout); expert parallel likewise leaves each rank its experts
+    as DTensors over "ep", which FSDP shards further over "edp". Activation checkpointing comes before FSDP so that
     FSDP's all-gather hooks stay outside the recomputed region: the backward
     recomputes a layer with the parameters FSDP has already gathered for it. FSDP goes
     per decoder layer (one all-gather in flight per layer), then the root; the root
@@ -145,8 +159,11 @@ def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs,
     layers = decoder_layers(hf_model)
     if mesh["tp"].size() > 1:
         apply_tensor_parallel(hf_model, mesh["tp"], perf.sequence_parallel)
+    expert_mesh = mesh["edp"] if "ep" in mesh.mesh_dim_names else None
+    if expert_mesh is not None:
+        apply_expert_parallel(layers, mesh["ep"])
     apply_activation_checkpointing(layers, perf)
-    apply_fully_shard(policy, layers, mesh["dp"], mixed_precision)
+    apply_fully_shard(policy, layers, mesh["dp"], mixed_precision, expert_mesh)
     return policy
 
 
@@ -273,8 +290,10 @@ def apply_activation_checkpointing(layers: nn.ModuleList, perf: PerfArgs) -> Non
 
 # ---- FSDP2 --------------------------------------------------------------------------------
 def apply_fully_shard(policy: nn.Module, layers: nn.ModuleList, dp_mesh: DeviceMesh,
-                      mixed_precision: bool) -> None:
-    """Shard each decoder layer, then the root, over "dp". Mixed precision keeps the
+                      mixed_precision: bool, expert_mesh: DeviceMesh | None = None) -> None:
+    """Shard each decoder layer, then the root, over "dp"; with expert parallelism each
+    layer's experts first, over `expert_mesh` ("edp": the ranks holding the same
+    experts), as a unit of their own inside the layer's. Mixed precision keeps the
     float32 master weights and optimizer state sharded and gathers bfloat16 copies for
     compute, so the whole forward (residual stream included) runs in bfloat16;
     gradients are reduced in float32. With one data-parallel rank nothing is sharded, so
@@ -289,6 +308,9 @@ def apply_fully_shard(policy: nn.Module, layers: nn.ModuleList, dp_mesh: DeviceM
                                            reduce_dtype=torch.float32,
                                            cast_forward_inputs=False)
     for layer in layers:
+        for experts in expert_modules([layer]) if expert_mesh is not None else ():
+            fully_shard(experts, mesh=expert_mesh, mp_policy=layer_policy,
+                        reshard_after_forward=expert_mesh.size() > 1)
         fully_shard(layer, mesh=dp_mesh, mp_policy=layer_policy,
                     reshard_after_forward=dp_mesh.size() > 1)
     fully_shard(policy, mesh=dp_mesh, mp_policy=root_policy)

@@ -1,0 +1,160 @@
+"""Expert parallelism: each MoE layer's experts split over the "ep" ranks, every routed
+token sent to the rank that owns its expert and its result sent back (all-to-all).
+
+Layout (Megatron's): expert-parallel ranks are carved from the data-parallel ranks.
+With dp data-parallel ranks and --expert-model-parallel-size ep, the ("dp", "tp") mesh
+is seen as ("edp", "ep", "tp"), dp = edp x ep: the ep ranks of one expert group hold
+different experts (rank i the experts [i E/ep, (i+1) E/ep) of E, as slices of HF's fused
+`gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I): DTensors sharded over "ep"), and
+FSDP2 shards those slices further over the edp ranks that hold the same experts. Every
+other parameter stays FSDP2-sharded over all dp ranks. Tensor-parallel ranks of one
+data-parallel rank see the same tokens: each runs the MoE layer whole, exchanging tokens
+with the ranks of the same "tp" index (experts are not split over "tp").
+
+Forward of one MoE layer on one rank, for T tokens routed to k experts each
+(`dispatched_experts_forward`):
+  1. the T k (token, expert) pairs sorted by expert; experts are numbered by owner, so
+     the sort also groups the pairs by destination rank;
+  2. the count of pairs per expert exchanged (all-to-all of E integers), so that each
+     rank knows how many rows it receives for each of its experts from each rank;
+  3. the rows exchanged (autograd all-to-all: the backward sends the gradients back the
+     way the rows came);
+  4. the received rows regrouped by local expert and run through the local experts with
+     the grouped GEMM of HF's experts (`_grouped_linear`, with its CPU fallback);
+  5. the results sent back (all-to-all), put back in pair order, weighted by the
+     router's top-k weights and summed per token, as HF's grouped_mm forward does (the
+     weights are applied on the token's own rank, so router gradients stay local).
+
+Gradient scale: the trainer scales each rank's loss by dp and FSDP averages gradients
+over the ranks that share a parameter. An expert slice collects the gradients of the
+tokens of all ep ranks of its group and is averaged over edp = dp / ep ranks only, so
+its gradient would be ep times the global one; the local slice's gradient is scaled by
+1 / ep in the forward (`_ScaleGradient`) to make it the same sum as every other
+parameter's.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed.tensor import DTensor, Shard
+from transformers.integrations.moe import _grouped_linear
+
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # HF's fused expert tensors, experts first
+
+
+def check_expert_parallel_size(ep_size: int, dp_size: int) -> None:
+    """Expert groups tile the data-parallel ranks."""
+    if ep_size < 1 or dp_size % ep_size:
+        raise ValueError(f"--expert-model-parallel-size {ep_size} does not divide the "
+                         f"{dp_size} data-parallel trainer ranks (trainer ranks / "
+                         "--tensor-model-parallel-size): expert-parallel ranks are carved from "
+                         "the data-parallel ones; choose a divisor of that number")
+
+
+def expert_modules(layers: nn.ModuleList) -> list[nn.Module]:
+    """The experts module of each MoE decoder layer (dense layers have none)."""
+    return [layer.mlp.experts for layer in layers
+            if isinstance(getattr(getattr(layer, "mlp", None), "experts", None), nn.Module)]
+
+
+def apply_expert_parallel(layers: nn.ModuleList, ep_mesh: DeviceMesh) -> None:
+    """Keep this rank's experts of every MoE layer (1/ep of each expert tensor) and make
+    the layer dispatch its tokens to the owners of their experts."""
+    found = expert_modules(layers)
+    size = ep_mesh.size()
+    if not found:
+        raise ValueError(f"--expert-model-parallel-size {size}: the model has no MoE layers "
+                         "(no experts to split); set it to 1")
+    for experts in found:
+        _check_supported(experts, size)
+        for name in EXPERT_WEIGHTS:
+            setattr(experts, name, _expert_shard(getattr(experts, name), ep_mesh))
+        experts.forward = functools.partial(dispatched_experts_forward, experts,
+                                            ep_mesh.get_group())
+
+
+def _check_supported(experts: nn.Module, ep_size: int) -> None:
+    num_experts = experts.gate_up_proj.shape[0]
+    if num_experts % ep_size:
+        raise ValueError(f"--expert-model-parallel-size {ep_size} does not divide the model's "
+                         f"{num_experts} experts: choose a divisor of num_experts")
+    layout = (getattr(experts, "has_gate", False), getattr(experts, "has_bias", True),
+              getattr(experts, "is_transposed", True))
+    if layout != (True, False, False) or not all(hasattr(experts, n) for n in EXPERT_WEIGHTS):
+        raise ValueError(f"--expert-model-parallel-size {ep_size}: {type(experts).__name__} "
+                         "is not laid out as Qwen-MoE experts (fused gate_up_proj and "
+                         "down_proj, no bias); set it to 1")
+
+
+def _expert_shard(full: nn.Parameter, ep_mesh: DeviceMesh) -> nn.Parameter:
+    """This rank's experts of `full` (E, ...), a DTensor sharded over "ep" by expert. A
+    copy, so that the full tensor is freed."""
+    local = full.detach().chunk(ep_mesh.size())[ep_mesh.get_local_rank()]
+    local = local.to(ep_mesh.device_type, copy=True)
+    shard = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False,
+                               shape=full.shape, stride=full.stride())
+    return nn.Parameter(shard, requires_grad=full.requires_grad)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by `scale`."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+def dispatched_experts_forward(experts: nn.Module, group: dist.ProcessGroup,
+                               hidden: torch.Tensor, top_k_index: torch.Tensor,
+                               top_k_weights: torch.Tensor) -> torch.Tensor:
+    """HF's experts forward over the expert group: hidden (T, H), top_k_index and
+    top_k_weights (T, k) -> (T, H). Collective over `group` (steps 1-5 above)."""
+    ep_size = group.size()
+    gate_up, down = (_ScaleGradient.apply(getattr(experts, name).to_local(), 1.0 / ep_size)
+                     for name in EXPERT_WEIGHTS)  # (E/ep, 2I, H), (E/ep, H, I)
+    num_local, top_k = gate_up.shape[0], top_k_index.shape[1]
+    expert_ids = top_k_index.reshape(-1)  # (T k,)
+    order = torch.argsort(expert_ids, stable=True)
+    sent_per_expert = torch.bincount(expert_ids, minlength=num_local * ep_size)  # (E,)
+    received_per_expert = torch.empty_like(sent_per_expert)  # (ep x E/ep): source, expert
+    dist.all_to_all_single(received_per_expert, sent_per_expert, group=group)
+    received_per_expert = received_per_expert.view(ep_size, num_local)
+    send_splits = sent_per_expert.view(ep_size, num_local).sum(dim=1).tolist()
+    receive_splits = received_per_expert.sum(dim=1).tolist()
+    received = _exchange(hidden[order // top_k], receive_splits, send_splits, group)
+    outputs = _local_experts(experts, received, received_per_expert, gate_up, down)
+    returned = _exchange(outputs, send_splits, receive_splits, group)  # (T k, H) in `order`
+    pair_outputs = returned[torch.argsort(order)]
+    weighted = pair_outputs * top_k_weights.reshape(-1, 1)
+    return weighted.view(-1, top_k, hidden.shape[-1]).sum(dim=1).to(hidden.dtype)
+
+
+def _exchange(rows: torch.Tensor, receive_splits: list[int], send_splits: list[int],
+              group: dist.ProcessGroup) -> torch.Tensor:
+    """Rows [sum(send_splits), H] out, [sum(receive_splits), H] in, by rank of `group`."""
+    out = rows.new_empty(sum(receive_splits), rows.shape[-1])
+    return all_to_all_single(out, rows.contiguous(), receive_splits, send_splits, group=group)
+
+
+def _local_experts(experts: nn.Module, rows: torch.Tensor, rows_per_expert: torch.Tensor,
+                   gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """The local experts on `rows` (R, H), which arrive by source rank, then by local
+    expert (`rows_per_expert` (ep, E/ep)); the results come back in the same order."""
+    num_sources, num_local = rows_per_expert.shape
+    local_ids = torch.arange(num_local, device=rows.device).repeat(num_sources)
+    regroup = torch.argsort(local_ids.repeat_interleave(rows_per_expert.reshape(-1)),
+                            stable=True)  # (R,): rows by local expert
+    offsets = torch.cumsum(rows_per_expert.sum(dim=0), dim=0, dtype=torch.int32)
+    projected = experts._apply_gate(_grouped_linear(rows[regroup], gate_up, offsets))
+    outputs = _grouped_linear(projected, down, offsets)  # (R, H), by local expert
+    return outputs[torch.argsort(regroup)]
