@@ -50,9 +50,9 @@ MOE_KERNEL_CHECK = textwrap.dedent("""
     for tokens in TOKENS:
         hidden = torch.randn(tokens, SHAPE[0], device=DEVICE, dtype=DTYPE)
         with torch.no_grad():
-            out, expert_ids = SparseMoE(block)(hidden)
+            out, expert_ids = SparseMoE(block, config)(hidden)
             want = block(hidden[None])[0]
-            weights, _ = SparseMoE(block).route(hidden)
+            weights, _ = SparseMoE(block, config).route(hidden)
             reference = M.fused_experts_reference(hidden, block.experts.gate_up_proj,
                                                   block.experts.down_proj, expert_ids, weights)
         scale = want.abs().max()

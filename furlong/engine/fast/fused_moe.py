@@ -29,18 +29,21 @@ if triton is not None:
 
     @triton.jit
     def _align_kernel(expert_ids, num_pairs, sorted_pairs, block_experts, num_padded,
-                      EXPERTS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+                      NUM_EXPERTS: tl.constexpr, BINS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      CHUNK: tl.constexpr):
         """Program e: count every expert's pairs, find e's padded offset, write e's pairs
-        there in pair order, fill its padding and name e in its blocks."""
+        there in pair order, fill its padding and name e in its blocks. Loads past the
+        end count in bin NUM_EXPERTS (BINS > NUM_EXPERTS), which is then dropped."""
         expert = tl.program_id(0)
         offsets = tl.arange(0, CHUNK)
-        counts = tl.zeros((EXPERTS_PAD,), tl.int32)
+        counts = tl.zeros((BINS,), tl.int32)
         for start in tl.range(0, num_pairs, CHUNK):
-            inside = start + offsets < num_pairs
-            ids = tl.load(expert_ids + start + offsets, mask=inside, other=0).to(tl.int32)
-            counts += tl.histogram(ids, EXPERTS_PAD, mask=inside)
-        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-        mine = tl.arange(0, EXPERTS_PAD) == expert
+            ids = tl.load(expert_ids + start + offsets, mask=start + offsets < num_pairs,
+                          other=NUM_EXPERTS).to(tl.int32)
+            counts += tl.histogram(ids, BINS)
+        bins = tl.arange(0, BINS)
+        padded = tl.where(bins < NUM_EXPERTS, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+        mine = bins == expert
         end = tl.sum(tl.where(mine, tl.cumsum(padded, axis=0), 0))
         first = end - tl.sum(tl.where(mine, padded, 0))
         placed = tl.full((), 0, tl.int32)
@@ -173,7 +176,7 @@ def align_pairs(expert_ids: torch.Tensor, num_experts: int, block_m: int
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
     _align_kernel[(num_experts,)](
         expert_ids.flatten(), num_pairs, sorted_pairs, block_experts, num_padded,
-        EXPERTS_PAD=triton.next_power_of_2(num_experts), BLOCK_M=block_m,
+        NUM_EXPERTS=num_experts, BINS=triton.next_power_of_2(num_experts + 1), BLOCK_M=block_m,
         CHUNK=min(1024, max(16, triton.next_power_of_2(num_pairs))))
     return sorted_pairs, block_experts, num_padded
 

@@ -73,7 +73,7 @@ class FastDecoder(nn.Module):
                     if projections[0].bias is not None else None)
             fused = {"qkv": fuse_parameters([p.weight for p in projections]), "qkv_bias": bias}
             if is_sparse_moe(mlp):
-                fused["moe"] = SparseMoE(mlp)
+                fused["moe"] = SparseMoE(mlp, self.hf_model.config)
             else:
                 fused["gate_up"] = fuse_parameters([mlp.gate_proj.weight, mlp.up_proj.weight])
             self.fused.append(fused)

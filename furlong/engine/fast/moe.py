@@ -29,15 +29,15 @@ _EXPERT_NAME = re.compile(
 def is_sparse_moe(mlp: nn.Module) -> bool:
     """Whether an HF decoder layer's mlp is a routed-experts block (Qwen3-MoE style)."""
     experts = getattr(mlp, "experts", None)
-    return hasattr(experts, "gate_up_proj") and hasattr(getattr(mlp, "gate", None), "top_k")
+    return hasattr(experts, "gate_up_proj") and hasattr(getattr(mlp, "gate", None), "weight")
 
 
 class SparseMoE:
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, config):
         self.router = block.gate
         self.experts = block.experts
-        self.top_k = block.gate.top_k
-        self.norm_topk_prob = block.gate.norm_topk_prob
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
 
     def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden (T, H) -> routing weights (T, k) in the dtype, expert ids (T, k) int64."""
