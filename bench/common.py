@@ -1,7 +1,8 @@
 """Shared pieces of the GPU benchmarks: model shapes, a synthetic tokenizer, ceilings.
 
 Models are random-init (no hub on the GPU machine): the architectures of Qwen3-0.6B,
-Qwen3-1.7B and Qwen3-4B with their published shapes. Timings are independent of the weights'
+Qwen3-1.7B and Qwen3-4B with their published shapes, and Qwen3-30B-A3B's layer with
+fewer layers (48 in the release) so that it fits one GPU. Timings are independent of the weights'
 values except where EOS would stop a sequence, and benchmarks ignore EOS.
 """
 from __future__ import annotations
@@ -25,6 +26,16 @@ QWEN3_SHAPES = {
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16),
 }
 VOCAB = 151936
+QWEN3_MOE_SHAPES = {
+    "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                          norm_topk_prob=True, tie_word_embeddings=False),
+    "qwen3-moe-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                           norm_topk_prob=True, tie_word_embeddings=True),
+}
 
 
 def qwen3_model(name: str, dtype=torch.bfloat16, device="cuda", seed: int = 0):
@@ -37,6 +48,23 @@ def qwen3_model(name: str, dtype=torch.bfloat16, device="cuda", seed: int = 0):
     with torch.device(device):
         model = Qwen3ForCausalLM(config)
     return model.to(dtype).eval()
+
+
+def qwen3_moe_model(name: str, num_layers: int | None = None, dtype=torch.bfloat16,
+                    device="cuda", seed: int = 0):
+    """Random-init Qwen3-MoE of `name`'s layer shape, `num_layers` layers (default: all),
+    built directly in `dtype` (30B-A3B's 8 layers are 11 GB in bf16)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    shape = dict(QWEN3_MOE_SHAPES[name])
+    if num_layers is not None:
+        shape["num_hidden_layers"] = num_layers
+    config = Qwen3MoeConfig(vocab_size=VOCAB, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                            eos_token_id=VOCAB - 1, pad_token_id=0, bos_token_id=None, **shape)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen3MoeForCausalLM._from_config(config, dtype=dtype)
+    return model.eval()
 
 
 def save_model_dir(model, directory: Path, tokenizer) -> Path:

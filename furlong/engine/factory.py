@@ -1,7 +1,7 @@
 """Which engine runs, and with what settings: `--rollout-backend` and the SGLang-style flags.
 
 auto: SGLang when it is importable and the run is on a GPU; else the fast engine on a
-GPU for the dense families it supports (Qwen2, Qwen3, Llama), the HF engine otherwise.
+GPU for the families it supports (Qwen2, Qwen3, Llama, Qwen3-MoE), the HF engine otherwise.
 The fast engine's KV cache takes `--sglang-mem-fraction-static` of the GPU (default 0.85
 alone; 0.3 when the trainer shares the device in this process, leaving room for its
 optimizer and activations).
