@@ -180,18 +180,20 @@ def test_gpu_fused_moe_matches_reference_in_bf16():
 
 
 @pytest.mark.gpu
-def test_gpu_moe_graphs_match_eager_and_hf(tiny_moe, tokenizer, hf_outputs):
-    """The tiny MoE on CUDA in float32: decode captured in CUDA graphs gives the eager
-    tokens, and both give the HF engine's tokens and routes."""
+def test_gpu_moe_graphs_match_eager(tiny_moe, tokenizer):
+    """The tiny MoE on CUDA in float32: decode captured in CUDA graphs (align, grouped
+    GEMMs and route writes inside) gives the eager run's tokens and routed experts."""
     reqs = requests(tokenizer)
+    runs = []
     for graphs in (True, False):
         engine = FastEngine(load_hf_model(str(tiny_moe / "model"), torch.float32, "cuda"),
                             tokenizer, cuda_graphs=graphs, max_num_seqs=16,
                             kv_cache_tokens=4096)
         if graphs:
             engine.runner.capture_graphs()
-        outputs = run_all(engine, reqs)
+        runs.append(run_all(engine, reqs))
         asyncio.run(engine.close())
-        for fast, simple in zip(outputs, hf_outputs, strict=True):
-            assert fast.output_ids == simple.output_ids
-            assert torch.equal(fast.routed_experts, simple.routed_experts)
+    for captured, eager, (prompt, _) in zip(*runs, reqs, strict=True):
+        assert captured.output_ids == eager.output_ids
+        assert captured.routed_experts.shape == (len(prompt) + len(eager.output_ids) - 1, 2, 2)
+        assert torch.equal(captured.routed_experts, eager.routed_experts)
