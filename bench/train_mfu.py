@@ -2,6 +2,11 @@
 
     python bench/train_mfu.py [--model qwen3-1.7b] [--tokens 8192 16384]
         [--furlong-flags "--recompute-granularity full ..."] [--baselines [hf hf_liger]]
+    python bench/train_mfu.py --model qwen3-30b-a3b --layers 4 --tokens 8192
+
+The MoE model (`--model qwen3-30b-a3b`) has Qwen3-30B-A3B's layer shape (128 experts,
+top-8) with `--layers` of its 48 layers; its FLOPs count the experts a token is routed
+to (furlong/train/flops.py).
 
 furlong: TrainActor, packed micro-batches of `tokens` tokens (dynamic batching), bf16
 weights with float32 masters, compiled decoder layers, varlen flash attention, the fused
@@ -28,8 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (device_name, matmul_flops, qwen3_model, save_model_dir,  # noqa: E402
-                          synthetic_tokenizer, write_results)
+from bench.common import (QWEN3_MOE_SHAPES, device_name, matmul_flops,  # noqa: E402
+                          qwen3_model, qwen3_moe_model, save_model_dir, synthetic_tokenizer,
+                          write_results)
 from furlong.config import load_config  # noqa: E402
 from furlong.train.actor import RankInfo, TrainActor  # noqa: E402
 from furlong.train.batch import TrainBatch  # noqa: E402
@@ -106,10 +112,12 @@ def bench_hf(model_dir: Path, tokens: int) -> float:
 
 
 def bench_hf_liger(model_dir: Path, tokens: int) -> float:
-    from liger_kernel.transformers import apply_liger_kernel_to_qwen3
-    from transformers import AutoModelForCausalLM
-    apply_liger_kernel_to_qwen3(rope=True, rms_norm=True, swiglu=True,
-                                fused_linear_cross_entropy=True, cross_entropy=False)
+    from liger_kernel.transformers import monkey_patch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    model_type = AutoConfig.from_pretrained(model_dir).model_type
+    monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN[model_type](
+        rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True,
+        cross_entropy=False)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)
     ids = torch.randint(1, 150000, (tokens // SAMPLE, SAMPLE), device="cuda")
@@ -125,6 +133,7 @@ def bench_hf_liger(model_dir: Path, tokens: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="qwen3-1.7b")
+    parser.add_argument("--layers", type=int, help="MoE model: this many of its layers")
     parser.add_argument("--tokens", nargs="+", type=int, default=[8192, 16384])
     parser.add_argument("--furlong-flags", default="", help="extra train.py flags")
     parser.add_argument("--baselines", nargs="*", default=["hf", "hf_liger"],
@@ -133,11 +142,15 @@ def main() -> None:
     flags = args.furlong_flags.split()
     name = device_name()
     results = {"device": name, "torch": torch.__version__, "model": args.model,
+               "layers": args.layers,
                "furlong_flags": args.furlong_flags,
                "measured_bf16_gemm_tflops": matmul_flops() / 1e12, "runs": []}
     peak = peak_flops(name)
     with tempfile.TemporaryDirectory() as temporary:
-        model = qwen3_model(args.model, torch.bfloat16, "cpu")  # saved in bf16: half the bytes
+        if args.model in QWEN3_MOE_SHAPES:
+            model = qwen3_moe_model(args.model, args.layers, torch.bfloat16, "cpu")
+        else:  # saved in bf16: half the bytes
+            model = qwen3_model(args.model, torch.bfloat16, "cpu")
         config = model.config
         model_dir = save_model_dir(model, Path(temporary) / "model", synthetic_tokenizer())
         del model
