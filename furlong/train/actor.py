@@ -51,7 +51,8 @@ def _local(param: torch.Tensor) -> torch.Tensor:
 class TrainActor:
     config: Config
     rank: RankInfo
-    mesh: DeviceMesh | None  # ("dp", "tp"), or ("edp", "ep", "tp"); None for one process
+    mesh: DeviceMesh | None  # ("dp", "tp"); None for one process
+    expert_mesh: DeviceMesh | None  # ("edp", "ep", "tp") with --expert-model-parallel-size
     policy: CausalLMPolicy
     masters: MasterWeights | None  # one GPU: the policy is bfloat16, these its float32 masters
     routing: RouterRecorder | None  # MoE: the routes of each training forward
@@ -67,6 +68,8 @@ class TrainActor:
         self.config = config
         self.rank = rank
         self.mesh = self._build_mesh()
+        self.expert_mesh = parallel.build_expert_mesh(self.mesh, self._ep_size) \
+            if self._ep_size > 1 else None
         self.policy = self._build_policy(init_weights, trainable=True)
         self.masters = MasterWeights(self.policy.hf_model) if self._one_gpu else None
         self.routing = RouterRecorder(self.policy.hf_model) \
@@ -91,8 +94,7 @@ class TrainActor:
         if not rank.sharded:
             return None
         parallel.join(rank)
-        return parallel.build_mesh(rank.world_size, rank.tp_size, rank.device.type,
-                                   perf.expert_model_parallel_size)
+        return parallel.build_mesh(rank.world_size, rank.tp_size, rank.device.type)
 
     @property
     def _one_gpu(self) -> bool:
@@ -123,7 +125,7 @@ class TrainActor:
                 compile_decoder_layers(parallel.decoder_layers(hf_model))
             return policy
         return parallel.parallelize(policy, self.mesh, perf,
-                                    mixed_precision=self.rank.device.type == "cuda")
+                                    self.rank.device.type == "cuda", self.expert_mesh)
 
     # ---- splitting -------------------------------------------------------------------
     def _micro_batches(self, batch: TrainBatch, indices: list[int]) -> list[list[int]]:

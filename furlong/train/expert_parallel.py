@@ -35,12 +35,13 @@ parameter's.
 from __future__ import annotations
 
 import functools
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.tensor import DTensor, Shard
 from transformers.integrations.moe import _grouped_linear
 
@@ -56,7 +57,7 @@ def check_expert_parallel_size(ep_size: int, dp_size: int) -> None:
                          "the data-parallel ones; choose a divisor of that number")
 
 
-def expert_modules(layers: nn.ModuleList) -> list[nn.Module]:
+def expert_modules(layers: Iterable[nn.Module]) -> list[nn.Module]:
     """The experts module of each MoE decoder layer (dense layers have none)."""
     return [layer.mlp.experts for layer in layers
             if isinstance(getattr(getattr(layer, "mlp", None), "experts", None), nn.Module)]
@@ -142,8 +143,7 @@ def dispatched_experts_forward(experts: nn.Module, group: dist.ProcessGroup,
 def _exchange(rows: torch.Tensor, receive_splits: list[int], send_splits: list[int],
               group: dist.ProcessGroup) -> torch.Tensor:
     """Rows [sum(send_splits), H] out, [sum(receive_splits), H] in, by rank of `group`."""
-    out = rows.new_empty(sum(receive_splits), rows.shape[-1])
-    return all_to_all_single(out, rows.contiguous(), receive_splits, send_splits, group=group)
+    return all_to_all_single_autograd(rows.contiguous(), receive_splits, send_splits, group)
 
 
 def _local_experts(experts: nn.Module, rows: torch.Tensor, rows_per_expert: torch.Tensor,

@@ -9,10 +9,12 @@ With expert parallelism (`expert_parallel.py`) the data-parallel dimension is al
 seen as ("edp", "ep"): the "ep" ranks of a group hold different experts of each MoE
 layer, the "edp" ranks the same ones.
 
-`parallelize` supports the dense decoder layers of Qwen2, Qwen3 and Llama (HF module
+`parallelize` supports the decoder layers of Qwen2, Qwen3 and Llama (HF module
 names self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, the two layer norms and
-Qwen3's per-head q_norm/k_norm). One process (`RankInfo()`, or one GPU) is not
-parallelised: the plain model is faster and needs no process group.
+Qwen3's per-head q_norm/k_norm), and Qwen-family MoE layers, whose attention tensor
+parallel splits while each tensor-parallel rank runs the MoE block whole. One process
+(`RankInfo()`, or one GPU) is not parallelised: the plain model is faster and needs no
+process group.
 """
 from __future__ import annotations
 
@@ -25,13 +27,13 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
+                                               PrepareModuleInputOutput, RowwiseParallel,
                                                SequenceParallel, parallelize_module)
 from torch.utils.checkpoint import checkpoint
 
 from furlong.config.groups import PerfArgs
 from furlong.model.attention import RECOMPUTE_CORE
-from furlong.model.moe import is_moe
 from furlong.ports import free_port
 from furlong.train.expert_parallel import (apply_expert_parallel, check_expert_parallel_size,
                                            expert_modules)
@@ -124,30 +126,32 @@ def join(rank: RankInfo) -> None:
                      rank.master_port or free_port(), backend, local_rank=rank.device.index)
 
 
-def build_mesh(world_size: int, tp_size: int, device_type: str, ep_size: int = 1) -> DeviceMesh:
-    """A (dp, tp) mesh over all ranks, tensor-parallel ranks adjacent. With expert
-    parallelism the mesh is ("edp", "ep", "tp") and "dp" the flattened ("edp", "ep"):
-    the ranks of an expert group are adjacent data-parallel ranks."""
+def build_mesh(world_size: int, tp_size: int, device_type: str) -> DeviceMesh:
+    """A (dp, tp) mesh over all ranks, tensor-parallel ranks adjacent."""
     check_tensor_parallel_size(world_size, tp_size)
-    dp_size = world_size // tp_size
-    if ep_size == 1:
-        return init_device_mesh(device_type, (dp_size, tp_size), mesh_dim_names=("dp", "tp"))
+    return init_device_mesh(device_type, (world_size // tp_size, tp_size),
+                            mesh_dim_names=("dp", "tp"))
+
+
+def build_expert_mesh(mesh: DeviceMesh, ep_size: int) -> DeviceMesh:
+    """The ("dp", "tp") `mesh` seen as ("edp", "ep", "tp"): expert groups of `ep_size`
+    adjacent data-parallel ranks (new process groups: build it once)."""
+    dp_size = mesh["dp"].size()
     check_expert_parallel_size(ep_size, dp_size)
-    mesh = init_device_mesh(device_type, (dp_size // ep_size, ep_size, tp_size),
-                            mesh_dim_names=("edp", "ep", "tp"))
-    mesh["edp", "ep"]._flatten("dp")
-    return mesh
+    return mesh._unflatten("dp", (dp_size // ep_size, ep_size), ("edp", "ep"))
 
 
 # ---- the order ------------------------------------------------------------------------
-def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs,
-                mixed_precision: bool) -> nn.Module:
-    """Split `policy` (a CausalLMPolicy: `policy.hf_model` is the HF model) over `mesh`.
+def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs, mixed_precision: bool,
+                expert_mesh: DeviceMesh | None = None) -> nn.Module:
+    """Split `policy` (a CausalLMPolicy: `policy.hf_model` is the HF model) over `mesh`,
+    and its experts over `expert_mesh` (`build_expert_mesh`) when given.
 
     The order matters. Tensor parallel comes first because it replaces each linear
     weight by its DTensor slice, which FSDP then shards further over "dp" (FSDP2 of a
     TP DTensor is the 2-D layout); expert parallel likewise leaves each rank its experts
-    as DTensors over "ep", which FSDP shards further over "edp". Activation checkpointing comes before FSDP so that
+    as DTensors over "ep", which FSDP shards further over "edp". Activation
+    checkpointing comes before FSDP so that
     FSDP's all-gather hooks stay outside the recomputed region: the backward
     recomputes a layer with the parameters FSDP has already gathered for it. FSDP goes
     per decoder layer (one all-gather in flight per layer), then the root; the root
@@ -159,11 +163,11 @@ def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs,
     layers = decoder_layers(hf_model)
     if mesh["tp"].size() > 1:
         apply_tensor_parallel(hf_model, mesh["tp"], perf.sequence_parallel)
-    expert_mesh = mesh["edp"] if "ep" in mesh.mesh_dim_names else None
     if expert_mesh is not None:
-        apply_expert_parallel(layers, mesh["ep"])
+        apply_expert_parallel(layers, expert_mesh["ep"])
     apply_activation_checkpointing(layers, perf)
-    apply_fully_shard(policy, layers, mesh["dp"], mixed_precision, expert_mesh)
+    apply_fully_shard(policy, layers, mesh["dp"], mixed_precision,
+                      expert_mesh["edp"] if expert_mesh is not None else None)
     return policy
 
 
@@ -188,17 +192,26 @@ def _layer_plan(layer: nn.Module, sequence_parallel: bool) -> dict:
     """Megatron's split of one block: q/k/v and gate/up by output features (each rank
     gets whole heads), o and down by input features, summed over ranks. With sequence
     parallel the sum is a reduce-scatter over the sequence and the norms run on the
-    rank's sequence slice; the attention and MLP inputs are all-gathered first."""
+    rank's sequence slice; the attention and MLP inputs are all-gathered first.
+
+    An MoE block (router and experts) is not split: every tensor-parallel rank runs it
+    on the whole (replicated) sequence, so its gradients are the same on each (experts
+    are split by expert parallelism instead). With sequence parallel its input is
+    all-gathered and its output sliced back to the rank's part of the sequence."""
     block_output = Shard(1) if sequence_parallel else Replicate()
     plan = {
         "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
         "self_attn.v_proj": ColwiseParallel(),
         "self_attn.o_proj": RowwiseParallel(output_layouts=block_output,
                                             use_local_output=not sequence_parallel),
-        "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-        "mlp.down_proj": RowwiseParallel(output_layouts=block_output,
-                                         use_local_output=not sequence_parallel),
     }
+    moe_block = hasattr(layer.mlp, "experts")
+    if not moe_block:
+        plan.update({
+            "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=block_output,
+                                             use_local_output=not sequence_parallel),
+        })
     if hasattr(layer.self_attn, "q_norm"):
         # Qwen3 normalises each head of (B, T, heads, D): the heads (dim 2) are this
         # rank's, so the norm weight is a replicated DTensor whose gradient is summed
@@ -212,8 +225,12 @@ def _layer_plan(layer: nn.Module, sequence_parallel: bool) -> dict:
             "self_attn": PrepareModuleInput(
                 input_kwarg_layouts={"hidden_states": Shard(1)},
                 desired_input_kwarg_layouts={"hidden_states": Replicate()}),
-            "mlp": PrepareModuleInput(input_layouts=(Shard(1),),
-                                      desired_input_layouts=(Replicate(),)),
+            "mlp": PrepareModuleInputOutput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                use_local_input=True, output_layouts=(Replicate(),),
+                desired_output_layouts=(Shard(1),), use_local_output=False)
+            if moe_block else PrepareModuleInput(input_layouts=(Shard(1),),
+                                                 desired_input_layouts=(Replicate(),)),
         })
     return plan
 
@@ -226,10 +243,6 @@ def apply_tensor_parallel(hf_model: nn.Module, tp_mesh: DeviceMesh,
     first block's input is split along the sequence and the final norm's input
     gathered back, so the final norm and the head see the whole (replicated) row."""
     _check_divisible(hf_model.config, tp_mesh.size())
-    if is_moe(hf_model):
-        raise ValueError("--tensor-model-parallel-size above 1 with an MoE model: the fsdp "
-                         "backend does not split experts yet; set it to 1 (data parallel "
-                         "shards the experts with FSDP2)")
     layers = decoder_layers(hf_model)
     device = torch.device(tp_mesh.device_type, torch.cuda.current_device()
                           if tp_mesh.device_type == "cuda" else None)
