@@ -5,6 +5,10 @@ arrive while a batch is running wait for the next one (static batching): simple 
 correct, the reference the fast GPU engine is tested against. Stop conditions, in
 the order checked after each token: abort, stop token ids and EOS (unless
 `ignore_eos`), stop strings, max new tokens, max context.
+
+With `return_routed_experts` on an MoE model, the experts every router chose are recorded
+in each forward (model/moe.py's `RoutingReplay`) and kept per request: the prefill's for
+its prompt, then one row for each generated token fed back in.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.sampling import sample_tokens
 from furlong.engine.stops import ended_on_stop_token, response_text, stop_string_end
 from furlong.model.loading import eos_token_ids, load_named_tensors
+from furlong.model.moe import RoutingReplay, is_moe
 
 
 @dataclass
@@ -29,6 +34,7 @@ class _Request:
     params: SamplingParams
     future: asyncio.Future
     seed: int
+    return_routed_experts: bool = False
     cancelled: bool = False  # the caller gave up on it: its row stops (finish "abort")
 
 
@@ -41,6 +47,7 @@ class _Row:
         self.output_ids: list[int] = []
         self.log_probs: list[float] = []
         self.finish_reason: str | None = None if max_new_tokens > 0 else "length"
+        self.routes: list[torch.Tensor] = []  # (tokens, num_moe_layers, k) per forward
 
     def accept(self, token: int, log_prob: float, eos_ids: set[int], tokenizer) -> None:
         params = self.request.params
@@ -57,7 +64,28 @@ class _Row:
         reason = self.finish_reason or "abort"
         text = response_text(tokenizer, self.output_ids, self.request.params, reason, eos_ids)
         return GenerateOutput(self.output_ids, self.log_probs, reason, text,
-                              len(self.request.input_ids), version)
+                              len(self.request.input_ids), version,
+                              routed_experts=self.routed_experts())
+
+    def routed_experts(self) -> torch.Tensor | None:
+        """Every processed token's experts but the last token's; None unless asked, or
+        when no forward ran for this request."""
+        if not (self.request.return_routed_experts and self.routes):
+            return None
+        count = len(self.request.input_ids) + len(self.output_ids) - 1
+        return torch.cat(self.routes)[:count]
+
+
+def _keep_routes(rows: list[_Row], routes: torch.Tensor, step: int) -> None:
+    """Hand each row the routes (B * S, num_moe_layers, k) of its tokens in this forward:
+    the prefill's last len(prompt) columns (left padding), then the token fed back at
+    `step`, when it is the row's own last output (a finished row's feeds are dropped)."""
+    routes = routes.view(len(rows), -1, *routes.shape[1:])
+    for row, row_routes in zip(rows, routes, strict=True):
+        if step == 0:
+            row.routes.append(row_routes[routes.shape[1] - len(row.request.input_ids):])
+        elif len(row.output_ids) == step:
+            row.routes.append(row_routes)
 
 
 class HFEngine:
@@ -67,6 +95,7 @@ class HFEngine:
                  max_batch_size: int = 512, default_seed: int = 0):
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self._routing = RoutingReplay(model) if is_moe(model) else None
         self.eos_ids = eos_token_ids(model, tokenizer)
         # transformers renamed past_key_values to cache (5.2x); accept both.
         forward = inspect.signature(model.forward).parameters
@@ -85,7 +114,8 @@ class HFEngine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    async def generate(self, input_ids: list[int], params: SamplingParams) -> GenerateOutput:
+    async def generate(self, input_ids: list[int], params: SamplingParams,
+                       return_routed_experts: bool = False) -> GenerateOutput:
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
             self._wake = asyncio.Event()
@@ -93,7 +123,8 @@ class HFEngine:
         seed = params.sampling_seed
         if seed is None:
             seed, self._next_seed = self._next_seed, self._next_seed + 1
-        request = _Request(list(input_ids), params, loop.create_future(), seed)
+        request = _Request(list(input_ids), params, loop.create_future(), seed,
+                           return_routed_experts and self._routing is not None)
         self._pending.append(request)
         self._wake.set()
         try:
@@ -146,14 +177,19 @@ class HFEngine:
         top_k = torch.tensor([p.top_k for p in params], device=device)
         seeds = torch.tensor([row.request.seed for row in rows], device=device)
         cache = DynamicCache()
+        record = any(row.request.return_routed_experts for row in rows)
         step = 0
         while not self._abort.is_set() and any(row.finish_reason is None for row in rows):
             positions = (attention.cumsum(-1) - 1).clamp(min=0)
             if step:
                 positions = positions[:, -1:]
+            if record:
+                self._routing.record()
             logits = self.model(input_ids=input_ids, attention_mask=attention,
                                 position_ids=positions, use_cache=True,
                                 **{self._cache_kwarg: cache}).logits[:, -1]
+            if record:
+                _keep_routes(rows, self._routing.take_recorded(), step)
             steps = torch.full_like(seeds, step)
             tokens, log_probs = sample_tokens(logits, temperature, top_k, top_p, seeds, steps)
             for row, token, log_prob in zip(rows, tokens.tolist(), log_probs.tolist(),

@@ -11,6 +11,12 @@ without its coefficient:
 
 for T tokens, E experts, k experts per token, router probabilities p = softmax(logits)
 and c_e the number of tokens routed to expert e. Perfectly even routing gives 1.
+
+Routing replay (`RoutingReplay`, R3 of arXiv 2510.11370 and Miles' flags): a router can be
+told which experts each token goes to (the engine's routes, or those recorded in an
+earlier forward). Only the choice is replayed: the weights are the router's own softmax
+probabilities gathered at the replayed experts, renormalised as the model renormalises
+(`norm_topk_prob`), so gradients still reach the router (`replayed_routing`).
 """
 from __future__ import annotations
 
@@ -59,6 +65,25 @@ def sequence_load_balancing_loss(router_logits: torch.Tensor, indices: torch.Ten
                         for start, end in zip(bounds[:-1], bounds[1:], strict=True)]).mean()
 
 
+def replayed_routing(router_logits: torch.Tensor, replayed: torch.Tensor,
+                     own: torch.Tensor, norm_topk_prob: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (weights, experts) (T, k) of a softmax top-k router that sends token t to
+    `replayed[t]` (T, k) instead of its own choice `own[t]`; a row of `replayed` holding
+    a negative id keeps the router's own choice (a token with no recorded route).
+
+        w_te = p_te / (sum_{e' in experts_t} p_te' if norm_topk_prob else 1),
+        p = softmax(router_logits) in float32
+
+    then cast to the logits' dtype, as HF's Qwen-MoE and Mixtral routers do."""
+    experts = torch.where((replayed < 0).any(dim=-1, keepdim=True), own,
+                          replayed.to(device=own.device, dtype=own.dtype))
+    weights = router_logits.float().softmax(dim=-1).gather(1, experts)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(router_logits.dtype), experts
+
+
 ROUTES = "furlong_recorded_routes"  # attribute of a router: (logits, routed experts)
 
 
@@ -84,3 +109,65 @@ def _record_routes(module: nn.Module, args, output) -> None:
     if torch.is_grad_enabled():
         router_logits, _, indices = output
         setattr(module, ROUTES, (router_logits, indices))
+
+
+REPLAYED = "furlong_replayed_experts"  # attribute of a router: (T, k) experts to send tokens to
+RECORDING = "furlong_recorded_experts"  # attribute of a router: [] to record into, or absent
+
+
+class RoutingReplay:
+    """Routing replay and route recording for every router of a model, by forward hooks.
+
+    `replay(routes)` makes every later forward of the routers send token t of MoE layer
+    l to `routes[t, l]` (int (T, num_moe_layers, k), the layers in model order) until the
+    next `replay` call (`replay(None)`: the routers choose again). The routes stay set
+    so that recomputation in a backward (activation checkpointing) routes as the forward
+    did. `record()` keeps the experts each router uses in its next forward (replayed or
+    its own, with or without gradients); `take_recorded()` returns them as (T,
+    num_moe_layers, k) int32 on the CPU. Like `RouterRecorder`, the state is one slot per
+    router on the router itself; the replay hook runs before any other forward hook, so a
+    `RouterRecorder` sees the replayed experts.
+    """
+
+    def __init__(self, hf_model: nn.Module):
+        self._routers = routers(hf_model)
+        for router in self._routers:
+            router.register_forward_hook(_replay_and_record, prepend=True)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._routers)
+
+    def replay(self, routes: torch.Tensor | None) -> None:
+        if routes is not None and routes.shape[1] != len(self._routers):
+            raise ValueError(f"routes for {routes.shape[1]} MoE layers, but the model has "
+                             f"{len(self._routers)}")
+        for layer, router in enumerate(self._routers):
+            router.__dict__.pop(REPLAYED, None)
+            if routes is not None:
+                setattr(router, REPLAYED, routes[:, layer])
+
+    def record(self) -> None:
+        for router in self._routers:
+            setattr(router, RECORDING, [])
+
+    def take_recorded(self) -> torch.Tensor:
+        """The experts of every token of the forwards since `record()` (in order)."""
+        per_layer = [torch.cat(router.__dict__.pop(RECORDING)) for router in self._routers]
+        return torch.stack(per_layer, dim=1).to(torch.int32)
+
+
+def _replay_and_record(module: nn.Module, args, output):
+    replayed = module.__dict__.get(REPLAYED)
+    if replayed is not None:
+        router_logits, _, own = output
+        if replayed.shape[0] != own.shape[0]:
+            raise ValueError(f"routes for {replayed.shape[0]} tokens replayed in a forward "
+                             f"of {own.shape[0]}")
+        weights, experts = replayed_routing(router_logits, replayed, own,
+                                            getattr(module, "norm_topk_prob", True))
+        output = (router_logits, weights, experts)
+    recording = module.__dict__.get(RECORDING)
+    if recording is not None:
+        recording.append(output[2].detach().to("cpu", torch.int32))
+    return output
