@@ -6,16 +6,21 @@ on first use in the running event loop. At most `max_concurrency` generate calls
 flight; control calls (abort, weights, health) never queue behind them, since an abort must
 reach the server while generations wait for it. Every failure names the URL it came from.
 With an `api_key`, every request carries `Authorization: Bearer KEY` (SGLang's `--api-key`).
+Routed experts (MoE routing replay) come back as SGLang sends them, base64 of an int32
+array without its shape: the number of tokens follows from the answer, the top-k from the
+model (`routed_experts_top_k`), and the layers from the two.
 Weight updates go through the one sender module (furlong/engine/weights/send.py).
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from pathlib import Path
 from typing import Iterable
 
 import aiohttp
+import numpy as np
 import torch
 
 from furlong.engine.api_key import auth_headers
@@ -30,13 +35,16 @@ class HTTPEngine:
     `tp_size`: the server's tensor-parallel size (SGLang wants one serialized copy of the
     weights per rank). `bucket_bytes`: the most bytes of weights per update request.
     `timeout_s`: the limit of each request (None: none), `health_timeout_s` that of `health`.
-    `api_key`: the server's --api-key, sent with every request.
+    `api_key`: the server's --api-key, sent with every request. `routed_experts_top_k`:
+    the model's experts per token (num_experts_per_tok), to read routed experts.
     """
 
     def __init__(self, url: str, max_concurrency: int = 512, timeout_s: float | None = None,
                  health_timeout_s: float = 30.0, tp_size: int = 1,
-                 bucket_bytes: int = 512 << 20, api_key: str | None = None):
+                 bucket_bytes: int = 512 << 20, api_key: str | None = None,
+                 routed_experts_top_k: int | None = None):
         self.url = url.rstrip("/")
+        self.routed_experts_top_k = routed_experts_top_k
         self.api_key = api_key
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
@@ -47,13 +55,25 @@ class HTTPEngine:
         self._semaphore: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def generate(self, input_ids: list[int], params: SamplingParams) -> GenerateOutput:
+    async def generate(self, input_ids: list[int], params: SamplingParams,
+                       return_routed_experts: bool = False) -> GenerateOutput:
         body = {"input_ids": list(input_ids),
                 "sampling_params": {k: v for k, v in params.to_dict().items() if v is not None},
                 "return_logprob": True}
+        if return_routed_experts:
+            if self.routed_experts_top_k is None:
+                raise ValueError(f"{self.url}: reading routed experts needs the model's top-k "
+                                 "(HTTPEngine(routed_experts_top_k=...))")
+            body["return_routed_experts"] = True
         async with self._client()[1]:
             result = await self._request("POST", "/generate", body)
-        return _generate_output(result)
+        output = _generate_output(result)
+        encoded = output.meta.pop("routed_experts", None)
+        if return_routed_experts and encoded:  # none: aborted before the prefill
+            tokens = len(input_ids) + len(output.output_ids) - 1
+            output.routed_experts = decode_routed_experts(encoded, tokens,
+                                                          self.routed_experts_top_k)
+        return output
 
     async def abort_all(self) -> None:
         await self._request("POST", "/abort_request", {"abort_all": True})
@@ -140,6 +160,15 @@ def _generate_output(result: dict) -> GenerateOutput:
     return GenerateOutput(output_ids, log_probs, meta["finish_reason"]["type"],
                           result.get("text", ""), meta.get("prompt_tokens", 0),
                           _weight_version(meta.get("weight_version")), meta)
+
+
+def decode_routed_experts(encoded: str, num_tokens: int, top_k: int) -> torch.Tensor:
+    """meta_info.routed_experts -> int32 (num_tokens, num_moe_layers, top_k)."""
+    values = np.frombuffer(base64.b64decode(encoded), dtype=np.int32)
+    if num_tokens <= 0 or values.size % (num_tokens * top_k):
+        raise ValueError(f"routed_experts holds {values.size} ids, not a whole number of "
+                         f"layers for {num_tokens} tokens of top-{top_k}")
+    return torch.from_numpy(values.copy()).view(num_tokens, -1, top_k)
 
 
 def _weight_version(value) -> int:

@@ -71,7 +71,8 @@ class EngineRouter:
     def _client(self, url: str) -> HTTPEngine:
         o = self.options
         return HTTPEngine(url, o.max_concurrency, health_timeout_s=o.health_timeout_s,
-                          tp_size=o.tp_size, bucket_bytes=o.bucket_bytes, api_key=o.api_key)
+                          tp_size=o.tp_size, bucket_bytes=o.bucket_bytes, api_key=o.api_key,
+                          routed_experts_top_k=o.routed_experts_top_k)
 
     def _bind(self) -> None:
         """Queues, the change event and the health monitor of the running event loop."""
@@ -85,7 +86,8 @@ class EngineRouter:
 
     # ---- generation ----------------------------------------------------------------------
 
-    async def generate(self, input_ids: list[int], params: SamplingParams) -> GenerateOutput:
+    async def generate(self, input_ids: list[int], params: SamplingParams,
+                       return_routed_experts: bool = False) -> GenerateOutput:
         self._bind()
         epoch, key = self._abort_epoch, tuple(input_ids)
         attempt = 0
@@ -93,7 +95,8 @@ class EngineRouter:
             attempt += 1
             slot = await self._choose(key)
             try:
-                output = await self._send(slot, key, input_ids, params, epoch)
+                output = await self._send(slot, key, input_ids, params, epoch,
+                                          return_routed_experts)
             except (ConnectionError, TimeoutError, EngineHTTPError) as error:
                 if attempt >= self.options.max_attempts or \
                         not await self.recovery.should_resend(slot, error):
@@ -125,7 +128,8 @@ class EngineRouter:
             await self.recovery.changed.wait()
 
     async def _send(self, slot: EngineSlot, key: PromptKey, input_ids: list[int],
-                    params: SamplingParams, epoch: int) -> GenerateOutput:
+                    params: SamplingParams, epoch: int,
+                    return_routed_experts: bool = False) -> GenerateOutput:
         """One attempt on `slot`; EngineLost if the router takes the engine out meanwhile."""
         slot.outstanding += 1
         self._affinity.pin(key, slot)
@@ -136,7 +140,8 @@ class EngineRouter:
                                           weight_version=self.weight_version or 0)
                 if slot.state is not EngineState.SERVING:
                     raise EngineLost(f"engine {slot.url} left the rotation")
-                task = asyncio.ensure_future(slot.client.generate(input_ids, params))
+                task = asyncio.ensure_future(slot.client.generate(
+                    input_ids, params, return_routed_experts=return_routed_experts))
                 slot.in_flight.add(task)
                 try:
                     await asyncio.wait([task])

@@ -36,6 +36,7 @@ class RouterOptions:
     max_attempts: int = 4               # sends of one request before its error is raised
     weights_timeout_s: float = 600.0
     api_key: str | None = None          # the servers' --api-key, sent with every request
+    routed_experts_top_k: int | None = None  # MoE: num_experts_per_tok, to read routed experts
 
 
 @dataclass(eq=False)

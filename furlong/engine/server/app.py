@@ -52,19 +52,21 @@ async def errors_as_json(request: web.Request, handler):
 class EngineServer:
     """SGLang's HTTP API over one engine. `build_app` gives the aiohttp application.
     `api_key`: requests must carry it as a Bearer token (None: the server is open).
-    `accept_ipc_weights`: take CUDA IPC weight payloads (a trainer on the same GPU)."""
+    `accept_ipc_weights`: take CUDA IPC weight payloads (a trainer on the same GPU).
+    `return_routed_experts`: /generate may return routes (--enable-return-routed-experts)."""
 
     def __init__(self, engine: Engine, tokenizer, model_path: str,
                  tokenizer_path: str | None = None, health_timeout_s: float = 20.0,
                  weights_group_timeout_s: float = 600.0, accept_ipc_weights: bool = False,
-                 api_key: str | None = None):
+                 api_key: str | None = None, return_routed_experts: bool = False):
         self.engine = engine
         self.api_key = api_key
         self.tokenizer_path = tokenizer_path or model_path
         self.health_timeout_s = health_timeout_s
         self.weights = WeightReceiver(engine, model_path, accept_ipc_weights,
                                       weights_group_timeout_s)
-        self.generation = GenerationRoutes(engine, tokenizer, lambda: self.weight_version)
+        self.generation = GenerationRoutes(engine, tokenizer, lambda: self.weight_version,
+                                           return_routed_experts)
 
     @property
     def weight_version(self) -> int:

@@ -19,10 +19,13 @@ from furlong.engine.server.request_fields import (GENERATE_FIELDS, bad_request, 
 
 class GenerationRoutes:
     """/generate and /abort_request over `engine`. `weight_version()`: the version an
-    output aborted by rid reports."""
+    output aborted by rid reports. `return_routed_experts`: requests may ask for the
+    routes (SGLang's --enable-return-routed-experts)."""
 
-    def __init__(self, engine: Engine, tokenizer, weight_version: Callable[[], int]):
+    def __init__(self, engine: Engine, tokenizer, weight_version: Callable[[], int],
+                 return_routed_experts: bool = False):
         self.engine = engine
+        self.return_routed_experts = return_routed_experts
         self.tokenizer = tokenizer
         self.weight_version = weight_version
         self.vocab_size: int = engine.model.config.vocab_size
@@ -43,7 +46,12 @@ class GenerationRoutes:
         params = parse_batch_sampling_params(body.get("sampling_params"), len(prompts), batched)
         rids = request_ids(body.get("rid"), len(prompts), batched)
         return_logprob = field(body, "return_logprob", bool, False)
-        tasks = [asyncio.ensure_future(self.engine.generate(ids, p))
+        routes = field(body, "return_routed_experts", bool, False)
+        if routes and not self.return_routed_experts:
+            bad_request("return_routed_experts: start the server with "
+                        "--enable-return-routed-experts")
+        tasks = [asyncio.ensure_future(self.engine.generate(ids, p, return_routed_experts=True)
+                                       if routes else self.engine.generate(ids, p))
                  for ids, p in zip(prompts, params, strict=True)]
         self.in_flight.update(zip(rids, tasks, strict=True))
         try:

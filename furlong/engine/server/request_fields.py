@@ -5,6 +5,7 @@ Used by the engine server's routes (this package); every bad value raises
 """
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from typing import NoReturn
@@ -15,7 +16,8 @@ from aiohttp import web
 from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.weights.receive import LoadOptions
 
-GENERATE_FIELDS = {"input_ids", "text", "sampling_params", "return_logprob", "rid", "stream"}
+GENERATE_FIELDS = {"input_ids", "text", "sampling_params", "return_logprob", "rid", "stream",
+                   "return_routed_experts"}
 _REQUIRED = object()
 _KIND_NAMES = {bool: "true or false", int: "an integer", str: "a string", list: "a list"}
 
@@ -132,4 +134,12 @@ def generate_item(output: GenerateOutput, rid: str, return_logprob: bool) -> dic
         meta["output_token_logprobs"] = [
             [log_prob, token, None]
             for log_prob, token in zip(output.output_log_probs, output.output_ids, strict=True)]
+    if output.routed_experts is not None:
+        meta["routed_experts"] = encode_routed_experts(output.routed_experts)
     return {"text": output.text, "output_ids": output.output_ids, "meta_info": meta}
+
+
+def encode_routed_experts(routes: torch.Tensor) -> str:
+    """SGLang's meta_info.routed_experts: base64 of the int32 array's bytes (tokens - 1,
+    layers, top-k), in C order; the reader knows the shape."""
+    return base64.b64encode(routes.to(torch.int32).contiguous().numpy().tobytes()).decode()
