@@ -4,7 +4,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Status(str, Enum):
@@ -41,6 +44,9 @@ class Sample:
     metadata: dict = field(default_factory=dict)
     # Version of the engine weights that generated the response (async training).
     weight_version: int | None = None
+    # Routing replay: the experts the engine routed each token to, every token but the
+    # last (prompt and response); int32 (len(tokens) - 1, num_moe_layers, top_k).
+    rollout_routed_experts: torch.Tensor | None = None
 
     @property
     def prompt_length(self) -> int:

@@ -265,6 +265,16 @@ class GrpoArgs:
     gamma: float = flag(1.0, "Discount (REINFORCE++, PPO)")
     lambd: float = flag(1.0, "GAE lambda (PPO)")
     value_clip: float = flag(0.2, "Value clip (PPO)")
+    use_routing_replay: bool = flag(False, "MoE: the optimizer steps of a rollout replay the "
+                                           "experts of the old log-prob forward (2507.18071)")
+    use_rollout_routing_replay: bool = flag(False, "MoE: training replays the engine's experts "
+                                                   "of each token (R3, 2510.11370)")
+
+    @property
+    def records_routes(self) -> bool:
+        """--use-routing-replay alone: the old log-prob forward records the routes (R3 has
+        the engine's; Miles turns --use-routing-replay on with it)."""
+        return self.use_routing_replay and not self.use_rollout_routing_replay
 
     @property
     def needs_reference(self) -> bool:

@@ -9,7 +9,8 @@ MoE flags name their counterpart in config.json, which differs by family: Qwen2/
 (sigmoid router with `e_score_correction_bias`, `first_k_dense_replace` dense layers,
 `n_shared_experts`, expert groups `n_group`/`topk_group`) and Mixtral (every layer MoE,
 top-k then softmax); Qwen2-MoE and Qwen3-Next gate their shared expert, Nemotron-H may
-route in a smaller `moe_latent_size`.
+route in a smaller `moe_latent_size`. Routing replay needs an MoE family whose HF router
+is softmax then top-k (model/moe.py's `replayed_routing`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import math
 from collections.abc import Container
 from pathlib import Path
 
-from furlong.config.groups import ModelArgs
+from furlong.config.groups import GrpoArgs, ModelArgs
 from furlong.config.moe_layers import layer_pattern, pattern_text
 from furlong.config.parser import ConfigError, option_name
 
@@ -31,6 +32,8 @@ ROUTER_SCORES = {"qwen2_moe": "softmax", "qwen3_moe": "softmax", "mixtral": "sof
 UNGROUPED_FAMILIES = ("qwen2_moe", "qwen3_moe", "qwen3_next", "mixtral")
 # MoE families whose shared expert's output passes a sigmoid gate (`mlp.shared_expert_gate`).
 SHARED_EXPERT_GATE_FAMILIES = ("qwen2_moe", "qwen3_next")
+# MoE families whose HF router returns (logits, softmax top-k weights, experts): replayable.
+ROUTING_REPLAY_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral")
 # MODEL_ARGS fields that only an MoE model has: given for a dense config.json, an error.
 MOE_FIELDS = ("num_experts", "moe_router_topk", "moe_ffn_hidden_size",
               "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "moe_latent_size",
@@ -261,3 +264,22 @@ def check_tensor_parallel(tp_size: int, hf: dict, directory: str) -> None:
         if value is not None and value % tp_size:
             raise ConfigError(f"--tensor-model-parallel-size {tp_size} does not divide {key} "
                               f"{value} of {directory}/config.json: choose a divisor of it")
+
+
+def check_routing_replay(grpo: GrpoArgs, hf: dict, directory: str) -> None:
+    """--use-routing-replay / --use-rollout-routing-replay need an MoE model whose router
+    furlong can replay."""
+    flags = [flag for flag, on in (("--use-routing-replay", grpo.use_routing_replay),
+                                   ("--use-rollout-routing-replay",
+                                    grpo.use_rollout_routing_replay)) if on]
+    if not flags:
+        return
+    model_type = hf.get("model_type", "")
+    if not moe_expected_values(hf):
+        raise ConfigError(f"{flags[0]} replays the experts of an MoE model, and "
+                          f"{directory}/config.json describes a dense one ({model_type}): "
+                          "drop the flag")
+    if model_type not in ROUTING_REPLAY_FAMILIES:
+        raise ConfigError(f"{flags[0]}: routing replay supports the MoE families "
+                          f"{', '.join(ROUTING_REPLAY_FAMILIES)} (softmax routers), not "
+                          f"{model_type} of {directory}/config.json")

@@ -2,6 +2,8 @@
 
 Every `--sglang-X ...` flag is forwarded as `--X ...` in the order given, except
 the server settings that furlong owns because it places and addresses the engines.
+With --use-rollout-routing-replay the servers are started with
+`--enable-return-routed-experts` (SGLang returns routes only then).
 """
 from __future__ import annotations
 
@@ -34,8 +36,10 @@ def check_passthrough(sglang: SglangArgs) -> None:
 
 def launch_server_args(sglang: SglangArgs, model_path: str, host: str, port: int,
                        seed: int, nnodes: int = 1, node_rank: int = 0,
-                       dist_init_addr: str | None = None) -> list[str]:
-    """The exact argv of one SGLang server (the passthrough flags last, in order)."""
+                       dist_init_addr: str | None = None,
+                       return_routed_experts: bool = False) -> list[str]:
+    """The exact argv of one SGLang server (the passthrough flags last, in order).
+    `return_routed_experts`: --use-rollout-routing-replay is on."""
     check_passthrough(sglang)
     tp_size = sglang.rollout_num_gpus_per_engine
     argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path,
@@ -44,6 +48,8 @@ def launch_server_args(sglang: SglangArgs, model_path: str, host: str, port: int
     if nnodes > 1:
         argv += ["--nnodes", str(nnodes), "--node-rank", str(node_rank),
                  "--dist-init-addr", dist_init_addr or ""]
+    if return_routed_experts and sglang.passthrough_value("enable-return-routed-experts") is None:
+        argv.append("--enable-return-routed-experts")
     for name, values in sglang.passthrough:
         argv += [f"--{name}", *values]
     return argv

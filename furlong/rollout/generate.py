@@ -5,6 +5,10 @@ Signature shared with --custom-generate-function-path hooks:
 `sampling_params` is an SGLang request dict; `args.engine.generate` takes the prompt
 ids and a SamplingParams. A sample that already holds part of a response (a partial
 rollout returned to the buffer) continues from where it stopped.
+
+With --use-rollout-routing-replay the engine also returns the experts it routed every
+token to. A continued sample is sent whole (prompt and response so far), so the new
+answer's routes cover all of its tokens and replace the earlier ones.
 """
 from __future__ import annotations
 
@@ -32,7 +36,9 @@ async def generate(args, sample: Sample, sampling_params: dict) -> Sample:
         sample.rollout_log_probs = sample.rollout_log_probs or []
         sample.status = Status.TRUNCATED
         return sample
-    output = await args.engine.generate(sample.tokens, SamplingParams.from_dict(params))
+    # Asked only when on: engines written before routing replay take two arguments.
+    routes = {"return_routed_experts": True} if args.use_rollout_routing_replay else {}
+    output = await args.engine.generate(sample.tokens, SamplingParams.from_dict(params), **routes)
     sample.tokens = sample.tokens + output.output_ids
     sample.response += output.text
     sample.response_length += len(output.output_ids)
@@ -40,4 +46,6 @@ async def generate(args, sample: Sample, sampling_params: dict) -> Sample:
     sample.rollout_log_probs = (sample.rollout_log_probs or []) + output.output_log_probs
     sample.status = Status.from_finish_reason(output.finish_reason)
     sample.weight_version = output.weight_version
+    if output.routed_experts is not None:  # None: aborted before the engine read the prompt
+        sample.rollout_routed_experts = output.routed_experts
     return sample

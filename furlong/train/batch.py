@@ -5,6 +5,11 @@ position ids restarting at each sample, so attention never crosses samples and n
 padding is computed. Response-token quantities are flattened the same way: tensors
 of shape (N,) over the response tokens of the micro-batch, with `sample_ids` telling
 each token's sample slot.
+
+Routing replay: a sample's routes cover its tokens but the last, (L_i - 1, num_moe_layers,
+k), as the engine returns them (the last token was never fed to the model). Packed, each
+sample's last position gets a filler row of -1 (the router chooses on its own there:
+that position predicts no target, so only the load-balancing loss sees its route).
 """
 from __future__ import annotations
 
@@ -30,9 +35,13 @@ class TrainBatch:
     old_log_probs: list[torch.Tensor] | None = None
     ref_log_probs: list[torch.Tensor] | None = None
     advantages: list[torch.Tensor] | None = None
+    routed_experts: list[torch.Tensor] | None = None  # (L_i - 1, layers, k) int32, to replay
 
     @classmethod
-    def from_samples(cls, samples: list[Sample], reward_key: str | None) -> "TrainBatch":
+    def from_samples(cls, samples: list[Sample], reward_key: str | None,
+                     routed_experts: bool = False) -> "TrainBatch":
+        """`routed_experts`: carry each sample's `rollout_routed_experts` (every sample
+        must have them, one row per token but the last)."""
         rollout_log_probs = None
         if all(s.rollout_log_probs is not None for s in samples):
             rollout_log_probs = [torch.tensor(s.rollout_log_probs, dtype=torch.float32)
@@ -45,7 +54,8 @@ class TrainBatch:
                         for s in samples],
             rewards=torch.tensor([s.scalar_reward(reward_key) if s.reward is not None else 0.0
                                   for s in samples], dtype=torch.float32),
-            rollout_log_probs=rollout_log_probs)
+            rollout_log_probs=rollout_log_probs,
+            routed_experts=rollout_routes(samples) if routed_experts else None)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -78,6 +88,7 @@ class PackedMicroBatch:
     max_length: int                  # longest sample
     num_samples: int
     token_fields: dict               # name in TOKEN_FIELDS -> (N,) tensor, when the batch has it
+    routed_experts: torch.Tensor | None = None  # (T, layers, k) int32 to replay; -1: none
 
     @property
     def loss_mask(self) -> torch.Tensor:
@@ -110,10 +121,47 @@ def pack(batch: TrainBatch, indices: list[int], device: torch.device | str) -> P
         sample_ids=torch.cat(sample_ids).to(device),
         cu_seq_lens=torch.tensor([0] + [len(t) for t in tokens]).cumsum(0).to(device),
         max_length=max(len(t) for t in tokens), num_samples=len(indices),
-        token_fields=token_fields)
+        token_fields=token_fields, routed_experts=None if batch.routed_experts is None
+        else packed_routes([batch.routed_experts[i] for i in indices]).to(device))
 
 
 def split_tokens(values: torch.Tensor, micro: PackedMicroBatch) -> list[torch.Tensor]:
     """(N,) response-token values of a micro-batch -> one tensor per sample."""
     counts = torch.bincount(micro.sample_ids, minlength=micro.num_samples).tolist()
     return list(values.split(counts))
+
+
+def rollout_routes(samples: list[Sample]) -> list[torch.Tensor]:
+    """Each sample's rollout routes as int32 (L - 1, layers, k); a ValueError naming the
+    first sample whose routes are missing or do not cover its tokens. A sample without
+    response tokens (its prompt filled the context) may have none: it trains nothing, and
+    its rows are -1 (the routers choose)."""
+    given = [s.rollout_routed_experts for s in samples if s.rollout_routed_experts is not None]
+    routes = []
+    for sample in samples:
+        found, expected = sample.rollout_routed_experts, len(sample.tokens) - 1
+        if found is None and sample.response_length == 0 and given:
+            found = torch.full((expected, *given[0].shape[1:]), -1)
+        if found is None or len(found) != expected:
+            raise ValueError(
+                f"sample {sample.group_index}/{sample.index}: routing replay needs the "
+                f"engine's routes of its {expected} tokens but the last, found "
+                f"{'none' if found is None else len(found)}; the engine must return routed "
+                "experts (a custom generate function must keep sample.rollout_routed_experts "
+                "covering every token)")
+        routes.append(torch.as_tensor(found, dtype=torch.int32))
+    return routes
+
+
+def packed_routes(routes: list[torch.Tensor]) -> torch.Tensor:
+    """Per-sample routes (L_i - 1, layers, k) -> (sum L_i, layers, k) in packed order, a
+    filler row of -1 at each sample's last position (see the module docstring)."""
+    filler = torch.full((1, *routes[0].shape[1:]), -1, dtype=torch.int32)
+    return torch.cat([part for r in routes for part in (r.to(torch.int32), filler)])
+
+
+def split_routes(routes: torch.Tensor, micro: PackedMicroBatch) -> list[torch.Tensor]:
+    """Routes of a packed row (T, layers, k) -> one (L_i - 1, layers, k) per sample (the
+    route of each sample's last token is dropped, as the engine never has it)."""
+    bounds = micro.cu_seq_lens.tolist()
+    return [routes[start:end - 1] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]

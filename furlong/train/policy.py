@@ -7,6 +7,10 @@ projection, in the fused head of model/log_prob_head.py, so the float32 logits o
 whole micro-batch never exist at once (vocabularies of 150k tokens make them the
 largest tensor of the step). Keeping the projection inside this module's forward also
 means a sharded root (FSDP2) gathers the embedding/output weights around it.
+
+MoE models: a micro-batch that carries `routed_experts` is routed by them (routing replay,
+model/moe.py), one that carries none by the routers themselves. `routing_replay.record()`
+before a forward keeps its routes for `routing_replay.take_recorded()` (--use-routing-replay).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from torch import nn
 
 from furlong.model.log_prob_head import log_probs_and_entropy
 from furlong.model.logits import compute_dtype
+from furlong.model.moe import RoutingReplay, is_moe
 from furlong.train.batch import PackedMicroBatch
 
 
@@ -25,10 +30,15 @@ class CausalLMPolicy(nn.Module):
         super().__init__()
         self.hf_model = hf_model
         self.chunk_size = chunk_size
+        self.routing_replay = RoutingReplay(hf_model) if is_moe(hf_model) else None
 
     def forward(self, micro: PackedMicroBatch,
                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs and entropy at the micro-batch's target positions, (N,) each, float32."""
+        if self.routing_replay is not None:
+            self.routing_replay.replay(micro.routed_experts)
+        elif micro.routed_experts is not None:
+            raise ValueError("routing replay: the model has no MoE routers")
         decoder = self.hf_model.base_model
         hidden = decoder(input_ids=micro.input_ids, position_ids=micro.position_ids,
                          use_cache=False, cu_seq_lens_q=micro.cu_seq_lens,

@@ -24,6 +24,12 @@ Where the old log-probs come from is decided by `old_log_probs_source` and nowhe
                         become rollout/log_probs here (averaged as the loss is), and its
                         entropy_loss rollout/entropy
 
+Routing replay (MoE): with --use-rollout-routing-replay the batch carries the engine's
+routes of every sample, and every forward of the policy (old log-probs, optimizer steps)
+routes by them; with --use-routing-replay the recomputed old log-prob forward records the
+routes that the optimizer steps replay, so it needs that forward (not ROLLOUT or
+GENERATING_WEIGHTS). The reference routes on its own either way, as in Miles.
+
 Advantages come from train/advantage_estimator.py (the flags -> furlong.algo.advantages,
 formulas in docs/algorithm.md), over the whole rollout batch.
 """
@@ -32,7 +38,7 @@ from __future__ import annotations
 import enum
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import mean
 
 import torch
@@ -62,6 +68,10 @@ class OldLogProbs(enum.Enum):
 
 def old_log_probs_source(grpo: GrpoArgs, rollout: RolloutArgs) -> OldLogProbs:
     """Where the old log-probs of a rollout come from (see the module docstring)."""
+    if grpo.records_routes and (grpo.use_rollout_logprobs or rollout.keep_old_actor):
+        raise ValueError("--use-routing-replay records the routes in the trainer's old "
+                         "log-prob forward, which --use-rollout-logprobs and --keep-old-actor "
+                         "leave out; drop one of them (or use --use-rollout-routing-replay)")
     if grpo.use_rollout_logprobs:
         return OldLogProbs.ROLLOUT
     if rollout.keep_old_actor:
@@ -91,7 +101,8 @@ class RLStep:
 
     def __call__(self, rollout_id: int, groups: list[list[Sample]]) -> StepResult:
         samples = [s for group in groups for s in group]
-        batch = TrainBatch.from_samples(samples, self.rollout.reward_key)
+        batch = TrainBatch.from_samples(samples, self.rollout.reward_key,
+                                        routed_experts=self.grpo.use_rollout_routing_replay)
         metrics: dict = {}
         if self.grpo.loss_type != "sft_loss":
             metrics.update(self.prepare_policy_batch(batch, samples))
@@ -117,7 +128,8 @@ class RLStep:
         entropy = self.fill_old_log_probs(batch, [s.weight_version for s in samples], metrics)
         if self.trainer.has_reference:
             with timed(metrics, "perf/ref_log_probs_time"):
-                batch.ref_log_probs, _ = self.trainer.compute_log_probs(batch, reference=True)
+                batch.ref_log_probs, _ = self.trainer.compute_log_probs(
+                    replace(batch, routed_experts=None), reference=True)
         batch.advantages, normalized = compute_advantages(self.grpo, batch,
                                                           [s.group_index for s in samples])
         metrics["rollout/rewards"] = normalized.mean().item()
