@@ -26,6 +26,7 @@ from transformers import AutoTokenizer
 from conftest import REPO
 from furlong.config import ConfigError, load_config
 from furlong.config.parser import parse_config
+from furlong.config.sglang import launch_server_args
 from furlong.engine.base import SamplingParams
 from furlong.engine.client import HTTPEngine
 from furlong.engine.factory import EngineOptions, create_engine, engine_options
@@ -228,6 +229,17 @@ def test_server_command_is_exact(argv, extra, tail):
     spec = ServerSpec("/models/qwen", parse_config(argv).sglang, 42, **extra)
     module = extra.get("module", "sglang.launch_server")
     assert server_command(spec, 30001) == [sys.executable, "-m", module, *BASE, *tail]
+
+
+def test_routing_replay_starts_servers_that_return_routed_experts():
+    """--use-rollout-routing-replay: SGLang returns routes only with this flag, once."""
+    sglang = parse_config([]).sglang
+    argv = launch_server_args(sglang, "/m", "127.0.0.1", 30001, 42, return_routed_experts=True)
+    assert argv[-1] == "--enable-return-routed-experts"
+    assert "--enable-return-routed-experts" not in launch_server_args(sglang, "/m", "h", 1, 2)
+    given = parse_config(["--sglang-enable-return-routed-experts"]).sglang
+    assert launch_server_args(given, "/m", "h", 1, 2, return_routed_experts=True).count(
+        "--enable-return-routed-experts") == 1
 
 
 def test_server_env_sets_only_the_devices_of_the_engine():
