@@ -126,28 +126,33 @@ class RoutingReplay:
     its own, with or without gradients); `take_recorded()` returns them as (T,
     num_moe_layers, k) int32 on the CPU. Like `RouterRecorder`, the state is one slot per
     router on the router itself; the replay hook runs before any other forward hook, so a
-    `RouterRecorder` sees the replayed experts.
+    `RouterRecorder` sees the replayed experts. The hooks are added on first use, so a
+    model that never replays or records runs (and compiles) exactly as before.
     """
 
     def __init__(self, hf_model: nn.Module):
         self._routers = routers(hf_model)
-        for router in self._routers:
-            router.register_forward_hook(_replay_and_record, prepend=True)
+        self._hooked = False
 
-    @property
-    def num_layers(self) -> int:
-        return len(self._routers)
+    def _hook(self) -> None:
+        if not self._hooked:
+            for router in self._routers:
+                router.register_forward_hook(_replay_and_record, prepend=True)
+            self._hooked = True
 
     def replay(self, routes: torch.Tensor | None) -> None:
         if routes is not None and routes.shape[1] != len(self._routers):
             raise ValueError(f"routes for {routes.shape[1]} MoE layers, but the model has "
                              f"{len(self._routers)}")
+        if routes is not None:
+            self._hook()
         for layer, router in enumerate(self._routers):
             router.__dict__.pop(REPLAYED, None)
             if routes is not None:
                 setattr(router, REPLAYED, routes[:, layer])
 
     def record(self) -> None:
+        self._hook()
         for router in self._routers:
             setattr(router, RECORDING, [])
 
