@@ -1,0 +1,246 @@
+"""Expert parallelism on the tiny MoE (8 experts, top-2) gives the numbers of one process,
+and is in effect.
+
+One spawn of four CPU ranks (gloo) runs every layout: EP=2 over 4 data-parallel ranks
+(two expert groups, each expert slice FSDP-sharded over the 2 ranks that hold it),
+EP=4 (one group), and tensor parallel 2 x EP=2 with sequence parallel and full
+recomputation. The reference is the plain one-process trainer. Equality alone would also
+hold with expert parallelism quietly off, so the ranks also record which experts each
+holds and how many routed tokens each sends to other ranks. Last, an EP=2 actor trains
+a step and saves; an EP=4 actor loads that checkpoint. Tolerances as in test_parallel
+(float32; gradients to 1e-5 relative plus 1e-5 of the largest entry, measured up to
+7e-7 of it on the experts); gathered weights bit-exact.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from filelock import FileLock
+from torch.distributed.tensor import DTensor, Shard
+
+from furlong.model.loading import load_hf_model
+from furlong.ports import free_port
+from furlong.train import expert_parallel, parallel
+from furlong.train.actor import RankInfo, TrainActor
+
+from conftest import policy_config, trainer_batch
+from test_parallel import assert_close_relative, cpu_weights, step_gradients
+
+WORLD = 4
+NUM_EXPERTS = 8
+# One sample per micro-batch on every layout: each micro-batch's load-balancing loss is
+# then over the same tokens as in the one-process reference.
+FLAGS = ["--micro-batch-size", "1", "--moe-aux-loss-coeff", "0.1"]
+# name -> (tensor-parallel size, expert-parallel size, extra flags)
+RUNS = {
+    "ep2": (1, 2, []),
+    "ep4": (1, 4, []),
+    "tp2_ep2_sp": (2, 2, ["--sequence-parallel", "--recompute-granularity", "full",
+                          "--recompute-method", "uniform"]),
+}
+METRICS = ("train/loss", "train/pg_loss", "train/kl_loss", "train/moe_aux_loss",
+           "train/grad_norm")
+EXPERTS = "model.layers.0.mlp.experts.gate_up_proj"
+ROUTER = "model.layers.0.mlp.gate.weight"
+
+
+def flags_of(tp: int, ep: int, extra: list[str]) -> list[str]:
+    return [*FLAGS, "--tensor-model-parallel-size", str(tp),
+            "--expert-model-parallel-size", str(ep), *extra]
+
+
+# ---- the ranks --------------------------------------------------------------------------
+def _worker(rank: int, port: int, tiny_moe: Path, batch, out: Path) -> None:
+    torch.set_num_threads(1)
+    results = {}
+
+    def actor_for(tp: int, ep: int, extra: list[str], init: Path) -> TrainActor:
+        info = parallel.rank_info(rank, WORLD, tp, "cpu", master_port=port)
+        return TrainActor(policy_config(tiny_moe, flags_of(tp, ep, extra)), info, str(init), 2)
+
+    for name, (tp, ep, extra) in RUNS.items():
+        actor = actor_for(tp, ep, extra, tiny_moe / "model")
+        results[f"{name}/weights"] = cpu_weights(actor)
+        with held_experts(actor) as held, tokens_sent_away() as sent:
+            results[f"{name}/log_probs"] = actor.compute_log_probs(batch)[0]
+            results[name] = step_gradients(actor, batch)
+        results[f"{name}/layout"] = {"held": held[0], "sent": sum(sent),
+                                     **stored_shards(actor)}
+    results["checkpoint"] = _save_under_ep2_load_under_ep4(actor_for, batch, tiny_moe / "model",
+                                                           out / "checkpoint")
+    gathered = [None] * WORLD  # the per-rank layouts, for rank 0 to write
+    dist.all_gather_object(gathered, {k: v for k, v in results.items() if "layout" in k})
+    if rank == 0:
+        torch.save({**results, "layouts": gathered}, out / "results.pt")
+
+
+def _save_under_ep2_load_under_ep4(actor_for, batch, init: Path, directory: Path) -> dict:
+    """An EP=2 actor trains one step and saves; an EP=4 actor starts from the save."""
+    actor = actor_for(1, 2, ["--lr", "1e-3"], init)
+    actor.train(batch)
+    directory.mkdir(parents=True, exist_ok=True)
+    actor.save(directory, save_optimizer=True)
+    loaded = actor_for(1, 4, [], directory)
+    try:
+        loaded.restore(directory)
+        refusal = ""
+    except ValueError as error:
+        refusal = str(error)
+    return {"saved": cpu_weights(actor), "loaded": cpu_weights(loaded),
+            "log_probs": loaded.compute_log_probs(batch)[0], "refusal": refusal}
+
+
+@contextmanager
+def held_experts(actor: TrainActor):
+    """The first MoE layer's gate_up_proj as its forwards compute with it (FSDP has
+    gathered it over "edp"): this rank's experts, one tensor per forward."""
+    seen = []
+    experts = actor.policy.hf_model.model.layers[0].mlp.experts
+    handle = experts.register_forward_pre_hook(
+        lambda module, args: seen.append(module.gate_up_proj.to_local().detach().clone()))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def tokens_sent_away():
+    """Rows this rank sends to other ranks of its expert group, per token exchange."""
+    sent = []
+    original = expert_parallel.all_to_all_single_autograd
+
+    def recorded(rows, output_splits, input_splits, group):
+        me = dist.get_rank(group)
+        sent.append(sum(n for peer, n in enumerate(input_splits) if peer != me))
+        return original(rows, output_splits, input_splits, group)
+    expert_parallel.all_to_all_single_autograd = recorded
+    try:
+        yield sent
+    finally:
+        expert_parallel.all_to_all_single_autograd = original
+
+
+def stored_shards(actor: TrainActor) -> dict:
+    """How this rank stores an expert tensor and a router: placement per mesh dimension
+    and the local shape."""
+    params = dict(actor.policy.hf_model.named_parameters())
+    layout = {}
+    for name in (EXPERTS, ROUTER):
+        param = params[name]
+        assert isinstance(param, DTensor), name
+        layout[name] = {"placements": dict(zip(param.device_mesh.mesh_dim_names,
+                                               param.placements, strict=True)),
+                        "local_shape": tuple(param.to_local().shape)}
+    return layout
+
+
+# ---- the checks ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ranks(tiny_moe, tmp_path_factory):
+    """(batch, one-process reference actor, results of the 4-rank spawn, its output
+    directory). The spawn runs once per session: under pytest-xdist the first worker to
+    get here runs it and the others read its results (the inputs are seeded, so equal)."""
+    reference = TrainActor(policy_config(tiny_moe, FLAGS), RankInfo(),
+                           str(tiny_moe / "model"), 2)
+    batch = trainer_batch(reference, 8, seed=6)
+    root = tmp_path_factory.getbasetemp()
+    out = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "expert_parallel"
+    with FileLock(f"{out}.lock"):
+        if not (out / "results.pt").is_file():
+            out.mkdir(exist_ok=True)
+            mp.spawn(_worker, args=(free_port(), tiny_moe, batch, out), nprocs=WORLD)
+    return batch, reference, torch.load(out / "results.pt", weights_only=True), out
+
+
+@pytest.fixture(scope="module")
+def one_process(ranks):
+    """Log-probs, step metrics and gradients of the one-process trainer (EP=1)."""
+    batch, reference, _, _ = ranks
+    log_probs, _ = reference.compute_log_probs(batch)
+    return log_probs, *step_gradients(reference, batch)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_step_and_log_probs_equal_one_process(ranks, one_process, name):
+    """Loss terms (load-balancing loss included), the global gradient norm, every
+    gradient (experts gathered back whole) and every log-prob equal EP=1's."""
+    results = ranks[2]
+    expected_log_probs, expected_metrics, expected_grads = one_process
+    metrics, grads = results[name]
+    for key in METRICS:
+        assert metrics[key] == pytest.approx(expected_metrics[key], rel=1e-5, abs=1e-7), key
+    assert list(grads) == list(expected_grads)
+    for key, grad in grads.items():
+        assert_close_relative(grad, expected_grads[key])
+    for actual, expected in zip(results[f"{name}/log_probs"], expected_log_probs, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_each_rank_holds_its_experts_only(tiny_moe, ranks, name):
+    """Rank r of an expert group of E computes with experts [r 8/E, (r+1) 8/E) and no
+    other (their rows of the checkpoint, exactly); it stores them as a DTensor sharded
+    over "ep" (and by FSDP over "edp"), so its memory holds 8/(dp) expert rows; the
+    router stays FSDP-sharded over all data-parallel ranks."""
+    tp, ep, _ = RUNS[name]
+    full = dict(load_hf_model(str(tiny_moe / "model")).named_parameters())[EXPERTS].detach()
+    per_rank = NUM_EXPERTS // ep
+    dp = WORLD // tp
+    for rank, layouts in enumerate(ranks[2]["layouts"]):
+        layout = layouts[f"{name}/layout"]
+        group_rank = (rank // tp) % ep
+        assert torch.equal(layout["held"], full[group_rank * per_rank:(group_rank + 1) * per_rank])
+        stored = layout[EXPERTS]
+        assert stored["placements"]["ep"] == Shard(0)
+        assert stored["local_shape"] == (NUM_EXPERTS // dp, *full.shape[1:])
+        assert layout[ROUTER]["placements"] == {"dp": Shard(0)}
+        assert layout[ROUTER]["local_shape"][0] == NUM_EXPERTS // dp
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_routed_tokens_cross_ranks(ranks, name):
+    """Every rank sends some of its routed tokens to the other ranks of its group."""
+    for layouts in ranks[2]["layouts"]:
+        assert layouts[f"{name}/layout"]["sent"] > 0
+
+
+def test_full_weights_are_the_checkpoint(tiny_moe, ranks):
+    """Gathered weights (what checkpoints and weight pushes see) are the HF tensors, by
+    HF name, under every layout."""
+    expected = dict(load_hf_model(str(tiny_moe / "model")).named_parameters())
+    for name in RUNS:
+        weights = ranks[2][f"{name}/weights"]
+        assert list(weights) == list(expected)
+        for key, tensor in weights.items():
+            assert torch.equal(tensor, expected[key].detach()), (name, key)
+
+
+def test_a_checkpoint_saved_under_ep2_loads_under_ep4(tiny_moe, ranks):
+    """The trained weights saved by EP=2 come back exactly under EP=4, which computes
+    one process's log-probs from them; the optimizer state (sharded by layout) is
+    refused with a message naming both expert-parallel sizes."""
+    batch, _, results, out = ranks
+    checkpoint = results["checkpoint"]
+    initial = dict(load_hf_model(str(tiny_moe / "model")).named_parameters())
+    assert not torch.equal(checkpoint["saved"][EXPERTS], initial[EXPERTS])
+    for key, tensor in checkpoint["loaded"].items():
+        assert torch.equal(tensor, checkpoint["saved"][key]), key
+    from_save = TrainActor(policy_config(tiny_moe, FLAGS), RankInfo(), str(out / "checkpoint"), 1)
+    expected, _ = from_save.compute_log_probs(batch)
+    for actual, values in zip(checkpoint["log_probs"], expected, strict=True):
+        torch.testing.assert_close(actual, values, rtol=1e-5, atol=1e-6)
+    assert "expert parallel 2" in checkpoint["refusal"]
+    assert "expert parallel 4" in checkpoint["refusal"]
+
+
+def test_expert_parallel_size_must_divide_the_data_parallel_ranks(tiny_moe):
+    with pytest.raises(ValueError, match="--expert-model-parallel-size 2 does not divide the 1"):
+        TrainActor(policy_config(tiny_moe, ["--expert-model-parallel-size", "2"]), RankInfo(),
+                   str(tiny_moe / "model"), 1)
