@@ -208,8 +208,6 @@ def test_replay_flags_need_a_replayable_moe_model(tiny, tiny_moe):
                              "ds")
 
 
-@pytest.mark.xfail(reason="needs config/__init__.py to call check_routing_replay",
-                   strict=True)
 def test_load_config_refuses_replay_on_a_dense_model(tiny):
     with pytest.raises(ConfigError, match="--use-routing-replay"):
         load_config(train_argv(tiny, "--use-routing-replay"))
@@ -283,3 +281,20 @@ def test_routing_replay_replays_the_old_forwards_routes_in_later_steps(tiny_moe,
     want = torch.cat([torch.cat([e, torch.full((1, 2, 2), -1, dtype=torch.int32)])
                       for e in expected])
     assert torch.equal(torch.cat(trained)[:len(want)].sort(-1).values, want.sort(-1).values)
+
+
+def test_rollout_replay_starts_servers_that_return_routes(tiny_moe):
+    """--use-rollout-routing-replay reaches the server argv and the router's decoder."""
+    from furlong.engine.factory import _router_options, engine_options, server_spec
+    from furlong.engine.launcher import server_command
+    config, _ = load_config(train_argv(tiny_moe, "--use-rollout-routing-replay"))
+    options = engine_options(config, shares_device=False)
+    assert options.return_routed_experts and options.routed_experts_top_k == 2
+    spec = server_spec(str(tiny_moe / "model"),
+                       dataclasses.replace(options, server_module="furlong.engine.serve"),
+                       torch.device("cpu"))
+    assert server_command(spec, 30000).count("--enable-return-routed-experts") == 1
+    router = _router_options(options, torch.device("cpu"), "value", "127.0.0.1")
+    assert router.routed_experts_top_k == 2
+    plain, _ = load_config(train_argv(tiny_moe))
+    assert not engine_options(plain, shares_device=False).return_routed_experts

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from furlong.config.groups import GROUPS, Config
-from furlong.config.model_check import check_model_args, check_tensor_parallel, read_hf_config
+from furlong.config.model_check import (check_model_args, check_routing_replay,
+                                        check_tensor_parallel, read_hf_config)
 from furlong.config.parser import ConfigError, build_parser, parse_config
 from furlong.config.sglang import check_passthrough
 from furlong.config.validate import eval_datasets, resolve
@@ -20,6 +21,7 @@ def load_config(argv: list[str], prog: str = "train.py") -> tuple[Config, list[s
     hf = read_hf_config(directory)
     check_model_args(config.model, given_model_args, hf, directory)
     check_tensor_parallel(config.perf.tensor_model_parallel_size, hf, directory)
+    check_routing_replay(config.grpo, hf, directory)
     check_checkpoint_paths(config)
     return config, warnings
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from furlong.config.groups import MIB, Config, SglangArgs
+from furlong.config.model_check import read_hf_config
 from furlong.engine.base import Engine
 from furlong.engine.fast import FastEngine, supports
 from furlong.engine.hf_engine import HFEngine
@@ -47,6 +48,8 @@ class EngineOptions:
     device_groups: list[list[int]] | None = None
     external_engine_addrs: tuple[str, ...] = ()  # HOST:PORT of running servers
     server_module: str = SGLANG_SERVER       # furlong.engine.serve stands in for tests
+    return_routed_experts: bool = False      # --use-rollout-routing-replay: servers send them
+    routed_experts_top_k: int | None = None  # to decode them (SGLang sends no shape)
     update_weight_buffer_size: int = 512 * MIB
     offload: bool = False                    # --offload-rollout: engines release memory
     api_key: str | None = None               # the servers' --api-key (--sglang-api-key)
@@ -59,6 +62,7 @@ def engine_options(config: Config, shares_device: bool,
     fraction = sglang.passthrough_value("mem-fraction-static")
     context = r.rollout_max_context_len or sglang.passthrough_value("context-length")
     in_flight = r.over_sampling_batch_size * r.n_samples_per_prompt
+    replay = config.grpo.use_rollout_routing_replay
     return EngineOptions(
         backend=r.rollout_backend,
         max_context_len=int(context) if context else None,
@@ -67,7 +71,9 @@ def engine_options(config: Config, shares_device: bool,
         shares_device=shares_device, sglang=sglang, device_groups=device_groups,
         external_engine_addrs=tuple(r.rollout_external_engine_addrs or ()) if r.rollout_external
         else (), update_weight_buffer_size=r.update_weight_buffer_size,
-        offload=config.cluster.offload_rollout, api_key=sglang.api_key)
+        offload=config.cluster.offload_rollout, api_key=sglang.api_key,
+        return_routed_experts=replay, routed_experts_top_k=read_hf_config(
+            config.ckpt.hf_checkpoint).get("num_experts_per_tok") if replay else None)
 
 
 def resolve_backend(options: EngineOptions, device: torch.device) -> str:
@@ -123,7 +129,7 @@ def server_spec(model_path: str, options: EngineOptions, device: torch.device) -
     return ServerSpec(model_path, options.sglang, options.seed, module=options.server_module,
                       mem_fraction_static=(options.mem_fraction_static or 0.3) if colocated
                       else None, accept_ipc_weights=colocated, memory_saver=options.offload,
-                      api_key=options.api_key)
+                      api_key=options.api_key, return_routed_experts=options.return_routed_experts)
 
 
 def launch_servers(model_path: str, options: EngineOptions, device: torch.device) -> Engine:
@@ -169,4 +175,5 @@ def _router_options(options: EngineOptions, device: torch.device, weight_sync: s
         max_concurrency=options.sglang.sglang_server_concurrency, weight_sync=weight_sync,
         weight_sync_backend="nccl" if device.type == "cuda" else "gloo",
         master_address=master_address, tp_size=options.sglang.rollout_num_gpus_per_engine,
-        bucket_bytes=options.update_weight_buffer_size, api_key=options.api_key)
+        bucket_bytes=options.update_weight_buffer_size, api_key=options.api_key,
+        routed_experts_top_k=options.routed_experts_top_k)

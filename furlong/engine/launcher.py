@@ -67,13 +67,15 @@ class ServerSpec:
     accept_ipc_weights: bool = False  # furlong's server only: a colocated trainer sends IPC
     memory_saver: bool = False
     api_key: str | None = None
+    return_routed_experts: bool = False  # --use-rollout-routing-replay
     startup_timeout_s: float = 900.0
     log_dir: str | None = None
 
 
 def server_command(spec: ServerSpec, port: int) -> list[str]:
     """The exact argv of the server listening on `port`."""
-    argv = launch_server_args(spec.sglang, spec.model_path, spec.host, port, spec.seed)
+    argv = launch_server_args(spec.sglang, spec.model_path, spec.host, port, spec.seed,
+                              return_routed_experts=spec.return_routed_experts)
     assert argv[1:3] == ["-m", SGLANG_SERVER], argv[:3]
     argv[2] = spec.module
     if (spec.mem_fraction_static is not None
