@@ -24,6 +24,8 @@ import torch.multiprocessing as mp
 from filelock import FileLock
 from torch.distributed.tensor import DTensor, Shard
 
+from furlong.cluster.placement import plan_placement
+from furlong.config import ConfigError
 from furlong.model.loading import load_hf_model
 from furlong.ports import free_port
 from furlong.train import expert_parallel, parallel
@@ -244,3 +246,16 @@ def test_expert_parallel_size_must_divide_the_data_parallel_ranks(tiny_moe):
     with pytest.raises(ValueError, match="--expert-model-parallel-size 2 does not divide the 1"):
         TrainActor(policy_config(tiny_moe, ["--expert-model-parallel-size", "2"]), RankInfo(),
                    str(tiny_moe / "model"), 1)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--expert-model-parallel-size", "2"], ["--expert-model-parallel-size 2", "one process"]),
+    (["--actor-num-gpus-per-node", "4", "--colocate", "--tensor-model-parallel-size", "2",
+      "--expert-model-parallel-size", "4"],
+     ["--expert-model-parallel-size 4 does not divide the 2 data-parallel"]),
+])
+def test_placement_refuses_expert_groups_that_do_not_tile_the_ranks(tiny_moe, flags, words):
+    """Caught before any weight loads (and by --dry-run)."""
+    with pytest.raises(ConfigError) as info:
+        plan_placement(policy_config(tiny_moe, flags), 0)
+    assert all(word in str(info.value) for word in words), str(info.value)

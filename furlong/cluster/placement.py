@@ -49,6 +49,7 @@ def plan_placement(config: Config, gpus_available: int) -> Placement:
     device = "cuda" if gpus_available else "cpu"
     explicit = any(config.sources.get(flag) == "flag" for flag in CLUSTER_FLAGS)
     if not explicit:
+        _check_one_process(config)
         return Placement(1, 1, 1, device, True, True)
     ranks = c.actor_num_nodes * c.actor_num_gpus_per_node
     engine_devices = ranks if c.colocate else (c.rollout_num_gpus or 0)
@@ -76,6 +77,14 @@ def plan_placement(config: Config, gpus_available: int) -> Placement:
     _check_trainer_split(config, ranks)
     single = ranks == 1 and c.colocate and engines == 1 and c.actor_num_nodes == 1
     return Placement(ranks, engines, per_engine, device, c.colocate, single)
+
+
+def _check_one_process(config: Config) -> None:
+    ep = config.perf.expert_model_parallel_size
+    if ep > 1:
+        raise ConfigError(f"--expert-model-parallel-size {ep} needs {ep} data-parallel trainer "
+                          "ranks, and without cluster flags the trainer is one process: give "
+                          "--actor-num-gpus-per-node (and --colocate or --rollout-num-gpus)")
 
 
 def _check_trainer_split(config: Config, ranks: int) -> None:
