@@ -8,13 +8,14 @@ data-parallel ranks by FSDP and metrics summed over them here.
 
 Where it runs (`RankInfo`):
 - one CPU process (`RankInfo()`): the plain HF model in float32, no torch.distributed;
-- several CPU processes (gloo): `parallel.parallelize` in float32 (with
-  --expert-model-parallel-size, experts split over ranks: train/expert_parallel.py);
+- several CPU processes (gloo): `parallel.parallelize` in float32;
 - one GPU: the plain HF model in bfloat16 with compiled decoder layers, its float32
   master weights and optimizer state beside it (`master_weights.MasterWeights`); no
   wrapper, no process group;
 - several GPUs (nccl): `parallel.parallelize` with FSDP2 mixed precision, bfloat16
   compute on float32 master weights and optimizer state.
+With several ranks, --expert-model-parallel-size splits the experts of an MoE model over
+groups of data-parallel ranks (train/expert_parallel.py).
 """
 from __future__ import annotations
 
@@ -67,9 +68,7 @@ class TrainActor:
                  loss_hook: Callable | None = None, hook_args=None):
         self.config = config
         self.rank = rank
-        self.mesh = self._build_mesh()
-        self.expert_mesh = parallel.build_expert_mesh(self.mesh, self._ep_size) \
-            if self._ep_size > 1 else None
+        self.mesh, self.expert_mesh = self._build_meshes()
         self.policy = self._build_policy(init_weights, trainable=True)
         self.masters = MasterWeights(self.policy.hf_model) if self._one_gpu else None
         self.routing = RouterRecorder(self.policy.hf_model) \
@@ -84,17 +83,24 @@ class TrainActor:
         self.loss_hook = loss_hook
         self.hook_args = hook_args
 
-    def _build_mesh(self) -> DeviceMesh | None:
+    def _build_meshes(self) -> tuple[DeviceMesh | None, DeviceMesh | None]:
+        """(mesh, expert mesh): both None for one process, no expert mesh without
+        --expert-model-parallel-size."""
         rank, perf = self.rank, self.config.perf
         parallel.check_tensor_parallel_size(rank.world_size, perf.tensor_model_parallel_size)
         if rank.tp_size != perf.tensor_model_parallel_size:
             raise ValueError(f"RankInfo.tp_size {rank.tp_size} differs from "
                              f"--tensor-model-parallel-size {perf.tensor_model_parallel_size}")
-        check_expert_parallel_size(perf.expert_model_parallel_size, rank.dp_size)
+        check_expert_parallel_size(self._ep_size, rank.dp_size)
         if not rank.sharded:
-            return None
+            return None, None
         parallel.join(rank)
-        return parallel.build_mesh(rank.world_size, rank.tp_size, rank.device.type)
+        mesh = parallel.build_mesh(rank.world_size, rank.tp_size, rank.device.type)
+        return mesh, parallel.build_expert_mesh(mesh, self._ep_size) if self._ep_size > 1 else None
+
+    @property
+    def _ep_size(self) -> int:
+        return self.config.perf.expert_model_parallel_size
 
     @property
     def _one_gpu(self) -> bool:
@@ -380,10 +386,6 @@ class TrainActor:
             self.scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(rng)
 
-    @property
-    def _ep_size(self) -> int:
-        return self.config.perf.expert_model_parallel_size
-
     def _check_saved_layout(self, directory: Path, saved_world: int, saved_tp: int,
                             saved_ep: int) -> None:
         world, tp, ep = self.rank.world_size, self.rank.tp_size, self._ep_size
@@ -392,9 +394,8 @@ class TrainActor:
                 f"{directory} holds the optimizer and RNG state of {saved_world} trainer ranks "
                 f"(tensor parallel {saved_tp}, expert parallel {saved_ep}); this run has "
                 f"{world} (tensor parallel {tp}, expert parallel {ep}). Resume with the same "
-                "trainer world size, --tensor-model-parallel-size and "
-                "--expert-model-parallel-size, or start from its model/ directory with "
-                "--ref-load (weights only).")
+                "layout (world size, --tensor- and --expert-model-parallel-size), or start "
+                "from its model/ directory with --ref-load (weights only).")
 
     def export_hf(self, path: str | Path) -> None:
         """An HF directory of the current weights (float32). Collective with several

@@ -1,7 +1,8 @@
 """State of a parallelised policy seen whole: full weights, gradient norm, optimizer shards.
 
 Parameters of a parallelised policy are DTensors (FSDP shards over "dp", tensor
-parallel slices over "tp"); everything here also accepts plain tensors, so one code
+parallel slices over "tp", experts split over "ep" and FSDP-sharded over "edp");
+everything here also accepts plain tensors, so one code
 path serves one process and many. Functions that gather are collective: every rank
 calls them, in the same order.
 """
