@@ -37,7 +37,6 @@ from furlong.train.policy import CausalLMPolicy
 from furlong.train.rl_step import RLStep
 
 PROMPTS = [[1, 5, 6, 7, 8, 9, 3], [3, 4, 5, 6], [9, 10, 11, 12, 13, 14, 15], [18, 19, 20]]
-NEEDS_ACTOR_WIRING = pytest.mark.xfail(reason="needs actor wiring", strict=True)
 
 
 def _params(seed: int, max_new_tokens: int = 8) -> SamplingParams:
@@ -256,7 +255,6 @@ def test_rollout_routing_replay_brings_the_trainer_closer_to_the_engine(tiny_moe
     assert replayed < 0.9 * own, (replayed, own)
 
 
-@NEEDS_ACTOR_WIRING
 def test_routing_replay_replays_the_old_forwards_routes_in_later_steps(tiny_moe, monkeypatch):
     config = load_config(train_argv(tiny_moe, "--use-routing-replay", apply_chat_template=False,
                                     rollout_batch_size=3, num_rollout=1, micro_batch_size=2,

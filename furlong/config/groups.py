@@ -223,7 +223,8 @@ class PerfArgs:
     sequence_parallel: bool = flag(False, "Shard activations along the sequence (with TP)")
     pipeline_model_parallel_size: int = flag(1, "Pipeline stages (megatron backend)")
     context_parallel_size: int = flag(1, "Context-parallel size")
-    expert_model_parallel_size: int = flag(1, "Expert-parallel size (megatron backend)")
+    expert_model_parallel_size: int = flag(
+        1, "Expert-parallel size: experts split over groups of data-parallel ranks")
     expert_tensor_parallel_size: int = flag(1, "Expert tensor-parallel size (megatron backend)")
     recompute_granularity: str | None = flag(choices=("full", "selective"),
                                              help="Activation checkpointing")

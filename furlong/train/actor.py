@@ -34,7 +34,7 @@ from furlong.model.fused_kernels import apply_fused_kernels, compile_decoder_lay
 from furlong.model.loading import load_hf_model
 from furlong.model.moe import RouterRecorder, freeze_routers, is_moe
 from furlong.train import distributed_state, microbatch, parallel
-from furlong.train.batch import PackedMicroBatch, TrainBatch, pack, split_tokens
+from furlong.train.batch import PackedMicroBatch, TrainBatch, pack, split_routes, split_tokens
 from furlong.train.expert_parallel import check_expert_parallel_size
 from furlong.train.load_balancing import load_balancing_term
 from furlong.train.master_weights import MasterWeights
@@ -57,6 +57,7 @@ class TrainActor:
     policy: CausalLMPolicy
     masters: MasterWeights | None  # one GPU: the policy is bfloat16, these its float32 masters
     routing: RouterRecorder | None  # MoE: the routes of each training forward
+    recorded_routes: list[torch.Tensor] | None  # --use-routing-replay: the old forward's
     ref_policy: CausalLMPolicy | None
     snapshots: dict[int, list[torch.Tensor]]  # --keep-old-actor: weights version -> CPU copy
     optimizer: torch.optim.Optimizer
@@ -73,6 +74,7 @@ class TrainActor:
         self.masters = MasterWeights(self.policy.hf_model) if self._one_gpu else None
         self.routing = RouterRecorder(self.policy.hf_model) \
             if is_moe(self.policy.hf_model) else None
+        self.recorded_routes = None
         self.ref_policy = None
         self.snapshots = {}
         if config.grpo.needs_reference:
@@ -179,17 +181,27 @@ class TrainActor:
                 return self.compute_log_probs(batch)
         policy = self.ref_policy if reference else self.policy
         policy.eval()
+        record = self.config.grpo.records_routes and not reference
         log_probs: list = [None] * len(batch)
         entropy: list = [None] * len(batch)
+        routes: list = [None] * len(batch)
         for indices in self._micro_batches(batch, list(range(len(batch)))):
             if not indices:
                 continue
             micro = pack(batch, indices, self.rank.device)
+            if record:
+                policy.routing_replay.record()
             values, ent = self._forward(policy, micro)
             for i, lp, en in zip(indices, split_tokens(values.cpu(), micro),
                                  split_tokens(ent.cpu(), micro), strict=True):
                 log_probs[i], entropy[i] = lp, en
+            if record:
+                for i, r in zip(indices, split_routes(policy.routing_replay.take_recorded(),
+                                                      micro), strict=True):
+                    routes[i] = r
         parallel.reshard(policy)  # FSDP keeps the root gathered after a forward
+        if record:  # the optimizer steps of this rollout replay them (train)
+            self.recorded_routes = self._gather(routes)
         return self._gather(log_probs), self._gather(entropy)
 
     def _gather(self, per_sample: list) -> list[torch.Tensor]:
@@ -207,6 +219,9 @@ class TrainActor:
         returned more or fewer samples than the flags imply. Parts are whole multiples of
         the data-parallel size (the last takes the rest); a batch too small for every
         step gives fewer steps."""
+        if self.recorded_routes is not None:  # --use-routing-replay
+            batch = replace(batch, routed_experts=self.recorded_routes)
+            self.recorded_routes = None
         steps, ranks = self.config.rollout.num_steps_per_rollout, self.rank.dp_size
         units = len(batch) // ranks
         bounds = [round(step * units / steps) * ranks for step in range(steps)] + [len(batch)]
