@@ -1,6 +1,7 @@
 """Qwen3-MoE models: the tiny MoE, grouped-GEMM experts, training and saving in HF format."""
 from __future__ import annotations
 
+import asyncio
 import math
 from pathlib import Path
 
@@ -9,10 +10,12 @@ import torch
 import torch.multiprocessing as mp
 from safetensors import safe_open
 from torch.distributed.tensor import DTensor
+from transformers import AutoTokenizer
 
 from furlong import cli
 from furlong.config import ConfigError, load_config
-from furlong.model.loading import load_hf_model
+from furlong.engine.hf_engine import HFEngine
+from furlong.model.loading import checkpoint_named_tensors, load_hf_model, load_named_tensors
 from furlong.model.moe import load_balancing_loss, sequence_load_balancing_loss
 from furlong.train.actor import RankInfo, TrainActor
 from furlong.train.batch import pack, split_tokens
@@ -261,3 +264,42 @@ def test_a_frozen_router_keeps_its_weights_while_the_experts_train(tiny_moe, tin
     with pytest.raises(ValueError, match="--moe-router-freeze-gate: Qwen3ForCausalLM has no MoE"):
         TrainActor(policy_config(tiny, ["--moe-router-freeze-gate"]), RankInfo(),
                    str(tiny / "model"), 2)
+
+
+# ---- weight sync by the checkpoint's names ----------------------------------------------
+def _saved_tensors(model_dir) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in model_dir.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as handle:
+            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return tensors
+
+
+def test_pushed_names_are_the_checkpoints_and_engines_load_them(tiny_moe):
+    """SGLang loads MoE experts one by one, under the checkpoint's names: the push splits
+    the fused expert parameters the way save_pretrained does, and furlong's engines copy
+    each part back into its slice."""
+    source = load_hf_model(str(tiny_moe / "model"))
+    pushed = dict(checkpoint_named_tensors(source, source.named_parameters()))
+    saved = _saved_tensors(tiny_moe / "model")
+    assert pushed.keys() == saved.keys()
+    assert "model.layers.0.mlp.experts.7.up_proj.weight" in pushed
+    assert all(torch.equal(pushed[name], saved[name]) for name in saved)
+    engine = HFEngine(load_hf_model(str(tiny_moe / "model")), AutoTokenizer.from_pretrained(
+        tiny_moe / "model"))
+    with torch.no_grad():
+        for param in engine.model.parameters():
+            param.zero_()
+    asyncio.run(engine.update_weights(pushed.items(), version=3))
+    received = dict(engine.model.named_parameters())
+    for name, param in source.named_parameters():
+        assert torch.equal(received[name], param), name
+    with pytest.raises(ValueError, match="experts.2.down_proj.weight' has shape"):
+        load_named_tensors(engine.model, [("model.layers.0.mlp.experts.2.down_proj.weight",
+                                           torch.zeros(3, 3))])
+
+
+def test_dense_names_pass_unchanged(tiny):
+    model = load_hf_model(str(tiny / "model"))
+    names = [name for name, _ in checkpoint_named_tensors(model, model.named_parameters())]
+    assert names == [name for name, _ in model.named_parameters()]

@@ -1,9 +1,11 @@
-"""Loading HF causal LMs by path (a model directory or a furlong checkpoint), copying
-weights into them by HF parameter name, and the token ids that end a response."""
+"""Loading HF causal LMs by path (a model directory or a furlong checkpoint), weights by
+name both ways (copied in by parameter or checkpoint name; renamed to the checkpoint's
+names for a push), and the token ids that end a response."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -39,7 +41,9 @@ def load_hf_model(path: str, dtype: torch.dtype = torch.float32, device: str | t
 @torch.no_grad()
 def load_named_tensors(model: torch.nn.Module,
                        named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-    """Copy tensors into `model` by HF parameter name (casting dtype). Returns the count.
+    """Copy tensors into `model` by HF parameter name, or by the checkpoint's per-expert
+    name of a slice of a fused expert parameter (`checkpoint_named_tensors`), casting
+    dtype. Returns the count.
 
     A name the model does not have, or a tensor of another shape, is an error naming it
     (`copy_` would broadcast a smaller tensor silently); tied weights (lm_head sharing the
@@ -48,15 +52,52 @@ def load_named_tensors(model: torch.nn.Module,
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     count = 0
-    for name, tensor in named_tensors:
-        if name not in params:
-            raise KeyError(f"weight {name!r} is not a parameter of {type(model).__name__}")
-        if tensor.shape != params[name].shape:
-            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, the model's is "
-                             f"{tuple(params[name].shape)}")
-        params[name].copy_(tensor.to(params[name].device), non_blocking=True)
-        count += 1
+    with torch.no_grad():
+        for name, tensor in named_tensors:
+            target = params.get(name)
+            if target is None:
+                target = _expert_slice(params, name)
+            if target is None:
+                raise KeyError(f"weight {name!r} is not a parameter of {type(model).__name__}")
+            if tensor.shape != target.shape:
+                raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, the "
+                                 f"model's is {tuple(target.shape)}")
+            target.copy_(tensor.to(target.device), non_blocking=True)
+            count += 1
     return count
+
+
+# A checkpoint's name of one expert's projection, in the Qwen-MoE / DeepSeek layout.
+_EXPERT_NAME = re.compile(
+    r"(?P<experts>.+\.mlp\.experts)\.(?P<index>\d+)\.(?P<projection>gate|up|down)_proj\.weight")
+
+
+def _expert_slice(params: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
+    """The part of a fused expert parameter that per-expert `name` stands for (a view);
+    None when `name` is not one. gate_up_proj (E, 2I, H) holds [gate | up] along dim 1,
+    down_proj is (E, H, I)."""
+    match = _EXPERT_NAME.fullmatch(name)
+    if match is None or f"{match['experts']}.gate_up_proj" not in params:
+        return None
+    index = int(match["index"])
+    if match["projection"] == "down":
+        return params[f"{match['experts']}.down_proj"][index]
+    gate_up = params[f"{match['experts']}.gate_up_proj"][index]
+    half = gate_up.shape[0] // 2
+    return gate_up[:half] if match["projection"] == "gate" else gate_up[half:]
+
+
+def checkpoint_named_tensors(model: torch.nn.Module,
+                             named_tensors: Iterable[tuple[str, torch.Tensor]]
+                             ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors under the names of the model's checkpoint files, one at a time, as
+    SGLang loads them. transformers >= 5 fuses some checkpoint tensors into one parameter
+    (an MoE layer's experts into gate_up_proj and down_proj); its own reverse conversion
+    (what `save_pretrained` writes) splits each again. Other names pass unchanged."""
+    from transformers.core_model_loading import revert_weight_conversion
+    for name, tensor in named_tensors:
+        for checkpoint_name, part in revert_weight_conversion(model, {name: tensor}).items():
+            yield checkpoint_name, part.contiguous()
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:

@@ -19,12 +19,11 @@ import torch
 
 from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.fast.block_manager import BlockManager
-from furlong.engine.fast.moe import load_weights
 from furlong.engine.fast.runner import ModelRunner
 from furlong.engine.fast.scheduler import Scheduler
 from furlong.engine.fast.sequence import Sequence
 from furlong.engine.stops import ended_on_stop_token, response_text, stop_string_end
-from furlong.model.loading import eos_token_ids
+from furlong.model.loading import eos_token_ids, load_named_tensors
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +142,7 @@ class FastEngine:
 
     def _load_weights(self, named_tensors, version: int) -> None:
         with self._lock:
-            load_weights(self.model, named_tensors)
+            load_named_tensors(self.model, named_tensors)
             self.weight_version = version
 
     async def release_memory(self) -> None:
