@@ -20,7 +20,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
 from furlong.config import ConfigError, load_config
 from furlong.config.model_check import check_routing_replay, read_hf_config
-from furlong.engine.base import SamplingParams
+from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.client import HTTPEngine, decode_routed_experts
 from furlong.engine.http_error import EngineHTTPError
 from furlong.engine.hf_engine import HFEngine
@@ -205,6 +205,24 @@ def test_replay_flags_need_a_replayable_moe_model(tiny, tiny_moe):
     with pytest.raises(ConfigError, match="supports the MoE families"):
         check_routing_replay(grpo, {"model_type": "deepseek_v3", "n_routed_experts": 8},
                              "ds")
+    mixed = {**read_hf_config(str(tiny_moe / "model")), "mlp_only_layers": [0]}
+    with pytest.raises(ConfigError, match="dense layers .*mlp_only_layers"):
+        check_routing_replay(grpo, mixed, "mixed")  # SGLang's rows are per decoder layer
+
+
+def test_tokens_without_routes_drop_the_samples_old_routes(tiny_moe):
+    """An engine that returns new tokens without routes (aborted after a preemption)
+    leaves the sample without routes, not with routes that miss those tokens."""
+    class PreemptedEngine:
+        async def generate(self, input_ids, params, return_routed_experts=False):
+            return GenerateOutput(output_ids=[5, 6], output_log_probs=[-1.0, -1.0],
+                                  finish_reason="abort")
+    config = load_config(train_argv(tiny_moe, "--use-rollout-routing-replay"))[0]
+    sample = Sample(group_index=0, index=0, tokens=[1, 2, 3],
+                    rollout_routed_experts=torch.zeros(2, 2, 2, dtype=torch.int32))
+    asyncio.run(generate(HookArgs(config, PreemptedEngine(), None), sample,
+                         {"max_new_tokens": 4}))
+    assert sample.tokens == [1, 2, 3, 5, 6] and sample.rollout_routed_experts is None
 
 
 def test_load_config_refuses_replay_on_a_dense_model(tiny):

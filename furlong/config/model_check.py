@@ -283,3 +283,7 @@ def check_routing_replay(grpo: GrpoArgs, hf: dict, directory: str) -> None:
         raise ConfigError(f"{flags[0]}: routing replay supports the MoE families "
                           f"{', '.join(ROUTING_REPLAY_FAMILIES)} (softmax routers), not "
                           f"{model_type} of {directory}/config.json")
+    pattern, fields = moe_expected_values(hf).get("moe_layer_freq", ([1], ""))
+    if 0 in pattern:  # SGLang sends a row per decoder layer, furlong's engines per MoE layer
+        raise ConfigError(f"{flags[0]}: {directory}/config.json has dense layers ({fields}); "
+                          "routing replay needs every layer to be MoE: drop the flag")

@@ -46,6 +46,8 @@ async def generate(args, sample: Sample, sampling_params: dict) -> Sample:
     sample.rollout_log_probs = (sample.rollout_log_probs or []) + output.output_log_probs
     sample.status = Status.from_finish_reason(output.finish_reason)
     sample.weight_version = output.weight_version
-    if output.routed_experts is not None:  # None: aborted before the engine read the prompt
+    # The routes cover the whole sample; an engine that returned new tokens without them
+    # (aborted after a preemption) leaves none, so a continuation sends the sample whole.
+    if output.routed_experts is not None or output.output_ids:
         sample.rollout_routed_experts = output.routed_experts
     return sample

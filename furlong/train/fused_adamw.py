@@ -37,7 +37,7 @@ if triton is not None:
     @triton.jit
     def _adamw_kernel(master, grad, exp_avg, exp_avg_sq, model, step, scale, numel,
                       lr, beta1, beta2, eps, weight_decay, BLOCK: tl.constexpr):
-        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < numel
         g = tl.load(grad + offsets, mask=inside).to(tl.float32) * tl.load(scale)
         p = tl.load(master + offsets, mask=inside)
@@ -76,12 +76,12 @@ def adamw_step(optimizer: torch.optim.AdamW, masters: list[torch.Tensor],
     matching `models` tensor. Every tensor contiguous; masters must be the optimizer's."""
     group_of = {id(param): group for group in optimizer.param_groups
                 for param in group["params"]}
+    if any(group["amsgrad"] or group["maximize"] for group in optimizer.param_groups):
+        raise ValueError("the fused master-weight AdamW has no amsgrad or maximize")
     states = [_state(optimizer, master) for master in masters]
     torch._foreach_add_([state["step"] for state in states], 1.0)
     for master, grad, model, state in zip(masters, grads, models, states, strict=True):
         group = group_of[id(master)]
-        if group["amsgrad"] or group["maximize"]:
-            raise ValueError("the fused master-weight AdamW has no amsgrad or maximize")
         beta1, beta2 = group["betas"]
         numel = master.numel()
         _adamw_kernel[(triton.cdiv(numel, BLOCK),)](

@@ -71,11 +71,16 @@ class MasterWeights:
         bfloat16 after one micro-batch, float32 after several, None without any."""
         return list(self._grads)
 
+    def take_gradients(self) -> list[torch.Tensor | None]:
+        """`gradients()`, handed over: the next backward starts from none."""
+        grads, self._grads = self._grads, [None] * len(self._grads)
+        return grads
+
     def _hook(self, index: int):
         def accumulate(param: torch.Tensor) -> None:
             grad = self._grads[index]
-            if grad is None:
-                self._grads[index] = param.grad
+            if grad is None:  # autograd's own tensor, kept: safe while no CUDA graph
+                self._grads[index] = param.grad  # replays the backward into it
             else:
                 if grad.dtype != torch.float32:
                     grad = self._grads[index] = grad.float()
@@ -90,7 +95,7 @@ class MasterWeights:
         round the masters into the model and drop the gradients; returns the norm
         before clipping."""
         pairs = [(param, master, grad) for (param, master), grad
-                 in zip(self._trained, self._grads, strict=True) if grad is not None]
+                 in zip(self._trained, self.take_gradients(), strict=True) if grad is not None]
         if not pairs:
             return 0.0
         params, masters, grads = (list(column) for column in zip(*pairs))
@@ -105,7 +110,6 @@ class MasterWeights:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             self.copy_to_model()
-        self._grads = [None] * len(self._grads)
         return float(norm)
 
     @torch.no_grad()
