@@ -15,7 +15,9 @@ Where it runs (`RankInfo`):
 - several GPUs (nccl): `parallel.parallelize` with FSDP2 mixed precision, bfloat16
   compute on float32 master weights and optimizer state.
 With several ranks, --expert-model-parallel-size splits the experts of an MoE model over
-groups of data-parallel ranks (train/expert_parallel.py).
+groups of data-parallel ranks (train/expert_parallel.py), and --context-parallel-size
+each micro-batch's tokens over the ranks of a context-parallel group, which take the same
+share, like tensor-parallel ones (train/context_parallel.py).
 """
 from __future__ import annotations
 
@@ -52,8 +54,8 @@ def _local(param: torch.Tensor) -> torch.Tensor:
 class TrainActor:
     config: Config
     rank: RankInfo
-    mesh: DeviceMesh | None  # ("dp", "tp"); None for one process
-    expert_mesh: DeviceMesh | None  # ("edp", "ep", "tp") with --expert-model-parallel-size
+    mesh: DeviceMesh | None  # ("dp", "cp", "tp"); None for one process
+    expert_mesh: DeviceMesh | None  # ("edp", "ep", "cp", "tp"), --expert-model-parallel-size
     policy: CausalLMPolicy
     masters: MasterWeights | None  # one GPU: the policy is bfloat16, these its float32 masters
     routing: RouterRecorder | None  # MoE: the routes of each training forward
@@ -89,15 +91,13 @@ class TrainActor:
         """(mesh, expert mesh): both None for one process, no expert mesh without
         --expert-model-parallel-size."""
         rank, perf = self.rank, self.config.perf
-        parallel.check_tensor_parallel_size(rank.world_size, perf.tensor_model_parallel_size)
-        if rank.tp_size != perf.tensor_model_parallel_size:
-            raise ValueError(f"RankInfo.tp_size {rank.tp_size} differs from "
-                             f"--tensor-model-parallel-size {perf.tensor_model_parallel_size}")
+        parallel.check_rank_layout(rank, perf)
         check_expert_parallel_size(self._ep_size, rank.dp_size)
         if not rank.sharded:
             return None, None
         parallel.join(rank)
-        mesh = parallel.build_mesh(rank.world_size, rank.tp_size, rank.device.type)
+        mesh = parallel.build_mesh(rank.world_size, rank.tp_size, rank.device.type,
+                                   rank.cp_size)
         return mesh, parallel.build_expert_mesh(mesh, self._ep_size) if self._ep_size > 1 else None
 
     @property
@@ -150,9 +150,10 @@ class TrainActor:
         perf = self.config.perf
         if not perf.use_dynamic_batch_size:
             return microbatch.fixed_micro_batches(mine, self.config.rollout.micro_batch_size)
-        count = max(microbatch.min_micro_batches([lengths[i] for i in share],
-                                                 perf.max_tokens_per_gpu) for share in shares)
-        return microbatch.token_budget_micro_batches(mine, lengths, perf.max_tokens_per_gpu, count)
+        budget = perf.max_tokens_per_gpu * self.rank.cp_size  # per rank, as in Miles
+        count = max(microbatch.min_micro_batches([lengths[i] for i in share], budget)
+                    for share in shares)
+        return microbatch.token_budget_micro_batches(mine, lengths, budget, count)
 
     def _forward(self, policy: CausalLMPolicy, micro) -> tuple[torch.Tensor, torch.Tensor]:
         return policy(micro, self.config.rollout.rollout_temperature)
@@ -262,10 +263,11 @@ class TrainActor:
             term, metrics["moe_aux_loss"] = load_balancing_term(
                 self.routing.take(), self.config.model, inputs)
             loss = loss + term
-        # FSDP averages gradients over data-parallel ranks; the losses are shares of the
-        # global mean, so scaling by dp_size turns that average back into a sum.
+        # FSDP averages gradients over data- and context-parallel ranks; the losses are
+        # shares of the global mean, and each context-parallel rank's backward holds its
+        # own tokens' part, so scaling by dp x cp turns that average back into a sum.
         # Tensor-parallel ranks compute the same loss and need no scaling.
-        (loss * self.rank.dp_size).backward()
+        (loss * self.rank.dp_size * self.rank.cp_size).backward()
         if self.routing is not None:
             self.routing.take()  # routes recomputed in the backward hold their graph
         return metrics

@@ -1,13 +1,18 @@
 """The fsdp backend's parallelism: process group, device mesh, and how a policy is
-split over ranks (tensor/sequence parallel, activation checkpointing, FSDP2).
+split over ranks (tensor/sequence parallel, context parallel, activation checkpointing,
+FSDP2).
 
-The mesh has two dimensions, ("dp", "tp"), tensor-parallel innermost: global rank r
-is data-parallel rank r // tp and tensor-parallel rank r % tp. Data-parallel ranks
-see different samples; the ranks of one tensor-parallel group see the same samples
-and each holds a slice of every linear layer (Megatron's layout, done with DTensor).
-With expert parallelism (`expert_parallel.py`) the data-parallel dimension is also
-seen as ("edp", "ep"): the "ep" ranks of a group hold different experts of each MoE
-layer, the "edp" ranks the same ones.
+The mesh has three dimensions, ("dp", "cp", "tp"), tensor-parallel innermost: global
+rank r is tensor-parallel rank r % tp, context-parallel rank (r // tp) % cp and
+data-parallel rank r // (cp tp). Data-parallel ranks see different samples; the ranks
+of one tensor-parallel group see the same samples and each holds a slice of every
+linear layer (Megatron's layout, done with DTensor); the ranks of one context-parallel
+group see the same samples and each holds 1/cp of every micro-batch's tokens
+(`context_parallel.py`). FSDP2 shards parameters over "dp", or over "dp_cp" (the
+flattened ("dp", "cp")) with context parallelism. With expert parallelism
+(`expert_parallel.py`) the data-parallel dimension is also seen as ("edp", "ep"): the
+"ep" ranks of a group hold different experts of each MoE layer, the "edp" ranks the
+same ones.
 
 `parallelize` supports the decoder layers of Qwen2, Qwen3 and Llama (HF module
 names self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, the two layer norms and
@@ -35,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from furlong.config.groups import PerfArgs
 from furlong.model.attention import RECOMPUTE_CORE
 from furlong.ports import free_port
+from furlong.train.context_parallel import apply_context_parallel, check_context_parallel_size
 from furlong.train.expert_parallel import (apply_expert_parallel, check_expert_parallel_size,
                                            expert_modules)
 
@@ -42,7 +48,8 @@ from furlong.train.expert_parallel import (apply_expert_parallel, check_expert_p
 # ---- where a rank sits -------------------------------------------------------------------
 @dataclass(frozen=True)
 class RankInfo:
-    """A trainer rank's coordinates in the ("dp", "tp") mesh, its device and rendezvous.
+    """A trainer rank's coordinates in the ("dp", "cp", "tp") mesh, its device and
+    rendezvous.
 
     `RankInfo()` is one CPU process and `RankInfo(device=torch.device("cuda"))` one GPU.
     `master_port` may stay None when the process group exists before the trainer is
@@ -56,14 +63,16 @@ class RankInfo:
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
     backend: str | None = None  # default: nccl on GPU, gloo on CPU
+    cp_rank: int = 0
+    cp_size: int = 1
 
     @property
     def rank(self) -> int:
-        return self.dp_rank * self.tp_size + self.tp_rank
+        return (self.dp_rank * self.cp_size + self.cp_rank) * self.tp_size + self.tp_rank
 
     @property
     def world_size(self) -> int:
-        return self.dp_size * self.tp_size
+        return self.dp_size * self.cp_size * self.tp_size
 
     @property
     def sharded(self) -> bool:
@@ -83,15 +92,31 @@ def check_tensor_parallel_size(world_size: int, tp_size: int) -> None:
                          "world size (--actor-num-nodes x --actor-num-gpus-per-node)")
 
 
+def check_rank_layout(rank: RankInfo, perf: PerfArgs) -> None:
+    """The flags' tensor- and context-parallel sizes tile `rank`'s world, and `rank` was
+    made for them."""
+    tp, cp = perf.tensor_model_parallel_size, perf.context_parallel_size
+    check_tensor_parallel_size(rank.world_size, tp)
+    check_context_parallel_size(rank.world_size, tp, cp)
+    if (rank.tp_size, rank.cp_size) != (tp, cp):
+        raise ValueError(f"RankInfo (tp_size {rank.tp_size}, cp_size {rank.cp_size}) differs "
+                         f"from --tensor-model-parallel-size {tp} / --context-parallel-size "
+                         f"{cp}")
+
+
 def rank_info(rank: int, world_size: int, tp_size: int, device_type: str,
-              master_addr: str = "127.0.0.1", master_port: int | None = None) -> RankInfo:
+              master_addr: str = "127.0.0.1", master_port: int | None = None,
+              cp_size: int = 1) -> RankInfo:
     """The RankInfo of global rank `rank` (GPU: the one `init_distributed` makes current)."""
     check_tensor_parallel_size(world_size, tp_size)
+    check_context_parallel_size(world_size, tp_size, cp_size)
     device = torch.device("cpu")
     if device_type == "cuda":
         device = torch.device("cuda", rank % torch.cuda.device_count())
-    return RankInfo(rank // tp_size, world_size // tp_size, device, rank % tp_size, tp_size,
-                    master_addr, master_port)
+    group = tp_size * cp_size
+    return RankInfo(rank // group, world_size // group, device, rank % tp_size, tp_size,
+                    master_addr, master_port, cp_rank=rank // tp_size % cp_size,
+                    cp_size=cp_size)
 
 
 # ---- process group and mesh ---------------------------------------------------------
@@ -126,16 +151,28 @@ def join(rank: RankInfo) -> None:
                      rank.master_port or free_port(), backend, local_rank=rank.device.index)
 
 
-def build_mesh(world_size: int, tp_size: int, device_type: str) -> DeviceMesh:
-    """A (dp, tp) mesh over all ranks, tensor-parallel ranks adjacent."""
+def build_mesh(world_size: int, tp_size: int, device_type: str, cp_size: int = 1) -> DeviceMesh:
+    """A (dp, cp, tp) mesh over all ranks, tensor-parallel ranks adjacent, then
+    context-parallel ones; with cp > 1 also the flattened "dp_cp" that FSDP shards over
+    (new process groups: build it once)."""
     check_tensor_parallel_size(world_size, tp_size)
-    return init_device_mesh(device_type, (world_size // tp_size, tp_size),
-                            mesh_dim_names=("dp", "tp"))
+    check_context_parallel_size(world_size, tp_size, cp_size)
+    mesh = init_device_mesh(device_type, (world_size // (tp_size * cp_size), cp_size, tp_size),
+                            mesh_dim_names=("dp", "cp", "tp"))
+    if cp_size > 1:
+        mesh["dp", "cp"]._flatten("dp_cp")
+    return mesh
+
+
+def sharding_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The ranks FSDP shards parameters and averages gradients over: "dp", times "cp"
+    (the flattened mesh `build_mesh` made, which flattening again returns)."""
+    return mesh["dp", "cp"]._flatten("dp_cp") if mesh["cp"].size() > 1 else mesh["dp"]
 
 
 def build_expert_mesh(mesh: DeviceMesh, ep_size: int) -> DeviceMesh:
-    """The ("dp", "tp") `mesh` seen as ("edp", "ep", "tp"): expert groups of `ep_size`
-    adjacent data-parallel ranks (new process groups: build it once)."""
+    """The ("dp", "cp", "tp") `mesh` seen as ("edp", "ep", "cp", "tp"): expert groups of
+    `ep_size` adjacent data-parallel ranks (new process groups: build it once)."""
     dp_size = mesh["dp"].size()
     check_expert_parallel_size(ep_size, dp_size)
     return mesh._unflatten("dp", (dp_size // ep_size, ep_size), ("edp", "ep"))
@@ -149,24 +186,27 @@ def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs, mixed_preci
 
     The order matters. Tensor parallel comes first because it replaces each linear
     weight by its DTensor slice, which FSDP then shards further over "dp" (FSDP2 of a
-    TP DTensor is the 2-D layout); expert parallel likewise leaves each rank its experts
-    as DTensors over "ep", which FSDP shards further over "edp". Activation
-    checkpointing comes before FSDP so that
-    FSDP's all-gather hooks stay outside the recomputed region: the backward
-    recomputes a layer with the parameters FSDP has already gathered for it. FSDP goes
-    per decoder layer (one all-gather in flight per layer), then the root; the root
-    is the policy rather than the HF model because the chunked log-prob head runs in
-    the policy's forward, and a root gathers its own parameters (embeddings, final
-    norm, output weight) around its forward only.
+    TP DTensor is the 2-D layout); context parallel next, as it splits the heads a
+    tensor-parallel rank holds (it changes no parameter); expert parallel likewise
+    leaves each rank its experts as DTensors over "ep", which FSDP shards further over
+    "edp". Activation checkpointing comes before FSDP so that FSDP's all-gather hooks
+    stay outside the recomputed region: the backward recomputes a layer with the
+    parameters FSDP has already gathered for it. FSDP goes per decoder layer (one
+    all-gather in flight per layer), then the root; the root is the policy rather than
+    the HF model because the chunked log-prob head runs in the policy's forward, and a
+    root gathers its own parameters (embeddings, final norm, output weight) around its
+    forward only.
     """
     hf_model = policy.hf_model
     layers = decoder_layers(hf_model)
     if mesh["tp"].size() > 1:
         apply_tensor_parallel(hf_model, mesh["tp"], perf.sequence_parallel)
+    if mesh["cp"].size() > 1:
+        apply_context_parallel(policy, mesh["cp"], mesh["tp"].size())
     if expert_mesh is not None:
         apply_expert_parallel(layers, expert_mesh["ep"])
     apply_activation_checkpointing(layers, perf)
-    apply_fully_shard(policy, layers, mesh["dp"], mixed_precision,
+    apply_fully_shard(policy, layers, sharding_mesh(mesh), mixed_precision,
                       expert_mesh["edp"] if expert_mesh is not None else None)
     return policy
 
@@ -304,12 +344,13 @@ def apply_activation_checkpointing(layers: nn.ModuleList, perf: PerfArgs) -> Non
 # ---- FSDP2 --------------------------------------------------------------------------------
 def apply_fully_shard(policy: nn.Module, layers: nn.ModuleList, dp_mesh: DeviceMesh,
                       mixed_precision: bool, expert_mesh: DeviceMesh | None = None) -> None:
-    """Shard each decoder layer, then the root, over "dp"; with expert parallelism each
+    """Shard each decoder layer, then the root, over `dp_mesh` ("dp", or "dp_cp" with
+    context parallelism: `sharding_mesh`); with expert parallelism each
     layer's experts first, over `expert_mesh` ("edp": the ranks holding the same
     experts), as a unit of their own inside the layer's. Mixed precision keeps the
     float32 master weights and optimizer state sharded and gathers bfloat16 copies for
     compute, so the whole forward (residual stream included) runs in bfloat16;
-    gradients are reduced in float32. With one data-parallel rank nothing is sharded, so
+    gradients are reduced in float32. With one sharding rank nothing is sharded, so
     a layer keeps its gathered copy from the forward to the backward instead of
     gathering (copying and casting) it twice."""
     layer_policy = root_policy = MixedPrecisionPolicy()  # float32 throughout

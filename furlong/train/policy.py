@@ -11,6 +11,9 @@ means a sharded root (FSDP2) gathers the embedding/output weights around it.
 MoE models: a micro-batch that carries `routed_experts` is routed by them (routing replay,
 model/moe.py), one that carries none by the routers themselves. `routing_replay.record()`
 before a forward keeps its routes for `routing_replay.take_recorded()` (--use-routing-replay).
+
+Context parallelism (`context_parallel`, set by train/context_parallel.py): the decoder and
+the head run on this rank's part of the row, and the values come back gathered whole.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from furlong.model.log_prob_head import log_probs_and_entropy
 from furlong.model.logits import compute_dtype
 from furlong.model.moe import RoutingReplay, is_moe
 from furlong.train.batch import PackedMicroBatch
+from furlong.train.context_parallel import ContextParallel
 
 
 class CausalLMPolicy(nn.Module):
@@ -31,6 +35,7 @@ class CausalLMPolicy(nn.Module):
         self.hf_model = hf_model
         self.chunk_size = chunk_size
         self.routing_replay = RoutingReplay(hf_model) if is_moe(hf_model) else None
+        self.context_parallel: ContextParallel | None = None
 
     def forward(self, micro: PackedMicroBatch,
                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,13 +44,17 @@ class CausalLMPolicy(nn.Module):
             self.routing_replay.replay(micro.routed_experts)
         elif micro.routed_experts is not None:
             raise ValueError("routing replay: the model has no MoE routers")
+        part = micro if self.context_parallel is None else self.context_parallel.shard(micro)
         decoder = self.hf_model.base_model
-        hidden = decoder(input_ids=micro.input_ids, position_ids=micro.position_ids,
-                         use_cache=False, cu_seq_lens_q=micro.cu_seq_lens,
-                         cu_seq_lens_k=micro.cu_seq_lens, max_length_q=micro.max_length,
-                         max_length_k=micro.max_length).last_hidden_state[0]  # (T, H)
-        hidden = hidden[micro.target_positions]  # (N, H)
+        hidden = decoder(input_ids=part.input_ids, position_ids=part.position_ids,
+                         use_cache=False, cu_seq_lens_q=part.cu_seq_lens,
+                         cu_seq_lens_k=part.cu_seq_lens, max_length_q=part.max_length,
+                         max_length_k=part.max_length).last_hidden_state[0]  # (T, H)
+        hidden = hidden[part.target_positions]  # (N, H)
         weight = self.hf_model.get_output_embeddings().weight
         weight = weight.to(compute_dtype(hidden))  # once, not per chunk
-        return log_probs_and_entropy(hidden, weight, micro.targets, temperature,
-                                     self.chunk_size)
+        log_probs, entropy = log_probs_and_entropy(hidden, weight, part.targets, temperature,
+                                                   self.chunk_size)
+        if self.context_parallel is None:
+            return log_probs, entropy
+        return self.context_parallel.gather(micro, log_probs, entropy)
