@@ -3,13 +3,14 @@
 Validates the flags and config.json (already done by load_config), reads the first
 rows of every data file and renders their prompts with the tokenizer (the chat
 template included), prints the resolved configuration with the source of each
-value, and states the devices the run needs, checking them only where they exist.
+value, and states the devices the run needs, checking them only where they exist, and
+the trainer's mesh (placement refuses the layouts the model or the ranks cannot take).
 """
 from __future__ import annotations
 
 import torch
 
-from furlong.cluster.placement import check_engine_devices, plan_placement
+from furlong.cluster.placement import check_engine_devices, describe_mesh, plan_placement
 from furlong.config import Config, ConfigError, eval_datasets
 from furlong.config.report import format_config
 from furlong.data import DataError, DataKeys, PromptEncoder, load_records
@@ -81,6 +82,7 @@ def dry_run(config: Config) -> int:
     print(device_plan(config))
     placement = plan_placement(config, torch.cuda.device_count())
     print("layout: " + placement.describe())
+    print(describe_mesh(config, placement.trainer_ranks))
     try:  # the engine backend is known only on the machine that runs (auto)
         check_engine_devices(placement, "sglang")
     except ConfigError as error:

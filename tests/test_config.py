@@ -377,7 +377,7 @@ def test_eps_clip_high_defaults_to_eps_clip(grpo_argv):
     (["--rollout-top-k", "0"], ["--rollout-top-k 0"]),
     (["--pipeline-model-parallel-size", "2"], ["--pipeline-model-parallel-size 2", "megatron"]),
     (["--expert-model-parallel-size", "0"], ["--expert-model-parallel-size 0", "> 0"]),
-    (["--context-parallel-size", "2"], ["--context-parallel-size 2", "set it to 1"]),
+    (["--context-parallel-size", "0"], ["--context-parallel-size 0", "> 0"]),
     (["--advantage-estimator", "ppo"], ["--advantage-estimator ppo", "critic"]),
     (["--use-dynamic-batch-size"], ["--max-tokens-per-gpu"]),
     (["--eval-interval", "5"], ["--eval-interval 5", "--eval-prompt-data"]),

@@ -6,13 +6,17 @@ A pure function of the cluster flags and the devices this machine has:
     engines of `--rollout-num-gpus-per-engine` devices each: sharing the trainer's
     devices with `--colocate`, else on `--rollout-num-gpus` devices of their own.
 On a machine without GPUs the same layout is made of CPU processes (gloo), which is
-how multi-process runs are tested without GPUs.
+how multi-process runs are tested without GPUs. The trainer ranks form a dp x cp x tp
+mesh (`describe_mesh`); layouts the model or the ranks cannot take are refused here,
+before Ray starts and under --dry-run, naming the flag and the fix.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from furlong.config import Config, ConfigError
+from furlong.config.model_check import moe_expected_values, read_hf_config
+from furlong.train.context_parallel import check_heads
 
 CLUSTER_FLAGS = ("cluster.actor_num_nodes", "cluster.actor_num_gpus_per_node",
                  "cluster.rollout_num_gpus", "cluster.colocate",
@@ -80,30 +84,66 @@ def plan_placement(config: Config, gpus_available: int) -> Placement:
 
 
 def _check_one_process(config: Config) -> None:
-    ep = config.perf.expert_model_parallel_size
-    if ep > 1:
-        raise ConfigError(f"--expert-model-parallel-size {ep} needs {ep} data-parallel trainer "
-                          "ranks, and without cluster flags the trainer is one process: give "
-                          "--actor-num-gpus-per-node (and --colocate or --rollout-num-gpus)")
+    for flag, size in (("--expert-model-parallel-size", config.perf.expert_model_parallel_size),
+                       ("--context-parallel-size", config.perf.context_parallel_size)):
+        if size > 1:
+            raise ConfigError(f"{flag} {size} needs {size} trainer ranks, and without cluster "
+                              "flags the trainer is one process: give --actor-num-gpus-per-node "
+                              "(and --colocate or --rollout-num-gpus)")
+
+
+def describe_mesh(config: Config, trainer_ranks: int) -> str:
+    """The trainer's mesh as --dry-run prints it: dp x cp x tp x pp, expert groups
+    carved from dp."""
+    p = config.perf
+    tp, cp, ep = p.tensor_model_parallel_size, p.context_parallel_size, \
+        p.expert_model_parallel_size
+    dp = trainer_ranks // (tp * cp)
+    return (f"mesh: dp {dp} x cp {cp} x tp {tp} x pp {p.pipeline_model_parallel_size} "
+            f"(ep {ep}, carved from dp) = {trainer_ranks} trainer rank(s), one device each")
 
 
 def _check_trainer_split(config: Config, ranks: int) -> None:
     """Tensor-parallel groups tile the ranks; each step's samples split over the rest,
     whose expert groups tile them in turn."""
-    tp, ep = config.perf.tensor_model_parallel_size, config.perf.expert_model_parallel_size
+    p = config.perf
+    tp, cp, ep = p.tensor_model_parallel_size, p.context_parallel_size, \
+        p.expert_model_parallel_size
     if ranks % tp:
         raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide the {ranks} "
                           "trainer ranks (--actor-num-nodes x --actor-num-gpus-per-node)")
-    dp, batch = ranks // tp, config.rollout.global_batch_size
+    if ranks % (tp * cp):
+        raise ConfigError(f"--context-parallel-size {cp} x --tensor-model-parallel-size {tp} "
+                          f"does not divide the {ranks} trainer ranks (--actor-num-nodes x "
+                          "--actor-num-gpus-per-node): the trainer is dp x cp x tp ranks; "
+                          f"give a multiple of {tp * cp} ranks or smaller sizes")
+    dp, batch = ranks // (tp * cp), config.rollout.global_batch_size
+    shares = f"({ranks} trainer ranks / tensor-parallel {tp} / context-parallel {cp})"
     if dp % ep:
         raise ConfigError(f"--expert-model-parallel-size {ep} does not divide the {dp} "
-                          f"data-parallel trainer ranks ({ranks} trainer ranks / "
-                          f"tensor-parallel {tp}): expert-parallel ranks are carved from the "
-                          "data-parallel ones")
+                          f"data-parallel trainer ranks {shares}: expert-parallel ranks are "
+                          "carved from the data-parallel ones")
     if batch % dp:
         raise ConfigError(f"--global-batch-size {batch} does not split over {dp} data-parallel "
-                          f"ranks ({ranks} trainer ranks / tensor-parallel {tp}): make it a "
-                          f"multiple of {dp}")
+                          f"ranks {shares}: make it a multiple of {dp}")
+    if cp > 1:
+        _check_context_parallel(config)
+
+
+def _check_context_parallel(config: Config) -> None:
+    """Context parallelism splits each tensor-parallel rank's heads (train/context_parallel.py)
+    and takes dense models only."""
+    cp, directory = config.perf.context_parallel_size, config.ckpt.hf_checkpoint
+    hf = read_hf_config(directory)
+    if moe_expected_values(hf):
+        raise ConfigError(f"--context-parallel-size {cp}: {directory}/config.json describes an "
+                          "MoE model, and context parallelism takes dense models only (the "
+                          "load-balancing loss and routing replay need a micro-batch's routes "
+                          "on one rank); set it to 1")
+    try:
+        check_heads(hf["num_attention_heads"], config.perf.tensor_model_parallel_size, cp)
+    except ValueError as error:
+        raise ConfigError(f"{error} ({directory}/config.json)") from None
 
 
 def check_engine_devices(placement: Placement, backend: str) -> None:

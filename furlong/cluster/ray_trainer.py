@@ -55,7 +55,8 @@ class TrainRank:
         parallel.init_distributed(rank, world_size, master_address, master_port,
                                   "nccl" if cuda else "gloo")
         info = parallel.rank_info(rank, world_size, config.perf.tensor_model_parallel_size,
-                                  "cuda" if cuda else "cpu")
+                                  "cuda" if cuda else "cpu",
+                                  cp_size=config.perf.context_parallel_size)
         self.actor = TrainActor(config, info, init_weights, total_steps,
                                 load_hooks(config).custom_loss, HookArgs(config))
         self.senders = weight_senders(config.rollout.update_weight_buffer_size)
@@ -122,7 +123,8 @@ class RayTrainGroup:
             for rank, bundle in enumerate(bundle_of_rank)]
         self._all("ready")
         self.rank = rank_info(0, self.world_size, config.perf.tensor_model_parallel_size,
-                              "cuda" if gpus_per_rank else "cpu")
+                              "cuda" if gpus_per_rank else "cpu",
+                              cp_size=config.perf.context_parallel_size)
         self.model_config = ray.get(self.ranks[0].model_config.remote())
         self.urls: list[str] = []
         self.engine_actors: list = []

@@ -319,10 +319,8 @@ def _check_perf(config: Config) -> None:
             raise ConfigError(f"{option_name(name)} {size}: the fsdp backend does not do this "
                               "parallelism; it needs the megatron backend (--train-backend "
                               "megatron), or set it to 1")
-    if p.context_parallel_size != 1:
-        raise ConfigError(f"--context-parallel-size {p.context_parallel_size}: context "
-                          "parallelism is not implemented in the fsdp backend yet; set it to 1")
     _positive(p.tensor_model_parallel_size, "--tensor-model-parallel-size")
+    _positive(p.context_parallel_size, "--context-parallel-size")
     _positive(p.expert_model_parallel_size, "--expert-model-parallel-size")
     if p.use_dynamic_batch_size and p.max_tokens_per_gpu is None:
         raise ConfigError("--use-dynamic-batch-size needs --max-tokens-per-gpu N (the token "
