@@ -17,6 +17,7 @@ from __future__ import annotations
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from furlong.ports import free_port
 from furlong.train import distributed_state, parallel
 from furlong.train.actor import RankInfo, TrainActor
 from furlong.train.advantage_estimator import compute_advantages
+from furlong.train.batch import TrainBatch
 
 from conftest import policy_config, random_batch
 
@@ -83,12 +85,14 @@ def step_gradients(actor: TrainActor, batch) -> tuple[dict, dict]:
     return metrics, grads
 
 
-def prepared_batch(tiny: Path):
-    """12 samples with old log-probs (perturbed so that clipping happens), reference
-    log-probs and advantages, from the one-process trainer."""
+def prepared_batch(tiny: Path, samples: Callable[[int], TrainBatch] | None = None):
+    """12 samples (`samples(vocabulary size)`, else random ones) with old log-probs
+    (perturbed so that clipping happens), reference log-probs and advantages, from the
+    one-process trainer."""
     torch.manual_seed(0)
     actor = TrainActor(policy_config(tiny, []), RankInfo(), str(tiny / "model"), total_steps=1)
-    batch = random_batch(12, actor.model_config.vocab_size, seed=3)
+    vocab = actor.model_config.vocab_size
+    batch = samples(vocab) if samples else random_batch(12, vocab, seed=3)
     batch.old_log_probs, _ = actor.compute_log_probs(batch)
     batch.old_log_probs = [lp + 0.3 * torch.randn_like(lp) for lp in batch.old_log_probs]
     batch.ref_log_probs, _ = actor.compute_log_probs(batch, reference=True)
