@@ -163,7 +163,8 @@ class _GatherTargets(torch.autograd.Function):
     @staticmethod
     def forward(ctx, counts: list[int], cp: ContextParallel, *values: torch.Tensor):
         stacked = torch.stack(values)  # (V, N_r)
-        padded = F.pad(stacked, (0, max(counts) - stacked.shape[1])).contiguous()
+        # At least one column: a micro-batch may have no targets at all.
+        padded = F.pad(stacked, (0, max(*counts, 1) - stacked.shape[1])).contiguous()
         parts = [torch.empty_like(padded) for _ in counts]
         dist.all_gather(parts, padded, group=cp.group)
         ctx.mine = slice(sum(counts[:cp.rank]), sum(counts[:cp.rank + 1]))
