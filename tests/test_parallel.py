@@ -14,6 +14,7 @@ a resumed step to 1e-6 (measured: identical). GPU tests (marked) use bf16 bounds
 """
 from __future__ import annotations
 
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Callable
 import pytest
 import torch
 import torch.multiprocessing as mp
+from filelock import FileLock
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -190,10 +192,16 @@ def cpu_weights(actor: TrainActor) -> dict[str, torch.Tensor]:
 # ---- the checks ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ranks(tiny, tmp_path_factory):
-    """(prepared batch, results of the 2-rank spawn, its output directory)."""
-    out = tmp_path_factory.mktemp("parallel")
+    """(prepared batch, results of the 2-rank spawn, its output directory). The spawn runs
+    once per session: under pytest-xdist the first worker here runs it and the others
+    read its results (the inputs are seeded, so equal)."""
     batch = prepared_batch(tiny)
-    mp.spawn(_worker, args=(free_port(), tiny, batch, out), nprocs=WORLD)
+    root = tmp_path_factory.getbasetemp()
+    out = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "parallel"
+    with FileLock(f"{out}.lock"):
+        if not (out / "results.pt").is_file():
+            out.mkdir(exist_ok=True)
+            mp.spawn(_worker, args=(free_port(), tiny, batch, out), nprocs=WORLD)
     return batch, torch.load(out / "results.pt", weights_only=True), out
 
 
