@@ -303,3 +303,13 @@ def test_dense_names_pass_unchanged(tiny):
     model = load_hf_model(str(tiny / "model"))
     names = [name for name, _ in checkpoint_named_tensors(model, model.named_parameters())]
     assert names == [name for name, _ in model.named_parameters()]
+
+
+def test_the_trainer_pushes_the_checkpoints_names(tiny_moe):
+    class RecordingEngine:
+        async def update_weights(self, named_tensors, version):
+            self.names = [name for name, _ in named_tensors]
+    actor = TrainActor(policy_config(tiny_moe, []), RankInfo(), str(tiny_moe / "model"), 2)
+    engine = RecordingEngine()
+    asyncio.run(actor.push_weights(engine, version=1))
+    assert sorted(engine.names) == sorted(_saved_names(tiny_moe / "model"))

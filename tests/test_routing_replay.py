@@ -314,3 +314,17 @@ def test_rollout_replay_starts_servers_that_return_routes(tiny_moe):
     assert router.routed_experts_top_k == 2
     plain, _ = load_config(train_argv(tiny_moe))
     assert not engine_options(plain, shares_device=False).return_routed_experts
+
+
+@pytest.mark.parametrize("flags,compiled", [((), True), (("--use-rollout-routing-replay",), False),
+                                            (("--use-routing-replay",), False)])
+def test_one_gpu_compiles_the_layers_unless_routes_are_replayed(tiny_moe, monkeypatch, flags,
+                                                                compiled):
+    """Replay hooks switch routes between forwards that a compiled layer would not retrace."""
+    from furlong.train import actor as actor_module
+    calls = []
+    monkeypatch.setattr(actor_module.TrainActor, "_one_gpu", property(lambda self: True))
+    monkeypatch.setattr(actor_module, "compile_decoder_layers", calls.append)
+    config = load_config(train_argv(tiny_moe, *flags))[0]
+    TrainActor(config, RankInfo(), str(tiny_moe / "model"), 1)
+    assert bool(calls) == compiled

@@ -33,7 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from furlong import checkpoint
 from furlong.config.groups import Config
 from furlong.model.fused_kernels import apply_fused_kernels, compile_decoder_layers
-from furlong.model.loading import load_hf_model
+from furlong.model.loading import checkpoint_named_tensors, load_hf_model
 from furlong.model.moe import RouterRecorder, freeze_routers, is_moe
 from furlong.train import distributed_state, microbatch, parallel
 from furlong.train.batch import PackedMicroBatch, TrainBatch, pack, split_routes, split_tokens
@@ -129,7 +129,9 @@ class TrainActor:
             if perf.recompute_granularity is not None:
                 parallel.apply_activation_checkpointing(parallel.decoder_layers(hf_model),
                                                         perf)
-            if self._one_gpu:  # after checkpointing: the compiled graph contains it
+            grpo = self.config.grpo  # replay hooks change routes between traced forwards:
+            replays = grpo.use_routing_replay or grpo.use_rollout_routing_replay  # eager
+            if self._one_gpu and not replays:  # after checkpointing: the graph contains it
                 compile_decoder_layers(parallel.decoder_layers(hf_model))
             return policy
         return parallel.parallelize(policy, self.mesh, perf,
@@ -305,15 +307,19 @@ class TrainActor:
         return self.policy.hf_model.config
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """HF-named full float32 tensors of the current policy, one at a time.
+        """Full float32 tensors of the current policy, one at a time, under the names of
+        its checkpoint files (what SGLang loads; fused MoE experts come one by one).
 
         With several ranks this is collective: every rank iterates to the end.
         """
+        hf_model = self.policy.hf_model
         if self.masters is not None:  # on the device even while offloaded, one at a time
-            return ((name, master.to(self.rank.device))
-                    for name, master in self.masters.named_masters())
-        parallel.reshard(self.policy)
-        return distributed_state.full_named_weights(self.policy.hf_model)
+            named = ((name, master.to(self.rank.device))
+                     for name, master in self.masters.named_masters())
+        else:
+            parallel.reshard(self.policy)
+            named = distributed_state.full_named_weights(hf_model)
+        return checkpoint_named_tensors(hf_model, named)
 
     async def push_weights(self, engine, version: int) -> None:
         """Send the current weights to the engine (in one process: a copy with a dtype cast)."""
