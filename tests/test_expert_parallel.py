@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from furlong.cluster.placement import plan_placement
 from furlong.config import ConfigError
-from furlong.model.loading import load_hf_model
+from furlong.model.loading import checkpoint_named_tensors, load_hf_model
 from furlong.ports import free_port
 from furlong.train import expert_parallel, parallel
 from furlong.train.actor import RankInfo, TrainActor
@@ -215,8 +215,9 @@ def test_routed_tokens_cross_ranks(ranks, name):
 
 def test_full_weights_are_the_checkpoint(tiny_moe, ranks):
     """Gathered weights (what checkpoints and weight pushes see) are the HF tensors, by
-    HF name, under every layout."""
-    expected = dict(load_hf_model(str(tiny_moe / "model")).named_parameters())
+    the checkpoint's names, under every layout."""
+    model = load_hf_model(str(tiny_moe / "model"))
+    expected = dict(checkpoint_named_tensors(model, model.named_parameters()))
     for name in RUNS:
         weights = ranks[2][f"{name}/weights"]
         assert list(weights) == list(expected)
@@ -230,8 +231,10 @@ def test_a_checkpoint_saved_under_ep2_loads_under_ep4(tiny_moe, ranks):
     refused with a message naming both expert-parallel sizes."""
     batch, _, results, out = ranks
     checkpoint = results["checkpoint"]
-    initial = dict(load_hf_model(str(tiny_moe / "model")).named_parameters())
-    assert not torch.equal(checkpoint["saved"][EXPERTS], initial[EXPERTS])
+    model = load_hf_model(str(tiny_moe / "model"))
+    initial = dict(checkpoint_named_tensors(model, model.named_parameters()))
+    expert = "model.layers.0.mlp.experts.0.gate_proj.weight"  # a checkpoint name
+    assert not torch.equal(checkpoint["saved"][expert], initial[expert])
     for key, tensor in checkpoint["loaded"].items():
         assert torch.equal(tensor, checkpoint["saved"][key]), key
     from_save = TrainActor(policy_config(tiny_moe, FLAGS), RankInfo(), str(out / "checkpoint"), 1)
