@@ -159,7 +159,7 @@ class RoutingReplay:
     def take_recorded(self) -> torch.Tensor:
         """The experts of every token of the forwards since `record()` (in order)."""
         per_layer = [torch.cat(router.__dict__.pop(RECORDING)) for router in self._routers]
-        return torch.stack(per_layer, dim=1).to(torch.int32)
+        return torch.stack(per_layer, dim=1).to("cpu", torch.int32)  # one copy, one sync
 
 
 def _replay_and_record(module: nn.Module, args, output):
@@ -174,5 +174,5 @@ def _replay_and_record(module: nn.Module, args, output):
         output = (router_logits, weights, experts)
     recording = module.__dict__.get(RECORDING)
     if recording is not None:
-        recording.append(output[2].detach().to("cpu", torch.int32))
+        recording.append(output[2].detach())  # on the device: no sync per router
     return output
