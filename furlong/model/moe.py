@@ -29,11 +29,18 @@ def is_moe(hf_model: nn.Module) -> bool:
     return bool(routers(hf_model))
 
 
+def is_moe_block(mlp: nn.Module | None) -> bool:
+    """Whether a decoder layer's mlp routes tokens to experts: a router `gate` with a
+    weight and an `experts` module. The one test of an MoE layer: the trainer's routes,
+    expert parallelism and the fast engine's layers all count the same layers."""
+    return isinstance(getattr(mlp, "experts", None), nn.Module) \
+        and hasattr(getattr(mlp, "gate", None), "weight")
+
+
 def routers(hf_model: nn.Module) -> list[nn.Module]:
     """The router of every MoE layer (dense layers of a mixed model have none)."""
     layers = getattr(hf_model.base_model, "layers", ())
-    return [layer.mlp.gate for layer in layers
-            if hasattr(getattr(layer, "mlp", None), "experts") and hasattr(layer.mlp, "gate")]
+    return [layer.mlp.gate for layer in layers if is_moe_block(getattr(layer, "mlp", None))]
 
 
 def freeze_routers(hf_model: nn.Module) -> None:

@@ -45,6 +45,8 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.tensor import DTensor, Shard
 from transformers.integrations.moe import _grouped_linear
 
+from furlong.model.moe import is_moe_block
+
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # HF's fused expert tensors, experts first
 
 
@@ -59,8 +61,7 @@ def check_expert_parallel_size(ep_size: int, dp_size: int) -> None:
 
 def expert_modules(layers: Iterable[nn.Module]) -> list[nn.Module]:
     """The experts module of each MoE decoder layer (dense layers have none)."""
-    return [layer.mlp.experts for layer in layers
-            if isinstance(getattr(getattr(layer, "mlp", None), "experts", None), nn.Module)]
+    return [layer.mlp.experts for layer in layers if is_moe_block(getattr(layer, "mlp", None))]
 
 
 def apply_expert_parallel(layers: nn.ModuleList, ep_mesh: DeviceMesh) -> None:

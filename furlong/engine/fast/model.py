@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from furlong.engine.fast.fused import add_rms_norm, qk_norm_rope_store, silu_mul
-from furlong.engine.fast.moe import SparseMoE, is_sparse_moe
+from furlong.engine.fast.moe import SparseMoE
 from furlong.model.logits import output_logits
+from furlong.model.moe import is_moe_block
 
 SUPPORTED_FAMILIES = ("qwen2", "qwen3", "llama", "qwen3_moe")
 
@@ -57,7 +58,7 @@ class FastDecoder(nn.Module):
         self.num_layers = config.num_hidden_layers
         # Routed-experts layers, in order: their index in the `routes` buffer.
         self.moe_layers = [i for i, layer in enumerate(self.decoder.layers)
-                           if is_sparse_moe(layer.mlp)]
+                           if is_moe_block(layer.mlp)]
         self.top_k = getattr(config, "num_experts_per_tok", 0) if self.moe_layers else 0
         self.scale = self.head_dim ** -0.5
         self.eps = config.rms_norm_eps
@@ -72,7 +73,7 @@ class FastDecoder(nn.Module):
             bias = (fuse_parameters([p.bias for p in projections])
                     if projections[0].bias is not None else None)
             fused = {"qkv": fuse_parameters([p.weight for p in projections]), "qkv_bias": bias}
-            if is_sparse_moe(mlp):
+            if is_moe_block(mlp):
                 fused["moe"] = SparseMoE(mlp, self.hf_model.config)
             else:
                 fused["gate_up"] = fuse_parameters([mlp.gate_proj.weight, mlp.up_proj.weight])

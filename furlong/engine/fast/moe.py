@@ -19,12 +19,6 @@ from torch import nn
 from furlong.engine.fast.fused_moe import fused_experts
 
 
-def is_sparse_moe(mlp: nn.Module) -> bool:
-    """Whether an HF decoder layer's mlp is a routed-experts block (Qwen3-MoE style)."""
-    experts = getattr(mlp, "experts", None)
-    return hasattr(experts, "gate_up_proj") and hasattr(getattr(mlp, "gate", None), "weight")
-
-
 class SparseMoE:
     def __init__(self, block: nn.Module, config):
         self.router = block.gate

@@ -22,9 +22,9 @@ import torch
 
 from furlong.engine.fast.kernels import decode_splits, fused_sample, paged_decode_attention
 from furlong.engine.fast.model import FastDecoder
-from furlong.engine.fast.moe import is_sparse_moe
 from furlong.engine.fast.sequence import Sequence
 from furlong.engine.sampling import sample_tokens
+from furlong.model.moe import is_moe_block
 from furlong.model.varlen import varlen_causal_attention
 
 STOP_IDS_WIDTH = 8  # per-slot stop ids; grows (dropping captured graphs) when needed
@@ -102,7 +102,7 @@ class ModelRunner:
         head_dim = getattr(config, "head_dim", None) or \
             config.hidden_size // config.num_attention_heads
         itemsize = next(hf_model.parameters()).element_size()
-        num_moe = sum(is_sparse_moe(layer.mlp) for layer in hf_model.base_model.layers)
+        num_moe = sum(is_moe_block(layer.mlp) for layer in hf_model.base_model.layers)
         routes = block_size * num_moe * getattr(config, "num_experts_per_tok", 0) * 4
         return (2 * config.num_hidden_layers * block_size * config.num_key_value_heads
                 * head_dim * itemsize) + routes
