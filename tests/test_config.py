@@ -375,7 +375,7 @@ def test_eps_clip_high_defaults_to_eps_clip(grpo_argv):
     (["--kl-loss-coef", "0.1"], ["--kl-loss-coef 0.1", "--use-kl-loss"]),
     (["--rollout-top-p", "0"], ["--rollout-top-p 0"]),
     (["--rollout-top-k", "0"], ["--rollout-top-k 0"]),
-    (["--pipeline-model-parallel-size", "2"], ["--pipeline-model-parallel-size 2", "megatron"]),
+    (["--pipeline-model-parallel-size", "0"], ["--pipeline-model-parallel-size 0", "> 0"]),
     (["--expert-model-parallel-size", "0"], ["--expert-model-parallel-size 0", "> 0"]),
     (["--context-parallel-size", "0"], ["--context-parallel-size 0", "> 0"]),
     (["--advantage-estimator", "ppo"], ["--advantage-estimator ppo", "critic"]),

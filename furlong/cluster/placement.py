@@ -85,7 +85,9 @@ def plan_placement(config: Config, gpus_available: int) -> Placement:
 
 def _check_one_process(config: Config) -> None:
     for flag, size in (("--expert-model-parallel-size", config.perf.expert_model_parallel_size),
-                       ("--context-parallel-size", config.perf.context_parallel_size)):
+                       ("--context-parallel-size", config.perf.context_parallel_size),
+                       ("--pipeline-model-parallel-size",
+                        config.perf.pipeline_model_parallel_size)):
         if size > 1:
             raise ConfigError(f"{flag} {size} needs {size} trainer ranks, and without cluster "
                               "flags the trainer is one process: give --actor-num-gpus-per-node "
@@ -98,8 +100,9 @@ def describe_mesh(config: Config, trainer_ranks: int) -> str:
     p = config.perf
     tp, cp, ep = p.tensor_model_parallel_size, p.context_parallel_size, \
         p.expert_model_parallel_size
-    dp = trainer_ranks // (tp * cp)
-    return (f"mesh: dp {dp} x cp {cp} x tp {tp} x pp {p.pipeline_model_parallel_size} "
+    pp = p.pipeline_model_parallel_size
+    dp = trainer_ranks // (tp * cp * pp)
+    return (f"mesh: dp {dp} x cp {cp} x tp {tp} x pp {pp} "
             f"(ep {ep}, carved from dp) = {trainer_ranks} trainer rank(s), one device each")
 
 
@@ -109,6 +112,10 @@ def _check_trainer_split(config: Config, ranks: int) -> None:
     p = config.perf
     tp, cp, ep = p.tensor_model_parallel_size, p.context_parallel_size, \
         p.expert_model_parallel_size
+    pp = p.pipeline_model_parallel_size
+    if pp > 1:
+        _check_pipeline(config, ranks)
+        ranks //= pp  # one stage's ranks
     if ranks % tp:
         raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide the {ranks} "
                           "trainer ranks (--actor-num-nodes x --actor-num-gpus-per-node)")
@@ -128,6 +135,36 @@ def _check_trainer_split(config: Config, ranks: int) -> None:
                           f"ranks {shares}: make it a multiple of {dp}")
     if cp > 1:
         _check_context_parallel(config)
+
+
+def _check_pipeline(config: Config, ranks: int) -> None:
+    """Pipeline stages (train/pipeline_parallel.py) tile the ranks, split the layers
+    equally, run over data-parallel ranks only and take dense models."""
+    p, directory = config.perf, config.ckpt.hf_checkpoint
+    pp = p.pipeline_model_parallel_size
+    if ranks % pp:
+        raise ConfigError(f"--pipeline-model-parallel-size {pp} does not divide the {ranks} "
+                          "trainer ranks (--actor-num-nodes x --actor-num-gpus-per-node): the "
+                          f"trainer is pp x dp ranks; give a multiple of {pp} ranks or fewer "
+                          "stages")
+    others = {"--tensor-model-parallel-size": p.tensor_model_parallel_size,
+              "--context-parallel-size": p.context_parallel_size,
+              "--expert-model-parallel-size": p.expert_model_parallel_size}
+    for flag, size in others.items():
+        if size > 1:
+            raise ConfigError(f"--pipeline-model-parallel-size {pp} with {flag} {size}: this "
+                              "build pipelines over data-parallel ranks only; set one of them "
+                              "to 1")
+    hf = read_hf_config(directory)
+    if moe_expected_values(hf):
+        raise ConfigError(f"--pipeline-model-parallel-size {pp}: {directory}/config.json "
+                          "describes an MoE model, and pipeline stages take dense models only "
+                          "in this build; set it to 1")
+    layers = hf["num_hidden_layers"]
+    if layers % pp:
+        raise ConfigError(f"--pipeline-model-parallel-size {pp} does not divide the model's "
+                          f"{layers} decoder layers ({directory}/config.json): choose a "
+                          f"divisor of {layers}")
 
 
 def _check_context_parallel(config: Config) -> None:

@@ -313,12 +313,11 @@ def _check_optimizer(config: Config) -> None:
 
 def _check_perf(config: Config) -> None:
     p = config.perf
-    for name, size in (("pipeline_model_parallel_size", p.pipeline_model_parallel_size),
-                       ("expert_tensor_parallel_size", p.expert_tensor_parallel_size)):
-        if size != 1:
-            raise ConfigError(f"{option_name(name)} {size}: the fsdp backend does not do this "
-                              "parallelism; it needs the megatron backend (--train-backend "
-                              "megatron), or set it to 1")
+    if p.expert_tensor_parallel_size != 1:
+        raise ConfigError(f"--expert-tensor-parallel-size {p.expert_tensor_parallel_size}: the "
+                          "fsdp backend does not do this parallelism; it needs the megatron "
+                          "backend (--train-backend megatron), or set it to 1")
+    _positive(p.pipeline_model_parallel_size, "--pipeline-model-parallel-size")
     _positive(p.tensor_model_parallel_size, "--tensor-model-parallel-size")
     _positive(p.context_parallel_size, "--context-parallel-size")
     _positive(p.expert_model_parallel_size, "--expert-model-parallel-size")

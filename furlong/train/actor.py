@@ -17,7 +17,9 @@ Where it runs (`RankInfo`):
 With several ranks, --expert-model-parallel-size splits the experts of an MoE model over
 groups of data-parallel ranks (train/expert_parallel.py), and --context-parallel-size
 each micro-batch's tokens over the ranks of a context-parallel group, which take the same
-share, like tensor-parallel ones (train/context_parallel.py).
+share, like tensor-parallel ones (train/context_parallel.py), and
+--pipeline-model-parallel-size the layers over stages whose ranks take the same share and
+run its micro-batches through one schedule (train/pipeline_parallel.py).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from furlong.config.groups import Config
 from furlong.model.fused_kernels import apply_fused_kernels, compile_decoder_layers
 from furlong.model.loading import checkpoint_named_tensors, load_hf_model
 from furlong.model.moe import RouterRecorder, freeze_routers, is_moe
-from furlong.train import distributed_state, microbatch, parallel
+from furlong.train import distributed_state, microbatch, parallel, pipeline_parallel
 from furlong.train.batch import PackedMicroBatch, TrainBatch, pack, split_routes, split_tokens
 from furlong.train.expert_parallel import check_expert_parallel_size
 from furlong.train.load_balancing import load_balancing_term
@@ -56,6 +58,7 @@ class TrainActor:
     rank: RankInfo
     mesh: DeviceMesh | None  # ("dp", "cp", "tp"); None for one process
     expert_mesh: DeviceMesh | None  # ("edp", "ep", "cp", "tp"), --expert-model-parallel-size
+    pipeline_groups: tuple  # --pipeline-model-parallel-size: (pipeline, tied-embedding) groups
     policy: CausalLMPolicy
     masters: MasterWeights | None  # one GPU: the policy is bfloat16, these its float32 masters
     routing: RouterRecorder | None  # MoE: the routes of each training forward
@@ -97,7 +100,9 @@ class TrainActor:
             return None, None
         parallel.join(rank)
         mesh = parallel.build_mesh(rank.world_size, rank.tp_size, rank.device.type,
-                                   rank.cp_size)
+                                   rank.cp_size, rank.pp_size)
+        if rank.pp_size > 1:  # (pipeline group, tied-embedding group)
+            self.pipeline_groups = pipeline_parallel.pipeline_groups(mesh)
         return mesh, parallel.build_expert_mesh(mesh, self._ep_size) if self._ep_size > 1 else None
 
     @property
@@ -188,13 +193,8 @@ class TrainActor:
         log_probs: list = [None] * len(batch)
         entropy: list = [None] * len(batch)
         routes: list = [None] * len(batch)
-        for indices in self._micro_batches(batch, list(range(len(batch)))):
-            if not indices:
-                continue
-            micro = pack(batch, indices, self.rank.device)
-            if record:
-                policy.routing_replay.record()
-            values, ent = self._forward(policy, micro)
+        for indices, micro, (values, ent) in self._log_prob_passes(
+                policy, batch, record, self._micro_batches(batch, list(range(len(batch))))):
             for i, lp, en in zip(indices, split_tokens(values.cpu(), micro),
                                  split_tokens(ent.cpu(), micro), strict=True):
                 log_probs[i], entropy[i] = lp, en
@@ -206,6 +206,25 @@ class TrainActor:
         if record:  # the optimizer steps of this rollout replay them (train)
             self.recorded_routes = self._gather(routes)
         return self._gather(log_probs), self._gather(entropy)
+
+    def _log_prob_passes(self, policy: CausalLMPolicy, batch: TrainBatch, record: bool,
+                         index_lists: list[list[int]]):
+        """(indices, micro-batch, (log-probs, entropy)) of each non-empty micro-batch;
+        through the pipeline (all at once, on every stage) with pipeline stages."""
+        micros = [(i, pack(batch, i, self.rank.device)) for i in index_lists if i]
+        if self.rank.pp_size > 1:
+            outputs = pipeline_parallel.log_probs(self._pipeline(policy), [m for _, m in micros],
+                                                  self.config.rollout.rollout_temperature)
+            yield from ((i, m, out) for (i, m), out in zip(micros, outputs, strict=True))
+            return
+        for indices, micro in micros:
+            if record:
+                policy.routing_replay.record()
+            yield indices, micro, self._forward(policy, micro)
+
+    def _pipeline(self, policy: CausalLMPolicy) -> pipeline_parallel.Pipeline:
+        return pipeline_parallel.Pipeline(policy, self.pipeline_groups[0], self.rank.device,
+                                          self.rank.compute_dtype)
 
     def _gather(self, per_sample: list) -> list[torch.Tensor]:
         if self.rank.dp_size == 1:
@@ -236,14 +255,20 @@ class TrainActor:
         per_token = self.config.grpo.calculate_per_token_loss
         step_batch = batch.select(indices)
         denominator = step_batch.num_loss_tokens() if per_token else len(indices)
-        totals: dict[str, torch.Tensor] = {}
-        for micro_indices in self._micro_batches(batch, indices):
-            if not micro_indices:
-                continue
-            micro = pack(batch, micro_indices, self.rank.device)
-            reduce = make_reducer(micro, per_token, max(denominator, 1))
-            for name, value in self._backward(micro, reduce).items():
-                totals[name] = totals.get(name, 0.0) + value.float()
+        micros = [pack(batch, i, self.rank.device)
+                  for i in self._micro_batches(batch, indices) if i]
+
+        def reducer(micro: PackedMicroBatch) -> Callable[[torch.Tensor], torch.Tensor]:
+            return make_reducer(micro, per_token, max(denominator, 1))
+        if self.rank.pp_size > 1:
+            totals = pipeline_parallel.backward(
+                self._pipeline(self.policy), micros, self.config.rollout.rollout_temperature,
+                lambda micro, lp, ent: self._loss(LossInputs(lp, ent, micro, reducer(micro))))
+        else:
+            totals = {}
+            for micro in micros:
+                for name, value in self._backward(micro, reducer(micro)).items():
+                    totals[name] = totals.get(name, 0.0) + value.float()
         grad_norm = self._optimizer_step()
         names = sorted(totals)
         summed = torch.stack([totals[n] for n in names]).to(self.rank.device) if names \
@@ -252,6 +277,8 @@ class TrainActor:
             dist.all_reduce(summed, group=self._dp_group())
         result = {f"train/{n}": v for n, v in zip(names, summed.tolist(), strict=True)}
         result.update({"train/grad_norm": grad_norm, "train/lr": self.scheduler.lr})
+        if self.rank.pp_size > 1:  # the last stage computed the losses
+            result = self._pipeline(self.policy).broadcast_from_last(result)
         self.scheduler.step()
         return result
 
@@ -259,7 +286,14 @@ class TrainActor:
                   reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
         """Forward, loss and backward of one micro-batch; its metrics (shares of the step)."""
         log_probs, entropy = self._forward(self.policy, micro)
-        inputs = LossInputs(log_probs, entropy, micro, reduce)
+        loss, metrics = self._loss(LossInputs(log_probs, entropy, micro, reduce))
+        loss.backward()
+        if self.routing is not None:
+            self.routing.take()  # routes recomputed in the backward hold their graph
+        return metrics
+
+    def _loss(self, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
+        """The loss to differentiate for one micro-batch, and its metrics."""
         loss, metrics = self._objective(inputs)
         if self.routing is not None:
             term, metrics["moe_aux_loss"] = load_balancing_term(
@@ -269,10 +303,7 @@ class TrainActor:
         # shares of the global mean, and each context-parallel rank's backward holds its
         # own tokens' part, so scaling by dp x cp turns that average back into a sum.
         # Tensor-parallel ranks compute the same loss and need no scaling.
-        (loss * self.rank.dp_size * self.rank.cp_size).backward()
-        if self.routing is not None:
-            self.routing.take()  # routes recomputed in the backward hold their graph
-        return metrics
+        return loss * self.rank.dp_size * self.rank.cp_size, metrics
 
     def _objective(self, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
         grpo = self.config.grpo
@@ -292,7 +323,13 @@ class TrainActor:
         max_norm = clip if clip > 0 else float("inf")
         if self.masters is not None:
             return self.masters.step(self.optimizer, max_norm)
-        grad_norm = distributed_state.clip_grad_norm_(self._optimized_parameters(), max_norm)
+        tied = None
+        if self.rank.pp_size > 1:
+            tied = pipeline_parallel.tied_weight(self.policy.hf_model, self.policy.pipeline)
+            pipeline_parallel.sum_tied_gradient(tied, self.pipeline_groups[1])
+        grad_norm = distributed_state.clip_grad_norm_(
+            self._optimized_parameters(), max_norm, self.rank.pp_size,
+            uncounted=tied if self.policy.pipeline and self.policy.pipeline.is_last else None)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
@@ -318,7 +355,9 @@ class TrainActor:
                      for name, master in self.masters.named_masters())
         else:
             parallel.reshard(self.policy)
-            named = distributed_state.full_named_weights(hf_model)
+            named = distributed_state.full_named_weights(hf_model) if self.rank.pp_size == 1 \
+                else pipeline_parallel.stage_named_weights(hf_model, self.policy.pipeline,
+                                                           self.rank.device)
         return checkpoint_named_tensors(hf_model, named)
 
     async def push_weights(self, engine, version: int) -> None:
@@ -388,7 +427,8 @@ class TrainActor:
                        directory / f"trainer_rank{rank}.pt")
         # The layout goes with the RNG state, which every rank always writes.
         torch.save({**checkpoint.rng_state(), "world_size": self.rank.world_size,
-                    "tp_size": self.rank.tp_size, "ep_size": self._ep_size},
+                    "tp_size": self.rank.tp_size, "ep_size": self._ep_size,
+                    "pp_size": self.rank.pp_size},
                    directory / f"rng_rank{rank}.pt")
         if self.mesh is not None:
             dist.barrier()
@@ -401,7 +441,7 @@ class TrainActor:
         rng = checkpoint.load_state(directory / f"rng_rank{rank}.pt") \
             if rank < saved_world else {}
         self._check_saved_layout(directory, saved_world, rng.get("tp_size", 1),
-                                 rng.get("ep_size", 1))
+                                 rng.get("ep_size", 1), rng.get("pp_size", 1))
         state_file = directory / f"trainer_rank{rank}.pt"
         if state_file.is_file():
             state = checkpoint.load_state(state_file)
@@ -410,15 +450,17 @@ class TrainActor:
         checkpoint.set_rng_state(rng)
 
     def _check_saved_layout(self, directory: Path, saved_world: int, saved_tp: int,
-                            saved_ep: int) -> None:
-        world, tp, ep = self.rank.world_size, self.rank.tp_size, self._ep_size
-        if (saved_world, saved_tp, saved_ep) != (world, tp, ep):
+                            saved_ep: int, saved_pp: int) -> None:
+        world, tp, ep, pp = (self.rank.world_size, self.rank.tp_size, self._ep_size,
+                             self.rank.pp_size)
+        if (saved_world, saved_tp, saved_ep, saved_pp) != (world, tp, ep, pp):
             raise ValueError(
                 f"{directory} holds the optimizer and RNG state of {saved_world} trainer ranks "
-                f"(tensor parallel {saved_tp}, expert parallel {saved_ep}); this run has "
-                f"{world} (tensor parallel {tp}, expert parallel {ep}). Resume with the same "
-                "layout (world size, --tensor- and --expert-model-parallel-size), or start "
-                "from its model/ directory with --ref-load (weights only).")
+                f"(tensor parallel {saved_tp}, expert parallel {saved_ep}, pipeline "
+                f"{saved_pp}); this run has {world} (tensor parallel {tp}, expert parallel "
+                f"{ep}, pipeline {pp}). Resume with the same layout (world size, --tensor-, "
+                "--expert- and --pipeline-model-parallel-size), or start from its model/ "
+                "directory with --ref-load (weights only).")
 
     def export_hf(self, path: str | Path) -> None:
         """An HF directory of the current weights (float32). Collective with several
@@ -429,7 +471,10 @@ class TrainActor:
                                      else self.masters.state_dict())
             return
         parallel.reshard(self.policy)
-        state = distributed_state.full_state_dict(hf_model, keep=self.rank.rank == 0)
+        keep = self.rank.rank == 0
+        state = distributed_state.full_state_dict(hf_model, keep) if self.rank.pp_size == 1 \
+            else pipeline_parallel.full_state_dict(hf_model, self.policy.pipeline,
+                                                   self.rank.device, keep)
         if state is not None:
             hf_model.save_pretrained(path, state_dict=state)
         dist.barrier()

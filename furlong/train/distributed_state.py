@@ -65,18 +65,24 @@ def full_state_dict(hf_model: nn.Module, keep: bool) -> dict[str, torch.Tensor] 
     return state if keep else None
 
 
-def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> float:
+def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float,
+                    num_stages: int = 1, uncounted: nn.Parameter | None = None) -> float:
     """Scale gradients so that their global L2 norm is at most `max_norm`; returns the
     norm before clipping. Sharded gradients count once: a rank's squared local shard is
     divided by the number of ranks holding that same shard, then summed over all ranks
-    (one all-reduce, whatever mix of meshes the gradients live on)."""
+    (one all-reduce, whatever mix of meshes the gradients live on). With pipeline stages
+    a parameter lives on the world / `num_stages` ranks of its stage; `uncounted` (the
+    last stage's copy of a tied embedding, counted on the first) is scaled, not counted."""
     parameters = [p for p in parameters if p.grad is not None]
     grads = [p.grad for p in parameters]
     if not any(isinstance(g, DTensor) for g in grads):
         return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
     locals_ = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
     norms = torch.stack(torch._foreach_norm(locals_, 2, dtype=torch.float64))  # one launch
-    copies = torch.tensor([_copies(g) for g in grads], dtype=torch.float64, device=norms.device)
+    if uncounted is not None and uncounted.grad is not None:
+        norms[next(i for i, p in enumerate(parameters) if p is uncounted)] = 0.0
+    copies = torch.tensor([_copies(g, num_stages) for g in grads], dtype=torch.float64,
+                          device=norms.device)
     squares = (norms.square() / copies).sum()
     if dist.is_initialized():
         dist.all_reduce(squares)
@@ -87,9 +93,9 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> floa
     return norm
 
 
-def _copies(grad: torch.Tensor) -> int:
+def _copies(grad: torch.Tensor, num_stages: int = 1) -> int:
     """How many ranks hold the same values as this rank for `grad`."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = (dist.get_world_size() if dist.is_initialized() else 1) // num_stages
     if not isinstance(grad, DTensor):
         return world
     mesh = grad.device_mesh

@@ -1,6 +1,6 @@
 """The fsdp backend's parallelism: process group, device mesh, and how a policy is
-split over ranks (tensor/sequence parallel, context parallel, activation checkpointing,
-FSDP2).
+split over ranks (pipeline stages, tensor/sequence parallel, context parallel, activation
+checkpointing, FSDP2).
 
 The mesh has three dimensions, ("dp", "cp", "tp"), tensor-parallel innermost: global
 rank r is tensor-parallel rank r % tp, context-parallel rank (r // tp) % cp and
@@ -12,7 +12,9 @@ group see the same samples and each holds 1/cp of every micro-batch's tokens
 flattened ("dp", "cp")) with context parallelism. With expert parallelism
 (`expert_parallel.py`) the data-parallel dimension is also seen as ("edp", "ep"): the
 "ep" ranks of a group hold different experts of each MoE layer, the "edp" ranks the
-same ones.
+same ones. With pipeline parallelism (`pipeline_parallel.py`) a "pp" dimension comes
+first, outermost (Megatron's order): the ranks of stage s are the s-th block of
+world / pp consecutive ranks, each block a ("dp", "cp", "tp") mesh of its own.
 
 `parallelize` supports the decoder layers of Qwen2, Qwen3 and Llama (HF module
 names self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, the two layer norms and
@@ -43,6 +45,7 @@ from furlong.ports import free_port
 from furlong.train.context_parallel import apply_context_parallel, check_context_parallel_size
 from furlong.train.expert_parallel import (apply_expert_parallel, check_expert_parallel_size,
                                            expert_modules)
+from furlong.train.pipeline_parallel import PipelineRole, split_stage, stage_layer_ranges
 
 
 # ---- where a rank sits -------------------------------------------------------------------
@@ -65,14 +68,17 @@ class RankInfo:
     backend: str | None = None  # default: nccl on GPU, gloo on CPU
     cp_rank: int = 0
     cp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
 
     @property
     def rank(self) -> int:
-        return (self.dp_rank * self.cp_size + self.cp_rank) * self.tp_size + self.tp_rank
+        data = self.pp_rank * self.dp_size + self.dp_rank
+        return (data * self.cp_size + self.cp_rank) * self.tp_size + self.tp_rank
 
     @property
     def world_size(self) -> int:
-        return self.dp_size * self.cp_size * self.tp_size
+        return self.pp_size * self.dp_size * self.cp_size * self.tp_size
 
     @property
     def sharded(self) -> bool:
@@ -96,27 +102,46 @@ def check_rank_layout(rank: RankInfo, perf: PerfArgs) -> None:
     """The flags' tensor- and context-parallel sizes tile `rank`'s world, and `rank` was
     made for them."""
     tp, cp = perf.tensor_model_parallel_size, perf.context_parallel_size
-    check_tensor_parallel_size(rank.world_size, tp)
-    check_context_parallel_size(rank.world_size, tp, cp)
-    if (rank.tp_size, rank.cp_size) != (tp, cp):
-        raise ValueError(f"RankInfo (tp_size {rank.tp_size}, cp_size {rank.cp_size}) differs "
-                         f"from --tensor-model-parallel-size {tp} / --context-parallel-size "
-                         f"{cp}")
+    pp = perf.pipeline_model_parallel_size
+    check_pipeline_ranks(rank.world_size, pp, tp * cp * perf.expert_model_parallel_size)
+    check_tensor_parallel_size(rank.world_size // pp, tp)
+    check_context_parallel_size(rank.world_size // pp, tp, cp)
+    if (rank.tp_size, rank.cp_size, rank.pp_size) != (tp, cp, pp):
+        raise ValueError(f"RankInfo (tp_size {rank.tp_size}, cp_size {rank.cp_size}, pp_size "
+                         f"{rank.pp_size}) differs from --tensor-model-parallel-size {tp} / "
+                         f"--context-parallel-size {cp} / --pipeline-model-parallel-size {pp}")
+
+
+def check_pipeline_ranks(world_size: int, pp_size: int, other_model_parallel: int) -> None:
+    """Pipeline stages tile the ranks; this build pipelines over data-parallel ranks only."""
+    if pp_size < 1 or world_size % pp_size:
+        raise ValueError(f"--pipeline-model-parallel-size {pp_size} does not divide the "
+                         f"{world_size} trainer ranks: the trainer is pp x dp ranks; give a "
+                         f"multiple of {pp_size} ranks (--actor-num-nodes x "
+                         "--actor-num-gpus-per-node) or fewer stages")
+    if pp_size > 1 and other_model_parallel > 1:
+        raise ValueError(f"--pipeline-model-parallel-size {pp_size} with tensor, context or "
+                         "expert parallelism is not supported yet: set "
+                         "--tensor-model-parallel-size, --context-parallel-size and "
+                         "--expert-model-parallel-size to 1, or the pipeline size to 1")
 
 
 def rank_info(rank: int, world_size: int, tp_size: int, device_type: str,
               master_addr: str = "127.0.0.1", master_port: int | None = None,
-              cp_size: int = 1) -> RankInfo:
+              cp_size: int = 1, pp_size: int = 1) -> RankInfo:
     """The RankInfo of global rank `rank` (GPU: the one `init_distributed` makes current)."""
-    check_tensor_parallel_size(world_size, tp_size)
-    check_context_parallel_size(world_size, tp_size, cp_size)
+    check_pipeline_ranks(world_size, pp_size, tp_size * cp_size)
+    stage_world = world_size // pp_size
+    check_tensor_parallel_size(stage_world, tp_size)
+    check_context_parallel_size(stage_world, tp_size, cp_size)
     device = torch.device("cpu")
     if device_type == "cuda":
         device = torch.device("cuda", rank % torch.cuda.device_count())
     group = tp_size * cp_size
-    return RankInfo(rank // group, world_size // group, device, rank % tp_size, tp_size,
-                    master_addr, master_port, cp_rank=rank // tp_size % cp_size,
-                    cp_size=cp_size)
+    return RankInfo(rank % stage_world // group, stage_world // group, device,
+                    rank % tp_size, tp_size, master_addr, master_port,
+                    cp_rank=rank // tp_size % cp_size, cp_size=cp_size,
+                    pp_rank=rank // stage_world, pp_size=pp_size)
 
 
 # ---- process group and mesh ---------------------------------------------------------
@@ -151,14 +176,20 @@ def join(rank: RankInfo) -> None:
                      rank.master_port or free_port(), backend, local_rank=rank.device.index)
 
 
-def build_mesh(world_size: int, tp_size: int, device_type: str, cp_size: int = 1) -> DeviceMesh:
+def build_mesh(world_size: int, tp_size: int, device_type: str, cp_size: int = 1,
+               pp_size: int = 1) -> DeviceMesh:
     """A (dp, cp, tp) mesh over all ranks, tensor-parallel ranks adjacent, then
-    context-parallel ones; with cp > 1 also the flattened "dp_cp" that FSDP shards over
-    (new process groups: build it once)."""
-    check_tensor_parallel_size(world_size, tp_size)
-    check_context_parallel_size(world_size, tp_size, cp_size)
-    mesh = init_device_mesh(device_type, (world_size // (tp_size * cp_size), cp_size, tp_size),
-                            mesh_dim_names=("dp", "cp", "tp"))
+    context-parallel ones, behind a leading "pp" with pipeline stages; with cp > 1 also
+    the flattened "dp_cp" that FSDP shards over (new process groups: build it once)."""
+    check_pipeline_ranks(world_size, pp_size, tp_size * cp_size)
+    stage_world = world_size // pp_size
+    check_tensor_parallel_size(stage_world, tp_size)
+    check_context_parallel_size(stage_world, tp_size, cp_size)
+    shape = (stage_world // (tp_size * cp_size), cp_size, tp_size)
+    if pp_size > 1:
+        return init_device_mesh(device_type, (pp_size, *shape),
+                                mesh_dim_names=("pp", "dp", "cp", "tp"))
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=("dp", "cp", "tp"))
     if cp_size > 1:
         mesh["dp", "cp"]._flatten("dp_cp")
     return mesh
@@ -184,7 +215,8 @@ def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs, mixed_preci
     """Split `policy` (a CausalLMPolicy: `policy.hf_model` is the HF model) over `mesh`,
     and its experts over `expert_mesh` (`build_expert_mesh`) when given.
 
-    The order matters. Tensor parallel comes first because it replaces each linear
+    The order matters. The pipeline split comes first: a stage parallelises only the
+    layers it keeps. Tensor parallel comes next because it replaces each linear
     weight by its DTensor slice, which FSDP then shards further over "dp" (FSDP2 of a
     TP DTensor is the 2-D layout); context parallel next, as it splits the heads a
     tensor-parallel rank holds (it changes no parameter); expert parallel likewise
@@ -198,6 +230,8 @@ def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs, mixed_preci
     forward only.
     """
     hf_model = policy.hf_model
+    if "pp" in mesh.mesh_dim_names:
+        apply_pipeline_split(policy, mesh["pp"].get_local_rank(), mesh["pp"].size())
     layers = decoder_layers(hf_model)
     if mesh["tp"].size() > 1:
         apply_tensor_parallel(hf_model, mesh["tp"], perf.sequence_parallel)
@@ -209,6 +243,15 @@ def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs, mixed_preci
     apply_fully_shard(policy, layers, sharding_mesh(mesh), mixed_precision,
                       expert_mesh["edp"] if expert_mesh is not None else None)
     return policy
+
+
+def apply_pipeline_split(policy: nn.Module, stage_index: int, num_stages: int) -> None:
+    """Keep the layers of stage `stage_index` (and the embeddings first, the head last)."""
+    layers = decoder_layers(policy.hf_model)
+    ranges = stage_layer_ranges(len(layers), num_stages)
+    role = PipelineRole(stage_index, num_stages, ranges[stage_index])
+    split_stage(policy.hf_model, role)
+    policy.pipeline = role
 
 
 def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:

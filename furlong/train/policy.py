@@ -14,6 +14,8 @@ before a forward keeps its routes for `routing_replay.take_recorded()` (--use-ro
 
 Context parallelism (`context_parallel`, set by train/context_parallel.py): the decoder and
 the head run on this rank's part of the row, and the values come back gathered whole.
+Pipeline parallelism (`pipeline`, set by train/pipeline_parallel.py): the forward runs
+one stage, on the activations the stage before sent.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from furlong.model.logits import compute_dtype
 from furlong.model.moe import RoutingReplay, is_moe
 from furlong.train.batch import PackedMicroBatch
 from furlong.train.context_parallel import ContextParallel
+from furlong.train.pipeline_parallel import PipelineRole, stage_forward
 
 
 class CausalLMPolicy(nn.Module):
@@ -36,10 +39,14 @@ class CausalLMPolicy(nn.Module):
         self.chunk_size = chunk_size
         self.routing_replay = RoutingReplay(hf_model) if is_moe(hf_model) else None
         self.context_parallel: ContextParallel | None = None
+        self.pipeline: PipelineRole | None = None
 
-    def forward(self, micro: PackedMicroBatch,
-                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs and entropy at the micro-batch's target positions, (N,) each, float32."""
+    def forward(self, micro: PackedMicroBatch, temperature: float = 1.0,
+                activations: torch.Tensor | None = None):
+        """Log-probs and entropy at the micro-batch's target positions, (N,) each, float32
+        (a pipeline stage: what `pipeline_parallel.stage_forward` returns)."""
+        if self.pipeline is not None:
+            return stage_forward(self, micro, temperature, activations)
         if self.routing_replay is not None:
             self.routing_replay.replay(micro.routed_experts)
         elif micro.routed_experts is not None:
@@ -50,11 +57,16 @@ class CausalLMPolicy(nn.Module):
                          use_cache=False, cu_seq_lens_q=part.cu_seq_lens,
                          cu_seq_lens_k=part.cu_seq_lens, max_length_q=part.max_length,
                          max_length_k=part.max_length).last_hidden_state[0]  # (T, H)
-        hidden = hidden[part.target_positions]  # (N, H)
-        weight = self.hf_model.get_output_embeddings().weight
-        weight = weight.to(compute_dtype(hidden))  # once, not per chunk
-        log_probs, entropy = log_probs_and_entropy(hidden, weight, part.targets, temperature,
-                                                   self.chunk_size)
+        log_probs, entropy = self.head(hidden, part, temperature)
         if self.context_parallel is None:
             return log_probs, entropy
         return self.context_parallel.gather(micro, log_probs, entropy)
+
+    def head(self, hidden: torch.Tensor, micro: PackedMicroBatch,
+             temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused head on the final hidden states (T, H) at the target positions."""
+        hidden = hidden[micro.target_positions]  # (N, H)
+        weight = self.hf_model.get_output_embeddings().weight
+        weight = weight.to(compute_dtype(hidden))  # once, not per chunk
+        return log_probs_and_entropy(hidden, weight, micro.targets, temperature,
+                                     self.chunk_size)

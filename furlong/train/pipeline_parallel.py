@@ -1,0 +1,273 @@
+"""--pipeline-model-parallel-size: the decoder layers split into consecutive stages over
+the "pp" ranks, run by `torch.distributed.pipelining` (1F1B).
+
+A stage is the policy with the other stages' layers deleted (as torchtitan does): the
+first keeps the embeddings, the last the final norm and the fused log-prob head; a tied
+embedding/output weight lives on both, and its gradients are summed between them. The
+layers keep their HF names (`global_name`), so checkpoints and weight pushes are the
+same as one rank's.
+
+Micro-batches: the dynamic-batching (or fixed) micro-batches of a data-parallel rank's
+step go through one schedule step. They are packed rows of different lengths, and a
+schedule sends tensors of one shape, so each is padded at the stage boundary to the
+longest row of the step: a stage runs its layers on the real row (the packed attention
+never sees the padding) and zero-pads what it sends. Each schedule step therefore
+builds its `PipelineStage` with the step's shapes (no shape inference, no extra
+forward). Every stage receives the index of the micro-batch it runs as a keyword
+argument, and finds the packing (positions, sequence boundaries, targets) in the list
+all ranks of a pipeline hold (they see the same samples). The last stage's loss
+function computes the objective with the step's global denominators and collects the
+log-probs; they are broadcast to the other stages. 1F1B needs at least as many
+micro-batches as stages; a step with fewer runs GPipe (the same result).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+from furlong.train.batch import PackedMicroBatch
+from furlong.train.distributed_state import full_tensor
+
+
+# ---- the layout ---------------------------------------------------------------------------
+
+def stage_layer_ranges(num_layers: int, num_stages: int) -> list[range]:
+    """The decoder layers of each stage: consecutive, equal in number."""
+    check_pipeline_layout(num_layers, num_stages)
+    per_stage = num_layers // num_stages
+    return [range(s * per_stage, (s + 1) * per_stage) for s in range(num_stages)]
+
+
+def check_pipeline_layout(num_layers: int, num_stages: int) -> None:
+    if num_stages < 1 or num_layers % num_stages:
+        raise ValueError(f"--pipeline-model-parallel-size {num_stages} does not divide the "
+                         f"model's {num_layers} decoder layers: choose a divisor of "
+                         f"{num_layers}")
+
+
+@dataclass
+class PipelineRole:
+    """What a stage of the policy runs: its place and the layers it keeps."""
+    stage_index: int
+    num_stages: int
+    layers: range
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage_index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage_index == self.num_stages - 1
+
+    def global_name(self, name: str) -> str:
+        """A parameter's HF name in the whole model (layers are renumbered in a stage)."""
+        parts = name.split(".")
+        for i in range(len(parts) - 2):
+            if parts[i] == "layers" and parts[i + 1].isdigit():
+                parts[i + 1] = str(int(parts[i + 1]) + self.layers.start)
+                break
+        return ".".join(parts)
+
+
+def split_stage(hf_model: nn.Module, role: PipelineRole) -> None:
+    """Delete, in place, what the stage `role` does not run."""
+    decoder = hf_model.base_model
+    decoder.layers = nn.ModuleList(decoder.layers[i] for i in role.layers)
+    if not role.is_first:
+        decoder.embed_tokens = None
+    if not role.is_last:
+        decoder.norm = nn.Identity()
+        if not role.is_first or not hf_model.config.tie_word_embeddings:
+            hf_model.lm_head = None
+
+
+def tied_weight(hf_model: nn.Module, role: PipelineRole) -> nn.Parameter | None:
+    """The embedding/output weight a first and a last stage both hold (tied embeddings)."""
+    if role.num_stages == 1 or not hf_model.config.tie_word_embeddings:
+        return None
+    if role.is_first:
+        return hf_model.base_model.embed_tokens.weight
+    return hf_model.lm_head.weight if role.is_last else None
+
+
+def stage_forward(policy, micro: PackedMicroBatch, temperature: float,
+                  activations: torch.Tensor) -> torch.Tensor:
+    """One stage of `policy` (a CausalLMPolicy whose `pipeline` is set) on a micro-batch
+    padded to the step's length T: (1, T) ids in the first stage, (1, T, H) hidden states
+    between stages, (2, T) log-probs and entropy (zero past the targets) out of the last."""
+    role, length = policy.pipeline, micro.input_ids.shape[1]
+    padded = activations.shape[1]
+    inputs = dict(input_ids=activations[:, :length]) if role.is_first \
+        else dict(inputs_embeds=activations[:, :length])
+    hidden = policy.hf_model.base_model(
+        **inputs, position_ids=micro.position_ids, use_cache=False,
+        cu_seq_lens_q=micro.cu_seq_lens, cu_seq_lens_k=micro.cu_seq_lens,
+        max_length_q=micro.max_length, max_length_k=micro.max_length).last_hidden_state
+    if not role.is_last:
+        return F.pad(hidden, (0, 0, 0, padded - length))  # (1, T, H)
+    log_probs, entropy = policy.head(hidden[0], micro, temperature)
+    return F.pad(torch.stack([log_probs, entropy]), (0, padded - log_probs.shape[0]))
+
+
+# ---- the schedule ---------------------------------------------------------------------------
+class _StageModule(nn.Module):
+    """What `PipelineStage` runs: the policy's stage on the micro-batch it is told."""
+
+    def __init__(self, policy, micro_batches: list[PackedMicroBatch], temperature: float):
+        super().__init__()
+        self.policy = policy
+        self.micro_batches = micro_batches
+        self.temperature = temperature
+
+    def forward(self, activations: torch.Tensor, micro_index: torch.Tensor) -> torch.Tensor:
+        return self.policy(self.micro_batches[int(micro_index)], self.temperature, activations)
+
+
+class Pipeline:
+    """Runs the micro-batches of a step through the stages of a pipeline group."""
+
+    def __init__(self, policy, pp_group: dist.ProcessGroup, device: torch.device,
+                 hidden_dtype: torch.dtype):
+        self.policy = policy
+        self.role: PipelineRole = policy.pipeline
+        self.group = pp_group
+        self.device = device
+        self.hidden_dtype = hidden_dtype
+
+    def run(self, micro_batches: list[PackedMicroBatch], temperature: float,
+            loss_fn: Callable[[PackedMicroBatch, torch.Tensor], torch.Tensor],
+            backward: bool) -> None:
+        """Forward (and backward) of every micro-batch; `loss_fn(micro, output)` is
+        called on the last stage for each, in order, with its (2, N) log-probs and
+        entropy at the targets, and returns the micro-batch's loss."""
+        count, length = len(micro_batches), max(m.input_ids.shape[1] for m in micro_batches)
+        stage = PipelineStage(_StageModule(self.policy, micro_batches, temperature),
+                              self.role.stage_index, self.role.num_stages, self.device,
+                              input_args=self._meta(self.role.stage_index, length),
+                              output_args=self._meta(self.role.stage_index + 1, length),
+                              group=self.group)
+        schedule_class = Schedule1F1B if count >= self.role.num_stages else ScheduleGPipe
+
+        def loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            micro = micro_batches[int(target)]
+            return loss_fn(micro, output[:, :micro.targets.shape[0]])
+        schedule = schedule_class(stage, count, loss_fn=loss, scale_grads=False)
+        indices = torch.arange(count, device=self.device)
+        args = (torch.cat([F.pad(m.input_ids, (0, length - m.input_ids.shape[1]))
+                           for m in micro_batches]),) if self.role.is_first else ()
+        target = indices if self.role.is_last else None
+        (schedule.step if backward else schedule.eval)(*args, target=target,
+                                                       micro_index=indices)
+
+    def _meta(self, stage_index: int, length: int) -> torch.Tensor:
+        """The tensor entering stage `stage_index` (leaving the one before)."""
+        if stage_index == 0:
+            return torch.empty(1, length, dtype=torch.long, device=self.device)
+        if stage_index == self.role.num_stages:
+            return torch.empty(2, length, dtype=torch.float32, device=self.device,
+                               requires_grad=True)
+        hidden_size = self.policy.hf_model.config.hidden_size  # gradients flow back
+        return torch.empty(1, length, hidden_size, dtype=self.hidden_dtype, device=self.device,
+                           requires_grad=True)
+
+    def broadcast_from_last(self, values: list) -> list:
+        """`values` of the last stage, on every stage of the pipeline."""
+        box = [values]
+        dist.broadcast_object_list(box, group=self.group, group_src=self.role.num_stages - 1)
+        return box[0]
+
+
+# ---- what the trainer calls ---------------------------------------------------------------
+def pipeline_groups(mesh) -> tuple[dist.ProcessGroup, dist.ProcessGroup | None]:
+    """(this rank's pipeline group, the group of its pipeline's first and last stages,
+    which sum the tied embedding's gradient; None on a middle stage). Collective with
+    more than two stages (new process groups): build them once."""
+    num_stages = mesh["pp"].size()
+    group = mesh["pp"].get_group()
+    if num_stages == 2:
+        return group, group
+    ranks = mesh.mesh.reshape(num_stages, -1)  # (pp, dp): cp = tp = 1
+    tied = None
+    for column in range(ranks.shape[1]):
+        pair = [int(ranks[0, column]), int(ranks[-1, column])]
+        pair_group = dist.new_group(pair)
+        if dist.get_rank() in pair:
+            tied = pair_group
+    return group, tied
+
+
+def log_probs(pipeline: Pipeline, micro_batches: list[PackedMicroBatch],
+              temperature: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(log-probs, entropy) at the targets of each micro-batch, on the CPU, on every
+    stage of the pipeline (computed by the last)."""
+    values = []
+
+    def keep(micro: PackedMicroBatch, output: torch.Tensor) -> torch.Tensor:
+        values.append((output[0].cpu(), output[1].cpu()))
+        return output.sum() * 0
+    pipeline.run(micro_batches, temperature, keep, backward=False)
+    return pipeline.broadcast_from_last(values)
+
+
+def backward(pipeline: Pipeline, micro_batches: list[PackedMicroBatch], temperature: float,
+             micro_loss: Callable[[PackedMicroBatch, torch.Tensor, torch.Tensor],
+                                  tuple[torch.Tensor, dict]]) -> dict[str, torch.Tensor]:
+    """Forward and backward of every micro-batch; `micro_loss(micro, log_probs, entropy)`
+    returns the loss to differentiate and the micro-batch's metrics, summed here (last
+    stage; empty elsewhere)."""
+    totals: dict[str, torch.Tensor] = {}
+
+    def loss(micro: PackedMicroBatch, output: torch.Tensor) -> torch.Tensor:
+        value, metrics = micro_loss(micro, output[0], output[1])
+        for name, metric in metrics.items():
+            totals[name] = totals.get(name, 0.0) + metric.detach().float()
+        return value
+    pipeline.run(micro_batches, temperature, loss, backward=True)
+    return totals
+
+
+def sum_tied_gradient(weight: nn.Parameter | None, group: dist.ProcessGroup | None) -> None:
+    """The tied embedding/output weight's gradient: the embedding's part (first stage)
+    plus the head's (last stage), on both."""
+    if weight is None or weight.grad is None:
+        return
+    grad = weight.grad
+    dist.all_reduce(grad.to_local() if hasattr(grad, "to_local") else grad, group=group)
+
+
+def stage_named_weights(hf_model: nn.Module, role: PipelineRole,
+                        device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every stage's (HF name, full tensor), stage by stage, one tensor at a time, on every
+    rank: a stage's ranks gather each of its parameters over their data-parallel ranks
+    and its first rank broadcasts it to the world. A tied output weight comes once, from
+    the first stage. Collective: every rank iterates to the end. The policy's FSDP
+    modules must be resharded (`parallel.reshard`)."""
+    stage_world = dist.get_world_size() // role.num_stages
+    tied = hf_model.config.tie_word_embeddings
+    local = [(name, param) for name, param in hf_model.named_parameters()
+             if not (tied and name == "lm_head.weight" and not role.is_first)]
+    for stage_index in range(role.num_stages):
+        mine, source = stage_index == role.stage_index, stage_index * stage_world
+        header = [[(role.global_name(name), param.shape, param.dtype)
+                   for name, param in local] if mine else None]
+        dist.broadcast_object_list(header, src=source)
+        for index, (name, shape, dtype) in enumerate(header[0]):
+            tensor = full_tensor(local[index][1].detach()) if mine \
+                else torch.empty(shape, dtype=dtype, device=device)
+            dist.broadcast(tensor, src=source)
+            yield name, tensor
+
+
+def full_state_dict(hf_model: nn.Module, role: PipelineRole, device: torch.device,
+                    keep: bool) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on the CPU where `keep` (one rank), None elsewhere."""
+    state = {name: tensor.cpu() for name, tensor in stage_named_weights(hf_model, role, device)
+             if keep}
+    return state if keep else None

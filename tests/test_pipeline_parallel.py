@@ -1,0 +1,245 @@
+"""Pipeline parallelism (--pipeline-model-parallel-size) on the tiny dense model (2 decoder
+layers, tied embeddings) gives the numbers of one process, and is in effect.
+
+One spawn of four CPU ranks (gloo), shared by the xdist workers, runs every layout as
+pp2 x dp2 (FSDP2 over each stage's two data-parallel ranks): per-token loss with dynamic
+batching (several packed micro-batches of different lengths: 1F1B), and per-sample loss
+with one micro-batch per rank (fewer than the stages: GPipe). Equality alone would hold
+with a rank that quietly runs the whole model, so each rank records which decoder layers
+it holds and which it runs. Then a pp2 run's saved model loads under pp1 (four data-parallel ranks)
+bit-exact, a pp1 save likewise under pp2, and the pp2 trainer pushes its weights into an
+engine, which serves them. Tolerances as in test_parallel.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from filelock import FileLock
+
+from furlong import cli, dry_run
+from furlong.cluster.placement import plan_placement
+from furlong.config import ConfigError, load_config
+from furlong.engine.hf_engine import HFEngine
+from furlong.model.loading import load_hf_model
+from furlong.ports import free_port
+from furlong.train import distributed_state, parallel, pipeline_parallel
+from furlong.train.actor import RankInfo, TrainActor
+
+from conftest import policy_config, train_argv
+from test_parallel import METRICS, assert_close_relative, cpu_weights, prepared_batch, \
+    step_gradients
+
+WORLD = 4
+STAGES = 2
+RUNS = {
+    "pp2_dynamic": ["--calculate-per-token-loss", "--use-dynamic-batch-size",
+                    "--max-tokens-per-gpu", "40"],
+    "pp2_one_micro_batch": ["--micro-batch-size", "12"],
+}
+QUERY = "model.layers.1.self_attn.q_proj.weight"
+
+
+def pipelined_step_gradients(actor: TrainActor, batch) -> tuple[dict, dict]:
+    """Metrics and full gradients (every stage's, by HF name) of one optimizer step; the
+    update itself is skipped."""
+    grads = {}
+
+    def capture():
+        role = actor.policy.pipeline
+        tied = pipeline_parallel.tied_weight(actor.policy.hf_model, role)
+        pipeline_parallel.sum_tied_gradient(tied, actor.pipeline_groups[1])
+        mine = {role.global_name(name): distributed_state.full_tensor(param.grad).cpu()
+                for name, param in actor.policy.hf_model.named_parameters()
+                if param is not tied or role.is_first}  # the tied weight under its first name
+        gathered = [None] * WORLD
+        dist.all_gather_object(gathered, mine)
+        for part in gathered:
+            grads.update({name: grad for name, grad in part.items() if name not in grads})
+        norm = distributed_state.clip_grad_norm_(actor.policy.parameters(), float("inf"),
+                                                 STAGES, tied if role.is_last else None)
+        actor.optimizer.zero_grad()
+        return norm
+
+    actor._optimizer_step = capture
+    (metrics,) = actor.train(batch)
+    return metrics, grads
+
+
+# ---- the ranks --------------------------------------------------------------------------
+def _worker(rank: int, port: int, tiny: Path, batch, out: Path) -> None:
+    torch.set_num_threads(1)
+    results = {}
+
+    def actor_for(pp: int, extra: list[str], init: Path | None = None) -> TrainActor:
+        info = parallel.rank_info(rank, WORLD, 1, "cpu", master_port=port, pp_size=pp)
+        flags = [*extra, "--pipeline-model-parallel-size", str(pp)]
+        return TrainActor(policy_config(tiny, flags), info, str(init or tiny / "model"), 2)
+
+    for name, extra in RUNS.items():
+        actor = actor_for(STAGES, extra)
+        results[f"{name}/weights"] = cpu_weights(actor)
+        ran = []
+        for index, layer in enumerate(parallel.decoder_layers(actor.policy.hf_model)):
+            layer.register_forward_pre_hook(
+                lambda module, args, index=index: ran.append(
+                    actor.policy.pipeline.layers[index]))
+        results[f"{name}/log_probs"] = actor.compute_log_probs(batch)[0]
+        results[name] = pipelined_step_gradients(actor, batch)
+        results[f"{name}/layout"] = {
+            "held": sorted({actor.policy.pipeline.global_name(n) for n, _
+                            in actor.policy.hf_model.named_parameters()}),
+            "ran": sorted(set(ran)), "forwards": len(ran),
+            "query_rows": _local_rows(actor, "model.layers.0.self_attn.q_proj.weight")}
+    results["resume"] = _across_layouts(actor_for, batch, out, tiny)
+    gathered = [None] * WORLD
+    dist.all_gather_object(gathered, {k: v for k, v in results.items() if "layout" in k})
+    if rank == 0:
+        torch.save({**results, "layouts": gathered}, out / "results.pt")
+
+
+def _local_rows(actor: TrainActor, name: str) -> int | None:
+    """Rows of this rank's shard of a layer-0 weight; None on a stage without it."""
+    params = {actor.policy.pipeline.global_name(n): p
+              for n, p in actor.policy.hf_model.named_parameters()}
+    return params[name].to_local().shape[0] if name in params else None
+
+
+def _across_layouts(actor_for, batch, out: Path, tiny: Path) -> dict:
+    """pp2 trains a step and saves; pp1 loads that model; pp1 trains and saves; pp2
+    loads that one, and pushes its weights into an engine."""
+    flags = ["--lr", "1e-3", "--micro-batch-size", "3"]
+    pipelined = actor_for(2, flags)
+    pipelined.train(batch)
+    pipelined.save(out / "saved_by_pp2", save_optimizer=True) \
+        if (out / "saved_by_pp2").mkdir(parents=True, exist_ok=True) is None else None
+    data_parallel = actor_for(1, flags, init=out / "saved_by_pp2" / "model")
+    loaded_by_pp1 = cpu_weights(data_parallel)
+    data_parallel.train(batch)
+    (out / "saved_by_pp1").mkdir(parents=True, exist_ok=True)
+    data_parallel.save(out / "saved_by_pp1", save_optimizer=True)
+    pipelined_again = actor_for(2, flags, init=out / "saved_by_pp1" / "model")
+    return {"saved_by_pp2": cpu_weights(pipelined), "loaded_by_pp1": loaded_by_pp1,
+            "saved_by_pp1": cpu_weights(data_parallel),
+            "loaded_by_pp2": cpu_weights(pipelined_again),
+            "pushed": _push(pipelined_again, tiny)}
+
+
+def _push(actor: TrainActor, tiny: Path) -> dict:
+    from transformers import AutoTokenizer
+    engine = HFEngine(load_hf_model(str(tiny / "model")), AutoTokenizer.from_pretrained(
+        tiny / "model"))
+    asyncio.run(actor.push_weights(engine, 1))
+    return {"trainer": cpu_weights(actor), "version": engine.weight_version,
+            "served": {n: t.detach().clone() for n, t in engine.model.named_parameters()}}
+
+
+# ---- the checks ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ranks(tiny, tmp_path_factory):
+    """(batch, results of the 2-rank spawn). The spawn runs once per session: under
+    pytest-xdist the first worker here runs it, the others read its results."""
+    batch = prepared_batch(tiny)
+    root = tmp_path_factory.getbasetemp()
+    out = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "pipeline"
+    with FileLock(f"{out}.lock"):
+        if not (out / "results.pt").is_file():
+            out.mkdir(exist_ok=True)
+            mp.spawn(_worker, args=(free_port(), tiny, batch, out), nprocs=WORLD)
+    return batch, torch.load(out / "results.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_step_and_log_probs_equal_one_process(tiny, ranks, name):
+    """Loss terms, the global gradient norm, every gradient (the tied embedding's summed
+    over the first and last stages) and every log-prob equal those of one process."""
+    batch, results = ranks
+    reference = TrainActor(policy_config(tiny, RUNS[name]), RankInfo(), str(tiny / "model"), 2)
+    expected_log_probs = reference.compute_log_probs(batch)[0]
+    expected_metrics, expected_grads = step_gradients(reference, batch)
+    metrics, grads = results[name]
+    for key in METRICS:
+        assert metrics[key] == pytest.approx(expected_metrics[key], rel=1e-5, abs=1e-7), key
+    assert sorted(grads) == sorted(expected_grads)
+    for key, grad in grads.items():
+        assert_close_relative(grad, expected_grads[key])
+    for actual, expected in zip(results[f"{name}/log_probs"], expected_log_probs, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_each_rank_holds_and_runs_half_of_the_layers(ranks, name):
+    """Ranks 0-1 (stage 0) hold and run layer 0 and the embeddings, ranks 2-3 (stage 1)
+    layer 1, the final norm and the (tied) output weight; FSDP shards a stage's weights
+    over its two data-parallel ranks; the dynamic batches make several micro-batches."""
+    layouts = [layouts[f"{name}/layout"] for layouts in ranks[1]["layouts"]]
+    stages = [rank // (WORLD // STAGES) for rank in range(WORLD)]
+    assert [layout["ran"] for layout in layouts] == [[stage] for stage in stages]
+    for stage, layout in zip(stages, layouts, strict=True):
+        layers = {n.split(".")[2] for n in layout["held"] if n.startswith("model.layers.")}
+        assert layers == {str(stage)}
+        assert layout["query_rows"] == (None if stage else 128 // 2)
+    if name == "pp2_dynamic":  # the log-prob pass and the step, each of 2 micro-batches or more
+        assert min(layout["forwards"] for layout in layouts) >= 4
+    assert "model.embed_tokens.weight" in layouts[0]["held"]
+    assert "model.norm.weight" in layouts[-1]["held"] and "lm_head.weight" in layouts[-1]["held"]
+    assert "model.norm.weight" not in layouts[0]["held"]
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_full_weights_are_the_checkpoint(tiny, ranks, name):
+    expected = dict(load_hf_model(str(tiny / "model")).named_parameters())
+    weights = ranks[1][f"{name}/weights"]
+    assert sorted(weights) == sorted(expected)
+    for key, tensor in weights.items():
+        assert torch.equal(tensor, expected[key].detach()), (name, key)
+
+
+def test_a_pp2_model_loads_under_pp1_and_back(ranks):
+    resume = ranks[1]["resume"]
+    for saved, loaded in (("saved_by_pp2", "loaded_by_pp1"), ("saved_by_pp1", "loaded_by_pp2")):
+        assert sorted(resume[saved]) == sorted(resume[loaded])
+        for key, tensor in resume[saved].items():
+            assert torch.equal(resume[loaded][key], tensor), (saved, key)
+
+
+def test_weights_reach_an_engine_from_a_pipelined_trainer(tiny, ranks):
+    pushed = ranks[1]["resume"]["pushed"]
+    initial = dict(load_hf_model(str(tiny / "model")).named_parameters())
+    assert pushed["version"] == 1
+    assert not torch.equal(pushed["trainer"][QUERY], initial[QUERY])
+    for key, tensor in pushed["trainer"].items():
+        assert torch.equal(pushed["served"][key], tensor), key
+
+
+# ---- layouts refused up front -------------------------------------------------------------
+@pytest.mark.parametrize("flags, words", [
+    (["--pipeline-model-parallel-size", "2"], ["--pipeline-model-parallel-size 2",
+                                               "one process"]),
+    (["--actor-num-gpus-per-node", "3", "--colocate", "--pipeline-model-parallel-size", "2"],
+     ["--pipeline-model-parallel-size 2 does not divide the 3 trainer ranks", "multiple of 2"]),
+    (["--actor-num-gpus-per-node", "4", "--colocate", "--pipeline-model-parallel-size", "4"],
+     ["--pipeline-model-parallel-size 4 does not divide the model's 2 decoder layers",
+      "divisor of 2"]),
+    (["--actor-num-gpus-per-node", "4", "--colocate", "--pipeline-model-parallel-size", "2",
+      "--tensor-model-parallel-size", "2"],
+     ["--pipeline-model-parallel-size 2 with --tensor-model-parallel-size 2"]),
+])
+def test_placement_refuses_impossible_layouts(tiny, flags, words):
+    with pytest.raises(ConfigError) as info:
+        plan_placement(load_config(train_argv(tiny, *flags))[0], 0)
+    assert all(word in str(info.value) for word in words), str(info.value)
+
+
+def test_dry_run_prints_the_pipeline_in_the_mesh(tiny, capsys, monkeypatch):
+    monkeypatch.setattr(dry_run.torch.cuda, "device_count", lambda: 0)
+    argv = train_argv(tiny, "--actor-num-gpus-per-node", "4", "--colocate",
+                      "--pipeline-model-parallel-size", "2", "--dry-run")
+    assert cli.main(argv) == 0
+    assert "mesh: dp 2 x cp 1 x tp 1 x pp 2 (ep 1, carved from dp) = 4 trainer rank(s)" \
+        in capsys.readouterr().out
