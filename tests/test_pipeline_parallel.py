@@ -116,17 +116,22 @@ def _across_layouts(actor_for, batch, out: Path, tiny: Path) -> dict:
     flags = ["--lr", "1e-3", "--micro-batch-size", "3"]
     pipelined = actor_for(2, flags)
     pipelined.train(batch)
-    pipelined.save(out / "saved_by_pp2", save_optimizer=True) \
-        if (out / "saved_by_pp2").mkdir(parents=True, exist_ok=True) is None else None
+    (out / "saved_by_pp2").mkdir(parents=True, exist_ok=True)
+    pipelined.save(out / "saved_by_pp2", save_optimizer=True)
     data_parallel = actor_for(1, flags, init=out / "saved_by_pp2" / "model")
     loaded_by_pp1 = cpu_weights(data_parallel)
+    try:  # optimizer shards are per stage: refused, naming both layouts
+        data_parallel.restore(out / "saved_by_pp2")
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
     data_parallel.train(batch)
     (out / "saved_by_pp1").mkdir(parents=True, exist_ok=True)
     data_parallel.save(out / "saved_by_pp1", save_optimizer=True)
     pipelined_again = actor_for(2, flags, init=out / "saved_by_pp1" / "model")
     return {"saved_by_pp2": cpu_weights(pipelined), "loaded_by_pp1": loaded_by_pp1,
             "saved_by_pp1": cpu_weights(data_parallel),
-            "loaded_by_pp2": cpu_weights(pipelined_again),
+            "loaded_by_pp2": cpu_weights(pipelined_again), "refusal": refusal,
             "pushed": _push(pipelined_again, tiny)}
 
 
@@ -206,6 +211,15 @@ def test_a_pp2_model_loads_under_pp1_and_back(ranks):
         assert sorted(resume[saved]) == sorted(resume[loaded])
         for key, tensor in resume[saved].items():
             assert torch.equal(resume[loaded][key], tensor), (saved, key)
+
+
+def test_optimizer_state_does_not_cross_pipeline_layouts(ranks):
+    """Restoring a pp2 save's optimizer shards under pp1 is refused, naming both layouts
+    and the way out (the model directory, weights only)."""
+    refusal = ranks[1]["resume"]["refusal"]
+    assert refusal is not None
+    for words in ("pipeline 2", "pipeline 1", "--pipeline-model-parallel-size", "--ref-load"):
+        assert words in refusal, refusal
 
 
 def test_weights_reach_an_engine_from_a_pipelined_trainer(tiny, ranks):

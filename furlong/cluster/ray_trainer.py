@@ -4,7 +4,8 @@ RayTrainGroup offers the loop what an in-process TrainActor offers (compute_log_
 train, save, restore, export_hf, push_weights, ...) by calling every rank and taking
 rank 0's answer. Calls wait with `ray.wait`, so a rank that dies surfaces at once as
 an error naming the rank and the cause, even while the others block in a collective.
-Weight pushes: every rank gathers the full weights and hands them to one sender of
+Weight pushes: every rank gathers the full weights (with pipeline stages, each stage
+gathers its layers and broadcasts them one at a time) and hands them to one sender of
 furlong/engine/weights/send.py (the router's own): CUDA IPC to the engines on its GPU,
 or, from rank 0 alone, a broadcast or bytes by value. A weight push that fails asks the
 engine actors first, so that an engine that died is named as such rather than as the
@@ -56,7 +57,8 @@ class TrainRank:
                                   "nccl" if cuda else "gloo")
         info = parallel.rank_info(rank, world_size, config.perf.tensor_model_parallel_size,
                                   "cuda" if cuda else "cpu",
-                                  cp_size=config.perf.context_parallel_size)
+                                  cp_size=config.perf.context_parallel_size,
+                                  pp_size=config.perf.pipeline_model_parallel_size)
         self.actor = TrainActor(config, info, init_weights, total_steps,
                                 load_hooks(config).custom_loss, HookArgs(config))
         self.senders = weight_senders(config.rollout.update_weight_buffer_size)
@@ -124,7 +126,8 @@ class RayTrainGroup:
         self._all("ready")
         self.rank = rank_info(0, self.world_size, config.perf.tensor_model_parallel_size,
                               "cuda" if gpus_per_rank else "cpu",
-                              cp_size=config.perf.context_parallel_size)
+                              cp_size=config.perf.context_parallel_size,
+                              pp_size=config.perf.pipeline_model_parallel_size)
         self.model_config = ray.get(self.ranks[0].model_config.remote())
         self.urls: list[str] = []
         self.engine_actors: list = []
