@@ -62,3 +62,15 @@ def test_many_short_sequences_take_one_padded_call_and_a_long_tail_does_not(monk
         (query, key, value), cu_seq_lens = packed_inputs(lengths)
         varlen.varlen_causal_attention(query, key, value, cu_seq_lens, max(lengths))
         assert bool(calls) == padded, lengths
+
+
+def test_context_parallel_attention_refuses_a_call_without_the_rows_bounds():
+    """Under context parallelism the local tokens are 1/C of the row: without cu_seq_lens
+    the one-sequence fallback would attend within the local part only."""
+    from torch import nn
+    from furlong.model.attention import CONTEXT_PARALLEL, packed_attention
+    module = nn.Module()
+    setattr(module, CONTEXT_PARALLEL, object())
+    query = torch.zeros(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="cu_seq_lens"):
+        packed_attention(module, query, query, query, None)

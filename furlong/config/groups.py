@@ -232,7 +232,9 @@ class PerfArgs:
                                         help="Which layers to recompute")
     recompute_num_layers: int | None = flag(help="Layers per recompute unit")
     use_dynamic_batch_size: bool = flag(False, "Pack micro-batches by token count")
-    max_tokens_per_gpu: int | None = flag(help="Token budget of a packed micro-batch")
+    max_tokens_per_gpu: int | None = flag(
+        help="Token budget of a packed micro-batch on one rank (a context-parallel group "
+             "of C ranks packs C times as many)")
     log_probs_chunk_size: int = flag(1024, "Positions per chunk when computing log-probs")
     accumulate_allreduce_grads_in_fp32: bool = flag(False, "Megatron gradient reduction dtype",
                                                     megatron_only=True)

@@ -26,11 +26,13 @@ CONTEXT_PARALLEL = "furlong_context_parallel"  # attribute: a train.context_para
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                      cu_seq_lens_q=None, max_length_q=None, **kwargs):
     """transformers attention interface; returns ((1, T, Hq, D), None)."""
+    context_parallel = getattr(module, CONTEXT_PARALLEL, None)
     if cu_seq_lens_q is None:  # one sequence
+        if context_parallel is not None:  # the local part is not the whole row
+            raise ValueError("context-parallel attention needs the packed row's cu_seq_lens")
         cu_seq_lens_q = torch.tensor([0, query.shape[2]], device=query.device)
         max_length_q = query.shape[2]
     query, key, value = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D)
-    context_parallel = getattr(module, CONTEXT_PARALLEL, None)
     if context_parallel is not None:
         query, key, value = context_parallel.scatter_heads(query, key, value)
     args = (query, key, value, cu_seq_lens_q, max_length_q, scaling)

@@ -3,8 +3,9 @@
 One instance per trainer rank. Every rank receives the whole rollout batch and takes
 its data-parallel share of each optimizer step (`microbatch.split_across_ranks`), so
 the split is a pure function of the batch and needs no communication; the ranks of
-one tensor-parallel group take the same share. Gradients are averaged over
-data-parallel ranks by FSDP and metrics summed over them here.
+one tensor-parallel (or context-parallel, or pipeline) group take the same share.
+Gradients are averaged over data-parallel (and context-parallel) ranks by FSDP and
+metrics summed over data-parallel ranks here.
 
 Where it runs (`RankInfo`):
 - one CPU process (`RankInfo()`): the plain HF model in float32, no torch.distributed;
