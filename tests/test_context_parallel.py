@@ -41,7 +41,7 @@ from furlong.train.actor import RankInfo, TrainActor
 from furlong.train.batch import TrainBatch
 
 from conftest import policy_config, random_batch, train_argv
-from test_parallel import METRICS, assert_close_relative, cpu_weights, prepared_batch, \
+from test_parallel import METRICS, assert_matches_one_process, cpu_weights, prepared_batch, \
     step_gradients
 
 WORLD = 4
@@ -213,13 +213,8 @@ def test_step_and_log_probs_equal_one_process(ranks, one_process, name):
     expected_log_probs, expected_metrics, expected_grads = one_process[name]
     metrics, grads = results[name]
     assert expected_metrics["train/pg_clipfrac"] > 0
-    for key in METRICS:
-        assert metrics[key] == pytest.approx(expected_metrics[key], rel=1e-5, abs=1e-7), key
-    assert list(grads) == list(expected_grads)
-    for key, grad in grads.items():
-        assert_close_relative(grad, expected_grads[key])
-    for actual, expected in zip(results[f"{name}/log_probs"], expected_log_probs, strict=True):
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    assert_matches_one_process(metrics, grads, results[f"{name}/log_probs"],
+                               (expected_log_probs, expected_metrics, expected_grads))
 
 
 @pytest.mark.parametrize("name", list(RUNS))

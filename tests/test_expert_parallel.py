@@ -32,7 +32,7 @@ from furlong.train import expert_parallel, parallel
 from furlong.train.actor import RankInfo, TrainActor
 
 from conftest import policy_config, trainer_batch
-from test_parallel import assert_close_relative, cpu_weights, step_gradients
+from test_parallel import assert_matches_one_process, cpu_weights, step_gradients
 
 WORLD = 4
 NUM_EXPERTS = 8
@@ -176,13 +176,8 @@ def test_step_and_log_probs_equal_one_process(ranks, one_process, name):
     results = ranks[2]
     expected_log_probs, expected_metrics, expected_grads = one_process
     metrics, grads = results[name]
-    for key in METRICS:
-        assert metrics[key] == pytest.approx(expected_metrics[key], rel=1e-5, abs=1e-7), key
-    assert list(grads) == list(expected_grads)
-    for key, grad in grads.items():
-        assert_close_relative(grad, expected_grads[key])
-    for actual, expected in zip(results[f"{name}/log_probs"], expected_log_probs, strict=True):
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    assert_matches_one_process(metrics, grads, results[f"{name}/log_probs"],
+                               (expected_log_probs, expected_metrics, expected_grads), METRICS)
 
 
 @pytest.mark.parametrize("name", list(RUNS))

@@ -205,6 +205,20 @@ def ranks(tiny, tmp_path_factory):
     return batch, torch.load(out / "results.pt", weights_only=True), out
 
 
+def assert_matches_one_process(metrics: dict, grads: dict, log_probs: list,
+                               expected: tuple, metric_names: tuple = METRICS) -> None:
+    """Loss terms, every gradient and every log-prob of a layout equal one process's
+    (expected: log-probs, metrics, gradients)."""
+    expected_log_probs, expected_metrics, expected_grads = expected
+    for key in metric_names:
+        assert metrics[key] == pytest.approx(expected_metrics[key], rel=1e-5, abs=1e-7), key
+    assert list(grads) == list(expected_grads)
+    for key, grad in grads.items():
+        assert_close_relative(grad, expected_grads[key])
+    for actual, want in zip(log_probs, expected_log_probs, strict=True):
+        torch.testing.assert_close(actual, want, rtol=1e-5, atol=1e-6)
+
+
 def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor) -> None:
     scale = float(expected.abs().max()) if expected.numel() else 1.0
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale)
