@@ -2,11 +2,13 @@
 
     python bench/train_mfu.py [--model qwen3-1.7b] [--tokens 8192 16384]
         [--furlong-flags "--recompute-granularity full ..."] [--baselines [hf hf_liger]]
-    python bench/train_mfu.py --model qwen3-30b-a3b --layers 4 --tokens 8192
+    python bench/train_mfu.py --model qwen3-30b-a3b --layers 4 --tokens 8192 --micro-batches 4
 
 The MoE model (`--model qwen3-30b-a3b`) has Qwen3-30B-A3B's layer shape (128 experts,
 top-8) with `--layers` of its 48 layers; its FLOPs count the experts a token is routed
-to (furlong/train/flops.py).
+to (furlong/train/flops.py). Its optimizer step walks every expert (10x the active
+parameters), so a step of one micro-batch measures mostly AdamW; RL steps hold many
+(`--micro-batches`: micro-batches of `tokens` per optimizer step, 1 by default).
 
 furlong: TrainActor, packed micro-batches of `tokens` tokens (dynamic batching), bf16
 weights with float32 masters, compiled decoder layers, varlen flash attention, the fused
@@ -74,44 +76,49 @@ def timed(fn, warmup: int = 2, repeats: int = 5, label: str | None = None) -> fl
     return statistics.median(times)
 
 
-def furlong_actor(model_dir: Path, tokens: int, *flags: str) -> TrainActor:
-    """furlong's trainer on the first GPU, micro-batches of `tokens` tokens."""
+def furlong_actor(model_dir: Path, tokens: int, micro_batches: int,
+                  *flags: str) -> TrainActor:
+    """furlong's trainer on the first GPU, steps of `micro_batches` micro-batches of
+    `tokens` tokens."""
     config, _ = load_config([
-        "--hf-checkpoint", str(model_dir), "--rollout-batch-size", str(tokens // SAMPLE),
+        "--hf-checkpoint", str(model_dir),
+        "--rollout-batch-size", str(micro_batches * tokens // SAMPLE),
         "--rollout-max-response-len", "1", "--num-rollout", "0", "--rm-type", "random",
         "--use-dynamic-batch-size", "--max-tokens-per-gpu", str(tokens), "--lr", "1e-6",
         *flags])
     return TrainActor(config, RankInfo(device=torch.device("cuda")), str(model_dir), 100)
 
 
-def bench_furlong(model_dir: Path, tokens: int, *flags: str) -> float:
-    actor = furlong_actor(model_dir, tokens, *flags)
-    batch = synthetic_batch(tokens // SAMPLE)
+def bench_furlong(model_dir: Path, tokens: int, micro_batches: int, *flags: str) -> float:
+    actor = furlong_actor(model_dir, tokens, micro_batches, *flags)
+    batch = synthetic_batch(micro_batches * tokens // SAMPLE)
     seconds = timed(lambda: actor.train(batch), label=f"furlong_{tokens}")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         actor.train(batch)
         torch.cuda.synchronize()
-    PROFILES[tokens] = profile.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    PROFILES[tokens] = profile.key_averages().table(sort_by="cuda_time_total", row_limit=30,
+                                                     max_name_column_width=90)
     return seconds
 
 
-def bench_hf(model_dir: Path, tokens: int) -> float:
+def bench_hf(model_dir: Path, tokens: int, micro_batches: int) -> float:
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)
     ids = torch.randint(1, 150000, (tokens // SAMPLE, SAMPLE), device="cuda")
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        for _ in range(micro_batches):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return timed(step, label=f"hf_{tokens}")
 
 
-def bench_hf_liger(model_dir: Path, tokens: int) -> float:
+def bench_hf_liger(model_dir: Path, tokens: int, micro_batches: int) -> float:
     from liger_kernel.transformers import monkey_patch
     from transformers import AutoConfig, AutoModelForCausalLM
     model_type = AutoConfig.from_pretrained(model_dir).model_type
@@ -123,7 +130,8 @@ def bench_hf_liger(model_dir: Path, tokens: int) -> float:
     ids = torch.randint(1, 150000, (tokens // SAMPLE, SAMPLE), device="cuda")
 
     def step():
-        model(input_ids=ids, labels=ids).loss.backward()
+        for _ in range(micro_batches):
+            model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -135,6 +143,8 @@ def main() -> None:
     parser.add_argument("--model", default="qwen3-1.7b")
     parser.add_argument("--layers", type=int, help="MoE model: this many of its layers")
     parser.add_argument("--tokens", nargs="+", type=int, default=[8192, 16384])
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="micro-batches of --tokens per optimizer step")
     parser.add_argument("--furlong-flags", default="", help="extra train.py flags")
     parser.add_argument("--baselines", nargs="*", default=["hf", "hf_liger"],
                         choices=["hf", "hf_liger"], help="none: furlong alone")
@@ -142,7 +152,7 @@ def main() -> None:
     flags = args.furlong_flags.split()
     name = device_name()
     results = {"device": name, "torch": torch.__version__, "model": args.model,
-               "layers": args.layers,
+               "layers": args.layers, "micro_batches": args.micro_batches,
                "furlong_flags": args.furlong_flags,
                "measured_bf16_gemm_tflops": matmul_flops() / 1e12, "runs": []}
     peak = peak_flops(name)
@@ -156,12 +166,13 @@ def main() -> None:
         del model
         torch.cuda.empty_cache()
         for tokens in args.tokens:
-            samples = tokens // SAMPLE
+            steps = args.micro_batches
+            samples = steps * tokens // SAMPLE
             flops = 3 * forward_flops(config, [SAMPLE] * samples, [SAMPLE - PROMPT] * samples)
             run = {"tokens": tokens}
-            benches = {"furlong": lambda: bench_furlong(model_dir, tokens, *flags)}
-            baselines = {"hf": lambda: bench_hf(model_dir, tokens),
-                         "hf_liger": lambda: bench_hf_liger(model_dir, tokens)}
+            benches = {"furlong": lambda: bench_furlong(model_dir, tokens, steps, *flags)}
+            baselines = {"hf": lambda: bench_hf(model_dir, tokens, steps),
+                         "hf_liger": lambda: bench_hf_liger(model_dir, tokens, steps)}
             benches.update({label: baselines[label] for label in args.baselines})
             for label, bench in benches.items():
                 torch.cuda.reset_peak_memory_stats()
@@ -172,7 +183,7 @@ def main() -> None:
                     continue
                 finally:  # the model and optimizer of the run are gone
                     torch.cuda.empty_cache()
-                run[label] = {"seconds": seconds, "tokens_per_s": tokens / seconds,
+                run[label] = {"seconds": seconds, "tokens_per_s": steps * tokens / seconds,
                               "tflops": flops / seconds / 1e12,
                               "mfu": flops / seconds / peak if peak else None,
                               "peak_gib": torch.cuda.max_memory_allocated() / 2**30}

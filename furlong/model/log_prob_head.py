@@ -16,15 +16,16 @@ logits and turns the upstream gradients (g for the log-probs, e for the entropy)
 
 then dh = dz @ W / T and dW = dz.T @ h / T. Peak extra memory is one chunk of logits
 and its gradient; the GEMMs are those of an unfused head (one forward, one recomputed,
-two backward). The elementwise work between them is two pure functions, each compiled
-into one fused kernel on a GPU (torch.compile) and run as plain tensor code elsewhere.
+two backward). The elementwise work between them is two pure functions, run as Triton
+kernels on a GPU (model/log_prob_head_kernels.py, one pass over the chunk each) and as
+plain tensor code elsewhere. The backward accumulates dW of the chunks in float32, on a
+GPU inside the GEMM (addmm into a float32 output).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from furlong.model import log_prob_head_kernels as kernels
 from furlong.model.logits import output_logits
 
 
@@ -67,15 +68,14 @@ def _logit_grad(logits: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
     return (grad * inv_temperature).to(dtype)
 
 
-@functools.cache
-def _compiled(fn):
-    """On a GPU each function becomes one fused kernel (a pass or two over the chunk, not
-    ten); shapes vary with the chunk, hence dynamic. Compiled at the first GPU call."""
-    return torch.compile(fn, dynamic=True)
-
-
-def _run(fn, *args):
-    return _compiled(fn)(*args) if args[0].is_cuda else fn(*args)
+def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_z: torch.Tensor,
+                            hidden: torch.Tensor) -> None:
+    """grad_weight (V, H) float32 += grad_z.T @ hidden: on a GPU inside the GEMM (no
+    float32 copy of the product and no separate add, each a pass over V x H)."""
+    if grad_z.is_cuda and grad_z.dtype != torch.float32:
+        torch.addmm(grad_weight, grad_z.t(), hidden, out_dtype=torch.float32, out=grad_weight)
+    else:
+        grad_weight += (grad_z.t() @ hidden).float()
 
 
 class _FusedHead(torch.autograd.Function):
@@ -88,8 +88,8 @@ class _FusedHead(torch.autograd.Function):
         for start in range(0, num_positions, chunk_size):
             rows = slice(start, start + chunk_size)
             logits = _scaled_logits(hidden[rows], weight, inv_temperature)
-            lse[rows], log_probs[rows], entropy[rows] = _run(_forward_stats, logits,
-                                                             targets[rows])
+            stats = kernels.chunk_stats if kernels.available(logits) else _forward_stats
+            lse[rows], log_probs[rows], entropy[rows] = stats(logits, targets[rows])
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.inv_temperature, ctx.chunk_size = inv_temperature, chunk_size
         return log_probs, entropy
@@ -102,14 +102,16 @@ class _FusedHead(torch.autograd.Function):
                        if ctx.needs_input_grad[1] else None)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            grad_z = _run(_logit_grad,
-                          _scaled_logits(hidden[rows], weight, ctx.inv_temperature),
-                          lse[rows], entropy[rows], targets[rows], grad_log_probs[rows],
-                          grad_entropy[rows], ctx.inv_temperature, hidden.dtype)
+            logits = _scaled_logits(hidden[rows], weight, ctx.inv_temperature)
+            grad = kernels.logit_grad if kernels.available(logits) else _logit_grad
+            grad_z = grad(logits, lse[rows], entropy[rows], targets[rows],
+                          grad_log_probs[rows], grad_entropy[rows], ctx.inv_temperature,
+                          hidden.dtype)
+            del logits  # one chunk of float32 logits at a time
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_z @ weight
             if grad_weight is not None:
-                grad_weight += (grad_z.t() @ hidden[rows]).float()
+                _accumulate_weight_grad(grad_weight, grad_z, hidden[rows])
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
