@@ -5,7 +5,8 @@ them with no per-step casts of the weights and no wrapper around the layers. Eac
 trainable parameter keeps a float32 master (its original storage). As soon as autograd
 has accumulated a parameter's bfloat16 gradient, a hook takes it from the parameter:
 the first micro-batch's is kept as it is, later ones are added in float32, so
-micro-batches accumulate in float32 and a single one costs no conversion. `step` clips
+micro-batches accumulate in float32 (one Triton pass each on a GPU,
+train/grad_accumulation.py) and a single one costs no conversion. `step` clips
 the gradients, steps AdamW on the masters and rounds them back into the model: one
 Triton pass per parameter on a GPU (train/fused_adamw.py), torch's ops elsewhere.
 Megatron's optimizer for
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from furlong.train import fused_adamw
+from furlong.train.grad_accumulation import accumulate
 
 
 class MasterWeights:
@@ -77,16 +79,14 @@ class MasterWeights:
         return grads
 
     def _hook(self, index: int):
-        def accumulate(param: torch.Tensor) -> None:
+        def take(param: torch.Tensor) -> None:
             grad = self._grads[index]
             if grad is None:  # autograd's own tensor, kept: safe while no CUDA graph
                 self._grads[index] = param.grad  # replays the backward into it
             else:
-                if grad.dtype != torch.float32:
-                    grad = self._grads[index] = grad.float()
-                grad.add_(param.grad)
+                self._grads[index] = accumulate(grad, param.grad)
             param.grad = None
-        return accumulate
+        return take
 
     @torch.no_grad()
     def step(self, optimizer: torch.optim.AdamW, max_norm: float) -> float:
