@@ -222,6 +222,13 @@ class PerfArgs:
     tensor_model_parallel_size: int = flag(1, "Trainer tensor-parallel size")
     sequence_parallel: bool = flag(False, "Shard activations along the sequence (with TP)")
     pipeline_model_parallel_size: int = flag(1, "Pipeline stages (megatron backend)")
+    num_layers_per_virtual_pipeline_stage: int | None = flag(
+        help="Layers per virtual pipeline stage: each stage holds several chunks of this "
+             "many layers, run interleaved")
+    decoder_first_pipeline_num_layers: int | None = flag(
+        help="Decoder layers of the first pipeline stage (the others split the rest equally)")
+    decoder_last_pipeline_num_layers: int | None = flag(
+        help="Decoder layers of the last pipeline stage (the others split the rest equally)")
     context_parallel_size: int = flag(1, "Context-parallel size")
     expert_model_parallel_size: int = flag(
         1, "Expert-parallel size: experts split over groups of data-parallel ranks")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from furlong.config.groups import GROUPS, Config, flag_fields
+from furlong.config.groups import GROUPS, Config, PerfArgs, flag_fields
 from furlong.config.parser import ConfigError, option_name
 from furlong.config.reward_types import LABELLED_REWARDS, split_rm_type
 from furlong.hooks import load_hooks
@@ -318,6 +318,7 @@ def _check_perf(config: Config) -> None:
                           "fsdp backend does not do this parallelism; it needs the megatron "
                           "backend (--train-backend megatron), or set it to 1")
     _positive(p.pipeline_model_parallel_size, "--pipeline-model-parallel-size")
+    _check_pipeline_stages(p)
     _positive(p.tensor_model_parallel_size, "--tensor-model-parallel-size")
     _positive(p.context_parallel_size, "--context-parallel-size")
     _positive(p.expert_model_parallel_size, "--expert-model-parallel-size")
@@ -328,6 +329,18 @@ def _check_perf(config: Config) -> None:
     if p.recompute_method and p.recompute_granularity != "full":
         raise ConfigError(f"--recompute-method {p.recompute_method} applies to "
                           "--recompute-granularity full")
+
+
+def _check_pipeline_stages(p: PerfArgs) -> None:
+    """The stage-size flags shape pipeline stages (train/pipeline_layout.py checks them
+    against the model's layers): each at least 1, and only with several stages."""
+    for name in ("num_layers_per_virtual_pipeline_stage", "decoder_first_pipeline_num_layers",
+                 "decoder_last_pipeline_num_layers"):
+        value = getattr(p, name)
+        _positive(value, option_name(name))
+        if value is not None and p.pipeline_model_parallel_size == 1:
+            raise ConfigError(f"{option_name(name)} {value} needs --pipeline-model-parallel-size "
+                              "above 1: give several stages, or leave the flag out")
 
 
 def megatron_only_warnings(config: Config) -> list[str]:

@@ -45,7 +45,8 @@ from furlong.ports import free_port
 from furlong.train.context_parallel import apply_context_parallel, check_context_parallel_size
 from furlong.train.expert_parallel import (apply_expert_parallel, check_expert_parallel_size,
                                            expert_modules)
-from furlong.train.pipeline_parallel import PipelineRole, split_stage, stage_layer_ranges
+from furlong.train.pipeline_layout import PipelineLayout, rank_chunks
+from furlong.train.pipeline_parallel import PipelineRole, split_stage
 
 
 # ---- where a rank sits -------------------------------------------------------------------
@@ -231,7 +232,7 @@ def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs, mixed_preci
     """
     hf_model = policy.hf_model
     if "pp" in mesh.mesh_dim_names:
-        apply_pipeline_split(policy, mesh["pp"].get_local_rank(), mesh["pp"].size())
+        apply_pipeline_split(policy, mesh["pp"].get_local_rank(), PipelineLayout.from_perf(perf))
     layers = decoder_layers(hf_model)
     if mesh["tp"].size() > 1:
         apply_tensor_parallel(hf_model, mesh["tp"], perf.sequence_parallel)
@@ -245,11 +246,12 @@ def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs, mixed_preci
     return policy
 
 
-def apply_pipeline_split(policy: nn.Module, stage_index: int, num_stages: int) -> None:
-    """Keep the layers of stage `stage_index` (and the embeddings first, the head last)."""
+def apply_pipeline_split(policy: nn.Module, stage_index: int, layout: PipelineLayout) -> None:
+    """Keep the layers of pipeline rank `stage_index`'s chunks (and the embeddings on the
+    first, the head on the last)."""
     layers = decoder_layers(policy.hf_model)
-    ranges = stage_layer_ranges(len(layers), num_stages)
-    role = PipelineRole(stage_index, num_stages, ranges[stage_index])
+    chunks = rank_chunks(len(layers), layout, stage_index)
+    role = PipelineRole(stage_index, layout.num_stages, chunks)
     split_stage(policy.hf_model, role)
     policy.pipeline = role
 

@@ -1,11 +1,16 @@
-"""--pipeline-model-parallel-size: the decoder layers split into consecutive stages over
-the "pp" ranks, run by `torch.distributed.pipelining` (1F1B).
+"""--pipeline-model-parallel-size: the decoder layers split into stages over the "pp"
+ranks, run by `torch.distributed.pipelining` (1F1B; interleaved 1F1B with virtual
+stages). Which layers each rank holds (equal stages, uneven first/last stages, virtual
+stages) is `pipeline_layout.py`'s arithmetic.
 
 A stage is the policy with the other stages' layers deleted (as torchtitan does): the
 first keeps the embeddings, the last the final norm and the fused log-prob head; a tied
 embedding/output weight lives on both, and its gradients are summed between them. The
 layers keep their HF names (`global_name`), so checkpoints and weight pushes are the
-same as one rank's.
+same as one rank's. With virtual stages a rank holds several model chunks (chunks r,
+r + P, ...: their layers are not consecutive); it still is one model, and the schedule
+gets one `PipelineStage` per chunk, whose forward runs a view of the decoder holding
+that chunk's layers only (`chunk_decoder`).
 
 Micro-batches: the dynamic-batching (or fixed) micro-batches of a data-parallel rank's
 step go through one schedule step. They are packed rows of different lengths, and a
@@ -18,10 +23,13 @@ argument, and finds the packing (positions, sequence boundaries, targets) in the
 all ranks of a pipeline hold (they see the same samples). The last stage's loss
 function computes the objective with the step's global denominators and collects the
 log-probs; they are broadcast to the other stages. 1F1B needs at least as many
-micro-batches as stages; a step with fewer runs GPipe (the same result).
+micro-batches as stages, interleaved 1F1B a count that its rounds divide; a step whose
+count does not fit runs GPipe, or looped BFS with virtual stages (the same result:
+`schedule_class`).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -29,41 +37,47 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
+                                         ScheduleInterleaved1F1B, ScheduleLoopedBFS)
 
 from furlong.train.batch import PackedMicroBatch
 from furlong.train.distributed_state import full_tensor
 
 
 # ---- the layout ---------------------------------------------------------------------------
-
-def stage_layer_ranges(num_layers: int, num_stages: int) -> list[range]:
-    """The decoder layers of each stage: consecutive, equal in number."""
-    check_pipeline_layout(num_layers, num_stages)
-    per_stage = num_layers // num_stages
-    return [range(s * per_stage, (s + 1) * per_stage) for s in range(num_stages)]
-
-
-def check_pipeline_layout(num_layers: int, num_stages: int) -> None:
-    if num_stages < 1 or num_layers % num_stages:
-        raise ValueError(f"--pipeline-model-parallel-size {num_stages} does not divide the "
-                         f"model's {num_layers} decoder layers: choose a divisor of "
-                         f"{num_layers}")
-
-
 @dataclass
 class PipelineRole:
-    """What a stage of the policy runs: its place and the layers it keeps."""
+    """What a pipeline rank of the policy runs: its place, and the global layers of each
+    model chunk it holds (one chunk, or several with virtual stages: `pipeline_layout`).
+    `running` is the local number of the chunk the policy's next forward runs (set by the
+    schedule's stage module just before it calls the policy)."""
     stage_index: int
     num_stages: int
-    layers: range
+    chunks: list[range]
+    running: int = 0
+
+    @property
+    def layers(self) -> list[int]:
+        """The global index of each layer this rank holds, in its local order."""
+        return [layer for chunk in self.chunks for layer in chunk]
+
+    @property
+    def num_chunks(self) -> int:
+        """Model chunks in the whole pipeline (stages x virtual stages)."""
+        return self.num_stages * len(self.chunks)
+
+    def chunk_index(self, local: int) -> int:
+        """The model-order index of this rank's `local`-th chunk."""
+        return self.stage_index + local * self.num_stages
 
     @property
     def is_first(self) -> bool:
+        """Holds chunk 0 (the embeddings)."""
         return self.stage_index == 0
 
     @property
     def is_last(self) -> bool:
+        """Holds the last chunk (the final norm and the head)."""
         return self.stage_index == self.num_stages - 1
 
     def global_name(self, name: str) -> str:
@@ -71,7 +85,7 @@ class PipelineRole:
         parts = name.split(".")
         for i in range(len(parts) - 2):
             if parts[i] == "layers" and parts[i + 1].isdigit():
-                parts[i + 1] = str(int(parts[i + 1]) + self.layers.start)
+                parts[i + 1] = str(self.layers[int(parts[i + 1])])
                 break
         return ".".join(parts)
 
@@ -88,6 +102,22 @@ def split_stage(hf_model: nn.Module, role: PipelineRole) -> None:
             hf_model.lm_head = None
 
 
+def chunk_decoder(decoder: nn.Module, role: PipelineRole, local: int) -> nn.Module:
+    """The HF decoder of a stage seen as its `local`-th chunk only: a shallow copy whose
+    `layers` are that chunk's and whose final norm is the identity unless the chunk is
+    the model's last. It shares every parameter and module, so FSDP and checkpoints
+    still see one model per rank."""
+    if len(role.chunks) == 1:
+        return decoder
+    start = sum(len(chunk) for chunk in role.chunks[:local])
+    view = copy.copy(decoder)
+    view._modules = dict(decoder._modules)
+    view.layers = decoder.layers[start:start + len(role.chunks[local])]
+    if role.chunk_index(local) != role.num_chunks - 1:
+        view.norm = nn.Identity()
+    return view
+
+
 def tied_weight(hf_model: nn.Module, role: PipelineRole) -> nn.Parameter | None:
     """The embedding/output weight a first and a last stage both hold (tied embeddings)."""
     if role.num_stages == 1 or not hf_model.config.tie_word_embeddings:
@@ -99,18 +129,20 @@ def tied_weight(hf_model: nn.Module, role: PipelineRole) -> nn.Parameter | None:
 
 def stage_forward(policy, micro: PackedMicroBatch, temperature: float,
                   activations: torch.Tensor) -> torch.Tensor:
-    """One stage of `policy` (a CausalLMPolicy whose `pipeline` is set) on a micro-batch
-    padded to the step's length T: (1, T) ids in the first stage, (1, T, H) hidden states
-    between stages, (2, T) log-probs and entropy (zero past the targets) out of the last."""
+    """One chunk of `policy` (a CausalLMPolicy whose `pipeline` is set; the chunk its
+    `running` names) on a micro-batch padded to the step's length T: (1, T) ids into the
+    first chunk, (1, T, H) hidden states between chunks, (2, T) log-probs and entropy
+    (zero past the targets) out of the last."""
     role, length = policy.pipeline, micro.input_ids.shape[1]
-    padded = activations.shape[1]
-    inputs = dict(input_ids=activations[:, :length]) if role.is_first \
+    padded, chunk = activations.shape[1], role.chunk_index(role.running)
+    inputs = dict(input_ids=activations[:, :length]) if chunk == 0 \
         else dict(inputs_embeds=activations[:, :length])
-    hidden = policy.hf_model.base_model(
+    decoder = chunk_decoder(policy.hf_model.base_model, role, role.running)
+    hidden = decoder(
         **inputs, position_ids=micro.position_ids, use_cache=False,
         cu_seq_lens_q=micro.cu_seq_lens, cu_seq_lens_k=micro.cu_seq_lens,
         max_length_q=micro.max_length, max_length_k=micro.max_length).last_hidden_state
-    if not role.is_last:
+    if chunk != role.num_chunks - 1:
         return F.pad(hidden, (0, 0, 0, padded - length))  # (1, T, H)
     log_probs, entropy = policy.head(hidden[0], micro, temperature)
     return F.pad(torch.stack([log_probs, entropy]), (0, padded - log_probs.shape[0]))
@@ -118,16 +150,30 @@ def stage_forward(policy, micro: PackedMicroBatch, temperature: float,
 
 # ---- the schedule ---------------------------------------------------------------------------
 class _StageModule(nn.Module):
-    """What `PipelineStage` runs: the policy's stage on the micro-batch it is told."""
+    """What a `PipelineStage` runs: the policy's chunk `local` on the micro-batch it is
+    told."""
 
-    def __init__(self, policy, micro_batches: list[PackedMicroBatch], temperature: float):
+    def __init__(self, policy, local: int, micro_batches: list[PackedMicroBatch],
+                 temperature: float):
         super().__init__()
         self.policy = policy
+        self.local = local
         self.micro_batches = micro_batches
         self.temperature = temperature
 
     def forward(self, activations: torch.Tensor, micro_index: torch.Tensor) -> torch.Tensor:
+        self.policy.pipeline.running = self.local
         return self.policy(self.micro_batches[int(micro_index)], self.temperature, activations)
+
+
+def schedule_class(num_micro_batches: int, num_stages: int, chunks_per_rank: int) -> type:
+    """1F1B (one chunk per rank) needs as many micro-batches as stages, else GPipe (the
+    same result). Interleaved 1F1B (several chunks) runs max(1, count // stages) rounds
+    and needs the count to be a multiple of them, else looped BFS (any count)."""
+    if chunks_per_rank == 1:
+        return Schedule1F1B if num_micro_batches >= num_stages else ScheduleGPipe
+    rounds = max(1, num_micro_batches // num_stages)
+    return ScheduleInterleaved1F1B if num_micro_batches % rounds == 0 else ScheduleLoopedBFS
 
 
 class Pipeline:
@@ -147,30 +193,32 @@ class Pipeline:
         """Forward (and backward) of every micro-batch; `loss_fn(micro, output)` is
         called on the last stage for each, in order, with its (2, N) log-probs and
         entropy at the targets, and returns the micro-batch's loss."""
+        role = self.role
         count, length = len(micro_batches), max(m.input_ids.shape[1] for m in micro_batches)
-        stage = PipelineStage(_StageModule(self.policy, micro_batches, temperature),
-                              self.role.stage_index, self.role.num_stages, self.device,
-                              input_args=self._meta(self.role.stage_index, length),
-                              output_args=self._meta(self.role.stage_index + 1, length),
-                              group=self.group)
-        schedule_class = Schedule1F1B if count >= self.role.num_stages else ScheduleGPipe
+        stages = [PipelineStage(_StageModule(self.policy, local, micro_batches, temperature),
+                                role.chunk_index(local), role.num_chunks, self.device,
+                                input_args=self._meta(role.chunk_index(local), length),
+                                output_args=self._meta(role.chunk_index(local) + 1, length),
+                                group=self.group)
+                  for local in range(len(role.chunks))]
 
         def loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             micro = micro_batches[int(target)]
             return loss_fn(micro, output[:, :micro.targets.shape[0]])
-        schedule = schedule_class(stage, count, loss_fn=loss, scale_grads=False)
+        schedule = schedule_class(count, role.num_stages, len(role.chunks))(
+            stages[0] if len(stages) == 1 else stages, count, loss_fn=loss, scale_grads=False)
         indices = torch.arange(count, device=self.device)
         args = (torch.cat([F.pad(m.input_ids, (0, length - m.input_ids.shape[1]))
-                           for m in micro_batches]),) if self.role.is_first else ()
-        target = indices if self.role.is_last else None
+                           for m in micro_batches]),) if role.is_first else ()
+        target = indices if role.is_last else None
         (schedule.step if backward else schedule.eval)(*args, target=target,
                                                        micro_index=indices)
 
     def _meta(self, stage_index: int, length: int) -> torch.Tensor:
-        """The tensor entering stage `stage_index` (leaving the one before)."""
+        """The tensor entering chunk `stage_index` (leaving the one before)."""
         if stage_index == 0:
             return torch.empty(1, length, dtype=torch.long, device=self.device)
-        if stage_index == self.role.num_stages:
+        if stage_index == self.role.num_chunks:
             return torch.empty(2, length, dtype=torch.float32, device=self.device,
                                requires_grad=True)
         hidden_size = self.policy.hf_model.config.hidden_size  # gradients flow back
