@@ -4,7 +4,8 @@ Validates the flags and config.json (already done by load_config), reads the fir
 rows of every data file and renders their prompts with the tokenizer (the chat
 template included), prints the resolved configuration with the source of each
 value, and states the devices the run needs, checking them only where they exist, and
-the trainer's mesh (placement refuses the layouts the model or the ranks cannot take).
+the trainer's mesh and pipeline stages (placement and `pipeline_layout` refuse the
+layouts the model or the ranks cannot take).
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import torch
 
 from furlong.cluster.placement import check_engine_devices, describe_mesh, plan_placement
 from furlong.config import Config, ConfigError, eval_datasets
+from furlong.config.model_check import read_hf_config
 from furlong.config.report import format_config
 from furlong.data import DataError, DataKeys, PromptEncoder, load_records
+from furlong.train.pipeline_layout import PipelineLayout, describe_layout
 
 PEEK_ROWS = 5
 
@@ -70,6 +73,17 @@ def device_plan(config: Config) -> str:
     return line + f"; this machine has {available}"
 
 
+def pipeline_plan(config: Config) -> str:
+    """Which decoder layers each pipeline stage holds (config.json's layer count), or the
+    refusal of a layout that cannot split them."""
+    directory = config.ckpt.hf_checkpoint
+    num_layers = read_hf_config(directory)["num_hidden_layers"]
+    try:
+        return describe_layout(num_layers, PipelineLayout.from_perf(config.perf))
+    except ValueError as error:
+        raise ConfigError(f"{error} ({directory}/config.json)") from None
+
+
 def dry_run(config: Config) -> int:
     r = config.rollout
     encoder = PromptEncoder(load_tokenizer(config.ckpt.hf_checkpoint), r.apply_chat_template,
@@ -80,6 +94,8 @@ def dry_run(config: Config) -> int:
         print(f"data: {path}: first {len(rows)} rows OK (longest prompt {longest} tokens)")
     print(format_config(config))
     print(device_plan(config))
+    if config.perf.pipeline_model_parallel_size > 1:
+        print(pipeline_plan(config))
     placement = plan_placement(config, torch.cuda.device_count())
     print("layout: " + placement.describe())
     print(describe_mesh(config, placement.trainer_ranks))

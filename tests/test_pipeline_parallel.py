@@ -4,16 +4,19 @@ layers, tied embeddings) gives the numbers of one process, and is in effect.
 One spawn of four CPU ranks (gloo), shared by the xdist workers, runs every layout as
 pp2 x dp2 (FSDP2 over each stage's two data-parallel ranks): per-token loss with dynamic
 batching (several packed micro-batches of different lengths: 1F1B), and per-sample loss
-with one micro-batch per rank (fewer than the stages: GPipe). Equality alone would hold
-with a rank that quietly runs the whole model, so each rank records which decoder layers
-it holds and which it runs. Then a pp2 run's saved model loads under pp1 (four data-parallel ranks)
-bit-exact, a pp1 save likewise under pp2, and the pp2 trainer pushes its weights into an
-engine, which serves them. Tolerances as in test_parallel.
+with one micro-batch per rank (fewer than the stages: GPipe); on a 4-layer copy of the
+model, virtual stages (two chunks of one layer per rank: interleaved 1F1B) and an uneven
+first stage (1 layer, the last 3). Equality alone would hold with a rank that quietly
+runs the whole model, so each rank records which decoder layers it holds, which it runs,
+and which run in each of its chunks' forwards. Then a pp2 run's saved model loads under
+pp1 (four data-parallel ranks) bit-exact, a pp1 save likewise under pp2, and the pp2
+trainer pushes its weights into an engine, which serves them. Tolerances as in test_parallel.
 """
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,6 +32,8 @@ from furlong.engine.hf_engine import HFEngine
 from furlong.model.loading import load_hf_model
 from furlong.ports import free_port
 from furlong.train import distributed_state, parallel, pipeline_parallel
+from furlong.train.pipeline_layout import (PipelineLayout, chunk_layer_ranges, describe_layout,
+                                           rank_chunks)
 from furlong.train.actor import RankInfo, TrainActor
 
 from conftest import policy_config, train_argv
@@ -42,7 +47,32 @@ RUNS = {
                     "--max-tokens-per-gpu", "40"],
     "pp2_one_micro_batch": ["--micro-batch-size", "12"],
 }
+# On the 4-layer copy: (step flags, layout flags, the layers each stage holds).
+DEEP_RUNS = {
+    "pp2_virtual": (RUNS["pp2_dynamic"], ["--num-layers-per-virtual-pipeline-stage", "1"],
+                    [[0, 2], [1, 3]]),
+    "pp2_uneven": (["--micro-batch-size", "2"], ["--decoder-first-pipeline-num-layers", "1"],
+                   [[0], [1, 2, 3]]),
+}
 QUERY = "model.layers.1.self_attn.q_proj.weight"
+
+
+def write_deep(tiny: Path, out: Path) -> Path:
+    """The tiny model and task with 4 decoder layers (seeded random weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    shutil.copytree(tiny, out, dirs_exist_ok=True)
+    config = AutoConfig.from_pretrained(tiny / "model", num_hidden_layers=4,
+                                        layer_types=["full_attention"] * 4)
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out / "model")
+    return out
+
+
+def run_of(name: str, tiny: Path, deep: Path) -> tuple[Path, list[str], list[str]]:
+    """(model and task directory, step flags, layout flags) of a run."""
+    if name in RUNS:
+        return tiny, RUNS[name], []
+    return deep, *DEEP_RUNS[name][:2]
 
 
 def pipelined_step_gradients(actor: TrainActor, batch) -> tuple[dict, dict]:
@@ -72,35 +102,52 @@ def pipelined_step_gradients(actor: TrainActor, batch) -> tuple[dict, dict]:
 
 
 # ---- the ranks --------------------------------------------------------------------------
-def _worker(rank: int, port: int, tiny: Path, batch, out: Path) -> None:
+def _worker(rank: int, port: int, tiny: Path, deep: Path, batch, out: Path) -> None:
     torch.set_num_threads(1)
     results = {}
 
-    def actor_for(pp: int, extra: list[str], init: Path | None = None) -> TrainActor:
+    def actor_for(pp: int, extra: list[str], init: Path | None = None,
+                  root: Path = tiny) -> TrainActor:
         info = parallel.rank_info(rank, WORLD, 1, "cpu", master_port=port, pp_size=pp)
         flags = [*extra, "--pipeline-model-parallel-size", str(pp)]
-        return TrainActor(policy_config(tiny, flags), info, str(init or tiny / "model"), 2)
+        return TrainActor(policy_config(root, flags), info, str(init or root / "model"), 2)
 
-    for name, extra in RUNS.items():
-        actor = actor_for(STAGES, extra)
+    for name in [*RUNS, *DEEP_RUNS]:
+        root, extra, layout = run_of(name, tiny, deep)
+        actor = actor_for(STAGES, [*extra, *layout], root=root)
         results[f"{name}/weights"] = cpu_weights(actor)
-        ran = []
-        for index, layer in enumerate(parallel.decoder_layers(actor.policy.hf_model)):
-            layer.register_forward_pre_hook(
-                lambda module, args, index=index: ran.append(
-                    actor.policy.pipeline.layers[index]))
-        results[f"{name}/log_probs"] = actor.compute_log_probs(batch)[0]
-        results[name] = pipelined_step_gradients(actor, batch)
-        results[f"{name}/layout"] = {
-            "held": sorted({actor.policy.pipeline.global_name(n) for n, _
-                            in actor.policy.hf_model.named_parameters()}),
-            "ran": sorted(set(ran)), "forwards": len(ran),
-            "query_rows": _local_rows(actor, "model.layers.0.self_attn.q_proj.weight")}
+        results.update(_run_recorded(actor, batch, name))
     results["resume"] = _across_layouts(actor_for, batch, out, tiny)
     gathered = [None] * WORLD
     dist.all_gather_object(gathered, {k: v for k, v in results.items() if "layout" in k})
     if rank == 0:
         torch.save({**results, "layouts": gathered}, out / "results.pt")
+
+
+def _run_recorded(actor: TrainActor, batch, name: str) -> dict:
+    """Log-probs and a step of `actor`, recording the (global) decoder layers each of its
+    forwards of one chunk runs, and the schedules that ran them."""
+    role, chunks_ran, schedules = actor.policy.pipeline, [], []
+    actor.policy.register_forward_pre_hook(lambda module, args: chunks_ran.append([]))
+    for index, layer in enumerate(parallel.decoder_layers(actor.policy.hf_model)):
+        layer.register_forward_pre_hook(
+            lambda module, args, index=index: chunks_ran[-1].append(role.layers[index]))
+    choose = pipeline_parallel.schedule_class
+    pipeline_parallel.schedule_class = lambda *args: schedules.append(
+        choose(*args).__name__) or choose(*args)
+    try:
+        results = {f"{name}/log_probs": actor.compute_log_probs(batch)[0],
+                   name: pipelined_step_gradients(actor, batch)}
+    finally:
+        pipeline_parallel.schedule_class = choose
+    ran = [layer for chunk in chunks_ran for layer in chunk]
+    results[f"{name}/layout"] = {
+        "held": sorted({role.global_name(n) for n, _ in actor.policy.hf_model.named_parameters()}),
+        "ran": sorted(set(ran)), "forwards": len(ran),
+        "chunks_ran": sorted({tuple(chunk) for chunk in chunks_ran}),
+        "schedules": schedules,
+        "query_rows": _local_rows(actor, "model.layers.0.self_attn.q_proj.weight")}
+    return results
 
 
 def _local_rows(actor: TrainActor, name: str) -> int | None:
@@ -146,8 +193,13 @@ def _push(actor: TrainActor, tiny: Path) -> dict:
 
 # ---- the checks ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def ranks(tiny, tmp_path_factory):
-    """(batch, results of the 2-rank spawn). The spawn runs once per session: under
+def deep(tiny, tmp_path_factory) -> Path:
+    return write_deep(tiny, tmp_path_factory.mktemp("deep"))
+
+
+@pytest.fixture(scope="module")
+def ranks(tiny, deep, tmp_path_factory):
+    """(batch, results of the 4-rank spawn). The spawn runs once per session: under
     pytest-xdist the first worker here runs it, the others read its results."""
     batch = prepared_batch(tiny)
     root = tmp_path_factory.getbasetemp()
@@ -155,16 +207,17 @@ def ranks(tiny, tmp_path_factory):
     with FileLock(f"{out}.lock"):
         if not (out / "results.pt").is_file():
             out.mkdir(exist_ok=True)
-            mp.spawn(_worker, args=(free_port(), tiny, batch, out), nprocs=WORLD)
+            mp.spawn(_worker, args=(free_port(), tiny, deep, batch, out), nprocs=WORLD)
     return batch, torch.load(out / "results.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("name", list(RUNS))
-def test_step_and_log_probs_equal_one_process(tiny, ranks, name):
+@pytest.mark.parametrize("name", [*RUNS, *DEEP_RUNS])
+def test_step_and_log_probs_equal_one_process(tiny, deep, ranks, name):
     """Loss terms, the global gradient norm, every gradient (the tied embedding's summed
     over the first and last stages) and every log-prob equal those of one process."""
     batch, results = ranks
-    reference = TrainActor(policy_config(tiny, RUNS[name]), RankInfo(), str(tiny / "model"), 2)
+    root, flags, _ = run_of(name, tiny, deep)
+    reference = TrainActor(policy_config(root, flags), RankInfo(), str(root / "model"), 2)
     expected_log_probs = reference.compute_log_probs(batch)[0]
     expected_metrics, expected_grads = step_gradients(reference, batch)
     metrics, grads = results[name]
@@ -196,9 +249,31 @@ def test_each_rank_holds_and_runs_half_of_the_layers(ranks, name):
     assert "model.norm.weight" not in layouts[0]["held"]
 
 
-@pytest.mark.parametrize("name", list(RUNS))
-def test_full_weights_are_the_checkpoint(tiny, ranks, name):
-    expected = dict(load_hf_model(str(tiny / "model")).named_parameters())
+@pytest.mark.parametrize("name", list(DEEP_RUNS))
+def test_each_rank_holds_and_runs_its_chunks(ranks, name):
+    """Virtual stages: stage 0 holds layers 0 and 2, stage 1 layers 1 and 3, each chunk's
+    forward runs its one layer, and interleaved 1F1B runs them. Uneven stages: stage 0
+    holds layer 0 (and the embeddings), stage 1 layers 1-3 (and the head)."""
+    layouts = [layouts[f"{name}/layout"] for layouts in ranks[1]["layouts"]]
+    held = DEEP_RUNS[name][2]
+    for rank, layout in enumerate(layouts):
+        stage_layers = held[rank // (WORLD // STAGES)]
+        layers = {int(n.split(".")[2]) for n in layout["held"] if n.startswith("model.layers.")}
+        assert layers == set(stage_layers) and layout["ran"] == stage_layers
+        chunks = [(layer,) for layer in stage_layers] if name == "pp2_virtual" \
+            else [tuple(stage_layers)]
+        assert layout["chunks_ran"] == chunks
+        expected = "ScheduleInterleaved1F1B" if name == "pp2_virtual" else "Schedule1F1B"
+        assert layout["schedules"] == [expected] * 2  # the log-prob pass and the step
+    assert "model.embed_tokens.weight" in layouts[0]["held"]
+    assert "model.norm.weight" in layouts[-1]["held"] and "lm_head.weight" in layouts[-1]["held"]
+    assert "model.norm.weight" not in layouts[0]["held"]
+
+
+@pytest.mark.parametrize("name", [*RUNS, *DEEP_RUNS])
+def test_full_weights_are_the_checkpoint(tiny, deep, ranks, name):
+    root = run_of(name, tiny, deep)[0]
+    expected = dict(load_hf_model(str(root / "model")).named_parameters())
     weights = ranks[1][f"{name}/weights"]
     assert sorted(weights) == sorted(expected)
     for key, tensor in weights.items():
@@ -257,3 +332,83 @@ def test_dry_run_prints_the_pipeline_in_the_mesh(tiny, capsys, monkeypatch):
     assert cli.main(argv) == 0
     assert "mesh: dp 2 x cp 1 x tp 1 x pp 2 (ep 1, carved from dp) = 4 trainer rank(s)" \
         in capsys.readouterr().out
+
+
+def test_dry_run_prints_uneven_and_virtual_stages(tiny, deep, capsys, monkeypatch):
+    monkeypatch.setattr(dry_run.torch.cuda, "device_count", lambda: 0)
+    argv = train_argv(deep, "--actor-num-gpus-per-node", "4", "--colocate",
+                      "--pipeline-model-parallel-size", "2", "--dry-run")
+    assert cli.main([*argv, "--num-layers-per-virtual-pipeline-stage", "1"]) == 0
+    assert ("pipeline: 4 decoder layers over 2 stages, 2 virtual stages per rank "
+            "(interleaved): stage 0: layers 0, 2; stage 1: layers 1, 3") in capsys.readouterr().out
+    assert cli.main([*argv, "--decoder-last-pipeline-num-layers", "3"]) == 0
+    assert "over 2 stages: stage 0: layers 0; stage 1: layers 1-3" in capsys.readouterr().out
+    assert cli.main([*argv, "--decoder-first-pipeline-num-layers", "3",
+                     "--decoder-last-pipeline-num-layers", "2"]) == 2
+    assert "the first and last stage sizes must sum to 4" in capsys.readouterr().err
+    assert cli.main([*argv, "--num-layers-per-virtual-pipeline-stage", "3"]) == 2
+    assert "--num-layers-per-virtual-pipeline-stage 3 with --pipeline-model-parallel-size 2 " \
+        "does not split the model's 4 decoder layers" in capsys.readouterr().err
+
+
+# ---- the layout arithmetic ------------------------------------------------------------------
+@pytest.mark.parametrize("layout, expected", [
+    (PipelineLayout(2), [range(0, 2), range(2, 4)]),
+    (PipelineLayout(2, first_stage_layers=1), [range(0, 1), range(1, 4)]),
+    (PipelineLayout(2, last_stage_layers=1), [range(0, 3), range(3, 4)]),
+    (PipelineLayout(3, first_stage_layers=2), [range(0, 2), range(2, 3), range(3, 4)]),
+    (PipelineLayout(3, first_stage_layers=1, last_stage_layers=1),
+     [range(0, 1), range(1, 3), range(3, 4)]),
+    (PipelineLayout(2, layers_per_virtual_stage=1), [range(i, i + 1) for i in range(4)]),
+])
+def test_chunks_of_uneven_and_virtual_layouts(layout, expected):
+    assert chunk_layer_ranges(4, layout) == expected
+
+
+def test_virtual_stages_are_interleaved_over_the_ranks():
+    """Chunk c of P x V goes to rank c % P (Megatron's and torch's interleaved layout)."""
+    layout = PipelineLayout(2, layers_per_virtual_stage=2)
+    assert [rank_chunks(8, layout, rank) for rank in range(2)] == [
+        [range(0, 2), range(4, 6)], [range(2, 4), range(6, 8)]]
+    assert describe_layout(8, layout) == ("pipeline: 8 decoder layers over 2 stages, 2 virtual "
+                                          "stages per rank (interleaved): stage 0: layers 0-1, "
+                                          "4-5; stage 1: layers 2-3, 6-7")
+
+
+@pytest.mark.parametrize("layout, words", [
+    (PipelineLayout(3), ["--pipeline-model-parallel-size 3 does not divide the model's 4",
+                         "divisor of 4", "--decoder-first-pipeline-num-layers"]),
+    (PipelineLayout(2, 3, 2), ["--decoder-first-pipeline-num-layers 3 and "
+                               "--decoder-last-pipeline-num-layers 2", "must sum to 4"]),
+    (PipelineLayout(3, 2, 2), ["leaves 0 for the other 1 stage(s)", "smaller"]),
+    (PipelineLayout(3, last_stage_layers=1), ["the 3 decoder layers left (of 4) do not split "
+                                              "equally over the other 2 stage(s)"]),
+    (PipelineLayout(2, layers_per_virtual_stage=3),
+     ["--num-layers-per-virtual-pipeline-stage 3 with --pipeline-model-parallel-size 2",
+      "pp x n divides 4"]),
+    (PipelineLayout(2, 1, None, 1), ["--num-layers-per-virtual-pipeline-stage with "
+                                     "--decoder-first-pipeline-num-layers", "one or the other"]),
+])
+def test_impossible_layouts_are_refused_naming_the_flag(layout, words):
+    with pytest.raises(ValueError) as info:
+        chunk_layer_ranges(4, layout)
+    assert all(word in str(info.value) for word in words), str(info.value)
+
+
+@pytest.mark.parametrize("count, chunks, expected", [
+    (4, 1, "Schedule1F1B"), (1, 1, "ScheduleGPipe"), (2, 2, "ScheduleInterleaved1F1B"),
+    (4, 2, "ScheduleInterleaved1F1B"), (5, 2, "ScheduleLoopedBFS"), (1, 2,
+                                                                     "ScheduleInterleaved1F1B")])
+def test_schedule_for_the_micro_batch_count(count, chunks, expected):
+    """Interleaved 1F1B runs max(1, count // stages) rounds, which must divide the count."""
+    assert pipeline_parallel.schedule_class(count, 2, chunks).__name__ == expected
+
+
+@pytest.mark.parametrize("flag", ["--num-layers-per-virtual-pipeline-stage",
+                                  "--decoder-first-pipeline-num-layers",
+                                  "--decoder-last-pipeline-num-layers"])
+def test_stage_size_flags_need_stages(tiny, flag):
+    with pytest.raises(ConfigError, match=f"{flag} 1 needs --pipeline-model-parallel-size"):
+        load_config(train_argv(tiny, flag, "1"))
+    with pytest.raises(ConfigError, match=f"{flag} 0: must be > 0"):
+        load_config(train_argv(tiny, flag, "0", "--pipeline-model-parallel-size", "2"))
