@@ -1,16 +1,19 @@
 """Checkpoint layout under --save, written so that a crash never loses the last one.
 
     SAVE/iter_0000007/model/        HF directory (config, safetensors, tokenizer)
-    SAVE/iter_0000007/trainer_rank0.pt  optimizer + LR schedule (unless --no-save-optim)
+    SAVE/iter_0000007/optimizer/part0.pt  AdamW state by HF name + LR schedule (unless
+                                    --no-save-optim; train/optimizer_state.py)
     SAVE/iter_0000007/rng_rank0.pt  python / torch / cuda RNG states, world and TP size
     SAVE/iter_0000007/rollout.json  data position, group counter, partial-rollout buffer
     SAVE/iter_0000007/args.json     the command line and resolved flags
     SAVE/latest_checkpointed_iteration.txt   "7", written last
 
-With several trainer ranks there is one trainer_rank{r}.pt and rng_rank{r}.pt per
-global rank r; the optimizer file holds that rank's shards, so such a checkpoint
-resumes on the same world size and --tensor-model-parallel-size (the model/
-directory is whole and loads anywhere).
+With several trainer ranks there is one rng_rank{r}.pt per global rank r, and one
+optimizer part per pipeline stage. The optimizer's tensors are whole, like the model's,
+so a checkpoint resumes under any layout of ranks (world size, tensor, context,
+expert and pipeline parallel sizes); a rank that did not exist when it was saved starts
+its RNG afresh. Checkpoints of earlier versions hold trainer_rank{r}.pt (each rank's
+optimizer shards) instead, and resume on the layout that saved them.
 
 A save fills `iter_0000007.tmp/`, renames it into place, then replaces the tracker
 through a temporary file: until the rename of the tracker, the previous iteration
@@ -87,11 +90,12 @@ def save_checkpoint(save_dir: str | Path, iteration: int, write: Callable[[Path]
     return final
 
 
-def load_state(path: str | Path):
+def load_state(path: str | Path, mmap: bool = False):
     """A `torch.save` file of plain values (a checkpoint's .pt files, saved rollouts), loaded
-    without running code; a ValueError naming the file if it holds anything else."""
+    without running code; a ValueError naming the file if it holds anything else. `mmap`:
+    tensors are read from the file as they are used."""
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise ValueError(f"{path}: refused to load: it holds objects other than tensors and "
                          f"plain values ({_refusal_reason(error)}). furlong writes only such "

@@ -174,7 +174,7 @@ def test_sinks_and_hf_export(tiny, tmp_path):
     assert list((tmp_path / "run/wandb").glob("offline-run-*"))
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_0")
-    saved = torch.load(tmp_path / "run/iter_0000000/trainer_rank0.pt", weights_only=True)
+    saved = torch.load(tmp_path / "run/iter_0000000/optimizer/part0.pt", weights_only=True)
     assert saved["scheduler"]["step_count"] == 2
     assert model.config.num_hidden_layers == 2
 

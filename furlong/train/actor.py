@@ -38,7 +38,8 @@ from furlong.config.groups import Config
 from furlong.model.fused_kernels import apply_fused_kernels, compile_decoder_layers
 from furlong.model.loading import checkpoint_named_tensors, load_hf_model
 from furlong.model.moe import RouterRecorder, freeze_routers, is_moe
-from furlong.train import distributed_state, microbatch, parallel, pipeline_parallel
+from furlong.train import (distributed_state, microbatch, optimizer_state, parallel,
+                           pipeline_parallel)
 from furlong.train.batch import PackedMicroBatch, TrainBatch, pack, split_routes, split_tokens
 from furlong.train.expert_parallel import check_expert_parallel_size
 from furlong.train.load_balancing import load_balancing_term
@@ -418,37 +419,60 @@ class TrainActor:
                 target.copy_(source)
 
     def save(self, directory: Path, save_optimizer: bool) -> None:
-        """This rank's part of a checkpoint: the HF model (rank 0 writes, all gather),
-        optimizer shard + schedule, RNG. Collective with several ranks."""
+        """This rank's part of a checkpoint: the HF model (rank 0 writes, all gather), the
+        optimizer state and schedule (whole tensors by HF name: each pipeline stage's
+        first rank writes its stage's), RNG. Collective with several ranks."""
         self.export_hf(directory / "model")
-        rank = self.rank.rank
+        rank = self.rank
         if save_optimizer:
-            torch.save({"optimizer": distributed_state.local_optimizer_state(self.optimizer),
-                        "scheduler": self.scheduler.state_dict()},
-                       directory / f"trainer_rank{rank}.pt")
-        # The layout goes with the RNG state, which every rank always writes.
-        torch.save({**checkpoint.rng_state(), "world_size": self.rank.world_size,
-                    "tp_size": self.rank.tp_size, "ep_size": self._ep_size,
-                    "pp_size": self.rank.pp_size},
-                   directory / f"rng_rank{rank}.pt")
+            optimizer_state.save(
+                directory / "optimizer", self._named_optimized_parameters(), self.optimizer,
+                self.scheduler.state_dict(), part=rank.pp_rank,
+                writer=rank.rank == rank.pp_rank * (rank.world_size // rank.pp_size))
+        torch.save({**checkpoint.rng_state(), "world_size": rank.world_size,
+                    "tp_size": rank.tp_size, "ep_size": self._ep_size,
+                    "pp_size": rank.pp_size},
+                   directory / f"rng_rank{rank.rank}.pt")
         if self.mesh is not None:
             dist.barrier()
 
     def restore(self, directory: Path) -> None:
-        """Optimizer, schedule and RNG of a checkpoint saved by the same layout of ranks
-        (the weights were loaded at construction)."""
+        """Optimizer, schedule and RNG of a checkpoint saved under any layout of ranks (the
+        weights were loaded at construction); a rank the saving run did not have keeps its
+        RNG. Checkpoints of earlier versions (trainer_rank*.pt) need their own layout."""
         rank = self.rank.rank
+        rng_file = directory / f"rng_rank{rank}.pt"
+        rng = checkpoint.load_state(rng_file) if rng_file.is_file() else {}
+        if (directory / "optimizer").is_dir():
+            self.scheduler.load_state_dict(optimizer_state.restore(
+                directory / "optimizer", self._named_optimized_parameters(), self.optimizer))
+        elif any(directory.glob("trainer_rank*.pt")):
+            self._restore_rank_shards(directory, rng)
+        if rng:
+            checkpoint.set_rng_state(rng)
+
+    def _named_optimized_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """(HF name in the whole model, parameter the optimizer steps) of every trained
+        parameter; a tied output weight goes by the embedding's name, as in the HF
+        checkpoint (a pipeline's last stage holds it as `lm_head.weight`)."""
+        hf_model, role = self.policy.hf_model, self.policy.pipeline
+        trained = [(role.global_name(name) if role else name, param)
+                   for name, param in hf_model.named_parameters() if param.requires_grad]
+        if self.masters is not None:  # the optimizer steps the masters, in the same order
+            trained = [(name, master) for (name, _), master
+                       in zip(trained, self.masters.parameters(), strict=True)]
+        tied = f"{hf_model.base_model_prefix}.embed_tokens.weight"
+        return [(tied if hf_model.config.tie_word_embeddings and name == "lm_head.weight"
+                 else name, param) for name, param in trained]
+
+    def _restore_rank_shards(self, directory: Path, rng: dict) -> None:
+        """An earlier version's checkpoint: each rank's optimizer shards, same layout only."""
         saved_world = len(list(directory.glob("rng_rank*.pt")))
-        rng = checkpoint.load_state(directory / f"rng_rank{rank}.pt") \
-            if rank < saved_world else {}
         self._check_saved_layout(directory, saved_world, rng.get("tp_size", 1),
                                  rng.get("ep_size", 1), rng.get("pp_size", 1))
-        state_file = directory / f"trainer_rank{rank}.pt"
-        if state_file.is_file():
-            state = checkpoint.load_state(state_file)
-            distributed_state.load_local_optimizer_state(self.optimizer, state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(rng)
+        state = checkpoint.load_state(directory / f"trainer_rank{self.rank.rank}.pt")
+        distributed_state.load_local_optimizer_state(self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
     def _check_saved_layout(self, directory: Path, saved_world: int, saved_tp: int,
                             saved_ep: int, saved_pp: int) -> None:

@@ -110,18 +110,10 @@ def _copies(grad: torch.Tensor, num_stages: int = 1) -> int:
     return world // shards
 
 
-# ---- optimizer state: local shards on disk, DTensors in memory --------------------------
-def local_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    """`optimizer.state_dict()` with this rank's shards as plain tensors (for torch.save)."""
-    state = optimizer.state_dict()
-    state["state"] = {index: {key: value.to_local() if isinstance(value, DTensor) else value
-                              for key, value in values.items()}
-                      for index, values in state["state"].items()}
-    return state
-
-
+# ---- optimizer state of an earlier version's checkpoint: each rank's shards --------------
 def load_local_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Inverse of `local_optimizer_state` on the same layout of ranks and parameters."""
+    """Load one rank's `optimizer.state_dict()` as earlier versions saved it (DTensor
+    values as their local shards), on the layout of ranks and parameters that saved it."""
     optimizer.load_state_dict(state)
     for param, values in optimizer.state.items():
         if not isinstance(param, DTensor):
