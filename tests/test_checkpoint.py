@@ -1,9 +1,16 @@
-"""Checkpoint publishing: the tracker is written last, a crash mid-save loses nothing."""
+"""Checkpoint publishing: the tracker is written last, a crash mid-save loses nothing; the
+optimizer state of earlier versions still resumes."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
+import torch
 
 from furlong import checkpoint
+
+from conftest import policy_config, trainer_batch
 
 
 def write_marker(value: str):
@@ -56,3 +63,29 @@ def test_bad_tracker_is_a_clear_error(tmp_path):
     (tmp_path / checkpoint.TRACKER).write_text("5")
     with pytest.raises(ValueError, match="iter_0000005"):
         checkpoint.latest_iteration(tmp_path)
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes_on_its_layout(tiny, tmp_path):
+    """Earlier versions saved each rank's `optimizer.state_dict()` as trainer_rank{r}.pt,
+    not optimizer/part*.pt; such a checkpoint resumes to the step the new format gives."""
+    from furlong.train.actor import RankInfo, TrainActor
+
+    def actor(init: Path) -> TrainActor:
+        return TrainActor(policy_config(tiny, ["--lr", "1e-3"]), RankInfo(), str(init), 3)
+    trained = actor(tiny / "model")
+    batch = trainer_batch(trained, 6, seed=0)
+    trained.train(batch)
+    trained.save(tmp_path / "new", save_optimizer=True)
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    shutil.rmtree(tmp_path / "old/optimizer")
+    torch.save({"optimizer": trained.optimizer.state_dict(),
+                "scheduler": trained.scheduler.state_dict()}, tmp_path / "old/trainer_rank0.pt")
+    weights = []  # after the second step, which Adam's restored moments shape
+    for directory in (tmp_path / "new", tmp_path / "old", None):
+        resumed = trained if directory is None else actor(directory / "model")
+        if directory is not None:
+            resumed.restore(directory)
+        resumed.train(batch)
+        weights.append([param.detach().clone() for param in resumed.policy.parameters()])
+    for new, old, continued in zip(*weights, strict=True):
+        assert torch.equal(new, old) and torch.equal(new, continued)
