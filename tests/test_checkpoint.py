@@ -89,3 +89,6 @@ def test_a_checkpoint_of_an_earlier_version_resumes_on_its_layout(tiny, tmp_path
         weights.append([param.detach().clone() for param in resumed.policy.parameters()])
     for new, old, continued in zip(*weights, strict=True):
         assert torch.equal(new, old) and torch.equal(new, continued)
+    (tmp_path / "old/rng_rank1.pt").write_bytes((tmp_path / "old/rng_rank0.pt").read_bytes())
+    with pytest.raises(ValueError, match="state of 2 trainer ranks .* this run has 1"):
+        actor(tmp_path / "old/model").restore(tmp_path / "old")  # as if two ranks saved it

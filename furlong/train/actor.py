@@ -33,12 +33,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from furlong import checkpoint
 from furlong.config.groups import Config
 from furlong.model.fused_kernels import apply_fused_kernels, compile_decoder_layers
 from furlong.model.loading import checkpoint_named_tensors, load_hf_model
 from furlong.model.moe import RouterRecorder, freeze_routers, is_moe
-from furlong.train import (distributed_state, microbatch, optimizer_state, parallel,
+from furlong.train import (actor_checkpoint, distributed_state, microbatch, parallel,
                            pipeline_parallel)
 from furlong.train.batch import PackedMicroBatch, TrainBatch, pack, split_routes, split_tokens
 from furlong.train.expert_parallel import check_expert_parallel_size
@@ -419,87 +418,15 @@ class TrainActor:
                 target.copy_(source)
 
     def save(self, directory: Path, save_optimizer: bool) -> None:
-        """This rank's part of a checkpoint: the HF model (rank 0 writes, all gather), the
-        optimizer state and schedule (whole tensors by HF name: each pipeline stage's
-        first rank writes its stage's), RNG. Collective with several ranks."""
-        self.export_hf(directory / "model")
-        rank = self.rank
-        if save_optimizer:
-            optimizer_state.save(
-                directory / "optimizer", self._named_optimized_parameters(), self.optimizer,
-                self.scheduler.state_dict(), part=rank.pp_rank,
-                writer=rank.rank == rank.pp_rank * (rank.world_size // rank.pp_size))
-        torch.save({**checkpoint.rng_state(), "world_size": rank.world_size,
-                    "tp_size": rank.tp_size, "ep_size": self._ep_size,
-                    "pp_size": rank.pp_size},
-                   directory / f"rng_rank{rank.rank}.pt")
-        if self.mesh is not None:
-            dist.barrier()
+        """This rank's part of a checkpoint (train/actor_checkpoint.py). Collective."""
+        actor_checkpoint.save(self, directory, save_optimizer)
 
     def restore(self, directory: Path) -> None:
         """Optimizer, schedule and RNG of a checkpoint saved under any layout of ranks (the
-        weights were loaded at construction); a rank the saving run did not have keeps its
-        RNG. Checkpoints of earlier versions (trainer_rank*.pt) need their own layout."""
-        rank = self.rank.rank
-        rng_file = directory / f"rng_rank{rank}.pt"
-        rng = checkpoint.load_state(rng_file) if rng_file.is_file() else {}
-        if (directory / "optimizer").is_dir():
-            self.scheduler.load_state_dict(optimizer_state.restore(
-                directory / "optimizer", self._named_optimized_parameters(), self.optimizer))
-        elif any(directory.glob("trainer_rank*.pt")):
-            self._restore_rank_shards(directory, rng)
-        if rng:
-            checkpoint.set_rng_state(rng)
-
-    def _named_optimized_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """(HF name in the whole model, parameter the optimizer steps) of every trained
-        parameter; a tied output weight goes by the embedding's name, as in the HF
-        checkpoint (a pipeline's last stage holds it as `lm_head.weight`)."""
-        hf_model, role = self.policy.hf_model, self.policy.pipeline
-        trained = [(role.global_name(name) if role else name, param)
-                   for name, param in hf_model.named_parameters() if param.requires_grad]
-        if self.masters is not None:  # the optimizer steps the masters, in the same order
-            trained = [(name, master) for (name, _), master
-                       in zip(trained, self.masters.parameters(), strict=True)]
-        tied = f"{hf_model.base_model_prefix}.embed_tokens.weight"
-        return [(tied if hf_model.config.tie_word_embeddings and name == "lm_head.weight"
-                 else name, param) for name, param in trained]
-
-    def _restore_rank_shards(self, directory: Path, rng: dict) -> None:
-        """An earlier version's checkpoint: each rank's optimizer shards, same layout only."""
-        saved_world = len(list(directory.glob("rng_rank*.pt")))
-        self._check_saved_layout(directory, saved_world, rng.get("tp_size", 1),
-                                 rng.get("ep_size", 1), rng.get("pp_size", 1))
-        state = checkpoint.load_state(directory / f"trainer_rank{self.rank.rank}.pt")
-        distributed_state.load_local_optimizer_state(self.optimizer, state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-
-    def _check_saved_layout(self, directory: Path, saved_world: int, saved_tp: int,
-                            saved_ep: int, saved_pp: int) -> None:
-        world, tp, ep, pp = (self.rank.world_size, self.rank.tp_size, self._ep_size,
-                             self.rank.pp_size)
-        if (saved_world, saved_tp, saved_ep, saved_pp) != (world, tp, ep, pp):
-            raise ValueError(
-                f"{directory} holds the optimizer and RNG state of {saved_world} trainer ranks "
-                f"(tensor parallel {saved_tp}, expert parallel {saved_ep}, pipeline "
-                f"{saved_pp}); this run has {world} (tensor parallel {tp}, expert parallel "
-                f"{ep}, pipeline {pp}). Resume with the same layout (world size, --tensor-, "
-                "--expert- and --pipeline-model-parallel-size), or start from its model/ "
-                "directory with --ref-load (weights only).")
+        weights were loaded at construction)."""
+        actor_checkpoint.restore(self, directory)
 
     def export_hf(self, path: str | Path) -> None:
         """An HF directory of the current weights (float32). Collective with several
         ranks: all gather, rank 0 writes."""
-        hf_model = self.policy.hf_model
-        if self.mesh is None:
-            hf_model.save_pretrained(path, state_dict=None if self.masters is None
-                                     else self.masters.state_dict())
-            return
-        parallel.reshard(self.policy)
-        keep = self.rank.rank == 0
-        state = distributed_state.full_state_dict(hf_model, keep) if self.rank.pp_size == 1 \
-            else pipeline_parallel.full_state_dict(hf_model, self.policy.pipeline,
-                                                   self.rank.device, keep)
-        if state is not None:
-            hf_model.save_pretrained(path, state_dict=state)
-        dist.barrier()
+        actor_checkpoint.export_hf(self, path)
