@@ -8,9 +8,10 @@ with one micro-batch per rank (fewer than the stages: GPipe); on a 4-layer copy 
 model, virtual stages (two chunks of one layer per rank: interleaved 1F1B) and an uneven
 first stage (1 layer, the last 3). Equality alone would hold with a rank that quietly
 runs the whole model, so each rank records which decoder layers it holds, which it runs,
-and which run in each of its chunks' forwards. Then a pp2 run's saved model loads under
-pp1 (four data-parallel ranks) bit-exact, a pp1 save likewise under pp2, and the pp2
-trainer pushes its weights into an engine, which serves them. Tolerances as in test_parallel.
+and which run in each of its chunks' forwards. Then a pp2 run's save (model and optimizer
+state) resumes under pp1 (four data-parallel ranks), weights bit-exact, and takes the step
+pp2 took next; a pp1 save likewise under pp2; and the pp2 trainer pushes its weights into
+an engine, which serves them. Tolerances as in test_parallel.
 """
 from __future__ import annotations
 
@@ -158,28 +159,37 @@ def _local_rows(actor: TrainActor, name: str) -> int | None:
 
 
 def _across_layouts(actor_for, batch, out: Path, tiny: Path) -> dict:
-    """pp2 trains a step and saves; pp1 loads that model; pp1 trains and saves; pp2
-    loads that one, and pushes its weights into an engine."""
+    """pp2 trains a step, saves, and trains another; pp1 starts from that save (model and
+    optimizer state) and takes the same second step, saves, and trains a third; pp2 starts
+    from that save and takes the same third step, then pushes its weights to an engine."""
     flags = ["--lr", "1e-3", "--micro-batch-size", "3"]
     pipelined = actor_for(2, flags)
     pipelined.train(batch)
-    (out / "saved_by_pp2").mkdir(parents=True, exist_ok=True)
-    pipelined.save(out / "saved_by_pp2", save_optimizer=True)
+    result = {"saved_by_pp2": _save(pipelined, out / "saved_by_pp2")}
+    result["pp2_next"] = _step(pipelined, batch)
     data_parallel = actor_for(1, flags, init=out / "saved_by_pp2" / "model")
-    loaded_by_pp1 = cpu_weights(data_parallel)
-    try:  # optimizer shards are per stage: refused, naming both layouts
-        data_parallel.restore(out / "saved_by_pp2")
-        refusal = None
-    except ValueError as error:
-        refusal = str(error)
-    data_parallel.train(batch)
-    (out / "saved_by_pp1").mkdir(parents=True, exist_ok=True)
-    data_parallel.save(out / "saved_by_pp1", save_optimizer=True)
+    result["loaded_by_pp1"] = cpu_weights(data_parallel)
+    data_parallel.restore(out / "saved_by_pp2")
+    result["pp1_resumed"] = _step(data_parallel, batch)
+    result["saved_by_pp1"] = _save(data_parallel, out / "saved_by_pp1")
+    result["pp1_next"] = _step(data_parallel, batch)
     pipelined_again = actor_for(2, flags, init=out / "saved_by_pp1" / "model")
-    return {"saved_by_pp2": cpu_weights(pipelined), "loaded_by_pp1": loaded_by_pp1,
-            "saved_by_pp1": cpu_weights(data_parallel),
-            "loaded_by_pp2": cpu_weights(pipelined_again), "refusal": refusal,
-            "pushed": _push(pipelined_again, tiny)}
+    result["loaded_by_pp2"] = cpu_weights(pipelined_again)
+    pipelined_again.restore(out / "saved_by_pp1")
+    result["pp2_resumed"] = _step(pipelined_again, batch)
+    return {**result, "pushed": _push(pipelined_again, tiny)}
+
+
+def _save(actor: TrainActor, directory: Path) -> dict:
+    directory.mkdir(parents=True, exist_ok=True)
+    actor.save(directory, save_optimizer=True)
+    return cpu_weights(actor)
+
+
+def _step(actor: TrainActor, batch) -> tuple[dict, dict]:
+    """(metrics, full weights after the update) of one optimizer step."""
+    (metrics,) = actor.train(batch)
+    return metrics, cpu_weights(actor)
 
 
 def _push(actor: TrainActor, tiny: Path) -> dict:
@@ -288,13 +298,18 @@ def test_a_pp2_model_loads_under_pp1_and_back(ranks):
             assert torch.equal(resume[loaded][key], tensor), (saved, key)
 
 
-def test_optimizer_state_does_not_cross_pipeline_layouts(ranks):
-    """Restoring a pp2 save's optimizer shards under pp1 is refused, naming both layouts
-    and the way out (the model directory, weights only)."""
-    refusal = ranks[1]["resume"]["refusal"]
-    assert refusal is not None
-    for words in ("pipeline 2", "pipeline 1", "--pipeline-model-parallel-size", "--ref-load"):
-        assert words in refusal, refusal
+def test_a_pp2_save_resumes_under_pp1_and_back_to_the_next_step(ranks):
+    """With the optimizer state, a resumed run takes the step the saving run took next
+    (Adam's moments included: the weights after the update agree), across layouts."""
+    resume = ranks[1]["resume"]
+    for resumed, uninterrupted in (("pp1_resumed", "pp2_next"), ("pp2_resumed", "pp1_next")):
+        (metrics, weights), (expected_metrics, expected_weights) = (resume[resumed],
+                                                                    resume[uninterrupted])
+        for key in METRICS:
+            assert metrics[key] == pytest.approx(expected_metrics[key], rel=1e-5, abs=1e-7)
+        assert sorted(weights) == sorted(expected_weights)
+        for key, tensor in weights.items():
+            torch.testing.assert_close(tensor, expected_weights[key], rtol=1e-5, atol=1e-6)
 
 
 def test_weights_reach_an_engine_from_a_pipelined_trainer(tiny, ranks):
@@ -323,6 +338,27 @@ def test_placement_refuses_impossible_layouts(tiny, flags, words):
     with pytest.raises(ConfigError) as info:
         plan_placement(load_config(train_argv(tiny, *flags))[0], 0)
     assert all(word in str(info.value) for word in words), str(info.value)
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["3", "--pipeline-model-parallel-size", "3", "--decoder-first-pipeline-num-layers", "2"],
+     None),
+    (["2", "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
+     None),
+    (["3", "--pipeline-model-parallel-size", "3"], "divisor of 4"),
+    (["2", "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"],
+     "--num-layers-per-virtual-pipeline-stage"),
+])
+def test_placement_checks_uneven_and_virtual_layouts_up_front(deep, flags, error):
+    """Before Ray starts: 4 layers split 2+1+1 or into virtual stages are taken, 4 layers
+    over 3 equal stages or virtual stages of 3 are refused, naming config.json."""
+    argv = train_argv(deep, "--colocate", "--actor-num-gpus-per-node", *flags)
+    if error is None:
+        assert plan_placement(load_config(argv)[0], 0).trainer_ranks == int(flags[0])
+        return
+    with pytest.raises(ConfigError) as info:
+        plan_placement(load_config(argv)[0], 0)
+    assert error in str(info.value) and "config.json" in str(info.value), str(info.value)
 
 
 def test_dry_run_prints_the_pipeline_in_the_mesh(tiny, capsys, monkeypatch):

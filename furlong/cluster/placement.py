@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from furlong.config import Config, ConfigError
 from furlong.config.model_check import moe_expected_values, read_hf_config
 from furlong.train.context_parallel import check_heads
+from furlong.train.pipeline_layout import PipelineLayout, check_pipeline_layout
 
 CLUSTER_FLAGS = ("cluster.actor_num_nodes", "cluster.actor_num_gpus_per_node",
                  "cluster.rollout_num_gpus", "cluster.colocate",
@@ -138,8 +139,8 @@ def _check_trainer_split(config: Config, ranks: int) -> None:
 
 
 def _check_pipeline(config: Config, ranks: int) -> None:
-    """Pipeline stages (train/pipeline_parallel.py) tile the ranks, split the layers
-    equally, run over data-parallel ranks only and take dense models."""
+    """Pipeline stages (train/pipeline_parallel.py) tile the ranks, split the layers as
+    train/pipeline_layout.py can, run over data-parallel ranks only and take dense models."""
     p, directory = config.perf, config.ckpt.hf_checkpoint
     pp = p.pipeline_model_parallel_size
     if ranks % pp:
@@ -160,11 +161,10 @@ def _check_pipeline(config: Config, ranks: int) -> None:
         raise ConfigError(f"--pipeline-model-parallel-size {pp}: {directory}/config.json "
                           "describes an MoE model, and pipeline stages take dense models only "
                           "in this build; set it to 1")
-    layers = hf["num_hidden_layers"]
-    if layers % pp:
-        raise ConfigError(f"--pipeline-model-parallel-size {pp} does not divide the model's "
-                          f"{layers} decoder layers ({directory}/config.json): choose a "
-                          f"divisor of {layers}")
+    try:
+        check_pipeline_layout(hf["num_hidden_layers"], PipelineLayout.from_perf(p))
+    except ValueError as error:
+        raise ConfigError(f"{error} ({directory}/config.json)") from None
 
 
 def _check_context_parallel(config: Config) -> None:
