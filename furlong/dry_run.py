@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from furlong.cluster.placement import check_engine_devices, describe_mesh, plan_placement
+from furlong.cluster.placement import (check_engine_devices, cluster_flags_given, describe_mesh,
+                                       plan_placement)
 from furlong.config import Config, ConfigError, eval_datasets
 from furlong.config.model_check import read_hf_config
 from furlong.config.report import format_config
 from furlong.data import DataError, DataKeys, PromptEncoder, load_records
+from furlong.engine.factory import engine_options, resolve_backend
 from furlong.train.pipeline_layout import PipelineLayout, describe_layout
 
 PEEK_ROWS = 5
@@ -58,12 +60,12 @@ def check_prompts(rows: list[tuple[str, dict]], keys: DataKeys, encoder: PromptE
 def device_plan(config: Config) -> str:
     """What the run needs, and whether this machine has it."""
     c = config.cluster
-    explicit = {k for k, v in config.sources.items() if k.startswith("cluster.") and v == "flag"}
     trainer = c.actor_num_nodes * c.actor_num_gpus_per_node
     engines = trainer if c.colocate else (c.rollout_num_gpus or 0)
     available = torch.cuda.device_count()
-    if not explicit and available == 0:
-        return "devices: no GPU here and no cluster flags: the run uses one CPU process"
+    if not cluster_flags_given(config):
+        where = "the first GPU" if available else "the CPU (no GPU here)"
+        return f"devices: no cluster flags: one process on {where}"
     need = trainer if c.colocate else trainer + engines
     layout = (f"{trainer} GPUs shared by trainer and engines (--colocate)" if c.colocate else
               f"{trainer} trainer GPUs + {engines} engine GPUs")
@@ -97,11 +99,11 @@ def dry_run(config: Config) -> int:
     if config.perf.pipeline_model_parallel_size > 1:
         print(pipeline_plan(config))
     placement = plan_placement(config, torch.cuda.device_count())
+    if not (placement.in_process or config.rollout.rollout_external):
+        backend = resolve_backend(engine_options(config, placement.colocate),
+                                  torch.device(placement.device))
+        check_engine_devices(placement, backend)  # what `auto` picks on this machine
     print("layout: " + placement.describe())
     print(describe_mesh(config, placement.trainer_ranks))
-    try:  # the engine backend is known only on the machine that runs (auto)
-        check_engine_devices(placement, "sglang")
-    except ConfigError as error:
-        print(f"warning: the run will stop before starting Ray: {error}")
     print("dry run: configuration is valid")
     return 0

@@ -20,8 +20,7 @@ from furlong.train.context_parallel import check_heads
 from furlong.train.pipeline_layout import PipelineLayout, check_pipeline_layout
 
 CLUSTER_FLAGS = ("cluster.actor_num_nodes", "cluster.actor_num_gpus_per_node",
-                 "cluster.rollout_num_gpus", "cluster.colocate",
-                 "sglang.rollout_num_gpus_per_engine")
+                 "cluster.rollout_num_gpus", "cluster.colocate")
 
 
 @dataclass(frozen=True)
@@ -49,11 +48,17 @@ class Placement:
                 f"{self.devices_per_engine} {self.device} device(s) each, {where} (Ray)")
 
 
+def cluster_flags_given(config: Config) -> bool:
+    """Whether the command line lays out trainer ranks and engines (then Ray runs them).
+    `--rollout-num-gpus-per-engine` sizes the engines but places nothing: Miles' scripts
+    give it, often with its default of 1, whatever the layout."""
+    return any(config.sources.get(flag) == "flag" for flag in CLUSTER_FLAGS)
+
+
 def plan_placement(config: Config, gpus_available: int) -> Placement:
     c, per_engine = config.cluster, config.sglang.rollout_num_gpus_per_engine
     device = "cuda" if gpus_available else "cpu"
-    explicit = any(config.sources.get(flag) == "flag" for flag in CLUSTER_FLAGS)
-    if not explicit:
+    if not cluster_flags_given(config):
         _check_one_process(config)
         return Placement(1, 1, 1, device, True, True)
     ranks = c.actor_num_nodes * c.actor_num_gpus_per_node
@@ -85,6 +90,12 @@ def plan_placement(config: Config, gpus_available: int) -> Placement:
 
 
 def _check_one_process(config: Config) -> None:
+    per_engine = config.sglang.rollout_num_gpus_per_engine
+    if per_engine > 1 and not config.rollout.rollout_external:
+        raise ConfigError(f"--rollout-num-gpus-per-engine {per_engine} without cluster flags: "
+                          "one process runs its engine on one device; give "
+                          "--actor-num-gpus-per-node with --colocate or --rollout-num-gpus to "
+                          "place engines of several GPUs, or drop the flag")
     for flag, size in (("--expert-model-parallel-size", config.perf.expert_model_parallel_size),
                        ("--context-parallel-size", config.perf.context_parallel_size),
                        ("--pipeline-model-parallel-size",
@@ -185,9 +196,8 @@ def _check_context_parallel(config: Config) -> None:
 
 def check_engine_devices(placement: Placement, backend: str) -> None:
     """Engines of several devices need a bundle of their own and SGLang (the one backend
-    that spans devices). Checked before Ray starts; `--dry-run` only warns, since what
-    `auto` runs depends on the machine the run starts on, and the colocated layout is
-    a Miles launch script's own (a limit of this build, not a wrong flag)."""
+    that spans devices). Checked before Ray starts, and by `--dry-run` with the backend
+    `auto` picks on the machine it runs on."""
     per_engine = placement.devices_per_engine
     if per_engine > 1 and placement.colocate:
         raise ConfigError(f"--colocate with --rollout-num-gpus-per-engine {per_engine}: an "
