@@ -17,7 +17,8 @@ optimizer shards) instead, and resume on the layout that saved them.
 
 A save fills `iter_0000007.tmp/`, renames it into place, then replaces the tracker
 through a temporary file: until the rename of the tracker, the previous iteration
-stays the latest, and its directory is never touched.
+stays the latest, and its directory is never touched. With --save-retain-interval N,
+earlier iterations that are not multiples of N are deleted only after that.
 
 Every .pt file is read with `load_state` (`torch.load(weights_only=True)`): tensors,
 numbers, strings and containers only, so a tampered checkpoint cannot run code when it
@@ -88,6 +89,22 @@ def save_checkpoint(save_dir: str | Path, iteration: int, write: Callable[[Path]
     os.replace(staging, final)
     _write_atomic(Path(save_dir) / TRACKER, f"{iteration}\n")
     return final
+
+
+def prune_checkpoints(save_dir: str | Path, retain_interval: int | None) -> list[Path]:
+    """--save-retain-interval N (Megatron's): after a save, the earlier iterations whose
+    number is not a multiple of N are deleted; the latest (the tracker's) always stays,
+    as does anything not published (`.tmp`). Returns the deleted directories."""
+    latest = latest_iteration(save_dir)
+    if latest is None or not retain_interval:
+        return []
+    removed = []
+    for directory in sorted(Path(save_dir).glob("iter_*")):
+        number = directory.name.removeprefix("iter_")
+        if number.isdigit() and int(number) < latest and int(number) % retain_interval:
+            shutil.rmtree(directory)
+            removed.append(directory)
+    return removed
 
 
 def load_state(path: str | Path, mmap: bool = False):

@@ -92,3 +92,18 @@ def test_a_checkpoint_of_an_earlier_version_resumes_on_its_layout(tiny, tmp_path
     (tmp_path / "old/rng_rank1.pt").write_bytes((tmp_path / "old/rng_rank0.pt").read_bytes())
     with pytest.raises(ValueError, match="state of 2 trainer ranks .* this run has 1"):
         actor(tmp_path / "old/model").restore(tmp_path / "old")  # as if two ranks saved it
+
+
+def test_retain_interval_keeps_multiples_and_the_latest(tmp_path):
+    """--save-retain-interval 3 after saves 0..7: 0, 3, 6 and the latest (7) stay; an
+    unpublished staging directory is left alone."""
+    for iteration in range(8):
+        checkpoint.save_checkpoint(tmp_path, iteration, write_marker(str(iteration)))
+        checkpoint.prune_checkpoints(tmp_path, 3)
+    (tmp_path / "iter_0000008.tmp").mkdir()
+    assert checkpoint.prune_checkpoints(tmp_path, 3) == []
+    kept = sorted(path.name for path in tmp_path.glob("iter_*"))
+    assert kept == ["iter_0000000", "iter_0000003", "iter_0000006", "iter_0000007",
+                    "iter_0000008.tmp"]
+    assert checkpoint.latest_iteration(tmp_path) == 7
+    assert checkpoint.prune_checkpoints(tmp_path, None) == []
