@@ -3,49 +3,27 @@
 Each field is one command-line flag (`rollout_batch_size` is `--rollout-batch-size`);
 its metadata carries the help text and how argparse should read it, so the parser,
 the `--help` groups, the dry-run report and the frozen-flags test all come from this
-one table. Defaults are Miles' and slime's.
+one table. Defaults are Miles' and slime's. Each class inherits the Miles and Megatron
+flags of its group that furlong accepts without acting on them (inert_flags.py).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from furlong.config.flag import flag, has_no_effect, json_object
+from furlong.config.inert_flags import (FROM_HF_CONFIG, CkptInertFlags, ClusterInertFlags,
+                                        DebugInertFlags, EvalInertFlags, GrpoInertFlags,
+                                        LoggingInertFlags, ModelInertFlags, OptimizerInertFlags,
+                                        PerfInertFlags, RolloutInertFlags, SglangInertFlags)
 from furlong.config.moe_layers import moe_layer_freq_argument
 
 MIB = 1024 * 1024
 
 
-def flag(default: Any = None, help: str = "", *, choices: tuple | None = None,
-         megatron_only: bool = False, why: str = "", metavar: str | None = None,
-         parse: Any = None, nargs: str | int | None = None) -> Any:
-    """One flag: a dataclass field whose metadata tells argparse how to read it.
-
-    `megatron_only` marks flags that only the Megatron backend acts on: they are
-    accepted and, when given, produce one warning naming the flag (and `why`, when the
-    reason is not plain from the flag's name).
-    """
-    metadata = {"help": help, "choices": choices, "megatron_only": megatron_only, "why": why,
-                "metavar": metavar, "parse": parse, "nargs": nargs}
-    return field(default=default, metadata=metadata)
-
-
-def _json_object(text: str) -> dict:
-    # ArgumentTypeError, not ValueError: argparse shows only its own message for the latter.
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        value = error
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a JSON object; expected e.g. '{{\"enable_thinking\": false}}'")
-    return value
-
-
 @dataclass(frozen=True)
-class ModelArgs:
+class ModelArgs(ModelInertFlags):
     """MODEL_ARGS: architecture constants, checked against the HF config.json."""
     num_layers: int | None = flag(help="Transformer layers (HF num_hidden_layers)")
     hidden_size: int | None = flag(help="Hidden size (HF hidden_size)")
@@ -117,20 +95,26 @@ class ModelArgs:
         "probs", "Megatron tokens dropped past expert capacity", choices=("probs", "position"),
         megatron_only=True, why="furlong's experts take every token routed to them")
     spec: tuple[str, ...] | None = flag(nargs=2, metavar=("MODULE", "FUNC"),
-                                        help="Megatron layer spec plugin", megatron_only=True)
+                                        help="Megatron layer spec plugin", megatron_only=True,
+                                        why=FROM_HF_CONFIG)
     position_embedding_type: str | None = flag(help="Megatron position embedding type",
-                                               megatron_only=True)
-    make_vocab_size_divisible_by: int | None = flag(help="Megatron vocab padding",
-                                                    megatron_only=True)
-    attention_dropout: float | None = flag(help="Megatron attention dropout", megatron_only=True)
-    hidden_dropout: float | None = flag(help="Megatron hidden dropout", megatron_only=True)
-    attention_softmax_in_fp32: bool = flag(False, "Megatron softmax precision",
-                                           megatron_only=True)
-    attention_backend: str | None = flag(help="Megatron attention kernel", megatron_only=True)
+                                               megatron_only=True, why=FROM_HF_CONFIG)
+    make_vocab_size_divisible_by: int | None = flag(
+        help="Megatron vocab padding", megatron_only=True,
+        why="furlong keeps the embedding size of the checkpoint")
+    attention_dropout: float | None = flag(help="Megatron attention dropout", megatron_only=True,
+                                           why="dropout comes from the HF config.json")
+    hidden_dropout: float | None = flag(help="Megatron hidden dropout", megatron_only=True,
+                                        why="dropout comes from the HF config.json")
+    attention_softmax_in_fp32: bool = flag(
+        False, "Megatron softmax precision", megatron_only=True,
+        why="furlong's attention kernels keep the softmax in float32")
+    attention_backend: str | None = flag(help="Megatron attention kernel", megatron_only=True,
+                                         why="furlong's model code picks its own kernel")
 
 
 @dataclass(frozen=True)
-class CkptArgs:
+class CkptArgs(CkptInertFlags):
     """CKPT_ARGS: the three model roles and where checkpoints go."""
     hf_checkpoint: str | None = flag(help="HF directory: tokenizer, config, engine boot weights")
     ref_load: str | None = flag(help="Reference model (and warm start); HF or iter_ directory")
@@ -139,11 +123,14 @@ class CkptArgs:
     save_interval: int | None = flag(help="Save every N rollouts (and at the last one)")
     save_hf: str | None = flag(help="Export HF safetensors here; {rollout_id} is filled")
     no_save_optim: bool = flag(False, "Do not save optimizer state")
-    async_save: bool = flag(False, "Megatron asynchronous save", megatron_only=True)
+    async_save: bool = flag(False, "Megatron asynchronous save", megatron_only=True,
+                            why="furlong saves in step, then carries on")
+    save_retain_interval: int | None = flag(
+        help="Keep the checkpoints of every Nth rollout; older others are deleted")
 
 
 @dataclass(frozen=True)
-class RolloutArgs:
+class RolloutArgs(RolloutInertFlags):
     """ROLLOUT_ARGS: prompt data, sampling, reward, filtering, batch flow."""
     prompt_data: str | None = flag(help=".jsonl or .parquet; PATH@[start:end] takes rows")
     input_key: str = flag("input", "Prompt column: a string or a list of chat messages")
@@ -151,7 +138,7 @@ class RolloutArgs:
     metadata_key: str = flag("metadata", "Metadata column (a JSON object)")
     tool_key: str = flag("tools", "Tools column, passed to the chat template")
     apply_chat_template: bool = flag(False, "Render prompts with the tokenizer's chat template")
-    apply_chat_template_kwargs: dict | None = flag(parse=_json_object, metavar="JSON",
+    apply_chat_template_kwargs: dict | None = flag(parse=json_object, metavar="JSON",
                                                    help="Extra chat-template arguments")
     rollout_shuffle: bool = flag(False, "Reshuffle prompts each epoch with rollout_seed + epoch")
     rollout_seed: int = flag(42, "Seed for data order and sampling")
@@ -187,6 +174,8 @@ class RolloutArgs:
     partial_rollout: bool = flag(False, "Return unfinished groups to the buffer")
     custom_generate_function_path: str | None = flag(help="Async per-sample generate hook")
     rollout_function_path: str | None = flag(help="Replaces the whole rollout function")
+    custom_config_path: str | None = flag(
+        help="YAML of arguments for the custom functions (or base64:<payload>)")
     update_weights_interval: int = flag(1, "Push weights every N rollouts")
     update_weight_buffer_size: int = flag(512 * MIB, "Bytes per weight-sync bucket")
     keep_old_actor: bool = flag(False, "Keep the rollout-time weights for old log-probs")
@@ -200,7 +189,7 @@ class RolloutArgs:
 
 
 @dataclass(frozen=True)
-class EvalArgs:
+class EvalArgs(EvalInertFlags):
     """EVAL_ARGS: evaluation datasets; unset sampling values inherit rollout ones."""
     eval_interval: int | None = flag(help="Evaluate every N rollouts")
     eval_prompt_data: tuple[str, ...] | None = flag(nargs="+", metavar="NAME PATH",
@@ -217,7 +206,7 @@ class EvalArgs:
 
 
 @dataclass(frozen=True)
-class PerfArgs:
+class PerfArgs(PerfInertFlags):
     """PERF_ARGS: parallelism, recomputation, dynamic batching."""
     tensor_model_parallel_size: int = flag(1, "Trainer tensor-parallel size")
     sequence_parallel: bool = flag(False, "Shard activations along the sequence (with TP)")
@@ -243,12 +232,20 @@ class PerfArgs:
         help="Token budget of a packed micro-batch on one rank (a context-parallel group "
              "of C ranks packs C times as many)")
     log_probs_chunk_size: int = flag(1024, "Positions per chunk when computing log-probs")
-    accumulate_allreduce_grads_in_fp32: bool = flag(False, "Megatron gradient reduction dtype",
-                                                    megatron_only=True)
+    gradient_checkpointing: bool = flag(False, "Recompute activations in the backward pass "
+                                               "(Miles' FSDP backend)")
+    attn_implementation: str = flag("flash_attention_2", "HF attention implementation of the "
+                                                         "trainer's model (Miles' FSDP backend)")
+    bf16: bool = flag(False, "Train in bfloat16")
+    deterministic_mode: bool = flag(False, "Deterministic kernels and reductions: the same "
+                                           "run gives the same numbers")
+    accumulate_allreduce_grads_in_fp32: bool = flag(
+        False, "Megatron gradient reduction dtype", megatron_only=True,
+        why="FSDP2 reduces furlong's gradients in float32 already")
 
 
 @dataclass(frozen=True)
-class GrpoArgs:
+class GrpoArgs(GrpoInertFlags):
     """GRPO_ARGS: the RL objective."""
     advantage_estimator: str = flag("grpo", "Advantage estimator", choices=(
         "grpo", "gspo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo"))
@@ -269,6 +266,8 @@ class GrpoArgs:
     use_rollout_logprobs: bool = flag(False, "Use the engine's log-probs as old log-probs")
     loss_type: str = flag("policy_loss", "Loss", choices=("policy_loss", "sft_loss",
                                                           "custom_loss"))
+    custom_tis_function_path: str | None = flag(
+        help="Importance-sampling correction hook, replacing --use-tis's truncation")
     custom_loss_function_path: str | None = flag(help="Loss hook for --loss-type custom_loss")
     ref_update_interval: int | None = flag(help="Copy the actor into the reference every N "
                                                 "rollouts")
@@ -293,7 +292,7 @@ class GrpoArgs:
 
 
 @dataclass(frozen=True)
-class OptimizerArgs:
+class OptimizerArgs(OptimizerInertFlags):
     """OPTIMIZER_ARGS: AdamW and its learning-rate schedule."""
     optimizer: str = flag("adam", "Optimizer (AdamW semantics)", choices=("adam",))
     lr: float = flag(1e-6, "Peak learning rate")
@@ -310,10 +309,15 @@ class OptimizerArgs:
     weight_decay: float = flag(0.01, "Decoupled weight decay")
     clip_grad: float = flag(1.0, "Gradient-norm clip (0: off)")
     seed: int = flag(1234, "Trainer seed")
+    optimizer_cpu_offload: bool = flag(False, "Keep the optimizer state on CPU and step there")
+    overlap_cpu_optimizer_d2h_h2d: bool = flag(False, "Overlap the CPU optimizer's copies "
+                                                      "to and from the device")
+    use_precision_aware_optimizer: bool = flag(False, "Optimizer state in lower precision, "
+                                                      "master weights in fp32")
 
 
 @dataclass(frozen=True)
-class SglangArgs:
+class SglangArgs(SglangInertFlags):
     """SGLANG_ARGS: engine topology; every --sglang-X flag is forwarded as --X."""
     rollout_num_gpus_per_engine: int = flag(1, "GPUs per engine (the engine's TP size)")
     sglang_server_concurrency: int = flag(512, "Requests in flight per engine")
@@ -335,7 +339,7 @@ class SglangArgs:
 
 
 @dataclass(frozen=True)
-class ClusterArgs:
+class ClusterArgs(ClusterInertFlags):
     """Placement of trainer ranks and engines."""
     actor_num_nodes: int = flag(1, "Trainer nodes")
     actor_num_gpus_per_node: int = flag(8, "Trainer GPUs per node")
@@ -343,14 +347,17 @@ class ClusterArgs:
     num_gpus_per_node: int = flag(8, "GPUs per node")
     colocate: bool = flag(False, "Trainer and engines share devices, taking turns")
     offload: bool = flag(False, "Both --offload-train and --offload-rollout")
-    offload_train: bool = flag(False, "Free trainer memory while generating")
+    offload_train: bool = flag(False, "Free trainer memory while generating", negatable=True)
     offload_rollout: bool = flag(False, "Free engine memory while training (weights are "
-                                 "pushed again after each rollout)")
+                                 "pushed again after each rollout)", negatable=True)
     train_backend: str = flag("fsdp", "Training backend", choices=("fsdp", "megatron"))
+    train_env_vars: dict | None = flag(parse=json_object, metavar="JSON",
+                                       help="Extra environment variables of the trainer ranks")
+    use_fault_tolerance: bool = flag(False, "Restart failed rollout engines and carry on")
 
 
 @dataclass(frozen=True)
-class LoggingArgs:
+class LoggingArgs(LoggingInertFlags):
     """Where metrics go."""
     run_dir: str | None = flag(help="metrics.jsonl, plots, event files (default: --save or "
                                     "runs/<time>)")
@@ -360,16 +367,23 @@ class LoggingArgs:
     wandb_project: str | None = flag(help="W&B project")
     wandb_group: str | None = flag(help="W&B group")
     wandb_mode: str | None = flag(choices=("online", "offline", "disabled"), help="W&B mode")
+    wandb_key: str | None = flag(help="W&B API key (for this run only)")
+    wandb_host: str | None = flag(help="W&B server URL")
+    wandb_team: str | None = flag(help="W&B entity")
+    wandb_run_id: str | None = flag(help="Resume this W&B run")
+    wandb_dir: str | None = flag(help="W&B files (default: the run directory)")
 
 
 @dataclass(frozen=True)
-class DebugArgs:
+class DebugArgs(DebugInertFlags):
     """Debugging and checking."""
     debug_rollout_only: bool = flag(False, "Generate and score; never train")
     debug_train_only: bool = flag(False, "Train on loaded rollouts; no engine")
     save_debug_rollout_data: str | None = flag(help="Save each rollout; {rollout_id} is filled")
     load_debug_rollout_data: str | None = flag(help="Train on saved rollouts; {rollout_id}")
     dry_run: bool = flag(False, "Validate everything, print the resolved config, exit")
+    dump_details: str | None = flag(help="Write every rollout's and step's details here for "
+                                         "later analysis")
 
 
 # (title in --help, attribute of Config, dataclass); titles follow the seed's groups.
@@ -413,5 +427,7 @@ class Config:
 
 
 def flag_fields(cls: type) -> list[dataclasses.Field]:
-    """The fields of a group that are command-line flags."""
-    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    """The fields of a group that are command-line flags: those that act first, then the
+    ones accepted only to be warned about."""
+    fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    return sorted(fields, key=has_no_effect)

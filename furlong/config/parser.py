@@ -34,24 +34,34 @@ def _base_type(annotation: typing.Any) -> tuple[type, bool]:
     return annotation, False
 
 
-def _add_flag(group: argparse._ArgumentGroup, cls: type, f: dataclasses.Field) -> None:
+def _add_flag(group: argparse._ArgumentGroup, annotation: typing.Any,
+              f: dataclasses.Field) -> None:
     meta = f.metadata
-    annotation = typing.get_type_hints(cls)[f.name]
     kind, is_sequence = _base_type(annotation)
-    kwargs: dict = {"dest": f.name, "default": f.default, "help": meta["help"] or None}
+    kwargs: dict = {"dest": f.name, "default": f.default, "help": _help(meta)}
     if kind is bool:
-        kwargs["action"] = "store_true"
+        kwargs["action"] = argparse.BooleanOptionalAction if meta["negatable"] else "store_true"
     else:
         kwargs["type"] = meta["parse"] or kind
         if meta["choices"]:
             kwargs["choices"] = meta["choices"]
         if meta["metavar"]:
             kwargs["metavar"] = meta["metavar"]
-        if is_sequence:
+        if is_sequence or meta["nargs"]:
             kwargs["nargs"] = meta["nargs"] or "+"
-    if meta["megatron_only"]:
-        kwargs["help"] = f"{meta['help']} [megatron only]"
+        if meta["nargs"] == "?":
+            kwargs["const"] = ""  # given bare, as Miles' --use-session-server
     group.add_argument(option_name(f.name), **kwargs)
+
+
+def _help(meta: typing.Mapping) -> str | None:
+    """The flag's help; for one that has no effect here, what --help says instead."""
+    why = f": {meta['why']}" if meta["why"] else ""
+    if meta["megatron_only"]:
+        return f"{meta['help']} [megatron only{why}]".lstrip()
+    if meta["inert"]:
+        return f"{meta['help']} [no effect in furlong{why}]".lstrip()
+    return meta["help"] or None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,8 +79,9 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
                     "every --sglang-X flag is forwarded to the SGLang server as --X.")
     for title, _, cls in GROUPS:
         group = parser.add_argument_group(title, cls.__doc__)
+        annotations = typing.get_type_hints(cls)  # once per group: it is slow
         for f in flag_fields(cls):
-            _add_flag(group, cls, f)
+            _add_flag(group, annotations[f.name], f)
     return parser
 
 

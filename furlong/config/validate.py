@@ -344,15 +344,20 @@ def _check_pipeline_stages(p: PerfArgs) -> None:
 
 
 def megatron_only_warnings(config: Config) -> list[str]:
-    """One warning per given flag that only the Megatron backend acts on."""
+    """One warning per given flag that only the Megatron backend acts on, or that names a
+    Miles feature furlong does not have (inert_flags.py)."""
     warnings = []
     for _, attr, cls in GROUPS:
         for f in flag_fields(cls):
-            if f.metadata.get("megatron_only") and config.sources.get(f"{attr}.{f.name}") == "flag":
-                why = f": {f.metadata['why']}" if f.metadata.get("why") else ""
+            if config.sources.get(f"{attr}.{f.name}") != "flag":
+                continue
+            why = f": {f.metadata['why']}" if f.metadata.get("why") else ""
+            if f.metadata.get("megatron_only"):
                 warnings.append(f"{option_name(f.name)} has no effect on the "
                                 f"{config.cluster.train_backend} backend (Megatron only{why}); "
                                 "ignored")
+            elif f.metadata.get("inert"):
+                warnings.append(f"{option_name(f.name)} has no effect in furlong{why}; ignored")
     return warnings
 
 
