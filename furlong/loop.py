@@ -241,6 +241,9 @@ def save(run: Run, rollout_id: int, rollout_state: dict) -> None:
 
     path = checkpoint.save_checkpoint(config.ckpt.save, rollout_id, write)
     log.info("saved %s", path)
+    for pruned in checkpoint.prune_checkpoints(config.ckpt.save,
+                                               config.ckpt.save_retain_interval):
+        log.info("deleted %s (--save-retain-interval)", pruned)
     if config.ckpt.save_hf:
         target = config.ckpt.save_hf.format(rollout_id=rollout_id)
         trainer.export_hf(target)

@@ -589,7 +589,7 @@ def test_spec_sglang_flags_are_captured(grpo_argv):
 
 def test_format_config_groups_and_sources(grpo_argv, tiny):
     config, _ = load_config(grpo_argv + ["--eval-prompt-data", str(tiny / "data/eval.jsonl"),
-                                         "--sglang-log-level", "info"])
+                                         "--sglang-log-level", "info", "--use-mlflow"])
     lines = format_config(config).splitlines()
     assert [line for line in lines if not line.startswith(" ")] == GROUP_TITLES
     rows = {line.split()[0]: line for line in lines if line.startswith("  ")}
@@ -598,6 +598,9 @@ def test_format_config_groups_and_sources(grpo_argv, tiny):
     assert rows["--num-steps-per-rollout"].split()[1:] == ["1", "(derived)"]
     assert rows["--eval-temperature"].split()[1:] == ["1.0", "(inherited)"]
     assert rows["--sglang-log-level"].split()[1:] == ["info", "(flag,", "forwarded)"]
+    # flags without effect here appear when given, not among the defaults
+    assert rows["--use-mlflow"].split()[1:] == ["True", "(flag)"]
+    assert "--mlflow-run-name" not in rows
     # the section a value is printed in is the group of its flag in --help
     section, group_of = None, {}
     for line in lines:
@@ -606,7 +609,8 @@ def test_format_config_groups_and_sources(grpo_argv, tiny):
         else:
             group_of[line.split()[0]] = section
     flags = current_flags()
-    assert all(group_of[name] == flag["group"] for name, flag in flags.items())
+    assert all(group_of[name] == flags[name]["group"] for name in group_of
+               if name.startswith("--") and not name.startswith("--sglang-"))
 
 
 @pytest.fixture
@@ -615,7 +619,7 @@ def no_gpu(monkeypatch):
 
 
 @pytest.mark.parametrize("extra,expected", [
-    ([], "devices: no GPU here and no cluster flags: the run uses one CPU process"),
+    ([], "devices: no cluster flags: one process on the CPU (no GPU here)"),
     (["--actor-num-gpus-per-node", "4", "--colocate"],
      "devices: the run needs 4 GPUs on 1 node(s): 4 GPUs shared by trainer and engines "
      "(--colocate); this machine has none"),
@@ -641,7 +645,7 @@ def test_dry_run_in_process(grpo_argv, tiny, capsys, no_gpu):
     out = capsys.readouterr().out
     assert f"data: {tiny / 'data/train.jsonl'}: first 5 rows OK" in out
     assert f"data: {tiny / 'data/eval.jsonl'}: first 5 rows OK" in out
-    assert "the run uses one CPU process" in out
+    assert "devices: no cluster flags: one process on the CPU" in out
     assert out.rstrip().endswith("dry run: configuration is valid")
 
 
@@ -681,21 +685,23 @@ def test_help_lists_the_groups():
 
 
 def test_dry_run_of_the_spec_launch_script_loads_no_weights(tiny, tmp_path):
-    """train.py --dry-run on the seed's launch script exits 0 with a model directory whose
-    model.safetensors is garbage: only config.json and the tokenizer may be read."""
+    """train.py --dry-run on the seed's launch script checks data and flags with a model
+    directory whose model.safetensors is garbage (only config.json and the tokenizer may
+    be read), then refuses the layout this build cannot start (colocated engines of two
+    GPUs) instead of calling it valid."""
     model = tmp_path / "model"
     shutil.copytree(tiny / "model", model)
     (model / "model.safetensors").write_bytes(b"not safetensors")
     argv = [str(model) if a == str(tiny / "model") else a
             for a in launch_script(tiny, tmp_path / "save")]
     result = run_train_py(*model_args(), *argv, "--dry-run")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 2, result.stderr
     out = result.stdout
     for source in ("(flag)", "(default)", "(derived)", "(inherited)"):
         assert source in out
     assert "devices: the run needs 8 GPUs on 1 node(s)" in out
-    # the seed's layout (colocated 2-GPU engines) does not run in this build: said up front
-    assert "warning: the run will stop before starting Ray: --colocate with " \
-        "--rollout-num-gpus-per-engine 2" in out
+    # the seed's layout (colocated 2-GPU engines) does not run in this build: refused
+    assert "error: --colocate with --rollout-num-gpus-per-engine 2" in result.stderr
+    assert "configuration is valid" not in out
     assert "--attention-backend has no effect" in result.stderr
     assert not (tmp_path / "save").exists()

@@ -98,8 +98,11 @@ def crash_after(monkeypatch, rollout_id: int) -> None:
 
 
 def test_sft_resume_gives_same_losses(tiny, tmp_path, monkeypatch):
-    argv = sft_argv(tiny, tmp_path / "full", 6) + ["--rollout-shuffle", "--save-interval", "3"]
+    argv = sft_argv(tiny, tmp_path / "full", 6) + ["--rollout-shuffle", "--save-interval", "3",
+                                                   "--save-retain-interval", "4"]
     full = series(run(argv), "train/loss")
+    # saves after rollouts 2 and 5; 2 is not a multiple of 4, so only the latest stays
+    assert sorted(p.name for p in (tmp_path / "full").glob("iter_*")) == ["iter_0000005"]
     resumed_argv = sft_argv(tiny, tmp_path / "cut", 6) + [
         "--rollout-shuffle", "--save-interval", "3", "--load", str(tmp_path / "cut")]
     crash_after(monkeypatch, 2)

@@ -1,6 +1,8 @@
-"""The resolved configuration as text, grouped as in --help, each value with its source."""
+"""The resolved configuration as text, grouped as in --help, each value with its source
+(flags that have no effect here appear only when given)."""
 from __future__ import annotations
 
+from furlong.config.flag import has_no_effect
 from furlong.config.groups import GROUPS, Config, flag_fields
 from furlong.config.parser import option_name
 
@@ -12,6 +14,8 @@ def format_config(config: Config) -> str:
         group = getattr(config, attr)
         for f in flag_fields(cls):
             source = config.sources.get(f"{attr}.{f.name}", "default")
+            if source == "default" and has_no_effect(f):
+                continue  # accepted for Miles' scripts, warned about when given
             lines.append(f"  {option_name(f.name):<42} {_show(getattr(group, f.name)):<28} "
                          f"({source})")
         if attr == "sglang":

@@ -1,4 +1,5 @@
-"""Metric sinks: metrics.jsonl in the run directory, TensorBoard, Weights & Biases.
+"""Metric sinks: metrics.jsonl in the run directory, TensorBoard, Weights & Biases (with
+Miles' --wandb-key/-host/-team/-run-id/-dir).
 
 Every row is `{"step": rollout_id, "time": unix seconds, name: value, ...}`; the names
 are Miles' (rollout/..., train/..., perf/..., eval/...), so dashboards carry over.
@@ -28,10 +29,7 @@ class MetricsLogger:
             self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard" /
                                                   (config.tb_project_name or "")))
         if config.use_wandb:
-            import wandb
-            self._wandb = wandb.init(project=config.wandb_project, group=config.wandb_group,
-                                     mode=config.wandb_mode, dir=str(self.run_dir),
-                                     config=flat_config)
+            self._wandb = _wandb_run(config, self.run_dir, flat_config)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         clean = {name: float(value) for name, value in metrics.items()
@@ -49,6 +47,21 @@ class MetricsLogger:
             self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _wandb_run(config: LoggingArgs, run_dir: Path, flat_config: dict | None):
+    """A W&B run as Miles starts one: --wandb-key / --wandb-host log in to that server
+    (for this run only: nothing is written to ~/.netrc), --wandb-team is the entity,
+    --wandb-run-id resumes that run, --wandb-dir holds the files (default: the run
+    directory)."""
+    import wandb
+    settings = wandb.Settings(**{name: value for name, value in (
+        ("api_key", config.wandb_key), ("base_url", config.wandb_host)) if value})
+    return wandb.init(project=config.wandb_project, entity=config.wandb_team,
+                      group=config.wandb_group, mode=config.wandb_mode,
+                      dir=config.wandb_dir or str(run_dir), id=config.wandb_run_id,
+                      resume="allow" if config.wandb_run_id else None, config=flat_config,
+                      settings=settings)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
