@@ -30,11 +30,13 @@ import torch
 
 from furlong import checkpoint
 from furlong.build import Run
+from furlong.output import dump
 from furlong.output.plot import plot_rewards
 from furlong.output.progress import Progress
 from furlong.rollout.manager import RolloutResult
 from furlong.sample import Sample
-from furlong.train.rl_step import RLStep
+from furlong.train.batch import TrainBatch
+from furlong.train.rl_step import RLStep, StepResult
 
 log = logging.getLogger("furlong")
 
@@ -123,6 +125,9 @@ async def generate_rollout(run: Run, rollout_id: int) -> RolloutResult:
     result = await run.manager.generate(rollout_id)
     if debug.save_debug_rollout_data:
         save_rollout(debug.save_debug_rollout_data.format(rollout_id=rollout_id), result)
+    if debug.dump_details:
+        dump.write_rollout(debug.dump_details, rollout_id,
+                           [s.to_dict() for group in result.groups for s in group], result.metrics)
     return result
 
 
@@ -140,7 +145,23 @@ async def train_rollout(run: Run, rl_step: RLStep, rollout_id: int,
     end = time.time()
     for row in result.optimizer_steps:
         run.logger.log(rollout_id, row)
-    return {**result.metrics, "perf/train_start": start, "perf/train_end": end}
+    metrics = {**result.metrics, "perf/train_start": start, "perf/train_end": end}
+    if run.config.debug.dump_details:
+        dump_train_data(run, rollout_id, groups, metrics, result)
+    return metrics
+
+
+def dump_train_data(run: Run, rollout_id: int, groups: list[list[Sample]], metrics: dict,
+                    result: StepResult) -> None:
+    """--dump-details: the batch as the trainer built it from these samples (tokens, masks,
+    rewards after --reward-key, the engine's log-probs) and the step's metrics."""
+    batch = TrainBatch.from_samples([s for group in groups for s in group],
+                                    run.config.rollout.reward_key)
+    data = {"tokens": batch.tokens, "response_lengths": batch.response_lengths,
+            "loss_masks": batch.loss_masks, "rewards": batch.rewards,
+            "rollout_log_probs": batch.rollout_log_probs}
+    dump.write_train_data(run.config.debug.dump_details, rollout_id, data, metrics,
+                          result.optimizer_steps)
 
 
 def offloads_trainer(run: Run, overlap: bool) -> bool:
