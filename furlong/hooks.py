@@ -10,6 +10,8 @@ only, so config validation can load hooks without importing the trainer or the e
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
@@ -69,6 +71,17 @@ class CustomLossHook(Protocol):
     def __call__(self, args: HookArgs, inputs: LossInputs) -> tuple[torch.Tensor, dict]: ...
 
 
+class TisHook(Protocol):
+    """--custom-tis-function-path (with --use-tis), Miles' signature: `fn(args, *, pg_loss,
+    train_log_probs, rollout_log_probs, loss_masks, total_lengths, response_lengths,
+    parallel_state, max_seq_lens) -> (pg_loss, loss_masks, metrics)`. `pg_loss` is the
+    (N,) per-token loss of a packed micro-batch; the log-prob and mask lists hold one (R_i,)
+    tensor per sample; the returned masks may drop tokens (their loss leaves the numerator,
+    the denominators stay); metrics are (N,) per-token values, reduced like the loss."""
+
+    def __call__(self, args: object, **kwargs) -> tuple[torch.Tensor, list, dict]: ...
+
+
 # Hook paths of Miles/slime launch scripts -> the furlong built-in that behaves the same,
 # so those scripts run unchanged.
 ALIASES = {
@@ -85,6 +98,7 @@ HOOK_FLAGS = {
     "generate": ("rollout", "custom_generate_function_path"),
     "rollout_function": ("rollout", "rollout_function_path"),
     "custom_loss": ("grpo", "custom_loss_function_path"),
+    "custom_tis": ("grpo", "custom_tis_function_path"),
 }
 
 
@@ -96,6 +110,7 @@ class Hooks:
     generate: GenerateHook | None = None
     rollout_function: RolloutFunctionHook | None = None
     custom_loss: CustomLossHook | None = None
+    custom_tis: TisHook | None = None
 
 
 def load_hooks(config) -> Hooks:
@@ -132,3 +147,26 @@ def _split(path: str, flag: str) -> tuple[str, str]:
         raise ValueError(f"{flag} {path}: expected module.path:function or "
                          "module.path.function (e.g. my_rewards:score)")
     return module_name, function_name
+
+
+def read_custom_config(path: str | None) -> dict:
+    """--custom-config-path: the YAML mapping in file `path`, or inline `base64:<payload>`
+    (the YAML, base64-encoded); {} without one. ValueError naming the flag and the file."""
+    if not path:
+        return {}
+    import yaml
+    where = "the base64 payload" if path.startswith("base64:") else path
+    try:
+        if path.startswith("base64:"):
+            text = base64.b64decode(path[len("base64:"):], validate=True).decode()
+        else:
+            with open(path, encoding="utf-8") as file:
+                text = file.read()
+        data = yaml.safe_load(text) or {}
+    except (OSError, UnicodeDecodeError, binascii.Error, yaml.YAMLError) as error:
+        raise ValueError(f"--custom-config-path {where}: cannot read it as YAML "
+                         f"({error})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"--custom-config-path {where}: expected a mapping of names to "
+                         f"values, got a {type(data).__name__}")
+    return data

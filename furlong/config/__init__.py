@@ -1,7 +1,7 @@
 """Flags in, typed config out: parse, resolve, check against the model's config.json."""
 from __future__ import annotations
 
-from furlong.config.groups import GROUPS, Config
+from furlong.config.groups import GROUPS, Config, flag_fields
 from furlong.config.model_check import (check_model_args, check_routing_replay,
                                         check_tensor_parallel, read_hf_config)
 from furlong.config.parser import ConfigError, build_parser, parse_config
@@ -13,7 +13,9 @@ __all__ = ["GROUPS", "Config", "ConfigError", "build_parser", "eval_datasets", "
 
 def load_config(argv: list[str], prog: str = "train.py") -> tuple[Config, list[str]]:
     """Parse and validate argv; returns the resolved Config and warnings to log once each."""
-    config, warnings = resolve(parse_config(argv, prog))
+    config, custom_warnings = apply_custom_config(parse_config(argv, prog))
+    config, warnings = resolve(config)
+    warnings = custom_warnings + warnings
     check_passthrough(config.sglang)
     given_model_args = {key.split(".", 1)[1] for key, source in config.sources.items()
                         if key.startswith("model.") and source == "flag"}
@@ -41,3 +43,25 @@ def check_checkpoint_paths(config: Config) -> None:
             resolve_hf_dir(ckpt.ref_load)
         except (OSError, ValueError) as error:
             raise ConfigError(f"--ref-load {ckpt.ref_load}: {error}") from None
+
+
+def apply_custom_config(config: Config) -> tuple[Config, list[str]]:
+    """--custom-config-path as Miles applies it: each key that names a flag overrides the
+    flag's value (source "custom-config", with a warning), before any cross-flag rule runs.
+    Keys that name no flag reach hooks only, through their `args` (rollout/context.py)."""
+    from furlong.hooks import read_custom_config
+    try:
+        values = read_custom_config(config.rollout.custom_config_path)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    warnings = []
+    for _, attr, cls in GROUPS:
+        names = {f.name for f in flag_fields(cls)}
+        given = {k: tuple(v) if isinstance(v, list) else v
+                 for k, v in values.items() if k in names}
+        for name, value in given.items():
+            warnings.append(f"--custom-config-path sets {name} to {value!r} (the flag "
+                            f"gave {getattr(getattr(config, attr), name)!r})")
+        if given:
+            config = config.replace(attr, "custom-config", **given)
+    return config, warnings

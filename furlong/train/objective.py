@@ -9,12 +9,14 @@ however it was split. Metrics are reduced the same way and summed by the caller.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
 
 from furlong.algo import losses
 from furlong.config.groups import GrpoArgs
+from furlong.hooks import load_function
 from furlong.train.batch import PackedMicroBatch
 
 
@@ -35,10 +37,13 @@ def make_reducer(micro: PackedMicroBatch, per_token: bool,
     return reduce
 
 
-def policy_objective(config: GrpoArgs, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
+def policy_objective(config: GrpoArgs, inputs: LossInputs,
+                     hook_args: object = None) -> tuple[torch.Tensor, dict]:
     """Clipped policy loss + KL loss - entropy bonus, with optional TIS. Returns (loss, metrics).
 
     The formulas and metrics are those of docs/algorithm.md (Miles' names and values).
+    `hook_args` is the `args` a --custom-tis-function-path hook receives (the GRPO flags
+    when not given).
     """
     micro, reduce = inputs.micro, inputs.reduce
     mask = micro.loss_mask
@@ -61,8 +66,9 @@ def policy_objective(config: GrpoArgs, inputs: LossInputs) -> tuple[torch.Tensor
     # The trainer's log-probs of the rollout's tokens: the old ones, or with
     # --use-rollout-logprobs (old = the engine's own) the current forward's.
     trainer = log_probs.detach() if config.use_rollout_logprobs else old
-    token_loss, rollout_metrics = rollout_correction(
-        config, token_loss, trainer, fields.get("rollout_log_probs"), approx_kl, reduce)
+    token_loss, rollout_metrics, reduce = rollout_correction(
+        config, token_loss, trainer, fields.get("rollout_log_probs"), approx_kl, micro, reduce,
+        config if hook_args is None else hook_args)
     metrics.update(rollout_metrics)
     pg_loss = reduce(token_loss)
     entropy_loss = reduce(losses.zero_inactive(inputs.entropy, mask))
@@ -78,31 +84,66 @@ def policy_objective(config: GrpoArgs, inputs: LossInputs) -> tuple[torch.Tensor
     return loss, {name: value.detach() for name, value in metrics.items()}
 
 
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
 def rollout_correction(config: GrpoArgs, token_loss: torch.Tensor, trainer: torch.Tensor,
                        rollout: torch.Tensor | None, approx_kl: torch.Tensor,
-                       reduce: Callable[[torch.Tensor], torch.Tensor]
-                       ) -> tuple[torch.Tensor, dict]:
+                       micro: PackedMicroBatch, reduce: Reduce, hook_args: object
+                       ) -> tuple[torch.Tensor, dict, Reduce]:
     """How far the trainer's log-probs are from the engine's, and --use-tis. All (N,).
+    Returns the token loss, the metrics and the reducer of the later terms.
 
     train_rollout_logprob_abs_diff = mean |trainer - rollout|; train_rollout_kl = mean
     low_var_kl(rollout, trainer) (k3 estimate of KL(rollout || trainer)). With TIS the
     token loss is scaled by the clipped ratio; tis = mean raw ratio, tis_abs =
     mean |ratio - 1|, tis_clipfrac, and ois = mean exp(-approx_kl) (the policy ratio).
+    With --custom-tis-function-path the hook weights the token loss instead, at the same
+    point as in Miles; tokens its returned masks drop leave the numerator of every later
+    term (the denominators stay), while its metrics and ois keep the batch's mask.
     """
     if rollout is None:
         if config.use_tis:
             raise ValueError("--use-tis needs the engine's log-probs of every sample "
                              "(sample.rollout_log_probs), and this batch has none")
-        return token_loss, {}
-    metrics = {"train_rollout_logprob_abs_diff": reduce((trainer - rollout).abs()),
-               "train_rollout_kl": reduce(losses.kl_penalty(rollout, trainer, "low_var_kl"))}
-    if config.use_tis:
+        return token_loss, {}, reduce
+    metrics = {}
+    if config.use_tis and config.custom_tis_function_path:
+        token_loss, kept, metrics = custom_tis(config.custom_tis_function_path, hook_args,
+                                               token_loss, trainer, rollout, micro, reduce)
+        metrics["ois"] = reduce((-approx_kl).exp())
+        reduce = partial(reduce_kept, reduce, kept)
+    elif config.use_tis:
         weights, ratio, clipped = losses.tis_weights(trainer, rollout, config.tis_clip_low,
                                                      config.tis_clip)
         token_loss = token_loss * weights
         metrics.update(tis=reduce(ratio), tis_abs=reduce((ratio - 1).abs()),
                        tis_clipfrac=reduce(clipped), ois=reduce((-approx_kl).exp()))
-    return token_loss, metrics
+    metrics.update(train_rollout_logprob_abs_diff=reduce((trainer - rollout).abs()),
+                   train_rollout_kl=reduce(losses.kl_penalty(rollout, trainer, "low_var_kl")))
+    return token_loss, metrics, reduce
+
+
+def reduce_kept(reduce: Reduce, kept: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return reduce(values * kept)
+
+
+def custom_tis(path: str, hook_args: object, token_loss: torch.Tensor, trainer: torch.Tensor,
+               rollout: torch.Tensor, micro: PackedMicroBatch, reduce: Reduce
+               ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Call the hook with Miles' keywords (per-sample lists of the micro-batch's response
+    tokens; no Megatron parallel state or padded lengths: None). Returns the weighted token
+    loss (N,), the kept-token mask (N,) and the hook's metrics reduced."""
+    hook = load_function(path, "--custom-tis-function-path")  # imported at startup already
+    sizes = torch.bincount(micro.sample_ids, minlength=micro.num_samples).tolist()
+    token_loss, masks, metrics = hook(
+        args=hook_args, pg_loss=token_loss, train_log_probs=list(trainer.split(sizes)),
+        rollout_log_probs=list(rollout.split(sizes)),
+        loss_masks=list(micro.loss_mask.split(sizes)),
+        total_lengths=micro.cu_seq_lens.diff().tolist(), response_lengths=sizes,
+        parallel_state=None, max_seq_lens=None)
+    kept = torch.cat(list(masks)).to(token_loss.dtype)
+    return token_loss, kept, {name: reduce(value) for name, value in metrics.items()}
 
 
 def sft_objective(config: GrpoArgs, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
