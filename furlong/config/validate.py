@@ -12,6 +12,7 @@ from pathlib import Path
 from furlong.config.groups import GROUPS, Config, PerfArgs, flag_fields
 from furlong.config.parser import ConfigError, option_name
 from furlong.config.reward_types import LABELLED_REWARDS, split_rm_type
+from furlong.config.trainer_flags import resolve_trainer_flags
 from furlong.hooks import load_hooks
 
 # Hook flags and their group: each path must import before the run starts.
@@ -33,13 +34,15 @@ def resolve(config: Config) -> tuple[Config, list[str]]:
     config = _resolve_eval(config)
     config = _resolve_grpo(config)
     config = _resolve_cluster(config)
+    config, trainer_warnings = resolve_trainer_flags(config)  # before the recompute checks
     _check_external_engines(config)
     _check_checkpoint_formats(config)
     _check_optimizer(config)
     _check_perf(config)
     check_hooks(config)
     moe_warnings = _check_moe(config)
-    return config, megatron_only_warnings(config) + _soft_warnings(config) + moe_warnings
+    return config, (megatron_only_warnings(config) + trainer_warnings + _soft_warnings(config)
+                    + moe_warnings)
 
 
 def _positive(value: int | float | None, flag: str, allow_zero: bool = False) -> None:
