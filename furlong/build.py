@@ -28,6 +28,7 @@ from furlong.rollout.manager import RolloutManager
 from furlong.rollout.rewards import RewardModel
 from furlong.train.actor import RankInfo, TrainActor
 from furlong.train.base import Trainer
+from furlong.train.process_env import prepare_trainer_process
 
 log = logging.getLogger("furlong")
 
@@ -96,7 +97,9 @@ def build_rank() -> RankInfo:
 def build_in_process(config: Config, hooks: Hooks, tokenizer, init: str, total_steps: int,
                      trains: bool, generates: bool) -> tuple[TrainActor | None, Engine | None]:
     """Trainer and engine in this process (the engine boots from --hf-checkpoint; the
-    actor's weights are pushed to it before the first rollout)."""
+    actor's weights are pushed to it before the first rollout). --train-env-vars and
+    --deterministic-mode apply to this process first, as to each Ray trainer rank."""
+    prepare_trainer_process(config)
     rank = build_rank()
     trainer = None
     if trains:

@@ -25,6 +25,7 @@ from furlong.config.groups import SglangArgs
 from furlong.engine.weights.send import Servers, WeightSender, make_sender
 from furlong.train.actor import TrainActor
 from furlong.train.parallel import rank_info
+from furlong.train.process_env import prepare_trainer_process, train_env_vars
 
 
 def engine_servers(urls: list[str], sglang: SglangArgs, api_key: str | None = None) -> Servers:
@@ -43,6 +44,18 @@ def weight_senders(bucket_bytes: int) -> dict[str, WeightSender]:
             for mode in ("ipc", "value", "broadcast")}
 
 
+def rank_options(config: Config, placement_group, bundle: int, gpus_per_rank: float) -> dict:
+    """Ray options of the trainer rank in `bundle`: its resources, its place, and
+    --train-env-vars in its environment from the start (some libraries read theirs at
+    import); Ray merges them with the job's environment variables."""
+    options = {"num_cpus": 1, "num_gpus": gpus_per_rank,
+               "scheduling_strategy": in_bundle(placement_group, bundle)}
+    env_vars = train_env_vars(config)
+    if env_vars:
+        options["runtime_env"] = {"env_vars": env_vars}
+    return options
+
+
 @ray.remote
 class TrainRank:
     """One trainer rank: joins the trainers' process group and builds its TrainActor."""
@@ -52,6 +65,7 @@ class TrainRank:
         from furlong.hooks import load_hooks
         from furlong.rollout.context import HookArgs
         from furlong.train import parallel
+        prepare_trainer_process(config)  # before CUDA's libraries and the process group
         cuda = torch.cuda.is_available()
         parallel.init_distributed(rank, world_size, master_address, master_port,
                                   "nccl" if cuda else "gloo")
@@ -119,9 +133,8 @@ class RayTrainGroup:
         address, port = ray.get(ray.remote(num_cpus=0)(node_rendezvous).options(
             scheduling_strategy=in_bundle(placement_group, bundle_of_rank[0])).remote())
         self.ranks = [
-            TrainRank.options(num_cpus=1, num_gpus=gpus_per_rank,
-                              scheduling_strategy=in_bundle(placement_group, bundle)).remote(
-                config, rank, self.world_size, address, port, init_weights, total_steps)
+            TrainRank.options(**rank_options(config, placement_group, bundle, gpus_per_rank))
+            .remote(config, rank, self.world_size, address, port, init_weights, total_steps)
             for rank, bundle in enumerate(bundle_of_rank)]
         self._all("ready")
         self.rank = rank_info(0, self.world_size, config.perf.tensor_model_parallel_size,
