@@ -83,7 +83,10 @@ class Recovery:
         slot.client = self.make_client(url)
         waits = self.weights_pushed
         slot.state = EngineState.AWAITING_WEIGHTS if waits else EngineState.SERVING
-        log.warning("engine %d restarted at %s%s", slot.index, url,
+        # Miles restarts engines only under --use-fault-tolerance; furlong's router always
+        # does (it owns the server processes), so the warning says so.
+        log.warning("engine %d restarted at %s%s (furlong restarts failed engines with or "
+                    "without --use-fault-tolerance)", slot.index, url,
                     "; it serves after the next weight update" if waits else "")
         self.announce()
 
