@@ -36,8 +36,6 @@ def test_custom_config_base64_payload(tiny):
     assert config.rollout.rollout_batch_size == 2
 
 
-@pytest.mark.xfail(strict=True, reason="needs rollout/context.py: HookArgs adds "
-                   "hooks.read_custom_config(config.rollout.custom_config_path)")
 def test_hooks_see_custom_config_keys(tiny, tmp_path):
     path = tmp_path / "custom.yaml"
     path.write_text(CUSTOM)

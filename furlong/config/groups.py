@@ -361,7 +361,9 @@ class ClusterArgs(ClusterInertFlags):
     train_backend: str = flag("fsdp", "Training backend", choices=("fsdp", "megatron"))
     train_env_vars: dict | None = flag(parse=json_object, metavar="JSON",
                                        help="Extra environment variables of the trainer ranks")
-    use_fault_tolerance: bool = flag(False, "Restart failed rollout engines and carry on")
+    use_fault_tolerance: bool = flag(False, "Restart failed rollout engines and carry on "
+                                            "(furlong's router always restarts the engines "
+                                            "it launched)")
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,15 @@
 Hooks written for Miles/slime read flags as attributes (`args.rollout_max_response_len`);
 HookArgs offers every flag that way (flattened over the groups) plus the objects a hook
 needs to act: `engine` (async `generate(input_ids, SamplingParams)`), `tokenizer`, and
-`config` (the typed tree). It cannot be changed, so a hook cannot alter the run's
-configuration behind the loop's back.
+`config` (the typed tree), and the keys of --custom-config-path's YAML. It cannot be
+changed, so a hook cannot alter the run's configuration behind the loop's back.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from furlong.config.groups import GROUPS, Config, flag_fields
+from furlong.hooks import read_custom_config
 
 
 class HookArgs:
@@ -19,6 +20,8 @@ class HookArgs:
         for _, attr, cls in GROUPS:
             group = getattr(config, attr)
             values.update({f.name: getattr(group, f.name) for f in flag_fields(cls)})
+        # --custom-config-path: its keys that name no flag become attributes, as in Miles
+        values.update(read_custom_config(config.rollout.custom_config_path))
         object.__setattr__(self, "_values", values)
 
     def __getattr__(self, name: str) -> Any:

@@ -312,7 +312,7 @@ class TrainActor:
             return sft_objective(grpo, inputs)
         if grpo.loss_type == "custom_loss":
             return self.loss_hook(self.hook_args, inputs)
-        return policy_objective(grpo, inputs)
+        return policy_objective(grpo, inputs, self.hook_args)
 
     def _optimized_parameters(self) -> list[torch.nn.Parameter]:
         if self.masters is not None:
