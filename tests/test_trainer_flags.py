@@ -9,7 +9,7 @@ from unittest import mock
 import pytest
 import torch
 
-from conftest import train_argv
+from conftest import random_batch, train_argv
 from furlong.build import build_in_process
 from furlong.config import load_config
 from furlong.hooks import load_hooks
@@ -106,6 +106,27 @@ def test_train_env_vars_override_the_environment(tiny, restore_process_state):
     config, _ = _load(tiny, "--train-env-vars", '{"FURLONG_TEST_VAR": "new", "B": true}')
     prepare_trainer_process(config)
     assert (os.environ["FURLONG_TEST_VAR"], os.environ["B"]) == ("new", "True")
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_mode_repeats_a_train_step_bit_for_bit(tiny, restore_process_state):
+    """One GPU (bf16 on float32 masters, compiled layers) under --deterministic-mode: no
+    kernel of a train step lacks a deterministic version (that would raise), and two fresh
+    trainers give the same loss, gradient norm and weights to the bit."""
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        trainer = _one_process_trainer(tiny, "--deterministic-mode")
+        batch = random_batch(8, trainer.model_config.vocab_size, seed=0)
+        batch.advantages = [torch.linspace(-1, 1, len(m)) for m in batch.loss_masks]
+        batch.old_log_probs, _ = trainer.compute_log_probs(batch)
+        (metrics,) = trainer.train(batch)
+        runs.append(((metrics["train/loss"], metrics["train/grad_norm"]),
+                     [weight.cpu() for _, weight in trainer.named_weights()]))
+        del trainer
+    (first_metrics, first_weights), (second_metrics, second_weights) = runs
+    assert first_metrics == second_metrics
+    assert all(torch.equal(a, b) for a, b in zip(first_weights, second_weights, strict=True))
 
 
 # ---- Ray trainer ranks (options only; Ray is not started) ---------------------------------
