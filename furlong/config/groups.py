@@ -32,7 +32,8 @@ class ModelArgs(ModelInertFlags):
     group_query_attention: bool = flag(False, "Grouped-query attention")
     num_query_groups: int | None = flag(help="KV heads (HF num_key_value_heads)")
     kv_channels: int | None = flag(help="Head dimension (HF head_dim)")
-    seq_length: int | None = flag(help="Training sequence length (informational)")
+    seq_length: int | None = flag(help="Megatron's sequence length; not a limit here (lengths "
+                                       "come from the data, packed by --max-tokens-per-gpu)")
     max_position_embeddings: int | None = flag(help="HF max_position_embeddings")
     vocab_size: int | None = flag(help="Padded vocabulary size; may exceed the config's")
     rotary_base: float | None = flag(help="RoPE theta (HF rope_theta)")
@@ -226,17 +227,21 @@ class PerfArgs(PerfInertFlags):
                                              help="Activation checkpointing")
     recompute_method: str | None = flag(choices=("uniform", "block"),
                                         help="Which layers to recompute")
-    recompute_num_layers: int | None = flag(help="Layers per recompute unit")
+    recompute_num_layers: int | None = flag(help="block: recompute the first N layers; "
+                                                 "uniform: each layer is its own unit here")
     use_dynamic_batch_size: bool = flag(False, "Pack micro-batches by token count")
     max_tokens_per_gpu: int | None = flag(
         help="Token budget of a packed micro-batch on one rank (a context-parallel group "
              "of C ranks packs C times as many)")
     log_probs_chunk_size: int = flag(1024, "Positions per chunk when computing log-probs")
     gradient_checkpointing: bool = flag(False, "Recompute activations in the backward pass "
-                                               "(Miles' FSDP backend)")
-    attn_implementation: str = flag("flash_attention_2", "HF attention implementation of the "
-                                                         "trainer's model (Miles' FSDP backend)")
-    bf16: bool = flag(False, "Train in bfloat16")
+                                               "(Miles' FSDP backend): --recompute-granularity "
+                                               "full --recompute-method uniform unless given")
+    attn_implementation: str = flag("flash_attention_2", "Miles' FSDP backend's HF attention; "
+                                                         "the trainer runs furlong's packed "
+                                                         "varlen attention whatever it names")
+    bf16: bool = flag(False, "Train in bfloat16 (furlong does on GPUs, on float32 masters; the "
+                             "CPU runs float32)")
     deterministic_mode: bool = flag(False, "Deterministic kernels and reductions: the same "
                                            "run gives the same numbers")
     accumulate_allreduce_grads_in_fp32: bool = flag(
