@@ -149,7 +149,8 @@ def rollout_gap(grpo: GrpoArgs, trainer: list[torch.Tensor],
     so this is also the per-sample mean that training logs by default)."""
     trainer_all, engine_all = torch.cat(trainer), torch.cat(engine)
     zeros = torch.zeros_like(trainer_all)  # token loss and policy KL: only TIS reads them
-    _, metrics = rollout_correction(grpo, zeros, trainer_all, engine_all, zeros, torch.mean)
+    _, metrics, _ = rollout_correction(grpo, zeros, trainer_all, engine_all, zeros,
+                                       micro=None, reduce=torch.mean, hook_args=None)
     return {f"train/{name}": float(value) for name, value in metrics.items()}
 
 

@@ -320,10 +320,10 @@ def test_async_off_policy_corrections(tiny, sft_model, tmp_path, monkeypatch):
     objective = actor.policy_objective
     pg_losses = []  # (with TIS, without) per micro-batch of the run with --use-tis
 
-    def with_and_without_tis(config, inputs):
-        loss, metrics = objective(config, inputs)
+    def with_and_without_tis(config, inputs, hook_args=None):
+        loss, metrics = objective(config, inputs, hook_args)
         if config.use_tis and inputs.log_probs.requires_grad:  # a training forward
-            _, plain = objective(replace(config, use_tis=False), inputs)
+            _, plain = objective(replace(config, use_tis=False), inputs, hook_args)
             pg_losses.append((float(metrics["pg_loss"]), float(plain["pg_loss"])))
         return loss, metrics
 
