@@ -7,7 +7,7 @@ demo: $(VENV)/.installed
 	PYTHON=$(PYTHON) scripts/run-tiny-demo.sh runs/demo
 
 test: $(VENV)/.installed
-	$(PYTHON) -m pytest -q -n auto --dist loadfile
+	$(PYTHON) -m pytest -q -n 3 --dist loadfile
 
 $(VENV)/.installed: pyproject.toml scripts/setup-env.sh
 	scripts/setup-env.sh $(VENV)
