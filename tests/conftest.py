@@ -20,11 +20,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Two workers on two cores: one thread each instead of both fighting for both cores.
+    # Three workers on two cores: one thread each instead of all fighting for both cores.
     torch.set_num_threads(1)
 
 
+# The files of the longest runs (Ray, end to end, spawned ranks), longest first: xdist
+# hands out files in collection order, so these start at once instead of ending the run.
+LONGEST_FIRST = ("test_cluster.py", "test_ray_runs.py", "test_e2e.py", "test_sglang.py",
+                 "test_context_parallel.py", "test_expert_parallel.py",
+                 "test_pipeline_parallel.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within files
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
