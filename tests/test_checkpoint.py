@@ -107,3 +107,18 @@ def test_retain_interval_keeps_multiples_and_the_latest(tmp_path):
                     "iter_0000008.tmp"]
     assert checkpoint.latest_iteration(tmp_path) == 7
     assert checkpoint.prune_checkpoints(tmp_path, None) == []
+
+
+def test_optimizer_state_of_another_shape_is_refused(tmp_path):
+    """A saved moment whose shape is not the parameter's (another model under the same
+    names) is an error naming the directory, the parameter and both shapes."""
+    from furlong.train import optimizer_state
+    param = torch.nn.Parameter(torch.zeros(3, 2))
+    optimizer = torch.optim.AdamW([param])
+    state = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(4, 2),
+             "exp_avg_sq": torch.zeros(4, 2)}
+    (tmp_path / "optimizer").mkdir()
+    torch.save({"state": {"w": state}, "scheduler": {}}, tmp_path / "optimizer/part0.pt")
+    with pytest.raises(ValueError, match=r"optimizer: the saved exp_avg of w is \(4, 2\), "
+                                         r"the parameter \(3, 2\)"):
+        optimizer_state.restore(tmp_path / "optimizer", [("w", param)], optimizer)

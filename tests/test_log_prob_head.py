@@ -80,6 +80,13 @@ for rows, vocab in ((37, 5003), (3, 700), (0, 64)):  # vocab not a multiple of t
     eager = log_prob_head._forward_stats(logits, targets)
     for got, expected in zip(kernels.chunk_stats(logits, targets), eager, strict=True):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    if rows:  # a peaked row (entropy ~1e-4, logits ~40): relative accuracy, not absolute
+        peaked = logits.clone()
+        peaked[0] = logits[0] / 3 - 10
+        peaked[0, 7] = 40.0
+        exact = log_prob_head._forward_stats(peaked.double(), targets)[2][0]
+        entropy = kernels.chunk_stats(peaked, targets)[2][0]
+        assert abs(float(entropy) / float(exact) - 1) < 1e-3, (float(entropy), float(exact))
     lse, _, entropy = eager
     for dtype in (torch.float32, torch.bfloat16):
         args = (logits, lse, entropy, targets, grad_log_probs, grad_entropy, 0.8, dtype)

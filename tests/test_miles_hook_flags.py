@@ -26,8 +26,23 @@ def test_custom_config_yaml_overrides_the_flags_it_names(tiny, tmp_path):
     path.write_text(CUSTOM)
     config, warnings = load_config(train_argv(tiny, custom_config_path=path))
     assert config.rollout.rollout_batch_size == 2  # the flag said 4: the YAML wins, as in Miles
-    assert config.sources["rollout.rollout_batch_size"] == "custom-config"
-    assert any("rollout_batch_size" in w and "custom-config-path" in w for w in warnings)
+    assert any("--rollout-batch-size" in w and "custom-config-path" in w for w in warnings)
+
+
+def test_custom_config_values_are_typed_and_count_as_given(tiny, tmp_path):
+    """YAML reads 1e-6 as a string and a cluster flag must switch to Ray mode: the keys go
+    through the flags' own parsing, as if given on the command line."""
+    from furlong.cluster.placement import plan_placement
+    path = tmp_path / "custom.yaml"
+    path.write_text("lr: 1e-6\nactor_num_gpus_per_node: 2\nrollout_num_gpus: 1\n"
+                    "rollout_shuffle: true\n")
+    config, _ = load_config(train_argv(tiny, custom_config_path=path))
+    assert config.optimizer.lr == 1e-6 and config.rollout.rollout_shuffle is True
+    assert not plan_placement(config, 0).in_process
+    path.write_text("rollout_batch_size: many\n")
+    with pytest.raises(ConfigError, match="--custom-config-path .*custom.yaml: argument "
+                                          "--rollout-batch-size: invalid int value: 'many'"):
+        load_config(train_argv(tiny, custom_config_path=path))
 
 
 def test_custom_config_base64_payload(tiny):

@@ -1,10 +1,12 @@
 """Flags in, typed config out: parse, resolve, check against the model's config.json."""
 from __future__ import annotations
 
+import json
+
 from furlong.config.groups import GROUPS, Config, flag_fields
 from furlong.config.model_check import (check_model_args, check_routing_replay,
                                         check_tensor_parallel, read_hf_config)
-from furlong.config.parser import ConfigError, build_parser, parse_config
+from furlong.config.parser import ConfigError, build_parser, option_name, parse_config
 from furlong.config.sglang import check_passthrough
 from furlong.config.validate import eval_datasets, resolve
 
@@ -13,7 +15,14 @@ __all__ = ["GROUPS", "Config", "ConfigError", "build_parser", "eval_datasets", "
 
 def load_config(argv: list[str], prog: str = "train.py") -> tuple[Config, list[str]]:
     """Parse and validate argv; returns the resolved Config and warnings to log once each."""
-    config, custom_warnings = apply_custom_config(parse_config(argv, prog))
+    config = parse_config(argv, prog)
+    overrides, custom_warnings = custom_config_argv(config)
+    if overrides:  # parsed after the command line, so they win, as in Miles
+        try:
+            config = parse_config(argv + overrides, prog)
+        except ConfigError as error:
+            raise ConfigError(f"--custom-config-path {config.rollout.custom_config_path}: "
+                              f"{error}") from None
     config, warnings = resolve(config)
     warnings = custom_warnings + warnings
     check_passthrough(config.sglang)
@@ -45,23 +54,44 @@ def check_checkpoint_paths(config: Config) -> None:
             raise ConfigError(f"--ref-load {ckpt.ref_load}: {error}") from None
 
 
-def apply_custom_config(config: Config) -> tuple[Config, list[str]]:
+def custom_config_argv(config: Config) -> tuple[list[str], list[str]]:
     """--custom-config-path as Miles applies it: each key that names a flag overrides the
-    flag's value (source "custom-config", with a warning), before any cross-flag rule runs.
-    Keys that name no flag reach hooks only, through their `args` (rollout/context.py)."""
+    flag. The keys become command-line tokens, parsed after the command line, so they are
+    typed, checked against the flag's choices and count as given, like any flag. Keys that
+    name no flag reach hooks only, through their `args` (rollout/context.py). Returns the
+    tokens and one warning per overridden flag."""
     from furlong.hooks import read_custom_config
+    path = config.rollout.custom_config_path
     try:
-        values = read_custom_config(config.rollout.custom_config_path)
+        values = read_custom_config(path)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    warnings = []
+    tokens, warnings = [], []
     for _, attr, cls in GROUPS:
-        names = {f.name for f in flag_fields(cls)}
-        given = {k: tuple(v) if isinstance(v, list) else v
-                 for k, v in values.items() if k in names}
-        for name, value in given.items():
-            warnings.append(f"--custom-config-path sets {name} to {value!r} (the flag "
-                            f"gave {getattr(getattr(config, attr), name)!r})")
-        if given:
-            config = config.replace(attr, "custom-config", **given)
-    return config, warnings
+        for f in flag_fields(cls):
+            if f.name in values:
+                current = getattr(getattr(config, attr), f.name)
+                tokens += _flag_tokens(f, values[f.name], current, path)
+                warnings.append(f"--custom-config-path sets {option_name(f.name)} to "
+                                f"{values[f.name]!r} (was {current!r})")
+    return tokens, warnings
+
+
+def _flag_tokens(f, value, current, path: str) -> list[str]:
+    """The command-line tokens that give flag `f` the YAML `value`."""
+    option = option_name(f.name)
+    if value is None or (isinstance(f.default, bool) and value is False):
+        if current in (None, False):
+            return []
+        if value is False and f.metadata.get("negatable"):
+            return ["--no-" + option[2:]]
+        raise ConfigError(f"--custom-config-path {path}: {f.name}: cannot unset {option}, "
+                          "which the command line gives; drop it there instead")
+    if isinstance(f.default, bool):
+        if value is not True:
+            raise ConfigError(f"--custom-config-path {path}: {f.name} is a switch: give "
+                              f"true or false, not {value!r}")
+        return [option]
+    if isinstance(value, (list, tuple)):
+        return [option, *map(str, value)]
+    return [option, json.dumps(value) if isinstance(value, dict) else str(value)]

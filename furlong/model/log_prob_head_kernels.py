@@ -1,11 +1,13 @@
 """The log-prob head's two passes over a chunk of float32 logits, as Triton kernels.
 
 `chunk_stats` reads each row of logits z (C, V) once and keeps, per lane, an online
-maximum m, s = sum exp(z - m) and t = sum exp(z - m) z; the lanes then combine into
+maximum m, s = sum exp(z - m) and t = sum exp(z - m) (z - m); the lanes then combine into
 
-    lse = M + log S,   entropy = lse - T / S,   log_prob = z[target] - lse
+    lse = M + log S,   entropy = log S - T / S,   log_prob = z[target] - lse
 
-(S, T the lane sums rescaled to the row maximum M; entropy = lse - sum_v p_v z_v).
+(S, T the lane sums moved to the row maximum M; entropy = lse - sum_v p_v z_v, written
+relative to M so that a peaked row's small entropy is not the difference of two large
+numbers).
 `logit_grad` is one elementwise pass from the logits to the head's dz (log_prob_head.py's
 formula) in the model's dtype. Together they read the logits twice per chunk where
 Inductor's kernels for the same functions read them four times, slowly: on an H200 they
@@ -48,19 +50,24 @@ if triton is not None:
             inside = cols < vocab
             z = tl.load(base + cols, mask=inside, other=0.0)
             m_new = tl.where(inside, tl.maximum(m, z), m)
-            rescale = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_new))
+            unseen = m == float("-inf")
+            rescale = tl.where(unseen, 0.0, tl.exp(m - m_new))
+            shift = tl.where(unseen, 0.0, m - m_new)
             weight = tl.where(inside, tl.exp(z - m_new), 0.0)
+            t = rescale * (t + shift * s) + weight * tl.where(inside, z - m_new, 0.0)
             s = s * rescale + weight
-            t = t * rescale + weight * z
             m = m_new
         row_max = tl.max(m, axis=0)
-        lane_scale = tl.where(m == float("-inf"), 0.0, tl.exp(m - row_max))
+        unseen = m == float("-inf")
+        lane_scale = tl.where(unseen, 0.0, tl.exp(m - row_max))
+        lane_shift = tl.where(unseen, 0.0, m - row_max)
         total = tl.sum(s * lane_scale, axis=0)
         lse = row_max + tl.log(total)
         target_logit = tl.load(base + tl.load(targets + row))
         tl.store(lse_out + row, lse)
         tl.store(log_prob_out + row, target_logit - lse)
-        tl.store(entropy_out + row, lse - tl.sum(t * lane_scale, axis=0) / total)
+        shifted = tl.sum(lane_scale * (t + lane_shift * s), axis=0)  # sum e^(z-M) (z-M)
+        tl.store(entropy_out + row, tl.log(total) - shifted / total)
 
     @triton.jit
     def _grad_kernel(logits, lse, entropy, targets, grad_log_probs, grad_entropy, out,

@@ -74,6 +74,12 @@ def restore(directory: Path, named: NamedParameters,
                                  "saved by another model or with other trainable parameters; "
                                  "start from its model/ directory with --ref-load instead")
             continue
+        for key, value in saved[name].items():
+            if key != "step" and isinstance(value, torch.Tensor) and value.shape != param.shape:
+                raise ValueError(f"{directory}: the saved {key} of {name} is "
+                                 f"{tuple(value.shape)}, the parameter {tuple(param.shape)}: "
+                                 "the checkpoint is of another model; start from its model/ "
+                                 "directory with --ref-load instead")
         optimizer.state[param] = {key: _placed(value, param, key, group_of[id(param)])
                                   for key, value in saved[name].items()}
     return scheduler
