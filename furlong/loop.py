@@ -35,7 +35,6 @@ from furlong.output.plot import plot_rewards
 from furlong.output.progress import Progress
 from furlong.rollout.manager import RolloutResult
 from furlong.sample import Sample
-from furlong.train.batch import TrainBatch
 from furlong.train.rl_step import RLStep, StepResult
 
 log = logging.getLogger("furlong")
@@ -147,16 +146,14 @@ async def train_rollout(run: Run, rl_step: RLStep, rollout_id: int,
         run.logger.log(rollout_id, row)
     metrics = {**result.metrics, "perf/train_start": start, "perf/train_end": end}
     if run.config.debug.dump_details:
-        dump_train_data(run, rollout_id, groups, metrics, result)
+        dump_train_data(run, rollout_id, metrics, result)
     return metrics
 
 
-def dump_train_data(run: Run, rollout_id: int, groups: list[list[Sample]], metrics: dict,
-                    result: StepResult) -> None:
-    """--dump-details: the batch as the trainer built it from these samples (tokens, masks,
-    rewards after --reward-key, the engine's log-probs) and the step's metrics."""
-    batch = TrainBatch.from_samples([s for group in groups for s in group],
-                                    run.config.rollout.reward_key)
+def dump_train_data(run: Run, rollout_id: int, metrics: dict, result: StepResult) -> None:
+    """--dump-details: the batch the trainer trained on (tokens, masks, rewards after
+    --reward-key, the engine's log-probs) and the step's metrics."""
+    batch = result.batch
     data = {"tokens": batch.tokens, "response_lengths": batch.response_lengths,
             "loss_masks": batch.loss_masks, "rewards": batch.rewards,
             "rollout_log_probs": batch.rollout_log_probs}

@@ -19,6 +19,15 @@ from furlong.train.batch import TrainBatch
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_check(code: str, done: str, env: dict | None = None, timeout: int = 300) -> None:
+    """Run `code` in a fresh Python from the repository root with `env` added (Triton's
+    interpreter must be chosen before triton is imported); it must print `done`."""
+    import sys
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout)
+    assert done in result.stdout, result.stderr[-3000:]
+
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Three workers on two cores: one thread each instead of all fighting for both cores.
     torch.set_num_threads(1)

@@ -41,8 +41,8 @@ from furlong.train.actor import RankInfo, TrainActor
 from furlong.train.batch import TrainBatch
 
 from conftest import policy_config, random_batch, train_argv
-from test_parallel import METRICS, assert_matches_one_process, cpu_weights, prepared_batch, \
-    step_gradients
+from test_parallel import assert_engine_serves_the_push, assert_matches_one_process, \
+    assert_same_step, cpu_weights, prepared_batch, step_gradients
 
 WORLD = 4
 HEADS, KV_HEADS = 4, 2
@@ -285,24 +285,15 @@ def test_a_save_under_cp2_resumes_under_cp1_and_back(ranks):
     included), and dp2 x cp2 restores a dp4 save, weights bit-exact, likewise."""
     resume = ranks[1]["resume"]
     for step in ("second", "third"):
-        for key in METRICS:
-            assert resume[f"resumed_{step}"][key] == pytest.approx(resume[step][key],
-                                                                   rel=1e-5, abs=1e-7)
-        for key, tensor in resume[f"resumed_{step}_weights"].items():
-            torch.testing.assert_close(tensor, resume[f"{step}_weights"][key],
-                                       rtol=1e-5, atol=1e-6)
+        assert_same_step(resume[f"resumed_{step}"], resume[f"resumed_{step}_weights"],
+                         resume[step], resume[f"{step}_weights"])
     for key, tensor in resume["loaded"].items():
         assert torch.equal(tensor, resume["resumed_second_weights"][key]), key
 
 
 def test_weights_reach_an_engine_from_a_context_parallel_trainer(tiny, ranks):
     """The engine serves the trained weights exactly, not the initial ones."""
-    pushed = ranks[1]["resume"]["pushed"]
-    initial = dict(load_hf_model(str(tiny / "model")).named_parameters())
-    assert pushed["version"] == 1
-    assert not torch.equal(pushed["trainer"][QUERY], initial[QUERY])
-    for key, tensor in pushed["trainer"].items():
-        assert torch.equal(pushed["served"][key], tensor), key
+    assert_engine_serves_the_push(ranks[1]["resume"]["pushed"], tiny, QUERY)
 
 
 # ---- layouts refused up front -------------------------------------------------------------

@@ -32,7 +32,8 @@ from furlong.train import expert_parallel, parallel
 from furlong.train.actor import RankInfo, TrainActor
 
 from conftest import policy_config, trainer_batch
-from test_parallel import assert_matches_one_process, cpu_weights, step_gradients
+from test_parallel import (assert_matches_one_process, assert_same_step, cpu_weights,
+                           step_gradients)
 
 WORLD = 4
 NUM_EXPERTS = 8
@@ -239,12 +240,8 @@ def test_a_checkpoint_saved_under_ep2_resumes_under_ep4(tiny_moe, ranks):
     expected, _ = from_save.compute_log_probs(batch)
     for actual, values in zip(checkpoint["log_probs"], expected, strict=True):
         torch.testing.assert_close(actual, values, rtol=1e-5, atol=1e-6)
-    for key in METRICS:
-        assert checkpoint["resumed"][key] == pytest.approx(checkpoint["next"][key], rel=1e-5,
-                                                           abs=1e-7), key
-    for key, tensor in checkpoint["resumed_weights"].items():
-        torch.testing.assert_close(tensor, checkpoint["next_weights"][key], rtol=1e-5,
-                                   atol=1e-6)
+    assert_same_step(checkpoint["resumed"], checkpoint["resumed_weights"], checkpoint["next"],
+                     checkpoint["next_weights"], METRICS)
 
 
 def test_expert_parallel_size_must_divide_the_data_parallel_ranks(tiny_moe):

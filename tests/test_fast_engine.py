@@ -3,9 +3,6 @@ the HF engine; its Triton kernels under the Triton interpreter; GPU checks marke
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -20,7 +17,7 @@ from furlong.engine.fast.sequence import Sequence
 from furlong.engine.hf_engine import HFEngine
 from furlong.model.loading import load_hf_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_check
 
 
 def seq(prompt: list[int], max_new: int = 8) -> Sequence:
@@ -224,9 +221,7 @@ KERNEL_CHECK = textwrap.dedent("""
 
 def test_triton_kernels_match_references_in_interpreter():
     pytest.importorskip("triton")
-    result = subprocess.run([sys.executable, "-c", KERNEL_CHECK], capture_output=True, text=True,
-                            cwd=REPO, env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
-    assert "kernels ok" in result.stdout, result.stderr[-3000:]
+    run_check(KERNEL_CHECK, "kernels ok", {"TRITON_INTERPRET": "1"})
 
 
 # ---- on the GPU ------------------------------------------------------------------------------
@@ -236,9 +231,7 @@ def test_gpu_kernels_match_references():
         "torch.manual_seed(0)", "torch.manual_seed(0); torch.set_default_device('cuda')")
     check = check.replace("for tile in (8, 32)", "for tile in (16, 32)").replace(
         "torch.randn(30, 8, kv_heads, 32)", "torch.randn(30, 16, kv_heads, 32)")
-    result = subprocess.run([sys.executable, "-c", check],
-        capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert "kernels ok" in result.stdout, result.stderr[-3000:]
+    run_check(check, "kernels ok", timeout=600)
 
 
 @pytest.mark.gpu

@@ -4,14 +4,9 @@ The check runs in a subprocess: on the CPU under the Triton interpreter (the var
 must be set before triton is imported), on the GPU as compiled code."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_check
 
 CHECK = """
 import torch
@@ -75,9 +70,7 @@ print("fused adamw ok")
 
 
 def _run(check: str, env: dict) -> None:
-    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
-                            cwd=REPO, env={**os.environ, **env}, timeout=300)
-    assert "fused adamw ok" in result.stdout, result.stderr[-3000:]
+    run_check(check, "fused adamw ok", env)
 
 
 def test_fused_adamw_matches_torch_adamw_in_the_interpreter():

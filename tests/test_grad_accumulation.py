@@ -1,17 +1,12 @@
 """The float32 gradient accumulation kernel against torch's cast-and-add."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from furlong.train.grad_accumulation import accumulate
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_check
 
 CHECK = """
 import torch
@@ -35,10 +30,7 @@ print("accumulation ok")
 
 
 def _run(device: str, env: dict) -> None:
-    check = CHECK.replace('DEVICE = "cpu"', f'DEVICE = "{device}"')
-    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
-                            cwd=REPO, env={**os.environ, **env}, timeout=300)
-    assert "accumulation ok" in result.stdout, result.stderr[-3000:]
+    run_check(CHECK.replace('DEVICE = "cpu"', f'DEVICE = "{device}"'), "accumulation ok", env)
 
 
 def test_kernel_sums_in_float32_exactly_as_torch_in_the_interpreter():

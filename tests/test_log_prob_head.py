@@ -1,16 +1,11 @@
 """The fused log-prob/entropy head against the plain computation over whole logits."""
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from furlong.model.log_prob_head import log_probs_and_entropy
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_check
 
 
 def plain_head(hidden, weight, targets, temperature):
@@ -69,6 +64,7 @@ def test_uniform_logits_have_the_log_of_the_vocabulary_as_entropy():
 KERNEL_CHECK = """
 import torch
 from furlong.model import log_prob_head, log_prob_head_kernels as kernels
+from furlong.triton_support import kernels_run
 
 DEVICE = "cpu"
 generator = torch.Generator().manual_seed(3)
@@ -76,7 +72,7 @@ for rows, vocab in ((37, 5003), (3, 700), (0, 64)):  # vocab not a multiple of t
     logits = (torch.randn(rows, vocab, generator=generator) * 3).to(DEVICE)
     targets = torch.randint(0, vocab, (rows,), generator=generator).to(DEVICE)
     grad_log_probs, grad_entropy = torch.randn(2, rows, generator=generator).to(DEVICE)
-    assert kernels.available(logits)
+    assert kernels_run(logits)
     eager = log_prob_head._forward_stats(logits, targets)
     for got, expected in zip(kernels.chunk_stats(logits, targets), eager, strict=True):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -99,10 +95,8 @@ print("head kernels ok")
 
 
 def _run_kernel_check(device: str, env: dict) -> None:
-    check = KERNEL_CHECK.replace('DEVICE = "cpu"', f'DEVICE = "{device}"')
-    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
-                            cwd=REPO, env={**os.environ, **env}, timeout=300)
-    assert "head kernels ok" in result.stdout, result.stderr[-3000:]
+    run_check(KERNEL_CHECK.replace('DEVICE = "cpu"', f'DEVICE = "{device}"'), "head kernels ok",
+              env)
 
 
 def test_triton_kernels_equal_the_torch_functions_in_the_interpreter():

@@ -218,6 +218,27 @@ def assert_matches_one_process(metrics: dict, grads: dict, log_probs: list,
         torch.testing.assert_close(actual, want, rtol=1e-5, atol=1e-6)
 
 
+def assert_same_step(metrics: dict, weights: dict, expected_metrics: dict,
+                     expected_weights: dict, metric_names: tuple = METRICS) -> None:
+    """A resumed run's step equals the one the saving run took next: its metrics and the
+    weights after the update (which Adam's restored moments shape)."""
+    for key in metric_names:
+        assert metrics[key] == pytest.approx(expected_metrics[key], rel=1e-5, abs=1e-7), key
+    for key, tensor in weights.items():
+        torch.testing.assert_close(tensor, expected_weights[key], rtol=1e-5, atol=1e-6)
+
+
+def assert_engine_serves_the_push(pushed: dict, tiny: Path, query: str) -> None:
+    """The engine serves the trained weights a trainer pushed, exactly, not the initial
+    ones (`pushed`: version, the trainer's weights and the engine's)."""
+    from furlong.model.loading import load_hf_model
+    initial = dict(load_hf_model(str(tiny / "model")).named_parameters())
+    assert pushed["version"] == 1
+    assert not torch.equal(pushed["trainer"][query], initial[query])
+    for key, tensor in pushed["trainer"].items():
+        assert torch.equal(pushed["served"][key], tensor), key
+
+
 def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor) -> None:
     scale = float(expected.abs().max()) if expected.numel() else 1.0
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale)
@@ -341,11 +362,7 @@ def test_a_save_of_data_parallel_ranks_resumes_in_one_process(tiny, ranks):
             actor.restore(directory)
         (step,) = actor.train(batch)
         steps[restored] = step, cpu_weights(actor)
-    step, weights = steps[True]
-    for key in METRICS:
-        assert step[key] == pytest.approx(resume["next"][key], rel=1e-5, abs=1e-7), key
-    for key, tensor in weights.items():
-        torch.testing.assert_close(tensor, resume["next_weights"][key], rtol=1e-5, atol=1e-6)
+    assert_same_step(*steps[True], resume["next"], resume["next_weights"])
     assert any(not torch.allclose(tensor, resume["next_weights"][key], rtol=1e-4, atol=1e-6)
                for key, tensor in steps[False][1].items())
 

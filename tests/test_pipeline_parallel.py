@@ -38,8 +38,8 @@ from furlong.train.pipeline_layout import (PipelineLayout, chunk_layer_ranges, d
 from furlong.train.actor import RankInfo, TrainActor
 
 from conftest import policy_config, train_argv
-from test_parallel import METRICS, assert_close_relative, cpu_weights, prepared_batch, \
-    step_gradients
+from test_parallel import METRICS, assert_close_relative, assert_engine_serves_the_push, \
+    assert_same_step, cpu_weights, prepared_batch, step_gradients
 
 WORLD = 4
 STAGES = 2
@@ -305,20 +305,12 @@ def test_a_pp2_save_resumes_under_pp1_and_back_to_the_next_step(ranks):
     for resumed, uninterrupted in (("pp1_resumed", "pp2_next"), ("pp2_resumed", "pp1_next")):
         (metrics, weights), (expected_metrics, expected_weights) = (resume[resumed],
                                                                     resume[uninterrupted])
-        for key in METRICS:
-            assert metrics[key] == pytest.approx(expected_metrics[key], rel=1e-5, abs=1e-7)
         assert sorted(weights) == sorted(expected_weights)
-        for key, tensor in weights.items():
-            torch.testing.assert_close(tensor, expected_weights[key], rtol=1e-5, atol=1e-6)
+        assert_same_step(metrics, weights, expected_metrics, expected_weights)
 
 
 def test_weights_reach_an_engine_from_a_pipelined_trainer(tiny, ranks):
-    pushed = ranks[1]["resume"]["pushed"]
-    initial = dict(load_hf_model(str(tiny / "model")).named_parameters())
-    assert pushed["version"] == 1
-    assert not torch.equal(pushed["trainer"][QUERY], initial[QUERY])
-    for key, tensor in pushed["trainer"].items():
-        assert torch.equal(pushed["served"][key], tensor), key
+    assert_engine_serves_the_push(ranks[1]["resume"]["pushed"], tiny, QUERY)
 
 
 # ---- layouts refused up front -------------------------------------------------------------

@@ -27,6 +27,7 @@ import torch
 
 from furlong.model import log_prob_head_kernels as kernels
 from furlong.model.logits import output_logits
+from furlong.triton_support import kernels_run
 
 
 def log_probs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -88,7 +89,7 @@ class _FusedHead(torch.autograd.Function):
         for start in range(0, num_positions, chunk_size):
             rows = slice(start, start + chunk_size)
             logits = _scaled_logits(hidden[rows], weight, inv_temperature)
-            stats = kernels.chunk_stats if kernels.available(logits) else _forward_stats
+            stats = kernels.chunk_stats if kernels_run(logits) else _forward_stats
             lse[rows], log_probs[rows], entropy[rows] = stats(logits, targets[rows])
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.inv_temperature, ctx.chunk_size = inv_temperature, chunk_size
@@ -103,7 +104,7 @@ class _FusedHead(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             logits = _scaled_logits(hidden[rows], weight, ctx.inv_temperature)
-            grad = kernels.logit_grad if kernels.available(logits) else _logit_grad
+            grad = kernels.logit_grad if kernels_run(logits) else _logit_grad
             grad_z = grad(logits, lse[rows], entropy[rows], targets[rows],
                           grad_log_probs[rows], grad_entropy[rows], ctx.inv_temperature,
                           hidden.dtype)

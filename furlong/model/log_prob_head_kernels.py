@@ -13,27 +13,16 @@ formula) in the model's dtype. Together they read the logits twice per chunk whe
 Inductor's kernels for the same functions read them four times, slowly: on an H200 they
 took 15% of a Qwen3-30B-A3B-shaped training step (bench/RESULTS.md).
 
-Runs on CUDA tensors, and on the CPU under the Triton interpreter (TRITON_INTERPRET=1,
-the tests); `available` says which.
+Runs where `triton_support.kernels_run` says (CUDA, or the CPU under the Triton
+interpreter: the tests).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU machines without triton take torch's path
-    triton = None
+from furlong.triton_support import tl, triton
 
 BLOCK = 2048
-
-
-def available(tensor: torch.Tensor) -> bool:
-    """Whether the kernels run for logits on `tensor`'s device."""
-    return triton is not None and (tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 if triton is not None:

@@ -15,22 +15,11 @@ under the Triton interpreter (TRITON_INTERPRET=1, the tests).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU machines without triton take torch's path
-    triton = None
+from furlong.triton_support import tl, triton
 
 BLOCK = 4096
-
-
-def available(tensor: torch.Tensor) -> bool:
-    """Whether `adamw_step` runs for parameters on `tensor`'s device."""
-    return triton is not None and (tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 if triton is not None:

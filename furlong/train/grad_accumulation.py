@@ -13,21 +13,11 @@ the tests); torch's ops elsewhere.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU machines without triton take torch's path
-    triton = None
+from furlong.triton_support import kernels_run, tl, triton
 
 BLOCK = 4096
-
-
-def _triton_runs(tensor: torch.Tensor) -> bool:
-    return triton is not None and (tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 if triton is not None:
@@ -44,7 +34,7 @@ if triton is not None:
 def accumulate(total: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """total + grad in float32: into `total` when it is float32 already, else into a new
     float32 tensor (the first sum of two bfloat16 gradients). Same shapes."""
-    if not (_triton_runs(total) and total.is_contiguous() and grad.is_contiguous()):
+    if not (kernels_run(total) and total.is_contiguous() and grad.is_contiguous()):
         return (total if total.dtype == torch.float32 else total.float()).add_(grad)
     out = total if total.dtype == torch.float32 else torch.empty_like(total, dtype=torch.float32)
     numel = total.numel()

@@ -22,6 +22,7 @@ from torch import nn
 
 from furlong.train import fused_adamw
 from furlong.train.grad_accumulation import accumulate
+from furlong.triton_support import kernels_run
 
 
 class MasterWeights:
@@ -102,7 +103,7 @@ class MasterWeights:
         norm = torch.linalg.vector_norm(torch.stack(
             torch._foreach_norm(grads, 2, dtype=torch.float32)))
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        if fused_adamw.available(masters[0]):
+        if kernels_run(masters[0]):
             fused_adamw.adamw_step(optimizer, masters, grads, params, scale)
         else:
             for master, grad in zip(masters, grads, strict=True):

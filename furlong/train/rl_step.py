@@ -86,6 +86,7 @@ def old_log_probs_source(grpo: GrpoArgs, rollout: RolloutArgs) -> OldLogProbs:
 class StepResult:
     metrics: dict                # the rollout's: rollout/*, train/* (mean over steps), perf/*
     optimizer_steps: list[dict]  # train/* of each optimizer step, with train/step
+    batch: TrainBatch            # what the trainer trained on
 
 
 class RLStep:
@@ -120,7 +121,7 @@ class RLStep:
         if interval and self.trainer.has_reference and (rollout_id + 1) % interval == 0:
             self.trainer.update_reference()
         return StepResult(metrics, [{**step, "train/step": rollout_id * len(steps) + index}
-                                    for index, step in enumerate(steps)])
+                                    for index, step in enumerate(steps)], batch)
 
     def prepare_policy_batch(self, batch: TrainBatch, samples: list[Sample]) -> dict:
         """Fill old/ref log-probs and advantages into `batch`; returns their metrics."""
