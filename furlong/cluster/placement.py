@@ -52,7 +52,7 @@ def cluster_flags_given(config: Config) -> bool:
     """Whether the command line lays out trainer ranks and engines (then Ray runs them).
     `--rollout-num-gpus-per-engine` sizes the engines but places nothing: Miles' scripts
     give it, often with its default of 1, whatever the layout."""
-    return any(config.sources.get(flag) == "flag" for flag in CLUSTER_FLAGS)
+    return any(config.given(flag) for flag in CLUSTER_FLAGS)
 
 
 def plan_placement(config: Config, gpus_available: int) -> Placement:

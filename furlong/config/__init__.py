@@ -26,8 +26,8 @@ def load_config(argv: list[str], prog: str = "train.py") -> tuple[Config, list[s
     config, warnings = resolve(config)
     warnings = custom_warnings + warnings
     check_passthrough(config.sglang)
-    given_model_args = {key.split(".", 1)[1] for key, source in config.sources.items()
-                        if key.startswith("model.") and source == "flag"}
+    given_model_args = {key.split(".", 1)[1] for key in config.sources
+                        if key.startswith("model.") and config.given(key)}
     directory = config.ckpt.hf_checkpoint
     hf = read_hf_config(directory)
     check_model_args(config.model, given_model_args, hf, directory)

@@ -434,6 +434,10 @@ class Config:
     # "group.field" -> "default" | "flag" | "derived" | "inherited"
     sources: dict = field(default_factory=dict, compare=False)
 
+    def given(self, key: str) -> bool:
+        """Whether the command line (or --custom-config-path) set `key`, "group.name"."""
+        return self.sources.get(key) == "flag"
+
     def replace(self, group: str, source: str, **values: Any) -> "Config":
         """A copy with fields of one group changed, recording their source."""
         updated = dataclasses.replace(getattr(self, group), **values)

@@ -26,23 +26,21 @@ def resolve_trainer_flags(config: Config) -> tuple[Config, list[str]]:
         if p.recompute_method is None:
             derived["recompute_method"] = "uniform"
         config = config.replace("perf", "derived", **derived)
-    given = {key.split(".", 1)[1] for key, source in config.sources.items()
-             if source == "flag"}
-    return config, _warnings(config, given)
+    return config, _warnings(config)
 
 
-def _warnings(config: Config, given: set[str]) -> list[str]:
+def _warnings(config: Config) -> list[str]:
     p = config.perf
     warnings = []
-    if "seq_length" in given:
+    if config.given("model.seq_length"):
         warnings.append(
             f"--seq-length {config.model.seq_length} is no limit in furlong: the trainer packs "
             "micro-batches by --max-tokens-per-gpu (or --micro-batch-size) and takes each "
             "sample's length from its rollout (as Miles runs Megatron, with variable sequence "
             "lengths); ignored")
-    if "recompute_num_layers" in given:
+    if config.given("perf.recompute_num_layers"):
         warnings += _recompute_num_layers_warning(p)
-    if "bf16" in given and p.bf16 and not _has_cuda():
+    if config.given("perf.bf16") and p.bf16 and not _has_cuda():
         warnings.append("--bf16: this machine has no CUDA device, so the trainer runs in "
                         "float32 (on GPUs furlong trains in bfloat16 on float32 master "
                         "weights, with or without --bf16)")

@@ -352,7 +352,7 @@ def megatron_only_warnings(config: Config) -> list[str]:
     warnings = []
     for _, attr, cls in GROUPS:
         for f in flag_fields(cls):
-            if config.sources.get(f"{attr}.{f.name}") != "flag":
+            if not config.given(f"{attr}.{f.name}"):
                 continue
             why = f": {f.metadata['why']}" if f.metadata.get("why") else ""
             if f.metadata.get("megatron_only"):
@@ -382,7 +382,7 @@ def _check_moe(config: Config) -> list[str]:
     """Rejects a negative loss weight and the load-balancing losses the trainer does not
     compute; returns a warning for each MoE flag that Megatron itself ignores in the
     combination given (config.json is checked in model_check)."""
-    m, given = config.model, config.sources
+    m = config.model
     warnings = []
     _positive(m.moe_aux_loss_coeff, "--moe-aux-loss-coeff", allow_zero=True)
     if m.moe_router_pre_softmax and m.moe_router_score_function == "sigmoid":
@@ -402,7 +402,7 @@ def _check_moe(config: Config) -> list[str]:
                         f"--moe-router-load-balancing-type {balancing} (no auxiliary loss); "
                         "ignored")
     if (m.moe_aux_loss_coeff == 0 and balancing.endswith("aux_loss")
-            and given.get("model.moe_router_load_balancing_type") == "flag"):
+            and config.given("model.moe_router_load_balancing_type")):
         warnings.append(f"--moe-router-load-balancing-type {balancing} has no effect with "
                         "--moe-aux-loss-coeff 0 (the loss is weighted 0); ignored")
     return warnings
