@@ -1,8 +1,9 @@
 """EngineServer: SGLang's HTTP API over one furlong `Engine`, as an aiohttp application.
 
 The server reaches the engine only through the `Engine` protocol plus `engine.model`
-(vocabulary size, device, `/get_weights_by_name`). Its routes come from three places:
-generation (generation.py), weights (weight_routes.py over a `WeightReceiver`), and the
+(vocabulary size, device, `/get_weights_by_name`). Its routes come from four places:
+generation (generation.py), OpenAI's /v1 API (openai_routes.py), weights
+(weight_routes.py over a `WeightReceiver`), and the
 health, cache, memory and model-info calls here. Bad requests get HTTP 400 and
 `{"error": message}` naming the field; failures inside the server get 500. With an
 `api_key`, requests without `Authorization: Bearer KEY` get 401, as from SGLang
@@ -19,6 +20,7 @@ from furlong.engine.api_key import api_key_middleware
 from furlong.engine.base import Engine, SamplingParams
 from furlong.engine.server.request_fields import bad_request, field, json_body
 from furlong.engine.server.generation import GenerationRoutes
+from furlong.engine.server.openai_routes import OpenAIRoutes, is_openai_path, openai_errors
 from furlong.engine.server.weight_routes import WeightRoutes
 from furlong.engine.weights.group import WeightUpdateGroup
 from furlong.engine.weights.receive import WeightReceiver
@@ -31,9 +33,10 @@ MAX_BODY_BYTES = 1 << 40  # serialized weights travel in request bodies
 @web.middleware
 async def only_generate_cancels(request: web.Request, handler):
     """With handler cancellation on, a client that disconnects cancels its handler: right
-    for /generate (the engine aborts the request), wrong for weight and memory calls,
-    whose work (and group state) must finish whoever is still listening."""
-    if request.path == "/generate":
+    for generation, /generate and the OpenAI routes (the engine aborts the request; a
+    session records nothing), wrong for weight and memory calls, whose work (and group
+    state) must finish whoever is still listening."""
+    if request.path == "/generate" or is_openai_path(request.path):
         return await handler(request)
     return await asyncio.shield(handler(request))
 
@@ -53,12 +56,16 @@ class EngineServer:
     """SGLang's HTTP API over one engine. `build_app` gives the aiohttp application.
     `api_key`: requests must carry it as a Bearer token (None: the server is open).
     `accept_ipc_weights`: take CUDA IPC weight payloads (a trainer on the same GPU).
-    `return_routed_experts`: /generate may return routes (--enable-return-routed-experts)."""
+    `return_routed_experts`: /generate may return routes (--enable-return-routed-experts).
+    `served_model_name`: the model id of /v1/models (default: `model_path`).
+    `max_context_len`: prompt plus response, for the /v1 routes and sessions (default: the
+    engine's `max_context_len`, else the model's max_position_embeddings)."""
 
     def __init__(self, engine: Engine, tokenizer, model_path: str,
                  tokenizer_path: str | None = None, health_timeout_s: float = 20.0,
                  weights_group_timeout_s: float = 600.0, accept_ipc_weights: bool = False,
-                 api_key: str | None = None, return_routed_experts: bool = False):
+                 api_key: str | None = None, return_routed_experts: bool = False,
+                 served_model_name: str | None = None, max_context_len: int | None = None):
         self.engine = engine
         self.api_key = api_key
         self.tokenizer_path = tokenizer_path or model_path
@@ -67,6 +74,9 @@ class EngineServer:
                                       weights_group_timeout_s)
         self.generation = GenerationRoutes(engine, tokenizer, lambda: self.weight_version,
                                            return_routed_experts)
+        context = max_context_len or getattr(engine, "max_context_len", None) \
+            or engine.model.config.max_position_embeddings
+        self.openai = OpenAIRoutes(engine, tokenizer, served_model_name or model_path, context)
 
     @property
     def weight_version(self) -> int:
@@ -86,9 +96,11 @@ class EngineServer:
         # The key is checked first: a refused request reads no body and runs nothing.
         guard = [api_key_middleware(self.api_key)] if self.api_key else []
         app = web.Application(client_max_size=MAX_BODY_BYTES,
-                              middlewares=[*guard, only_generate_cancels, errors_as_json])
+                              middlewares=[*guard, only_generate_cancels, openai_errors,
+                                           errors_as_json])
         app.add_routes([
             *self.generation.routes(),
+            *self.openai.routes(),
             web.get("/health", self.health),
             web.get("/health_generate", self.health_generate),
             web.get("/flush_cache", self.flush_cache),
@@ -129,7 +141,7 @@ class EngineServer:
 
     async def get_model_info(self, request: web.Request) -> web.Response:
         return web.json_response({"model_path": self.weights.model_path,
-                                  "tokenizer_path": self.tokenizer_path, "is_generation": True,
+                                  "tokenizer_path": self.tokenizer_path, "_is_generation": True,
                                   "weight_version": str(self.weight_version)})
 
     async def release_memory_occupation(self, request: web.Request) -> web.Response:

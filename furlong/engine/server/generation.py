@@ -13,8 +13,9 @@ from aiohttp import web
 
 from furlong.engine.base import Engine, GenerateOutput
 from furlong.engine.server.request_fields import (GENERATE_FIELDS, bad_request, field,
-                                                  generate_item, is_int, json_body,
-                                                  parse_batch_sampling_params, request_ids)
+                                                  generate_item, json_body,
+                                                  parse_batch_sampling_params, request_ids,
+                                                  token_ids)
 
 
 class GenerationRoutes:
@@ -77,24 +78,17 @@ class GenerationRoutes:
             bad_request("give exactly one of input_ids (token ids) and text")
         text = body.get("text")
         if isinstance(text, str):
-            return [self._token_ids(self.tokenizer.encode(text), "text")], False
+            return [token_ids(self.tokenizer.encode(text), "text", self.vocab_size)], False
         if text is not None:
             if not (isinstance(text, list) and text and all(isinstance(t, str) for t in text)):
                 bad_request(f"text must be a string or a non-empty list of strings, got {text!r}")
-            return [self._token_ids(self.tokenizer.encode(t), f"text[{i}]")
+            return [token_ids(self.tokenizer.encode(t), f"text[{i}]", self.vocab_size)
                     for i, t in enumerate(text)], True
         ids = body["input_ids"]
         if isinstance(ids, list) and ids and all(isinstance(row, list) for row in ids):
-            return [self._token_ids(row, f"input_ids[{i}]") for i, row in enumerate(ids)], True
-        return [self._token_ids(ids, "input_ids")], False
-
-    def _token_ids(self, ids, field: str) -> list[int]:
-        if not isinstance(ids, list) or not ids:
-            bad_request(f"{field} must be a non-empty list of token ids, got {ids!r}")
-        for i, token in enumerate(ids):
-            if not (is_int(token) and 0 <= token < self.vocab_size):
-                bad_request(f"{field}[{i}] = {token!r} is not a token id in [0, {self.vocab_size})")
-        return ids
+            return [token_ids(row, f"input_ids[{i}]", self.vocab_size)
+                    for i, row in enumerate(ids)], True
+        return [token_ids(ids, "input_ids", self.vocab_size)], False
 
     async def abort_request(self, request: web.Request) -> web.Response:
         """{"abort_all": true}: every request, with the tokens made so far. {"rid": ID}:

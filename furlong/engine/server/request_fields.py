@@ -54,6 +54,16 @@ def field(body: dict, name: str, kind: type, default=_REQUIRED):
     return value
 
 
+def token_ids(ids, name: str, vocab_size: int) -> list[int]:
+    """A prompt's ids, checked to be a non-empty list of ids in the vocabulary."""
+    if not isinstance(ids, list) or not ids:
+        bad_request(f"{name} must be a non-empty list of token ids, got {ids!r}")
+    for i, token in enumerate(ids):
+        if not (is_int(token) and 0 <= token < vocab_size):
+            bad_request(f"{name}[{i}] = {token!r} is not a token id in [0, {vocab_size})")
+    return ids
+
+
 def version_field(body: dict, name: str) -> int | None:
     """A weight version: SGLang sends a string, furlong engines number them."""
     value = body.get(name)
