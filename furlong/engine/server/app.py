@@ -1,11 +1,12 @@
 """EngineServer: SGLang's HTTP API over one furlong `Engine`, as an aiohttp application.
 
 The server reaches the engine only through the `Engine` protocol plus `engine.model`
-(vocabulary size, device, `/get_weights_by_name`). Its routes come from four places:
-generation (generation.py), OpenAI's /v1 API (openai_routes.py), weights
-(weight_routes.py over a `WeightReceiver`), and the
+(vocabulary size, device, `/get_weights_by_name`). Its routes come from five places:
+generation (generation.py), OpenAI's /v1 API (openai_routes.py), sessions of exact tokens
+for agents (sessions.py), weights (weight_routes.py over a `WeightReceiver`), and the
 health, cache, memory and model-info calls here. Bad requests get HTTP 400 and
-`{"error": message}` naming the field; failures inside the server get 500. With an
+`{"error": message}` naming the field (on the OpenAI paths in OpenAI's shape,
+`{"error": {"message": ...}}`); failures inside the server get 500. With an
 `api_key`, requests without `Authorization: Bearer KEY` get 401, as from SGLang
 (furlong/engine/api_key.py); the health checks stay open.
 """
@@ -21,6 +22,7 @@ from furlong.engine.base import Engine, SamplingParams
 from furlong.engine.server.request_fields import bad_request, field, json_body
 from furlong.engine.server.generation import GenerationRoutes
 from furlong.engine.server.openai_routes import OpenAIRoutes, is_openai_path, openai_errors
+from furlong.engine.server.sessions import SessionRoutes
 from furlong.engine.server.weight_routes import WeightRoutes
 from furlong.engine.weights.group import WeightUpdateGroup
 from furlong.engine.weights.receive import WeightReceiver
@@ -77,6 +79,7 @@ class EngineServer:
         context = max_context_len or getattr(engine, "max_context_len", None) \
             or engine.model.config.max_position_embeddings
         self.openai = OpenAIRoutes(engine, tokenizer, served_model_name or model_path, context)
+        self.sessions = SessionRoutes(self.openai)
 
     @property
     def weight_version(self) -> int:
@@ -101,6 +104,7 @@ class EngineServer:
         app.add_routes([
             *self.generation.routes(),
             *self.openai.routes(),
+            *self.sessions.routes(),
             web.get("/health", self.health),
             web.get("/health_generate", self.health_generate),
             web.get("/flush_cache", self.flush_cache),
@@ -141,7 +145,7 @@ class EngineServer:
 
     async def get_model_info(self, request: web.Request) -> web.Response:
         return web.json_response({"model_path": self.weights.model_path,
-                                  "tokenizer_path": self.tokenizer_path, "_is_generation": True,
+                                  "tokenizer_path": self.tokenizer_path, "is_generation": True,
                                   "weight_version": str(self.weight_version)})
 
     async def release_memory_occupation(self, request: web.Request) -> web.Response:
