@@ -333,3 +333,25 @@ def test_openai_routes_share_the_api_key(tiny, tokenizer):
         assert client.models.list().data[0].id == "served-model"
     finally:
         served.stop()
+
+
+def test_tool_call_parser():
+    from furlong.engine.tool_calls import ToolCall, parse_tool_calls
+
+    text = ('Let me look.\n<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n'
+            '<tool_call>{"name": "b", "parameters": {"y": "é"}}</tool_call>')
+    parsed = parse_tool_calls(text)
+    assert parsed.tool_calls == [ToolCall("a", '{"x": 1}'), ToolCall("b", '{"y": "é"}')]
+    assert (parsed.content, parsed.errors) == ("Let me look.", [])
+    assert parse_tool_calls("no calls ").content == "no calls "  # untouched without calls
+    assert parse_tool_calls('<tool_call>{"name": "c", "arguments": "{}"}</tool_call>'
+                            ).tool_calls == [ToolCall("c", "{}")]  # a string stays a string
+    for broken, why in [('<tool_call>{"name": "a", </tool_call>', "does not parse"),
+                        ('<tool_call>{"arguments": {}}</tool_call>', '"name"'),
+                        ('<tool_call>{"name": "a"', "never closed")]:
+        parsed = parse_tool_calls("ok " + broken)
+        assert (parsed.content, parsed.tool_calls) == ("ok " + broken, [])
+        assert len(parsed.errors) == 1 and why in parsed.errors[0]
+    mixed = parse_tool_calls('<tool_call>{"name": "a"}</tool_call> <tool_call>x</tool_call>')
+    assert mixed.tool_calls == [ToolCall("a", "{}")]
+    assert mixed.content == "<tool_call>x</tool_call>" and len(mixed.errors) == 1

@@ -245,3 +245,33 @@ def test_sessions_through_the_router_stay_on_one_engine(serve):
     assert second_engine.prompts == [chat_prompt(TOKENIZER, MESSAGES)]  # the new session
     assert sample["tokens"] == first_engine.prompts[2] + reply
     assert first_engine.prompts[1][:len(first_engine.prompts[0])] == first_engine.prompts[0]
+
+
+# ---- the chat template functions ------------------------------------------------------------
+
+def test_differing_tokens_counts_each_change_once():
+    from furlong.engine.server.chat_template import differing_tokens
+    assert differing_tokens([1, 2, 3], [1, 2, 3]) == 0
+    assert differing_tokens([1, 2, 3], [1, 9, 3]) == 1        # replaced
+    assert differing_tokens([1, 2, 3], [1, 3]) == 1           # removed
+    assert differing_tokens([1, 5, 6, 2, 3], [1, 2, 3]) == 2  # two inserted
+    assert differing_tokens([7, 8], [9]) == 2                 # "a", "b" against "ab"
+    assert differing_tokens([], [4, 4]) == 2
+
+
+def test_an_end_token_that_opens_the_next_message():
+    """Templates like GLM's write no closing after a response: the stop token the model
+    samples is the next message's opener, so the appended ids start after it."""
+    from furlong.engine.server.chat_template import continuation_ids
+
+    tokenizer = tool_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    opener = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    history = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "42"}]
+    appended = [{"role": "tool", "content": "sunny"}]
+    assert continuation_ids(tokenizer, history, appended, opener, None, {}) == \
+        ids(tokenizer, "tool\nsunny<|im_start|>assistant\n")
+    # A template that never writes the end token: no continuation.
+    assert continuation_ids(tokenizer, history, appended, END, None, {}) is None

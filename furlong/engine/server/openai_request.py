@@ -13,13 +13,16 @@ from dataclasses import dataclass, field as dataclass_field
 from furlong.engine.base import SamplingParams
 from furlong.engine.server.request_fields import bad_request, field, is_int
 
-_IGNORED = {"model", "user", "metadata", "store", "service_tier", "parallel_tool_calls"}
+# No effect on the tokens (spaces_between_special_tokens: furlong's text never has them).
+_IGNORED = {"model", "user", "metadata", "store", "service_tier", "parallel_tool_calls",
+            "spaces_between_special_tokens"}
 _SAMPLING = {"temperature", "top_p", "top_k", "max_tokens", "stop", "stop_token_ids", "seed",
              "skip_special_tokens", "no_stop_trim", "ignore_eos"}
 _OUTPUT = {"n", "stream", "stream_options", "logprobs", "return_token_ids"}
 # Refused unless "off": the value that means off.
-_OFF = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "echo": False,
-        "best_of": 1, "suffix": None, "response_format": {"type": "text"}}
+_OFF = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "min_p": 0,
+        "min_tokens": 0, "logit_bias": {}, "echo": False, "best_of": 1, "suffix": None,
+        "response_format": {"type": "text"}}
 CHAT_FIELDS = _IGNORED | _SAMPLING | _OUTPUT | set(_OFF) | {
     "messages", "tools", "tool_choice", "max_completion_tokens", "top_logprobs",
     "chat_template_kwargs"}
