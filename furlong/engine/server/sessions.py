@@ -91,21 +91,21 @@ class SessionRoutes:
             trajectory, new_messages, context_ids = self._plan(session, chat)
             prompt = (trajectory.tokens if trajectory else []) + context_ids
             params = self.openai.sampling(chat.params, chat.max_tokens, len(prompt))
-            if params is None:
-                output = GenerateOutput([], [], "length", prompt_tokens=len(prompt))
+            if params is None:  # no room left: the trajectory ends here
                 if trajectory is not None:
                     trajectory.cut_by_limit()
+                output = GenerateOutput([], [], "length", prompt_tokens=len(prompt))
+                [choice] = self.openai.chat_choices([output], chat)
             else:
                 with session_affinity(request.match_info["session_id"]):
                     [output] = await self.openai.generate(prompt, params, 1)
-            [choice] = self.openai.chat_choices([output], chat)
-            if params is not None:
+                [choice] = self.openai.chat_choices([output], chat)
                 if trajectory is None:
                     trajectory = Trajectory(prompt_length=len(prompt))
                     session.trajectories.append(trajectory)
                 trajectory.record(new_messages, context_ids, output, choice.message,
-                                  self._end_token(output), len(choice.tool_call_errors))
-                trajectory.tools, trajectory.template_kwargs = chat.tools, chat.template_kwargs
+                                  self._end_token(output), len(choice.tool_call_errors),
+                                  chat.tools, chat.template_kwargs)
         return await self.openai.send_chat(request, prompt, [choice], chat)
 
     def _plan(self, session: Session, chat: ChatRequest

@@ -43,9 +43,12 @@ class Trajectory:
             same_message(a, b) for a, b in zip(self.messages, messages))
 
     def record(self, new_messages: list[dict], context_ids: list[int], output: GenerateOutput,
-               response: dict, end_token: int | None, num_tool_call_errors: int = 0) -> None:
+               response: dict, end_token: int | None, num_tool_call_errors: int = 0,
+               tools: list | None = None, template_kwargs: dict | None = None) -> None:
         """One turn: the messages the request added and their template ids
-        (`context_ids`: the whole prompt in a new trajectory), then the response."""
+        (`context_ids`: the whole prompt in a new trajectory), then the response; the
+        turn's tools and template kwargs render the conversation from now on."""
+        self.tools, self.template_kwargs = tools, template_kwargs or {}
         self.messages += [*new_messages, response]
         self.tokens += [*context_ids, *output.output_ids]
         self.loss_mask += [0] * len(context_ids) + [1] * len(output.output_ids)
