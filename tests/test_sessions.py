@@ -127,14 +127,16 @@ def test_a_rewritten_history_starts_a_new_trajectory(serve):
     assert reply_text["metrics"] == {"session/retokenize_mismatch_tokens": 0}
 
 
-def test_unknown_sessions_are_404(serve):
+def test_unknown_sessions_are_404_and_n_is_one(serve):
     served, _ = serve([[END]])
     with pytest.raises(openai.NotFoundError, match="session not found: session_id=nope"):
         served.client("/sessions/nope/v1").chat.completions.create(model="m", messages=MESSAGES)
     answer = requests.post(served.url + "/sessions/nope/samples", timeout=TIMEOUT_S)
     assert answer.status_code == 404
     assert answer.json()["error"].startswith("session not found: session_id=nope")
-    session_id, _ = open_session(served)
+    session_id, client = open_session(served)
+    with pytest.raises(openai.BadRequestError, match="n: a session records one response"):
+        client.chat.completions.create(model="m", messages=MESSAGES, n=2)
     url = f"{served.url}/sessions/{session_id}"
     assert requests.delete(url, timeout=TIMEOUT_S).status_code == 204
     assert requests.delete(url, timeout=TIMEOUT_S).status_code == 404

@@ -40,7 +40,8 @@ class Trajectory:
         """Whether `messages` continue this trajectory: its conversation, unchanged,
         followed by new messages, after a response that ended its turn."""
         return self.end_token is not None and len(messages) >= len(self.messages) and all(
-            same_message(a, b) for a, b in zip(self.messages, messages))
+            same_message(a, b)
+            for a, b in zip(self.messages, messages[:len(self.messages)], strict=True))
 
     def record(self, new_messages: list[dict], context_ids: list[int], output: GenerateOutput,
                response: dict, end_token: int | None, num_tool_call_errors: int = 0,
