@@ -296,11 +296,6 @@ class GrpoArgs(GrpoInertFlags):
         return self.use_kl_loss or bool(self.kl_coef)
 
 
-CPU_OPTIMIZER_NOT_YET = ("furlong does not step the optimizer on the CPU yet: its masters "
-                         "and Adam state stay on the GPU (float32), and --offload-train moves "
-                         "them to the CPU only while the engines generate")
-
-
 @dataclass(frozen=True)
 class OptimizerArgs(OptimizerInertFlags):
     """OPTIMIZER_ARGS: AdamW and its learning-rate schedule."""
@@ -319,14 +314,14 @@ class OptimizerArgs(OptimizerInertFlags):
     weight_decay: float = flag(0.01, "Decoupled weight decay")
     clip_grad: float = flag(1.0, "Gradient-norm clip (0: off)")
     seed: int = flag(1234, "Trainer seed")
-    optimizer_cpu_offload: bool = flag(False, "Keep the optimizer state on CPU and step there",
-                                       inert=True, why=CPU_OPTIMIZER_NOT_YET)
-    overlap_cpu_optimizer_d2h_h2d: bool = flag(False, "Overlap the CPU optimizer's copies "
-                                                      "to and from the device",
-                                               inert=True, why=CPU_OPTIMIZER_NOT_YET)
-    use_precision_aware_optimizer: bool = flag(False, "Optimizer state in lower precision, "
-                                                      "master weights in fp32",
-                                               inert=True, why=CPU_OPTIMIZER_NOT_YET)
+    optimizer_cpu_offload: bool = flag(False, "Float32 masters and Adam moments in host "
+                                              "memory; AdamW steps on the CPU")
+    overlap_cpu_optimizer_d2h_h2d: bool = flag(False, "Overlap the CPU optimizer's copies to "
+                                                      "and from the device with its step "
+                                                      "(pinned memory, CUDA streams)")
+    use_precision_aware_optimizer: bool = flag(False, "Megatron's optimizer keeping float32 "
+                                                      "masters and moments itself (its default "
+                                                      "dtypes): as furlong's always does")
 
 
 @dataclass(frozen=True)

@@ -254,9 +254,12 @@ PerfInertFlags = mixin(
     megatron(MEGATRON_DDP,
              use_distributed_optimizer=SWITCH, overlap_grad_reduce=SWITCH,
              overlap_param_gather=SWITCH, no_gradient_accumulation_fusion=SWITCH,
-             optimizer_offload_fraction=value(float, 1.0), offload_optimizer_states=SWITCH,
+             offload_optimizer_states=SWITCH,
              distributed_backend=value(str, "nccl"), distributed_timeout_minutes=value(int, 10),
              indep_dp=SWITCH, delay_split_train_data_by_dp=SWITCH),
+    megatron("furlong's --optimizer-cpu-offload keeps the whole optimizer on the CPU, "
+             "Megatron's default fraction 1.0; a share stepped on the device is not implemented",
+             optimizer_offload_fraction=value(float, 1.0)),
     megatron("Megatron's context-parallel exchange schemes; furlong's has one, not chosen by flag",
              cp_comm_type=value(str, ["p2p"], nargs="+"), allgather_cp=SWITCH),
     megatron("Megatron's NaN check of loss and gradients; furlong's trainer has no such switch",

@@ -5,7 +5,8 @@ backward) becomes Megatron's spelling of the same thing, --recompute-granularity
 --recompute-method uniform, unless recompute flags say otherwise. The flags below act
 only in part here, and each warns once, given, saying what runs instead:
 --seq-length, --recompute-num-layers outside --recompute-method block, --bf16 on a
-machine without CUDA, --attn-implementation other than flash_attention_2.
+machine without CUDA, --attn-implementation other than flash_attention_2,
+--overlap-cpu-optimizer-d2h-h2d without --optimizer-cpu-offload (no copies to overlap).
 (--deterministic-mode and --train-env-vars act in train/process_env.py.)
 """
 from __future__ import annotations
@@ -49,6 +50,11 @@ def _warnings(config: Config) -> list[str]:
             f"--attn-implementation {p.attn_implementation} is not used: the trainer's "
             "attention is furlong's packed varlen kernel (flash attention on GPUs, SDPA on "
             "the CPU), which computes the same causal attention per sample")
+    optimizer = config.optimizer
+    if optimizer.overlap_cpu_optimizer_d2h_h2d and not optimizer.optimizer_cpu_offload:
+        warnings.append("--overlap-cpu-optimizer-d2h-h2d overlaps the copies of the CPU "
+                        "optimizer, and without --optimizer-cpu-offload the optimizer steps "
+                        "on the device: nothing to overlap; ignored")
     return warnings
 
 

@@ -15,6 +15,9 @@ Where it runs (`RankInfo`):
   wrapper, no process group;
 - several GPUs (nccl): `parallel.parallelize` with FSDP2 mixed precision, bfloat16
   compute on float32 master weights and optimizer state.
+With --optimizer-cpu-offload the float32 masters (FSDP2's shards with several ranks) and
+AdamW's state live in host memory and the optimizer steps on the CPU
+(train/cpu_optimizer.py on one GPU, FSDP2's CPUOffloadPolicy with several ranks).
 With several ranks, --expert-model-parallel-size splits the experts of an MoE model over
 groups of data-parallel ranks (train/expert_parallel.py), and --context-parallel-size
 each micro-batch's tokens over the ranks of a context-parallel group, which take the same
@@ -39,6 +42,7 @@ from furlong.model.loading import checkpoint_named_tensors, load_hf_model
 from furlong.model.moe import RouterRecorder, freeze_routers, is_moe
 from furlong.train import (actor_checkpoint, distributed_state, microbatch, parallel,
                            pipeline_parallel)
+from furlong.train.cpu_optimizer import HostStep
 from furlong.train.batch import PackedMicroBatch, TrainBatch, pack, split_routes, split_tokens
 from furlong.train.expert_parallel import check_expert_parallel_size
 from furlong.train.load_balancing import load_balancing_term
@@ -77,7 +81,8 @@ class TrainActor:
         self.rank = rank
         self.mesh, self.expert_mesh = self._build_meshes()
         self.policy = self._build_policy(init_weights, trainable=True)
-        self.masters = MasterWeights(self.policy.hf_model) if self._one_gpu else None
+        self.masters = MasterWeights(self.policy.hf_model, host_step=self._host_step()) \
+            if self._one_gpu else None
         self.routing = RouterRecorder(self.policy.hf_model) \
             if is_moe(self.policy.hf_model) else None
         self.recorded_routes = None
@@ -114,6 +119,12 @@ class TrainActor:
     def _one_gpu(self) -> bool:
         return self.mesh is None and self.rank.device.type == "cuda"
 
+    def _host_step(self) -> HostStep | None:
+        """--optimizer-cpu-offload on one GPU: the step of masters in host memory."""
+        optimizer = self.config.optimizer
+        return HostStep(optimizer.overlap_cpu_optimizer_d2h_h2d) \
+            if optimizer.optimizer_cpu_offload else None
+
     def _build_policy(self, path: str, trainable: bool) -> CausalLMPolicy:
         """The policy in float32 (one GPU: `MasterWeights` then casts the trained one),
         or, for the reference on one GPU, directly in bfloat16."""
@@ -140,8 +151,10 @@ class TrainActor:
             if self._one_gpu and not replays:  # after checkpointing: the graph contains it
                 compile_decoder_layers(parallel.decoder_layers(hf_model))
             return policy
-        return parallel.parallelize(policy, self.mesh, perf,
-                                    self.rank.device.type == "cuda", self.expert_mesh)
+        offload = parallel.offload_policy(self.config.optimizer if trainable else None,
+                                          self.rank.device.type)
+        return parallel.parallelize(policy, self.mesh, perf, self.rank.device.type == "cuda",
+                                    self.expert_mesh, offload)
 
     # ---- splitting -------------------------------------------------------------------
     def _micro_batches(self, batch: TrainBatch, indices: list[int]) -> list[list[int]]:
@@ -368,7 +381,7 @@ class TrainActor:
     def offload(self) -> None:
         """--offload-train: move the optimizer state (two float32 copies of the weights,
         three with one GPU's float32 masters) to the CPU while the engines generate on
-        this device; `reload` brings it back."""
+        this device; `reload` brings it back. With --optimizer-cpu-offload it stays there."""
         self._move_optimizer_state(torch.device("cpu"))
         if self.rank.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -377,6 +390,8 @@ class TrainActor:
         self._move_optimizer_state(self.rank.device)
 
     def _move_optimizer_state(self, device: torch.device) -> None:
+        if self.config.optimizer.optimizer_cpu_offload:
+            return  # in host memory throughout
         if self.masters is not None:
             self.masters.to(device)
         for state in self.optimizer.state.values():

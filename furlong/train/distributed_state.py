@@ -4,7 +4,9 @@ Parameters of a parallelised policy are DTensors (FSDP shards over "dp", tensor
 parallel slices over "tp", experts split over "ep" and FSDP-sharded over "edp");
 everything here also accepts plain tensors, so one code
 path serves one process and many. Functions that gather are collective: every rank
-calls them, in the same order.
+calls them, in the same order. With --optimizer-cpu-offload the shards of a CUDA mesh
+sit in host memory; they travel to the device for a collective (NCCL's tensors are on
+the device).
 """
 from __future__ import annotations
 
@@ -18,10 +20,19 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.placement_types import _StridedShard
 
 
+def mesh_device(tensor: DTensor) -> torch.device:
+    """Where `tensor`'s mesh runs its collectives: the current GPU, or the CPU."""
+    if tensor.device_mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(tensor.device_mesh.device_type)
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on every rank (a collective for a DTensor)."""
+    """The whole tensor on every rank (a collective for a DTensor), on its mesh's
+    device."""
     if not isinstance(tensor, DTensor):
         return tensor
+    tensor = tensor.to(mesh_device(tensor))  # no copy unless offloaded to the host
     # Gather one mesh dimension at a time, innermost ("tp") last: DTensor would do the
     # same in one call, with a warning per parameter about FSDP's strided layout.
     placements = list(tensor.placements)
@@ -85,6 +96,7 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float,
                           device=norms.device)
     squares = (norms.square() / copies).sum()
     if dist.is_initialized():
+        squares = squares.to(mesh_device(next(g for g in grads if isinstance(g, DTensor))))
         dist.all_reduce(squares)
     norm = math.sqrt(squares.item())
     if max_norm < norm:

@@ -9,7 +9,8 @@ micro-batches accumulate in float32 (one Triton pass each on a GPU,
 train/grad_accumulation.py) and a single one costs no conversion. `step` clips
 the gradients, steps AdamW on the masters and rounds them back into the model: one
 Triton pass per parameter on a GPU (train/fused_adamw.py), torch's ops elsewhere.
-Megatron's optimizer for
+With --optimizer-cpu-offload the masters live in host memory and `HostStep`
+(train/cpu_optimizer.py) steps them there. Megatron's optimizer for
 half-precision parameters keeps the same split; several ranks get it from FSDP2's mixed
 precision instead (train/parallel.py).
 """
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from furlong.train import fused_adamw
+from furlong.train.cpu_optimizer import HostStep
 from furlong.train.grad_accumulation import accumulate
 from furlong.triton_support import kernels_run
 
@@ -28,17 +30,21 @@ from furlong.triton_support import kernels_run
 class MasterWeights:
     """The float32 masters of `model`'s parameters; casts `model` to `dtype`. Frozen
     parameters keep theirs too (checkpoints and weight pushes carry float32 values) but
-    get no gradient hook and stay out of the optimizer."""
+    get no gradient hook and stay out of the optimizer. With `host_step` every master
+    is a float32 copy in host memory, which `host_step` steps."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16,
+                 host_step: HostStep | None = None):
         self._model = model
+        self._host_step = host_step
         self._names: list[str] = []
         self._masters: list[nn.Parameter] = []  # one per parameter, in model order
         self._trained: list[tuple[nn.Parameter, nn.Parameter]] = []  # (param, master)
         self._grads: list[torch.Tensor | None] = []  # per trained pair, as accumulated
         with torch.no_grad():
             for name, param in model.named_parameters():
-                master = nn.Parameter(param.data.float(), requires_grad=param.requires_grad)
+                on_host = param.data.to("cpu") if host_step is not None else param.data
+                master = nn.Parameter(on_host.float(), requires_grad=param.requires_grad)
                 param.data = param.data.to(dtype)
                 if param.requires_grad:
                     param.register_post_accumulate_grad_hook(self._hook(len(self._trained)))
@@ -103,7 +109,9 @@ class MasterWeights:
         norm = torch.linalg.vector_norm(torch.stack(
             torch._foreach_norm(grads, 2, dtype=torch.float32)))
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        if kernels_run(masters[0]):
+        if self._host_step is not None:
+            self._host_step.step(optimizer, masters, grads, params, scale)
+        elif kernels_run(masters[0]):
             fused_adamw.adamw_step(optimizer, masters, grads, params, scale)
         else:
             for master, grad in zip(masters, grads, strict=True):

@@ -38,14 +38,16 @@ def build_optimizer(parameters: Iterable[torch.nn.Parameter],
                     config: OptimizerArgs) -> torch.optim.AdamW:
     """AdamW over the trainable `parameters`; like Megatron, biases and norm weights (1-D
     parameters) get no weight decay. On a GPU the fused kernel updates every parameter
-    in one launch per group."""
+    in one launch per group; with --optimizer-cpu-offload (`parameters` in host memory)
+    torch's fused CPU kernel does, in one pass over each tensor."""
     decay, no_decay = [], []
     for param in parameters:
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(param.is_cuda for group in groups for param in group["params"])
+    devices = {param.device.type for group in groups for param in group["params"]}
+    fused = devices == {"cuda"} or (config.optimizer_cpu_offload and devices == {"cpu"})
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                              eps=config.adam_eps, foreach=None if fused else True,
                              fused=fused or None)

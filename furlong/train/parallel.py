@@ -32,14 +32,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy,
+                                    OffloadPolicy, fully_shard)
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
                                                PrepareModuleInputOutput, RowwiseParallel,
                                                SequenceParallel, parallelize_module)
 from torch.utils.checkpoint import checkpoint
 
-from furlong.config.groups import PerfArgs
+from furlong.config.groups import OptimizerArgs, PerfArgs
 from furlong.model.attention import RECOMPUTE_CORE
 from furlong.ports import free_port
 from furlong.train.context_parallel import apply_context_parallel, check_context_parallel_size
@@ -212,9 +213,11 @@ def build_expert_mesh(mesh: DeviceMesh, ep_size: int) -> DeviceMesh:
 
 # ---- the order ------------------------------------------------------------------------
 def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs, mixed_precision: bool,
-                expert_mesh: DeviceMesh | None = None) -> nn.Module:
+                expert_mesh: DeviceMesh | None = None,
+                offload: OffloadPolicy = OffloadPolicy()) -> nn.Module:
     """Split `policy` (a CausalLMPolicy: `policy.hf_model` is the HF model) over `mesh`,
-    and its experts over `expert_mesh` (`build_expert_mesh`) when given.
+    and its experts over `expert_mesh` (`build_expert_mesh`) when given; FSDP2 keeps the
+    shards where `offload` says (`offload_policy`).
 
     The order matters. The pipeline split comes first: a stage parallelises only the
     layers it keeps. Tensor parallel comes next because it replaces each linear
@@ -242,7 +245,7 @@ def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs, mixed_preci
         apply_expert_parallel(layers, expert_mesh["ep"])
     apply_activation_checkpointing(layers, perf)
     apply_fully_shard(policy, layers, sharding_mesh(mesh), mixed_precision,
-                      expert_mesh["edp"] if expert_mesh is not None else None)
+                      expert_mesh["edp"] if expert_mesh is not None else None, offload)
     return policy
 
 
@@ -387,8 +390,23 @@ def apply_activation_checkpointing(layers: nn.ModuleList, perf: PerfArgs) -> Non
 
 
 # ---- FSDP2 --------------------------------------------------------------------------------
+def offload_policy(optimizer: OptimizerArgs | None, device_type: str) -> OffloadPolicy:
+    """--optimizer-cpu-offload for the trained policy (`optimizer` its flags; None for a
+    reference): FSDP2's CPUOffloadPolicy keeps the float32 shards, their gradients and so
+    AdamW's state in host memory, copies each layer's shards to the device for its
+    all-gather and each reduced gradient back, and the optimizer steps on the CPU. With
+    --overlap-cpu-optimizer-d2h-h2d on CUDA the host memory is pinned and the copies
+    non-blocking: gradients travel during the backward, shards with the prefetched
+    all-gathers."""
+    if optimizer is None or not optimizer.optimizer_cpu_offload:
+        return OffloadPolicy()
+    return CPUOffloadPolicy(pin_memory=optimizer.overlap_cpu_optimizer_d2h_h2d
+                            and device_type == "cuda")
+
+
 def apply_fully_shard(policy: nn.Module, layers: nn.ModuleList, dp_mesh: DeviceMesh,
-                      mixed_precision: bool, expert_mesh: DeviceMesh | None = None) -> None:
+                      mixed_precision: bool, expert_mesh: DeviceMesh | None = None,
+                      offload: OffloadPolicy = OffloadPolicy()) -> None:
     """Shard each decoder layer, then the root, over `dp_mesh` ("dp", or "dp_cp" with
     context parallelism: `sharding_mesh`); with expert parallelism each
     layer's experts first, over `expert_mesh` ("edp": the ranks holding the same
@@ -397,7 +415,8 @@ def apply_fully_shard(policy: nn.Module, layers: nn.ModuleList, dp_mesh: DeviceM
     compute, so the whole forward (residual stream included) runs in bfloat16;
     gradients are reduced in float32. With one sharding rank nothing is sharded, so
     a layer keeps its gathered copy from the forward to the backward instead of
-    gathering (copying and casting) it twice."""
+    gathering (copying and casting) it twice. `offload` (`offload_policy`) keeps the
+    shards in host memory."""
     layer_policy = root_policy = MixedPrecisionPolicy()  # float32 throughout
     if mixed_precision:
         layer_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
@@ -409,10 +428,10 @@ def apply_fully_shard(policy: nn.Module, layers: nn.ModuleList, dp_mesh: DeviceM
     for layer in layers:
         for experts in expert_modules([layer]) if expert_mesh is not None else ():
             fully_shard(experts, mesh=expert_mesh, mp_policy=layer_policy,
-                        reshard_after_forward=expert_mesh.size() > 1)
+                        reshard_after_forward=expert_mesh.size() > 1, offload_policy=offload)
         fully_shard(layer, mesh=dp_mesh, mp_policy=layer_policy,
-                    reshard_after_forward=dp_mesh.size() > 1)
-    fully_shard(policy, mesh=dp_mesh, mp_policy=root_policy)
+                    reshard_after_forward=dp_mesh.size() > 1, offload_policy=offload)
+    fully_shard(policy, mesh=dp_mesh, mp_policy=root_policy, offload_policy=offload)
 
 
 def reshard(module: nn.Module) -> None:
