@@ -2,7 +2,7 @@
 
 `python -m furlong.engine.serve --model-path DIR [--host H] [--port P] [--dtype D]
 [--device cpu|cuda] [--random-seed N] [--context-length N] [--tp-size 1] [--api-key KEY]
-[--enable-return-routed-experts]`
+[--enable-return-routed-experts] [--served-model-name NAME]`
 loads the HF model and serves it. SGLang launch_server flags that this server does not
 implement are ignored with one warning each, so an SGLang command line starts it too.
 `build_engine` is the one place that picks the engine.
@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="take CUDA IPC weight payloads (a trainer on the same GPU)")
     parser.add_argument("--enable-return-routed-experts", action="store_true",
                         help="/generate may ask for each token's experts (MoE routing replay)")
+    parser.add_argument("--served-model-name",
+                        help="the model's name in /v1/models and OpenAI responses [--model-path]")
     parser.add_argument("--api-key", help="requests need the header 'Authorization: Bearer "
                                           "API_KEY' (the health checks excepted)")
     args, unknown = parser.parse_known_args(argv)
@@ -102,7 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     server = EngineServer(build_engine(args, tokenizer), tokenizer, args.model_path,
                           tokenizer_path, accept_ipc_weights=args.accept_ipc_weights,
                           api_key=args.api_key,
-                          return_routed_experts=args.enable_return_routed_experts)
+                          return_routed_experts=args.enable_return_routed_experts,
+                          served_model_name=args.served_model_name,
+                          max_context_len=args.context_length)
     # handler_cancellation: a client that disconnects aborts its requests, as in SGLang.
     web.run_app(server.build_app(), host=args.host, port=args.port, handler_cancellation=True,
                 access_log=logger if args.log_level == "debug" else None)
