@@ -137,6 +137,7 @@ async def train_rollout(run: Run, rl_step: RLStep, rollout_id: int,
     --offload-rollout, next to engines that released their memory. Logs each optimizer
     step; returns the rollout's metrics."""
     start = time.time()
+    mask_removed_samples(groups)
     if offloads_trainer(run, overlap):
         await asyncio.to_thread(run.trainer.reload)
     async with engine_memory_released(run, overlap):
@@ -148,6 +149,15 @@ async def train_rollout(run: Run, rl_step: RLStep, rollout_id: int,
     if run.config.debug.dump_details:
         dump_train_data(run, rollout_id, metrics, result)
     return metrics
+
+
+def mask_removed_samples(groups: list[list[Sample]]) -> None:
+    """Miles' `sample.remove_sample`: the sample stays in the batch, its reward in its
+    group's advantage statistics, but none of its tokens trains (its loss mask becomes 0,
+    where Miles turns samples into train data)."""
+    for sample in (s for group in groups for s in group):
+        if sample.remove_sample:
+            sample.loss_mask = [0] * sample.response_length
 
 
 def dump_train_data(run: Run, rollout_id: int, metrics: dict, result: StepResult) -> None:
@@ -186,10 +196,11 @@ async def engine_memory_released(run: Run, overlap: bool):
 
 
 def staleness(rollout: RolloutResult, trainer_version: int) -> dict:
-    """rollout/weight_version (mean over samples) and how far behind the trainer's
-    weights it is (the trainer's version is the number of rollouts it trained on)."""
-    versions = [s.weight_version for group in rollout.groups for s in group
-                if s.weight_version is not None]
+    """rollout/weight_version (mean over samples of the version of each one's last
+    generation call) and how far behind the trainer's weights it is (the trainer's version
+    is the number of rollouts it trained on)."""
+    versions = [s.latest_weight_version for group in rollout.groups for s in group
+                if s.latest_weight_version is not None]
     if not versions:
         return {}
     return {"rollout/weight_version": mean(versions),

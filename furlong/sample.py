@@ -1,12 +1,14 @@
-"""Sample: one response and everything known about it."""
+"""Sample: one response and everything known about it, with Miles' field names, so that
+hooks written for Miles read and fill it unchanged."""
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import numpy
     import torch
 
 
@@ -29,24 +31,43 @@ class Sample:
     `tokens` holds prompt + response ids; `loss_mask` and `rollout_log_probs` have one
     entry per response token (the mask is 0 on tokens the policy did not sample, such
     as tool outputs spliced in by a multi-turn generate function).
+
+    Fields furlong carries for Miles' hooks without acting on them: `rollout_id`,
+    `multimodal_inputs`, `multimodal_train_inputs` (furlong trains on text),
+    `teacher_log_probs` (no on-policy distillation) and `train_metadata`.
     """
+    Status = Status  # Miles nests the enum: Sample.Status.COMPLETED
+
     group_index: int | None = None
     index: int | None = None
+    rollout_id: int | None = None
     prompt: str | list = ""
     tokens: list[int] = field(default_factory=list)
+    multimodal_inputs: dict | None = None
+    multimodal_train_inputs: dict | None = None
     response: str = ""
     response_length: int = 0
     label: Any = None
     reward: float | dict | None = None
     loss_mask: list[int] | None = None
+    # The weight version of each generation call that made the response, as the engine
+    # reports it (SGLang's meta_info.weight_version, a string); a continued partial sample
+    # has one per call.
+    weight_versions: list[str] = field(default_factory=list)
     rollout_log_probs: list[float] | None = None
+    # Routing replay: the experts the engine routed each token to, every token but the
+    # last (prompt and response); int32 (len(tokens) - 1, num_moe_layers, top_k), a tensor
+    # or (from a Miles hook) a numpy array.
+    rollout_routed_experts: torch.Tensor | numpy.ndarray | None = None
+    # Miles' meaning: the sample stays in the batch and its reward in its group's advantage
+    # statistics, but it trains no token (its loss mask becomes 0 before training).
+    remove_sample: bool = False
+    teacher_log_probs: list[float] | None = None
     status: Status = Status.PENDING
     metadata: dict = field(default_factory=dict)
-    # Version of the engine weights that generated the response (async training).
-    weight_version: int | None = None
-    # Routing replay: the experts the engine routed each token to, every token but the
-    # last (prompt and response); int32 (len(tokens) - 1, num_moe_layers, top_k).
-    rollout_routed_experts: torch.Tensor | None = None
+    # A generate function for this sample instead of --custom-generate-function-path.
+    generate_function_path: str | None = None
+    train_metadata: dict | None = None
 
     @property
     def prompt_length(self) -> int:
@@ -55,6 +76,19 @@ class Sample:
     @property
     def response_tokens(self) -> list[int]:
         return self.tokens[self.prompt_length:]
+
+    @property
+    def effective_response_length(self) -> int:
+        """The response tokens that train: those of the loss mask (all without one)."""
+        return sum(self.loss_mask) if self.loss_mask is not None else self.response_length
+
+    @property
+    def latest_weight_version(self) -> int | None:
+        """The numbered weight version of the last generation call; None if there was
+        none or the engine's version is not a number."""
+        if not self.weight_versions or not str(self.weight_versions[-1]).isdigit():
+            return None
+        return int(self.weight_versions[-1])
 
     def scalar_reward(self, reward_key: str | None) -> float:
         """The reward as one number; dict rewards need --reward-key."""
@@ -67,11 +101,50 @@ class Sample:
             raise ValueError(f"sample {self.group_index}/{self.index} has no reward yet")
         return float(self.reward)
 
+    def get_reward_value(self, args) -> float:
+        """Miles' name for `scalar_reward(args.reward_key)`."""
+        return self.scalar_reward(args.reward_key)
+
+    def validate(self) -> None:
+        """A ValueError naming the first per-token field whose length does not match the
+        response (or, for routes, the tokens but the last)."""
+        if not 0 <= self.response_length <= len(self.tokens):
+            raise ValueError(f"sample {self.group_index}/{self.index}: response_length "
+                             f"{self.response_length} must be in [0, len(tokens) = "
+                             f"{len(self.tokens)}]")
+        expected = {"loss_mask": self.response_length,
+                    "rollout_log_probs": self.response_length,
+                    "teacher_log_probs": self.response_length,
+                    "rollout_routed_experts": len(self.tokens) - 1}
+        for name, length in expected.items():
+            value = getattr(self, name)
+            if value is not None and len(value) != length:
+                raise ValueError(f"sample {self.group_index}/{self.index}: {name} has "
+                                 f"{len(value)} entries, expected {length}")
+
     def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
+        """Every attribute (those a hook added too), copied; the status as its value.
+        A numpy array becomes a tensor: the files furlong writes load weights-only."""
+        import numpy
+        import torch
+        data = copy.deepcopy(self.__dict__)
         data["status"] = self.status.value
+        for name, value in data.items():
+            if isinstance(value, numpy.ndarray):
+                data[name] = torch.from_numpy(value)
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Sample":
-        return cls(**{**data, "status": Status(data["status"])})
+        """The sample of `to_dict`; keys that name no field become attributes (Miles)."""
+        data = dict(data)
+        data["status"] = Status(data["status"])
+        if "weight_version" in data:  # written before weight_versions replaced it
+            version = data.pop("weight_version")
+            data.setdefault("weight_versions", [] if version is None else [str(version)])
+        names = {f.name for f in fields(cls)}
+        sample = cls(**{k: v for k, v in data.items() if k in names})
+        for key, value in data.items():
+            if key not in names:
+                setattr(sample, key, value)
+        return sample

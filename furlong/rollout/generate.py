@@ -45,7 +45,7 @@ async def generate(args, sample: Sample, sampling_params: dict) -> Sample:
     sample.loss_mask = (sample.loss_mask or []) + [1] * len(output.output_ids)
     sample.rollout_log_probs = (sample.rollout_log_probs or []) + output.output_log_probs
     sample.status = Status.from_finish_reason(output.finish_reason)
-    sample.weight_version = output.weight_version
+    sample.weight_versions.append(str(output.weight_version))  # SGLang's form: a string
     # The routes cover the whole sample; an engine that returned new tokens without them
     # (aborted after a preemption) leaves none, so a continuation sends the sample whole.
     if output.routed_experts is not None or output.output_ids:

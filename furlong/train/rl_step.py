@@ -126,7 +126,8 @@ class RLStep:
     def prepare_policy_batch(self, batch: TrainBatch, samples: list[Sample]) -> dict:
         """Fill old/ref log-probs and advantages into `batch`; returns their metrics."""
         metrics: dict = {}
-        entropy = self.fill_old_log_probs(batch, [s.weight_version for s in samples], metrics)
+        entropy = self.fill_old_log_probs(batch, [s.latest_weight_version for s in samples],
+                                          metrics)
         if self.trainer.has_reference:
             with timed(metrics, "perf/ref_log_probs_time"):
                 batch.ref_log_probs, _ = self.trainer.compute_log_probs(
