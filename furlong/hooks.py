@@ -10,11 +10,14 @@ only, so config validation can load hooks without importing the trainer or the e
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import importlib
+import inspect
+import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 from furlong.sample import Sample
 
@@ -28,40 +31,49 @@ if TYPE_CHECKING:
 
 
 class RewardHook(Protocol):
-    """--custom-rm-path: `fn(args, sample) -> float | dict`, sync or async."""
+    """--custom-rm-path: `fn(args, sample, **kwargs) -> float | dict`, sync or async (Miles':
+    async; furlong passes no keywords)."""
 
-    def __call__(self, args: HookArgs, sample: Sample
+    def __call__(self, args: HookArgs, sample: Sample, **kwargs
                  ) -> float | dict | Awaitable[float | dict]: ...
 
 
 class GroupRewardHook(Protocol):
-    """--custom-rm-path with --group-rm: `fn(args, samples) -> list`, one reward per sample."""
+    """--custom-rm-path with --group-rm: `fn(args, samples, **kwargs) -> list`, one reward
+    per sample."""
 
-    def __call__(self, args: HookArgs, samples: list[Sample]) -> list | Awaitable[list]: ...
+    def __call__(self, args: HookArgs, samples: list[Sample], **kwargs
+                 ) -> list | Awaitable[list]: ...
 
 
 class DynamicSamplingFilterHook(Protocol):
-    """--dynamic-sampling-filter-path: `fn(args, samples) -> bool | obj(.keep, .reason)`,
-    sync or async; a falsy value or `.keep` drops the group (rollout/filters.py)."""
+    """--dynamic-sampling-filter-path: `fn(args, samples, **kwargs) -> bool | obj(.keep,
+    .reason)`, sync or async; a falsy value or `.keep` drops the group (rollout/filters.py)."""
 
-    def __call__(self, args: HookArgs, samples: list[Sample]
+    def __call__(self, args: HookArgs, samples: list[Sample], **kwargs
                  ) -> bool | FilterResult | Awaitable[bool | FilterResult]: ...
 
 
 class GenerateHook(Protocol):
-    """--custom-generate-function-path: `async fn(args, sample, sampling_params: dict)
-    -> Sample | list[Sample]` (SGLang's sampling-parameter names)."""
+    """--custom-generate-function-path (or a sample's `generate_function_path`):
+    `async fn(args, sample, sampling_params: dict) -> Sample | list[Sample]` (SGLang's
+    sampling-parameter names); a function with an `evaluation` parameter also gets
+    `evaluation=` (True in eval), as from Miles."""
 
     async def __call__(self, args: HookArgs, sample: Sample,
                        sampling_params: dict) -> Sample | list[Sample]: ...
 
 
 class RolloutFunctionHook(Protocol):
-    """--rollout-function-path: `fn(args, rollout_id, manager, evaluation)
-    -> list[list[Sample]]`, sync or async; replaces the whole rollout."""
+    """--rollout-function-path: `fn(args, rollout_id, data_source, evaluation=False)`, sync
+    (run in a thread of its own) or async; replaces the whole rollout, and eval. The
+    data source is the RolloutManager: Miles' `get_samples(n)` and `add_samples(groups)`.
+    Returns groups (list[list[Sample]]) or an object with `.samples` (and `.metrics`);
+    with evaluation=True, Miles' `{name: {"rewards": [...], ...}}` or an object with
+    `.data` holding it (read by rollout/manager.py)."""
 
-    def __call__(self, args: HookArgs, rollout_id: int, manager: RolloutManager,
-                 evaluation: bool) -> list[list[Sample]] | Awaitable[list[list[Sample]]]: ...
+    def __call__(self, args: HookArgs, rollout_id: int, data_source: RolloutManager,
+                 evaluation: bool = False) -> Any: ...
 
 
 class CustomLossHook(Protocol):
@@ -85,9 +97,10 @@ class TisHook(Protocol):
 # Hook paths of Miles/slime launch scripts -> the furlong built-in that behaves the same,
 # so those scripts run unchanged.
 ALIASES = {
-    f"{project}.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std":
-        "furlong.rollout.filters:check_reward_nonzero_std"
-    for project in ("slime", "miles")
+    f"{project}.rollout.filter_hub.dynamic_sampling_filters.{name}":
+        f"furlong.rollout.filters:{name}"
+    for project, name in (("slime", "check_reward_nonzero_std"),
+                          ("miles", "check_reward_nonzero_std"), ("miles", "check_no_aborted"))
 }
 
 
@@ -121,6 +134,47 @@ def load_hooks(config) -> Hooks:
         if path:
             loaded[field] = load_function(path, "--" + name.replace("_", "-"))
     return Hooks(**loaded)
+
+
+async def call_hook(function: Callable, *args, **kwargs) -> Any:
+    """`function(*args, **kwargs)`, its result awaited when it is awaitable.
+
+    A sync function runs in a thread of its own: not in the event loop, which serves the
+    engine and the router front that hooks post to (a hook blocking on a request there
+    would wait forever), and not in the loop's default executor, whose threads an
+    engine may need to generate (blocked hooks holding them all would stall it too).
+    """
+    if inspect.iscoroutinefunction(function):
+        return await function(*args, **kwargs)
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(setter: Callable, value) -> None:
+        if not future.done():  # the caller may have given up (a timeout)
+            setter(value)
+
+    def run() -> None:
+        try:
+            outcome = (future.set_result, function(*args, **kwargs))
+        except BaseException as error:
+            outcome = (future.set_exception, error)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop has closed: nobody waits for the result
+            pass
+
+    threading.Thread(target=run, name=f"hook {getattr(function, '__name__', '')}",
+                     daemon=True).start()
+    result = await future
+    return await result if inspect.isawaitable(result) else result
+
+
+def takes_keyword(function: Callable, name: str) -> bool:
+    """Whether `function` has a parameter `name` (Miles passes some keywords only then)."""
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
 
 
 def load_function(path: str, flag: str) -> Callable:

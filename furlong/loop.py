@@ -281,7 +281,7 @@ def save(run: Run, rollout_id: int, rollout_state: dict) -> None:
 
 async def evaluate(run: Run, step: int) -> dict:
     start = time.perf_counter()
-    metrics = await run.manager.evaluate()
+    metrics = await run.manager.evaluate(step)
     metrics["perf/eval_time"] = time.perf_counter() - start
     run.logger.log(step, metrics)
     log.info("eval at rollout %d: %s", step, "  ".join(

@@ -1,6 +1,7 @@
 """Dynamic-sampling filters: decide whether a finished group enters the batch.
 
-Signature of --dynamic-sampling-filter-path hooks:
+Signature of --dynamic-sampling-filter-path hooks (Miles' DynamicFilterOutput has .keep
+and .reason too):
     fn(args, samples: list[Sample]) -> bool | FilterResult (anything with .keep, .reason)
 """
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from furlong.algo.advantages import has_zero_std
+from furlong.sample import Status
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,15 @@ def check_reward_nonzero_std(args, samples) -> FilterResult:
     rewards = [s.scalar_reward(args.reward_key) for s in samples]
     keep = not has_zero_std(rewards)
     return FilterResult(keep, None if keep else f"zero_std_{round(rewards[0], 1)}")
+
+
+def check_no_aborted(args, samples) -> FilterResult:
+    """Drop the group if one of its samples was aborted (Miles' reason `group_has_aborted`).
+    The manager drops a group whose generation was cut off before scoring it; this also
+    drops one whose generate hook marked a sample aborted but scored it."""
+    if any(s.status == Status.ABORTED for s in samples):
+        return FilterResult(False, "group_has_aborted")
+    return FilterResult(True)
 
 
 def as_filter_result(value) -> FilterResult:

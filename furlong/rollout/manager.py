@@ -10,6 +10,10 @@ generate(rollout_id):
      --partial-rollout the unfinished groups go back to the buffer.
 Finished groups are examined in submission order (generation itself runs
 concurrently), so the outcome does not depend on timing and a resumed run repeats it.
+
+A --rollout-function-path function replaces all of it, and eval: it gets the manager as
+its data source (Miles' `get_samples(n)` / `add_samples(groups)`) and returns the groups
+in one of Miles' forms (`read_rollout_output`, `read_eval_output`).
 """
 from __future__ import annotations
 
@@ -17,10 +21,12 @@ import asyncio
 import inspect
 from collections import Counter
 from dataclasses import dataclass
+from statistics import mean
 from typing import Callable
 
 from furlong.config.groups import Config
-from furlong.data import PromptDataset, PromptRow
+from furlong.data import PromptDataset, PromptEncoder, PromptRow
+from furlong.hooks import call_hook, load_function, takes_keyword
 from furlong.rollout import stats
 from furlong.rollout.filters import FilterResult, as_filter_result
 from furlong.rollout.generate import sample_seed
@@ -36,6 +42,63 @@ class RolloutResult:
 
 async def _maybe_await(value):
     return await value if inspect.isawaitable(value) else value
+
+
+def flatten_group(items: list) -> list[Sample]:
+    """A group whose entries are samples or lists of them (a generate function may return
+    several samples for one) as one list of samples."""
+    return [s for item in items for s in (item if isinstance(item, list) else [item])]
+
+
+def read_rollout_output(output) -> tuple[list[list[Sample]], dict]:
+    """(groups, metrics) of what a rollout function returned: a list of groups, or an
+    object with `.samples` and optionally `.metrics` (Miles' RolloutFnTrainOutput)."""
+    metrics = {}
+    if hasattr(output, "samples"):
+        output, metrics = output.samples, dict(getattr(output, "metrics", None) or {})
+    if not isinstance(output, list):
+        raise ValueError(f"--rollout-function-path returned a {type(output).__name__}; "
+                         "return a list of groups (list[list[Sample]]) or an object with "
+                         ".samples holding one")
+    groups = [flatten_group(group) for group in output]
+    for sample in (s for group in groups for s in group):
+        sample.validate()
+    return groups, metrics
+
+
+def read_eval_output(output) -> dict[str, dict]:
+    """{dataset name: {"rewards": [...], optionally "truncated", "samples"}} of what a
+    rollout function returned for evaluation=True: that dict, or an object with `.data`
+    holding it (Miles' RolloutFnEvalOutput)."""
+    data = getattr(output, "data", output)
+    if not (isinstance(data, dict) and all(isinstance(v, dict) and "rewards" in v
+                                           for v in data.values())):
+        raise ValueError("--rollout-function-path with evaluation=True returned "
+                         f"{type(output).__name__}; return {{dataset name: {{'rewards': [...]"
+                         ", 'truncated': [...], 'samples': [...]}}}} or an object with .data "
+                         "holding it, as Miles' eval rollout does")
+    return data
+
+
+def eval_output_stats(data: dict[str, dict], reward_key: str | None,
+                      log_passrate: bool) -> dict[str, float]:
+    """eval/NAME metrics of a rollout function's eval data: those of furlong's own eval
+    where it gives the samples (grouped by group_index), else from its rewards (None
+    counts 0, as in Miles) and truncation flags."""
+    metrics = {}
+    for name, entry in data.items():
+        if entry.get("samples"):
+            groups: dict = {}
+            for sample in entry["samples"]:
+                key = sample.group_index if sample.group_index is not None else id(sample)
+                groups.setdefault(key, []).append(sample)
+            metrics.update(stats.eval_stats(name, list(groups.values()), reward_key,
+                                            log_passrate))
+            continue
+        metrics[f"eval/{name}"] = mean(0.0 if r is None else float(r) for r in entry["rewards"])
+        if entry.get("truncated"):
+            metrics[f"eval/{name}/truncated_ratio"] = mean(map(bool, entry["truncated"]))
+    return metrics
 
 
 def sampling_dict(config: Config, evaluation: bool = False) -> dict:
@@ -64,17 +127,27 @@ class RolloutManager:
         self.generate_fn = generate_fn
         self.filter_fn = filter_fn
         self.eval_datasets = eval_datasets or {}
-        # --rollout-function-path: fn(args, rollout_id, manager, evaluation)
+        # --rollout-function-path: fn(args, rollout_id, data_source=self, evaluation=False)
         self.rollout_fn = rollout_fn
         self.buffer: list[list[Sample]] = []
         self.next_group_index = 0
+        r = config.rollout
+        self._render = PromptEncoder(hook_args.tokenizer, r.apply_chat_template,
+                                     r.apply_chat_template_kwargs).render
 
     # ---- data --------------------------------------------------------------------------
-    def _new_group(self, row: PromptRow, size: int) -> list[Sample]:
-        group_index, self.next_group_index = self.next_group_index, self.next_group_index + 1
-        return [Sample(group_index=group_index, index=i, prompt=row.prompt,
+    def _samples(self, row: PromptRow, group_index: int, size: int) -> list[Sample]:
+        """`size` fresh samples of a prompt. Their `prompt` is the text the engine sees
+        (chat template applied with --apply-chat-template), as Miles' data source gives
+        it: a hook that tokenizes it gets `tokens`."""
+        prompt = self._render(row.prompt, row.tools)
+        return [Sample(group_index=group_index, index=i, prompt=prompt,
                        tokens=list(row.prompt_ids), label=row.label,
                        metadata=dict(row.metadata)) for i in range(size)]
+
+    def _new_group(self, row: PromptRow, size: int) -> list[Sample]:
+        group_index, self.next_group_index = self.next_group_index, self.next_group_index + 1
+        return self._samples(row, group_index, size)
 
     def next_groups(self, count: int) -> list[list[Sample]]:
         """`count` groups: buffered ones first, then fresh prompts (the data source of hooks)."""
@@ -84,6 +157,15 @@ class RolloutManager:
                    for row in self.dataset.next_rows(count - len(groups))]
         return groups
 
+    def get_samples(self, num_samples: int) -> list[list[Sample]]:
+        """Miles' DataSource.get_samples: `num_samples` groups (`next_groups`)."""
+        return self.next_groups(num_samples)
+
+    def add_samples(self, groups: list[list[Sample]]) -> None:
+        """Miles' DataSource.add_samples: groups handed out again by later calls, after
+        those already waiting."""
+        self.buffer.extend(groups)
+
     # ---- one rollout -------------------------------------------------------------------
     async def generate(self, rollout_id: int) -> RolloutResult:
         r = self.config.rollout
@@ -92,8 +174,10 @@ class RolloutManager:
             return RolloutResult(groups, stats.response_stats(
                 [s for g in groups for s in g], "rollout"))
         if self.rollout_fn is not None:
-            groups = await _maybe_await(self.rollout_fn(self.args, rollout_id, self, False))
-            return RolloutResult(groups, stats.rollout_stats(groups, r.reward_key, {}))
+            groups, metrics = read_rollout_output(await call_hook(
+                self.rollout_fn, self.args, rollout_id, self, evaluation=False))
+            return RolloutResult(groups, {**stats.rollout_stats(groups, r.reward_key, {}),
+                                          **metrics})
         return await self._generate_filtered(r.rollout_batch_size)
 
     def _sft_groups(self, count: int) -> list[list[Sample]]:
@@ -146,7 +230,8 @@ class RolloutManager:
                 sample.status = Status.PENDING
         return group
 
-    async def _run_group(self, group: list[Sample], params: dict) -> list[Sample]:
+    async def _run_group(self, group: list[Sample], params: dict,
+                         evaluation: bool = False) -> list[Sample]:
         """Generate the unfinished samples of a group, then score it if all finished."""
         seed = self.config.rollout.rollout_seed
         tasks = []
@@ -154,38 +239,57 @@ class RolloutManager:
             if sample.status in (Status.PENDING, Status.ABORTED):
                 request = {**params, "sampling_seed": sample_seed(
                     seed, sample.group_index, sample.index, sample.response_length)}
-                tasks.append(self.generate_fn(self.args, sample, request))
+                tasks.append(self._generate(sample, request, evaluation))
             else:
                 tasks.append(_maybe_await(sample))
-        results = await asyncio.gather(*tasks)
-        group = [s for result in results
-                 for s in (result if isinstance(result, list) else [result])]
+        group = flatten_group(await asyncio.gather(*tasks))
+        for sample in group:
+            sample.validate()
         if all(s.status not in (Status.ABORTED, Status.PENDING) for s in group):
-            rewards = await self.reward_model.score_group(group)
-            for sample, reward in zip(group, rewards, strict=True):
-                sample.reward = reward
+            await self._score(group)
         return group
+
+    def _generate(self, sample: Sample, request: dict, evaluation: bool):
+        """The generate function's call for `sample`: the sample's own function where it
+        names one (Miles' `generate_function_path`), with `evaluation=` where it takes it."""
+        path = sample.generate_function_path
+        function = load_function(path, "Sample.generate_function_path") if path \
+            else self.generate_fn
+        keywords = {"evaluation": evaluation} if takes_keyword(function, "evaluation") else {}
+        return function(self.args, sample, request, **keywords)
+
+    async def _score(self, group: list[Sample]) -> None:
+        """Reward the samples that have none yet (a generate function may set it, as in
+        Miles); with --group-rm the group hook rewards the whole group."""
+        unscored = group if self.config.rollout.group_rm else [s for s in group
+                                                              if s.reward is None]
+        rewards = await self.reward_model.score_group(unscored)
+        for sample, reward in zip(unscored, rewards, strict=True):
+            sample.reward = reward
 
     async def _filter(self, group: list[Sample]) -> FilterResult:
         if any(s.reward is None for s in group):
             return FilterResult(False, "aborted")
         if self.filter_fn is None:
             return FilterResult(True)
-        return as_filter_result(await _maybe_await(self.filter_fn(self.args, group)))
+        return as_filter_result(await call_hook(self.filter_fn, self.args, group))
 
     # ---- eval --------------------------------------------------------------------------
-    async def evaluate(self) -> dict[str, float]:
-        """Every eval dataset once, n_samples_per_eval_prompt each; eval/NAME metrics."""
+    async def evaluate(self, rollout_id: int = 0) -> dict[str, float]:
+        """Every eval dataset once, n_samples_per_eval_prompt each; eval/NAME metrics.
+        With --rollout-function-path the function evaluates (evaluation=True), as in Miles."""
         e = self.config.eval
+        if self.rollout_fn is not None:
+            data = read_eval_output(await call_hook(self.rollout_fn, self.args, rollout_id,
+                                                    self, evaluation=True))
+            return eval_output_stats(data, self.config.rollout.reward_key, e.log_passrate)
         params = sampling_dict(self.config, evaluation=True)
         metrics = {}
         for name, dataset in self.eval_datasets.items():
-            groups = [[Sample(group_index=g, index=i, prompt=row.prompt,
-                              tokens=list(row.prompt_ids), label=row.label,
-                              metadata=dict(row.metadata))
-                       for i in range(e.n_samples_per_eval_prompt)]
+            groups = [self._samples(row, g, e.n_samples_per_eval_prompt)
                       for g, row in enumerate(dataset.rows)]
-            groups = await asyncio.gather(*(self._run_group(g, params) for g in groups))
+            groups = await asyncio.gather(*(self._run_group(g, params, evaluation=True)
+                                            for g in groups))
             metrics.update(stats.eval_stats(name, groups, self.config.rollout.reward_key,
                                             e.log_passrate))
         return metrics

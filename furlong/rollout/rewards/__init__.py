@@ -6,7 +6,8 @@ Where each reward runs:
   stalling the event loop (math-verify's own signal timeouts are off, see math.py);
 - remote_rm runs in the event loop with aiohttp (per-attempt timeout, retries);
 - random draws 0.0 or 1.0 from a generator seeded by (seed, group_index, index);
-- a custom hook runs in the event loop if async, in a thread if sync.
+- a custom hook runs in the event loop if async, in a thread of its own if sync
+  (furlong.hooks.call_hook).
 A reward that raises or times out is a RewardError naming the sample, or, with
 on_error="zero", a logged warning and 0.0. A hook that breaks its contract (wrong type,
 wrong number of rewards) is always a RewardError: that is a bug, not a flaky reward.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import multiprocessing
 import numbers
@@ -29,6 +29,7 @@ from typing import Any, Callable
 import aiohttp
 
 from furlong.config.reward_types import split_rm_type
+from furlong.hooks import call_hook
 from furlong.rollout.rewards.dapo import score_dapo
 from furlong.rollout.rewards.f1 import score_f1
 from furlong.rollout.rewards.gpqa import score_gpqa
@@ -146,9 +147,7 @@ class RewardModel:
         return [_checked(reward, where) for reward in rewards]
 
     async def _call_hook(self, subject: Sample | list[Sample]):
-        if inspect.iscoroutinefunction(self._hook):
-            return await self._hook(self._hook_args, subject)
-        return await asyncio.to_thread(self._hook, self._hook_args, subject)
+        return await call_hook(self._hook, self._hook_args, subject)
 
     async def _score_in_pool(self, sample: Sample) -> float | dict:
         # The timeout starts once a started worker is free, so neither a long queue nor
