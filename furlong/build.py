@@ -26,6 +26,7 @@ from furlong.rollout.context import HookArgs
 from furlong.rollout.generate import generate as default_generate
 from furlong.rollout.manager import RolloutManager
 from furlong.rollout.rewards import RewardModel
+from furlong.rollout.router_front import RouterFront, given_router
 from furlong.train.actor import RankInfo, TrainActor
 from furlong.train.base import Trainer
 from furlong.train.process_env import prepare_trainer_process
@@ -47,6 +48,7 @@ class Run:
     start_rollout: int
     num_rollout: int
     closers: list[Callable[[], None]] = field(default_factory=list)  # run at shutdown
+    router_front: RouterFront | None = None  # served by the loop while the run lasts
 
 
 def build_tokenizer(config: Config):
@@ -114,6 +116,19 @@ def build_in_process(config: Config, hooks: Hooks, tokenizer, init: str, total_s
     return trainer, engine
 
 
+def build_router(config: Config, engine: Engine | None,
+                 tokenizer) -> tuple[RouterFront | None, tuple[str, int] | None]:
+    """The SGLang router hooks post to (args.sglang_router_ip/port): the user's, named by
+    --sglang-router-ip/--sglang-router-port, or else a front over the run's engine."""
+    given = given_router(config.sglang)
+    if given is not None or engine is None:
+        return None, given
+    from transformers import AutoConfig
+    vocab_size = AutoConfig.from_pretrained(config.ckpt.hf_checkpoint).get_text_config().vocab_size
+    front = RouterFront(engine, tokenizer, vocab_size, config.grpo.use_rollout_routing_replay)
+    return front, front.address
+
+
 def build_manager(config: Config, hooks: Hooks, hook_args: HookArgs, dataset,
                   evals) -> RolloutManager:
     r = config.rollout
@@ -158,12 +173,13 @@ def build_run(config: Config, argv: list[str]) -> Run:
                                 engine_options(config, shares_device=placement.colocate), trains)
         trainer, engine = roles.trainer, roles.engine
         closers.append(roles.close)
-    hook_args = HookArgs(config, engine, tokenizer)
+    router_front, router = build_router(config, engine, tokenizer)
+    hook_args = HookArgs(config, engine, tokenizer, router)
     manager = build_manager(config, hooks, hook_args, dataset, evals)
     run_dir = run_directory(config)
     run = Run(config, argv, tokenizer, trainer, engine, manager,
               MetricsLogger(run_dir, config.logging, dict(config.sources)), run_dir,
-              0 if resume is None else resume + 1, num_rollout, closers)
+              0 if resume is None else resume + 1, num_rollout, closers, router_front)
     if resume is not None:
         restore(run, checkpoint.iteration_dir(config.ckpt.load, resume))
     return run

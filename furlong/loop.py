@@ -301,14 +301,19 @@ def load_rollout(path: str) -> RolloutResult:
 
 
 async def train(run: Run, overlap: bool = False) -> dict:
-    """The loop, then shutdown of the engine and reward workers whatever happened."""
+    """The loop, then shutdown of the engine and reward workers whatever happened. The
+    router front that hooks post to is served by this event loop, the engine's."""
     try:
+        if run.router_front is not None:
+            await run.router_front.start()
         return await run_loop(run, overlap)
     finally:
         await finish(run)
 
 
 async def finish(run: Run) -> None:
+    if run.router_front is not None:  # first: its requests end before the engine does
+        await run.router_front.stop()
     if run.engine is not None:
         await run.engine.close()
     if run.manager.reward_model is not None:

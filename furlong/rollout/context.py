@@ -2,9 +2,12 @@
 
 Hooks written for Miles/slime read flags as attributes (`args.rollout_max_response_len`);
 HookArgs offers every flag that way (flattened over the groups) plus the objects a hook
-needs to act: `engine` (async `generate(input_ids, SamplingParams)`), `tokenizer`, and
-`config` (the typed tree), and the keys of --custom-config-path's YAML. It cannot be
-changed, so a hook cannot alter the run's configuration behind the loop's back.
+needs to act: `engine` (async `generate(input_ids, SamplingParams)`, called from the
+run's event loop), `tokenizer`, `config` (the typed tree), the keys of
+--custom-config-path's YAML, and Miles' `sglang_router_ip` / `sglang_router_port`: the
+address of an SGLang router over the run's engine (rollout/router_front.py; None where
+the run has no engine). It cannot be changed, so a hook cannot alter the run's
+configuration behind the loop's back.
 """
 from __future__ import annotations
 
@@ -15,8 +18,11 @@ from furlong.hooks import read_custom_config
 
 
 class HookArgs:
-    def __init__(self, config: Config, engine: Any = None, tokenizer: Any = None):
-        values = {"config": config, "engine": engine, "tokenizer": tokenizer}
+    def __init__(self, config: Config, engine: Any = None, tokenizer: Any = None,
+                 router: tuple[str, int] | None = None):
+        ip, port = router or (None, None)
+        values = {"config": config, "engine": engine, "tokenizer": tokenizer,
+                  "sglang_router_ip": ip, "sglang_router_port": port}
         for _, attr, cls in GROUPS:
             group = getattr(config, attr)
             values.update({f.name: getattr(group, f.name) for f in flag_fields(cls)})
