@@ -12,7 +12,8 @@ Restoring: every rank reads the parts (memory-mapped, weights only) and cuts fro
 whole tensor the shard its own parameter holds (`distribute_tensor` on the parameter's
 mesh and placements, from local data). A dp4 save restores under dp2 x cp2, pp2 x dp2 or
 one process, and the other way round, to the bit: Adam's moments are values per weight,
-whatever the ranks.
+whatever the ranks, and wherever they live (--optimizer-cpu-offload keeps them in host
+memory: a save with it resumes without it, and the other way round).
 
 A tied embedding/output weight is stored once, under the embedding's name (the name the
 HF checkpoint gives it); a pipeline's last stage, which holds it as the output weight,
