@@ -196,6 +196,10 @@ def _worker(rank: int, port: int, tiny: Path, batch, out: Path, device_type: str
             "weights": weights(actor), "state": state_devices(actor),
             "fused": [group["fused"] for group in actor.optimizer.param_groups],
             "policies": [(type(p).__name__, getattr(p, "pin_memory", None)) for p in policies]}
+    actor.update_reference()  # host shards into the reference's, which stay on the device
+    results["reference_updated"] = all(torch.equal(a, b) for a, b in zip(
+        actor.compute_log_probs(batch)[0], actor.compute_log_probs(batch, reference=True)[0],
+        strict=True))
     resumed = actor_for(True, init=out / "saved_False" / "model")
     resumed.restore(out / "saved_False")
     resumed.train(batch)
@@ -231,6 +235,7 @@ def test_two_ranks_shard_into_host_memory_to_the_same_weights(ranks):
     assert set(plain["policies"]) == {("OffloadPolicy", None)}
     assert trained["state"] == {"cpu"} and all(trained["fused"])
     assert_same_weights(trained["weights"], plain["weights"])
+    assert results["reference_updated"]
 
 
 def test_two_ranks_resume_a_save_without_offload_with_it(ranks):
@@ -299,6 +304,6 @@ def test_two_gpus_shard_into_pinned_host_memory(tiny, batch, tmp_path):
     trained, plain = results[True], results[False]
     policy_count = len(trained["policies"]) // 2
     assert set(trained["policies"][:policy_count]) == {("CPUOffloadPolicy", True)}
-    assert trained["state"] == {"cpu"} and all(trained["fused"])
+    assert trained["state"] == {"cpu"} and all(trained["fused"]) and results["reference_updated"]
     assert_same_weights(trained["weights"], plain["weights"], rtol=1e-2, atol=1e-3)
     assert_same_weights(results["resumed"], plain["weights"], rtol=1e-2, atol=1e-3)
