@@ -251,14 +251,6 @@ def test_a_two_rank_offloaded_save_resumes_in_one_process_without_it(tiny, batch
     assert_same_weights(weights(actor), results[True]["weights"], rtol=1e-5)
 
 
-def test_pipeline_stages_on_gpus_refuse_the_offload(tiny):
-    config = offload_config(tiny, True)
-    with pytest.raises(ValueError, match="--optimizer-cpu-offload with --pipeline-model"):
-        parallel.check_offload_layout(RankInfo(device=torch.device("cuda"), pp_size=2),
-                                      config.optimizer)
-    parallel.check_offload_layout(RankInfo(pp_size=2), config.optimizer)  # gloo sums on host
-
-
 # ---- GPU ------------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_one_gpu_copies_buckets_through_pinned_memory_on_streams(tiny, batch, monkeypatch):

@@ -101,7 +101,6 @@ class TrainActor:
         --expert-model-parallel-size."""
         rank, perf = self.rank, self.config.perf
         parallel.check_rank_layout(rank, perf)
-        parallel.check_offload_layout(rank, self.config.optimizer)
         check_expert_parallel_size(self._ep_size, rank.dp_size)
         if not rank.sharded:
             return None, None

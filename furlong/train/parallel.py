@@ -404,16 +404,6 @@ def offload_policy(optimizer: OptimizerArgs | None, device_type: str) -> Offload
                             and device_type == "cuda")
 
 
-def check_offload_layout(rank: RankInfo, optimizer: OptimizerArgs) -> None:
-    """--optimizer-cpu-offload is refused with pipeline stages on GPUs: the gradient of
-    a tied embedding is summed between stages over NCCL, which takes no host tensors
-    (train/pipeline_parallel.py), and host shards under NCCL pipelining are untried."""
-    if optimizer.optimizer_cpu_offload and rank.pp_size > 1 and rank.device.type == "cuda":
-        raise ValueError("--optimizer-cpu-offload with --pipeline-model-parallel-size "
-                         f"{rank.pp_size} on GPUs is not supported yet: drop "
-                         "--optimizer-cpu-offload, or the pipeline stages")
-
-
 def apply_fully_shard(policy: nn.Module, layers: nn.ModuleList, dp_mesh: DeviceMesh,
                       mixed_precision: bool, expert_mesh: DeviceMesh | None = None,
                       offload: OffloadPolicy = OffloadPolicy()) -> None:

@@ -287,7 +287,14 @@ def sum_tied_gradient(weight: nn.Parameter | None, group: dist.ProcessGroup | No
     if weight is None or weight.grad is None:
         return
     grad = weight.grad
-    dist.all_reduce(grad.to_local() if hasattr(grad, "to_local") else grad, group=group)
+    local = grad.to_local() if hasattr(grad, "to_local") else grad
+    if local.device.type == "cpu" and dist.get_backend(group) == "nccl":
+        # --optimizer-cpu-offload: the shard is in host memory and NCCL sums device tensors
+        summed = local.to(torch.cuda.current_device())
+        dist.all_reduce(summed, group=group)
+        local.copy_(summed)
+    else:
+        dist.all_reduce(local, group=group)
 
 
 def stage_named_weights(hf_model: nn.Module, role: PipelineRole,
