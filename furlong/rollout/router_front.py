@@ -77,7 +77,8 @@ class RouterFront:
         app = web.Application(middlewares=[errors_as_json])
         app.add_routes([*self.generation.routes(), web.get("/health", self.health)])
         # A client that disconnects cancels its /generate: the engine aborts the request.
-        self._runner = web.AppRunner(app, handler_cancellation=True)
+        # No access log: a line per hook request would drown the run's own.
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         await web.SockSite(self._runner, self._socket).start()
 
