@@ -52,11 +52,11 @@ class WeightRoutes:
     async def update_weights_from_tensor(self, request: web.Request) -> web.Response:
         body = await json_body(request)
         payloads = field(body, "serialized_named_tensors", list)
-        if not payloads or not isinstance(payloads[0], str):
+        if not payloads or not all(isinstance(payload, str) for payload in payloads):
             bad_request("serialized_named_tensors must be a list of base64 strings, one per "
-                        "tensor-parallel rank (this server has one)")
+                        f"tensor-parallel rank (this engine has {self.receiver.tp_size})")
         check_load_format(body)
-        return await _answer(self.receiver.from_tensor(payloads[0], load_options(body)))
+        return await _answer(self.receiver.from_tensor(payloads, load_options(body)))
 
     async def init_weights_update_group(self, request: web.Request) -> web.Response:
         """Join the trainer's group as rank `rank_offset`; returns once every rank joined."""

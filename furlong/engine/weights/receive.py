@@ -4,9 +4,13 @@ One `WeightReceiver` per server holds the engine's weight version, the weight-up
 groups the server joined and one lock, so the buckets of a distributed update never
 interleave with another update. Each kind of update becomes (name, tensor) pairs:
 - from disk: the tensors of an HF directory's safetensors files (`read_hf_weights`);
-- from a tensor payload: bytes loaded weights-only, or CUDA IPC handles (only for a
+- from tensor payloads, one per tensor-parallel rank of the engine (SGLang's format: TP
+  rank i loads entry i): bytes loaded weights-only, or CUDA IPC handles (only for a
   server started next to its trainer, `accept_ipc_weights`) unpickled through wire.py's
-  allowlist;
+  allowlist. This server is the engine's TP rank 0 (`tp_size` 1 on a GPU; on the CPU it
+  stands in for an engine of several devices): it loads entry 0 and refuses a request
+  unless it holds `tp_size` entries, each loadable, all with entry 0's names, shapes and
+  dtypes (what SGLang's other ranks would load and shard);
 - from a broadcast: tensors allocated here and filled by rank 0 of a joined group;
 and every one ends in `_load`: abort (if asked), `engine.update_weights` by parameter
 name, the new version, the cache flush. An update this end refuses raises `UpdateRefused`
@@ -62,8 +66,9 @@ class WeightReceiver:
     message of its success."""
 
     def __init__(self, engine: Engine, model_path: str, accept_ipc_weights: bool = False,
-                 group_timeout_s: float = 600.0):
+                 group_timeout_s: float = 600.0, tp_size: int = 1):
         self.engine = engine
+        self.tp_size = tp_size  # the engine's TP ranks: one tensor payload each
         self.model_path = model_path  # where the weights came from: boot, then each disk update
         # CUDA IPC payloads name memory on this GPU: only a server placed next to its
         # trainer takes them.
@@ -88,19 +93,34 @@ class WeightReceiver:
         self.model_path = model_dir
         return message
 
-    async def from_tensor(self, payload: str, options: LoadOptions) -> str:
-        """One payload of wire.py's (a tensor-parallel rank's; this server has one)."""
-        ipc = is_ipc_payload(payload)
-        if ipc and not self.accept_ipc_weights:
-            raise UpdateRefused("serialized_named_tensors: CUDA IPC payloads are accepted only "
-                                "by a server started next to its trainer (accept_ipc_weights)")
-        try:
-            named_tensors = await asyncio.to_thread(
-                deserialize_ipc_tensors if ipc else deserialize_named_tensors, payload)
-        except ValueError as error:
-            raise UpdateRefused(str(error)) from None
+    async def from_tensor(self, payloads: list[str], options: LoadOptions) -> str:
+        """One bucket: `payloads[i]` for TP rank i. Loads entry 0 once every entry has
+        been checked (see the module docstring)."""
+        if len(payloads) != self.tp_size:
+            raise UpdateRefused(f"serialized_named_tensors has {len(payloads)} entries; this "
+                                f"engine has {self.tp_size} tensor-parallel rank(s), one entry "
+                                "each")
+        named_tensors = await self._deserialize(payloads[0], 0)
+        expected = _signature(named_tensors)
+        for index in range(1, len(payloads)):
+            if _signature(await self._deserialize(payloads[index], index)) != expected:
+                raise UpdateRefused(f"serialized_named_tensors[{index}] does not hold the "
+                                    "names, shapes and dtypes of entry 0")
         async with self._lock:
             return await self._load(named_tensors, options)
+
+    async def _deserialize(self, payload: str, index: int) -> list[tuple[str, torch.Tensor]]:
+        ipc = is_ipc_payload(payload)
+        if ipc and not self.accept_ipc_weights:
+            raise UpdateRefused(f"serialized_named_tensors[{index}]: CUDA IPC payloads are "
+                                "accepted only by a server started next to its trainer "
+                                "(accept_ipc_weights)")
+        try:
+            return await asyncio.to_thread(
+                deserialize_ipc_tensors if ipc else deserialize_named_tensors, payload)
+        except ValueError as error:  # wire.py's messages name the field
+            message = str(error).removeprefix("serialized_named_tensors: ")
+            raise UpdateRefused(f"serialized_named_tensors[{index}]: {message}") from None
 
     async def join_group(self, address: str, port: int, rank: int, world_size: int,
                          group_name: str, backend: str) -> str:
@@ -167,3 +187,7 @@ class WeightReceiver:
         if options.flush_cache:
             await self.engine.flush_cache()
         return f"Succeeded to update model weights (version {version})."
+
+
+def _signature(named_tensors: list[tuple[str, torch.Tensor]]) -> list[tuple]:
+    return [(name, tuple(tensor.shape), tensor.dtype) for name, tensor in named_tensors]

@@ -10,7 +10,13 @@ caches. The modes (SEND_MODES), one vocabulary for the router, HTTPEngine and Ra
   serialized once and posted to every server at the same time: by value ("value": a
   torch.save archive that only furlong's servers read), as CUDA IPC handles ("ipc":
   SGLang's own format, for servers on the sender's GPU), or by the bucket's device
-  ("auto": IPC for CUDA tensors, by value for CPU ones).
+  ("auto": IPC for CUDA tensors, by value for CPU ones). The request's
+  `serialized_named_tensors` holds one payload per tensor-parallel rank of the engine.
+  Given a `TPGather` (the colocated fan-out: the trainer ranks on one engine's GPUs), each
+  rank serializes its own bucket, the payloads are gathered in TP order to the engine's
+  first rank, which posts the one request, and every rank waits for its outcome (its
+  memory must live until the engine loaded it). Without one, a by-value payload serves
+  every TP rank; an IPC payload names memory on one GPU, so it serves engines of one.
 - "broadcast": `BroadcastSender`, rank 0 of a process group with the servers
   (/init_weights_update_group) broadcasts each bucket (/update_weights_from_distributed);
   right for SGLang and furlong servers on any host. The group is formed on the first push
@@ -71,6 +77,22 @@ class Servers:
         return 1 + len(self.urls) * self.ranks_per_server
 
 
+class TPGather(Protocol):
+    """The trainer ranks on the devices of one engine, in its tensor-parallel order: rank
+    i of the group feeds the engine's TP rank i. Collective: every member calls each method
+    for each bucket. The first member is the source, which posts the engine's requests."""
+
+    @property
+    def is_source(self) -> bool:
+        """Whether this rank posts the engine's requests."""
+
+    def gather(self, payload: str) -> list[str] | None:
+        """Every member's payload, in TP order, at the source; None at the others."""
+
+    def share(self, error: str | None) -> str | None:
+        """The source's `error` (None: the engine loaded the bucket), at every member."""
+
+
 class WeightSender(Protocol):
     def send(self, named_tensors: NamedTensors, servers: Servers, version: int) -> int:
         """Push the pairs in buckets; the last one sets `version`. Returns the bucket count."""
@@ -81,12 +103,14 @@ class WeightSender(Protocol):
 
 def make_sender(mode: str, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                 timeout_s: float | None = 600.0, backend: str = "gloo",
-                rendezvous: Callable[[], tuple[str, int]] | None = None) -> WeightSender:
+                rendezvous: Callable[[], tuple[str, int]] | None = None,
+                tp_gather: TPGather | None = None) -> WeightSender:
     """The sender of `mode` (one of SEND_MODES). "broadcast" needs the group's `backend`
     (gloo: CPU tensors, nccl: CUDA tensors) and `rendezvous()`, where the servers reach
-    rank 0 (see BroadcastSender); the tensor modes ignore both."""
+    rank 0 (see BroadcastSender); the tensor modes ignore both and take a `tp_gather`
+    (the colocated fan-out; see TensorSender)."""
     if mode in TRANSPORTS:
-        return TensorSender(mode, bucket_bytes, timeout_s)
+        return TensorSender(mode, bucket_bytes, timeout_s, tp_gather)
     if mode == "broadcast":
         assert rendezvous is not None, "a broadcast sender needs a rendezvous"
         return BroadcastSender(backend, rendezvous, bucket_bytes, timeout_s)
@@ -147,15 +171,19 @@ def send_from_disk(model_path: str | Path, servers: Servers, version: int,
 
 
 class TensorSender:
-    """/update_weights_from_tensor: each bucket serialized once, posted to every server."""
+    """/update_weights_from_tensor: each bucket serialized once, posted to every server;
+    with a `tp_gather`, one payload per TP rank from the trainer rank on its device."""
 
     def __init__(self, transport: str = "value", bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 timeout_s: float | None = 600.0):
+                 timeout_s: float | None = 600.0, tp_gather: TPGather | None = None):
         if transport not in TRANSPORTS:
             raise ValueError(f"transport {transport!r}: use one of {', '.join(TRANSPORTS)}")
         self.transport, self.bucket_bytes, self.timeout_s = transport, bucket_bytes, timeout_s
+        self.tp_gather = tp_gather
 
     def send(self, named_tensors: NamedTensors, servers: Servers, version: int) -> int:
+        """Every member of a `tp_gather` sends (the others' `servers` may be empty); the
+        source's `servers` is its engine, or none when that engine is out of rotation."""
         with ThreadPoolExecutor(max(1, len(servers.urls)),
                                 thread_name_prefix="weight-push") as pool:
             return send_in_buckets(named_tensors, self.bucket_bytes, version,
@@ -167,11 +195,39 @@ class TensorSender:
                                           and bucket[0][1].is_cuda)
         # IPC: handles to `bucket`'s memory, which stays alive until every server loaded it.
         payload = (serialize_named_tensors_ipc if ipc else serialize_named_tensors)(bucket)
-        body = tensor_update_body(payload, version, servers.ranks_per_server)
-        first_failure(post_all(pool, servers, "/update_weights_from_tensor",
-                               [body] * len(servers.urls), self.timeout_s))
+        if self.tp_gather is None:
+            if ipc and servers.ranks_per_server > 1:
+                raise ValueError("an IPC payload names memory on one GPU: an engine of "
+                                 f"{servers.ranks_per_server} GPUs takes one payload per TP "
+                                 "rank, from the trainer rank on that GPU (give a tp_gather)")
+            body = tensor_update_body([payload] * servers.ranks_per_server, version)
+            first_failure(post_all(pool, servers, "/update_weights_from_tensor",
+                                   [body] * len(servers.urls), self.timeout_s))
+        else:
+            self._fan_out(payload, servers, version)
         if ipc:  # no kernel of ours may still touch the bucket when its memory is reused
             torch.cuda.synchronize()
+
+    def _fan_out(self, payload: str, servers: Servers, version: int | None) -> None:
+        """This rank's part of one bucket of the colocated fan-out: the payloads meet at
+        the source, which posts them as one request; every member then learns its outcome
+        (and so keeps its bucket alive until the engine has loaded it)."""
+        gather = self.tp_gather
+        payloads = gather.gather(payload)
+        failure = None
+        if gather.is_source and servers.urls:
+            assert len(servers.urls) == 1, "a TP group feeds one engine"
+            assert len(payloads) == servers.ranks_per_server, (len(payloads), servers)
+            try:
+                post(servers.urls[0] + "/update_weights_from_tensor",
+                     tensor_update_body(payloads, version), servers.api_key, self.timeout_s)
+            except (ConnectionError, EngineHTTPError) as error:
+                failure = error
+        shared = gather.share(None if failure is None else str(failure))
+        if failure is not None:
+            raise failure
+        if shared is not None:
+            raise RuntimeError(f"the engine this rank feeds did not load a bucket: {shared}")
 
     def close(self) -> None:
         pass  # nothing is kept between pushes

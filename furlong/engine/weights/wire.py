@@ -12,21 +12,27 @@ bodies to a furlong server, which is what keeps the two in step.
   copies; `deserialize_named_tensors` opens it with `weights_only=True`, so a request can
   carry tensors, names and lists, never code. Only furlong's servers read this format.
 - CUDA IPC: `serialize_named_tensors_ipc` writes SGLang's own format (base64 of a
-  multiprocessing pickle of IPC handles); `deserialize_ipc_tensors` unpickles it through
-  an allowlist of the few torch globals such a pickle names, so it cannot run code either.
-- Request bodies of SGLang's endpoints (/update_weights_from_tensor,
-  /update_weights_from_distributed, /update_weights_from_disk, the group calls), with
-  SGLang's field names and spellings, so real SGLang servers accept them.
+  multiprocessing pickle of IPC handles) with each tensor's device named by its UUID, as
+  SGLang's patched torch reductions do: a trainer rank sees its GPU as device 0, the
+  engine's TP rank on that GPU sees it under another index. `deserialize_ipc_tensors`
+  unpickles it through an allowlist of the few torch globals such a pickle names, so it
+  cannot run code either, and maps the UUID back to this process's index.
+- Request bodies of SGLang's endpoints (/update_weights_from_tensor, with one payload per
+  tensor-parallel rank of the engine; /update_weights_from_distributed,
+  /update_weights_from_disk, the group calls), with SGLang's field names and spellings,
+  so real SGLang servers accept them.
 """
 from __future__ import annotations
 
 import base64
 import io
 import pickle
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
+from torch.multiprocessing import reductions  # also registers torch's tensor reductions
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
 Bucket = list[tuple[str, torch.Tensor]]
@@ -76,14 +82,53 @@ def _owning_cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
 def serialize_named_tensors_ipc(named_tensors: NamedTensors) -> str:
     """(name, CUDA tensor) pairs as CUDA IPC handles, in SGLang's format for
     /update_weights_from_tensor: base64 of a multiprocessing (ForkingPickler) pickle, in
-    which torch reduces CUDA tensors to IPC handles. A process on the same GPU maps the
-    sender's memory instead of receiving bytes; the sender keeps the tensors alive until
-    the request returns (after the load)."""
-    from multiprocessing.reduction import ForkingPickler
-
-    import torch.multiprocessing  # noqa: F401  (registers the tensor reductions)
+    which torch reduces CUDA tensors to IPC handles, each naming its device by UUID. A
+    process on the same GPU maps the sender's memory instead of receiving bytes; the
+    sender keeps the tensors alive until the request returns (after the load)."""
     pairs = [(name, tensor.detach().contiguous()) for name, tensor in named_tensors]
-    return base64.b64encode(ForkingPickler.dumps(pairs)).decode("ascii")
+    return base64.b64encode(_DeviceUuidPickler.dumps(pairs)).decode("ascii")
+
+
+# The device index in the arguments of torch's `rebuild_cuda_tensor` (SGLang's patched
+# reductions replace the same argument with the device's UUID).
+_DEVICE_ARG = 6
+
+
+def _device_uuid(index: int) -> str:
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def _local_device(device: int | str) -> int:
+    """This process's index of the GPU a payload names: by UUID, or an index as it is."""
+    if isinstance(device, int):
+        return device
+    for index in range(torch.cuda.device_count()):
+        if _device_uuid(index) == device:
+            return index
+    raise ValueError(f"serialized_named_tensors: GPU {device} is not visible to this server "
+                     "(CUDA IPC reaches servers on the sender's own GPU)")
+
+
+def _reduce_by_device_uuid(tensor: torch.Tensor):
+    rebuild, args = reductions.reduce_tensor(tensor)
+    if rebuild is reductions.rebuild_cuda_tensor and isinstance(args[_DEVICE_ARG], int):
+        args = (*args[:_DEVICE_ARG], _device_uuid(args[_DEVICE_ARG]), *args[_DEVICE_ARG + 1:])
+    return rebuild, args
+
+
+class _DeviceUuidPickler(ForkingPickler):
+    """ForkingPickler whose CUDA tensors name their device by UUID (nothing global changes:
+    the reduction is this pickler's own)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dispatch_table[torch.Tensor] = _reduce_by_device_uuid
+
+
+def _rebuild_on_local_device(*args):
+    """torch's `rebuild_cuda_tensor` with the payload's device mapped to this process's."""
+    args = (*args[:_DEVICE_ARG], _local_device(args[_DEVICE_ARG]), *args[_DEVICE_ARG + 1:])
+    return reductions.rebuild_cuda_tensor(*args)
 
 
 def is_ipc_payload(payload: str) -> bool:
@@ -109,15 +154,17 @@ def deserialize_named_tensors(payload: str) -> list[tuple[str, torch.Tensor]]:
 
 
 class _IpcUnpickler(pickle.Unpickler):
-    """Unpickles (name, CUDA tensor) pairs only: the one function that maps an IPC handle,
-    the classes and dtypes it takes. Any other global (os.system, ...) is refused, so a
-    payload cannot run code; it can at most name GPU memory to map."""
+    """Unpickles (name, CUDA tensor) pairs only: the one function that maps an IPC handle
+    (on this process's index of the named GPU), the classes and dtypes it takes. Any other
+    global (os.system, ...) is refused, so a payload cannot run code; it can at most name
+    GPU memory to map."""
 
-    ALLOWED = {("torch.multiprocessing.reductions", "rebuild_cuda_tensor"),
-               ("torch", "Tensor"), ("torch", "Size"), ("torch.storage", "TypedStorage"),
+    ALLOWED = {("torch", "Tensor"), ("torch", "Size"), ("torch.storage", "TypedStorage"),
                ("torch.storage", "UntypedStorage"), ("torch", "UntypedStorage")}
 
     def find_class(self, module: str, name: str):
+        if (module, name) == ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"):
+            return _rebuild_on_local_device
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
@@ -130,7 +177,6 @@ def deserialize_ipc_tensors(payload: str) -> list[tuple[str, torch.Tensor]]:
     """The tensors of a `serialize_named_tensors_ipc` payload, mapped from the sender;
     a ValueError for anything else. Servers accept these only when started next to their
     trainer (the handles name memory on the same GPU)."""
-    import torch.multiprocessing  # noqa: F401
     try:
         pairs = _IpcUnpickler(io.BytesIO(base64.b64decode(payload))).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
@@ -162,10 +208,11 @@ def _with_version(body: dict, version: int | None) -> dict:
     return body
 
 
-def tensor_update_body(payload: str, version: int | None, tp_size: int = 1) -> dict:
-    """/update_weights_from_tensor for one bucket: the payload for every tensor-parallel
-    rank; a `version` (the last bucket) also sets it and flushes the cache."""
-    return _with_version({"serialized_named_tensors": [payload] * tp_size,
+def tensor_update_body(payloads: list[str], version: int | None) -> dict:
+    """/update_weights_from_tensor for one bucket: `payloads[i]` for the engine's
+    tensor-parallel rank i (each rank loads its own entry); a `version` (the last bucket)
+    also sets it and flushes the cache."""
+    return _with_version({"serialized_named_tensors": list(payloads),
                           "flush_cache": version is not None}, version)
 
 
