@@ -4,6 +4,11 @@ Every `--sglang-X ...` flag is forwarded as `--X ...` in the order given, except
 the server settings that furlong owns because it places and addresses the engines.
 With --use-rollout-routing-replay the servers are started with
 `--enable-return-routed-experts` (SGLang returns routes only then).
+
+An engine of N GPUs (`--rollout-num-gpus-per-engine N`) is `--tp-size N` on exactly its
+devices (the launcher sets CUDA_VISIBLE_DEVICES to them), so SGLang's default
+`--base-gpu-id 0` is TP rank 0's device; it gets an `--nccl-port` of its own for its TP
+group, so engines that start together on one node never race for one.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ OWNED = {
     "node-rank": "the engine's placement",
     "dist-init-addr": "the engine's placement",
     "base-gpu-id": "the engine's placement",
+    "nccl-port": "the engine's placement",
 }
 
 
@@ -37,14 +43,18 @@ def check_passthrough(sglang: SglangArgs) -> None:
 def launch_server_args(sglang: SglangArgs, model_path: str, host: str, port: int,
                        seed: int, nnodes: int = 1, node_rank: int = 0,
                        dist_init_addr: str | None = None,
-                       return_routed_experts: bool = False) -> list[str]:
+                       return_routed_experts: bool = False,
+                       nccl_port: int | None = None) -> list[str]:
     """The exact argv of one SGLang server (the passthrough flags last, in order).
-    `return_routed_experts`: --use-rollout-routing-replay is on."""
+    `return_routed_experts`: --use-rollout-routing-replay is on. `nccl_port`: where the
+    engine's TP ranks meet (engines of several GPUs)."""
     check_passthrough(sglang)
     tp_size = sglang.rollout_num_gpus_per_engine
     argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path,
             "--host", host, "--port", str(port), "--tp-size", str(tp_size),
             "--random-seed", str(seed)]
+    if nccl_port is not None:
+        argv += ["--nccl-port", str(nccl_port)]
     if nnodes > 1:
         argv += ["--nnodes", str(nnodes), "--node-rank", str(node_rank),
                  "--dist-init-addr", dist_init_addr or ""]

@@ -2,8 +2,10 @@
 
 One server per engine: `python -m sglang.launch_server` with the exact argument list of
 `furlong.config.sglang.launch_server_args` (model path, host, port, `--tp-size` from
-`--rollout-num-gpus-per-engine`, seed, then every `--sglang-X` flag as `--X`, in order),
-on the devices of its placement (CUDA_VISIBLE_DEVICES), with its output in a log file.
+`--rollout-num-gpus-per-engine`, seed, an `--nccl-port` of its own for an engine of
+several GPUs, then every `--sglang-X` flag as `--X`, in order), on exactly the devices of
+its placement (CUDA_VISIBLE_DEVICES, so TP rank 0 is device 0 of the server), with its
+output in a log file.
 A `ServerSpec.api_key` goes on the command line as SGLang's `--api-key`; logs and errors
 show the command with the key hidden.
 The module is configurable so that furlong's own server (`furlong.engine.serve`, which
@@ -39,7 +41,7 @@ import requests
 from furlong.config.groups import SglangArgs
 from furlong.config.sglang import launch_server_args
 from furlong.engine.api_key import redacted
-from furlong.ports import free_port, free_ports
+from furlong.ports import free_ports
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +74,12 @@ class ServerSpec:
     log_dir: str | None = None
 
 
-def server_command(spec: ServerSpec, port: int) -> list[str]:
-    """The exact argv of the server listening on `port`."""
+def server_command(spec: ServerSpec, port: int, nccl_port: int | None = None) -> list[str]:
+    """The exact argv of the server listening on `port` (its TP ranks meeting on
+    `nccl_port`, for an engine of several GPUs)."""
     argv = launch_server_args(spec.sglang, spec.model_path, spec.host, port, spec.seed,
-                              return_routed_experts=spec.return_routed_experts)
+                              return_routed_experts=spec.return_routed_experts,
+                              nccl_port=nccl_port)
     assert argv[1:3] == ["-m", SGLANG_SERVER], argv[:3]
     argv[2] = spec.module
     if (spec.mem_fraction_static is not None
@@ -216,9 +220,11 @@ class ServerLauncher:
         atexit.register(self.stop)
         self._exit_on_sigterm()
         try:
-            ports = free_ports(self.spec.host, len(self.servers))
-            for index, port in enumerate(ports):
-                self.servers[index] = self._spawn(index, port)
+            ports = free_ports(self.spec.host, len(self.servers) * self._ports_per_server)
+            for index in range(len(self.servers)):
+                first = index * self._ports_per_server
+                self.servers[index] = self._spawn(
+                    index, *ports[first:first + self._ports_per_server])
             for server in self.servers:
                 server.wait_healthy(self.spec.startup_timeout_s)  # they boot in parallel
         except BaseException:
@@ -235,7 +241,8 @@ class ServerLauncher:
             await asyncio.to_thread(old.stop)
         # Popen here, on the event loop's thread, not a pool thread: see _parent_death_signal.
         # The other servers hold their ports, so a free one is not theirs.
-        server = self.servers[index] = self._spawn(index, free_port(self.spec.host))
+        server = self.servers[index] = self._spawn(
+            index, *free_ports(self.spec.host, self._ports_per_server))
         try:
             await asyncio.to_thread(server.wait_healthy, self.spec.startup_timeout_s)
         except BaseException:
@@ -255,11 +262,16 @@ class ServerLauncher:
             self._restore_sigterm()
             self._restore_sigterm = None
 
-    def _spawn(self, index: int, port: int) -> ServerProcess:
+    @property
+    def _ports_per_server(self) -> int:
+        """The HTTP port, and for an engine of several GPUs the NCCL port of its TP group."""
+        return 2 if self.spec.sglang.rollout_num_gpus_per_engine > 1 else 1
+
+    def _spawn(self, index: int, port: int, nccl_port: int | None = None) -> ServerProcess:
         self._num_starts += 1
         devices = self.device_groups[index]
         log_path = self.log_dir / f"engine{index}-start{self._num_starts}.log"
-        server = ServerProcess(server_command(self.spec, port), server_env(devices),
+        server = ServerProcess(server_command(self.spec, port, nccl_port), server_env(devices),
                                f"http://{self.spec.host}:{port}", log_path)
         log.info("engine %d: pid %d, %s, devices %s, log %s", index, server.pid, server.url,
                  "inherited" if devices is None else devices, log_path)
