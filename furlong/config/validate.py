@@ -240,9 +240,17 @@ def _resolve_grpo(config: Config) -> Config:
 
 
 def _resolve_cluster(config: Config) -> Config:
+    """--offload sets both offload flags; --colocate turns on each one the command line
+    leaves unset, as in Miles (the trainer and the engines take turns on the devices;
+    --no-offload-train / --no-offload-rollout keep one side resident)."""
     c = config.cluster
     if c.offload and not (c.offload_train and c.offload_rollout):
         config = config.replace("cluster", "derived", offload_train=True, offload_rollout=True)
+    if c.colocate:
+        unset = {name: True for name in ("offload_train", "offload_rollout")
+                 if not config.given(f"cluster.{name}") and not getattr(config.cluster, name)}
+        if unset:
+            config = config.replace("cluster", "derived", **unset)
     if c.train_backend == "megatron":
         raise ConfigError("--train-backend megatron is not available in this build: use "
                           "--train-backend fsdp (the default)")
