@@ -3,9 +3,11 @@
 Validates the flags and config.json (already done by load_config), reads the first
 rows of every data file and renders their prompts with the tokenizer (the chat
 template included), prints the resolved configuration with the source of each
-value, and states the devices the run needs, checking them only where they exist, and
-the trainer's mesh and pipeline stages (placement and `pipeline_layout` refuse the
-layouts the model or the ranks cannot take).
+value, and states the devices the run needs, checking them only where they exist, the
+engines (which devices each takes, who feeds it weights), and the trainer's mesh and
+pipeline stages (placement and `pipeline_layout` refuse the layouts the model or the
+ranks cannot take). On a machine without GPUs a GPU layout is described as it is and
+checked as the CPU processes that would run it here; "valid" means the run would start.
 """
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ def device_plan(config: Config) -> str:
               f"{trainer} trainer GPUs + {engines} engine GPUs")
     line = f"devices: the run needs {need} GPUs on {c.actor_num_nodes} node(s): {layout}"
     if available == 0:
-        return line + "; this machine has none (checked nothing else)"
+        return line + "; this machine has none: here the same layout runs as CPU processes"
     return line + f"; this machine has {available}"
 
 
@@ -99,11 +101,15 @@ def dry_run(config: Config) -> int:
     if config.perf.pipeline_model_parallel_size > 1:
         print(pipeline_plan(config))
     placement = plan_placement(config, torch.cuda.device_count())
-    if not (placement.in_process or config.rollout.rollout_external):
+    places_engines = not (placement.in_process or config.rollout.rollout_external
+                          or placement.num_engines == 0)
+    if places_engines:
         backend = resolve_backend(engine_options(config, placement.colocate),
                                   torch.device(placement.device))
         check_engine_devices(placement, backend)  # what `auto` picks on this machine
     print("layout: " + placement.describe())
+    if places_engines:
+        print(placement.describe_engines())
     print(describe_mesh(config, placement.trainer_ranks))
     print("dry run: configuration is valid")
     return 0

@@ -5,8 +5,13 @@ A pure function of the cluster flags and the devices this machine has:
   - otherwise `--actor-num-nodes x --actor-num-gpus-per-node` trainer ranks and
     engines of `--rollout-num-gpus-per-engine` devices each: sharing the trainer's
     devices with `--colocate`, else on `--rollout-num-gpus` devices of their own.
+Colocated (Miles' standard layout), trainer rank i sits on device i, and engine e takes
+devices e*N .. e*N+N-1 (N = `--rollout-num-gpus-per-engine`, its tensor-parallel size;
+an engine never straddles two nodes): the trainer rank on each of them feeds that TP
+rank's weights (`engine_feeders`). Apart, engines follow the trainer's devices.
 On a machine without GPUs the same layout is made of CPU processes (gloo), which is
-how multi-process runs are tested without GPUs. The trainer ranks form a dp x cp x tp
+how multi-process runs are tested without GPUs; there furlong's server stands in for a
+colocated engine of N devices as its TP rank 0. The trainer ranks form a dp x cp x tp
 mesh (`describe_mesh`); layouts the model or the ranks cannot take are refused here,
 before Ray starts and under --dry-run, naming the flag and the fix.
 """
@@ -34,11 +39,26 @@ class Placement:
 
     @property
     def engine_devices(self) -> list[list[int]]:
-        """Device indices of each engine (colocated engines reuse the trainer's)."""
+        """Device indices of each engine, in its TP order (colocated engines reuse the
+        trainer's; with several nodes, node k holds devices k*G .. k*G+G-1)."""
         first = 0 if self.colocate else self.trainer_ranks
         return [list(range(first + e * self.devices_per_engine,
                            first + (e + 1) * self.devices_per_engine))
                 for e in range(self.num_engines)]
+
+    @property
+    def engine_feeders(self) -> list[list[int]]:
+        """Colocated: the trainer ranks whose payloads make each engine's weight request,
+        in its TP order (rank i sits on device i, so these are its devices). Apart: none
+        (rank 0 broadcasts)."""
+        return self.engine_devices if self.colocate else []
+
+    def engine_bundle(self, engine: int) -> int:
+        """The placement-group bundle of engine `engine`'s actor: colocated, that of its
+        first device (trainer rank e*N's); apart, the engine's own bundle."""
+        if self.colocate:
+            return engine * self.devices_per_engine
+        return self.trainer_ranks + engine
 
     def describe(self) -> str:
         if self.in_process:
@@ -46,6 +66,16 @@ class Placement:
         where = "sharing the trainer's devices" if self.colocate else "on devices of their own"
         return (f"{self.trainer_ranks} trainer ranks and {self.num_engines} engine(s) of "
                 f"{self.devices_per_engine} {self.device} device(s) each, {where} (Ray)")
+
+    def describe_engines(self) -> str:
+        """Which devices each engine takes and who feeds it weights (--dry-run)."""
+        groups = [",".join(map(str, devices)) for devices in self.engine_devices]
+        if len(groups) > 8:
+            groups = [*groups[:4], "...", *groups[-2:]]
+        feed = ("each TP rank's weights from the trainer rank on its device, one request "
+                "per engine" if self.colocate else "weights broadcast from trainer rank 0")
+        return (f"engines: {self.num_engines} x tp {self.devices_per_engine} on devices "
+                f"[{'] ['.join(groups)}]; {feed}")
 
 
 def cluster_flags_given(config: Config) -> bool:
@@ -68,6 +98,11 @@ def plan_placement(config: Config, gpus_available: int) -> Placement:
                           f"{engine_devices} engine devices (--rollout-num-gpus, or the trainer's "
                           "with --colocate)")
     engines = engine_devices // per_engine
+    if c.colocate and c.actor_num_gpus_per_node % per_engine:
+        raise ConfigError(f"--rollout-num-gpus-per-engine {per_engine} does not divide "
+                          f"--actor-num-gpus-per-node {c.actor_num_gpus_per_node}: with "
+                          "--colocate an engine takes the GPUs of trainer ranks on one node; "
+                          f"give a divisor of {c.actor_num_gpus_per_node}")
     if per_engine > c.num_gpus_per_node and not config.rollout.rollout_external:
         # An engine placed here is one Ray bundle, so one node's devices (running servers
         # are not placed).
@@ -195,16 +230,18 @@ def _check_context_parallel(config: Config) -> None:
 
 
 def check_engine_devices(placement: Placement, backend: str) -> None:
-    """Engines of several devices need a bundle of their own and SGLang (the one backend
-    that spans devices). Checked before Ray starts, and by `--dry-run` with the backend
-    `auto` picks on the machine it runs on."""
+    """Engines of several devices run on SGLang (the one backend that spans devices);
+    without GPUs, furlong's server stands in for a colocated one (as its TP rank 0, fed
+    one payload per TP rank). Checked before Ray starts, and by `--dry-run` with the
+    backend `auto` picks on the machine it runs on."""
     per_engine = placement.devices_per_engine
-    if per_engine > 1 and placement.colocate:
-        raise ConfigError(f"--colocate with --rollout-num-gpus-per-engine {per_engine}: an "
-                          "engine would span several trainer bundles; give the engines GPUs "
-                          "of their own (--rollout-num-gpus) or use one GPU per engine")
-    if per_engine > 1 and backend != "sglang":
-        raise ConfigError(f"--rollout-num-gpus-per-engine {per_engine} with --rollout-backend "
-                          f"{backend}: the built-in engine runs on one device; use "
-                          "--rollout-backend sglang (on GPUs, with sglang installed) for "
-                          "tensor-parallel engines, or one GPU per engine")
+    if per_engine == 1 or backend == "sglang":
+        return
+    if placement.device == "cpu" and placement.colocate:
+        return
+    where = ("" if placement.device == "cuda" else
+             "; without GPUs only colocated engines of several devices have a stand-in")
+    raise ConfigError(f"--rollout-num-gpus-per-engine {per_engine} with --rollout-backend "
+                      f"{backend}: the built-in engine runs on one device; use "
+                      "--rollout-backend sglang (on GPUs, with sglang installed) for "
+                      f"tensor-parallel engines, or one GPU per engine{where}")
