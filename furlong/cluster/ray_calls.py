@@ -4,6 +4,7 @@
 - `check_engines`: Ray's word on whether the engine actors are alive.
 - `node_rendezvous`: an address of this node and a port free on it (rank 0 of a group here).
 - `in_bundle`: the scheduling strategy that puts an actor on one bundle of a placement group.
+- `bundle_gpus`: the node and GPU ids of each bundle of a placement group.
 """
 from __future__ import annotations
 
@@ -41,3 +42,15 @@ def node_rendezvous() -> tuple[str, int]:
 
 def in_bundle(group, bundle: int) -> PlacementGroupSchedulingStrategy:
     return PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle)
+
+
+def _node_and_gpus() -> tuple[str, list[int]]:
+    return ray.util.get_node_ip_address(), [int(gpu) for gpu in ray.get_gpu_ids()]
+
+
+def bundle_gpus(group, gpus_per_bundle: list[int]) -> list[tuple[str, list[int]]]:
+    """(node address, GPU ids) of each bundle, asked by a task that takes the bundle's
+    GPUs: before anything else is placed in the group."""
+    probe = ray.remote(num_cpus=0)(_node_and_gpus)
+    return wait_all([probe.options(num_gpus=gpus, scheduling_strategy=in_bundle(group, bundle))
+                     .remote() for bundle, gpus in enumerate(gpus_per_bundle)], "bundle probe")

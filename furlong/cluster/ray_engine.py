@@ -1,14 +1,18 @@
 """Engines as Ray actors, each serving SGLang's HTTP API from its own process.
 
 Two kinds: an EngineActor runs the built-in engine and its server in the actor; a
-ServerHost starts an SGLang (or furlong) server process on the GPUs Ray gave it.
+ServerHost starts an SGLang (or furlong) server process on the engine's GPUs (all of
+them: a colocated engine of N GPUs sits on the trainer bundle of its first one, and its
+server sees exactly its N devices).
 
 An EngineActor builds the built-in engine on the devices Ray gave it and runs the
 furlong engine server (furlong/engine/server/) in its event loop; the driver talks to
-all of them through one EngineRouter, exactly as it would to SGLang servers. Trainer
-ranks push weights to the same URLs with the router's senders (engine/weights/send.py):
-CUDA IPC payloads from the rank on the same GPU (colocated), a broadcast from rank 0
-(apart), or bytes by value (CPU). RayEngineGroup
+all of them through one EngineRouter, exactly as it would to SGLang servers. On a
+machine without GPUs it stands in for a colocated engine of N devices as its TP rank 0
+(one payload per TP rank in each tensor request). Trainer ranks push weights to the
+same URLs with the router's senders (engine/weights/send.py): one payload per TP rank
+from the ranks on the engine's devices (colocated; CUDA IPC on GPUs, bytes on the CPU),
+or a broadcast from rank 0 (apart). RayEngineGroup
 is that router as the loop sees it, with Ray's word on an engine that died. Servers
 listen on node addresses, so they require the run's API key (`run_api_key`), which the
 driver hands to the router and the trainer ranks.
@@ -33,7 +37,7 @@ class EngineActor:
     """One engine and its HTTP server, on the devices Ray gave this actor."""
 
     def __init__(self, model_path: str, options: EngineOptions, device_type: str,
-                 accept_ipc_weights: bool):
+                 accept_ipc_weights: bool, tp_size: int = 1):
         from transformers import AutoTokenizer
         device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
         dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
@@ -41,6 +45,7 @@ class EngineActor:
         self.engine = create_engine(model_path, self.tokenizer, device, dtype, options)
         self.model_path = model_path
         self.accept_ipc_weights = accept_ipc_weights
+        self.tp_size = tp_size  # the TP ranks of the engine it stands in for
         self.api_key = options.api_key  # the server listens on the node's address
         self.runner = None
 
@@ -54,6 +59,8 @@ class EngineActor:
         from furlong.engine.server.app import EngineServer
         server = EngineServer(self.engine, self.tokenizer, self.model_path,
                               accept_ipc_weights=self.accept_ipc_weights, api_key=self.api_key)
+        # EngineServer takes no tp_size: its receiver learns it before the routes exist.
+        server.weights.tp_size = self.tp_size
         self.runner = server.app_runner()
         await self.runner.setup()
         host = ray.util.get_node_ip_address()
@@ -69,12 +76,12 @@ class EngineActor:
 
 @ray.remote
 class ServerHost:
-    """One server process (`python -m sglang.launch_server ...`) on this actor's GPUs,
-    reachable from other nodes; stopped with the actor's `stop`."""
+    """One server process (`python -m sglang.launch_server ...`) on `devices` (GPU ids of
+    this node; None: the devices this actor sees), reachable from other nodes; stopped
+    with the actor's `stop`."""
 
-    def __init__(self, spec: ServerSpec):
+    def __init__(self, spec: ServerSpec, devices: list[int] | None):
         from dataclasses import replace
-        devices = [int(gpu) for gpu in ray.get_gpu_ids()] or None
         self.launcher = ServerLauncher(replace(spec, host=ray.util.get_node_ip_address()),
                                        [devices])
 

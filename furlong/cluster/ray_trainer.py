@@ -6,10 +6,13 @@ rank 0's answer. Calls wait with `ray.wait`, so a rank that dies surfaces at onc
 an error naming the rank and the cause, even while the others block in a collective.
 Weight pushes: every rank gathers the full weights (with pipeline stages, each stage
 gathers its layers and broadcasts them one at a time) and hands them to one sender of
-furlong/engine/weights/send.py (the router's own): CUDA IPC to the engines on its GPU,
-or, from rank 0 alone, a broadcast or bytes by value. A weight push that fails asks the
-engine actors first, so that an engine that died is named as such rather than as the
-trainer rank whose connection it refused.
+furlong/engine/weights/send.py (the router's own). Colocated engines are fed by the ranks
+on their devices (cluster/engine_feed.py): each bucket, one request per engine whose
+`serialized_named_tensors` holds one payload per TP rank, each from the trainer rank on
+that rank's device (CUDA IPC handles on GPUs, bytes between CPU processes), posted by the
+engine's first rank. Engines apart get a broadcast from rank 0. A weight push that fails
+asks the engine actors first, so that an engine that died is named as such rather than as
+the trainer rank whose connection it refused.
 """
 from __future__ import annotations
 
@@ -19,10 +22,11 @@ from pathlib import Path
 import ray
 import torch
 
+from furlong.cluster.engine_feed import EngineFeed
 from furlong.cluster.ray_calls import check_engines, in_bundle, node_rendezvous, wait_all
 from furlong.config import Config
 from furlong.config.groups import SglangArgs
-from furlong.engine.weights.send import Servers, WeightSender, make_sender
+from furlong.engine.weights.send import Servers, make_sender
 from furlong.train.actor import TrainActor
 from furlong.train.parallel import rank_info
 from furlong.train.process_env import prepare_trainer_process, train_env_vars
@@ -33,15 +37,6 @@ def engine_servers(urls: list[str], sglang: SglangArgs, api_key: str | None = No
     per GPU (--rollout-num-gpus-per-engine), in a broadcast group and for tensor payloads;
     with fewer ranks counted, its extra ranks would wait for a group that never forms."""
     return Servers(tuple(urls), api_key, sglang.rollout_num_gpus_per_engine)
-
-
-def weight_senders(bucket_bytes: int) -> dict[str, WeightSender]:
-    """A trainer rank's senders, by RayTrainGroup.sync_mode (a mode of
-    furlong/engine/weights/send.py); rank 0 of a broadcast group meets the servers on this
-    rank's node."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    return {mode: make_sender(mode, bucket_bytes, backend=backend, rendezvous=node_rendezvous)
-            for mode in ("ipc", "value", "broadcast")}
 
 
 def rank_options(config: Config, placement_group, bundle: int, gpus_per_rank: float) -> dict:
@@ -75,7 +70,13 @@ class TrainRank:
                                   pp_size=config.perf.pipeline_model_parallel_size)
         self.actor = TrainActor(config, info, init_weights, total_steps,
                                 load_hooks(config).custom_loss, HookArgs(config))
-        self.senders = weight_senders(config.rollout.update_weight_buffer_size)
+        self.rank = rank
+        self.bucket_bytes = config.rollout.update_weight_buffer_size
+        # By RayTrainGroup.sync_mode; "colocated" joins when the engines are placed. Rank 0
+        # of a broadcast group meets the servers on this rank's node.
+        self.senders = {"broadcast": make_sender(
+            "broadcast", self.bucket_bytes, backend="nccl" if cuda else "gloo",
+            rendezvous=node_rendezvous)}
 
     def ready(self) -> bool:
         return True
@@ -110,11 +111,18 @@ class TrainRank:
     def model_config(self):
         return self.actor.model_config
 
+    def join_engine_group(self, engine_feeders: list[list[int]], transport: str) -> None:
+        """Colocated engines: join the group of the ranks that feed this rank's engine
+        (collective over every rank); pushes then go through it by `transport`."""
+        self.senders["colocated"] = make_sender(
+            transport, self.bucket_bytes, tp_gather=EngineFeed(engine_feeders, self.rank))
+
     def send_weights(self, sync_mode: str, servers: Servers, version: int) -> None:
         """This rank's part of a push: every rank takes part in gathering the full weights,
-        and sends them on to `servers` (none: it only gathers)."""
+        and sends them on to `servers`; outside a broadcast's rank 0 a rank without
+        servers only gathers, while every colocated rank feeds its engine's request."""
         weights = self.actor.named_weights()
-        if not servers.urls:
+        if sync_mode == "broadcast" and not servers.urls:
             for _ in weights:  # take part in the gathers
                 pass
             return
@@ -144,7 +152,8 @@ class RayTrainGroup:
         self.model_config = ray.get(self.ranks[0].model_config.remote())
         self.urls: list[str] = []
         self.engine_actors: list = []
-        self.sync_mode = "value"
+        self.engine_feeders: list[list[int]] = []
+        self.sync_mode = "broadcast"
         self.api_key: str | None = None
 
     def _all(self, method: str, *args) -> list:
@@ -183,18 +192,24 @@ class RayTrainGroup:
         self._all("export_hf", str(path))
 
     # ---- weight sync --------------------------------------------------------------------
-    def attach_engines(self, urls: list[str], engine_devices: list[list[int]],
-                       colocate: bool, actors: list, api_key: str | None = None) -> None:
-        """Choose how weights travel: CUDA IPC on shared GPUs, a broadcast to engines on
-        devices of their own, bytes by value for CPU processes that share a machine.
-        `actors` host the servers at `urls` (none for servers started elsewhere);
-        `api_key` is the servers' key, sent with every weight push."""
+    def attach_engines(self, urls: list[str], engine_feeders: list[list[int]], actors: list,
+                       api_key: str | None = None) -> None:
+        """Choose how weights travel. `engine_feeders[e]`: for colocated engines, the
+        trainer ranks on engine e's devices in its TP order (Placement.engine_feeders);
+        each rank joins its engine's group, and each engine gets one payload per TP rank:
+        CUDA IPC handles on GPUs, bytes by value between CPU processes. Empty (engines
+        apart, or servers started elsewhere): rank 0 broadcasts. `actors` host the servers
+        at `urls` (none for servers started elsewhere); `api_key` is the servers' key,
+        sent with every weight push."""
+        assert not engine_feeders or len(engine_feeders) == len(urls), (engine_feeders, urls)
         self.urls = urls
         self.api_key = api_key
-        self.engine_devices = engine_devices
+        self.engine_feeders = engine_feeders
         self.engine_actors = actors
-        cuda = self.rank.device.type == "cuda"
-        self.sync_mode = "ipc" if cuda and colocate else "value" if colocate else "broadcast"
+        if engine_feeders:
+            transport = "ipc" if self.rank.device.type == "cuda" else "value"
+            self._all("join_engine_group", engine_feeders, transport)
+        self.sync_mode = "colocated" if engine_feeders else "broadcast"
 
     async def push_weights(self, engine, version: int) -> None:
         """To the engines still in `engine`'s rotation (the router drops one that died,
@@ -216,11 +231,12 @@ class RayTrainGroup:
         engine.weights_pushed(version, targets)
 
     def _servers_of_rank(self, index: int, live: set[str]) -> Servers:
-        """With CUDA IPC each rank feeds the live engines on its own GPU; otherwise rank 0
-        sends to every live engine and the other ranks only gather."""
-        if self.sync_mode == "ipc":
-            urls = [url for url, devices in zip(self.urls, self.engine_devices, strict=True)
-                    if devices[0] == index and url in live]
+        """Colocated, the first rank of each engine's feeders posts to it (if it is live)
+        and the others only feed it; otherwise rank 0 broadcasts to every live engine and
+        the other ranks only gather."""
+        if self.sync_mode == "colocated":
+            urls = [url for url, feeders in zip(self.urls, self.engine_feeders, strict=True)
+                    if feeders[0] == index and url in live]
         else:
             urls = [url for url in self.urls if url in live] if index == 0 else []
         return engine_servers(urls, self.config.sglang, self.api_key)
