@@ -120,6 +120,7 @@ HOOKS = textwrap.dedent('''
 
     def generate_rollout(args, rollout_id, data_source, evaluation=False):
         """Miles' legacy rollout function: sync, with an event loop of its own."""
+        assert args.rollout_global_dataset  # as Miles' own rollout function does
         SEEN.setdefault("rollout_threads", []).append(
             threading.current_thread() is threading.main_thread())
         if evaluation:

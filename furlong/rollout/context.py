@@ -26,6 +26,9 @@ class HookArgs:
         for _, attr, cls in GROUPS:
             group = getattr(config, attr)
             values.update({f.name: getattr(group, f.name) for f in flag_fields(cls)})
+        # Miles' name (its argparse dest) for --disable-rollout-global-dataset, which its
+        # rollout function asserts.
+        values["rollout_global_dataset"] = not values["disable_rollout_global_dataset"]
         # --custom-config-path: its keys that name no flag become attributes, as in Miles
         values.update(read_custom_config(config.rollout.custom_config_path))
         object.__setattr__(self, "_values", values)

@@ -95,7 +95,8 @@ def eval_output_stats(data: dict[str, dict], reward_key: str | None,
             metrics.update(stats.eval_stats(name, list(groups.values()), reward_key,
                                             log_passrate))
             continue
-        metrics[f"eval/{name}"] = mean(0.0 if r is None else float(r) for r in entry["rewards"])
+        rewards = [0.0 if r is None else float(r) for r in entry["rewards"]]
+        metrics[f"eval/{name}"] = mean(rewards) if rewards else 0.0
         if entry.get("truncated"):
             metrics[f"eval/{name}/truncated_ratio"] = mean(map(bool, entry["truncated"]))
     return metrics
