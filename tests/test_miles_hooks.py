@@ -22,6 +22,7 @@ from furlong.engine.base import GenerateOutput
 from furlong.hooks import load_function
 from furlong.output.metrics import read_metrics
 from furlong.rollout.context import HookArgs
+from furlong.rollout.manager import eval_output_stats, read_eval_output, read_rollout_output
 from furlong.rollout.rewards import RewardModel
 from furlong.rollout.router_front import RouterFront
 from furlong.sample import Sample, Status
@@ -218,6 +219,24 @@ def test_a_miles_rollout_function_generates_trains_and_evaluates(tiny, tmp_path,
     assert [row["step"] for row in evals] == [0, 1]
     assert all(row["eval/addition"] == pytest.approx(1 / 3) for row in evals)
     assert all(row["eval/addition/truncated_ratio"] == pytest.approx(1 / 3) for row in evals)
+
+
+def test_eval_data_of_a_rollout_function():
+    """With the samples, furlong's eval metrics (grouped by prompt); without, the rewards."""
+    samples = [Sample(group_index=g, reward=r, tokens=[1, 2, 3], response_length=2,
+                      status=Status.TRUNCATED if r else Status.COMPLETED)
+               for g, r in ((0, 1.0), (0, 0.0), (1, 0.0), (1, 0.0))]
+    data = read_eval_output(type("RolloutFnEvalOutput", (), {"data": {
+        "with": {"rewards": [1.0, 0.0, 0.0, 0.0], "samples": samples},
+        "without": {"rewards": [], "truncated": []}}})())
+    metrics = eval_output_stats(data, None, log_passrate=True)
+    assert metrics["eval/with"] == 0.25 and metrics["eval/with/truncated_ratio"] == 0.25
+    assert metrics["eval/with/pass@1"] == 0.25 and metrics["eval/with/pass@2"] == 0.5
+    assert metrics["eval/without"] == 0.0
+    with pytest.raises(ValueError, match="evaluation=True returned list"):
+        read_eval_output([[samples[0]]])
+    with pytest.raises(ValueError, match="returned a dict; return a list of groups"):
+        read_rollout_output({"samples": []})
 
 
 def test_a_single_miles_reward_through_the_hub(hooks):
