@@ -124,8 +124,10 @@ def build_router(config: Config, engine: Engine | None,
     if given is not None or engine is None:
         return None, given
     from transformers import AutoConfig
-    vocab_size = AutoConfig.from_pretrained(config.ckpt.hf_checkpoint).get_text_config().vocab_size
-    front = RouterFront(engine, tokenizer, vocab_size, config.grpo.use_rollout_routing_replay)
+    model = AutoConfig.from_pretrained(config.ckpt.hf_checkpoint).get_text_config()
+    context = config.rollout.rollout_max_context_len or model.max_position_embeddings
+    front = RouterFront(engine, tokenizer, model.vocab_size, config.ckpt.hf_checkpoint, context,
+                        config.grpo.use_rollout_routing_replay)
     return front, front.address
 
 

@@ -252,6 +252,7 @@ def test_a_rollout_is_batch_size_groups_of_n_samples_with_every_field(
     engine = RecordingEngine(tiny_model, tokenizer)
     manager = make_manager(config, engine, tokenizer, reward)
     rows = manager.dataset.rows[:4]
+    encoder = PromptEncoder(tokenizer, config.rollout.apply_chat_template)
     result = generate(manager, 0)
 
     assert [len(group) for group in result.groups] == [4, 4, 4, 4]
@@ -259,7 +260,8 @@ def test_a_rollout_is_batch_size_groups_of_n_samples_with_every_field(
     for g, (group, row) in enumerate(zip(result.groups, rows, strict=True)):
         for i, sample in enumerate(group):
             assert (sample.group_index, sample.index) == (g, i)
-            assert (sample.prompt, sample.label) == (row.prompt, row.label)
+            # the prompt as the engine sees it (rendered by the chat template), as in Miles
+            assert sample.prompt == encoder.render(row.prompt) and sample.label == row.label
             assert sample.tokens[:len(row.prompt_ids)] == list(row.prompt_ids)
             assert sample.prompt_length == len(row.prompt_ids)
             response = sample.response_tokens
@@ -274,7 +276,7 @@ def test_a_rollout_is_batch_size_groups_of_n_samples_with_every_field(
                 assert sample.status == Status.TRUNCATED and len(response) == 8
                 assert sample.response == tokenizer.decode(response)
             assert sample.reward in (0.0, 1.0)
-            assert sample.weight_version == 0
+            assert sample.weight_versions == ["0"]
             statuses.add(sample.status)
     assert statuses == {Status.COMPLETED, Status.TRUNCATED}
 

@@ -272,9 +272,11 @@ class RemoteLikeEngine:
         return True
 
 
-def test_the_front_serves_an_engine_without_a_model_and_frees_its_port():
+def test_the_front_serves_an_engine_without_a_model_and_frees_its_port(tiny):
+    from transformers import AutoTokenizer
     engine = RemoteLikeEngine()
-    front = RouterFront(engine, None, vocab_size=10)
+    front = RouterFront(engine, AutoTokenizer.from_pretrained(tiny / "model"), vocab_size=10,
+                        model_name="tiny", max_context_len=64)
 
     async def session_calls():
         await front.start()
@@ -290,10 +292,18 @@ def test_the_front_serves_an_engine_without_a_model_and_frees_its_port():
                 health = response.status
             async with session.post(f"{url}/abort_request", json={"abort_all": True}):
                 pass
+            # what a custom agent talks to: OpenAI's routes and sessions, on the same front
+            async with session.get(f"{url}/v1/models") as response:
+                models = await response.json()
+            async with session.post(f"{url}/sessions") as response:
+                opened = (await response.json())["session_id"]
+            async with session.delete(f"{url}/sessions/{opened}") as response:
+                closed = response.status
         await front.stop()
-        return output, refused, health
+        return output, refused, health, (models, closed)
 
-    output, refused, health = asyncio.run(session_calls())
+    output, refused, health, (models, closed) = asyncio.run(session_calls())
+    assert [model["id"] for model in models["data"]] == ["tiny"] and closed == 204
     assert output["meta_info"]["output_token_logprobs"] == [[-0.5, 7, None], [-0.25, 8, None]]
     assert output["meta_info"]["finish_reason"]["type"] == "length"
     assert output["meta_info"]["weight_version"] == "3" and output["text"] == "ab"

@@ -5,7 +5,9 @@ Miles' hooks generate by posting SGLang requests to
 rollout's engine is an `Engine` object (in this process, or the EngineRouter over engine
 servers under Ray), so the run serves SGLang's generation routes over that same engine on
 127.0.0.1: /generate and /abort_request (engine/server/generation.py, as furlong's engine
-server answers them) and /health. Requests through it share the engine with the
+server answers them), OpenAI's /v1 routes and the agent sessions of exact tokens
+(/sessions..., engine/server/openai_routes.py and sessions.py: what a custom agent talks
+to) and /health. Requests through it share the engine with the
 manager's own: batched together, counted by the same limits, and reached by the abort
 that ends a rollout. Weight updates and memory release are not served: the loop owns
 them, and a hook must not change the engine behind it.
@@ -34,6 +36,8 @@ from furlong.config.groups import SglangArgs
 from furlong.engine.base import Engine
 from furlong.engine.server.app import errors_as_json
 from furlong.engine.server.generation import GenerationRoutes
+from furlong.engine.server.openai_routes import OpenAIRoutes, openai_errors
+from furlong.engine.server.sessions import SessionRoutes
 
 HOST = "127.0.0.1"  # hooks run in the process of the rollout manager
 
@@ -51,12 +55,14 @@ def given_router(sglang: SglangArgs) -> tuple[str, int] | None:
 
 
 class RouterFront:
-    """SGLang's /generate, /abort_request and /health over `engine`, on 127.0.0.1 at
-    `port`. `vocab_size` bounds the token ids of requests (engines in this process have
-    it in `engine.model`); `return_routed_experts`: requests may ask for the routes."""
+    """SGLang's /generate, /abort_request and /health, OpenAI's /v1 routes and sessions
+    over `engine`, on 127.0.0.1 at `port`. `vocab_size` bounds the token ids of requests
+    (engines in this process have it in `engine.model`); `model_name` is the id /v1/models
+    lists, `max_context_len` bounds prompt plus response on the /v1 routes;
+    `return_routed_experts`: requests may ask for the routes."""
 
-    def __init__(self, engine: Engine, tokenizer, vocab_size: int,
-                 return_routed_experts: bool = False):
+    def __init__(self, engine: Engine, tokenizer, vocab_size: int, model_name: str,
+                 max_context_len: int, return_routed_experts: bool = False):
         self.engine = engine
         self._socket = socket.create_server((HOST, 0))
         self.host, self.port = HOST, self._socket.getsockname()[1]
@@ -66,6 +72,8 @@ class RouterFront:
         self.generation = GenerationRoutes(
             routed, tokenizer, lambda: getattr(engine, "weight_version", None) or 0,
             return_routed_experts)
+        self.openai = OpenAIRoutes(routed, tokenizer, model_name, max_context_len)
+        self.sessions = SessionRoutes(self.openai)
         self._runner: web.AppRunner | None = None
 
     @property
@@ -74,8 +82,9 @@ class RouterFront:
 
     async def start(self) -> None:
         """Serve, from the running event loop (the one that calls the engine)."""
-        app = web.Application(middlewares=[errors_as_json])
-        app.add_routes([*self.generation.routes(), web.get("/health", self.health)])
+        app = web.Application(middlewares=[openai_errors, errors_as_json])
+        app.add_routes([*self.generation.routes(), *self.openai.routes(),
+                        *self.sessions.routes(), web.get("/health", self.health)])
         # A client that disconnects cancels its /generate: the engine aborts the request.
         # No access log: a line per hook request would drown the run's own.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -94,7 +103,7 @@ class RouterFront:
 
 
 class _WithModel:
-    """`engine` with the `model.config.vocab_size` that GenerationRoutes reads."""
+    """`engine` with the `model.config.vocab_size` that the routes read."""
 
     def __init__(self, engine: Engine, vocab_size: int):
         self._engine = engine
