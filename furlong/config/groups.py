@@ -15,8 +15,9 @@ from typing import Any
 from furlong.config.flag import flag, has_no_effect, json_object
 from furlong.config.inert_flags import (FROM_HF_CONFIG, CkptInertFlags, ClusterInertFlags,
                                         DebugInertFlags, EvalInertFlags, GrpoInertFlags,
-                                        LoggingInertFlags, ModelInertFlags, OptimizerInertFlags,
-                                        PerfInertFlags, RolloutInertFlags, SglangInertFlags)
+                                        LoggingInertFlags, LoraInertFlags, ModelInertFlags,
+                                        OptimizerInertFlags, PerfInertFlags, RolloutInertFlags,
+                                        SglangInertFlags)
 from furlong.config.moe_layers import moe_layer_freq_argument
 
 MIB = 1024 * 1024
@@ -325,6 +326,30 @@ class OptimizerArgs(OptimizerInertFlags):
 
 
 @dataclass(frozen=True)
+class LoraArgs(LoraInertFlags):
+    """LORA_ARGS: LoRA adapters (Miles' flags): the base frozen, the adapters trained,
+    pushed to the engines and checkpointed in PEFT's format."""
+    lora_rank: int = flag(0, "LoRA rank r (0: train all weights)")
+    lora_alpha: int = flag(16, "LoRA alpha: the adapters' update is scaled by alpha / r")
+    lora_dropout: float = flag(0.0, "Dropout on the adapters' input (old log-probs are then "
+                                    "recomputed)")
+    lora_type: str = flag("lora", "Megatron's variant; furlong adapts q/k/v and gate/up "
+                                  "separately (canonical_lora) either way",
+                          choices=("lora", "canonical_lora"))
+    target_modules: str | None = flag(help="Modules to adapt, needed with --lora-rank: "
+                                           "all-linear, or a comma list of HF names (q_proj), "
+                                           "Megatron names (linear_qkv) or paths with *")
+    exclude_modules: str | None = flag(help="Comma list taken out of --target-modules")
+    lora_adapter_path: str | None = flag(help="Start from this PEFT adapter directory "
+                                              "(adapter_config.json, "
+                                              "adapter_model.safetensors)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.lora_rank > 0
+
+
+@dataclass(frozen=True)
 class SglangArgs(SglangInertFlags):
     """SGLANG_ARGS: engine topology; every --sglang-X flag is forwarded as --X."""
     rollout_num_gpus_per_engine: int = flag(1, "GPUs per engine (the engine's TP size)")
@@ -405,6 +430,7 @@ GROUPS: tuple[tuple[str, str, type], ...] = (
     ("PERF_ARGS", "perf", PerfArgs),
     ("GRPO_ARGS", "grpo", GrpoArgs),
     ("OPTIMIZER_ARGS", "optimizer", OptimizerArgs),
+    ("LORA_ARGS", "lora", LoraArgs),
     ("SGLANG_ARGS", "sglang", SglangArgs),
     ("CLUSTER_ARGS", "cluster", ClusterArgs),
     ("LOGGING_ARGS", "logging", LoggingArgs),
@@ -422,6 +448,7 @@ class Config:
     perf: PerfArgs
     grpo: GrpoArgs
     optimizer: OptimizerArgs
+    lora: LoraArgs
     sglang: SglangArgs
     cluster: ClusterArgs
     logging: LoggingArgs

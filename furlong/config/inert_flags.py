@@ -70,7 +70,9 @@ MEGATRON_PLUGIN = ("a hook into Megatron's training loop; furlong's hooks are li
                    "docs/hooks.md")
 CI_ONLY = "a check of Miles' own CI test suite"
 NO_CRITIC = "furlong has no critic model (--advantage-estimator ppo is refused)"
-NO_LORA = "furlong trains all weights; LoRA adapters are not implemented"
+NO_MULTI_LORA = "furlong trains one adapter per run; Miles' multi-LoRA service is not implemented"
+NO_EXPERT_LORA = ("furlong puts LoRA on attention and dense MLP projections; adapters on MoE "
+                  "experts are not implemented")
 NO_DISTILLATION = "on-policy distillation from a teacher is not implemented in furlong"
 NO_FULLY_ASYNC = ("furlong's asynchrony is train_async.py: one rollout ahead, weights pushed "
                   "every --update-weights-interval rollouts")
@@ -137,19 +139,6 @@ ModelInertFlags = mixin(
              custom_model_provider_path=value(str), custom_megatron_init_path=value(str),
              custom_megatron_before_log_prob_hook_path=value(str),
              custom_megatron_before_train_step_hook_path=value(str)),
-    inert(NO_LORA,
-          lora_rank=value(int, 0), lora_alpha=value(int, 16), lora_dropout=value(float, 0.0),
-          lora_type=value(str, "lora", choices=("lora", "canonical_lora")),
-          target_modules=value(str), exclude_modules=value(str), lora_adapter_path=value(str),
-          lora_sync_from_tensor=SWITCH, lora_base_cpu_backup=SWITCH, lora_train_only=SWITCH,
-          experts_shared_outer_loras=SWITCH, multi_lora_n_adapters=value(int, 0),
-          multi_lora_adapter=value(str, nargs=2), multi_lora_idle_poll_s=value(float, 5.0),
-          multi_lora_http_server_path=value(str), multi_lora_backend_path=value(str),
-          multi_lora_api_port=value(int, 8068), multi_lora_disable_service_mode=SWITCH,
-          multi_lora_max_adapter_global_batch_size=value(int),
-          multi_lora_max_coalesce_wait_s=value(float, 0.5),
-          multi_lora_max_empty_wait_s=value(float, 30.0),
-          no_sglang_lora_use_virtual_experts=SWITCH),
 )
 
 CkptInertFlags = mixin(
@@ -413,4 +402,24 @@ DebugInertFlags = mixin(
           ci_ft_test_actions=value(str), ci_inject_rollout_data_path=value(str),
           ci_inject_rollout_data_start_rollout_id=value(int),
           ci_inject_rollout_data_min_match_ratio=value(float, 0.9)),
+)
+
+LoraInertFlags = mixin(
+    "LoraInertFlags",
+    inert("furlong always pushes adapters as tensors (Engine.load_lora_adapter)",
+          lora_sync_from_tensor=SWITCH),
+    inert("furlong never sends the base weights again: engines keep them from "
+          "--hf-checkpoint and receive only the adapters", lora_base_cpu_backup=SWITCH),
+    inert("furlong's engines always sample with the trained adapter",
+          lora_train_only=SWITCH),
+    inert(NO_EXPERT_LORA,
+          experts_shared_outer_loras=SWITCH, no_sglang_lora_use_virtual_experts=SWITCH),
+    inert(NO_MULTI_LORA,
+          multi_lora_n_adapters=value(int, 0),
+          multi_lora_adapter=value(str, nargs=2), multi_lora_idle_poll_s=value(float, 5.0),
+          multi_lora_http_server_path=value(str), multi_lora_backend_path=value(str),
+          multi_lora_api_port=value(int, 8068), multi_lora_disable_service_mode=SWITCH,
+          multi_lora_max_adapter_global_batch_size=value(int),
+          multi_lora_max_coalesce_wait_s=value(float, 0.5),
+          multi_lora_max_empty_wait_s=value(float, 30.0)),
 )

@@ -30,21 +30,26 @@ from furlong.triton_support import kernels_run
 class MasterWeights:
     """The float32 masters of `model`'s parameters; casts `model` to `dtype`. Frozen
     parameters keep theirs too (checkpoints and weight pushes carry float32 values) but
-    get no gradient hook and stay out of the optimizer. With `host_step` every master
-    is a float32 copy in host memory, which `host_step` steps."""
+    get no gradient hook and stay out of the optimizer; with `frozen_masters` False
+    (LoRA: the frozen base never changes) they keep none and stand for themselves. With
+    `host_step` every master is a float32 copy in host memory, which `host_step` steps."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16,
-                 host_step: HostStep | None = None):
+                 host_step: HostStep | None = None, frozen_masters: bool = True):
         self._model = model
         self._host_step = host_step
         self._names: list[str] = []
         self._masters: list[nn.Parameter] = []  # one per parameter, in model order
+        self._copies: list[nn.Parameter] = []  # the float32 ones among them
         self._trained: list[tuple[nn.Parameter, nn.Parameter]] = []  # (param, master)
         self._grads: list[torch.Tensor | None] = []  # per trained pair, as accumulated
         with torch.no_grad():
             for name, param in model.named_parameters():
-                on_host = param.data.to("cpu") if host_step is not None else param.data
-                master = nn.Parameter(on_host.float(), requires_grad=param.requires_grad)
+                copied = param.requires_grad or frozen_masters
+                master = param  # a frozen one without a master stands for itself
+                if copied:
+                    on_host = param.data.to("cpu") if host_step is not None else param.data
+                    master = nn.Parameter(on_host.float(), requires_grad=param.requires_grad)
                 param.data = param.data.to(dtype)
                 if param.requires_grad:
                     param.register_post_accumulate_grad_hook(self._hook(len(self._trained)))
@@ -52,6 +57,8 @@ class MasterWeights:
                     self._trained.append((param, master))
                 self._names.append(name)
                 self._masters.append(master)
+                if copied:
+                    self._copies.append(master)
 
     def parameters(self) -> list[nn.Parameter]:
         """The trainable parameters' float32 masters, in `model.named_parameters()` order:
@@ -59,7 +66,8 @@ class MasterWeights:
         return [master for _, master in self._trained]
 
     def named_masters(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(model's parameter name, float32 master) of every parameter, tied ones once."""
+        """(model's parameter name, float32 master) of every parameter, tied ones once (a
+        frozen one without a master: the parameter itself)."""
         return zip(self._names, (master.detach() for master in self._masters), strict=True)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -72,7 +80,7 @@ class MasterWeights:
 
     def to(self, device: torch.device) -> None:
         """Move the masters (the same objects, which optimizer state is keyed on)."""
-        for master in self._masters:
+        for master in self._copies:
             master.data = master.data.to(device, non_blocking=True)
 
     def gradients(self) -> list[torch.Tensor | None]:
