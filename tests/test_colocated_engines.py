@@ -27,7 +27,8 @@ from aiohttp import web
 from furlong.config import ConfigError
 from furlong.engine.server.weight_routes import WeightRoutes
 from furlong.engine.weights.receive import WeightReceiver
-from furlong.engine.weights.wire import deserialize_named_tensors, serialize_named_tensors
+from furlong.engine.weights.wire import (deserialize_ipc_tensors, deserialize_named_tensors,
+                                         is_ipc_payload, serialize_named_tensors)
 from furlong.ports import free_port
 
 # Spawned ranks import this module: what the placement and launch tests need (the trainer's
@@ -172,15 +173,17 @@ NAMES = ("w0", "w1", "w2")
 BUCKET_BYTES = 128  # two 4x4 float32 tensors: buckets [w0, w1], [w2]
 
 
-def rank_tensors(rank: int) -> list[tuple[str, torch.Tensor]]:
+def rank_tensors(rank: int, device: str = "cpu") -> list[tuple[str, torch.Tensor]]:
     """What rank `rank` pushes: the same names and shapes everywhere, values that say who
     sent them (a real push sends the same weights from every rank)."""
-    return [(name, torch.full((4, 4), 10.0 * rank + index))
+    return [(name, torch.full((4, 4), 10.0 * rank + index, device=device))
             for index, name in enumerate(NAMES)]
 
 
 def _feed_worker(rank: int, port: int, world: int, feeders: list[list[int]],
-                 urls: list[str], out) -> None:
+                 urls: list[str], out, transport: str = "value") -> None:
+    """One trainer rank: joins its engine's group and pushes rank_tensors by `transport`
+    (ipc: its own CUDA memory); saves the outcome."""
     from furlong.cluster.engine_feed import EngineFeed
     from furlong.engine.weights.send import Servers, make_sender
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -188,13 +191,25 @@ def _feed_worker(rank: int, port: int, world: int, feeders: list[list[int]],
     feed = EngineFeed(feeders, rank)
     engine = next(index for index, ranks in enumerate(feeders) if rank in ranks)
     servers = Servers((urls[engine],) if feed.is_source else (), None, len(feeders[engine]))
+    tensors = rank_tensors(rank, "cuda" if transport == "ipc" else "cpu")
     try:
-        outcome = ("sent", make_sender("value", BUCKET_BYTES, tp_gather=feed).send(
-            rank_tensors(rank), servers, 5))
+        outcome = ("sent", make_sender(transport, BUCKET_BYTES, tp_gather=feed).send(
+            tensors, servers, 5))
     except Exception as error:  # noqa: BLE001 - the outcome is what the test checks
         outcome = (type(error).__name__, str(error))
     torch.save(outcome, out / f"rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def decoded(payload: str) -> list[tuple[str, torch.Tensor]] | None:
+    """A payload's tensors, on the CPU (CUDA IPC ones mapped from their sender, which
+    must still hold them); None for what is no payload (the server refuses it)."""
+    try:
+        pairs = (deserialize_ipc_tensors if is_ipc_payload(payload) else
+                 deserialize_named_tensors)(payload)
+    except (ValueError, TypeError):
+        return None
+    return [(name, tensor.cpu()) for name, tensor in pairs]
 
 
 class RecordingEngine:
@@ -204,7 +219,7 @@ class RecordingEngine:
         self.loads: list[dict[str, torch.Tensor]] = []
 
     async def update_weights(self, named_tensors, version):
-        self.loads.append({name: tensor.clone() for name, tensor in named_tensors})
+        self.loads.append({name: tensor.cpu().clone() for name, tensor in named_tensors})
 
     async def flush_cache(self):
         pass
@@ -216,11 +231,12 @@ class RecordingEngine:
 class WeightServers:
     """furlong's weight routes over RecordingEngines, one server per engine, each TP rank
     0 of an engine of `tp_sizes[i]`, in one event loop on a daemon thread. `requests[i]`:
-    the payload lists server i received, in order."""
+    the payload lists server i received, in order, each payload decoded on arrival."""
 
-    def __init__(self, tp_sizes: list[int]):
+    def __init__(self, tp_sizes: list[int], accept_ipc_weights: bool = False):
+        self.accept_ipc_weights = accept_ipc_weights
         self.engines = [RecordingEngine() for _ in tp_sizes]
-        self.requests: list[list[list[str]]] = [[] for _ in tp_sizes]
+        self.requests: list[list[list]] = [[] for _ in tp_sizes]
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         self.runners = [self._call(self._start(index, tp_size))
@@ -228,11 +244,12 @@ class WeightServers:
         self.urls = [f"http://127.0.0.1:{runner.addresses[0][1]}" for runner in self.runners]
 
     async def _start(self, index: int, tp_size: int) -> web.AppRunner:
-        receiver = WeightReceiver(self.engines[index], "/boot", tp_size=tp_size)
+        receiver = WeightReceiver(self.engines[index], "/boot", self.accept_ipc_weights,
+                                  tp_size=tp_size)
         original = receiver.from_tensor
 
         async def recorded(payloads, options):
-            self.requests[index].append(list(payloads))
+            self.requests[index].append([decoded(payload) for payload in payloads])
             return await original(payloads, options)
         receiver.from_tensor = recorded
         app = web.Application(client_max_size=1 << 30)
@@ -270,10 +287,9 @@ def fan_out(tmp_path_factory) -> tuple[WeightServers, list]:
     return servers, [torch.load(out / f"rank{rank}.pt") for rank in range(world)]
 
 
-def sender_of(payload: str) -> int:
-    """The rank whose tensors a by-value payload holds (rank_tensors' values)."""
-    first = deserialize_named_tensors(payload)[0][1]
-    return int(first[0, 0].item()) // 10
+def sender_of(entry: list[tuple[str, torch.Tensor]]) -> int:
+    """The rank whose tensors a decoded payload holds (rank_tensors' values)."""
+    return int(entry[0][1][0, 0].item()) // 10
 
 
 def test_each_tp_rank_gets_the_payload_of_the_trainer_rank_on_its_device(fan_out):
@@ -283,10 +299,9 @@ def test_each_tp_rank_gets_the_payload_of_the_trainer_rank_on_its_device(fan_out
     servers, outcomes = fan_out
     assert outcomes[:2] == [("sent", 2)] * 2  # two buckets
     requests = servers.requests[0]
-    assert [[sender_of(payload) for payload in request] for request in requests] == \
+    assert [[sender_of(entry) for entry in request] for request in requests] == \
         [[0, 1], [0, 1]]
-    assert [[name for name, _ in deserialize_named_tensors(request[1])]
-            for request in requests] == [["w0", "w1"], ["w2"]]
+    assert [[name for name, _ in request[1]] for request in requests] == [["w0", "w1"], ["w2"]]
     loads = servers.engines[0].loads
     assert [sorted(load) for load in loads] == [["w0", "w1"], ["w2"]]
     expected = dict(rank_tensors(0))
@@ -294,7 +309,7 @@ def test_each_tp_rank_gets_the_payload_of_the_trainer_rank_on_its_device(fan_out
         for name, tensor in load.items():
             torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
     # the second engine's one request came from its own ranks, in TP order
-    assert [[sender_of(payload) for payload in request]
+    assert [[sender_of(entry) for entry in request]
             for request in servers.requests[1]] == [[2, 3]]
 
 
@@ -309,6 +324,29 @@ def test_an_engine_that_refuses_fails_every_rank_that_feeds_it(fan_out):
     assert outcomes[3][0] == "RuntimeError"
     assert "did not load a bucket" in outcomes[3][1] and "2 entries" in outcomes[3][1]
     assert servers.engines[1].loads == []
+
+
+@pytest.mark.gpu
+def test_cuda_ipc_handles_from_each_rank_reach_their_tp_entry(tmp_path):
+    """The GPU path of the same code: two ranks on one GPU (standing for the two devices
+    of an engine) send handles to their own CUDA memory, named by the GPU's UUID; the
+    server (another process, as SGLang's TP ranks are) maps each rank's memory from its
+    entry, and loads rank 0's."""
+    servers = WeightServers([2], accept_ipc_weights=True)
+    try:
+        mp.spawn(_feed_worker, args=(free_port(), 2, [[0, 1]], servers.urls, tmp_path, "ipc"),
+                 nprocs=2)
+    finally:
+        servers.stop()
+    assert [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)] == [("sent", 2)] * 2
+    assert [[sender_of(entry) for entry in request] for request in servers.requests[0]] == \
+        [[0, 1], [0, 1]]
+    loads = servers.engines[0].loads
+    assert [sorted(load) for load in loads] == [["w0", "w1"], ["w2"]]
+    expected = dict(rank_tensors(0))
+    for load in loads:
+        for name, tensor in load.items():
+            torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
 
 
 # ---- what the stand-in checks of the other entries ------------------------------------------
