@@ -9,9 +9,10 @@ optimizer and activations).
 sglang: one `python -m sglang.launch_server` per entry of `device_groups` (one server on
 the inherited devices when None), behind an `EngineRouter`. `--rollout-external` puts the
 router in front of the servers at `--rollout-external-engine-addrs` instead, of either
-kind. Weights reach launched servers on the trainer's GPU through
-/update_weights_from_tensor (furlong's server only: docs/sglang.md), and every other
-server by broadcast (/update_weights_from_distributed).
+kind. Weights reach servers launched here on the trainer's GPU through
+/update_weights_from_tensor (CUDA IPC, engines of one GPU; under Ray colocated engines of
+any size get one payload per TP rank: docs/sglang.md), and every other server by
+broadcast (/update_weights_from_distributed).
 """
 from __future__ import annotations
 
