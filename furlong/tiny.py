@@ -1,6 +1,6 @@
 """The embedded default: a tiny Qwen3 model and a verifiable addition task, no network.
 
-`python -m furlong.tiny OUT_DIR [--seed N] [--moe]` writes
+`python -m furlong.tiny OUT_DIR [--seed N] [--moe] [--tools]` writes
   OUT_DIR/model/   an HF directory (config.json, tokenizer with a chat template,
                    model.safetensors) that AutoModelForCausalLM/AutoTokenizer load;
   OUT_DIR/data/    sft.jsonl (chat messages with the answer), train.jsonl and
@@ -9,10 +9,20 @@ The answer format is `\\boxed{85}`, so the built-in `math` reward scores it. Eve
 is a pure function of the seed. The MODEL_ARGS of this model are in scripts/models/tiny.sh.
 `--moe` writes a Qwen3-MoE model of the same width instead (8 experts, 2 per token; its
 MODEL_ARGS in scripts/models/tiny-moe.sh).
+
+`--tools` writes the tool-use task instead (docs/agents.md): the prompt is a key
+("4821"), the answer the secret number that the tool `lookup(key)` returns
+(`\\boxed{731}`), which the model cannot know without calling it. The tokenizer adds
+the words of a `<tool_call>{"name": "lookup", "arguments": {"key": "4821"}}</tool_call>`
+block and a `tool` role; the chat template renders tool calls and tool messages as
+Qwen's does. sft.jsonl holds whole conversations (call, tool reply, answer); the tool
+is `execute_tool` (--generate-execute-tool-function-path furlong.tiny:execute_tool),
+its specs `TOOL_SPECS`. MODEL_ARGS: scripts/models/tiny-tools.sh.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import re
@@ -24,6 +34,26 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# The tool-use task's words, after the addition task's (whose ids stay the same).
+TOOL_WORDS = ("<tool_call>", "</tool_call>", "tool", "lookup", "key", "name", "arguments",
+              "error", "{", '"', ":", ",", " ")
+# CHAT_TEMPLATE with tools (their names in a system turn), assistant tool calls (Qwen's
+# <tool_call> blocks: arguments as given when a JSON string, else as JSON) and tool turns.
+TOOLS_CHAT_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n{% for tool in tools %}{% if not loop.first %} "
+    "{% endif %}{{ tool['function']['name'] }}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] or '' }}"
+    "{% for call in message['tool_calls'] or [] %}{% set function = call['function'] %}"
+    "<tool_call>{\"name\": \"{{ function['name'] }}\", \"arguments\": "
+    "{% if function['arguments'] is string %}{{ function['arguments'] }}"
+    "{% else %}{{ function['arguments'] | tojson }}{% endif %}}</tool_call>{% endfor %}"
+    "<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TOOL_SPECS = [{"type": "function", "function": {
+    "name": "lookup", "description": "The secret number of a key.",
+    "parameters": {"type": "object", "properties": {"key": {"type": "string"}},
+                   "required": ["key"]}}}]
 # Shape of the model: Qwen3, 0.49M parameters.
 MODEL_SHAPE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=32,
@@ -34,14 +64,16 @@ MOE_SHAPE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128
 NUM_EVAL = 500
 
 
-def build_tokenizer():
-    """A word-level tokenizer over the task's symbols, with Qwen-style chat tokens."""
+def build_tokenizer(tools: bool = False):
+    """A word-level tokenizer over the task's symbols, with Qwen-style chat tokens; with
+    `tools`, also the tool-use task's words and chat template."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, "<unk>", *WORDS))}
+    words = (*WORDS, *TOOL_WORDS) if tools else WORDS
+    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, "<unk>", *words))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    longest_first = sorted(WORDS, key=len, reverse=True)
+    longest_first = sorted(words, key=len, reverse=True)
     pattern = "|".join(re.escape(word) for word in longest_first) + "|."
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
@@ -49,7 +81,7 @@ def build_tokenizer():
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", unk_token="<unk>",
                                    model_max_length=MODEL_SHAPE["max_position_embeddings"])
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = TOOLS_CHAT_TEMPLATE if tools else CHAT_TEMPLATE
     return fast
 
 
@@ -95,14 +127,59 @@ def write_task(data_dir: Path, seed: int) -> None:
         for a, b in train])
 
 
-def write_tiny(out_dir: str | Path, seed: int = 0, moe: bool = False) -> Path:
-    """Write OUT_DIR/model and OUT_DIR/data; returns OUT_DIR."""
+def secret(key: str) -> int:
+    """The number `lookup(key)` returns: 100-999, a hash of the key (a pure function no
+    tiny model can compute, so the answer needs the tool)."""
+    digest = hashlib.blake2b(f"lookup/{key}".encode(), digest_size=8).digest()
+    return 100 + int.from_bytes(digest, "little") % 900
+
+
+def lookup_keys(seed: int) -> tuple[list[str], list[str]]:
+    """The keys 1000-9999, shuffled; the first NUM_EVAL are held out for eval."""
+    keys = [str(key) for key in range(1000, 10000)]
+    random.Random(seed).shuffle(keys)
+    return keys[NUM_EVAL:], keys[:NUM_EVAL]
+
+
+def tool_conversation(key: str) -> list[dict]:
+    """The right conversation for prompt `key`: call lookup, read the reply, answer it."""
+    arguments = json.dumps({"key": key})
+    return [{"role": "user", "content": key},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "lookup", "arguments": arguments}}]},
+            {"role": "tool", "name": "lookup", "content": str(secret(key))},
+            {"role": "assistant", "content": f"\\boxed{{{secret(key)}}}"}]
+
+
+def write_tool_task(data_dir: Path, seed: int) -> None:
+    train, held_out = lookup_keys(seed)
+    prompt_rows = lambda keys: [{"prompt": key, "label": str(secret(key))}  # noqa: E731
+                                for key in keys]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(data_dir / "train.jsonl", prompt_rows(train))
+    _write_jsonl(data_dir / "eval.jsonl", prompt_rows(held_out))
+    _write_jsonl(data_dir / "sft.jsonl", [{"messages": tool_conversation(key)} for key in train])
+
+
+async def execute_tool(name: str, arguments: dict) -> str:
+    """The task's tool (--generate-execute-tool-function-path furlong.tiny:execute_tool):
+    `lookup(key)` -> the key's secret number; "error" for another tool or no key."""
+    key = arguments.get("key") if isinstance(arguments, dict) else None
+    if name != "lookup" or not isinstance(key, str):
+        return "error"
+    return str(secret(key))
+
+
+def write_tiny(out_dir: str | Path, seed: int = 0, moe: bool = False,
+               tools: bool = False) -> Path:
+    """Write OUT_DIR/model and OUT_DIR/data (the tool-use task with `tools`); returns
+    OUT_DIR."""
     out = Path(out_dir)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(tools)
     model = build_model(tokenizer, seed, moe)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
-    write_task(out / "data", seed)
+    (write_tool_task if tools else write_task)(out / "data", seed)
     return out
 
 
@@ -126,8 +203,10 @@ def main() -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--moe", action="store_true", help="a Qwen3-MoE model (8 experts)")
+    parser.add_argument("--tools", action="store_true",
+                        help="the tool-use task (lookup a key's secret) instead of addition")
     args = parser.parse_args()
-    out = write_tiny(args.out_dir, args.seed, args.moe)
+    out = write_tiny(args.out_dir, args.seed, args.moe, args.tools)
     print(f"wrote {out / 'model'} and {out / 'data'}/{{sft,train,eval}}.jsonl")
 
 

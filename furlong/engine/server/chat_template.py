@@ -1,8 +1,10 @@
 """The tokenizer's chat template as the OpenAI routes and sessions use it.
 
-Pure functions of a HF tokenizer: a conversation rendered and tokenised; the tokens the
-template adds after a recorded response (the appended messages of the next turn); and how
-far a recorded token sequence has drifted from a fresh rendering of its messages.
+Pure functions of a HF tokenizer: a conversation rendered and tokenised; the token that
+closed a response's turn; the tokens the template adds after a recorded response (the
+appended messages of the next turn); and how far a recorded token sequence has drifted
+from a fresh rendering of its messages. The session routes (sessions.py) and the
+multi-turn generate function (rollout/multi_turn.py) share them.
 
 The tokens after a response: the model's last sampled token `end_token` (its end-of-turn
 token, e.g. `<|im_end|>`) closed its turn. The template may write more after it (Qwen:
@@ -45,6 +47,15 @@ def prompt_ids(tokenizer, messages: list[dict], tools: list | None,
                template_kwargs: dict) -> list[int]:
     """The ids of a conversation ending with the generation prompt."""
     return encode_text(tokenizer, render(tokenizer, messages, tools, True, template_kwargs))
+
+
+def closing_token(tokenizer, output_ids: list[int], finish_reason: str) -> int | None:
+    """The last sampled token when it ended the turn (a special token that stopped the
+    response, e.g. `<|im_end|>`): only after it can a conversation go on in the same
+    tokens (`continuation_ids`). None after a limit, an abort or a stop string."""
+    if finish_reason == "stop" and output_ids and output_ids[-1] in tokenizer.all_special_ids:
+        return output_ids[-1]
+    return None
 
 
 def continuation_ids(tokenizer, history: list[dict], appended: list[dict], end_token: int,
