@@ -251,3 +251,19 @@ def merged(base: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     lora_A (r, in), lora_B (out, r)."""
     delta = lora_B.float() @ lora_A.float()  # (out, in)
     return (base.float() + scaling * delta).to(base.dtype)
+
+
+def merged_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """An adapted model's state dict as a plain HF one, each adapter merged into its base:
+    `X.base_layer.weight` with `X.lora_A.default.weight` and `X.lora_B.default.weight`
+    become `X.weight` (`merged`), `X.base_layer.bias` becomes `X.bias`."""
+    plain: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if is_adapter_name(name):
+            continue
+        module, found, leaf = name.partition(".base_layer.")
+        if found and leaf == "weight":
+            tensor = merged(tensor, state[f"{module}.lora_A.{PEFT_ADAPTER}.weight"],
+                            state[f"{module}.lora_B.{PEFT_ADAPTER}.weight"], scaling)
+        plain[f"{module}.{leaf}" if found else name] = tensor
+    return plain

@@ -24,6 +24,11 @@ each micro-batch's tokens over the ranks of a context-parallel group, which take
 share, like tensor-parallel ones (train/context_parallel.py), and
 --pipeline-model-parallel-size the layers over stages whose ranks take the same share and
 run its micro-batches through one schedule (train/pipeline_parallel.py).
+
+With --lora-rank the base (--hf-checkpoint) is frozen and only a LoRA adapter trains
+(train/lora_adapter.py): the optimizer holds the adapter alone (one GPU: float32 masters
+for it only, the base stays bfloat16), the reference is the policy with its adapter
+disabled (no second model), and pushes send the adapter alone (`load_lora_adapter`).
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from furlong.config.groups import Config
+from furlong.model import lora
 from furlong.model.fused_kernels import apply_fused_kernels, compile_decoder_layers
 from furlong.model.loading import checkpoint_named_tensors, load_hf_model
 from furlong.model.moe import RouterRecorder, freeze_routers, is_moe
@@ -46,6 +52,7 @@ from furlong.train.cpu_optimizer import HostStep
 from furlong.train.batch import PackedMicroBatch, TrainBatch, pack, split_routes, split_tokens
 from furlong.train.expert_parallel import check_expert_parallel_size
 from furlong.train.load_balancing import load_balancing_term
+from furlong.train.lora_adapter import adapter_source, attach_adapter
 from furlong.train.master_weights import MasterWeights
 from furlong.train.objective import LossInputs, make_reducer, policy_objective, sft_objective
 from furlong.train.optim import LRScheduler, build_optimizer
@@ -68,7 +75,7 @@ class TrainActor:
     masters: MasterWeights | None  # one GPU: the policy is bfloat16, these its float32 masters
     routing: RouterRecorder | None  # MoE: the routes of each training forward
     recorded_routes: list[torch.Tensor] | None  # --use-routing-replay: the old forward's
-    ref_policy: CausalLMPolicy | None
+    ref_policy: CausalLMPolicy | None  # None under LoRA: the reference is the base
     snapshots: dict[int, list[torch.Tensor]]  # --keep-old-actor: weights version -> CPU copy
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler
@@ -81,14 +88,15 @@ class TrainActor:
         self.rank = rank
         self.mesh, self.expert_mesh = self._build_meshes()
         self.policy = self._build_policy(init_weights, trainable=True)
-        self.masters = MasterWeights(self.policy.hf_model, host_step=self._host_step()) \
+        self.masters = MasterWeights(self.policy.hf_model, host_step=self._host_step(),
+                                     frozen_masters=self.lora is None) \
             if self._one_gpu else None
         self.routing = RouterRecorder(self.policy.hf_model) \
             if is_moe(self.policy.hf_model) else None
         self.recorded_routes = None
         self.ref_policy = None
         self.snapshots = {}
-        if config.grpo.needs_reference:
+        if config.grpo.needs_reference and self.lora is None:
             self.ref_policy = self._build_policy(
                 config.ckpt.ref_load or config.ckpt.hf_checkpoint, trainable=False)
         self.optimizer = build_optimizer(self._optimized_parameters(), config.optimizer)
@@ -125,19 +133,33 @@ class TrainActor:
         return HostStep(optimizer.overlap_cpu_optimizer_d2h_h2d) \
             if optimizer.optimizer_cpu_offload else None
 
+    @property
+    def lora(self) -> lora.LoraSpec | None:
+        """The adapter trained on the frozen base (--lora-rank), or None."""
+        return self.policy.lora
+
     def _build_policy(self, path: str, trainable: bool) -> CausalLMPolicy:
         """The policy in float32 (one GPU: `MasterWeights` then casts the trained one),
-        or, for the reference on one GPU, directly in bfloat16."""
+        or, for the reference on one GPU, directly in bfloat16. With --lora-rank the
+        trained policy is the base (bfloat16 on GPUs: it is never stepped) with the
+        adapter from `path` (train/lora_adapter.py) in float32."""
         perf = self.config.perf
         if not trainable:  # no backward, nothing to recompute
             perf = replace(perf, recompute_granularity=None, recompute_method=None)
         device = self.rank.device if self.mesh is None else "cpu"  # parallelize places it
-        dtype = torch.bfloat16 if self._one_gpu and not trainable else torch.float32
+        adapter = trainable and self.config.lora.enabled
+        source = adapter_source(path, self.config.lora) if adapter else None
+        if adapter:
+            path = self.config.ckpt.hf_checkpoint
+        half = adapter and self.rank.device.type == "cuda" or self._one_gpu and not trainable
+        dtype = torch.bfloat16 if half else torch.float32
         hf_model = load_hf_model(path, dtype, device, packed=True)
         if self.mesh is not None and self.rank.device.type == "cuda" \
                 and self.rank.tp_size == 1:
             apply_fused_kernels(hf_model)  # Liger's kernels take no DTensors (TP)
-        policy = CausalLMPolicy(hf_model, perf.log_probs_chunk_size)
+        spec = attach_adapter(hf_model, self.config.lora, self.config.optimizer.seed,
+                              source) if adapter else None
+        policy = CausalLMPolicy(hf_model, perf.log_probs_chunk_size, spec)
         if not trainable:
             policy.requires_grad_(False).eval()
         elif self.config.model.moe_router_freeze_gate:
@@ -191,7 +213,8 @@ class TrainActor:
 
         Each data-parallel rank computes its share; the shares are gathered so every
         rank holds all. `weights_version` computes them with the weights the engines were
-        given at that version (--keep-old-actor snapshots), not the current ones.
+        given at that version (--keep-old-actor snapshots), not the current ones. Under
+        LoRA the reference is the policy with its adapter disabled: the base.
         """
         if weights_version is not None:
             if weights_version not in self.snapshots:
@@ -201,9 +224,16 @@ class TrainActor:
                     "pushes cannot get the log-probs of the weights that generated them")
             with self._weights_of(weights_version):
                 return self.compute_log_probs(batch)
-        policy = self.ref_policy if reference else self.policy
+        if reference and self.lora is not None:
+            with lora.adapters_disabled(self.policy.hf_model):
+                return self._policy_log_probs(self.policy, batch, record=False)
+        return self._policy_log_probs(self.ref_policy if reference else self.policy, batch,
+                                      self.config.grpo.records_routes and not reference)
+
+    def _policy_log_probs(self, policy: CausalLMPolicy, batch: TrainBatch, record: bool
+                          ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """`compute_log_probs` of `policy`; `record` keeps its routes (routing replay)."""
         policy.eval()
-        record = self.config.grpo.records_routes and not reference
         log_probs: list = [None] * len(batch)
         entropy: list = [None] * len(batch)
         routes: list = [None] * len(batch)
@@ -351,7 +381,8 @@ class TrainActor:
     # ---- weights and state -------------------------------------------------------------
     @property
     def has_reference(self) -> bool:
-        return self.ref_policy is not None
+        return self.ref_policy is not None or \
+            self.lora is not None and self.config.grpo.needs_reference
 
     @property
     def model_config(self):
@@ -374,8 +405,29 @@ class TrainActor:
                                                            self.rank.device)
         return checkpoint_named_tensors(hf_model, named)
 
+    def named_adapter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full float32 tensors of the LoRA adapter, one at a time, under PEFT's names
+        (`model.layers.0.self_attn.q_proj.lora_A.weight`): one GPU's masters, or the
+        parameters gathered whole. Collective with several ranks."""
+        if self.masters is not None:
+            named = ((name, master.to(self.rank.device))
+                     for name, master in self.masters.named_masters()
+                     if lora.is_adapter_name(name))
+        else:
+            parallel.reshard(self.policy)
+            named = ((name, distributed_state.full_tensor(param.detach()))
+                     for name, param in self.policy.hf_model.named_parameters()
+                     if lora.is_adapter_name(name))
+        return lora.adapter_tensors(named)
+
     async def push_weights(self, engine, version: int) -> None:
-        """Send the current weights to the engine (in one process: a copy with a dtype cast)."""
+        """Send the current weights to the engine (in one process: a copy with a dtype
+        cast); under LoRA the adapter alone, as `lora.ADAPTER_NAME` (the engine keeps the
+        base it booted from, --hf-checkpoint)."""
+        if self.lora is not None:
+            await engine.load_lora_adapter(lora.ADAPTER_NAME, self.lora.sglang_config(),
+                                           list(self.named_adapter_weights()), version)
+            return
         await engine.update_weights(self.named_weights(), version)
 
     def offload(self) -> None:
@@ -404,14 +456,14 @@ class TrainActor:
         the two newest are kept: a one-step-off-policy rollout needs the previous one."""
         with torch.no_grad():
             self.snapshots[version] = [_local(p).detach().to("cpu", copy=True)
-                                       for p in self.policy.parameters()]
+                                       for p in self._changing_parameters()]
         for old in sorted(self.snapshots)[:-2]:
             del self.snapshots[old]
 
     @contextlib.contextmanager
     def _weights_of(self, version: int):
         """The policy holds the `version` snapshot inside the block, its own weights after."""
-        parameters = list(self.policy.parameters())
+        parameters = self._changing_parameters()
         with torch.no_grad():
             current = [_local(p).detach().to("cpu", copy=True) for p in parameters]
             for param, saved in zip(parameters, self.snapshots[version], strict=True):
@@ -422,6 +474,12 @@ class TrainActor:
             with torch.no_grad():
                 for param, saved in zip(parameters, current, strict=True):
                     _local(param).copy_(saved)
+
+    def _changing_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters an optimizer step may change: all of them, or under LoRA the
+        adapter's (the base is frozen)."""
+        return [param for name, param in self.policy.named_parameters()
+                if self.lora is None or lora.is_adapter_name(name)]
 
     def update_reference(self) -> None:
         """Copy the policy into the reference (--ref-update-interval); same sharding."""

@@ -1,6 +1,11 @@
 """A trainer's part of a checkpoint (the layout is checkpoint.py's): the HF model, AdamW's
 state by HF name (train/optimizer_state.py) with the LR schedule, and each rank's RNG.
 
+Under LoRA the model is the adapter alone, in PEFT's format (`adapter/`, float32, what
+`PeftModel.from_pretrained` and SGLang's --lora-paths load); the base is
+--hf-checkpoint. The optimizer state is the adapter's, by its parameter names. An HF
+export (--save-hf) is the base with the adapter merged in, in the base's dtype.
+
 `actor` is a TrainActor; every function is collective over its ranks when it has several.
 """
 from __future__ import annotations
@@ -11,15 +16,24 @@ import torch
 import torch.distributed as dist
 
 from furlong import checkpoint
+from furlong.model import lora
+from furlong.model.lora_files import save_adapter
 from furlong.train import distributed_state, optimizer_state, parallel, pipeline_parallel
+from furlong.train.lora_adapter import ADAPTER_DIR
 
 
 def save(actor, directory: Path, save_optimizer: bool) -> None:
-    """This rank's part of a checkpoint: the HF model (rank 0 writes, all gather), the
-    optimizer state and schedule (whole tensors by HF name: each pipeline stage's
-    first rank writes its stage's), RNG."""
-    export_hf(actor, directory / "model")
+    """This rank's part of a checkpoint: the HF model (rank 0 writes, all gather; under
+    LoRA the adapter), the optimizer state and schedule (whole tensors by HF name: each
+    pipeline stage's first rank writes its stage's), RNG."""
     rank = actor.rank
+    if actor.lora is None:
+        export_hf(actor, directory / "model")
+    else:
+        named = list(actor.named_adapter_weights())  # collective
+        if rank.rank == 0:
+            save_adapter(directory / ADAPTER_DIR, named, actor.lora,
+                         actor.config.ckpt.hf_checkpoint)
     if save_optimizer:
         optimizer_state.save(
             directory / "optimizer", _named_optimized_parameters(actor), actor.optimizer,
@@ -88,21 +102,23 @@ def _check_saved_layout(actor, directory: Path, saved_world: int, saved_tp: int,
 
 
 def export_hf(actor, path: str | Path) -> None:
-    """An HF directory of the current weights (float32). Collective with several
-    ranks: all gather, rank 0 writes."""
+    """An HF directory of the current weights (float32; under LoRA the base's dtype, the
+    adapter merged in). Collective with several ranks: all gather, rank 0 writes."""
     hf_model = actor.policy.hf_model
     if actor.mesh is None:
-        hf_model.save_pretrained(path, state_dict=None if actor.masters is None
-                                 else actor.masters.state_dict())
-        return
-    parallel.reshard(actor.policy)
-    keep = actor.rank.rank == 0
-    state = distributed_state.full_state_dict(hf_model, keep) if actor.rank.pp_size == 1 \
-        else pipeline_parallel.full_state_dict(hf_model, actor.policy.pipeline,
-                                               actor.rank.device, keep)
+        state = hf_model.state_dict() if actor.masters is None else actor.masters.state_dict()
+    else:
+        parallel.reshard(actor.policy)
+        keep = actor.rank.rank == 0
+        state = distributed_state.full_state_dict(hf_model, keep) \
+            if actor.rank.pp_size == 1 else pipeline_parallel.full_state_dict(
+                hf_model, actor.policy.pipeline, actor.rank.device, keep)
     if state is not None:
+        if actor.lora is not None:
+            state = lora.merged_state(state, actor.lora.scaling)
         hf_model.save_pretrained(path, state_dict=state)
-    dist.barrier()
+    if actor.mesh is not None:
+        dist.barrier()
 
 
 def _ep_size(actor) -> int:

@@ -44,6 +44,7 @@ from furlong.config.groups import OptimizerArgs, PerfArgs
 from furlong.model.attention import RECOMPUTE_CORE
 from furlong.ports import free_port
 from furlong.train.context_parallel import apply_context_parallel, check_context_parallel_size
+from furlong.train.lora_parallel import lora_plan
 from furlong.train.expert_parallel import (apply_expert_parallel, check_expert_parallel_size,
                                            expert_modules)
 from furlong.train.pipeline_layout import PipelineLayout, rank_chunks
@@ -285,7 +286,9 @@ def _layer_plan(layer: nn.Module, sequence_parallel: bool) -> dict:
     An MoE block (router and experts) is not split: every tensor-parallel rank runs it
     on the whole (replicated) sequence, so its gradients are the same on each (experts
     are split by expert parallelism instead). With sequence parallel its input is
-    all-gathered and its output sliced back to the rank's part of the sequence."""
+    all-gathered and its output sliced back to the rank's part of the sequence.
+
+    LoRA: adapted projections are split as train/lora_parallel.py says."""
     block_output = Shard(1) if sequence_parallel else Replicate()
     plan = {
         "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
@@ -320,7 +323,7 @@ def _layer_plan(layer: nn.Module, sequence_parallel: bool) -> dict:
             if moe_block else PrepareModuleInput(input_layouts=(Shard(1),),
                                                  desired_input_layouts=(Replicate(),)),
         })
-    return plan
+    return lora_plan(layer, plan)
 
 
 def apply_tensor_parallel(hf_model: nn.Module, tp_mesh: DeviceMesh,

@@ -16,6 +16,9 @@ Context parallelism (`context_parallel`, set by train/context_parallel.py): the 
 the head run on this rank's part of the row, and the values come back gathered whole.
 Pipeline parallelism (`pipeline`, set by train/pipeline_parallel.py): the forward runs
 one stage, on the activations the stage before sent.
+
+LoRA (`lora`): PEFT's layers sit inside `hf_model` (model/lora.py); the forward is the
+same, and `lora.adapters_disabled(hf_model)` makes it the base model's.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 from furlong.model.log_prob_head import log_probs_and_entropy
+from furlong.model.lora import LoraSpec
 from furlong.model.logits import compute_dtype
 from furlong.model.moe import RoutingReplay, is_moe
 from furlong.train.batch import PackedMicroBatch
@@ -33,9 +37,11 @@ from furlong.train.pipeline_parallel import PipelineRole, stage_forward
 class CausalLMPolicy(nn.Module):
     """Wraps an HF `*ForCausalLM`; `hf_model` keeps HF parameter names for weight sync."""
 
-    def __init__(self, hf_model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, hf_model: nn.Module, chunk_size: int = 1024,
+                 lora: LoraSpec | None = None):
         super().__init__()
         self.hf_model = hf_model
+        self.lora = lora  # the LoRA adapter on `hf_model` (model/lora.py), if any
         self.chunk_size = chunk_size
         self.routing_replay = RoutingReplay(hf_model) if is_moe(hf_model) else None
         self.context_parallel: ContextParallel | None = None

@@ -15,7 +15,8 @@ Where the old log-probs come from is decided by `old_log_probs_source` and nowhe
                         weights that generated it
     RECOMPUTED          a forward of the current weights before the first optimizer step:
                         the policy changes within the rollout (several steps), REINFORCE++
-                        shapes rewards with KL(old, ref), or a custom loss reads them
+                        shapes rewards with KL(old, ref), a custom loss reads them, or
+                        --lora-dropout makes the training forward another function
     TRAINING_FORWARD    otherwise: with one step per rollout the policy being improved is
                         the current one, and the training forward's own log-probs
                         (detached) equal a recomputation, so that forward is skipped. The
@@ -66,7 +67,8 @@ class OldLogProbs(enum.Enum):
     TRAINING_FORWARD = "training forward"
 
 
-def old_log_probs_source(grpo: GrpoArgs, rollout: RolloutArgs) -> OldLogProbs:
+def old_log_probs_source(grpo: GrpoArgs, rollout: RolloutArgs,
+                         lora_dropout: float = 0.0) -> OldLogProbs:
     """Where the old log-probs of a rollout come from (see the module docstring)."""
     if grpo.records_routes and (grpo.use_rollout_logprobs or rollout.keep_old_actor):
         raise ValueError("--use-routing-replay records the routes in the trainer's old "
@@ -77,7 +79,7 @@ def old_log_probs_source(grpo: GrpoArgs, rollout: RolloutArgs) -> OldLogProbs:
     if rollout.keep_old_actor:
         return OldLogProbs.GENERATING_WEIGHTS
     if rollout.num_steps_per_rollout > 1 or bool(grpo.kl_coef) or \
-            grpo.loss_type == "custom_loss":
+            grpo.loss_type == "custom_loss" or lora_dropout > 0:
         return OldLogProbs.RECOMPUTED
     return OldLogProbs.TRAINING_FORWARD
 
@@ -96,9 +98,10 @@ class RLStep:
     trainer: Trainer
     old_log_probs: OldLogProbs
 
-    def __init__(self, grpo: GrpoArgs, rollout: RolloutArgs, trainer: Trainer):
+    def __init__(self, grpo: GrpoArgs, rollout: RolloutArgs, trainer: Trainer,
+                 lora_dropout: float = 0.0):
         self.grpo, self.rollout, self.trainer = grpo, rollout, trainer
-        self.old_log_probs = old_log_probs_source(grpo, rollout)
+        self.old_log_probs = old_log_probs_source(grpo, rollout, lora_dropout)
 
     def __call__(self, rollout_id: int, groups: list[list[Sample]]) -> StepResult:
         samples = [s for group in groups for s in group]

@@ -1,0 +1,261 @@
+"""LoRA on the trainer (--lora-rank): Miles' flags and their refusals, the targets, the
+adapter on the tiny model (a fresh one is the base exactly, the reference stays the
+base, only the adapter trains), and a push that sends the adapter alone."""
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from furlong.config import load_config
+from furlong.config.flag import has_no_effect
+from furlong.config.groups import LoraArgs, flag_fields
+from furlong.config.lora_check import check_lora
+from furlong.config.parser import ConfigError, parse_config
+from furlong.model import lora
+from furlong.model.loading import load_hf_model
+from furlong.model.lora_files import CONFIG_FILE, save_adapter
+from furlong.train.actor import RankInfo, TrainActor
+from furlong.train.master_weights import MasterWeights
+from furlong.train.rl_step import OldLogProbs, old_log_probs_source
+
+from conftest import policy_config, trainer_batch, train_argv
+
+LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--target-modules", "all-linear"]
+MILES_DEFAULTS = {"lora_rank": 0, "lora_alpha": 16, "lora_dropout": 0.0, "lora_type": "lora",
+                  "target_modules": None, "exclude_modules": None, "lora_adapter_path": None}
+
+
+# ---- flags ------------------------------------------------------------------------------
+def test_lora_flags_take_miles_names_and_defaults_and_act(tiny):
+    config = parse_config(train_argv(tiny))
+    assert {name: getattr(config.lora, name) for name in MILES_DEFAULTS} == MILES_DEFAULTS
+    acting = {f.name for f in flag_fields(LoraArgs) if not has_no_effect(f)}
+    assert acting == set(MILES_DEFAULTS)
+    assert not config.lora.enabled and check_lora(config) == []
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--lora-rank", "4"], "--target-modules is required"),
+    (["--lora-adapter-path", "somewhere"], "--lora-adapter-path somewhere needs --lora-rank"),
+    (["--lora-rank", "-1"], "--lora-rank -1"),
+    ([*LORA, "--lora-dropout", "1.5"], "--lora-dropout 1.5"),
+    ([*LORA, "--tensor-model-parallel-size", "2", "--sequence-parallel"], "--sequence-parallel"),
+    ([*LORA, "--ref-update-interval", "2"], "--ref-update-interval 2"),
+    ([*LORA, "--ref-load", "/elsewhere"], "--ref-load /elsewhere"),
+    ([*LORA, "--context-parallel-size", "2"], "--context-parallel-size 2"),
+    ([*LORA, "--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size 2"),
+])
+def test_lora_refusals_name_the_flag(tiny, extra, named):
+    with pytest.raises(ConfigError, match=named.replace("-", r"\-")):
+        check_lora(parse_config(train_argv(tiny, *extra)))
+
+
+def test_ref_load_of_the_base_is_accepted(tiny):
+    assert check_lora(parse_config(train_argv(tiny, *LORA, "--ref-load",
+                                              str(tiny / "model")))) == []
+
+
+def test_explicit_lora_type_lora_warns_that_projections_are_adapted_separately(tiny):
+    (warning,) = check_lora(parse_config(train_argv(tiny, *LORA, "--lora-type", "lora")))
+    assert warning.startswith("--lora-type lora") and "canonical_lora" in warning
+    assert check_lora(parse_config(train_argv(tiny, *LORA, "--lora-type",
+                                              "canonical_lora"))) == []
+
+
+def test_an_adapter_path_must_match_rank_and_alpha_and_be_plain_lora(tiny, tmp_path):
+    save_adapter(tmp_path, [], lora.LoraSpec(4, 8), str(tiny / "model"))
+    argv = [*LORA, "--lora-adapter-path", str(tmp_path)]
+    assert check_lora(parse_config(train_argv(tiny, *argv))) == []
+    with pytest.raises(ConfigError, match=r"has r 4 and lora_alpha 8; --lora-rank 8"):
+        check_lora(parse_config(train_argv(tiny, *argv, "--lora-rank", "8")))
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(ConfigError, match=r"adapter_config.json: use_dora=True"):
+        check_lora(parse_config(train_argv(tiny, *argv)))
+    with pytest.raises(ConfigError, match=r"no adapter_config.json"):
+        check_lora(parse_config(train_argv(tiny, *LORA, "--lora-adapter-path",
+                                           str(tmp_path / "none"))))
+
+
+# ---- targets ----------------------------------------------------------------------------
+DENSE = SimpleNamespace()
+MLA = SimpleNamespace(kv_lora_rank=512, q_lora_rank=1536)
+
+
+@pytest.mark.parametrize("targets, excludes, config, expected", [
+    ("all-linear", None, DENSE, lora.STANDARD_TARGETS),
+    ("all-linear", None, SimpleNamespace(kv_lora_rank=512),
+     lora.STANDARD_TARGETS + ("kv_a_proj_with_mqa", "kv_b_proj")),
+    ("all-linear", None, MLA, lora.STANDARD_TARGETS + ("kv_a_proj_with_mqa", "kv_b_proj",
+                                                       "q_a_proj", "q_b_proj")),
+    ("all-linear", "down_proj,o_proj", DENSE,
+     ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")),
+    ("linear_qkv,linear_fc2", None, DENSE, ("q_proj", "k_proj", "v_proj", "down_proj")),
+    ("q_proj, v_proj", "linear_qkv", DENSE, ()),
+    ("*.layers.1.mlp.*,q_proj", None, DENSE, ("*.layers.1.mlp.*", "q_proj")),
+])
+def test_resolve_targets_reads_miles_vocabulary(targets, excludes, config, expected):
+    assert lora.resolve_targets(targets, excludes, config)[0] == expected
+
+
+def test_wildcards_match_full_names_and_excludes_win():
+    spec = lora.LoraSpec(2, 4, targets=("*.layers.1.mlp.*", "q_proj"), excludes=("up_proj",))
+    assert spec.matches("model.layers.1.mlp.gate_proj")
+    assert spec.matches("model.layers.0.self_attn.q_proj")
+    assert not spec.matches("model.layers.0.mlp.gate_proj")
+    assert not spec.matches("model.layers.1.mlp.up_proj")
+    # before a model names them, a `*` leaf stands for every standard projection
+    assert spec.target_leaves() == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                    "down_proj")
+
+
+def test_attach_adapts_the_matched_linear_layers_only(tiny):
+    hf_model = load_hf_model(str(tiny / "model"))
+    spec = lora.attach(hf_model, lora.LoraSpec(2, 4, targets=("*.layers.1.mlp.*",)), seed=0)
+    assert spec.targets == tuple(f"model.layers.1.mlp.{leaf}_proj"
+                                 for leaf in ("gate", "up", "down"))  # act_fn is no Linear
+    assert spec.sglang_config()["target_modules"] == ["gate_proj", "up_proj", "down_proj"]
+    with pytest.raises(ValueError, match=r"--target-modules nothing .* linear layers are "
+                                         r"down_proj, gate_proj, k_proj, lm_head"):
+        lora.attach(load_hf_model(str(tiny / "model")),
+                    lora.LoraSpec(2, 4, targets=("nothing",)), seed=0)
+
+
+def test_merged_is_w_plus_scaled_b_a():
+    base = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    lora_A = torch.tensor([[1.0, -1.0]])  # (r=1, in=2)
+    lora_B = torch.tensor([[2.0], [0.0], [-1.0]])  # (out=3, r=1)
+    expected = torch.tensor([[2.0, 1.0], [3.0, 4.0], [4.5, 6.5]])
+    assert torch.equal(lora.merged(base, lora_A, lora_B, 0.5), expected)
+
+
+# ---- the trainer ------------------------------------------------------------------------
+def make_actor(tiny, extra: list[str]) -> TrainActor:
+    torch.manual_seed(0)
+    return TrainActor(policy_config(tiny, extra), RankInfo(), str(tiny / "model"),
+                      total_steps=2)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny):
+    """(LoRA actor after two steps, the LoRA-off actor, the batch, fresh log-probs of
+    both before the steps)."""
+    base = make_actor(tiny, [])
+    actor = make_actor(tiny, [*LORA, "--lr", "1e-2"])
+    batch = trainer_batch(base, 6, seed=1)
+    fresh = actor.compute_log_probs(batch)[0], base.compute_log_probs(batch)[0]
+    batch.old_log_probs = fresh[1]
+    actor.train(batch)
+    actor.train(batch)
+    return actor, base, batch, fresh
+
+
+def _adapter_names(actor: TrainActor) -> list[str]:
+    return [n for n, _ in actor.policy.hf_model.named_parameters() if lora.is_adapter_name(n)]
+
+
+def test_a_fresh_adapter_gives_the_base_log_probs_exactly(trained):
+    _, _, _, (adapted, base) = trained
+    assert all(torch.equal(a, b) for a, b in zip(adapted, base, strict=True))
+
+
+def test_no_second_model_and_only_the_adapter_in_the_optimizer(tiny, trained):
+    actor, base, _, _ = trained
+    assert actor.ref_policy is None and actor.has_reference
+    num_layers = actor.model_config.num_hidden_layers
+    names = _adapter_names(actor)
+    assert len(names) == 2 * len(lora.STANDARD_TARGETS) * num_layers
+    adapter_size = sum(p.numel() for n, p in actor.policy.hf_model.named_parameters()
+                       if lora.is_adapter_name(n))
+    assert sum(p.numel() for p in actor.policy.parameters()) == \
+        sum(p.numel() for p in base.policy.parameters()) + adapter_size
+    optimized = {id(p) for group in actor.optimizer.param_groups for p in group["params"]}
+    adapters = {id(p) for n, p in actor.policy.hf_model.named_parameters()
+                if lora.is_adapter_name(n)}
+    assert optimized == adapters and set(map(id, actor.optimizer.state)) == adapters
+
+
+def test_after_steps_the_base_is_unchanged_and_the_reference_is_the_base(trained):
+    actor, base, batch, _ = trained
+    base_weights = dict(base.policy.hf_model.named_parameters())
+    for name, param in actor.policy.hf_model.named_parameters():
+        if not lora.is_adapter_name(name):
+            assert torch.equal(param, base_weights[name.replace(".base_layer.", ".")]), name
+    reference = actor.compute_log_probs(batch, reference=True)[0]
+    policy = actor.compute_log_probs(batch)[0]
+    expected = base.compute_log_probs(batch)[0]
+    assert all(torch.equal(r, e) for r, e in zip(reference, expected, strict=True))
+    assert not all(torch.equal(p, e) for p, e in zip(policy, expected, strict=True))
+    assert all(p.requires_grad for n, p in actor.policy.named_parameters()
+               if lora.is_adapter_name(n))  # disabling for the reference froze nothing
+
+
+class RecordingEngine:
+    """The Engine side of a LoRA push, recorded."""
+
+    def __init__(self):
+        self.calls = []
+
+    async def load_lora_adapter(self, lora_name: str, config: dict,
+                                named_tensors: list[tuple[str, torch.Tensor]],
+                                version: int | None = None) -> None:
+        self.calls.append((lora_name, config, [(n, t.clone()) for n, t in named_tensors],
+                           version))
+
+    async def update_weights(self, named_tensors, version):
+        raise AssertionError("a LoRA push must not send the base weights")
+
+
+def test_push_sends_the_adapter_alone_under_peft_names(trained):
+    actor = trained[0]
+    engine = RecordingEngine()
+    asyncio.run(actor.push_weights(engine, 3))
+    ((name, config, tensors, version),) = engine.calls
+    assert (name, version) == (lora.ADAPTER_NAME, 3)
+    assert config == {"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                      "target_modules": list(lora.STANDARD_TARGETS), "lora_dropout": 0.0,
+                      "bias": "none", "task_type": "CAUSAL_LM"}
+    params = dict(actor.policy.hf_model.named_parameters())
+    assert [n for n, _ in tensors] == [lora.peft_name(n) for n in _adapter_names(actor)]
+    assert tensors[0][0] == "model.layers.0.self_attn.q_proj.lora_A.weight"
+    for (pushed, tensor), own in zip(tensors, _adapter_names(actor), strict=True):
+        assert torch.equal(tensor, params[own]), pushed
+    assert any(t.abs().sum() > 0 for n, t in tensors if ".lora_B." in n)  # trained
+
+
+def test_snapshots_under_lora_hold_the_adapter_and_give_its_log_probs(tiny):
+    actor = make_actor(tiny, [*LORA, "--lr", "1e-2"])
+    batch = trainer_batch(actor, 4, seed=2)
+    batch.old_log_probs, _ = actor.compute_log_probs(batch)
+    actor.snapshot_weights(1)
+    assert len(actor.snapshots[1]) == len(_adapter_names(actor))
+    before = batch.old_log_probs
+    actor.train(batch)
+    again = actor.compute_log_probs(batch, weights_version=1)[0]
+    assert all(torch.equal(a, b) for a, b in zip(again, before, strict=True))
+
+
+def test_frozen_parameters_keep_no_master_without_frozen_masters(tiny):
+    hf_model = load_hf_model(str(tiny / "model"))
+    lora.attach(hf_model, lora.LoraSpec(2, 4), seed=0)
+    masters = MasterWeights(hf_model, torch.bfloat16, frozen_masters=False)
+    params = dict(hf_model.named_parameters())
+    adapters = [n for n in params if lora.is_adapter_name(n)]
+    assert len(masters.parameters()) == len(adapters)
+    assert all(m.dtype == torch.float32 for m in masters.parameters())
+    for name, master in masters.named_masters():
+        assert params[name].dtype == torch.bfloat16
+        if lora.is_adapter_name(name):
+            assert master.dtype == torch.float32
+        else:
+            assert master.data_ptr() == params[name].data_ptr()  # itself, no copy
+
+
+def test_lora_dropout_recomputes_the_old_log_probs(tiny):
+    config = load_config(train_argv(tiny, *LORA))[0]
+    assert old_log_probs_source(config.grpo, config.rollout) is OldLogProbs.TRAINING_FORWARD
+    assert old_log_probs_source(config.grpo, config.rollout, 0.1) is OldLogProbs.RECOMPUTED
