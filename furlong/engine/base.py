@@ -3,6 +3,11 @@
 Every engine (the simple HF one, the fast GPU one, an HTTP client in front of an
 SGLang or furlong server) implements `Engine`. Sampling parameters use SGLang's
 names so that a request body means the same thing to every engine.
+
+LoRA (--lora-rank > 0): the base weights stay as the engine booted them and adapters are
+loaded by name (`load_lora_adapter`, SGLang's config_dict and PEFT's tensor names); a
+request names its adapter with `lora_path`, SGLang's field (the adapter's name; None: the
+base model). A weight push under LoRA sends only the adapter.
 """
 from __future__ import annotations
 
@@ -93,14 +98,25 @@ class GenerateOutput:
     routed_experts: torch.Tensor | None = None
 
 
+def check_lora_path(lora_path: str | None, loaded, field: str = "lora_path") -> None:
+    """A ValueError naming `field` unless `lora_path` is None (the base model) or one of
+    the `loaded` adapter names."""
+    if lora_path is not None and lora_path not in loaded:
+        raise ValueError(f"{field} {lora_path!r}: no LoRA adapter of that name is loaded "
+                         f"(loaded: {sorted(loaded) or 'none'}); load it first "
+                         "(load_lora_adapter)")
+
+
 class Engine(Protocol):
     """What the loop and the rollout manager call; in-process and HTTP engines alike."""
 
     async def generate(self, input_ids: list[int], params: SamplingParams,
-                       return_routed_experts: bool = False) -> GenerateOutput:
+                       return_routed_experts: bool = False,
+                       lora_path: str | None = None) -> GenerateOutput:
         """One response. Cancelling the call aborts that one request: the engine stops
         working on it and frees what it held. `return_routed_experts` fills the output's
-        `routed_experts` (MoE models; for routing replay in training)."""
+        `routed_experts` (MoE models; for routing replay in training). `lora_path`: the
+        name of a loaded adapter to sample with (a ValueError naming it if none is)."""
 
     async def abort_all(self) -> None:
         """Finish every request in flight now, with finish reason 'abort'."""
@@ -108,6 +124,18 @@ class Engine(Protocol):
     async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
                              version: int) -> None:
         """Load weights by HF parameter name; `version` is reported with later outputs."""
+
+    async def load_lora_adapter(self, lora_name: str, config: dict,
+                                named_tensors: Iterable[tuple[str, torch.Tensor]],
+                                version: int | None = None) -> None:
+        """Load adapter `lora_name`, or replace the one of that name (requests in flight on
+        it go on with the new tensors). `config`: SGLang's config_dict (PEFT's
+        adapter_config keys: peft_type, r, lora_alpha, target_modules, ...); tensors by
+        `<module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r); `version` is
+        reported with later outputs."""
+
+    async def unload_lora_adapter(self, lora_name: str) -> None:
+        """Forget adapter `lora_name` (a ValueError naming it if it is not loaded)."""
 
     async def release_memory(self) -> None: ...
 

@@ -9,19 +9,29 @@ the order checked after each token: abort, stop token ids and EOS (unless
 With `return_routed_experts` on an MoE model, the experts every router chose are recorded
 in each forward (model/moe.py's `RoutingReplay`) and kept per request: the prefill's for
 its prompt, then one row for each generated token fed back in.
+
+LoRA adapters are applied un-merged (engine/fast/lora.py, shared with the fast engine:
+why un-merged is said there): while a batch decodes, a forward hook on each adapted
+nn.Linear adds every row's own adapter term, so base rows and rows of several adapters
+share one batch, and the base parameters keep their HF names (weight updates by name
+work as before). A request's adapter is looked up when its batch starts; one unloaded
+meanwhile finishes it with 'abort'. Unloading waits for the running batch to end.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import threading
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 
-from furlong.engine.base import GenerateOutput, SamplingParams
+from furlong.engine.base import GenerateOutput, SamplingParams, check_lora_path
+from furlong.engine.fast.lora import LoraAdapters, LoraGroup
 from furlong.engine.sampling import sample_tokens
 from furlong.engine.stops import ended_on_stop_token, response_text, stop_string_end
 from furlong.model.loading import eos_token_ids, load_named_tensors
@@ -35,18 +45,21 @@ class _Request:
     future: asyncio.Future
     seed: int
     return_routed_experts: bool = False
+    lora_path: str | None = None  # the adapter's name (None: the base model)
     cancelled: bool = False  # the caller gave up on it: its row stops (finish "abort")
 
 
 class _Row:
     """Bookkeeping of one request inside a running batch."""
 
-    def __init__(self, request: _Request, max_new_tokens: int):
+    def __init__(self, request: _Request, max_new_tokens: int, lora_slot: int | None):
         self.request = request
         self.max_new_tokens = max_new_tokens
+        self.lora_slot = lora_slot  # None: its adapter is gone, the row ends as aborted
         self.output_ids: list[int] = []
         self.log_probs: list[float] = []
-        self.finish_reason: str | None = None if max_new_tokens > 0 else "length"
+        self.finish_reason: str | None = ("abort" if lora_slot is None else
+                                          None if max_new_tokens > 0 else "length")
         self.routes: list[torch.Tensor] = []  # (tokens, num_moe_layers, k) per forward
 
     def accept(self, token: int, log_prob: float, eos_ids: set[int], tokenizer) -> None:
@@ -109,13 +122,17 @@ class HFEngine:
         self._abort = threading.Event()
         self._model_lock = threading.Lock()
         self._next_seed = default_seed
+        weight = next(model.parameters())
+        self.lora = LoraAdapters(_linear_groups(model), weight.dtype, weight.device)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     async def generate(self, input_ids: list[int], params: SamplingParams,
-                       return_routed_experts: bool = False) -> GenerateOutput:
+                       return_routed_experts: bool = False,
+                       lora_path: str | None = None) -> GenerateOutput:
+        check_lora_path(lora_path, self.lora.names)
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
             self._wake = asyncio.Event()
@@ -124,7 +141,7 @@ class HFEngine:
         if seed is None:
             seed, self._next_seed = self._next_seed, self._next_seed + 1
         request = _Request(list(input_ids), params, loop.create_future(), seed,
-                           return_routed_experts and self._routing is not None)
+                           return_routed_experts and self._routing is not None, lora_path)
         self._pending.append(request)
         self._wake.set()
         try:
@@ -156,11 +173,39 @@ class HFEngine:
     @torch.no_grad()
     def _generate_batch(self, requests: list[_Request]) -> list[GenerateOutput]:
         with self._model_lock:
-            rows = [_Row(r, min(r.params.max_new_tokens, self.max_context_len - len(r.input_ids)))
-                    for r in requests]
-            self._decode(rows)
+            rows = [_Row(r, min(r.params.max_new_tokens, self.max_context_len - len(r.input_ids)),
+                         self._lora_slot(r.lora_path)) for r in requests]
+            with self._adapters_applied(rows):
+                self._decode(rows)
             return [row.output(self.tokenizer, self.eos_ids, self.weight_version)
                     for row in rows]
+
+    def _lora_slot(self, lora_path: str | None) -> int | None:
+        """The adapter slot of a request (-1: base); None when its adapter was unloaded."""
+        if lora_path is not None and lora_path not in self.lora.names:
+            return None
+        return self.lora.slot(lora_path)
+
+    @contextlib.contextmanager
+    def _adapters_applied(self, rows: list[_Row]):
+        """While decoding `rows`: each adapted linear layer adds each row's adapter term
+        (mask (B, 1, slots): every token of a row takes the row's adapter)."""
+        slots = [row.lora_slot for row in rows if row.lora_slot is not None]
+        if self.lora.slots is None or max(slots, default=-1) < 0:
+            yield  # base rows only
+            return
+        mask = self.lora.mask(torch.tensor([-1 if row.lora_slot is None else row.lora_slot
+                                            for row in rows], device=self.device))[:, None]
+        lora = self.lora.slots
+        modules = dict(self.model.named_modules())
+        hooks = [modules[key].register_forward_hook(
+            lambda module, inputs, out, key=key: lora.apply(key, inputs[0], out, mask))
+            for key in lora.keys]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     def _decode(self, rows: list[_Row]) -> None:
         device = self.device
@@ -227,6 +272,28 @@ class HFEngine:
             load_named_tensors(self.model, named_tensors)
             self.weight_version = version
 
+    async def load_lora_adapter(self, lora_name: str, config: dict,
+                                named_tensors: Iterable[tuple[str, torch.Tensor]],
+                                version: int | None = None) -> None:
+        """Load (or replace) adapter `lora_name` (the Engine protocol's contract)."""
+        await asyncio.to_thread(self._load_lora, lora_name, config, dict(named_tensors),
+                                version)
+
+    def _load_lora(self, name: str, config: dict, tensors: dict[str, torch.Tensor],
+                   version: int | None) -> None:
+        with self._model_lock:
+            self.lora.load(name, config, tensors)
+            if version is not None:
+                self.weight_version = version
+
+    async def unload_lora_adapter(self, lora_name: str) -> None:
+        check_lora_path(lora_name, self.lora.names, "lora_name")
+        await asyncio.to_thread(self._unload_lora, lora_name)
+
+    def _unload_lora(self, name: str) -> None:
+        with self._model_lock:
+            self.lora.unload(name)
+
     async def release_memory(self) -> None:
         """Nothing to release: this engine keeps no cache between batches."""
 
@@ -243,3 +310,11 @@ class HFEngine:
         await self.abort_all()
         if self._worker is not None:
             self._worker.cancel()
+
+
+def _linear_groups(model: nn.Module) -> dict[str, LoraGroup]:
+    """Every nn.Linear but the output projection, by module path: what adapters may adapt."""
+    head = model.get_output_embeddings()
+    return {path: LoraGroup((path,), module.in_features, (module.out_features,))
+            for path, module in model.named_modules()
+            if isinstance(module, nn.Linear) and module is not head}

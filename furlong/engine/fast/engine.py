@@ -5,6 +5,12 @@ identical prompts), reserve KV blocks for a decode window, run the window on the
 device, finish what stopped. Callers await asyncio futures; results cross threads
 with `call_soon_threadsafe`. Weight updates, aborts and memory release take the same
 lock as a loop iteration, so they never land in the middle of one.
+
+LoRA adapters are loaded by name into the runner's adapter slots (lora.py: un-merged,
+several per batch; loading a name again replaces it in place, and requests in flight on
+it continue with the new tensors, as with a weight update). A request names its adapter
+with `lora_path` (SGLang's field); its slot is looked up when the loop takes it in.
+Unloading a name finishes the requests in flight on it with 'abort'.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from typing import Iterable
 
 import torch
 
-from furlong.engine.base import GenerateOutput, SamplingParams
+from furlong.engine.base import GenerateOutput, SamplingParams, check_lora_path
 from furlong.engine.fast.block_manager import BlockManager
 from furlong.engine.fast.runner import ModelRunner
 from furlong.engine.fast.scheduler import Scheduler
@@ -85,6 +91,7 @@ class FastEngine:
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs,
                                    max_prefill_tokens)
         self.weight_version = 0
+        self.lora = self.runner.model.lora  # the adapters by name
         self._seeds = itertools.count(default_seed)
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._cancelled: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
@@ -99,7 +106,9 @@ class FastEngine:
 
     # ---- the Engine protocol ------------------------------------------------------------
     async def generate(self, input_ids: list[int], params: SamplingParams,
-                       return_routed_experts: bool = False) -> GenerateOutput:
+                       return_routed_experts: bool = False,
+                       lora_path: str | None = None) -> GenerateOutput:
+        check_lora_path(lora_path, self.lora.names)
         max_new = min(params.max_new_tokens, self.max_context_len - len(input_ids))
         if max_new <= 0:
             return GenerateOutput([], [], "length", "", len(input_ids), self.weight_version)
@@ -112,7 +121,7 @@ class FastEngine:
 
         seed = params.sampling_seed if params.sampling_seed is not None else next(self._seeds)
         seq = Sequence(list(input_ids), params, seed, max_new, on_finish,
-                       return_routed_experts=return_routed_experts)
+                       return_routed_experts=return_routed_experts, lora_name=lora_path)
         self._inbox.put(seq)
         self._wake.set()
         try:
@@ -144,6 +153,31 @@ class FastEngine:
         with self._lock:
             load_named_tensors(self.model, named_tensors)
             self.weight_version = version
+
+    async def load_lora_adapter(self, lora_name: str, config: dict,
+                                named_tensors: Iterable[tuple[str, torch.Tensor]],
+                                version: int | None = None) -> None:
+        """Load (or replace) adapter `lora_name` (the Engine protocol's contract)."""
+        await asyncio.to_thread(self._load_lora, lora_name, config, dict(named_tensors),
+                                version)
+
+    def _load_lora(self, name: str, config: dict, tensors: dict[str, torch.Tensor],
+                   version: int | None) -> None:
+        with self._lock:
+            self.runner.load_lora(name, config, tensors)
+            if version is not None:
+                self.weight_version = version
+
+    async def unload_lora_adapter(self, lora_name: str) -> None:
+        check_lora_path(lora_name, self.lora.names, "lora_name")
+        await asyncio.to_thread(self._unload_lora, lora_name)
+
+    def _unload_lora(self, name: str) -> None:
+        with self._lock:
+            self._take_requests()
+            slot = self.lora.unload(name)
+            self._abort([seq for seq in list(self.scheduler.running) + list(self.scheduler.waiting)
+                         if seq.lora_slot == slot])
 
     async def release_memory(self) -> None:
         """Finish requests in flight (abort), free the KV cache and move weights to the CPU."""
@@ -195,6 +229,10 @@ class FastEngine:
         inbox drained next holds every request a cancellation names."""
         cancelled = _drain(self._cancelled)
         for seq in _drain(self._inbox):
+            if seq.lora_name is not None and seq.lora_name not in self.lora.names:
+                self._finish(seq, [], [], "abort")  # its adapter was unloaded meanwhile
+                continue
+            seq.lora_slot = self.lora.slot(seq.lora_name)
             self.scheduler.add(seq)
         self._abort([seq for seq in cancelled if seq.finish_reason is None])
 

@@ -8,7 +8,9 @@ q/k-norm + rotary + KV-cache store in one kernel, SiLU-mul, and the runner's
 attention. Ten kernels a layer instead of HF's fifty, with HF's rounding order.
 A layer whose mlp is a routed-experts block runs `moe.SparseMoE` instead (router,
 top-k, fused-MoE kernels) and writes the experts it chose into the `routes` buffer at
-each token's cache slot.
+each token's cache slot. LoRA adapters (`self.lora`, lora.py's LoraAdapters) add their
+terms un-merged after the q/k/v, o, gate/up and down GEMMs, for the tokens a `lora_mask`
+gives an adapter (attention projections only on MoE layers).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from furlong.engine.fast.fused import add_rms_norm, qk_norm_rope_store, silu_mul
+from furlong.engine.fast.lora import LoraAdapters, LoraGroup
 from furlong.engine.fast.moe import SparseMoE
 from furlong.model.logits import output_logits
 from furlong.model.moe import is_moe_block
@@ -63,6 +66,8 @@ class FastDecoder(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.eps = config.rms_norm_eps
         self.fuse()
+        weight = self.decoder.embed_tokens.weight
+        self.lora = LoraAdapters(self.lora_groups(), weight.dtype, weight.device)
 
     def fuse(self) -> None:
         """(Re)build the fused weights; call again after the parameters moved devices."""
@@ -80,6 +85,23 @@ class FastDecoder(nn.Module):
             self.fused.append(fused)
         self._rotary_tables()
 
+    def lora_groups(self) -> dict[str, LoraGroup]:
+        """The GEMMs adapters may add to, '<layer>.<qkv|o|gate_up|down>' -> its projections'
+        HF module paths (MoE layers: the attention ones)."""
+        paths = {module: name for name, module in self.hf_model.named_modules()}
+        groups = {}
+        for index, layer in enumerate(self.decoder.layers):
+            attention, mlp = layer.self_attn, layer.mlp
+            members = {"qkv": [attention.q_proj, attention.k_proj, attention.v_proj],
+                       "o": [attention.o_proj]}
+            if not is_moe_block(mlp):
+                members.update(gate_up=[mlp.gate_proj, mlp.up_proj], down=[mlp.down_proj])
+            for group, modules in members.items():
+                groups[f"{index}.{group}"] = LoraGroup(
+                    tuple(paths[m] for m in modules), modules[0].in_features,
+                    tuple(m.out_features for m in modules))
+        return groups
+
     def _rotary_tables(self) -> None:
         """cos/sin of every position, (max_positions, D), computed by HF's rotary module."""
         weight = self.decoder.embed_tokens.weight
@@ -95,19 +117,22 @@ class FastDecoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 k_caches: torch.Tensor, v_caches: torch.Tensor, slot_mapping: torch.Tensor,
                 attend: Callable[..., torch.Tensor], return_kv: bool,
-                routes: torch.Tensor | None = None) -> torch.Tensor:
+                routes: torch.Tensor | None = None,
+                lora_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids/positions (T,) -> final hidden states (T, H).
 
         Each layer stores its K/V at `slot_mapping` in `k_caches[layer]`/`v_caches[layer]`,
         then calls attend(layer, q, k, v) (k, v given only when `return_kv`). MoE layers
-        write their expert ids to `routes` (cache slots, MoE layers, k) at `slot_mapping`."""
+        write their expert ids to `routes` (cache slots, MoE layers, k) at `slot_mapping`.
+        `lora_mask` (T, adapter slots): `self.lora.token_mask` of each token's adapter."""
         hidden = self.decoder.embed_tokens(input_ids)
         residual = None
         for index, layer in enumerate(self.decoder.layers):
             attention, fused = layer.self_attn, self.fused[index]
             normed, residual = add_rms_norm(hidden, residual, layer.input_layernorm.weight,
                                             self.eps)
-            qkv = nn.functional.linear(normed, fused["qkv"], fused["qkv_bias"])
+            qkv = self._adapt(index, "qkv", normed, nn.functional.linear(
+                normed, fused["qkv"], fused["qkv_bias"]), lora_mask)
             q_norm = getattr(attention, "q_norm", None)
             k_norm = getattr(attention, "k_norm", None)
             query, key, value = qk_norm_rope_store(
@@ -115,20 +140,30 @@ class FastDecoder(nn.Module):
                 None if q_norm is None else q_norm.weight,
                 None if k_norm is None else k_norm.weight, self.eps, self.num_heads,
                 self.num_kv_heads, k_caches[index], v_caches[index], slot_mapping, return_kv)
-            out = attend(index, query, key, value)  # (T, heads, D)
-            hidden = attention.o_proj(out.reshape(out.shape[0], -1))
+            out = attend(index, query, key, value).flatten(1)  # (T, heads * D)
+            hidden = self._adapt(index, "o", out, attention.o_proj(out), lora_mask)
             normed, residual = add_rms_norm(hidden, residual,
                                             layer.post_attention_layernorm.weight, self.eps)
-            hidden = self._mlp(index, normed, slot_mapping, routes)
+            hidden = self._mlp(index, normed, slot_mapping, routes, lora_mask)
         normed, _ = add_rms_norm(hidden, residual, self.decoder.norm.weight, self.eps)
         return normed
 
+    def _adapt(self, index: int, group: str, x: torch.Tensor, out: torch.Tensor,
+               lora_mask: torch.Tensor | None) -> torch.Tensor:
+        """`out` of a GEMM with the adapters' terms added (in place), if any."""
+        if lora_mask is None:
+            return out
+        return self.lora.slots.apply(f"{index}.{group}", x, out, lora_mask)
+
     def _mlp(self, index: int, normed: torch.Tensor, slot_mapping: torch.Tensor,
-             routes: torch.Tensor | None) -> torch.Tensor:
+             routes: torch.Tensor | None, lora_mask: torch.Tensor | None) -> torch.Tensor:
         fused = self.fused[index]
         if "moe" not in fused:
-            gate_up = nn.functional.linear(normed, fused["gate_up"])
-            return self.decoder.layers[index].mlp.down_proj(silu_mul(gate_up))
+            gate_up = self._adapt(index, "gate_up", normed,
+                                  nn.functional.linear(normed, fused["gate_up"]), lora_mask)
+            activated = silu_mul(gate_up)
+            return self._adapt(index, "down", activated,
+                               self.decoder.layers[index].mlp.down_proj(activated), lora_mask)
         hidden, expert_ids = fused["moe"](normed)
         if routes is not None:
             routes[slot_mapping, self.moe_layers.index(index)] = expert_ids.to(routes.dtype)

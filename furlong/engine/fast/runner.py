@@ -15,6 +15,10 @@ For MoE models a routes buffer lies beside the KV cache, paged the same way: the
 experts each MoE layer chose for the token in that cache slot (int32), written by
 prefill and by every decode step, copied with the KV on copy-on-write, and read out
 along a sequence's block table (`fetch_routes`) when it finishes.
+
+LoRA: each slot's adapter slot (`lora_slot`, -1: the base model) is slot state too; every
+forward turns its tokens' adapter slots into the model's `lora_mask`, so one captured
+graph serves any mix of adapters. Larger adapter tensors (`load_lora`) drop the graphs.
 """
 from __future__ import annotations
 
@@ -73,6 +77,7 @@ class ModelRunner:
         self.top_k = zeros(slots, dtype=torch.int64)
         self.top_p = zeros(slots, dtype=torch.float32)
         self.ignore_eos = zeros(slots, dtype=torch.bool)
+        self.lora_slot = torch.full((slots,), -1, dtype=torch.int64, device=device)
         self.stop_ids = torch.full((slots, STOP_IDS_WIDTH), -1, dtype=torch.int64,
                                    device=device)
         self.out_tokens = zeros(slots, self.max_model_len, dtype=torch.int64)
@@ -81,9 +86,11 @@ class ModelRunner:
                                       device=device)
 
     def release(self) -> None:
-        """Free the KV cache, slot state, graphs and fused weights (the HF parameters stay)."""
+        """Free the KV cache, slot state, graphs and fused weights (the HF parameters stay;
+        adapters move to the CPU)."""
         self.graphs.clear()
         self.model.release()
+        self.model.lora.to("cpu")
         for name in ("k_cache", "v_cache", "routes", "out_tokens", "out_log_probs",
                      "block_tables"):
             setattr(self, name, None)
@@ -93,7 +100,13 @@ class ModelRunner:
     def resume(self) -> None:
         """Rebuild what `release` freed (after the parameters are back on the device)."""
         self.model.fuse()
+        self.model.lora.to(self.device)
         self._allocate()
+
+    def load_lora(self, name: str, config: dict, named_tensors: dict) -> None:
+        """Load adapter `name` into the model's slots (graphs dropped when they grow)."""
+        if self.model.lora.load(name, config, named_tensors):
+            self.graphs.clear()
 
     @staticmethod
     def block_bytes(hf_model, block_size: int) -> int:
@@ -125,7 +138,8 @@ class ModelRunner:
         self.sync_tables(members)
         leaders = [group[0] for group in groups]
         hidden = self._prefill([seq.token_ids for seq in leaders],
-                               [seq.block_table for seq in leaders])
+                               [seq.block_table for seq in leaders],
+                               [seq.lora_slot for seq in leaders])
         rows = torch.tensor([g for g, group in enumerate(groups) for _ in group],
                             device=self.device)
         slots = self._slot_tensor(members)
@@ -148,6 +162,7 @@ class ModelRunner:
         self.top_k[slots] = values(lambda s: s.params.top_k, torch.int64)
         self.top_p[slots] = values(lambda s: s.params.top_p, torch.float32)
         self.ignore_eos[slots] = values(lambda s: s.params.ignore_eos, torch.bool)
+        self.lora_slot[slots] = values(lambda s: s.lora_slot, torch.int64)
         stop = [list(s.params.stop_token_ids) for s in seqs]
         self._fit_stop_ids(max(len(ids) for ids in stop))
         width = self.stop_ids.shape[1]
@@ -165,8 +180,10 @@ class ModelRunner:
         self.stop_ids = wider
         self.graphs.clear()
 
-    def _prefill(self, prompts: list[list[int]], tables: list[list[int]]) -> torch.Tensor:
-        """Run the prompts as one packed batch; returns each prompt's last hidden state."""
+    def _prefill(self, prompts: list[list[int]], tables: list[list[int]],
+                 lora_slots: list[int]) -> torch.Tensor:
+        """Run the prompts as one packed batch (each with its adapter slot); returns each
+        prompt's last hidden state."""
         lengths = [len(p) for p in prompts]
         ids = torch.tensor([t for p in prompts for t in p], device=self.device)
         positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
@@ -179,9 +196,12 @@ class ModelRunner:
         def attend(layer, query, key, value):
             return varlen_causal_attention(query, key, value, cu, max(lengths), self.model.scale)
 
+        adapters = torch.tensor(lora_slots, device=self.device).repeat_interleave(
+            torch.tensor(lengths, device=self.device))
         with torch.no_grad():
             hidden = self.model(ids, positions, self.k_cache, self.v_cache, slot_mapping, attend,
-                                return_kv=True, routes=self.route_slots)
+                                return_kv=True, routes=self.route_slots,
+                                lora_mask=self.model.lora.mask(adapters))
         return hidden[cu[1:] - 1]
 
     # ---- decode -------------------------------------------------------------------------
@@ -239,7 +259,8 @@ class ModelRunner:
                                           tables, context, self.model.scale, splits)
 
         hidden = self.model(self.last_token[slots], positions, self.k_cache, self.v_cache,
-                            slot_mapping, attend, return_kv=False, routes=self.route_slots)
+                            slot_mapping, attend, return_kv=False, routes=self.route_slots,
+                            lora_mask=self.model.lora.mask(self.lora_slot[slots]))
         tokens, log_probs = self._sample(self.model.logits(hidden), slots, filtered)
         self._record(slots, tokens, log_probs)
 

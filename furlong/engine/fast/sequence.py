@@ -50,6 +50,9 @@ class Sequence:
     # Routing replay: the routes are read off the device when it finishes (MoE models).
     return_routed_experts: bool = False
     routed_experts: torch.Tensor | None = None
+    # LoRA: the adapter's name (None: the base model) and its slot, set on arrival (-1: base).
+    lora_name: str | None = None
+    lora_slot: int = -1
 
     @property
     def token_ids(self) -> list[int]:
@@ -71,6 +74,7 @@ class Sequence:
         return bool(self.params.stop)
 
     def groups_with(self, other: "Sequence") -> bool:
-        """Whether `other` can share this sequence's prefill (same prompt, nothing generated)."""
+        """Whether `other` can share this sequence's prefill (same prompt and adapter,
+        nothing generated)."""
         return (not self.num_generated and not other.num_generated
-                and self.prompt_ids == other.prompt_ids)
+                and self.lora_slot == other.lora_slot and self.prompt_ids == other.prompt_ids)
