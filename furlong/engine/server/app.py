@@ -1,12 +1,12 @@
 """EngineServer: SGLang's HTTP API over one furlong `Engine`, as an aiohttp application.
 
 The server reaches the engine only through the `Engine` protocol plus `engine.model`
-(vocabulary size, device, `/get_weights_by_name`). Its routes come from five places:
+(vocabulary size, device, `/get_weights_by_name`). Its routes come from six places:
 generation (generation.py), OpenAI's /v1 API (openai_routes.py), sessions of exact tokens
-for agents (sessions.py), weights (weight_routes.py over a `WeightReceiver`), and the
-health, cache, memory and model-info calls here. Bad requests get HTTP 400 and
-`{"error": message}` naming the field (on the OpenAI paths in OpenAI's shape,
-`{"error": {"message": ...}}`); failures inside the server get 500. With an
+for agents (sessions.py), weights (weight_routes.py over a `WeightReceiver`), LoRA
+adapters (lora_routes.py), and the health, cache, memory and model-info calls here. Bad
+requests get HTTP 400 and `{"error": message}` naming the field (on the OpenAI paths in
+OpenAI's shape, `{"error": {"message": ...}}`); failures inside the server get 500. With an
 `api_key`, requests without `Authorization: Bearer KEY` get 401, as from SGLang
 (furlong/engine/api_key.py); the health checks stay open.
 """
@@ -21,6 +21,7 @@ from furlong.engine.api_key import api_key_middleware
 from furlong.engine.base import Engine, SamplingParams
 from furlong.engine.server.request_fields import bad_request, field, json_body
 from furlong.engine.server.generation import GenerationRoutes
+from furlong.engine.server.lora_routes import LoraRoutes
 from furlong.engine.server.openai_routes import OpenAIRoutes, is_openai_path, openai_errors
 from furlong.engine.server.sessions import SessionRoutes
 from furlong.engine.server.weight_routes import WeightRoutes
@@ -76,9 +77,11 @@ class EngineServer:
                                       weights_group_timeout_s)
         self.generation = GenerationRoutes(engine, tokenizer, lambda: self.weight_version,
                                            return_routed_experts)
+        self.lora = LoraRoutes(engine, accept_ipc_weights, self.weights.tp_size)
         context = max_context_len or getattr(engine, "max_context_len", None) \
             or engine.model.config.max_position_embeddings
-        self.openai = OpenAIRoutes(engine, tokenizer, served_model_name or model_path, context)
+        self.openai = OpenAIRoutes(engine, tokenizer, served_model_name or model_path, context,
+                                   adapters=self.lora.loaded)
         self.sessions = SessionRoutes(self.openai)
 
     @property
@@ -111,6 +114,7 @@ class EngineServer:
             web.post("/flush_cache", self.flush_cache),
             web.get("/get_model_info", self.get_model_info),
             *WeightRoutes(self.weights).routes(),
+            *self.lora.routes(),
             web.post("/release_memory_occupation", self.release_memory_occupation),
             web.post("/resume_memory_occupation", self.resume_memory_occupation),
         ])

@@ -2,7 +2,9 @@
 
 Each prompt of a request is one `engine.generate` call, and the engine batches the calls
 in flight. A request's calls are known by their `rid` until they finish, so an abort by
-rid reaches them; a client that disconnects cancels them (the engine aborts).
+rid reaches them; a client that disconnects cancels them (the engine aborts). `lora_path`
+names each prompt's LoRA adapter (loaded through lora_routes.py); a name the engine
+does not hold is a 400 naming it.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from aiohttp import web
 
 from furlong.engine.base import Engine, GenerateOutput
 from furlong.engine.server.request_fields import (GENERATE_FIELDS, bad_request, field,
-                                                  generate_item, json_body,
+                                                  generate_item, json_body, lora_paths,
                                                   parse_batch_sampling_params, request_ids,
                                                   token_ids)
 
@@ -51,9 +53,9 @@ class GenerationRoutes:
         if routes and not self.return_routed_experts:
             bad_request("return_routed_experts: start the server with "
                         "--enable-return-routed-experts")
-        tasks = [asyncio.ensure_future(self.engine.generate(ids, p, return_routed_experts=True)
-                                       if routes else self.engine.generate(ids, p))
-                 for ids, p in zip(prompts, params, strict=True)]
+        adapters = lora_paths(body.get("lora_path"), len(prompts), batched)
+        tasks = [asyncio.ensure_future(self.engine.generate(ids, p, **_options(routes, lora)))
+                 for ids, p, lora in zip(prompts, params, adapters, strict=True)]
         self.in_flight.update(zip(rids, tasks, strict=True))
         try:
             await asyncio.wait(tasks)
@@ -67,10 +69,14 @@ class GenerationRoutes:
         return web.json_response(items if batched else items[0])
 
     def _outcome(self, task: asyncio.Task, prompt_tokens: int) -> GenerateOutput:
-        """The engine's output, or an empty 'abort' one for a request aborted by rid."""
+        """The engine's output, or an empty 'abort' one for a request aborted by rid; a
+        request the engine refused (an unknown lora_path) is a 400 with its message."""
         if task.cancelled():
             return GenerateOutput([], [], "abort", "", prompt_tokens, self.weight_version())
-        return task.result()
+        try:
+            return task.result()
+        except ValueError as error:
+            bad_request(str(error))
 
     def _prompts(self, body: dict) -> tuple[list[list[int]], bool]:
         """(token ids of each prompt, whether the request is a batch)."""
@@ -103,3 +109,10 @@ class GenerationRoutes:
         else:
             bad_request('send {"abort_all": true} or {"rid": "<id of a /generate request>"}')
         return web.json_response({"success": True})
+
+
+def _options(return_routed_experts: bool, lora_path: str | None) -> dict:
+    """Engine.generate's optional arguments, given only when set (an engine without
+    routes or adapters takes the plain call)."""
+    options = {"return_routed_experts": True} if return_routed_experts else {}
+    return options | ({"lora_path": lora_path} if lora_path is not None else {})

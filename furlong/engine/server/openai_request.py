@@ -4,7 +4,8 @@ OpenAI's names map onto SGLang's `SamplingParams` (max_tokens -> max_new_tokens,
 sampling_seed); SGLang's extra sampling fields are accepted under their own names, and
 vLLM's `return_token_ids`. Fields furlong does not implement are refused with a 400
 that names them, unless they are left at the value that means "off"; fields with no
-effect on the output (model, user, metadata...) are accepted and ignored.
+effect on the output (user, metadata...) are accepted and ignored. `model` selects a
+loaded LoRA adapter by its name (openai_routes.py reads it); any other value is ignored.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from dataclasses import dataclass, field as dataclass_field
 from furlong.engine.base import SamplingParams
 from furlong.engine.server.request_fields import bad_request, field, is_int
 
-# No effect on the tokens (spaces_between_special_tokens: furlong's text never has them).
+# No effect on the tokens (spaces_between_special_tokens: furlong's text never has them);
+# model: only when it names a LoRA adapter (read by openai_routes.py).
 _IGNORED = {"model", "user", "metadata", "store", "service_tier", "parallel_tool_calls",
             "spaces_between_special_tokens"}
 _SAMPLING = {"temperature", "top_p", "top_k", "max_tokens", "stop", "stop_token_ids", "seed",

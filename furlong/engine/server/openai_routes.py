@@ -5,7 +5,9 @@ the engine for token ids and log-probs (`Engine.generate`, one call per choice),
 the outputs out as OpenAI responses (openai_response.py), whole or streamed. Tool calls
 are parsed from the text when the request gives tools (tool_calls.py). Prompts longer
 than the context limit get a 400 that says so; a response may use the rest of the
-context (`max_tokens` caps it). Sessions (sessions.py) reuse these steps.
+context (`max_tokens` caps it). A request whose `model` is the name of a loaded LoRA
+adapter samples with it (as vLLM and SGLang select adapters); /v1/models lists the
+adapters after the base model. Sessions (sessions.py) reuse these steps.
 """
 from __future__ import annotations
 
@@ -26,12 +28,15 @@ from furlong.engine.server.request_fields import bad_request, json_body, token_i
 
 class OpenAIRoutes:
     """The /v1 routes over `engine`; `model_name` is the id /v1/models lists;
-    `max_context_len` bounds prompt plus response."""
+    `max_context_len` bounds prompt plus response; `adapters`: the loaded LoRA adapters
+    by name (a live view, kept by lora_routes.py)."""
 
-    def __init__(self, engine: Engine, tokenizer, model_name: str, max_context_len: int):
+    def __init__(self, engine: Engine, tokenizer, model_name: str, max_context_len: int,
+                 adapters: dict[str, str] | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self.adapters = {} if adapters is None else adapters
         self.max_context_len = max_context_len
         self.vocab_size: int = engine.model.config.vocab_size
         self.created = int(time.time())
@@ -42,25 +47,36 @@ class OpenAIRoutes:
                 web.post("/v1/chat/completions", self.chat_completions)]
 
     async def models(self, request: web.Request) -> web.Response:
+        base = {"object": "model", "created": self.created, "owned_by": "furlong",
+                "root": self.model_name, "max_model_len": self.max_context_len}
         return web.json_response({"object": "list", "data": [
-            {"id": self.model_name, "object": "model", "created": self.created,
-             "owned_by": "furlong", "root": self.model_name,
-             "max_model_len": self.max_context_len}]})
+            {"id": self.model_name, **base},
+            *({"id": name, **base, "root": source, "parent": self.model_name}
+              for name, source in self.adapters.items())]})
+
+    def adapter_of(self, body: dict) -> str | None:
+        """The LoRA adapter a request's `model` names; None (the base model) otherwise."""
+        model = body.get("model")
+        return model if isinstance(model, str) and model in self.adapters else None
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        chat = chat_request(await json_body(request))
+        body = await json_body(request)
+        chat = chat_request(body)
         prompt = self.chat_prompt_ids(chat.messages, chat)
         outputs = await self.generate(prompt, self._fitting(chat.params, chat.max_tokens,
-                                                            len(prompt)), chat.output.n)
+                                                            len(prompt)), chat.output.n,
+                                      self.adapter_of(body))
         return await self.send_chat(request, prompt, self.chat_choices(outputs, chat), chat)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        completion = completion_request(await json_body(request))
+        body = await json_body(request)
+        completion = completion_request(body)
         n = completion.output.n
         prompts = self._completion_prompts(completion.prompt)
+        lora_path = self.adapter_of(body)
         per_prompt = await asyncio.gather(*(
             self.generate(ids, self._fitting(completion.params, completion.max_tokens, len(ids)),
-                          n) for ids in prompts))
+                          n, lora_path) for ids in prompts))
         choices = [response.completion_choice(self.tokenizer, i * n + j, output,
                                               completion.output)
                    for i, outputs in enumerate(per_prompt) for j, output in enumerate(outputs)]
@@ -99,13 +115,15 @@ class OpenAIRoutes:
         return fitted
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       n: int) -> list[GenerateOutput]:
-        """n responses; with a seed, response i samples with seed + i. Cancelling (the
-        client went away) aborts them in the engine."""
+                       n: int, lora_path: str | None = None) -> list[GenerateOutput]:
+        """n responses (with the adapter `lora_path`, if any); with a seed, response i
+        samples with seed + i. Cancelling (the client went away) aborts them in the engine."""
         seeds = [None if params.sampling_seed is None else params.sampling_seed + i
                  for i in range(n)]
+        adapter = {} if lora_path is None else {"lora_path": lora_path}
         tasks = [asyncio.ensure_future(self.engine.generate(
-            prompt_ids, dataclasses.replace(params, sampling_seed=seed))) for seed in seeds]
+            prompt_ids, dataclasses.replace(params, sampling_seed=seed), **adapter))
+            for seed in seeds]
         try:
             return list(await asyncio.gather(*tasks))
         finally:

@@ -17,9 +17,10 @@ from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.weights.receive import LoadOptions
 
 GENERATE_FIELDS = {"input_ids", "text", "sampling_params", "return_logprob", "rid", "stream",
-                   "return_routed_experts"}
+                   "return_routed_experts", "lora_path"}
 _REQUIRED = object()
-_KIND_NAMES = {bool: "true or false", int: "an integer", str: "a string", list: "a list"}
+_KIND_NAMES = {bool: "true or false", int: "an integer", str: "a string", list: "a list",
+               dict: "an object"}
 
 
 def bad_request(message: str) -> NoReturn:
@@ -118,6 +119,18 @@ def parse_batch_sampling_params(value, count: int, batched: bool) -> list[Sampli
         bad_request(f"sampling_params must be a dict, or in a batch of {count} a list of "
                     f"{count} dicts, got {value!r}")
     return [parse_sampling_params(item, f"sampling_params[{i}]") for i, item in enumerate(value)]
+
+
+def lora_paths(value, count: int, batched: bool) -> list[str | None]:
+    """Each prompt's adapter name (SGLang's lora_path): one for all, or in a batch one per
+    prompt (null: the base model)."""
+    if value is None or isinstance(value, str):
+        return [value] * count
+    if batched and isinstance(value, list) and len(value) == count \
+            and all(item is None or isinstance(item, str) for item in value):
+        return value
+    bad_request(f"lora_path must be an adapter's name, or in a batch of {count} a list of "
+                f"{count} names or nulls, got {value!r}")
 
 
 def request_ids(value, count: int, batched: bool) -> list[str]:
