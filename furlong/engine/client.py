@@ -9,7 +9,11 @@ With an `api_key`, every request carries `Authorization: Bearer KEY` (SGLang's `
 Routed experts (MoE routing replay) come back as SGLang sends them, base64 of an int32
 array without its shape: the number of tokens follows from the answer, the top-k from the
 model (`routed_experts_top_k`), and the layers from the two.
-Weight updates go through the one sender module (furlong/engine/weights/send.py).
+Weight updates go through the one sender module (furlong/engine/weights/send.py). LoRA
+adapters go whole in one /load_lora_adapter_from_tensors request (SGLang's endpoint,
+`upsert` replacing the adapter of that name), by value, which only furlong's servers
+read; a version is then set with /update_weight_version. Requests name their adapter
+with `lora_path`.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from furlong.engine.api_key import auth_headers
 from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.http_error import EngineHTTPError
 from furlong.engine.weights.send import Servers, make_sender, send_from_disk
+from furlong.engine.weights.wire import serialize_named_tensors
 
 
 class HTTPEngine:
@@ -56,10 +61,13 @@ class HTTPEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def generate(self, input_ids: list[int], params: SamplingParams,
-                       return_routed_experts: bool = False) -> GenerateOutput:
+                       return_routed_experts: bool = False,
+                       lora_path: str | None = None) -> GenerateOutput:
         body = {"input_ids": list(input_ids),
                 "sampling_params": {k: v for k, v in params.to_dict().items() if v is not None},
                 "return_logprob": True}
+        if lora_path is not None:
+            body["lora_path"] = lora_path
         if return_routed_experts:
             if self.routed_experts_top_k is None:
                 raise ValueError(f"{self.url}: reading routed experts needs the model's top-k "
@@ -89,6 +97,26 @@ class HTTPEngine:
         """Load an HF directory that the server can read."""
         await asyncio.to_thread(send_from_disk, model_path, self._servers(), version,
                                 self.timeout_s)
+
+    async def load_lora_adapter(self, lora_name: str, config: dict,
+                                named_tensors: Iterable[tuple[str, torch.Tensor]],
+                                version: int | None = None) -> None:
+        """The whole adapter in one request, by value (see the module docstring)."""
+        payload = await asyncio.to_thread(serialize_named_tensors, named_tensors)
+        await self.load_lora_payload(lora_name, config, payload, version)
+
+    async def load_lora_payload(self, lora_name: str, config: dict, payload: str,
+                                version: int | None = None) -> None:
+        """/load_lora_adapter_from_tensors with a serialized adapter (the router serializes
+        once for all its servers), then the version."""
+        await self._request("POST", "/load_lora_adapter_from_tensors", {
+            "lora_name": lora_name, "config_dict": config, "serialized_tensors": payload,
+            "upsert": True})
+        if version is not None:
+            await self._request("POST", "/update_weight_version", {"new_version": str(version)})
+
+    async def unload_lora_adapter(self, lora_name: str) -> None:
+        await self._request("POST", "/unload_lora_adapter", {"lora_name": lora_name})
 
     def _servers(self) -> Servers:
         return Servers((self.url,), self.api_key, self.tp_size)

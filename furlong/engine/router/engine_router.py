@@ -16,6 +16,12 @@ weights/send.py: "auto" (/update_weights_from_tensor: CUDA tensors as IPC handle
 SGLang's format for colocated engines, CPU tensors as bytes that only furlong's servers
 read) or "broadcast" (a broadcast group with the servers, rebuilt when the engines change).
 A failure during a weight update is raised, not recovered.
+
+LoRA adapters go to every live engine too: `load_lora_adapter` serializes one once for all
+(HTTPEngine's by-value request). With a version it is a weight push, so an engine
+restarted meanwhile serves again after it; under LoRA the loop's `weight_source` pushes
+the adapter, which is how a restarted engine gets the last one back. A request's
+`lora_path` travels with it.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from furlong.engine.router.routing import Affinity, PromptKey
 from furlong.engine.router.slots import (LIVE, EngineLost, EngineSlot, EngineState,
                                          RouterOptions, no_engine_message)
 from furlong.engine.weights.send import Servers, WeightSender, make_sender
+from furlong.engine.weights.wire import serialize_named_tensors
 from furlong.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -87,16 +94,19 @@ class EngineRouter:
     # ---- generation ----------------------------------------------------------------------
 
     async def generate(self, input_ids: list[int], params: SamplingParams,
-                       return_routed_experts: bool = False) -> GenerateOutput:
+                       return_routed_experts: bool = False,
+                       lora_path: str | None = None) -> GenerateOutput:
         self._bind()
         epoch, key = self._abort_epoch, tuple(input_ids)
+        options = {"return_routed_experts": True} if return_routed_experts else {}
+        if lora_path is not None:
+            options["lora_path"] = lora_path
         attempt = 0
         while True:
             attempt += 1
             slot = await self._choose(key)
             try:
-                output = await self._send(slot, key, input_ids, params, epoch,
-                                          return_routed_experts)
+                output = await self._send(slot, key, input_ids, params, epoch, options)
             except (ConnectionError, TimeoutError, EngineHTTPError) as error:
                 if attempt >= self.options.max_attempts or \
                         not await self.recovery.should_resend(slot, error):
@@ -128,9 +138,9 @@ class EngineRouter:
             await self.recovery.changed.wait()
 
     async def _send(self, slot: EngineSlot, key: PromptKey, input_ids: list[int],
-                    params: SamplingParams, epoch: int,
-                    return_routed_experts: bool = False) -> GenerateOutput:
-        """One attempt on `slot`; EngineLost if the router takes the engine out meanwhile."""
+                    params: SamplingParams, epoch: int, options: dict) -> GenerateOutput:
+        """One attempt on `slot` (`options`: generate's keyword arguments); EngineLost if
+        the router takes the engine out meanwhile."""
         slot.outstanding += 1
         self._affinity.pin(key, slot)
         try:
@@ -140,8 +150,7 @@ class EngineRouter:
                                           weight_version=self.weight_version or 0)
                 if slot.state is not EngineState.SERVING:
                     raise EngineLost(f"engine {slot.url} left the rotation")
-                task = asyncio.ensure_future(slot.client.generate(
-                    input_ids, params, return_routed_experts=return_routed_experts))
+                task = asyncio.ensure_future(slot.client.generate(input_ids, params, **options))
                 slot.in_flight.add(task)
                 try:
                     await asyncio.wait([task])
@@ -212,6 +221,26 @@ class EngineRouter:
                 log.info("engine %d (%s) serves again with weights version %d", slot.index,
                          slot.url, version)
         self.recovery.announce()
+
+    async def load_lora_adapter(self, lora_name: str, config: dict,
+                                named_tensors: Iterable[tuple[str, torch.Tensor]],
+                                version: int | None = None) -> None:
+        """To every live engine (serialized once); with a `version`, a weight push:
+        restarted engines serve again once this succeeds."""
+        self._bind()
+        servers = self.push_targets()
+        payload = await asyncio.to_thread(serialize_named_tensors, named_tensors)
+        with self.recovery.checks_paused():
+            await asyncio.gather(*(slot.client.load_lora_payload(lora_name, config, payload,
+                                                                 version)
+                                   for slot in self._live() if slot.url in servers.urls))
+        if version is not None:
+            self.weights_pushed(version, servers)
+
+    async def unload_lora_adapter(self, lora_name: str) -> None:
+        self._bind()
+        await asyncio.gather(*(slot.client.unload_lora_adapter(lora_name)
+                               for slot in self._live()))
 
     async def release_memory(self) -> None:
         self._bind()
