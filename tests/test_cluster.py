@@ -139,7 +139,6 @@ def test_impossible_layouts_are_clear_errors(grpo_argv, flags, message):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (("--colocate",), "--colocate with --rollout-num-gpus-per-engine 2"),
     (("--rollout-num-gpus", "2", "--rollout-backend", "hf"),
      "--rollout-backend hf: the built-in engine runs on one device"),
 ])

@@ -37,13 +37,21 @@ def test_engines_of_several_gpus_need_cluster_flags(tiny):
                        0)
 
 
+def test_colocated_engines_of_several_gpus_are_a_valid_layout(tiny, capsys, monkeypatch):
+    """Miles' standard layout: engines of 2 GPUs on the trainer's GPUs, fed by the ranks
+    on those GPUs; offload on as --colocate implies."""
+    out = dry_run_output(tiny, capsys, monkeypatch, "--actor-num-gpus-per-node", "4",
+                         "--colocate", "--rollout-num-gpus-per-engine", "2")
+    assert "engines:" in out and "dry run: configuration is valid" in out
+
+
 def test_a_layout_that_would_stop_before_ray_is_not_valid(tiny, monkeypatch):
-    """Colocated engines of 2 GPUs are refused by the dry run itself (not a warning
-    followed by "valid"), naming the flags."""
+    """Engines of 2 GPUs of their own have no stand-in without GPUs: refused by the dry
+    run itself (not a warning followed by "valid"), naming the flags."""
     monkeypatch.setattr(dry_run.torch.cuda, "device_count", lambda: 0)
-    config = load_config(train_argv(tiny, "--actor-num-gpus-per-node", "4", "--colocate",
-                                    "--rollout-num-gpus-per-engine", "2"))[0]
-    with pytest.raises(ConfigError, match="--colocate with --rollout-num-gpus-per-engine 2"):
+    config = load_config(train_argv(tiny, "--actor-num-gpus-per-node", "2", "--rollout-num-gpus",
+                                    "4", "--rollout-num-gpus-per-engine", "2"))[0]
+    with pytest.raises(ConfigError, match="--rollout-num-gpus-per-engine 2 with --rollout-backend"):
         dry_run.dry_run(config)
 
 

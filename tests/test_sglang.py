@@ -258,7 +258,9 @@ def test_each_server_runs_that_command_on_its_devices_and_stops_with_its_workers
         assert sorted(records) == sorted(int(url.rsplit(":", 1)[1]) for url in urls)
         for url, devices in zip(urls, ["0,1", "2,3"], strict=True):
             port = int(url.rsplit(":", 1)[1])
-            assert records[port]["argv"] == server_command(spec, port)[3:]
+            argv = records[port]["argv"]
+            nccl_port = int(argv[argv.index("--nccl-port") + 1])  # engines of 2 GPUs
+            assert argv == server_command(spec, port, nccl_port)[3:]
             assert records[port]["devices"] == devices
         pids = [pid for r in records.values() for pid in (r["pid"], r["worker"])]
         assert all(running(pid) for pid in pids)

@@ -90,11 +90,12 @@ def test_ray_rank_sends_by_ipc(tiny, ipc_server):
     """TrainRank.send_weights by CUDA IPC, run here on a stand-in rank whose actor holds
     `weights`."""
     pytest.importorskip("ray")
-    from furlong.cluster.ray_trainer import TrainRank, weight_senders
+    from furlong.cluster.ray_trainer import TrainRank
+    from furlong.engine.weights.send import make_sender
     weights = pushed_weights(tiny, seed=2)
     rank = SimpleNamespace(actor=SimpleNamespace(named_weights=weights.items),
-                           senders=weight_senders(64 << 10))
+                           senders={"colocated": make_sender("ipc", 64 << 10)})
     # The class under Ray's actor wrapper (its methods as plain functions).
     send_weights = TrainRank.__ray_metadata__.modified_class.send_weights
-    send_weights(rank, "ipc", Servers((ipc_server,)), 4)
+    send_weights(rank, "colocated", Servers((ipc_server,)), 4)
     assert_served(ipc_server, weights, version=4)
