@@ -382,3 +382,27 @@ def test_new_moe_flags_keep_megatron_defaults(grpo_argv):
             model.moe_router_num_groups, model.moe_router_group_topk,
             model.moe_shared_expert_gate, model.moe_latent_size) == ("probs", 1e-3, None, None,
                                                                      False, None)
+
+
+# The attention lines of Miles' model scripts for the families whose attention is not
+# Qwen's: DeepSeek-V3's latent attention (Megatron's --kv-channels is the value head size,
+# --qk-layernorm the latent norms) and GLM-4.5 (query/key norms by `use_qk_norm`).
+DEEPSEEK_V3_ATTENTION = {**DEEPSEEK_V3, "num_attention_heads": 128, "num_key_value_heads": 128,
+                         "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_nope_head_dim": 128,
+                         "qk_rope_head_dim": 64, "v_head_dim": 128}
+GLM4_5_ATTENTION = {**GLM4_MOE, "num_attention_heads": 96, "num_key_value_heads": 8,
+                    "head_dim": 128, "use_qk_norm": True}
+
+
+@pytest.mark.parametrize("hf,flags", [
+    (DEEPSEEK_V3_ATTENTION, "--num-attention-heads 128 --kv-channels 128 --qk-layernorm"),
+    (GLM4_5_ATTENTION, "--num-attention-heads 96 --num-query-groups 8 --kv-channels 128 "
+                       "--qk-layernorm"),
+])
+def test_latent_and_glm_attention_flags_agree_with_config_json(tiny, checkpoint, hf, flags):
+    load_config(moe_argv(tiny, checkpoint(hf), flags))  # no ConfigError
+
+
+def test_qk_layernorm_is_refused_where_config_json_has_no_such_norms(tiny, checkpoint):
+    assert "--qk-layernorm" in config_error(moe_argv(
+        tiny, checkpoint({**GLM4_5_ATTENTION, "use_qk_norm": False}), "--qk-layernorm"))

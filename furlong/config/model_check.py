@@ -23,7 +23,7 @@ from furlong.config.groups import GrpoArgs, ModelArgs
 from furlong.config.moe_layers import layer_pattern, pattern_text
 from furlong.config.parser import ConfigError, option_name
 
-# Qwen3 puts RMSNorm on queries and keys; these families do not.
+# Qwen3 puts RMSNorm on queries and keys (GLM-4.5 says so by `use_qk_norm`); others do not.
 QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")
 # How each MoE family scores experts when config.json has no `scoring_func`.
 ROUTER_SCORES = {"qwen2_moe": "softmax", "qwen3_moe": "softmax", "mixtral": "softmax",
@@ -64,6 +64,11 @@ def expected_values(hf: dict) -> dict[str, object]:
     heads = hf.get("num_attention_heads")
     head_dim = hf.get("head_dim") or (hf["hidden_size"] // heads if heads else None)
     model_type = hf.get("model_type", "")
+    # Multi-head latent attention (DeepSeek-V3, Kimi): Megatron's --kv-channels is the
+    # value head size, and --qk-layernorm the norms of the query and key-value latents.
+    latent_attention = "kv_lora_rank" in hf
+    if latent_attention:
+        head_dim = hf.get("v_head_dim", head_dim)
     values = {
         "num_layers": hf.get("num_hidden_layers"),
         "hidden_size": hf.get("hidden_size"),
@@ -77,7 +82,8 @@ def expected_values(hf: dict) -> dict[str, object]:
         "norm_epsilon": hf.get("rms_norm_eps", hf.get("layer_norm_eps")),
         "normalization": "RMSNorm" if "rms_norm_eps" in hf else None,
         "swiglu": hf.get("hidden_act") in ("silu", "swish"),
-        "qk_layernorm": model_type in QK_NORM_FAMILIES,
+        "qk_layernorm": model_type in QK_NORM_FAMILIES or bool(hf.get("use_qk_norm"))
+        or latent_attention,
         "untie_embeddings_and_output_weights": not hf.get("tie_word_embeddings", True),
         "add_qkv_bias": model_type == "qwen2" or bool(hf.get("attention_bias")),
         "disable_bias_linear": not hf.get("attention_bias", False) and not hf.get("mlp_bias",
