@@ -217,6 +217,10 @@ BASE = ["--model-path", "/models/qwen", "--host", "127.0.0.1", "--port", "30001"
       "--mem-fraction-static", "0.3"]),
     (["--sglang-mem-fraction-static=0.5"], {"mem_fraction_static": 0.3},
      ["--tp-size", "1", "--random-seed", "42", "--mem-fraction-static", "0.5"]),
+    # Miles' router flags name the router, not the servers: never forwarded.
+    (["--sglang-router-ip", "10.0.0.1", "--sglang-router-port", "3000",
+      "--sglang-router-policy", "round_robin", "--sglang-log-level", "info"], {},
+     ["--tp-size", "1", "--random-seed", "42", "--log-level", "info"]),
     (["--sglang-context-length", "4096"], {"module": BUILTIN_SERVER},
      ["--tp-size", "1", "--random-seed", "42", "--context-length", "4096"]),
     # --offload-rollout: SGLang's release frees nothing without the memory saver.

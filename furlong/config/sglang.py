@@ -1,7 +1,9 @@
 """The `python -m sglang.launch_server` argument list built from SGLANG_ARGS.
 
 Every `--sglang-X ...` flag is forwarded as `--X ...` in the order given, except
-the server settings that furlong owns because it places and addresses the engines.
+the server settings that furlong owns because it places and addresses the engines, and
+Miles' router flags (`--sglang-router-*`: its router, not the servers, takes them; in
+furlong they name the router hooks post to, furlong/rollout/router_front.py).
 With --use-rollout-routing-replay the servers are started with
 `--enable-return-routed-experts` (SGLang returns routes only then).
 
@@ -40,6 +42,12 @@ def check_passthrough(sglang: SglangArgs) -> None:
                               "remove it from the launch script")
 
 
+def is_router_flag(name: str) -> bool:
+    """--sglang-router-ip, --sglang-router-port, --sglang-router-policy, ...: Miles'
+    settings of its router, which SGLang's launch_server would refuse."""
+    return name.startswith("router-")
+
+
 def launch_server_args(sglang: SglangArgs, model_path: str, host: str, port: int,
                        seed: int, nnodes: int = 1, node_rank: int = 0,
                        dist_init_addr: str | None = None,
@@ -61,5 +69,6 @@ def launch_server_args(sglang: SglangArgs, model_path: str, host: str, port: int
     if return_routed_experts and sglang.passthrough_value("enable-return-routed-experts") is None:
         argv.append("--enable-return-routed-experts")
     for name, values in sglang.passthrough:
-        argv += [f"--{name}", *values]
+        if not is_router_flag(name):
+            argv += [f"--{name}", *values]
     return argv
