@@ -339,7 +339,12 @@ def apply_tensor_parallel(hf_model: nn.Module, tp_mesh: DeviceMesh,
                           if tp_mesh.device_type == "cuda" else None)
     for layer in layers:
         layer.to(device)  # one full layer at a time on the device, then sliced
+        frozen = {name for name, param in layer.named_parameters() if not param.requires_grad}
         parallelize_module(layer, tp_mesh, _layer_plan(layer, sequence_parallel))
+        # SequenceParallel's replicated parameters (norms) come back trainable: a frozen
+        # one (LoRA's base) stays frozen.
+        for name, param in layer.named_parameters():
+            param.requires_grad_(name not in frozen)
     if sequence_parallel:
         parallelize_module(layers[0], tp_mesh, PrepareModuleInput(
             input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),)))

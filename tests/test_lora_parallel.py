@@ -1,0 +1,208 @@
+"""LoRA over two CPU ranks (gloo): data parallel (FSDP2) and tensor parallel give one
+process's numbers, and the split is in effect.
+
+One spawn runs both layouts. Per layout: where some adapter and base weights live (mesh
+placements and local shapes), the adapter gathered whole before training (bit-equal to
+one process: every rank draws A from the same seed), the policy's and the reference's
+log-probs, and the metrics and full adapter gradients of one step. A third check runs a
+bfloat16 base with float32 adapters in the same FSDP2 units (mixed precision on the CPU).
+Tolerances as tests/test_parallel.py's (float32): metrics 1e-5 relative, gradients 1e-5
+relative plus 1e-5 of the largest entry, log-probs 1e-5.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from furlong.model import lora
+from furlong.model.loading import load_hf_model
+from furlong.ports import free_port
+from furlong.train import distributed_state, parallel
+from furlong.train.actor import RankInfo, TrainActor
+from furlong.train.batch import pack
+from furlong.train.policy import CausalLMPolicy
+
+from conftest import policy_config, random_batch, trainer_batch
+
+WORLD = 2
+LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--target-modules", "all-linear",
+        "--micro-batch-size", "3"]
+RUNS = {"dp": 1, "tp": 2}  # name -> tensor-parallel size
+METRICS = ("train/loss", "train/pg_loss", "train/kl_loss", "train/entropy_loss",
+           "train/grad_norm")
+LAYOUT = ("model.layers.0.self_attn.q_proj.base_layer.weight",
+          "model.layers.0.self_attn.q_proj.lora_A.default.weight",
+          "model.layers.0.self_attn.q_proj.lora_B.default.weight",
+          "model.layers.0.mlp.down_proj.base_layer.weight",
+          "model.layers.0.mlp.down_proj.lora_A.default.weight",
+          "model.layers.0.mlp.down_proj.lora_B.default.weight")
+
+
+def make_batch(tiny):
+    """6 samples with advantages, reference log-probs and old log-probs of the base, from
+    one process; a B that is not zero, so that every adapter gradient is."""
+    torch.manual_seed(0)
+    actor = TrainActor(policy_config(tiny, []), RankInfo(), str(tiny / "model"), 1)
+    batch = trainer_batch(actor, 6, seed=5)
+    batch.old_log_probs, _ = actor.compute_log_probs(batch)
+    return batch
+
+
+def nonzero_b(actor: TrainActor) -> None:
+    """Give every lora_B seeded values (the same on every rank, whatever its shard)."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in actor.policy.hf_model.named_parameters():
+            if ".lora_B." in name:
+                whole = 0.05 * torch.randn(param.shape, generator=generator)
+                if isinstance(param, DTensor):
+                    whole = torch.distributed.tensor.distribute_tensor(
+                        whole, param.device_mesh, param.placements, src_data_rank=None)
+                param.copy_(whole)
+
+
+def step(actor: TrainActor, batch) -> tuple[dict, dict]:
+    """Metrics and full adapter gradients of one step (the update skipped)."""
+    grads = {}
+
+    def capture():
+        grads.update({name: distributed_state.full_tensor(param.grad).cpu().clone()
+                      for name, param in actor.policy.hf_model.named_parameters()
+                      if lora.is_adapter_name(name)})
+        norm = distributed_state.clip_grad_norm_(actor._optimized_parameters(), float("inf"))
+        actor.optimizer.zero_grad()
+        return norm
+
+    actor._optimizer_step = capture
+    (metrics,) = actor.train(batch)
+    return metrics, grads
+
+
+def layout(actor: TrainActor) -> dict:
+    held = {}
+    for name, param in actor.policy.hf_model.named_parameters():
+        if name in LAYOUT:
+            placements = dict(zip(param.device_mesh.mesh_dim_names, param.placements,
+                                  strict=True)) if isinstance(param, DTensor) else {}
+            local = param.to_local() if isinstance(param, DTensor) else param
+            held[name] = {"placements": placements, "local": local.detach().clone()}
+    return held
+
+
+def measure(actor: TrainActor, batch) -> dict:
+    adapter = {name: tensor.cpu().clone() for name, tensor in actor.named_adapter_weights()}
+    nonzero_b(actor)
+    trained = sorted(name for group in actor.optimizer.param_groups for name, param
+                     in actor.policy.hf_model.named_parameters()
+                     if any(param is p for p in group["params"]))
+    return {"adapter": adapter, "layout": layout(actor), "trained": trained,
+            "log_probs": actor.compute_log_probs(batch)[0],
+            "reference": actor.compute_log_probs(batch, reference=True)[0],
+            "step": step(actor, batch)}
+
+
+def mixed_precision_step(tiny, mesh) -> dict:
+    """A bfloat16 base and float32 adapters in one FSDP2 unit per layer, bfloat16 compute
+    (FSDP2's mixed precision, as on GPUs): one forward and backward; each weight's dtype,
+    its gradient's and whether it trains."""
+    hf_model = load_hf_model(str(tiny / "model"), torch.bfloat16, packed=True)
+    lora.attach(hf_model, lora.LoraSpec(4, 8), seed=0)
+    with torch.no_grad():
+        for name, param in hf_model.named_parameters():
+            if ".lora_B." in name:
+                param.fill_(0.01)  # so that A gets a gradient too
+    policy = CausalLMPolicy(hf_model)
+    parallel.apply_fully_shard(policy, parallel.decoder_layers(hf_model), mesh["dp"],
+                               mixed_precision=True)
+    micro = pack(random_batch(2, hf_model.config.vocab_size, seed=1), [0, 1], "cpu")
+    log_probs, _ = policy(micro)
+    log_probs.sum().backward()
+    return {name: (param.dtype, param.grad is not None and param.grad.dtype,
+                   param.requires_grad)
+            for name, param in hf_model.named_parameters() if name in LAYOUT}
+
+
+def _worker(rank: int, port: int, tiny, batch, out) -> None:
+    torch.set_num_threads(1)
+    results = {}
+    for name, tp in RUNS.items():
+        info = parallel.rank_info(rank, WORLD, tp, "cpu", master_port=port)
+        extra = [*LORA, "--tensor-model-parallel-size", str(tp)]
+        torch.manual_seed(0)
+        actor = TrainActor(policy_config(tiny, extra), info, str(tiny / "model"), 1)
+        results[name] = measure(actor, batch)
+        if name == "dp":
+            results["mixed"] = mixed_precision_step(tiny, actor.mesh)
+    torch.save(results, out / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def ranks(tiny, tmp_path_factory):
+    batch = make_batch(tiny)
+    out = tmp_path_factory.mktemp("lora_parallel")
+    mp.spawn(_worker, args=(free_port(), tiny, batch, out), nprocs=WORLD)
+    torch.manual_seed(0)
+    one = TrainActor(policy_config(tiny, LORA), RankInfo(), str(tiny / "model"), 1)
+    expected = measure(one, batch)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)], expected
+
+
+def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    scale = float(expected.abs().max()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_lora_step_equals_one_process(ranks, name):
+    results, expected = ranks
+    got = results[0][name]
+    assert got["trained"] == expected["trained"] == sorted(
+        n for n in got["trained"] if lora.is_adapter_name(n))  # the norms stay frozen
+    for key, tensor in expected["adapter"].items():  # the same seeded A, gathered whole
+        assert torch.equal(got["adapter"][key], tensor), key
+    for actual, want in zip(got["log_probs"] + got["reference"],
+                            expected["log_probs"] + expected["reference"], strict=True):
+        torch.testing.assert_close(actual, want, rtol=1e-5, atol=1e-5)
+    metrics, grads = got["step"]
+    want_metrics, want_grads = expected["step"]
+    for key in METRICS:
+        assert metrics[key] == pytest.approx(want_metrics[key], rel=1e-5, abs=1e-7), key
+    assert list(grads) == list(want_grads)
+    for key, grad in grads.items():
+        assert grad.abs().sum() > 0, key
+        assert_close_relative(grad, want_grads[key])
+
+
+def test_tensor_parallel_splits_base_and_one_adapter_matrix(ranks):
+    """Column-parallel q_proj: base and B split by output rows, A whole (and equal on both
+    ranks); row-parallel down_proj: base and A split by input columns, B whole."""
+    results, expected = ranks
+    full = {name: held["local"] for name, held in expected["layout"].items()}
+    split = {"q_proj.base_layer": Shard(0), "q_proj.lora_B": Shard(0),
+             "down_proj.base_layer": Shard(1), "down_proj.lora_A": Shard(1)}
+    for name in LAYOUT:
+        held = [results[r]["tp"]["layout"][name] for r in range(WORLD)]
+        dim = next((p.dim for key, p in split.items() if key in name), None)
+        if dim is None:  # whole over "tp": the same values on both ranks
+            assert held[0]["placements"].get("tp", Replicate()) == Replicate(), name
+            assert torch.equal(held[0]["local"], held[1]["local"]), name
+            continue
+        assert held[0]["placements"]["tp"] == Shard(dim), name
+        halves = [h["local"] for h in held]
+        assert halves[0].shape[dim] == full[name].shape[dim] // 2, name
+        assert torch.equal(torch.cat(halves, dim), full[name]), name
+
+
+def test_data_parallel_shards_adapters_and_base_over_dp(ranks):
+    for name, held in ranks[0][0]["dp"]["layout"].items():
+        assert held["placements"] == {"dp": Shard(0)}, name
+
+
+def test_bf16_base_and_fp32_adapters_share_an_fsdp2_unit(ranks):
+    for name, (dtype, grad_dtype, requires_grad) in ranks[0][0]["mixed"].items():
+        if lora.is_adapter_name(name):
+            assert (dtype, grad_dtype, requires_grad) == (torch.float32, torch.float32, True)
+        else:
+            assert (dtype, grad_dtype, requires_grad) == (torch.bfloat16, False, False), name
