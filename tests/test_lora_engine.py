@@ -19,7 +19,7 @@ from furlong.engine.base import SamplingParams
 from furlong.engine.client import HTTPEngine
 from furlong.engine.fast import FastEngine
 from furlong.engine.fast.block_manager import BlockManager
-from furlong.engine.fast.lora import LoraGroup, LoraSlots, adapter_scaling
+from furlong.engine.fast.lora import LoraAdapters, LoraGroup, LoraSlots, adapter_scaling
 from furlong.engine.fast.scheduler import Scheduler
 from furlong.engine.fast.sequence import Sequence
 from furlong.engine.hf_engine import HFEngine
@@ -27,7 +27,8 @@ from furlong.engine.router import EngineRouter, EngineState, RouterOptions
 from furlong.engine.weights.wire import serialize_named_tensors
 from furlong.model.loading import load_hf_model
 from furlong.model.logits import output_logits
-from furlong.model.lora import STANDARD_TARGETS, LoraSpec, attach, load_adapter_tensors
+from furlong.model.lora import (STANDARD_TARGETS, LoraSpec, attach, load_adapter_tensors,
+                                merged)
 from furlong.model.lora_files import save_adapter
 
 TIMEOUT_S = 120
@@ -272,15 +273,18 @@ def per_token_reference(key, x, out, slot_ids, adapters) -> torch.Tensor:
     return result
 
 
-def test_lora_slots_apply_each_tokens_own_adapter():
-    """Three slots of different ranks and targets, base tokens between them."""
-    slots = LoraSlots(GROUPS, GROUPS, num_slots=3, rank=4, dtype=torch.float32, device="cpu")
+@pytest.mark.parametrize("num_slots", [3, 1])
+def test_lora_slots_apply_each_tokens_own_adapter(num_slots):
+    """Slots of different ranks and targets, base tokens between them (one slot: the
+    scale alone keeps base tokens out)."""
+    slots = LoraSlots(GROUPS, GROUPS, num_slots, rank=4, dtype=torch.float32, device="cpu")
     adapters = {0: (slot_tensors(0, 4, ("q", "v", "o")), 2.0),
                 1: (slot_tensors(1, 2, ("k",)), 0.5),
                 2: (slot_tensors(2, 3, ("q", "k", "v", "o")), 1.5)}
+    adapters = {slot: adapters[slot] for slot in range(num_slots)}
     for slot, (tensors, scaling) in adapters.items():
         slots.load(slot, tensors, scaling, "test")
-    slot_ids = torch.tensor([-1, 0, 1, 2, 0, -1, 2, 1, 1])
+    slot_ids = torch.tensor([-1, 0, 1, 2, 0, -1, 2, 1, 1]) % (num_slots + 1) - 1
     mask = slots.token_mask(slot_ids)
     generator = torch.Generator().manual_seed(9)
     for key in GROUPS:
@@ -292,17 +296,21 @@ def test_lora_slots_apply_each_tokens_own_adapter():
         assert torch.equal(got[slot_ids == -1], out[slot_ids == -1])
 
 
+@pytest.mark.parametrize("num_slots", [2, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_fresh_adapter_leaves_the_gemm_output_bit_unchanged(dtype):
-    slots = LoraSlots(GROUPS, GROUPS, num_slots=2, rank=4, dtype=dtype, device="cpu")
+def test_a_fresh_adapter_leaves_the_gemm_output_bit_unchanged(dtype, num_slots):
+    """Rows of a B = 0 adapter and base rows keep the GEMM's output; another adapter's
+    row beside them changes."""
+    slots = LoraSlots(GROUPS, GROUPS, num_slots, rank=4, dtype=dtype, device="cpu")
     slots.load(0, slot_tensors(0, 4, ("q", "k", "v", "o"), fresh=True), 2.0, "test")
-    slots.load(1, slot_tensors(1, 4, ("q", "o")), 2.0, "test")
-    slot_ids = torch.tensor([0, -1, 0, 1])
+    if num_slots == 2:
+        slots.load(1, slot_tensors(1, 4, ("q", "o")), 2.0, "test")
+    slot_ids = torch.tensor([0, -1, 0, num_slots - 1])
     x = torch.randn(4, 16, dtype=dtype)
     out = torch.randn(4, 32, dtype=dtype)
     got = slots.apply("qkv", x, out.clone(), slots.token_mask(slot_ids))
     assert torch.equal(got[:3], out[:3])
-    assert not torch.equal(got[3], out[3])
+    assert torch.equal(got[3], out[3]) == (num_slots == 1)
 
 
 def test_grown_slots_keep_their_adapters_and_refuse_unknown_modules():
@@ -317,6 +325,21 @@ def test_grown_slots_keep_their_adapters_and_refuse_unknown_modules():
                                per_token_reference("o", x, out, slot_ids, {0: (tensors, 1.0)}))
     with pytest.raises(ValueError, match="'up'"):
         slots.group_keys(["o", "up"])
+
+
+def test_the_scaling_multiplies_in_bf16_only_while_exact_there():
+    """An alpha / r that bf16 cannot hold switches the scale to float32, and the fast
+    engine's captured graphs (built for the other dtype) must go."""
+    adapters = LoraAdapters(GROUPS, torch.bfloat16, "cpu")
+    tensors = slot_tensors(0, 4, ("q", "o"))
+    assert adapters.load("a", config(), tensors)  # new slots: graphs go
+    assert adapters.slots.scale_dtype == torch.bfloat16
+    assert not adapters.load("a", config(), tensors)  # in place, same dtype: graphs stay
+    assert adapters.load("b", config(lora_alpha=4.1), tensors)  # 1.025: not a bf16 number
+    assert adapters.slots.scale_dtype == torch.float32
+    mask = adapters.mask(torch.tensor([1, -1]))
+    assert mask.scale.dtype == torch.float32
+    assert mask.scale[:, 0].tolist() == [pytest.approx(1.025), 0.0]
 
 
 def test_adapter_configs_the_engines_do_not_compute_are_refused():
@@ -471,13 +494,22 @@ def test_gpu_graphs_with_adapters_match_eager(tiny, tokenizer, prompts):
         [(o.output_ids, o.output_log_probs) for o in adapted]
 
 
-def bf16_gap(engine_outputs, tiny, tensors, prompts) -> float:
-    """Mean |engine - HF bf16 forward| log-prob over every sampled token."""
+def merged_model(tiny, tensors):
+    """The tiny model in bf16 with the adapter merged in (W + scaling * B @ A in float32):
+    what full fine-tuning to the same function would push to the engine."""
     model = load_hf_model(str(tiny / "model"), torch.bfloat16, "cuda")
-    if tensors is not None:
-        attach(model, LoraSpec(RANK, ALPHA), seed=0)
-        load_adapter_tensors(model, tensors, "the test adapter")
-        model.to(torch.bfloat16)  # the trainer's bf16 compute copy
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if f"{name}.lora_A.weight" in tensors:
+                module.weight.copy_(merged(module.weight, tensors[f"{name}.lora_A.weight"].cuda(),
+                                           tensors[f"{name}.lora_B.weight"].cuda(),
+                                           ALPHA / RANK))
+    return model
+
+
+def bf16_gap(engine_outputs, model, prompts) -> float:
+    """Mean |engine - trainer's forward| log-prob over every sampled token, the trainer
+    being `model` (bf16) in one forward over prompt + output."""
     gaps = []
     for prompt, output in zip(prompts, engine_outputs, strict=True):
         ids = torch.tensor([prompt + output.output_ids], device="cuda")
@@ -491,22 +523,29 @@ def bf16_gap(engine_outputs, tiny, tensors, prompts) -> float:
 
 
 @pytest.mark.gpu
-def test_gpu_engine_trainer_gap_with_an_adapter_is_the_base_models(tiny, tokenizer, prompts):
-    """bf16 with graphs: the engine's log-probs are as far from the trainer's forward
-    (HF + PEFT in bf16) with an adapter as without one (full fine-tuning's gap)."""
-    engine = gpu_engine(tiny, tokenizer, torch.bfloat16, True)
-    tensors = adapter(engine.model, 1)
+def test_gpu_engine_trainer_gap_with_an_adapter_is_full_fine_tunings(tiny, tokenizer, prompts):
+    """bf16 with graphs: the engine with the adapter un-merged is as far from the trainer
+    (HF + PEFT, bf16) as an engine with the merged weights is from HF on them (the gap
+    full fine-tuning to the same function shows)."""
+    tensors = adapter(load_hf_model(str(tiny / "model")), 1)
     many = [ids for ids in prompts for _ in range(8)]
+    requests_ = [(ids, sampled(i, 48), "a") for i, ids in enumerate(many)]
 
-    async def main():
-        base = await generate_all(engine, [(ids, sampled(i, 48), None)
-                                           for i, ids in enumerate(many)])
-        await engine.load_lora_adapter("a", config(), tensors.items())
-        adapted = await generate_all(engine, [(ids, sampled(i, 48), "a")
-                                              for i, ids in enumerate(many)])
+    async def sample(engine, requests_):
+        outputs = await generate_all(engine, requests_)
         await engine.close()
-        return base, adapted
-    base, adapted = run(main())
-    base_gap, lora_gap = bf16_gap(base, tiny, None, many), bf16_gap(adapted, tiny, tensors, many)
-    print(f"mean |engine - trainer| log-prob: base {base_gap:.2e}, adapter {lora_gap:.2e}")
-    assert lora_gap <= 1.5 * base_gap + 1e-3
+        return outputs
+    engine = gpu_engine(tiny, tokenizer, torch.bfloat16, True)
+    run(engine.load_lora_adapter("a", config(), tensors.items()))
+    adapted = run(sample(engine, requests_))
+    trainer = load_hf_model(str(tiny / "model"), torch.bfloat16, "cuda")
+    attach(trainer, LoraSpec(RANK, ALPHA), seed=0)
+    load_adapter_tensors(trainer, tensors, "the test adapter")
+    lora_gap = bf16_gap(adapted, trainer.to(torch.bfloat16), many)
+    full = merged_model(tiny, tensors)
+    engine = FastEngine(merged_model(tiny, tensors), tokenizer, max_num_seqs=32,
+                        kv_cache_tokens=8192)
+    full_gap = bf16_gap(run(sample(engine, [(ids, p, None) for ids, p, _ in requests_])),
+                        full, many)
+    print(f"mean |engine - trainer| log-prob: adapter {lora_gap:.2e}, merged {full_gap:.2e}")
+    assert lora_gap <= 1.5 * full_gap + 2e-4

@@ -189,13 +189,13 @@ class HFEngine:
     @contextlib.contextmanager
     def _adapters_applied(self, rows: list[_Row]):
         """While decoding `rows`: each adapted linear layer adds each row's adapter term
-        (mask (B, 1, slots): every token of a row takes the row's adapter)."""
+        (every token of a row takes the row's adapter)."""
         slots = [row.lora_slot for row in rows if row.lora_slot is not None]
         if self.lora.slots is None or max(slots, default=-1) < 0:
             yield  # base rows only
             return
-        mask = self.lora.mask(torch.tensor([-1 if row.lora_slot is None else row.lora_slot
-                                            for row in rows], device=self.device))[:, None]
+        mask = self.lora.mask(torch.tensor([[-1 if row.lora_slot is None else row.lora_slot]
+                                            for row in rows], device=self.device))  # (B, 1)
         lora = self.lora.slots
         modules = dict(self.model.named_modules())
         hooks = [modules[key].register_forward_hook(

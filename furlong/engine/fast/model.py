@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from furlong.engine.fast.fused import add_rms_norm, qk_norm_rope_store, silu_mul
-from furlong.engine.fast.lora import LoraAdapters, LoraGroup
+from furlong.engine.fast.lora import LoraAdapters, LoraGroup, LoraMask
 from furlong.engine.fast.moe import SparseMoE
 from furlong.model.logits import output_logits
 from furlong.model.moe import is_moe_block
@@ -118,13 +118,13 @@ class FastDecoder(nn.Module):
                 k_caches: torch.Tensor, v_caches: torch.Tensor, slot_mapping: torch.Tensor,
                 attend: Callable[..., torch.Tensor], return_kv: bool,
                 routes: torch.Tensor | None = None,
-                lora_mask: torch.Tensor | None = None) -> torch.Tensor:
+                lora_mask: LoraMask | None = None) -> torch.Tensor:
         """input_ids/positions (T,) -> final hidden states (T, H).
 
         Each layer stores its K/V at `slot_mapping` in `k_caches[layer]`/`v_caches[layer]`,
         then calls attend(layer, q, k, v) (k, v given only when `return_kv`). MoE layers
         write their expert ids to `routes` (cache slots, MoE layers, k) at `slot_mapping`.
-        `lora_mask` (T, adapter slots): `self.lora.token_mask` of each token's adapter."""
+        `lora_mask`: each token's adapter (`self.lora.mask`); None: no adapter terms."""
         hidden = self.decoder.embed_tokens(input_ids)
         residual = None
         for index, layer in enumerate(self.decoder.layers):
@@ -149,14 +149,14 @@ class FastDecoder(nn.Module):
         return normed
 
     def _adapt(self, index: int, group: str, x: torch.Tensor, out: torch.Tensor,
-               lora_mask: torch.Tensor | None) -> torch.Tensor:
+               lora_mask: LoraMask | None) -> torch.Tensor:
         """`out` of a GEMM with the adapters' terms added (in place), if any."""
         if lora_mask is None:
             return out
         return self.lora.slots.apply(f"{index}.{group}", x, out, lora_mask)
 
     def _mlp(self, index: int, normed: torch.Tensor, slot_mapping: torch.Tensor,
-             routes: torch.Tensor | None, lora_mask: torch.Tensor | None) -> torch.Tensor:
+             routes: torch.Tensor | None, lora_mask: LoraMask | None) -> torch.Tensor:
         fused = self.fused[index]
         if "moe" not in fused:
             gate_up = self._adapt(index, "gate_up", normed,

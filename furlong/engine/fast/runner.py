@@ -16,9 +16,10 @@ experts each MoE layer chose for the token in that cache slot (int32), written b
 prefill and by every decode step, copied with the KV on copy-on-write, and read out
 along a sequence's block table (`fetch_routes`) when it finishes.
 
-LoRA: each slot's adapter slot (`lora_slot`, -1: the base model) is slot state too; every
-forward turns its tokens' adapter slots into the model's `lora_mask`, so one captured
-graph serves any mix of adapters. Larger adapter tensors (`load_lora`) drop the graphs.
+LoRA: each slot's adapter slot (`lora_slot`, -1: the base model) is slot state too; a
+forward with adapter rows turns its tokens' adapter slots into the model's `lora_mask`, so
+one captured graph serves any mix of adapters, and one without adapter rows skips their
+GEMMs (graphs are keyed by it). Larger adapter tensors (`load_lora`) drop the graphs.
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ class ModelRunner:
         self.eos_ids = torch.tensor(sorted(eos_ids), device=self.device)
         self.buckets = [b for b in GRAPH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, filtered)
+        # (bucket, top-k/top-p filtered, with adapter rows) -> the captured decode step
+        self.graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}
         self.free_slots = list(range(max_num_seqs))
         self.num_blocks = num_blocks
         self._allocate()
@@ -198,10 +200,10 @@ class ModelRunner:
 
         adapters = torch.tensor(lora_slots, device=self.device).repeat_interleave(
             torch.tensor(lengths, device=self.device))
+        lora_mask = self.model.lora.mask(adapters) if max(lora_slots) >= 0 else None
         with torch.no_grad():
             hidden = self.model(ids, positions, self.k_cache, self.v_cache, slot_mapping, attend,
-                                return_kv=True, routes=self.route_slots,
-                                lora_mask=self.model.lora.mask(adapters))
+                                return_kv=True, routes=self.route_slots, lora_mask=lora_mask)
         return hidden[cu[1:] - 1]
 
     # ---- decode -------------------------------------------------------------------------
@@ -211,25 +213,27 @@ class ModelRunner:
         slots = self._slot_tensor(seqs)
         self.batch_slots.fill_(self.scratch)
         self.batch_slots[:len(seqs)] = slots
-        filtered = any(s.params.top_k > 0 or s.params.top_p < 1 for s in seqs)
+        step = (bucket, any(s.params.top_k > 0 or s.params.top_p < 1 for s in seqs),
+                any(s.lora_slot >= 0 for s in seqs))
         for _ in range(window):
             if self.use_graphs:
-                self._graph(bucket, filtered).replay()
+                self._graph(*step).replay()
             else:
-                self._decode_step(bucket, filtered)
+                self._decode_step(*step)
         return self.done[slots].tolist()
 
-    def _graph(self, bucket: int, filtered: bool) -> torch.cuda.CUDAGraph:
-        """The decode step of `bucket` rows, with top-k/top-p filtering or without."""
-        key = (bucket, filtered)
+    def _graph(self, bucket: int, filtered: bool, adapted: bool) -> torch.cuda.CUDAGraph:
+        """The decode step of `bucket` rows, with top-k/top-p filtering or without, with
+        the adapters' terms or without."""
+        key = (bucket, filtered, adapted)
         if key not in self.graphs:
             saved = self.batch_slots.clone()
             self.batch_slots.fill_(self.scratch)  # capture on scratch rows: no state change
-            self._decode_step(bucket, filtered)   # warm up (compiles kernels)
+            self._decode_step(*key)   # warm up (compiles kernels)
             graph = torch.cuda.CUDAGraph()
             pool = next(iter(self.graphs.values())).pool() if self.graphs else None
             with torch.cuda.graph(graph, pool=pool):
-                self._decode_step(bucket, filtered)
+                self._decode_step(*key)
             self.graphs[key] = graph
             self.batch_slots.copy_(saved)
         return self.graphs[key]
@@ -239,10 +243,10 @@ class ModelRunner:
         memory pool); filtered steps are captured when first needed."""
         if self.use_graphs:
             for bucket in reversed(self.buckets):
-                self._graph(bucket, False)
+                self._graph(bucket, False, False)
 
     @torch.no_grad()
-    def _decode_step(self, bucket: int, filtered: bool) -> None:
+    def _decode_step(self, bucket: int, filtered: bool, adapted: bool) -> None:
         slots = self.batch_slots[:bucket]
         active = ~self.done[slots]
         positions = self.position[slots]
@@ -260,7 +264,8 @@ class ModelRunner:
 
         hidden = self.model(self.last_token[slots], positions, self.k_cache, self.v_cache,
                             slot_mapping, attend, return_kv=False, routes=self.route_slots,
-                            lora_mask=self.model.lora.mask(self.lora_slot[slots]))
+                            lora_mask=self.model.lora.mask(self.lora_slot[slots])
+                            if adapted else None)
         tokens, log_probs = self._sample(self.model.logits(hidden), slots, filtered)
         self._record(slots, tokens, log_probs)
 
