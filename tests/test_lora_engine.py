@@ -202,7 +202,7 @@ def test_unknown_unloaded_and_refused_adapters_are_errors_naming_them(kind, tiny
 @pytest.mark.parametrize("kind", ["hf", "fast"])
 def test_loading_a_name_again_replaces_it_in_its_slot(kind, tiny, tokenizer, prompts):
     """A push reloads the run's adapter under its name: the same slot, the new tensors; a
-    higher rank grows the slots and keeps the other adapters."""
+    higher rank grows the slots and keeps the other adapters, and so does an offload."""
     engine = make_engine(kind, tiny, tokenizer)
     model = engine.model
 
@@ -221,6 +221,8 @@ def test_loading_a_name_again_replaces_it_in_its_slot(kind, tiny, tokenizer, pro
         assert engine.lora.slots.rank == 8
         assert (await engine.generate(prompts[1], sampled(5), lora_path="run")
                 ).output_log_probs == base.output_log_probs
+        await engine.release_memory()  # the adapters survive an offload
+        await engine.resume_memory()
         kept = await engine.generate(prompts[1], sampled(5), lora_path="other")
         torch.testing.assert_close(torch.tensor(kept.output_log_probs),
                                    torch.tensor(other.output_log_probs), atol=1e-6, rtol=0)

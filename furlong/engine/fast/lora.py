@@ -115,6 +115,8 @@ class LoraSlots:
                   for key in self.keys}
         self.scaling = torch.zeros(num_slots, dtype=torch.float32, device=device)
         self._scalings = [0.0] * num_slots  # the same, on the host
+        # The scaling multiplies in the model's dtype while it holds every one exactly.
+        self.scale_dtype = dtype
         self._columns = torch.arange(num_slots, device=device)
         # module path -> (group key, projection index, its output rows)
         self.where: dict[str, tuple[str, int, slice]] = {}
@@ -129,11 +131,11 @@ class LoraSlots:
     def device(self) -> torch.device:
         return self.scaling.device
 
-    @property
-    def scale_dtype(self) -> torch.dtype:
-        """The model's dtype while it holds every slot's scaling exactly, else float32."""
+    def _set_scaling(self, slot: int, scaling: float) -> None:
+        self.scaling[slot] = scaling
+        self._scalings[slot] = scaling
         exact = all(torch.tensor(s).to(self.dtype).item() == s for s in self._scalings)
-        return self.dtype if exact else torch.float32
+        self.scale_dtype = self.dtype if exact else torch.float32
 
     def group_keys(self, paths: Iterable[str]) -> set[str]:
         """The groups of these module paths; a ValueError for a module no group holds."""
@@ -158,8 +160,8 @@ class LoraSlots:
             for key in self.keys:
                 bigger.A[key][:self.num_slots, :, :self.rank] = self.A[key]
                 bigger.B[key][:, :self.num_slots, :, :self.rank] = self.B[key]
-            bigger.scaling[:self.num_slots] = self.scaling
-        bigger._scalings[:self.num_slots] = self._scalings
+        for slot, scaling in enumerate(self._scalings):
+            bigger._set_scaling(slot, scaling)
         return bigger
 
     def to(self, device: torch.device | str) -> None:
@@ -184,8 +186,7 @@ class LoraSlots:
                 self.A[key][slot, index, :tensor.shape[0]] = tensor
             else:
                 self.B[key][rows, slot, index, :tensor.shape[1]] = tensor
-        self.scaling[slot] = scaling
-        self._scalings[slot] = scaling
+        self._set_scaling(slot, scaling)
 
     def _placements(self, named_tensors: dict[str, torch.Tensor], source: str) -> list:
         """((group, projection, rows, 'A' or 'B'), tensor) of every tensor, all checked."""
@@ -217,8 +218,7 @@ class LoraSlots:
             for key in self.keys:
                 self.A[key][slot].zero_()
                 self.B[key][:, slot].zero_()
-            self.scaling[slot] = 0.0
-        self._scalings[slot] = 0.0
+        self._set_scaling(slot, 0.0)
 
     def token_mask(self, slot_ids: torch.Tensor) -> LoraMask:
         """slot_ids (...,) of each token or row (-1: the base model) -> its LoraMask."""
@@ -284,5 +284,7 @@ class LoraAdapters:
         return None if self.slots is None else self.slots.token_mask(slot_ids)
 
     def to(self, device: torch.device | str) -> None:
+        """Move the slots (release_memory / resume_memory); later ones are made there."""
+        self.device = torch.device(device)
         if self.slots is not None:
             self.slots.to(device)
