@@ -18,9 +18,11 @@ from furlong import checkpoint
 from furlong.cluster.placement import plan_placement
 from furlong.config import Config, eval_datasets
 from furlong.data import DataError, DataKeys, PromptDataset, PromptEncoder
+from furlong.engine.adapter import AdapterEngine
 from furlong.engine.base import Engine
 from furlong.engine.factory import create_engine, engine_options
 from furlong.hooks import Hooks, load_hooks
+from furlong.model.lora import ADAPTER_NAME
 from furlong.output.metrics import MetricsLogger
 from furlong.rollout.context import HookArgs
 from furlong.rollout.generate import generate as default_generate
@@ -175,8 +177,11 @@ def build_run(config: Config, argv: list[str]) -> Run:
                                 engine_options(config, shares_device=placement.colocate), trains)
         trainer, engine = roles.trainer, roles.engine
         closers.append(roles.close)
-    router_front, router = build_router(config, engine, tokenizer)
-    hook_args = HookArgs(config, engine, tokenizer, router)
+    rollout_engine = engine
+    if engine is not None and config.lora.lora_rank > 0:
+        rollout_engine = AdapterEngine(engine, ADAPTER_NAME)  # sample the policy, not the base
+    router_front, router = build_router(config, rollout_engine, tokenizer)
+    hook_args = HookArgs(config, rollout_engine, tokenizer, router)
     manager = build_manager(config, hooks, hook_args, dataset, evals)
     run_dir = run_directory(config)
     run = Run(config, argv, tokenizer, trainer, engine, manager,

@@ -551,3 +551,28 @@ def test_gpu_engine_trainer_gap_with_an_adapter_is_full_fine_tunings(tiny, token
                         full, many)
     print(f"mean |engine - trainer| log-prob: adapter {lora_gap:.2e}, merged {full_gap:.2e}")
     assert lora_gap <= 1.5 * full_gap + 2e-4
+
+
+def test_the_rollouts_engine_samples_the_runs_adapter_unless_a_request_names_one():
+    """build.py gives rollouts, the router front and hooks an AdapterEngine under
+    --lora-rank: a request without lora_path (a hook ported from Miles) samples the
+    policy, not the base; one that names an adapter keeps it; the rest is the engine's."""
+    import asyncio
+    from furlong.engine.adapter import AdapterEngine
+
+    class Recording:
+        calls: list = []
+        loaded = ("furlong_lora", "other")
+
+        async def generate(self, input_ids, params, **options):
+            self.calls.append(options)
+            return "output"
+
+    engine = AdapterEngine(Recording(), "furlong_lora")
+    asyncio.run(engine.generate([1], None))
+    asyncio.run(engine.generate([1], None, lora_path=None, return_routed_experts=True))
+    asyncio.run(engine.generate([1], None, lora_path="other"))
+    assert Recording.calls == [{"lora_path": "furlong_lora"},
+                               {"lora_path": "furlong_lora", "return_routed_experts": True},
+                               {"lora_path": "other"}]
+    assert engine.loaded == ("furlong_lora", "other")

@@ -118,11 +118,13 @@ class RayEngineGroup:
     def weight_source(self, source) -> None:
         self.router.weight_source = source
 
-    async def generate(self, input_ids: list[int], params: SamplingParams) -> GenerateOutput:
+    async def generate(self, input_ids: list[int], params: SamplingParams,
+                       **options) -> GenerateOutput:
+        """The router's generate (`options`: return_routed_experts, lora_path)."""
         dropped = {slot.index for slot in self.router.engines
                    if slot.state is EngineState.DROPPED}  # known dead, not this failure
         try:
-            return await self.router.generate(input_ids, params)
+            return await self.router.generate(input_ids, params, **options)
         except Exception:
             await asyncio.to_thread(check_engines, [actor for i, actor in enumerate(self.actors)
                                                     if i not in dropped])
