@@ -123,5 +123,6 @@ def test_save_hf_writes_the_merged_model_as_peft_merges_it(tiny, saved, tmp_path
 
 def test_a_checkpoint_of_all_weights_does_not_resume_under_lora(tmp_path):
     (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="saved without --lora-rank"):
         adapter_source(str(tmp_path), None)

@@ -27,7 +27,7 @@ def adapter_source(init_weights: str, args: LoraArgs) -> str | None:
     saved = Path(init_weights) / ADAPTER_DIR
     if saved.is_dir():
         return str(saved)
-    if (Path(init_weights) / "model").is_dir():
+    if (Path(init_weights) / "model" / "config.json").is_file():
         raise ValueError(f"{init_weights} holds a checkpoint of all weights (model/), not an "
                          "adapter (adapter/): it was saved without --lora-rank; resume it "
                          "without --lora-rank, or start from its model/ with --hf-checkpoint")
