@@ -326,6 +326,28 @@ class OptimizerArgs(OptimizerInertFlags):
 
 
 @dataclass(frozen=True)
+class SglangArgs(SglangInertFlags):
+    """SGLANG_ARGS: engine topology; every --sglang-X flag is forwarded as --X."""
+    rollout_num_gpus_per_engine: int = flag(1, "GPUs per engine (the engine's TP size)")
+    sglang_server_concurrency: int = flag(512, "Requests in flight per engine")
+    # Captured in command-line order by the parser, as (name without prefix, values).
+    passthrough: tuple[tuple[str, tuple[str, ...]], ...] = field(
+        default=(), metadata={"help": "", "internal": True})
+
+    def passthrough_value(self, name: str, default: str | None = None) -> str | None:
+        """The last value given as --sglang-NAME, or `default`."""
+        found = [values for key, values in self.passthrough if key == name]
+        if not found:
+            return default
+        return found[-1][0] if found[-1] else "true"
+
+    @property
+    def api_key(self) -> str | None:
+        """--sglang-api-key: the key the engine servers require (SGLang's --api-key)."""
+        return self.passthrough_value("api-key")
+
+
+@dataclass(frozen=True)
 class LoraArgs(LoraInertFlags):
     """LORA_ARGS: LoRA adapters (Miles' flags): the base frozen, the adapters trained,
     pushed to the engines and checkpointed in PEFT's format."""
@@ -347,28 +369,6 @@ class LoraArgs(LoraInertFlags):
     @property
     def enabled(self) -> bool:
         return self.lora_rank > 0
-
-
-@dataclass(frozen=True)
-class SglangArgs(SglangInertFlags):
-    """SGLANG_ARGS: engine topology; every --sglang-X flag is forwarded as --X."""
-    rollout_num_gpus_per_engine: int = flag(1, "GPUs per engine (the engine's TP size)")
-    sglang_server_concurrency: int = flag(512, "Requests in flight per engine")
-    # Captured in command-line order by the parser, as (name without prefix, values).
-    passthrough: tuple[tuple[str, tuple[str, ...]], ...] = field(
-        default=(), metadata={"help": "", "internal": True})
-
-    def passthrough_value(self, name: str, default: str | None = None) -> str | None:
-        """The last value given as --sglang-NAME, or `default`."""
-        found = [values for key, values in self.passthrough if key == name]
-        if not found:
-            return default
-        return found[-1][0] if found[-1] else "true"
-
-    @property
-    def api_key(self) -> str | None:
-        """--sglang-api-key: the key the engine servers require (SGLang's --api-key)."""
-        return self.passthrough_value("api-key")
 
 
 @dataclass(frozen=True)
@@ -430,8 +430,8 @@ GROUPS: tuple[tuple[str, str, type], ...] = (
     ("PERF_ARGS", "perf", PerfArgs),
     ("GRPO_ARGS", "grpo", GrpoArgs),
     ("OPTIMIZER_ARGS", "optimizer", OptimizerArgs),
-    ("LORA_ARGS", "lora", LoraArgs),
     ("SGLANG_ARGS", "sglang", SglangArgs),
+    ("LORA_ARGS", "lora", LoraArgs),  # after the seed's eight groups
     ("CLUSTER_ARGS", "cluster", ClusterArgs),
     ("LOGGING_ARGS", "logging", LoggingArgs),
     ("DEBUG_ARGS", "debug", DebugArgs),
@@ -448,8 +448,8 @@ class Config:
     perf: PerfArgs
     grpo: GrpoArgs
     optimizer: OptimizerArgs
-    lora: LoraArgs
     sglang: SglangArgs
+    lora: LoraArgs
     cluster: ClusterArgs
     logging: LoggingArgs
     debug: DebugArgs

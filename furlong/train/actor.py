@@ -392,8 +392,10 @@ class TrainActor:
         """Full float32 tensors of the current policy, one at a time, under the names of
         its checkpoint files (what SGLang loads; fused MoE experts come one by one).
 
-        With several ranks this is collective: every rank iterates to the end.
+        With several ranks this is collective: every rank iterates to the end. Under LoRA
+        the engines get `named_adapter_weights` instead (the base never changes).
         """
+        assert self.lora is None, "a LoRA policy sends named_adapter_weights"
         hf_model = self.policy.hf_model
         if self.masters is not None:  # on the device even while offloaded, one at a time
             named = ((name, master.to(self.rank.device))
