@@ -125,6 +125,17 @@ def test_attach_adapts_the_matched_linear_layers_only(tiny):
                     lora.LoraSpec(2, 4, targets=("nothing",)), seed=0)
 
 
+def test_an_moe_model_gets_adapters_on_its_linear_layers_only(tiny_moe):
+    """PEFT would also adapt the fused experts by the names gate/up/down_proj; no engine
+    serves expert adapters, so the targets become the attention projections' names."""
+    hf_model = load_hf_model(str(tiny_moe / "model"))
+    spec = lora.attach(hf_model, lora.LoraSpec(2, 4), seed=0)
+    adapted = {name.split(".lora_")[0] for name, _ in hf_model.named_parameters()
+               if lora.is_adapter_name(name)}
+    assert adapted == set(spec.targets) and all(".self_attn." in n for n in adapted)
+    assert spec.sglang_config()["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
 def test_merged_is_w_plus_scaled_b_a():
     base = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
     lora_A = torch.tensor([[1.0, -1.0]])  # (r=1, in=2)

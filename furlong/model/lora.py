@@ -26,6 +26,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from furlong.model.moe import is_moe
+
 ADAPTER_NAME = "furlong_lora"  # the engines' name for the run's adapter (SGLang lora_path)
 PEFT_ADAPTER = "default"  # PEFT's adapter inside the trained model
 
@@ -85,9 +87,12 @@ class LoraSpec:
                           bias="none", task_type="CAUSAL_LM")
 
     def resolved(self, hf_model: nn.Module) -> "LoraSpec":
-        """This spec with `*` paths replaced by the full names of the modules they match
-        in `hf_model` (itself when it has none)."""
-        if not self.has_wildcards:
+        """This spec with its targets replaced by the full names of the linear layers
+        they match in `hf_model` when it has `*` paths, or when the model has MoE
+        experts (PEFT would also adapt the fused experts by their leaf names, which no
+        engine serves: MoE models get adapters on their linear layers only); itself
+        otherwise."""
+        if not (self.has_wildcards or is_moe(hf_model)):
             return self
         return replace(self, targets=tuple(matched_modules(hf_model, self)), excludes=())
 
