@@ -1,6 +1,7 @@
 """LoRA on the trainer (--lora-rank): Miles' flags and their refusals, the targets, the
 adapter on the tiny model (a fresh one is the base exactly, the reference stays the
-base, only the adapter trains), and a push that sends the adapter alone."""
+base, only the adapter trains), a push that sends the adapter alone, and a train.py run
+whose reward rises through the engine's adapter."""
 from __future__ import annotations
 
 import asyncio

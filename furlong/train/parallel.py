@@ -44,9 +44,9 @@ from furlong.config.groups import OptimizerArgs, PerfArgs
 from furlong.model.attention import RECOMPUTE_CORE
 from furlong.ports import free_port
 from furlong.train.context_parallel import apply_context_parallel, check_context_parallel_size
-from furlong.train.lora_parallel import lora_plan
 from furlong.train.expert_parallel import (apply_expert_parallel, check_expert_parallel_size,
                                            expert_modules)
+from furlong.train.lora_parallel import lora_plan
 from furlong.train.pipeline_layout import PipelineLayout, rank_chunks
 from furlong.train.pipeline_parallel import PipelineRole, split_stage
 
