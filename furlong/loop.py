@@ -46,7 +46,8 @@ async def run_loop(run: Run, overlap: bool = False) -> dict:
     config = run.config
     last_eval: dict = {}
     version = run.start_rollout  # of the weights the engines hold
-    rl_step = None if run.trainer is None else RLStep(config.grpo, config.rollout, run.trainer)
+    rl_step = None if run.trainer is None else RLStep(config.grpo, config.rollout, run.trainer,
+                                                     config.lora.lora_dropout)
     if run.engine is not None and run.trainer is not None:
         await push_weights(run, version)
         if trainer_holds_pushed_weights(run, overlap):  # `version` as of the call

@@ -178,7 +178,7 @@ def test_flags_sit_in_the_seed_groups_and_dataclasses_agree():
     flag of the same name in the group titled after its dataclass."""
     flags = current_flags()
     assert GROUP_TITLES[:8] == SEED_GROUPS
-    assert GROUP_TITLES[8:] == ["CLUSTER_ARGS", "LOGGING_ARGS", "DEBUG_ARGS"]
+    assert GROUP_TITLES[8:] == ["LORA_ARGS", "CLUSTER_ARGS", "LOGGING_ARGS", "DEBUG_ARGS"]
     from_dataclasses = {option_name(f.name): title for title, _, cls in GROUPS
                         for f in flag_fields(cls)}
     assert {name: flag["group"] for name, flag in flags.items()} == from_dataclasses

@@ -10,6 +10,7 @@ import importlib.util
 from pathlib import Path
 
 from furlong.config.groups import GROUPS, Config, PerfArgs, flag_fields
+from furlong.config.lora_check import check_lora
 from furlong.config.parser import ConfigError, option_name
 from furlong.config.reward_types import LABELLED_REWARDS, split_rm_type
 from furlong.config.trainer_flags import resolve_trainer_flags
@@ -42,7 +43,7 @@ def resolve(config: Config) -> tuple[Config, list[str]]:
     check_hooks(config)
     moe_warnings = _check_moe(config)
     return config, (megatron_only_warnings(config) + trainer_warnings + _soft_warnings(config)
-                    + moe_warnings)
+                    + moe_warnings + check_lora(config))
 
 
 def _positive(value: int | float | None, flag: str, allow_zero: bool = False) -> None:
