@@ -15,9 +15,10 @@ MODEL_ARGS in scripts/models/tiny-moe.sh).
 (`\\boxed{731}`), which the model cannot know without calling it. The tokenizer adds
 the words of a `<tool_call>{"name": "lookup", "arguments": {"key": "4821"}}</tool_call>`
 block and a `tool` role; the chat template renders tool calls and tool messages as
-Qwen's does. sft.jsonl holds whole conversations (call, tool reply, answer); the tool
-is `execute_tool` (--generate-execute-tool-function-path furlong.tiny:execute_tool),
-its specs `TOOL_SPECS`. MODEL_ARGS: scripts/models/tiny-tools.sh.
+Qwen's does (without listing the tools). sft.jsonl holds whole conversations (call,
+tool reply, answer); the tool is `execute_tool` (--generate-execute-tool-function-path
+furlong.tiny:execute_tool), its specs `TOOL_SPECS`. MODEL_ARGS:
+scripts/models/tiny-tools.sh.
 """
 from __future__ import annotations
 
@@ -34,14 +35,17 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-# The tool-use task's words, after the addition task's (whose ids stay the same).
-TOOL_WORDS = ("<tool_call>", "</tool_call>", "tool", "lookup", "key", "name", "arguments",
-              "error", "{", '"', ":", ",", " ")
-# CHAT_TEMPLATE with tools (their names in a system turn), assistant tool calls (Qwen's
-# <tool_call> blocks: arguments as given when a JSON string, else as JSON) and tool turns.
+# The tool-use task's words, after the addition task's (whose ids stay the same): the
+# call's fixed JSON around the key is two words (as a BPE vocabulary merges frequent
+# text), so the model samples 15 tokens per conversation, 7 of them digits; the
+# characters of other JSON are words too.
+LOOKUP_CALL = ('{"name": "lookup", "arguments": {"key": "', '"}}')
+TOOL_WORDS = ("<tool_call>", "</tool_call>", *LOOKUP_CALL, "tool", "lookup", "key", "name",
+              "arguments", "error", "{", '"', ":", ",", " ")
+# CHAT_TEMPLATE with assistant tool calls (Qwen's <tool_call> blocks: arguments as given
+# when a JSON string, else as JSON) and tool turns. It does not list the tools: the model
+# learns its one tool in the warm-up, and a tools list would only lengthen every prompt.
 TOOLS_CHAT_TEMPLATE = (
-    "{% if tools %}<|im_start|>system\n{% for tool in tools %}{% if not loop.first %} "
-    "{% endif %}{{ tool['function']['name'] }}{% endfor %}<|im_end|>\n{% endif %}"
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{{ message['content'] or '' }}"
     "{% for call in message['tool_calls'] or [] %}{% set function = call['function'] %}"
