@@ -311,6 +311,30 @@ def test_lora_grpo_run_raises_the_reward_through_the_engine(tiny, sevens_reward,
     assert not list(saved.glob("model/*.safetensors"))
 
 
+def test_ray_ranks_push_the_adapter_to_the_engine_servers(tiny, sevens_reward, tmp_path):
+    """Two trainer ranks and an engine server in Ray processes: the ranks gather the
+    adapter and the router loads it on the server, which then samples with it (its
+    log-probs are the trained policy's, rollout after rollout)."""
+    pytest.importorskip("ray")
+    from furlong import cli
+    from furlong.output.metrics import read_metrics
+    hook_dir = json.dumps({"PYTHONPATH": str(tmp_path)})  # the ranks import the hooks too
+    argv = train_argv(tiny, *LORA, "--actor-num-gpus-per-node", "2", "--rollout-num-gpus", "1",
+                      "--train-env-vars", hook_dir, save=tmp_path / "run", rm_type=None,
+                      custom_rm_path=sevens_reward,
+                      num_rollout=3, rollout_batch_size=4, n_samples_per_prompt=4,
+                      micro_batch_size=64, lr="1e-2", weight_decay=0)
+    assert cli.main(argv) == 0
+    diffs = [row["train/train_rollout_logprob_abs_diff"]
+             for row in read_metrics(tmp_path / "run" / "metrics.jsonl")
+             if "train/train_rollout_logprob_abs_diff" in row]
+    assert len(diffs) >= 3 and max(diffs) < 1e-4
+    from safetensors.torch import load_file
+    (saved,) = (tmp_path / "run").glob("iter_*/adapter/adapter_model.safetensors")
+    trained = [t for name, t in load_file(saved).items() if "lora_B" in name]
+    assert any(t.abs().max() > 0 for t in trained)  # the pushes carried a trained adapter
+
+
 @pytest.mark.gpu
 def test_one_gpu_trains_float32_adapter_masters_on_a_bf16_base(tiny):
     """One GPU (compiled layers): the base is loaded in bfloat16 and keeps no float32

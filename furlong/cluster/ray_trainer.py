@@ -27,6 +27,7 @@ from furlong.cluster.ray_calls import check_engines, in_bundle, node_rendezvous,
 from furlong.config import Config
 from furlong.config.groups import SglangArgs
 from furlong.engine.weights.send import Servers, make_sender
+from furlong.model.lora import ADAPTER_NAME
 from furlong.train.actor import TrainActor
 from furlong.train.parallel import rank_info
 from furlong.train.process_env import prepare_trainer_process, train_env_vars
@@ -116,6 +117,12 @@ class TrainRank:
         (collective over every rank); pushes then go through it by `transport`."""
         self.senders["colocated"] = make_sender(
             transport, self.bucket_bytes, tp_gather=EngineFeed(engine_feeders, self.rank))
+
+    def adapter(self, send: bool) -> tuple[dict, list] | None:
+        """LoRA: (engine config, the adapter's full tensors on the CPU) from the rank that
+        `send`s; every rank takes part in the gathers."""
+        named = [(name, tensor.cpu()) for name, tensor in self.actor.named_adapter_weights()]
+        return (self.actor.lora.sglang_config(), named) if send else None
 
     def send_weights(self, sync_mode: str, servers: Servers, version: int) -> None:
         """This rank's part of a push: every rank takes part in gathering the full weights,
@@ -215,6 +222,15 @@ class RayTrainGroup:
         """To the engines still in `engine`'s rotation (the router drops one that died,
         and the broadcast group is then rebuilt without it); then the router learns of it,
         as of a push of its own."""
+        if self.config.lora.lora_rank > 0:
+            # The adapter alone, a few hundred MB at most: gathered on the ranks, handed to
+            # the router, which loads it on every live engine (by value) as a push.
+            adapters = await asyncio.to_thread(wait_all, [
+                rank.adapter.remote(index == 0) for index, rank in enumerate(self.ranks)],
+                "trainer rank")
+            config, named = adapters[0]
+            await engine.load_lora_adapter(ADAPTER_NAME, config, named, version)
+            return
         targets = engine.push_targets()
         live = set(targets.urls)
         calls = [rank.send_weights.remote(self.sync_mode, self._servers_of_rank(index, live),
