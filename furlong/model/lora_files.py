@@ -48,19 +48,25 @@ def read_adapter_config(directory: str | Path) -> dict:
         raise ValueError(f"{directory}: no {CONFIG_FILE}; a LoRA adapter directory holds "
                          f"{CONFIG_FILE} and {WEIGHTS_FILE} (PEFT's save_pretrained)")
     config = json.loads(path.read_text())
+    check_adapter_config(config, str(path))
+    return config
+
+
+def check_adapter_config(config: dict, source: str) -> None:
+    """A ValueError naming `source` unless `config` (adapter_config.json, or an engine's
+    SGLang `config_dict`) is plain LoRA, which furlong trains and serves."""
     refused = {"peft_type": config.get("peft_type", "LORA") != "LORA",
                "use_dora": bool(config.get("use_dora")),
                "use_rslora": bool(config.get("use_rslora")),
                "rank_pattern": bool(config.get("rank_pattern")),
                "alpha_pattern": bool(config.get("alpha_pattern")),
                "modules_to_save": bool(config.get("modules_to_save")),
-               "bias": config.get("bias", "none") != "none"}
+               "bias": config.get("bias", "none") not in (None, "none")}
     wrong = [key for key, bad in refused.items() if bad]
     if wrong:
-        raise ValueError(f"{path}: {', '.join(f'{k}={config.get(k)!r}' for k in wrong)}: "
+        raise ValueError(f"{source}: {', '.join(f'{k}={config.get(k)!r}' for k in wrong)}: "
                          "furlong trains and serves plain LoRA only (peft_type LORA, no DoRA, "
                          "rsLoRA, per-module ranks, biases or modules_to_save)")
-    return config
 
 
 def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -40,14 +40,11 @@ from typing import Iterable, NamedTuple
 import torch
 
 from furlong.engine.base import check_lora_path
+from furlong.model.lora_files import check_adapter_config
 
 # `<module path>.lora_A.weight` / `.lora_B.weight` (PEFT's and SGLang's names).
 _LORA_NAME = re.compile(r"(?P<path>.+)\.lora_(?P<matrix>[AB])\.weight")
 # adapter_config.json keys furlong's engines do not implement (off: absent, empty, "none").
-_UNSUPPORTED = ("use_rslora", "use_dora", "modules_to_save", "rank_pattern", "alpha_pattern",
-                "bias")
-
-
 @dataclass(frozen=True)
 class LoraGroup:
     """One GEMM adapters add to: its projections (HF module paths, in output order),
@@ -60,16 +57,11 @@ class LoraGroup:
 def adapter_scaling(config: dict, source: str) -> float:
     """alpha / r of an adapter config (SGLang's `config_dict`, PEFT's adapter_config.json);
     a ValueError naming `source` for what the engines do not implement."""
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{source}: peft_type {config['peft_type']!r}; the engines load LORA")
+    check_adapter_config(config, source)
     rank, alpha = config.get("r"), config.get("lora_alpha")
     if not (isinstance(rank, int) and rank > 0 and isinstance(alpha, (int, float))):
         raise ValueError(f"{source}: needs r (a positive integer) and lora_alpha, got r={rank!r}, "
                          f"lora_alpha={alpha!r}")
-    for key in _UNSUPPORTED:
-        if config.get(key) and config[key] != "none":
-            raise ValueError(f"{source}: {key}={config[key]!r} is not supported by furlong's "
-                             "engines; leave it out")
     return alpha / rank
 
 
