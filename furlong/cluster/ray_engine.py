@@ -58,9 +58,8 @@ class EngineActor:
 
         from furlong.engine.server.app import EngineServer
         server = EngineServer(self.engine, self.tokenizer, self.model_path,
-                              accept_ipc_weights=self.accept_ipc_weights, api_key=self.api_key)
-        # EngineServer takes no tp_size: its receiver learns it before the routes exist.
-        server.weights.tp_size = self.tp_size
+                              accept_ipc_weights=self.accept_ipc_weights, api_key=self.api_key,
+                              tp_size=self.tp_size)
         self.runner = server.app_runner()
         await self.runner.setup()
         host = ray.util.get_node_ip_address()

@@ -169,8 +169,8 @@ def log_probs_of_generating_weights(trainer: Trainer, batch: TrainBatch,
     (the trainer's snapshot of that version), grouped by version."""
     if None in versions:
         raise ValueError("--keep-old-actor needs the weight version that generated each "
-                         "sample, and some have none: a custom generate function must copy "
-                         "the engine output's weight_version into sample.weight_version")
+                         "sample, and some have none: a custom generate function must append "
+                         "the engine output's weight_version to sample.weight_versions")
     log_probs: list = [None] * len(batch)
     entropy: list = [None] * len(batch)
     for version in sorted(set(versions)):

@@ -62,19 +62,22 @@ class EngineServer:
     `return_routed_experts`: /generate may return routes (--enable-return-routed-experts).
     `served_model_name`: the model id of /v1/models (default: `model_path`).
     `max_context_len`: prompt plus response, for the /v1 routes and sessions (default: the
-    engine's `max_context_len`, else the model's max_position_embeddings)."""
+    engine's `max_context_len`, else the model's max_position_embeddings).
+    `tp_size`: the TP ranks of the engine this server stands in for (one weight payload
+    each; on the CPU, for colocated engines of several devices)."""
 
     def __init__(self, engine: Engine, tokenizer, model_path: str,
                  tokenizer_path: str | None = None, health_timeout_s: float = 20.0,
                  weights_group_timeout_s: float = 600.0, accept_ipc_weights: bool = False,
                  api_key: str | None = None, return_routed_experts: bool = False,
-                 served_model_name: str | None = None, max_context_len: int | None = None):
+                 served_model_name: str | None = None, max_context_len: int | None = None,
+                 tp_size: int = 1):
         self.engine = engine
         self.api_key = api_key
         self.tokenizer_path = tokenizer_path or model_path
         self.health_timeout_s = health_timeout_s
         self.weights = WeightReceiver(engine, model_path, accept_ipc_weights,
-                                      weights_group_timeout_s)
+                                      weights_group_timeout_s, tp_size)
         self.generation = GenerationRoutes(engine, tokenizer, lambda: self.weight_version,
                                            return_routed_experts)
         self.lora = LoraRoutes(engine, accept_ipc_weights, self.weights.tp_size)
