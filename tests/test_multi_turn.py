@@ -204,6 +204,8 @@ def test_flags_are_checked_by_name(tmp_path):
     with pytest.raises(ValueError, match="expected a list of tool specs"):
         load_tool_specs(str(tmp_path / "bad.json"))
     assert load_tool_specs("test_multi_turn:tool_specs") == TOOLS  # a function works too
+    with pytest.raises(ValueError, match="--generate-max-turns must be an integer >= 1"):
+        run(ScriptedEngine(TOKENIZER, [ANSWER]), generate_max_turns=0)
 
 
 def tool_specs() -> list[dict]:

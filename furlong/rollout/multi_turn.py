@@ -50,7 +50,9 @@ async def generate(args, sample: Sample, sampling_params: dict) -> Sample:
     tools = ToolSetup.load(getattr(args, "generate_tool_specs_path", None),
                            getattr(args, "generate_tool_call_parser", None),
                            getattr(args, "generate_execute_tool_function_path", None))
-    max_turns = getattr(args, "generate_max_turns", None) or DEFAULT_MAX_TURNS
+    max_turns = getattr(args, "generate_max_turns", DEFAULT_MAX_TURNS)
+    if not (isinstance(max_turns, int) and max_turns >= 1):
+        raise ValueError(f"--generate-max-turns must be an integer >= 1, got {max_turns!r}")
     template_kwargs = args.apply_chat_template_kwargs or {}
     tokenizer = args.tokenizer
     turns = _Turns(copy.deepcopy(sample), tools.specs, tokenizer, template_kwargs,
