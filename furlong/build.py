@@ -24,10 +24,12 @@ from furlong.engine.factory import create_engine, engine_options
 from furlong.hooks import Hooks, load_hooks
 from furlong.model.lora import ADAPTER_NAME
 from furlong.output.metrics import MetricsLogger
+from furlong.rollout import agentic, multi_turn
 from furlong.rollout.context import HookArgs
 from furlong.rollout.generate import generate as default_generate
 from furlong.rollout.manager import RolloutManager
 from furlong.rollout.rewards import RewardModel
+from furlong.rollout.tools import ToolSetup
 from furlong.rollout.router_front import RouterFront, given_router
 from furlong.train.actor import RankInfo, TrainActor
 from furlong.train.base import Trainer
@@ -118,6 +120,20 @@ def build_in_process(config: Config, hooks: Hooks, tokenizer, init: str, total_s
     return trainer, engine
 
 
+def check_generate_setup(config: Config, hooks: Hooks) -> None:
+    """The built-in multi-turn and agent generate functions' flags, checked at startup
+    rather than at the first sample (a ValueError naming the flag)."""
+    r = config.rollout
+    if hooks.generate is multi_turn.generate:
+        ToolSetup.load(r.generate_tool_specs_path, r.generate_tool_call_parser,
+                       r.generate_execute_tool_function_path)
+    if hooks.generate is agentic.generate and hooks.agent is None:
+        raise ValueError("--custom-generate-function-path furlong.rollout.agentic:generate runs "
+                         "the agent that --custom-agent-function-path names: give it "
+                         "(module:function, async fn(base_url, prompt, request_kwargs, "
+                         "metadata) -> dict | None)")
+
+
 def build_router(config: Config, engine: Engine | None,
                  tokenizer) -> tuple[RouterFront | None, tuple[str, int] | None]:
     """The SGLang router hooks post to (args.sglang_router_ip/port): the user's, named by
@@ -156,6 +172,7 @@ def build_run(config: Config, argv: list[str]) -> Run:
     random.seed(config.optimizer.seed)
     torch.manual_seed(config.optimizer.seed)
     hooks = load_hooks(config)
+    check_generate_setup(config, hooks)
     tokenizer = build_tokenizer(config)
     dataset, evals = build_datasets(config, tokenizer)
     num_rollout = count_rollouts(config, dataset)

@@ -83,6 +83,23 @@ class CustomLossHook(Protocol):
     def __call__(self, args: HookArgs, inputs: LossInputs) -> tuple[torch.Tensor, dict]: ...
 
 
+class AgentHook(Protocol):
+    """--custom-agent-function-path (furlong.rollout.agentic:generate), Miles' contract:
+    `async fn(base_url, prompt, request_kwargs, metadata) -> dict | None`; the agent talks
+    to the OpenAI API at `base_url` (a session of exact tokens); the dict it returns is
+    merged into the samples' metadata."""
+
+    async def __call__(self, base_url: str, prompt, request_kwargs: dict,
+                       metadata: dict) -> dict | None: ...
+
+
+class ExecuteToolHook(Protocol):
+    """--generate-execute-tool-function-path (furlong.rollout.multi_turn:generate):
+    `fn(name, arguments) -> str`, sync or async; the tool message's content."""
+
+    def __call__(self, name: str, arguments: dict) -> str | Awaitable[str]: ...
+
+
 class TisHook(Protocol):
     """--custom-tis-function-path (with --use-tis), Miles' signature: `fn(args, *, pg_loss,
     train_log_probs, rollout_log_probs, loss_masks, total_lengths, response_lengths,
@@ -101,6 +118,9 @@ ALIASES = {
         f"furlong.rollout.filters:{name}"
     for project, name in (("slime", "check_reward_nonzero_std"),
                           ("miles", "check_reward_nonzero_std"), ("miles", "check_no_aborted"))
+} | {
+    "miles.rollout.generate_hub.multi_turn.generate": "furlong.rollout.multi_turn:generate",
+    "miles.rollout.generate_hub.agentic_tool_call.generate": "furlong.rollout.agentic:generate",
 }
 
 
@@ -112,6 +132,8 @@ HOOK_FLAGS = {
     "rollout_function": ("rollout", "rollout_function_path"),
     "custom_loss": ("grpo", "custom_loss_function_path"),
     "custom_tis": ("grpo", "custom_tis_function_path"),
+    "agent": ("rollout", "custom_agent_function_path"),
+    "execute_tool": ("rollout", "generate_execute_tool_function_path"),
 }
 
 
@@ -124,6 +146,8 @@ class Hooks:
     rollout_function: RolloutFunctionHook | None = None
     custom_loss: CustomLossHook | None = None
     custom_tis: TisHook | None = None
+    agent: AgentHook | None = None
+    execute_tool: ExecuteToolHook | None = None
 
 
 def load_hooks(config) -> Hooks:

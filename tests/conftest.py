@@ -37,7 +37,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # hands out files in collection order, so these start at once instead of ending the run.
 LONGEST_FIRST = ("test_cluster.py", "test_ray_runs.py", "test_e2e.py", "test_sglang.py",
                  "test_context_parallel.py", "test_expert_parallel.py",
-                 "test_pipeline_parallel.py")
+                 "test_pipeline_parallel.py", "test_tiny_tools.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,8 +4,7 @@ Fast: the files, tokenizer and template, the tool, and that the token layout the
 teaches is the one multi-turn generation builds. Slow (one SFT warm-up shared): GRPO
 through train.py with furlong.rollout.multi_turn raises the held-out reward, and an
 OpenAI-client agent through sessions (scripts/tiny_tools_agent.py) samples the same
-tokens as multi_turn at temperature 0. Tests of flags and of the agent through train.py
-wait for the wiring that issue 16 leaves to the lead (skip reasons say which).
+tokens as multi_turn at temperature 0, and GRPO runs through that agent.
 """
 from __future__ import annotations
 
@@ -35,16 +34,6 @@ GENERATE = "furlong.rollout.multi_turn:generate"
 EVAL = ["--eval-prompt-data", "lookup", "EVAL_FILE", "--eval-input-key", "prompt",
         "--eval-label-key", "label", "--eval-temperature", "1",
         "--eval-max-response-len", "40"]
-WIRING_FLAGS = ("needs the wiring of issue 16: --generate-max-turns, "
-                "--generate-tool-specs-path, --generate-tool-call-parser, "
-                "--generate-execute-tool-function-path and --custom-agent-function-path "
-                "as flags of config/groups.py (now in config/inert_flags.py or absent), and "
-                "the Miles hook aliases in hooks.py")
-WIRING_FRONT = ("needs the wiring of issue 16: the rollout's front at "
-                "args.sglang_router_ip/port serving an EngineServer with the session routes "
-                "(rollout/router_front.py serves /generate only)")
-
-
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -127,8 +116,8 @@ def test_tiny_tools_sh_passes_the_config_check(tiny_tools):
     assert config.model.vocab_size == 37 and warnings == []
 
 
-@pytest.mark.skip(reason=WIRING_FLAGS)
-def test_the_generate_flags_reach_the_hooks(tiny_tools):
+def test_the_generate_flags_reach_the_hooks(tiny_tools, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))  # the agent is loaded at startup
     from furlong.hooks import load_function
     from furlong.rollout.context import HookArgs
     config, _ = load_config(train_argv(
@@ -249,7 +238,6 @@ def test_an_agent_through_sessions_samples_what_multi_turn_samples(tiny_tools, t
     assert sum(through.metadata["num_lookups"] for _, through in pairs) >= 6
 
 
-@pytest.mark.skip(reason=WIRING_FRONT)
 def test_grpo_through_an_agent_runs(tiny_tools, warm_start, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
     config = tmp_path / "agent.yaml"

@@ -176,6 +176,21 @@ class RolloutArgs(RolloutInertFlags):
     partial_rollout: bool = flag(False, "Return unfinished groups to the buffer")
     custom_generate_function_path: str | None = flag(help="Async per-sample generate hook")
     rollout_function_path: str | None = flag(help="Replaces the whole rollout function")
+    custom_agent_function_path: str | None = flag(
+        help="The agent of furlong.rollout.agentic:generate (Miles' agentic_tool_call): "
+             "async fn(base_url, prompt, request_kwargs, metadata) -> dict | None")
+    max_seq_len: int | None = flag(help="Agent sessions: tokens per sample (prompt and all "
+                                        "turns), cut by the session server")
+    generate_max_turns: int = flag(16, "Model turns per sample of "
+                                       "furlong.rollout.multi_turn:generate")
+    generate_tool_specs_path: str | None = flag(
+        help="Tools for the chat template: module:NAME of a list, or a .json file")
+    generate_tool_call_parser: str | None = flag(
+        help="Tool-call format of the model's output (<tool_call> JSON blocks)",
+        choices=("qwen", "qwen25", "qwen3", "hermes"))
+    generate_execute_tool_function_path: str | None = flag(
+        help="The tools of furlong.rollout.multi_turn:generate: async fn(name, arguments) "
+             "-> str")
     custom_config_path: str | None = flag(
         help="YAML of arguments for the custom functions (or base64:<payload>)")
     update_weights_interval: int = flag(1, "Push weights every N rollouts")

@@ -76,8 +76,10 @@ NO_EXPERT_LORA = ("furlong puts LoRA on attention and dense MLP projections; ada
 NO_DISTILLATION = "on-policy distillation from a teacher is not implemented in furlong"
 NO_FULLY_ASYNC = ("furlong's asynchrony is train_async.py: one rollout ahead, weights pushed "
                   "every --update-weights-interval rollouts")
-NO_SESSIONS = ("furlong has no session server; multi-turn rollouts use "
-               "--custom-generate-function-path")
+NO_SESSIONS = ("furlong's agent sessions are routes of every engine server and of the "
+               "hooks' router (docs/agents.md), not a server of their own; appended messages "
+               "are tokenised with the tokenizer's own chat template, and a request extends a "
+               "trajectory only when its messages start with the recorded ones")
 WEIGHT_PUSH = ("furlong pushes weights to the engines in --update-weight-buffer-size buckets "
                "over its own transport")
 SAMPLE_HOOK = ("a hook of Miles' rollout buffer; furlong's sample hooks are "

@@ -53,7 +53,6 @@ class SessionRoutes:
     def __init__(self, openai: OpenAIRoutes):
         self.openai = openai
         self.tokenizer = openai.tokenizer
-        self.end_of_turn_ids = set(self.tokenizer.all_special_ids)
         self.sessions: dict[str, Session] = {}
 
     def routes(self) -> list[web.RouteDef]:
@@ -103,9 +102,11 @@ class SessionRoutes:
                 if trajectory is None:
                     trajectory = Trajectory(prompt_length=len(prompt))
                     session.trajectories.append(trajectory)
-                trajectory.record(new_messages, context_ids, output, choice.message,
-                                  self._end_token(output), len(choice.tool_call_errors),
-                                  chat.tools, chat.template_kwargs)
+                end_token = chat_template.closing_token(self.tokenizer, output.output_ids,
+                                                        output.finish_reason)
+                trajectory.record(new_messages, context_ids, output, choice.message, end_token,
+                                  len(choice.tool_call_errors), chat.tools,
+                                  chat.template_kwargs)
         return await self.openai.send_chat(request, prompt, [choice], chat)
 
     def _plan(self, session: Session, chat: ChatRequest
@@ -128,13 +129,6 @@ class SessionRoutes:
                            "sampled after its response: the session starts a new trajectory")
         return None, chat.messages, self.openai.chat_prompt_ids(chat.messages, chat)
 
-    def _end_token(self, output: GenerateOutput) -> int | None:
-        """The last sampled token when it ended the turn: a special token that stopped
-        the response."""
-        if output.finish_reason == "stop" and output.output_ids \
-                and output.output_ids[-1] in self.end_of_turn_ids:
-            return output.output_ids[-1]
-        return None
 
     async def samples(self, request: web.Request) -> web.Response:
         """{"samples": [one per trajectory], "metrics": {RETOKENIZE_MISMATCH_METRIC: total}}."""
