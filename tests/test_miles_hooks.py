@@ -357,3 +357,14 @@ def test_the_trainer_takes_routes_as_numpy_or_torch():
     batch = TrainBatch.from_samples(samples, None, routed_experts=True)
     assert all(r.dtype == torch.int32 for r in batch.routed_experts)
     assert torch.equal(batch.routed_experts[0], batch.routed_experts[1])
+
+
+def test_sampling_params_take_miles_detokenize_options_and_refuse_unknown_keys():
+    """Miles' default generate sends spaces_between_special_tokens: accepted, no effect;
+    a misspelt key is still an error naming it."""
+    from furlong.engine.base import SamplingParams
+    params = SamplingParams.from_dict({"temperature": 0.5, "max_new_tokens": 4,
+                                       "spaces_between_special_tokens": False})
+    assert params == SamplingParams(temperature=0.5, max_new_tokens=4)
+    with pytest.raises(ValueError, match="temprature"):
+        SamplingParams.from_dict({"temprature": 0.5})

@@ -18,6 +18,12 @@ from typing import Iterable, Protocol
 import torch
 
 
+# SGLang sampling params that only shape how the response is detokenised (Miles' default
+# generate sends them): accepted and ignored, furlong decodes with the tokenizer's own
+# spacing; they change no sampled token.
+DETOKENIZE_ONLY = ("spaces_between_special_tokens",)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """SGLang's `sampling_params` (the subset in docs/sglang.md, plus the seed).
@@ -37,8 +43,10 @@ class SamplingParams:
 
     @classmethod
     def from_dict(cls, params: dict) -> "SamplingParams":
-        """From an SGLang request dict; unknown keys are an error naming them."""
+        """From an SGLang request dict; unknown keys are an error naming them (SGLang's
+        detokenisation options, which change no token, are accepted and ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
+        params = {k: v for k, v in params.items() if k not in DETOKENIZE_ONLY}
         unknown = set(params) - names
         if unknown:
             raise ValueError(f"unknown sampling params {sorted(unknown)}; known: {sorted(names)}")
