@@ -50,8 +50,7 @@ def tokenizer(tiny_tools):
 
 @pytest.fixture(scope="module")
 def tools_yaml(tmp_path_factory) -> Path:
-    """--custom-config-path keys that reach hooks as args attributes (the --generate-*
-    flags until config/groups.py has them)."""
+    """The --generate-* flags as --custom-config-path keys (a YAML of Miles' kind)."""
     path = tmp_path_factory.mktemp("config") / "tools.yaml"
     path.write_text("generate_max_turns: 2\n"
                     "generate_execute_tool_function_path: furlong.tiny:execute_tool\n")
@@ -238,15 +237,18 @@ def test_an_agent_through_sessions_samples_what_multi_turn_samples(tiny_tools, t
     assert sum(through.metadata["num_lookups"] for _, through in pairs) >= 6
 
 
-def test_grpo_through_an_agent_runs(tiny_tools, warm_start, tmp_path, monkeypatch):
+def test_async_grpo_through_an_agent_runs(tiny_tools, warm_start, tmp_path, monkeypatch):
+    """train_async.py with Miles' agentic generate path and an OpenAI-client agent: the
+    next rollout's sessions run while the last one trains."""
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
-    config = tmp_path / "agent.yaml"
-    config.write_text("custom_agent_function_path: tiny_tools_agent:agent\n")
-    rows = run(train_argv(  # no chat template: the agent gets the prompt as the data has it
+    argv = train_argv(  # no chat template: the agent gets the prompt as the data has it
         tiny_tools, apply_chat_template=False, ref_load=warm_start[0],
-        save=tmp_path / "grpo", num_rollout=2, rollout_batch_size=4,
+        save=tmp_path / "grpo", num_rollout=3, rollout_batch_size=4,
         n_samples_per_prompt=4, rollout_max_response_len=40,
-        custom_generate_function_path="furlong.rollout.agentic:generate",
-        custom_config_path=config))
-    rollout = next(row for row in rows if "rollout/raw_reward" in row)
-    assert rollout["rollout/raw_reward"] > 0  # the warmed-up model looks keys up
+        custom_generate_function_path="miles.rollout.generate_hub.agentic_tool_call.generate",
+        custom_agent_function_path="tiny_tools_agent:agent")
+    assert cli.main(argv, prog="train_async.py", overlap=True) == 0
+    rows = read_metrics(tmp_path / "grpo" / "metrics.jsonl")
+    rollouts = [row for row in rows if "rollout/raw_reward" in row]
+    assert len(rollouts) == 3 and rollouts[0]["rollout/raw_reward"] > 0  # it looks keys up
+    assert max(row.get("rollout/staleness", 0) for row in rows) == 1  # overlapped
