@@ -856,3 +856,16 @@ def test_reduced_loss_does_not_depend_on_the_split(seed, per_token, sequence_lev
         (split_grad,) = torch.autograd.grad(split, log_probs)
         assert_close(split, whole.detach())
         assert_close(split_grad, whole_grad)
+
+
+def test_multi_turn_metadata_is_averaged_over_the_samples_that_have_it():
+    """rollout/num_turns, rollout/tool_call_parse_errors, rollout/retokenize_mismatch_tokens:
+    means over the samples whose metadata holds them (agents and multi-turn), absent else."""
+    def sample(**metadata) -> Sample:
+        return Sample(tokens=[1, 2], response_length=1, reward=1.0, metadata=metadata)
+    groups = [[sample(num_turns=2, retokenize_mismatch_tokens=4),
+               sample(num_turns=3, retokenize_mismatch_tokens=0, tool_call_parse_errors=1)]]
+    stats = rollout_stats(groups, None, {})
+    assert (stats["rollout/num_turns"], stats["rollout/retokenize_mismatch_tokens"],
+            stats["rollout/tool_call_parse_errors"]) == (2.5, 2, 1)
+    assert "rollout/num_turns" not in rollout_stats([[sample(), sample()]], None, {})

@@ -251,4 +251,6 @@ def test_async_grpo_through_an_agent_runs(tiny_tools, warm_start, tmp_path, monk
     rows = read_metrics(tmp_path / "grpo" / "metrics.jsonl")
     rollouts = [row for row in rows if "rollout/raw_reward" in row]
     assert len(rollouts) == 3 and rollouts[0]["rollout/raw_reward"] > 0  # it looks keys up
+    assert rollouts[0]["rollout/num_turns"] > 1  # the sessions' turns and template drift
+    assert rollouts[0]["rollout/retokenize_mismatch_tokens"] >= 0
     assert max(row.get("rollout/staleness", 0) for row in rows) == 1  # overlapped

@@ -34,6 +34,22 @@ def rollout_stats(groups: list[list[Sample]], reward_key: str | None,
         has_zero_std([s.scalar_reward(reward_key) for s in group]) for group in groups)
     stats.update({f"rollout/dynamic_filter/drop_{reason}": count
                   for reason, count in sorted(drops.items())})
+    stats.update(multi_turn_stats(samples))
+    return stats
+
+
+# Sample metadata of multi-turn and agent rollouts (furlong.rollout.multi_turn, sessions)
+# -> the mean logged as rollout/<key>: turns, malformed tool calls, and the tokens where a
+# re-rendering of the conversation differs from what was sampled (template drift).
+MULTI_TURN_METADATA = ("num_turns", "tool_call_parse_errors", "retokenize_mismatch_tokens")
+
+
+def multi_turn_stats(samples: list[Sample]) -> dict[str, float]:
+    stats = {}
+    for key in MULTI_TURN_METADATA:
+        values = [s.metadata[key] for s in samples if key in s.metadata]
+        if values:
+            stats[f"rollout/{key}"] = mean(values)
     return stats
 
 
