@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import importlib
 import inspect
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
@@ -160,36 +161,23 @@ def load_hooks(config) -> Hooks:
     return Hooks(**loaded)
 
 
+# Threads of sync hooks: bounded (a reward hook runs once per sample), and apart from the
+# loop's default executor, whose threads an engine may need to generate.
+HOOK_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="furlong-hook")
+
+
 async def call_hook(function: Callable, *args, **kwargs) -> Any:
     """`function(*args, **kwargs)`, its result awaited when it is awaitable.
 
-    A sync function runs in a thread of its own: not in the event loop, which serves the
-    engine and the router front that hooks post to (a hook blocking on a request there
-    would wait forever), and not in the loop's default executor, whose threads an
-    engine may need to generate (blocked hooks holding them all would stall it too).
+    A sync function runs in HOOK_THREADS: not in the event loop, which serves the engine
+    and the router front that hooks post to (a hook blocking on a request there would
+    wait forever), and not in the loop's default executor, whose threads an engine may
+    need to generate (blocked hooks holding them all would stall it too).
     """
     if inspect.iscoroutinefunction(function):
         return await function(*args, **kwargs)
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def settle(setter: Callable, value) -> None:
-        if not future.done():  # the caller may have given up (a timeout)
-            setter(value)
-
-    def run() -> None:
-        try:
-            outcome = (future.set_result, function(*args, **kwargs))
-        except BaseException as error:
-            outcome = (future.set_exception, error)
-        try:
-            loop.call_soon_threadsafe(settle, *outcome)
-        except RuntimeError:  # the loop has closed: nobody waits for the result
-            pass
-
-    threading.Thread(target=run, name=f"hook {getattr(function, '__name__', '')}",
-                     daemon=True).start()
-    result = await future
+    result = await asyncio.get_running_loop().run_in_executor(
+        HOOK_THREADS, functools.partial(function, *args, **kwargs))
     return await result if inspect.isawaitable(result) else result
 
 

@@ -759,20 +759,3 @@ def test_sglang_backend_errors_name_the_fix(grpo_argv, monkeypatch):
     with pytest.raises(ValueError, match="needs the sglang package"):
         create_engine("m", None, CPU, torch.float32, options)
 
-
-def test_lora_runs_start_sglang_with_room_for_the_adapter():
-    """--lora-rank: the servers take adapters (Miles' flags), the warm start under the
-    run's adapter name; a script that passes --sglang-enable-lora keeps its own flags."""
-    from furlong.config.sglang import lora_server_args
-    config = parse_config(["--lora-rank", "32", "--target-modules", "all-linear",
-                           "--exclude-modules", "o_proj", "--lora-adapter-path", "/a"])
-    assert lora_server_args(config.lora, config.sglang) == [
-        "--enable-lora", "--max-lora-rank", "32", "--lora-target-modules", "q_proj", "k_proj",
-        "v_proj", "gate_proj", "up_proj", "down_proj", "--max-loras-per-batch", "1",
-        "--lora-paths", "furlong_lora=/a"]
-    spec = ServerSpec("/models/qwen", config.sglang, 42,
-                      lora_args=tuple(lora_server_args(config.lora, config.sglang)))
-    assert server_command(spec, 30001)[-14:-12] == ["--enable-lora", "--max-lora-rank"]
-    own = parse_config(["--lora-rank", "8", "--sglang-enable-lora"])
-    assert lora_server_args(own.lora, own.sglang) == []
-    assert lora_server_args(parse_config([]).lora, own.sglang) == []

@@ -38,6 +38,7 @@ def check_lora(config: Config) -> list[str]:
                           "'furlong[lora]' (or pip install peft)")
     _check_reference(config)
     _check_parallelism(config)
+    _check_engines(config)
     if lora.lora_adapter_path is not None:
         _check_adapter(config)
     if config.given("lora.lora_type") and lora.lora_type == "lora":
@@ -61,6 +62,22 @@ def _check_reference(config: Config) -> None:
 
 def _same_path(a: str, b: str | None) -> bool:
     return b is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def _check_engines(config: Config) -> None:
+    """The adapter reaches furlong's engines by value from the trainer's push; SGLang's
+    servers take adapters in their own tensor format or from shared disk, which furlong
+    does not send yet."""
+    r = config.rollout
+    if r.rollout_backend == "sglang" or r.rollout_external:
+        flag = "--rollout-external" if r.rollout_external else "--rollout-backend sglang"
+        raise ConfigError(f"{flag} with --lora-rank is not supported yet: furlong sends the "
+                          "adapter in its own format, which SGLang servers do not read; use "
+                          "--rollout-backend fast (GPU) or hf")
+    if config.debug.debug_rollout_only:
+        raise ConfigError("--debug-rollout-only with --lora-rank: the engines get the adapter "
+                          "from the trainer's push, and this run has no trainer; drop one of "
+                          "them")
 
 
 def _check_parallelism(config: Config) -> None:

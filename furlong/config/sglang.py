@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from furlong.config.groups import LoraArgs, SglangArgs
+from furlong.config.groups import SglangArgs
 from furlong.config.parser import ConfigError
 
 # Owned flag -> what the user sets instead.
@@ -46,25 +46,6 @@ def is_router_flag(name: str) -> bool:
     """--sglang-router-ip, --sglang-router-port, --sglang-router-policy, ...: Miles'
     settings of its router, which SGLang's launch_server would refuse."""
     return name.startswith("router-")
-
-
-def lora_server_args(lora: LoraArgs, sglang: SglangArgs) -> list[str]:
-    """SGLang's LoRA flags under --lora-rank (as Miles starts its servers): adapters on,
-    room for the run's one adapter of rank r on its target modules, and the warm-start
-    adapter under the run's adapter name; none when the launch script passes
-    --sglang-enable-lora itself (its flags are forwarded as given)."""
-    from furlong.model.lora import ADAPTER_NAME, LoraSpec, resolve_targets
-    if lora.lora_rank <= 0 or sglang.passthrough_value("enable-lora") is not None:
-        return []
-    targets, excludes = resolve_targets(lora.target_modules or "all-linear",
-                                        lora.exclude_modules, None)
-    leaves = LoraSpec(lora.lora_rank, lora.lora_alpha, targets=targets,
-                      excludes=excludes).target_leaves()
-    argv = ["--enable-lora", "--max-lora-rank", str(lora.lora_rank),
-            "--lora-target-modules", *leaves, "--max-loras-per-batch", "1"]
-    if lora.lora_adapter_path:
-        argv += ["--lora-paths", f"{ADAPTER_NAME}={lora.lora_adapter_path}"]
-    return argv
 
 
 def launch_server_args(sglang: SglangArgs, model_path: str, host: str, port: int,

@@ -70,7 +70,6 @@ class ServerSpec:
     memory_saver: bool = False
     api_key: str | None = None
     return_routed_experts: bool = False  # --use-rollout-routing-replay
-    lora_args: tuple[str, ...] = ()  # SGLang's LoRA flags under --lora-rank (config/sglang.py)
     startup_timeout_s: float = 900.0
     log_dir: str | None = None
 
@@ -88,7 +87,6 @@ def server_command(spec: ServerSpec, port: int, nccl_port: int | None = None) ->
         argv += ["--mem-fraction-static", str(spec.mem_fraction_static)]
     if spec.memory_saver and spec.sglang.passthrough_value("enable-memory-saver") is None:
         argv.append("--enable-memory-saver")
-    argv += spec.lora_args
     if spec.accept_ipc_weights and spec.module != SGLANG_SERVER:
         argv.append("--accept-ipc-weights")
     given = spec.sglang.passthrough_value("api-key")

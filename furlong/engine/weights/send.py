@@ -216,12 +216,13 @@ class TensorSender:
         payloads = gather.gather(payload)
         failure = None
         if gather.is_source and servers.urls:
-            assert len(servers.urls) == 1, "a TP group feeds one engine"
-            assert len(payloads) == servers.ranks_per_server, (len(payloads), servers)
-            try:
+            try:  # any failure is shared: the other feeders wait for the outcome
+                if len(servers.urls) != 1 or len(payloads) != servers.ranks_per_server:
+                    raise ValueError(f"a TP group feeds one engine of {len(payloads)} ranks, "
+                                     f"got {servers}")
                 post(servers.urls[0] + "/update_weights_from_tensor",
                      tensor_update_body(payloads, version), servers.api_key, self.timeout_s)
-            except (ConnectionError, EngineHTTPError) as error:
+            except Exception as error:
                 failure = error
         shared = gather.share(None if failure is None else str(failure))
         if failure is not None:
