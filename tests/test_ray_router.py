@@ -40,7 +40,8 @@ def test_a_push_by_the_trainer_ranks_reaches_the_routers_bookkeeping(monkeypatch
     router.engines[1].state = EngineState.AWAITING_WEIGHTS
     sent: list = []
     trainer = object.__new__(ray_trainer.RayTrainGroup)  # its ranks only, no cluster
-    trainer.config = SimpleNamespace(sglang=SimpleNamespace(rollout_num_gpus_per_engine=1))
+    trainer.config = SimpleNamespace(sglang=SimpleNamespace(rollout_num_gpus_per_engine=1),
+                                     lora=SimpleNamespace(lora_rank=0))
     trainer.ranks = [RecordingRank(sent)]
     trainer.urls, trainer.engine_devices, trainer.engine_actors = URLS, [[0], [1]], []
     trainer.sync_mode, trainer.api_key = "value", None
