@@ -67,7 +67,7 @@ class GenerateHook(Protocol):
 
 class RolloutFunctionHook(Protocol):
     """--rollout-function-path: `fn(args, rollout_id, data_source, evaluation=False)`, sync
-    (run in a thread of its own) or async; replaces the whole rollout, and eval. The
+    (run in the hook pool) or async; replaces the whole rollout, and eval. The
     data source is the RolloutManager: Miles' `get_samples(n)` and `add_samples(groups)`.
     Returns groups (list[list[Sample]]) or an object with `.samples` (and `.metrics`);
     with evaluation=True, Miles' `{name: {"rewards": [...], ...}}` or an object with

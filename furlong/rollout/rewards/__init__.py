@@ -6,7 +6,7 @@ Where each reward runs:
   stalling the event loop (math-verify's own signal timeouts are off, see math.py);
 - remote_rm runs in the event loop with aiohttp (per-attempt timeout, retries);
 - random draws 0.0 or 1.0 from a generator seeded by (seed, group_index, index);
-- a custom hook runs in the event loop if async, in a thread of its own if sync
+- a custom hook runs in the event loop if async, in the hook pool (furlong.hooks.call_hook) if sync
   (furlong.hooks.call_hook).
 A reward that raises or times out is a RewardError naming the sample, or, with
 on_error="zero", a logged warning and 0.0. A hook that breaks its contract (wrong type,
