@@ -9,6 +9,7 @@ and external servers. Every test checks that no server process outlives it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from furlong.config.parser import parse_config
 from furlong.config.sglang import launch_server_args
 from furlong.engine.base import SamplingParams
 from furlong.engine.client import HTTPEngine
+from furlong.engine import factory
 from furlong.engine.factory import EngineOptions, create_engine, engine_options
 from furlong.engine.launcher import (BUILTIN_SERVER, ServerLauncher, ServerProcess, ServerSpec,
                                      server_command, server_env)
@@ -591,6 +593,11 @@ def test_a_killed_engine_is_restarted_and_nothing_is_lost_or_counted_twice(tiny,
     there once (counted by the engines); the restarted engine serves again once it has
     the next weights, and holds those (not its boot checkpoint's)."""
     calls = counting_servers(tmp_path, monkeypatch)
+    # The kill is seen by the requests on the wire; the periodic /health_generate must not
+    # also take out the surviving engine when a loaded machine makes it slow to answer.
+    router_options = factory._router_options
+    monkeypatch.setattr(factory, "_router_options", lambda *args: dataclasses.replace(
+        router_options(*args), health_timeout_s=3600.0))
     options = EngineOptions(backend="sglang", server_module=COUNTING_SERVER_MODULE, seed=7,
                             sglang=parse_config(SERVER_FLAGS[:4]).sglang,
                             device_groups=[[0], [1]])
