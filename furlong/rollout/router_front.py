@@ -28,7 +28,6 @@ router of the user's: hooks get that address and no front is served (`given_rout
 from __future__ import annotations
 
 import socket
-from types import SimpleNamespace
 
 from aiohttp import web
 
@@ -57,7 +56,7 @@ def given_router(sglang: SglangArgs) -> tuple[str, int] | None:
 class RouterFront:
     """SGLang's /generate, /abort_request and /health, OpenAI's /v1 routes and sessions
     over `engine`, on 127.0.0.1 at `port`. `vocab_size` bounds the token ids of requests
-    (engines in this process have it in `engine.model`); `model_name` is the id /v1/models
+    (given: an EngineRouter has no model in this process); `model_name` is the id /v1/models
     lists, `max_context_len` bounds prompt plus response on the /v1 routes;
     `return_routed_experts`: requests may ask for the routes."""
 
@@ -66,13 +65,10 @@ class RouterFront:
         self.engine = engine
         self._socket = socket.create_server((HOST, 0))
         self.host, self.port = HOST, self._socket.getsockname()[1]
-        # GenerationRoutes reads the vocabulary size from `engine.model`; an EngineRouter
-        # has no model in this process, so a stand-in model config carries it.
-        routed = _WithModel(engine, vocab_size) if not hasattr(engine, "model") else engine
         self.generation = GenerationRoutes(
-            routed, tokenizer, lambda: getattr(engine, "weight_version", None) or 0,
+            engine, tokenizer, vocab_size, lambda: getattr(engine, "weight_version", None) or 0,
             return_routed_experts)
-        self.openai = OpenAIRoutes(routed, tokenizer, model_name, max_context_len)
+        self.openai = OpenAIRoutes(engine, tokenizer, vocab_size, model_name, max_context_len)
         self.sessions = SessionRoutes(self.openai)
         self._runner: web.AppRunner | None = None
 
@@ -101,13 +97,3 @@ class RouterFront:
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200 if await self.engine.health() else 503)
 
-
-class _WithModel:
-    """`engine` with the `model.config.vocab_size` that the routes read."""
-
-    def __init__(self, engine: Engine, vocab_size: int):
-        self._engine = engine
-        self.model = SimpleNamespace(config=SimpleNamespace(vocab_size=vocab_size))
-
-    def __getattr__(self, name: str):
-        return getattr(self._engine, name)

@@ -78,12 +78,14 @@ class EngineServer:
         self.health_timeout_s = health_timeout_s
         self.weights = WeightReceiver(engine, model_path, accept_ipc_weights,
                                       weights_group_timeout_s, tp_size)
-        self.generation = GenerationRoutes(engine, tokenizer, lambda: self.weight_version,
-                                           return_routed_experts)
+        vocab_size = engine.model.config.vocab_size
+        self.generation = GenerationRoutes(engine, tokenizer, vocab_size,
+                                           lambda: self.weight_version, return_routed_experts)
         self.lora = LoraRoutes(engine, accept_ipc_weights, self.weights.tp_size)
         context = max_context_len or getattr(engine, "max_context_len", None) \
             or engine.model.config.max_position_embeddings
-        self.openai = OpenAIRoutes(engine, tokenizer, served_model_name or model_path, context,
+        self.openai = OpenAIRoutes(engine, tokenizer, vocab_size,
+                                   served_model_name or model_path, context,
                                    adapters=self.lora.loaded)
         self.sessions = SessionRoutes(self.openai)
 

@@ -25,13 +25,13 @@ class GenerationRoutes:
     output aborted by rid reports. `return_routed_experts`: requests may ask for the
     routes (SGLang's --enable-return-routed-experts)."""
 
-    def __init__(self, engine: Engine, tokenizer, weight_version: Callable[[], int],
-                 return_routed_experts: bool = False):
+    def __init__(self, engine: Engine, tokenizer, vocab_size: int,
+                 weight_version: Callable[[], int], return_routed_experts: bool = False):
         self.engine = engine
         self.return_routed_experts = return_routed_experts
         self.tokenizer = tokenizer
         self.weight_version = weight_version
-        self.vocab_size: int = engine.model.config.vocab_size
+        self.vocab_size = vocab_size  # bounds the token ids of requests
         self.in_flight: dict[str, asyncio.Task] = {}  # rid -> its engine call
 
     def routes(self) -> list[web.RouteDef]:

@@ -31,14 +31,14 @@ class OpenAIRoutes:
     `max_context_len` bounds prompt plus response; `adapters`: the loaded LoRA adapters
     by name (a live view, kept by lora_routes.py)."""
 
-    def __init__(self, engine: Engine, tokenizer, model_name: str, max_context_len: int,
-                 adapters: dict[str, str] | None = None):
+    def __init__(self, engine: Engine, tokenizer, vocab_size: int, model_name: str,
+                 max_context_len: int, adapters: dict[str, str] | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.adapters = {} if adapters is None else adapters
         self.max_context_len = max_context_len
-        self.vocab_size: int = engine.model.config.vocab_size
+        self.vocab_size = vocab_size
         self.created = int(time.time())
 
     def routes(self) -> list[web.RouteDef]:
