@@ -42,15 +42,13 @@ from furlong.engine.server import chat_template
 from furlong.rollout.tools import ToolSetup, run_tool_calls
 from furlong.sample import Sample, Status
 
-DEFAULT_MAX_TURNS = 16  # Miles' default of --generate-max-turns
 _SEED_RANGE = 1 << 63
 
 
 async def generate(args, sample: Sample, sampling_params: dict) -> Sample:
-    tools = ToolSetup.load(getattr(args, "generate_tool_specs_path", None),
-                           getattr(args, "generate_tool_call_parser", None),
-                           getattr(args, "generate_execute_tool_function_path", None))
-    max_turns = getattr(args, "generate_max_turns", DEFAULT_MAX_TURNS)
+    tools = ToolSetup.load(args.generate_tool_specs_path, args.generate_tool_call_parser,
+                           args.generate_execute_tool_function_path)
+    max_turns = args.generate_max_turns
     if not (isinstance(max_turns, int) and max_turns >= 1):
         raise ValueError(f"--generate-max-turns must be an integer >= 1, got {max_turns!r}")
     template_kwargs = args.apply_chat_template_kwargs or {}

@@ -20,6 +20,7 @@ function is not caught: a broken tool stops the run with its traceback.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 from dataclasses import dataclass
@@ -43,9 +44,11 @@ class ToolSetup:
     execute: Callable                   # (name, arguments) -> str, sync or async
 
     @classmethod
+    @functools.lru_cache(maxsize=8)
     def load(cls, specs_path: str | None, parser: str | None,
              execute_path: str | None) -> "ToolSetup":
-        """The setup the three flags name; a ValueError names the flag at fault."""
+        """The setup the three flags name, read once per run (each sample asks for it);
+        a ValueError names the flag at fault."""
         if not execute_path:
             raise ValueError(f"multi-turn generation runs the model's tool calls: give "
                              f"{EXECUTE_FLAG} module:function, an async "
