@@ -89,7 +89,8 @@ def hook_args(served: Served, agent: str) -> SimpleNamespace:
     """The attributes of HookArgs that agentic.generate reads."""
     host, port = served.url.removeprefix("http://").split(":")
     return SimpleNamespace(custom_agent_function_path=f"test_agentic:{agent}",
-                           sglang_router_ip=host, sglang_router_port=int(port))
+                           sglang_router_ip=host, sglang_router_port=int(port),
+                           max_seq_len=None)
 
 
 def run(served: Served, agent: str, params: dict | None = None):
@@ -160,6 +161,7 @@ def test_agent_mistakes_are_named(serve):
     with pytest.raises(ValueError, match="--custom-agent-function-path: the agent returned a list"):
         run(served, "listing_agent")
     assert served.server.sessions.sessions == {}
-    args = SimpleNamespace(sglang_router_ip="127.0.0.1", sglang_router_port=1)
+    args = SimpleNamespace(sglang_router_ip="127.0.0.1", sglang_router_port=1,
+                           custom_agent_function_path=None, max_seq_len=None)
     with pytest.raises(ValueError, match="--custom-agent-function-path"):
         asyncio.run(agentic.generate(args, Sample(prompt=USER), PARAMS))

@@ -61,7 +61,7 @@ _OPENAI_CLIENT = {"max_tokens", "max_completion_tokens", "temperature", "top_p",
 
 
 async def generate(args, sample: Sample, sampling_params: dict) -> Sample | list[Sample]:
-    path = getattr(args, "custom_agent_function_path", None)
+    path = args.custom_agent_function_path
     if not path:
         raise ValueError(f"furlong.rollout.agentic:generate runs the agent that {AGENT_FLAG} "
                          "names: give it (module:function, an async function(base_url, "
@@ -71,7 +71,7 @@ async def generate(args, sample: Sample, sampling_params: dict) -> Sample | list
                          "call (args.sglang_router_ip is None)")
     server = f"http://{args.sglang_router_ip}:{args.sglang_router_port}"
     return await run_agent(load_function(path, AGENT_FLAG), server, sample, sampling_params,
-                           getattr(args, "max_seq_len", None))
+                           args.max_seq_len)
 
 
 async def run_agent(agent, server_url: str, sample: Sample, sampling_params: dict,
