@@ -9,11 +9,10 @@ With an `api_key`, every request carries `Authorization: Bearer KEY` (SGLang's `
 Routed experts (MoE routing replay) come back as SGLang sends them, base64 of an int32
 array without its shape: the number of tokens follows from the answer, the top-k from the
 model (`routed_experts_top_k`), and the layers from the two.
-Weight updates go through the one sender module (furlong/engine/weights/send.py). LoRA
-adapters go whole in one /load_lora_adapter_from_tensors request (SGLang's endpoint,
-`upsert` replacing the adapter of that name), by value, which only furlong's servers
-read; a version is then set with /update_weight_version. Requests name their adapter
-with `lora_path`.
+Weight updates go through the one sender module (furlong/engine/weights/send.py), LoRA
+adapters through weights/lora_send.py: unloaded and loaded again whole under their name,
+by value (furlong's servers) unless another transport is asked for, then the version.
+Requests name their adapter with `lora_path` (SGLang's field: the adapter's name).
 """
 from __future__ import annotations
 
@@ -30,8 +29,8 @@ import torch
 from furlong.engine.api_key import auth_headers
 from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.http_error import EngineHTTPError
+from furlong.engine.weights.lora_send import send_adapter
 from furlong.engine.weights.send import Servers, make_sender, send_from_disk
-from furlong.engine.weights.wire import serialize_named_tensors
 
 
 class HTTPEngine:
@@ -100,20 +99,13 @@ class HTTPEngine:
 
     async def load_lora_adapter(self, lora_name: str, config: dict,
                                 named_tensors: Iterable[tuple[str, torch.Tensor]],
-                                version: int | None = None) -> None:
-        """The whole adapter in one request, by value (see the module docstring)."""
-        payload = await asyncio.to_thread(serialize_named_tensors, named_tensors)
-        await self.load_lora_payload(lora_name, config, payload, version)
-
-    async def load_lora_payload(self, lora_name: str, config: dict, payload: str,
-                                version: int | None = None) -> None:
-        """/load_lora_adapter_from_tensors with a serialized adapter (the router serializes
-        once for all its servers), then the version."""
-        await self._request("POST", "/load_lora_adapter_from_tensors", {
-            "lora_name": lora_name, "config_dict": config, "serialized_tensors": payload,
-            "upsert": True})
-        if version is not None:
-            await self._request("POST", "/update_weight_version", {"new_version": str(version)})
+                                version: int | None = None, transport: str = "value",
+                                adapter_dir: str | Path | None = None) -> None:
+        """The whole adapter by `transport` (weights/lora_send.py: "value", "ipc", or
+        "disk" under `adapter_dir`), replacing the one of that name; then `version`."""
+        await asyncio.to_thread(send_adapter, lora_name, config, named_tensors,
+                                self._servers(), version, transport, adapter_dir,
+                                self.timeout_s)
 
     async def unload_lora_adapter(self, lora_name: str) -> None:
         await self._request("POST", "/unload_lora_adapter", {"lora_name": lora_name})

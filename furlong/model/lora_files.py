@@ -29,12 +29,27 @@ def save_adapter(directory: str | Path, named_tensors: Iterable[tuple[str, torch
                  spec: LoraSpec, base_path: str) -> None:
     """Write an adapter: `named_tensors` under PEFT's names (`lora.adapter_tensors`),
     saved as given (float32 masters stay float32)."""
-    from safetensors.torch import save_file
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = spec.peft_config()
     config.base_model_name_or_path = base_path
     config.save_pretrained(str(directory))
+    _save_tensors(directory, named_tensors)
+
+
+def write_adapter(directory: str | Path, config: dict,
+                  named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Write an adapter an engine loads (/load_lora_adapter): `config` is the adapter
+    config the engines receive (`LoraSpec.sglang_config`, adapter_config.json's keys),
+    written as it is; the tensors as `save_adapter` writes them."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    _save_tensors(directory, named_tensors)
+
+
+def _save_tensors(directory: Path, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    from safetensors.torch import save_file
     tensors = {PEFT_PREFIX + name: tensor.detach().cpu().contiguous()
                for name, tensor in named_tensors}
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})

@@ -17,16 +17,22 @@ SGLang's format for colocated engines, CPU tensors as bytes that only furlong's 
 read) or "broadcast" (a broadcast group with the servers, rebuilt when the engines change).
 A failure during a weight update is raised, not recovered.
 
-LoRA adapters go to every live engine too: `load_lora_adapter` serializes one once for all
-(HTTPEngine's by-value request). With a version it is a weight push, so an engine
-restarted meanwhile serves again after it; under LoRA the loop's `weight_source` pushes
-the adapter, which is how a restarted engine gets the last one back. A request's
+LoRA adapters go to every live engine too, whole (weights/lora_send.py: unloaded and
+loaded again under their name, serialized or written once for all): CUDA tensors as IPC
+handles in SGLang's format to servers this router launched on the trainer's GPU
+(weight_sync "auto"), and otherwise as PEFT files in `RouterOptions.adapter_dir` (a
+temporary directory of this process when None), which SGLang's and furlong's servers
+both load; a caller that knows the servers are furlong's may ask for "value" instead
+(no shared disk needed). With a version it is a weight push, so an engine restarted
+meanwhile serves again after it; under LoRA the loop's `weight_source` pushes the
+adapter, which is how a restarted engine gets the last one back. A request's
 `lora_path` travels with it.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 from typing import Awaitable, Callable, Iterable
 
 import torch
@@ -38,8 +44,8 @@ from furlong.engine.router.health import Recovery
 from furlong.engine.router.routing import Affinity, PromptKey
 from furlong.engine.router.slots import (LIVE, EngineLost, EngineSlot, EngineState,
                                          RouterOptions, no_engine_message)
+from furlong.engine.weights.lora_send import send_adapter
 from furlong.engine.weights.send import Servers, WeightSender, make_sender
-from furlong.engine.weights.wire import serialize_named_tensors
 from furlong.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -74,6 +80,7 @@ class EngineRouter:
         # safe: while the trainer is not changing them); None: a restarted engine waits.
         self.weight_source: Callable[[], Awaitable[None]] | None = None
         self._refresh: asyncio.Task | None = None
+        self._temporary_adapter_dir: tempfile.TemporaryDirectory | None = None
 
     def _client(self, url: str) -> HTTPEngine:
         o = self.options
@@ -224,18 +231,37 @@ class EngineRouter:
 
     async def load_lora_adapter(self, lora_name: str, config: dict,
                                 named_tensors: Iterable[tuple[str, torch.Tensor]],
-                                version: int | None = None) -> None:
-        """To every live engine (serialized once); with a `version`, a weight push:
-        restarted engines serve again once this succeeds."""
+                                version: int | None = None,
+                                transport: str | None = None) -> None:
+        """To every live engine, by `transport` (None: `adapter_transport`); with a
+        `version`, a weight push: restarted engines serve again once this succeeds."""
         self._bind()
         servers = self.push_targets()
-        payload = await asyncio.to_thread(serialize_named_tensors, named_tensors)
+        named = list(named_tensors)
+        transport = transport or self.adapter_transport(named)
+        adapter_dir = self._adapter_dir() if transport == "disk" else None
         with self.recovery.checks_paused():
-            await asyncio.gather(*(slot.client.load_lora_payload(lora_name, config, payload,
-                                                                 version)
-                                   for slot in self._live() if slot.url in servers.urls))
+            await asyncio.to_thread(send_adapter, lora_name, config, named, servers, version,
+                                    transport, adapter_dir, self.options.weights_timeout_s)
         if version is not None:
             self.weights_pushed(version, servers)
+
+    def adapter_transport(self, named: list[tuple[str, torch.Tensor]]) -> str:
+        """How an adapter travels: as IPC handles ("ipc") for CUDA tensors to servers this
+        router launched on their GPU; from disk ("disk") otherwise, the one transport that
+        SGLang's and furlong's servers both take from anywhere (servers started elsewhere
+        may be either)."""
+        colocated = self.launcher is not None and self.options.weight_sync == "auto"
+        return "ipc" if colocated and named and named[0][1].is_cuda else "disk"
+
+    def _adapter_dir(self) -> str:
+        """Where adapters are written for the servers: `RouterOptions.adapter_dir`, or a
+        temporary directory of this process (removed by `close`)."""
+        if self.options.adapter_dir is not None:
+            return self.options.adapter_dir
+        if self._temporary_adapter_dir is None:
+            self._temporary_adapter_dir = tempfile.TemporaryDirectory(prefix="furlong-lora-")
+        return self._temporary_adapter_dir.name
 
     async def unload_lora_adapter(self, lora_name: str) -> None:
         self._bind()
@@ -264,10 +290,14 @@ class EngineRouter:
         return all(await asyncio.gather(*(slot.client.health() for slot in live)))
 
     async def close(self) -> None:
-        """Stop the monitor, leave the weight group, close clients, stop launched servers."""
+        """Stop the monitor, leave the weight group, close clients, stop launched servers,
+        remove the temporary adapter directory."""
         await self.recovery.stop(in_this_loop=self._loop is asyncio.get_running_loop())
         await asyncio.to_thread(self._sender.close)
         for slot in self.engines:
             await slot.client.close()
         if self.launcher is not None:
             self.launcher.stop()  # here, not on a worker thread: it restores SIGTERM
+        if self._temporary_adapter_dir is not None:
+            self._temporary_adapter_dir.cleanup()
+            self._temporary_adapter_dir = None

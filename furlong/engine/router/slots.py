@@ -37,6 +37,9 @@ class RouterOptions:
     weights_timeout_s: float = 600.0
     api_key: str | None = None          # the servers' --api-key, sent with every request
     routed_experts_top_k: int | None = None  # MoE: num_experts_per_tok, to read routed experts
+    # LoRA adapters loaded from disk are written here (servers on other hosts: a shared
+    # disk); None: a temporary directory of the router's process.
+    adapter_dir: str | None = None
 
 
 @dataclass(eq=False)

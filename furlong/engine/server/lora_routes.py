@@ -3,11 +3,13 @@ unload it. Requests then name it with `lora_path` (/generate) or `model` (/v1 ro
 
 - /load_lora_adapter {lora_name, lora_path, pinned}: a PEFT adapter directory the server
   can read (model/lora_files.py: adapter_config.json + adapter_model.safetensors).
-- /load_lora_adapter_from_tensors {lora_name, config_dict, serialized_tensors, pinned,
-  upsert, load_format}: the whole adapter in one payload of furlong's weight wire format
-  (engine/weights/wire.py: by value, or CUDA IPC handles for a server started next to its
-  trainer), or `serialized_named_tensors`, one payload per tensor-parallel rank (this
-  server loads entry 0). A loaded name is replaced only with `upsert` (SGLang's rule).
+- /load_lora_adapter_from_tensors {lora_name, config_dict, serialized_named_tensors,
+  pinned, upsert, load_format}: the whole adapter, one payload per tensor-parallel rank
+  (this server loads entry 0; SGLang since July 2026), or one `serialized_tensors` (SGLang
+  before); given both, the per-rank field is read, as SGLang now does. A payload is
+  furlong's by-value format or CUDA IPC handles in SGLang's (a dict name -> tensor, or
+  pairs; for a server started next to its trainer): engine/weights/wire.py. A loaded name
+  is replaced only with `upsert` (Miles' SGLang); the trainer unloads it first.
 - /unload_lora_adapter {lora_name}.
 Each answers SGLang's `{"success", "error_message", "loaded_adapters"}`; a refused load
 (a bad field, an adapter the engine cannot apply) is a 400 naming it. `pinned` is
@@ -88,17 +90,17 @@ class LoraRoutes:
 
     def _payload(self, body: dict) -> str:
         """The one payload this server loads, checked to be allowed here."""
-        if ("serialized_tensors" in body) == ("serialized_named_tensors" in body):
-            bad_request("give exactly one of serialized_tensors (one payload) and "
-                        "serialized_named_tensors (one per tensor-parallel rank)")
-        if "serialized_tensors" in body:
-            payload = field(body, "serialized_tensors", str)
-        else:
+        if "serialized_named_tensors" in body:
             payloads = field(body, "serialized_named_tensors", list)
             if len(payloads) != self.tp_size or not all(isinstance(p, str) for p in payloads):
                 bad_request(f"serialized_named_tensors must hold {self.tp_size} payload "
                             "string(s), one per tensor-parallel rank of this engine")
             payload = payloads[0]
+        elif "serialized_tensors" in body:
+            payload = field(body, "serialized_tensors", str)
+        else:
+            bad_request("give serialized_named_tensors (one payload per tensor-parallel "
+                        "rank) or serialized_tensors (one payload)")
         if is_ipc_payload(payload) and not self.accept_ipc_weights:
             bad_request("serialized_tensors: CUDA IPC payloads are accepted only by a server "
                         "started next to its trainer (accept_ipc_weights)")

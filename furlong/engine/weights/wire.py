@@ -11,7 +11,8 @@ bodies to a furlong server, which is what keeps the two in step.
 - By value: `serialize_named_tensors` packs pairs as a base64 `torch.save` archive of CPU
   copies; `deserialize_named_tensors` opens it with `weights_only=True`, so a request can
   carry tensors, names and lists, never code. Only furlong's servers read this format.
-- CUDA IPC: `serialize_named_tensors_ipc` writes SGLang's own format (base64 of a
+- CUDA IPC: `serialize_named_tensors_ipc` (pairs) and `serialize_tensor_dict_ipc` (a dict,
+  for an adapter) write SGLang's own format (base64 of a
   multiprocessing pickle of IPC handles) with each tensor's device named by its UUID, as
   SGLang's patched torch reductions do: a trainer rank sees its GPU as device 0, the
   engine's TP rank on that GPU sees it under another index. `deserialize_ipc_tensors`
@@ -19,8 +20,8 @@ bodies to a furlong server, which is what keeps the two in step.
   cannot run code either, and maps the UUID back to this process's index.
 - Request bodies of SGLang's endpoints (/update_weights_from_tensor, with one payload per
   tensor-parallel rank of the engine; /update_weights_from_distributed,
-  /update_weights_from_disk, the group calls), with SGLang's field names and spellings,
-  so real SGLang servers accept them.
+  /update_weights_from_disk, the group calls; the LoRA loads and /update_weight_version),
+  with SGLang's field names and spellings, so real SGLang servers accept them.
 """
 from __future__ import annotations
 
@@ -87,6 +88,13 @@ def serialize_named_tensors_ipc(named_tensors: NamedTensors) -> str:
     sender keeps the tensors alive until the request returns (after the load)."""
     pairs = [(name, tensor.detach().contiguous()) for name, tensor in named_tensors]
     return base64.b64encode(_DeviceUuidPickler.dumps(pairs)).decode("ascii")
+
+
+def serialize_tensor_dict_ipc(named_tensors: NamedTensors) -> str:
+    """The same CUDA IPC format holding a dict name -> tensor: what SGLang's
+    /load_lora_adapter_from_tensors unpickles (its LoRA loader iterates the dict's items)."""
+    tensors = {name: tensor.detach().contiguous() for name, tensor in named_tensors}
+    return base64.b64encode(_DeviceUuidPickler.dumps(tensors)).decode("ascii")
 
 
 # The device index in the arguments of torch's `rebuild_cuda_tensor` (SGLang's patched
@@ -186,11 +194,15 @@ def deserialize_ipc_tensors(payload: str) -> list[tuple[str, torch.Tensor]]:
 
 
 def _named_tensor_pairs(pairs) -> list[tuple[str, torch.Tensor]]:
+    """The (name, tensor) pairs of a payload: a list of pairs, or a dict (SGLang's
+    adapter payloads)."""
+    if isinstance(pairs, dict):
+        pairs = list(pairs.items())
     if not isinstance(pairs, list) or not all(
             isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)
             and isinstance(pair[1], torch.Tensor) for pair in pairs):
         raise ValueError("serialized_named_tensors: the payload must hold a list of "
-                         "(name, tensor) pairs")
+                         "(name, tensor) pairs or a dict name -> tensor")
     return [(name, tensor) for name, tensor in pairs]
 
 
@@ -237,3 +249,28 @@ def join_group_body(master_address: str, master_port: int, rank_offset: int, wor
 def disk_update_body(model_path: str | Path, version: int) -> dict:
     """/update_weights_from_disk: an HF directory the server can read."""
     return _with_version({"model_path": str(model_path)}, version)
+
+
+def lora_tensors_body(lora_name: str, config: dict, payload: str, num_ranks: int,
+                      with_single_field: bool) -> dict:
+    """/load_lora_adapter_from_tensors: the whole adapter, `payload` for each of the
+    engine's `num_ranks` tensor-parallel ranks in `serialized_named_tensors` (SGLang since
+    its July 2026 change, and Miles' fork). `with_single_field` adds it once more as
+    `serialized_tensors`, the field SGLang's releases before that change read (each
+    release ignores the other's field); worth it for IPC payloads, which are handles of a
+    few KB, not for bytes."""
+    body = {"lora_name": lora_name, "config_dict": config,
+            "serialized_named_tensors": [payload] * num_ranks}
+    if with_single_field:
+        body["serialized_tensors"] = payload
+    return body
+
+
+def lora_path_body(lora_name: str, lora_path: str | Path) -> dict:
+    """/load_lora_adapter: a PEFT adapter directory the server can read."""
+    return {"lora_name": lora_name, "lora_path": str(lora_path)}
+
+
+def weight_version_body(version: int) -> dict:
+    """/update_weight_version, after a load that carries no version of its own."""
+    return {"new_version": str(version)}
