@@ -9,8 +9,8 @@ The transports (ADAPTER_TRANSPORTS):
 - "ipc": /load_lora_adapter_from_tensors with CUDA IPC handles of a dict name -> tensor,
   SGLang's format (what its LoRA loader iterates), for servers on the sender's GPU;
   furlong's servers started there read it too.
-- "value": the same endpoint with furlong's by-value payload (a torch.save archive):
-  furlong's servers only, on any host.
+- "value": the same endpoint with furlong's by-value payload (a torch.save archive, sent
+  once whatever the engine's TP size): furlong's servers only, on any host.
 - "disk": the adapter written in PEFT's format (model/lora_files.py) to a new directory
   under `adapter_dir`, then /load_lora_adapter {lora_name, lora_path}: any server, SGLang's
   included, that can read that directory; servers on other hosts need it on a disk they
@@ -75,8 +75,8 @@ def send_adapter(lora_name: str, config: dict,
         payload = serialize_tensor_dict_ipc(named)
     else:
         payload = serialize_named_tensors(named)
-    body = lora_tensors_body(lora_name, config, payload, servers.ranks_per_server,
-                             with_single_field=transport == "ipc")
+    body = lora_tensors_body(lora_name, config, payload,
+                             servers.ranks_per_server if transport == "ipc" else None)
     _load_everywhere(servers, lora_name, "/load_lora_adapter_from_tensors", body, version,
                      timeout_s, None)
 

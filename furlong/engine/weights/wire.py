@@ -251,18 +251,17 @@ def disk_update_body(model_path: str | Path, version: int) -> dict:
     return _with_version({"model_path": str(model_path)}, version)
 
 
-def lora_tensors_body(lora_name: str, config: dict, payload: str, num_ranks: int,
-                      with_single_field: bool) -> dict:
-    """/load_lora_adapter_from_tensors: the whole adapter, `payload` for each of the
-    engine's `num_ranks` tensor-parallel ranks in `serialized_named_tensors` (SGLang since
-    its July 2026 change, and Miles' fork). `with_single_field` adds it once more as
-    `serialized_tensors`, the field SGLang's releases before that change read (each
-    release ignores the other's field); worth it for IPC payloads, which are handles of a
-    few KB, not for bytes."""
-    body = {"lora_name": lora_name, "config_dict": config,
-            "serialized_named_tensors": [payload] * num_ranks}
-    if with_single_field:
-        body["serialized_tensors"] = payload
+def lora_tensors_body(lora_name: str, config: dict, payload: str,
+                      num_ranks: int | None) -> dict:
+    """/load_lora_adapter_from_tensors: the whole adapter. For SGLang (`num_ranks`, the
+    engine's tensor-parallel ranks), `payload` once per rank in `serialized_named_tensors`
+    (SGLang since its July 2026 change, and Miles' fork) and once more in
+    `serialized_tensors` (the field SGLang's releases before that change read); each
+    release ignores the other's field, and an IPC payload is handles of a few KB. None: a
+    by-value payload, which only furlong's servers read, goes once, in `serialized_tensors`."""
+    body = {"lora_name": lora_name, "config_dict": config, "serialized_tensors": payload}
+    if num_ranks is not None:
+        body["serialized_named_tensors"] = [payload] * num_ranks
     return body
 
 
