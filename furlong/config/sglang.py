@@ -5,7 +5,11 @@ the server settings that furlong owns because it places and addresses the engine
 Miles' router flags (`--sglang-router-*`: its router, not the servers, takes them; in
 furlong they name the router hooks post to, furlong/rollout/router_front.py).
 With --use-rollout-routing-replay the servers are started with
-`--enable-return-routed-experts` (SGLang returns routes only then).
+`--enable-return-routed-experts` (SGLang returns routes only then). With --lora-rank they
+serve the run's adapter (`LoraServing`): `--enable-lora --max-lora-rank R
+--lora-target-modules <HF leaf names> --max-loras-per-batch 1` (one adapter, the policy's),
+and `--lora-paths NAME=PATH` with --lora-adapter-path (the servers boot with it); each of
+these that the launch script gives as `--sglang-X` is left to it.
 
 An engine of N GPUs (`--rollout-num-gpus-per-engine N`) is `--tp-size N` on exactly its
 devices (the launcher sets CUDA_VISIBLE_DEVICES to them), so SGLang's default
@@ -15,8 +19,11 @@ group, so engines that start together on one node never race for one.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from types import SimpleNamespace
 
-from furlong.config.groups import SglangArgs
+from furlong.config.groups import Config, SglangArgs
+from furlong.config.model_check import read_hf_config
 from furlong.config.parser import ConfigError
 
 # Owned flag -> what the user sets instead.
@@ -48,14 +55,51 @@ def is_router_flag(name: str) -> bool:
     return name.startswith("router-")
 
 
+@dataclass(frozen=True)
+class LoraServing:
+    """What the servers need to serve the run's adapter (--lora-rank): its rank, the HF
+    leaf names it adapts, the name requests give as `lora_path`, and the adapter the run
+    starts from (--lora-adapter-path), if any."""
+    rank: int
+    target_modules: tuple[str, ...]
+    adapter_name: str
+    adapter_path: str | None = None
+
+    def server_args(self, sglang: SglangArgs) -> list[str]:
+        """SGLang's LoRA flags, less those the launch script passes itself."""
+        flags = [("enable-lora", []), ("max-lora-rank", [str(self.rank)]),
+                 ("lora-target-modules", list(self.target_modules)),
+                 ("max-loras-per-batch", ["1"])]
+        if self.adapter_path is not None:
+            flags.append(("lora-paths", [f"{self.adapter_name}={self.adapter_path}"]))
+        return [token for name, values in flags if sglang.passthrough_value(name) is None
+                for token in (f"--{name}", *values)]
+
+
+def lora_serving(config: Config) -> LoraServing | None:
+    """The run's adapter as its servers see it; None without --lora-rank. The targets are
+    the trainer's (Miles' --target-modules read against --hf-checkpoint's config)."""
+    if not config.lora.enabled:
+        return None
+    from furlong.model import lora  # torch and PEFT's vocabulary: runs with an adapter only
+    model_config = SimpleNamespace(**read_hf_config(config.ckpt.hf_checkpoint))
+    targets, excludes = lora.resolve_targets(config.lora.target_modules,
+                                             config.lora.exclude_modules, model_config)
+    spec = lora.LoraSpec(config.lora.lora_rank, config.lora.lora_alpha, targets=targets,
+                         excludes=excludes)
+    return LoraServing(spec.rank, spec.target_leaves(), lora.ADAPTER_NAME,
+                       config.lora.lora_adapter_path)
+
+
 def launch_server_args(sglang: SglangArgs, model_path: str, host: str, port: int,
                        seed: int, nnodes: int = 1, node_rank: int = 0,
                        dist_init_addr: str | None = None,
                        return_routed_experts: bool = False,
-                       nccl_port: int | None = None) -> list[str]:
+                       nccl_port: int | None = None,
+                       lora: LoraServing | None = None) -> list[str]:
     """The exact argv of one SGLang server (the passthrough flags last, in order).
     `return_routed_experts`: --use-rollout-routing-replay is on. `nccl_port`: where the
-    engine's TP ranks meet (engines of several GPUs)."""
+    engine's TP ranks meet (engines of several GPUs). `lora`: the run's adapter."""
     check_passthrough(sglang)
     tp_size = sglang.rollout_num_gpus_per_engine
     argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path,
@@ -68,6 +112,8 @@ def launch_server_args(sglang: SglangArgs, model_path: str, host: str, port: int
                  "--dist-init-addr", dist_init_addr or ""]
     if return_routed_experts and sglang.passthrough_value("enable-return-routed-experts") is None:
         argv.append("--enable-return-routed-experts")
+    if lora is not None:
+        argv += lora.server_args(sglang)
     for name, values in sglang.passthrough:
         if not is_router_flag(name):
             argv += [f"--{name}", *values]

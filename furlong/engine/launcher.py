@@ -3,7 +3,8 @@
 One server per engine: `python -m sglang.launch_server` with the exact argument list of
 `furlong.config.sglang.launch_server_args` (model path, host, port, `--tp-size` from
 `--rollout-num-gpus-per-engine`, seed, an `--nccl-port` of its own for an engine of
-several GPUs, then every `--sglang-X` flag as `--X`, in order), on exactly the devices of
+several GPUs, SGLang's LoRA flags under --lora-rank, then every `--sglang-X` flag as
+`--X`, in order), on exactly the devices of
 its placement (CUDA_VISIBLE_DEVICES, so TP rank 0 is device 0 of the server), with its
 output in a log file.
 A `ServerSpec.api_key` goes on the command line as SGLang's `--api-key`; logs and errors
@@ -39,7 +40,7 @@ from typing import Callable, Sequence
 import requests
 
 from furlong.config.groups import SglangArgs
-from furlong.config.sglang import launch_server_args
+from furlong.config.sglang import LoraServing, launch_server_args
 from furlong.engine.api_key import redacted
 from furlong.ports import free_ports
 
@@ -70,6 +71,7 @@ class ServerSpec:
     memory_saver: bool = False
     api_key: str | None = None
     return_routed_experts: bool = False  # --use-rollout-routing-replay
+    lora: LoraServing | None = None  # --lora-rank: the servers serve the run's adapter
     startup_timeout_s: float = 900.0
     log_dir: str | None = None
 
@@ -79,7 +81,7 @@ def server_command(spec: ServerSpec, port: int, nccl_port: int | None = None) ->
     `nccl_port`, for an engine of several GPUs)."""
     argv = launch_server_args(spec.sglang, spec.model_path, spec.host, port, spec.seed,
                               return_routed_experts=spec.return_routed_experts,
-                              nccl_port=nccl_port)
+                              nccl_port=nccl_port, lora=spec.lora)
     assert argv[1:3] == ["-m", SGLANG_SERVER], argv[:3]
     argv[2] = spec.module
     if (spec.mem_fraction_static is not None
