@@ -49,9 +49,6 @@ def test_lora_flags_take_miles_names_and_defaults_and_act(tiny):
     ([*LORA, "--ref-load", "/elsewhere"], "--ref-load /elsewhere"),
     ([*LORA, "--context-parallel-size", "2"], "--context-parallel-size 2"),
     ([*LORA, "--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size 2"),
-    ([*LORA, "--rollout-backend", "sglang"], "--rollout-backend sglang with --lora-rank"),
-    ([*LORA, "--rollout-external", "--rollout-external-engine-addrs", "h:1"],
-     "--rollout-external with --lora-rank"),
     ([*LORA, "--debug-rollout-only"], "--debug-rollout-only with --lora-rank"),
 ])
 def test_lora_refusals_name_the_flag(tiny, extra, named):
@@ -381,7 +378,8 @@ def test_one_gpu_trains_float32_adapter_masters_on_a_bf16_base(tiny):
 
 def test_auto_backend_never_picks_sglang_for_an_adapter(monkeypatch):
     """--rollout-backend auto on a GPU with sglang importable: SGLang, unless the run
-    trains an adapter (which only furlong's engines take)."""
+    trains an adapter (SGLang takes it with --rollout-backend sglang, a path not yet run
+    against real SGLang; auto keeps furlong's engines, whose LoRA path has)."""
     from furlong.engine import factory
     monkeypatch.setattr(factory.importlib.util, "find_spec", lambda name: object())
     gpu = torch.device("cuda")

@@ -10,7 +10,9 @@ furlong/engine/weights/send.py (the router's own). Colocated engines are fed by 
 on their devices (cluster/engine_feed.py): each bucket, one request per engine whose
 `serialized_named_tensors` holds one payload per TP rank, each from the trainer rank on
 that rank's device (CUDA IPC handles on GPUs, bytes between CPU processes), posted by the
-engine's first rank. Engines apart get a broadcast from rank 0. A weight push that fails
+engine's first rank. Engines apart get a broadcast from rank 0. Under --lora-rank the
+adapter alone goes, gathered to the driver and loaded by the router (`adapter_transport`:
+by value on furlong's servers, from disk on SGLang's). A weight push that fails
 asks the engine actors first, so that an engine that died is named as such rather than as
 the trainer rank whose connection it refused.
 """
@@ -38,6 +40,16 @@ def engine_servers(urls: list[str], sglang: SglangArgs, api_key: str | None = No
     per GPU (--rollout-num-gpus-per-engine), in a broadcast group and for tensor payloads;
     with fewer ranks counted, its extra ranks would wait for a group that never forms."""
     return Servers(tuple(urls), api_key, sglang.rollout_num_gpus_per_engine)
+
+
+def adapter_transport(config: Config) -> str:
+    """How the driver's copy of the adapter (CPU tensors) reaches the Ray engines: by value
+    when they are furlong's, else from disk, which SGLang's servers read (under --lora-rank
+    auto never picks SGLang, so they are SGLang's only with --rollout-backend sglang;
+    --rollout-external servers may be either)."""
+    rollout = config.rollout
+    return "disk" if rollout.rollout_backend == "sglang" or rollout.rollout_external \
+        else "value"
 
 
 def rank_options(config: Config, placement_group, bundle: int, gpus_per_rank: float) -> dict:
@@ -224,12 +236,15 @@ class RayTrainGroup:
         as of a push of its own."""
         if self.config.lora.lora_rank > 0:
             # The adapter alone, a few hundred MB at most: gathered on the ranks, handed to
-            # the router, which loads it on every live engine (by value) as a push.
+            # the router, which loads it on every live engine as a push: by value on
+            # furlong's servers, from disk on SGLang's (and on servers started elsewhere,
+            # which may be either).
             adapters = await asyncio.to_thread(wait_all, [
                 rank.adapter.remote(index == 0) for index, rank in enumerate(self.ranks)],
                 "trainer rank")
             config, named = adapters[0]
-            await engine.load_lora_adapter(ADAPTER_NAME, config, named, version)
+            await engine.load_lora_adapter(ADAPTER_NAME, config, named, version,
+                                           transport=adapter_transport(self.config))
             return
         targets = engine.push_targets()
         live = set(targets.urls)

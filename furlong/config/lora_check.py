@@ -5,7 +5,10 @@ The reference model under LoRA is the policy with its adapters disabled, so it i
 base, --hf-checkpoint, which the engines boot from too: a different --ref-load or a
 reference that moves (--ref-update-interval) would need a second model. Tensor
 parallelism adapts the sliced layers; sequence parallelism, context and pipeline
-parallelism and expert parallelism are not combined with adapters yet.
+parallelism and expert parallelism are not combined with adapters yet. Every engine
+takes the adapter, SGLang's included (started with its LoRA flags, config/sglang.py; the
+trainer's pushes load it through SGLang's LoRA endpoints, engine/weights/lora_send.py);
+only the trainer's push loads it, so a run without a trainer is refused.
 """
 from __future__ import annotations
 
@@ -65,15 +68,9 @@ def _same_path(a: str, b: str | None) -> bool:
 
 
 def _check_engines(config: Config) -> None:
-    """The adapter reaches furlong's engines by value from the trainer's push; SGLang's
-    servers take adapters in their own tensor format or from shared disk, which furlong
-    does not send yet."""
-    r = config.rollout
-    if r.rollout_backend == "sglang" or r.rollout_external:
-        flag = "--rollout-external" if r.rollout_external else "--rollout-backend sglang"
-        raise ConfigError(f"{flag} with --lora-rank is not supported yet: furlong sends the "
-                          "adapter in its own format, which SGLang servers do not read; use "
-                          "--rollout-backend fast (GPU) or hf")
+    """The engines get the adapter from the trainer's push (SGLang's servers too: IPC
+    handles on the trainer's GPU, else PEFT files on a disk they read), so a run with no
+    trainer would sample the base model."""
     if config.debug.debug_rollout_only:
         raise ConfigError("--debug-rollout-only with --lora-rank: the engines get the adapter "
                           "from the trainer's push, and this run has no trainer; drop one of "
