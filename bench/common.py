@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from pathlib import Path
 
@@ -21,6 +22,9 @@ QWEN3_SHAPES = {
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128),
     "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     tie_word_embeddings=False),
     # bench scripts' --cpu-check: the same code paths in seconds on a CPU
     "qwen3-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16),
@@ -38,16 +42,30 @@ QWEN3_MOE_SHAPES = {
 }
 
 
+def qwen3_config(name: str):
+    from transformers import Qwen3Config
+    shape = {"tie_word_embeddings": True, **QWEN3_SHAPES[name]}
+    return Qwen3Config(vocab_size=VOCAB, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                       eos_token_id=VOCAB - 1, pad_token_id=0, bos_token_id=None, **shape)
+
+
 def qwen3_model(name: str, dtype=torch.bfloat16, device="cuda", seed: int = 0):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    config = Qwen3Config(vocab_size=VOCAB, max_position_embeddings=40960, rms_norm_eps=1e-6,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-                         tie_word_embeddings=True, eos_token_id=VOCAB - 1, pad_token_id=0,
-                         bos_token_id=None, **QWEN3_SHAPES[name])
+    """Random-init float32 weights cast to `dtype` (the figures so far were taken on these)."""
+    from transformers import Qwen3ForCausalLM
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Qwen3ForCausalLM(config)
+        model = Qwen3ForCausalLM(qwen3_config(name))
     return model.to(dtype).eval()
+
+
+def qwen3_model_direct(name: str, dtype=torch.bfloat16, device="cuda", seed: int = 0):
+    """Random-init, built directly in `dtype` (an 8B model is 16 GB in bf16, 32 in float32)."""
+    from transformers import Qwen3ForCausalLM
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen3ForCausalLM._from_config(qwen3_config(name), dtype=dtype)
+    return model.eval()
 
 
 def qwen3_moe_model(name: str, num_layers: int | None = None, dtype=torch.bfloat16,
@@ -83,6 +101,15 @@ def synthetic_tokenizer(vocab_size: int = VOCAB):
     tokenizer.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=f"t{vocab_size - 1}",
                                    pad_token="t0", unk_token="t0")
+
+
+def write_prompts(path: Path, count: int, length: int, seed: int = 0) -> Path:
+    """`count` prompts of `length` words of the synthetic tokenizer, JSONL key "prompt"."""
+    rng = random.Random(seed)
+    path.write_text("".join(
+        json.dumps({"prompt": " ".join(f"t{rng.randrange(1, 150000)}" for _ in range(length))})
+        + "\n" for _ in range(count)))
+    return path
 
 
 def param_bytes(model) -> int:

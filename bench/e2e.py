@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import (device_name, qwen3_model, save_model_dir,  # noqa: E402
-                          synthetic_tokenizer, write_results)
+                          synthetic_tokenizer, write_prompts, write_results)
 
 
 def write_workload(directory: Path, steps: int, model: str = "qwen3-0.6b",
@@ -35,13 +34,8 @@ def write_workload(directory: Path, steps: int, model: str = "qwen3-0.6b",
     `prompt_len` words, each a token of the synthetic tokenizer."""
     model_dir = save_model_dir(qwen3_model(model, torch.float32, "cpu"),
                                directory / "model", synthetic_tokenizer())
-    rng = random.Random(0)
-    prompts = directory / "prompts.jsonl"
-    prompts.write_text("".join(
-        json.dumps({"prompt": " ".join(f"t{rng.randrange(1, 150000)}"
-                                       for _ in range(prompt_len))}) + "\n"
-        for _ in range(num_prompts * steps)))
-    return model_dir, prompts
+    return model_dir, write_prompts(directory / "prompts.jsonl", num_prompts * steps,
+                                    prompt_len)
 
 
 def run_train(model_dir: Path, prompts: Path, steps: int, run_dir: Path,

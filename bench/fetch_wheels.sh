@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Wheels for the GPU machine, which reaches no package index: run here, carry `.wheels`.
-#   bash bench/fetch_wheels.sh          # trl + datasets (e2e baseline), math-verify, liger-kernel
+#   bash bench/fetch_wheels.sh          # trl + datasets (e2e baseline), math-verify, liger-kernel,
+#                                       # peft (LoRA) with accelerate and psutil
 #   bash bench/fetch_wheels.sh --ray    # and ray without its Java jars (2-GPU benchmarks)
 # There: python3 -m pip install --no-deps --no-index .wheels/*.whl
 set -euo pipefail
@@ -12,7 +13,7 @@ download() {
         --platform manylinux_2_28_x86_64 -d .wheels "$@"
 }
 download trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 math-verify==0.9.0 \
-    liger-kernel==0.8.5 \
+    liger-kernel==0.8.5 peft==0.21.2 accelerate==1.16.0 psutil==7.2.2 \
     latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2
 if [[ "${1:-}" == "--ray" ]]; then
     # ray's needs that the GPU machine's image lacks (it has click, msgpack, protobuf, ...)

@@ -31,6 +31,7 @@ import torch
 from furlong import checkpoint
 from furlong.build import Run
 from furlong.output import dump
+from furlong.output.memory import PhaseMemory
 from furlong.output.plot import plot_rewards
 from furlong.output.progress import Progress
 from furlong.rollout.manager import RolloutResult
@@ -55,22 +56,26 @@ async def run_loop(run: Run, overlap: bool = False) -> dict:
     if run.num_rollout == 0 and run.manager.eval_datasets:
         return await evaluate(run, 0)
     progress = Progress(run.start_rollout, run.num_rollout)
+    memory = PhaseMemory(enabled=not overlap)
     pending: Generation | None = None
     for rollout_id in range(run.start_rollout, run.num_rollout):
         step_start = time.perf_counter()
         if (rollout_id == 0 and config.eval.eval_interval is not None
                 and not config.eval.skip_eval_before_train):
             last_eval = await evaluate(run, rollout_id)
-        pending = pending or start_generation(run, rollout_id)
-        rollout = await pending.task
+        peaks: dict = {}
+        with memory.measure("rollout", peaks):
+            pending = pending or start_generation(run, rollout_id)
+            rollout = await pending.task
         pending = None
-        metrics = {**rollout.metrics, **staleness(rollout, trainer_version=rollout_id)}
+        metrics = {**rollout.metrics, **staleness(rollout, trainer_version=rollout_id), **peaks}
         last = rollout_id + 1 == run.num_rollout
         if overlap and not last:
             pending = start_generation(run, rollout_id + 1)
         if rl_step is not None:
-            metrics.update(await train_rollout(run, rl_step, rollout_id, rollout.groups,
-                                               overlap))
+            with memory.measure("train", metrics):
+                metrics.update(await train_rollout(run, rl_step, rollout_id, rollout.groups,
+                                                   overlap))
         if should_save(run, rollout_id):
             save(run, rollout_id, pending.state_before if pending else run.manager.state_dict())
         if should_push(run, rollout_id, overlap):
@@ -78,7 +83,8 @@ async def run_loop(run: Run, overlap: bool = False) -> dict:
                 await asyncio.wait([pending.task])
             push_start = time.perf_counter()
             version = rollout_id + 1
-            await push_weights(run, version)
+            with memory.measure("update_weights", metrics):
+                await push_weights(run, version)
             metrics["perf/update_weights_time"] = time.perf_counter() - push_start
         if offloads_trainer(run, overlap):  # the engines generate next, on this device
             await asyncio.to_thread(run.trainer.offload)
