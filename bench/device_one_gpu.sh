@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device calls for issue 17's one-GPU figures (bench/one_gpu_grpo.py), by parts:
 #   bash bench/device_one_gpu.sh tests lora8b     # GPU tests of LoRA + the 8B LoRA run
-#   bash bench/device_one_gpu.sh full4b full8b    # full fine-tuning for comparison
+#   bash bench/device_one_gpu.sh full8b full4b    # full fine-tuning for comparison
+#   bash bench/device_one_gpu.sh full17b
 # Carries .wheels/ (peft, accelerate, psutil; math-verify, which train.py imports):
 # bash bench/fetch_wheels.sh
 set -uo pipefail
@@ -17,6 +18,7 @@ for part in "$@"; do case $part in
            tests/test_lora.py tests/test_lora_engine.py tests/test_lora_sglang.py 2>&1 \
            | grep -v Warn | tail -30 | tee "$OUT/gpu_tests.txt";;
   lora8b) bench lora8b 420 --model qwen3-8b --lora-rank 32;;
-  full4b) bench full4b 270 --model qwen3-4b;;
-  full8b) bench full8b 300 --model qwen3-8b --flags "--optimizer-cpu-offload";;
+  full8b) bench full8b 330 --model qwen3-8b --flags "--optimizer-cpu-offload";;
+  full4b) bench full4b 230 --model qwen3-4b;;
+  full17b) bench full17b 200 --model qwen3-1.7b;;
 esac; done

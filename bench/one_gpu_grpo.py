@@ -131,7 +131,8 @@ def run(args, directory: Path) -> dict:
         "max_peak_memory_gib": max(r.get(key, 0.0) for r in per_rollout for key in PHASES
                                    if key.endswith("peak_memory_gib")),
         "device_peak_gib": peak.peak_mib / 1024 if peak else None,
-        "per_rollout": [{key: r.get(key) for key in PHASES} for r in per_rollout],
+        "per_rollout": [{key: value for key, value in r.items()
+                         if key in PHASES or key.startswith("perf/")} for r in per_rollout],
     }
 
 

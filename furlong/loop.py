@@ -48,7 +48,7 @@ async def run_loop(run: Run, overlap: bool = False) -> dict:
     last_eval: dict = {}
     version = run.start_rollout  # of the weights the engines hold
     rl_step = None if run.trainer is None else RLStep(config.grpo, config.rollout, run.trainer,
-                                                     config.lora.lora_dropout)
+                                                     config.lora)
     if run.engine is not None and run.trainer is not None:
         await push_weights(run, version)
         if trainer_holds_pushed_weights(run, overlap):  # `version` as of the call

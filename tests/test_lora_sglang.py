@@ -17,7 +17,6 @@ import requests
 import torch
 
 from conftest import REPO, policy_config, train_argv
-from furlong.cluster.ray_trainer import adapter_transport
 from furlong.config.lora_check import check_lora
 from furlong.config.parser import parse_config
 from furlong.config.sglang import LoraServing, launch_server_args, lora_serving
@@ -181,6 +180,8 @@ def test_sglang_engines_take_adapters_and_only_a_run_without_trainer_is_refused(
 
 
 def test_ray_engines_get_the_adapter_by_value_only_when_they_are_furlongs(tiny):
+    pytest.importorskip("ray")  # the GPU machine has none
+    from furlong.cluster.ray_trainer import adapter_transport
     assert adapter_transport(lora_config(tiny)) == "value"
     assert adapter_transport(lora_config(tiny, "--rollout-backend", "sglang")) == "disk"
     assert adapter_transport(lora_config(tiny, "--rollout-external",

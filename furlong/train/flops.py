@@ -6,8 +6,10 @@ Per sample of L tokens with R response tokens, forward:
                                  the shared experts, not the experts it skips)
   2 * layers * L^2 * heads * d   causal attention (QK^T and AV, half the square each)
   2 * V * H * R                  output projection, only at response positions
-Training counts 3x forward (backward is twice the forward); recomputation is not
-counted (MFU measures useful work).
+Training counts 3x forward (backward is twice the forward: gradients of the activations
+and of the weights), or 2x when the base is frozen (--lora-rank: the backward computes the
+activations' gradients only; the adapters' own FLOPs, ~1% at rank 32, are not counted).
+Recomputation is not counted (MFU measures useful work).
 """
 from __future__ import annotations
 
@@ -58,10 +60,13 @@ def peak_flops(device_name: str) -> float | None:
 
 
 def train_throughput(hf_config, lengths: list[int], response_lengths: list[int],
-                     seconds: float, world_size: int, device: torch.device) -> dict:
+                     seconds: float, world_size: int, device: torch.device,
+                     frozen_base: bool = False) -> dict:
     """perf/tokens_per_gpu_per_sec, perf/actor_train_tflops and (on known GPUs) MFU of
-    `seconds` of training on samples of these lengths, over `world_size` ranks."""
-    flops = 3 * forward_flops(hf_config, lengths, response_lengths)
+    `seconds` of training on samples of these lengths, over `world_size` ranks;
+    `frozen_base`: only an adapter trains."""
+    passes = 2 if frozen_base else 3
+    flops = passes * forward_flops(hf_config, lengths, response_lengths)
     metrics = {"perf/tokens_per_gpu_per_sec": sum(lengths) / seconds / world_size,
                "perf/actor_train_tflops": flops / seconds / world_size / 1e12}
     if device.type == "cuda":

@@ -45,7 +45,7 @@ from statistics import mean
 import torch
 
 from furlong.algo import losses
-from furlong.config.groups import GrpoArgs, RolloutArgs
+from furlong.config.groups import GrpoArgs, LoraArgs, RolloutArgs
 from furlong.sample import Sample
 from furlong.train.advantage_estimator import compute_advantages
 from furlong.train.base import Trainer
@@ -97,11 +97,13 @@ class RLStep:
     rollout: RolloutArgs
     trainer: Trainer
     old_log_probs: OldLogProbs
+    lora: LoraArgs
 
     def __init__(self, grpo: GrpoArgs, rollout: RolloutArgs, trainer: Trainer,
-                 lora_dropout: float = 0.0):
+                 lora: LoraArgs | None = None):
         self.grpo, self.rollout, self.trainer = grpo, rollout, trainer
-        self.old_log_probs = old_log_probs_source(grpo, rollout, lora_dropout)
+        self.lora = lora or LoraArgs()
+        self.old_log_probs = old_log_probs_source(grpo, rollout, self.lora.lora_dropout)
 
     def __call__(self, rollout_id: int, groups: list[list[Sample]]) -> StepResult:
         samples = [s for group in groups for s in group]
@@ -119,7 +121,8 @@ class RLStep:
         rank = self.trainer.rank
         metrics.update(train_throughput(self.trainer.model_config, [len(t) for t in batch.tokens],
                                         batch.response_lengths, metrics["perf/actor_train_time"],
-                                        rank.world_size, rank.device))
+                                        rank.world_size, rank.device,
+                                        frozen_base=self.lora.enabled))
         interval = self.grpo.ref_update_interval
         if interval and self.trainer.has_reference and (rollout_id + 1) % interval == 0:
             self.trainer.update_reference()
