@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from furlong.cluster.placement import Placement
 from furlong.engine.fast import FastEngine
 from furlong.tiny import write_tiny
 from furlong.train.batch import TrainBatch
@@ -43,6 +44,12 @@ LONGEST_FIRST = ("test_cluster.py", "test_tiny_tools.py", "test_ray_runs.py", "t
                  "test_agentic.py", "test_openai_api.py", "test_sessions.py")
 
 
+def pytest_configure(config):
+    # pytest-xdist (3.7+) otherwise hands out the files with the most tests first, which
+    # puts the long files of few tests (LONGEST_FIRST) last, to end the run on one worker.
+    config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within files
@@ -52,6 +59,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# The widest layout of the Ray runs here: 2 colocated ranks of 2 CPUs each (or 2 trainer
+# ranks and 2 engines apart), so start_ray reserves 4 CPUs (or os.cpu_count(), if more).
+WIDEST_RAY_RUN = Placement(trainer_ranks=2, num_engines=2, devices_per_engine=1, device="cpu",
+                           colocate=True, in_process=False)
+
+
+@pytest.fixture
+def ray_cluster():
+    """A local Ray cluster that the Ray runs of one pytest process share: the first test
+    that asks starts it, train.py joins it (and leaves it up), Ray stops it at exit. Each
+    run saves Ray's start and stop, ~10 s of 2 cores. A test that leaves bundles reserved
+    (a run that failed half-way) stops it, so that it cannot starve the next."""
+    ray = pytest.importorskip("ray")
+    from ray.util.placement_group import placement_group_table
+
+    from furlong.cluster.ray_cluster import start_ray
+    start_ray(WIDEST_RAY_RUN)
+    yield
+    if any(group["state"] != "REMOVED" for group in placement_group_table().values()):
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -397,11 +397,10 @@ def test_colocate_turns_offload_on_unless_the_flags_say_otherwise(tiny):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # a hang guard: Ray runs on 2 loaded cores are slow
-def test_two_ranks_feed_one_colocated_engine_of_two_devices(grpo_argv, tmp_path):
+def test_two_ranks_feed_one_colocated_engine_of_two_devices(grpo_argv, tmp_path, ray_cluster):
     """Ray on CPU: furlong's server stands in for an engine of 2 devices (TP rank 0 of 2,
     so it refuses any request without both ranks' payloads); after every push it serves
     the trainer's weights, so its log-probs equal the trainer's."""
-    pytest.importorskip("ray")
     from furlong import cli
     from furlong.output.metrics import read_metrics
     argv = grpo_argv + ["--actor-num-gpus-per-node", "2", "--colocate",
@@ -411,5 +410,5 @@ def test_two_ranks_feed_one_colocated_engine_of_two_devices(grpo_argv, tmp_path)
     assert cli.main(argv) == 0
     rows = [row for row in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in row]
     assert len(rows) >= 2
-    # engines that miss a push are off by 3e-6 or more (tests/test_cluster.py)
+    # engines that miss a push are off by 3e-6 or more (tests/ray_weights.py)
     assert max(row["train/train_rollout_logprob_abs_diff"] for row in rows) < 1e-6
