@@ -18,7 +18,7 @@ for part in "$@"; do case $part in
            tests/test_lora.py tests/test_lora_engine.py tests/test_lora_sglang.py 2>&1 \
            | grep -v Warn | tail -30 | tee "$OUT/gpu_tests.txt";;
   lora8b) bench lora8b 420 --model qwen3-8b --lora-rank 32;;
-  full8b) bench full8b 330 --model qwen3-8b --flags "--optimizer-cpu-offload";;
+  full8b) bench full8b 330 --model qwen3-8b --flags=--optimizer-cpu-offload;;
   full4b) bench full4b 230 --model qwen3-4b;;
   full17b) bench full17b 200 --model qwen3-1.7b;;
 esac; done

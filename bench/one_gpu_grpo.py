@@ -2,7 +2,7 @@
 
     python bench/one_gpu_grpo.py --model qwen3-8b --lora-rank 32
     python bench/one_gpu_grpo.py --model qwen3-4b                  # full fine-tuning
-    python bench/one_gpu_grpo.py --model qwen3-8b --flags "--optimizer-cpu-offload"
+    python bench/one_gpu_grpo.py --model qwen3-8b --flags=--optimizer-cpu-offload
     python bench/one_gpu_grpo.py --model qwen3-tiny --lora-rank 8 --cpu-check
 
 train.py runs the whole loop in one process, the fast engine next to the trainer

@@ -6,7 +6,10 @@
         take rollout k (generated and scored by the RolloutManager)
         [async: start generating rollout k+1 now, on the current weights]
         train on it: old / ref log-probs, advantages, optimizer steps (train/rl_step.py)
+            [--offload-rollout: the engines' memory released for it]
         save every --save-interval rollouts and at the last one
+        [--offload-train: the optimizer state leaves the device; then the engines take
+            their memory back]
         every --update-weights-interval rollouts: [async: wait for the generation in
             flight, so that no generation mixes two weight versions] push weights
         [sync: start generating rollout k+1, on the new weights]
@@ -22,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from statistics import mean
 
@@ -78,6 +80,10 @@ async def run_loop(run: Run, overlap: bool = False) -> dict:
                                                    overlap))
         if should_save(run, rollout_id):
             save(run, rollout_id, pending.state_before if pending else run.manager.state_dict())
+        if offloads_trainer(run, overlap):  # the engines generate next, on this device:
+            await asyncio.to_thread(run.trainer.offload)  # their memory comes back after it
+        if rl_step is not None and releases_engine_memory(run, overlap):
+            await run.engine.resume_memory()
         if should_push(run, rollout_id, overlap):
             if pending is not None:  # the generation in flight finishes on the old weights
                 await asyncio.wait([pending.task])
@@ -86,8 +92,6 @@ async def run_loop(run: Run, overlap: bool = False) -> dict:
             with memory.measure("update_weights", metrics):
                 await push_weights(run, version)
             metrics["perf/update_weights_time"] = time.perf_counter() - push_start
-        if offloads_trainer(run, overlap):  # the engines generate next, on this device
-            await asyncio.to_thread(run.trainer.offload)
         metrics["perf/step_time"] = time.perf_counter() - step_start
         run.logger.log(rollout_id, metrics)
         progress.update(rollout_id, metrics)
@@ -141,14 +145,16 @@ async def train_rollout(run: Run, rl_step: RLStep, rollout_id: int,
                         groups: list[list[Sample]], overlap: bool) -> dict:
     """The RL step of one rollout, in a worker thread (the event loop goes on generating
     in async mode), on a trainer whose optimizer state is on the device and, with
-    --offload-rollout, next to engines that released their memory. Logs each optimizer
-    step; returns the rollout's metrics."""
+    --offload-rollout, next to engines that released their memory (they take it back in
+    run_loop once the trainer has offloaded its own). Logs each optimizer step; returns
+    the rollout's metrics."""
     start = time.time()
     mask_removed_samples(groups)
     if offloads_trainer(run, overlap):
         await asyncio.to_thread(run.trainer.reload)
-    async with engine_memory_released(run, overlap):
-        result = await asyncio.to_thread(rl_step, rollout_id, groups)
+    if releases_engine_memory(run, overlap):
+        await run.engine.release_memory()
+    result = await asyncio.to_thread(rl_step, rollout_id, groups)
     end = time.time()
     for row in result.optimizer_steps:
         run.logger.log(rollout_id, row)
@@ -188,18 +194,6 @@ def releases_engine_memory(run: Run, overlap: bool) -> bool:
     """--offload-rollout: the engines free their KV cache and weights while the trainer
     trains on the same devices (colocated, synchronous runs)."""
     return run.config.cluster.offload_rollout and run.engine is not None and not overlap
-
-
-@asynccontextmanager
-async def engine_memory_released(run: Run, overlap: bool):
-    release = releases_engine_memory(run, overlap)
-    if release:
-        await run.engine.release_memory()
-    try:
-        yield
-    finally:
-        if release:
-            await run.engine.resume_memory()
 
 
 def staleness(rollout: RolloutResult, trainer_version: int) -> dict:
