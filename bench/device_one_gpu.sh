@@ -14,11 +14,11 @@ bench() { local name=$1 limit=$2; shift 2
   timeout "$limit" python3 bench/one_gpu_grpo.py "$@" > "$OUT/$name.txt" 2>&1
   echo "== $name rc=$?"; grep -v Warn "$OUT/$name.txt" | tail -25; }
 for part in "$@"; do case $part in
-  tests) timeout 170 python3 -u -m pytest -v -p no:cacheprovider -m gpu tests/test_phase_memory.py \
+  tests) timeout 160 python3 -u -m pytest -v -p no:cacheprovider -m gpu tests/test_phase_memory.py \
            tests/test_lora.py tests/test_lora_engine.py tests/test_lora_sglang.py 2>&1 \
            | grep -v Warn | tail -30 | tee "$OUT/gpu_tests.txt";;
   lora8b) bench lora8b 420 --model qwen3-8b --lora-rank 32;;
   full8b) bench full8b 330 --model qwen3-8b --flags=--optimizer-cpu-offload;;
-  full4b) bench full4b 230 --model qwen3-4b;;
+  full4b) bench full4b 240 --model qwen3-4b;;
   full17b) bench full17b 200 --model qwen3-1.7b;;
 esac; done

@@ -150,10 +150,10 @@ async def train_rollout(run: Run, rl_step: RLStep, rollout_id: int,
     the rollout's metrics."""
     start = time.time()
     mask_removed_samples(groups)
+    if releases_engine_memory(run, overlap):  # first: one GPU may hold only one of them
+        await run.engine.release_memory()
     if offloads_trainer(run, overlap):
         await asyncio.to_thread(run.trainer.reload)
-    if releases_engine_memory(run, overlap):
-        await run.engine.release_memory()
     result = await asyncio.to_thread(rl_step, rollout_id, groups)
     end = time.time()
     for row in result.optimizer_steps:
