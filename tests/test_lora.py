@@ -16,6 +16,7 @@ from furlong.config.flag import has_no_effect
 from furlong.config.groups import LoraArgs, flag_fields
 from furlong.config.lora_check import check_lora
 from furlong.config.parser import ConfigError, parse_config
+from furlong.config.sglang import LoraServing
 from furlong.model import lora
 from furlong.model.loading import load_hf_model
 from furlong.model.lora_files import CONFIG_FILE, save_adapter
@@ -384,4 +385,5 @@ def test_auto_backend_never_picks_sglang_for_an_adapter(monkeypatch):
     monkeypatch.setattr(factory.importlib.util, "find_spec", lambda name: object())
     gpu = torch.device("cuda")
     assert factory.resolve_backend(factory.EngineOptions(), gpu) == "sglang"
-    assert factory.resolve_backend(factory.EngineOptions(lora=True), gpu) == "auto"
+    serving = LoraServing(32, ("q_proj",), lora.ADAPTER_NAME)
+    assert factory.resolve_backend(factory.EngineOptions(lora=serving), gpu) == "auto"

@@ -169,6 +169,22 @@ def test_the_servers_adapt_the_modules_the_trainer_adapts(tiny):
         "down_proj", "--max-loras-per-batch", "1"]
 
 
+def test_a_runs_launched_servers_get_its_adapter_flags(tiny):
+    """The path of a real run: the flags become EngineOptions, then the servers' spec."""
+    from dataclasses import replace
+
+    from furlong.config import load_config
+    from furlong.engine import factory
+    config, _ = load_config(train_argv(tiny, *LORA, "--rollout-backend", "sglang"))
+    options = replace(factory.engine_options(config, shares_device=False),
+                      server_module="furlong.engine.serve")
+    spec = factory.server_spec(str(tiny / "model"), options, torch.device("cpu"))
+    assert spec.lora == lora_serving(config)
+    argv = server_command(spec, 30001)
+    assert argv[argv.index("--max-lora-rank") + 1] == "4"
+    assert "--enable-lora" in argv
+
+
 def test_sglang_engines_take_adapters_and_only_a_run_without_trainer_is_refused(tiny):
     """The refusal of SGLang engines under --lora-rank is gone; --debug-rollout-only
     (nothing would push the adapter) is still refused."""

@@ -24,6 +24,7 @@ import torch
 
 from furlong.config.groups import MIB, Config, SglangArgs
 from furlong.config.model_check import read_hf_config
+from furlong.config.sglang import LoraServing, lora_serving
 from furlong.engine.base import Engine
 from furlong.engine.fast import FastEngine, supports
 from furlong.engine.hf_engine import HFEngine
@@ -54,7 +55,7 @@ class EngineOptions:
     update_weight_buffer_size: int = 512 * MIB
     offload: bool = False                    # --offload-rollout: engines release memory
     api_key: str | None = None               # the servers' --api-key (--sglang-api-key)
-    lora: bool = False                       # --lora-rank: engines that take adapters
+    lora: LoraServing | None = None          # --lora-rank: the adapter the engines serve
 
 
 def engine_options(config: Config, shares_device: bool,
@@ -74,14 +75,15 @@ def engine_options(config: Config, shares_device: bool,
         external_engine_addrs=tuple(r.rollout_external_engine_addrs or ()) if r.rollout_external
         else (), update_weight_buffer_size=r.update_weight_buffer_size,
         offload=config.cluster.offload_rollout, api_key=sglang.api_key,
-        lora=config.lora.lora_rank > 0,
+        lora=lora_serving(config),
         return_routed_experts=replay, routed_experts_top_k=read_hf_config(
             config.ckpt.hf_checkpoint).get("num_experts_per_tok") if replay else None)
 
 
 def resolve_backend(options: EngineOptions, device: torch.device) -> str:
-    """auto -> sglang if importable on a GPU (not under --lora-rank: adapters reach
-    furlong's engines only, config/lora_check.py); the in-process choice is made later."""
+    """auto -> sglang if importable on a GPU (not under --lora-rank: SGLang takes the
+    adapter with --rollout-backend sglang, a path not yet run against real SGLang, while
+    furlong's engines' LoRA path has been); the in-process choice is made later."""
     if options.backend not in ("auto", "hf", "fast", "sglang"):
         raise ValueError(f"--rollout-backend {options.backend}: use auto, sglang, fast or hf")
     if options.backend == "auto" and device.type == "cuda" and not options.lora \
@@ -133,7 +135,8 @@ def server_spec(model_path: str, options: EngineOptions, device: torch.device) -
     return ServerSpec(model_path, options.sglang, options.seed, module=options.server_module,
                       mem_fraction_static=(options.mem_fraction_static or 0.3) if colocated
                       else None, accept_ipc_weights=colocated, memory_saver=options.offload,
-                      api_key=options.api_key, return_routed_experts=options.return_routed_experts)
+                      api_key=options.api_key, return_routed_experts=options.return_routed_experts,
+                      lora=options.lora)
 
 
 def launch_servers(model_path: str, options: EngineOptions, device: torch.device) -> Engine:
