@@ -90,7 +90,8 @@ class TPGather(Protocol):
         """Every member's payload, in TP order, at the source; None at the others."""
 
     def share(self, error: str | None) -> str | None:
-        """The source's `error` (None: the engine loaded the bucket), at every member."""
+        """The bucket's outcome, at every member: the source's `error`, or a failure of
+        another engine the same push feeds (None: every engine loaded the bucket)."""
 
 
 class WeightSender(Protocol):
@@ -211,7 +212,8 @@ class TensorSender:
     def _fan_out(self, payload: str, servers: Servers, version: int | None) -> None:
         """This rank's part of one bucket of the colocated fan-out: the payloads meet at
         the source, which posts them as one request; every member then learns its outcome
-        (and so keeps its bucket alive until the engine has loaded it)."""
+        (and so keeps its bucket alive until the engine has loaded it), and stops with the
+        push when any engine's load failed."""
         gather = self.tp_gather
         payloads = gather.gather(payload)
         failure = None
@@ -228,7 +230,7 @@ class TensorSender:
         if failure is not None:
             raise failure
         if shared is not None:
-            raise RuntimeError(f"the engine this rank feeds did not load a bucket: {shared}")
+            raise RuntimeError(f"a bucket of this push was not loaded: {shared}")
 
     def close(self) -> None:
         pass  # nothing is kept between pushes
