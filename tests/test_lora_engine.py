@@ -342,6 +342,12 @@ def test_the_scaling_multiplies_in_bf16_only_while_exact_there():
     mask = adapters.mask(torch.tensor([1, -1]))
     assert mask.scale.dtype == torch.float32
     assert mask.scale[:, 0].tolist() == [pytest.approx(1.025), 0.0]
+    # unloading the inexact one switches back to bf16: graphs go again; unloading another
+    # keeps the dtype, and the graphs
+    assert adapters.unload("b") == (1, True)
+    assert adapters.slots.scale_dtype == torch.bfloat16
+    assert adapters.load("b", config(lora_alpha=4.1), tensors)
+    assert adapters.unload("a") == (0, False)
 
 
 def test_adapter_configs_the_engines_do_not_compute_are_refused():

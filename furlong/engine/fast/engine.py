@@ -175,7 +175,7 @@ class FastEngine:
     def _unload_lora(self, name: str) -> None:
         with self._lock:
             self._take_requests()
-            slot = self.lora.unload(name)
+            slot = self.runner.unload_lora(name)
             self._abort([seq for seq in list(self.scheduler.running) + list(self.scheduler.waiting)
                          if seq.lora_slot == slot])
 

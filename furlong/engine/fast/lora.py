@@ -260,12 +260,15 @@ class LoraAdapters:
         self.names[name] = slot
         return rebuilt
 
-    def unload(self, name: str) -> int:
-        """Forget adapter `name` (its slot zeroed); returns the slot it had."""
+    def unload(self, name: str) -> tuple[int, bool]:
+        """Forget adapter `name` (its slot zeroed); returns the slot it had and whether
+        captured graphs must go (the scaling's dtype changed: the others' scalings are
+        now all exact in the model's dtype)."""
         check_lora_path(name, self.names, "lora_name")
         slot = self.names.pop(name)
+        scale_dtype = self.slots.scale_dtype
         self.slots.unload(slot)
-        return slot
+        return slot, self.slots.scale_dtype != scale_dtype
 
     def slot(self, name: str | None) -> int:
         """The adapter slot of `name` (-1 for None, the base model); KeyError if unloaded."""

@@ -110,6 +110,14 @@ class ModelRunner:
         if self.model.lora.load(name, config, named_tensors):
             self.graphs.clear()
 
+    def unload_lora(self, name: str) -> int:
+        """Forget adapter `name`; returns its slot (graphs dropped when the scaling's
+        dtype changes)."""
+        slot, stale = self.model.lora.unload(name)
+        if stale:
+            self.graphs.clear()
+        return slot
+
     @staticmethod
     def block_bytes(hf_model, block_size: int) -> int:
         """Bytes of one KV block, with its routes (int32 ids per MoE layer and top-k)."""
