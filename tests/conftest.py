@@ -36,8 +36,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # The files of the longest runs (Ray, end to end, spawned ranks), longest first: xdist
 # hands out files in collection order, so these start at once instead of ending the run.
-LONGEST_FIRST = ("test_cluster.py", "test_tiny_tools.py", "test_ray_runs.py", "test_e2e.py",
-                 "test_sglang.py", "test_lora.py", "test_context_parallel.py",
+LONGEST_FIRST = ("test_tiny_tools.py", "test_e2e.py", "test_ray_runs_failures.py",
+                 "test_cluster_sync.py", "test_sglang.py", "test_ray_runs.py",
+                 "test_cluster_servers.py", "test_lora.py", "test_context_parallel.py",
                  "test_expert_parallel.py", "test_pipeline_parallel.py",
                  "test_colocated_engines.py", "test_optimizer_offload.py",
                  "test_lora_parallel.py", "test_miles_hooks.py", "test_lora_engine.py",
