@@ -214,4 +214,4 @@ def restore(run: Run, directory: Path) -> None:
     log.info("resuming from %s", directory)
     if run.trainer is not None:
         run.trainer.restore(directory)
-    run.manager.load_state_dict(checkpoint.read_json(directory / "rollout.json"))
+    run.manager.load_state_dict(checkpoint.read_rollout_state(directory))

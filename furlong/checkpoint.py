@@ -5,6 +5,8 @@
                                     --no-save-optim; train/optimizer_state.py)
     SAVE/iter_0000007/rng_rank0.pt  python / torch / cuda RNG states, world and TP size
     SAVE/iter_0000007/rollout.json  data position, group counter, partial-rollout buffer
+    SAVE/iter_0000007/rollout_tensors.pt  the tensors of that buffer's samples (routed
+                                    experts, hook-added tensors), when there are any
     SAVE/iter_0000007/args.json     the command line and resolved flags
     SAVE/latest_checkpointed_iteration.txt   "7", written last
 
@@ -148,3 +150,45 @@ def write_json(path: Path, value) -> None:
 
 def read_json(path: Path):
     return json.loads(path.read_text())
+
+
+ROLLOUT_STATE, ROLLOUT_TENSORS = "rollout.json", "rollout_tensors.pt"
+TENSOR_KEY = "__tensor__"  # {"__tensor__": i}: the i-th tensor of ROLLOUT_TENSORS
+
+
+def write_rollout_state(directory: Path, state: dict) -> None:
+    """The rollout manager's state: JSON, with its tensors beside it in a .pt file (JSON
+    would turn them into their printed form)."""
+    tensors: list[torch.Tensor] = []
+    write_json(directory / ROLLOUT_STATE, split_tensors(state, tensors))
+    if tensors:
+        torch.save(tensors, directory / ROLLOUT_TENSORS)
+
+
+def read_rollout_state(directory: Path) -> dict:
+    tensors_file = directory / ROLLOUT_TENSORS
+    tensors = load_state(tensors_file) if tensors_file.is_file() else []
+    return join_tensors(read_json(directory / ROLLOUT_STATE), tensors)
+
+
+def split_tensors(value, tensors: list):
+    """`value` with each tensor appended to `tensors` and replaced by its place there."""
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return {TENSOR_KEY: len(tensors) - 1}
+    if isinstance(value, dict):
+        return {key: split_tensors(item, tensors) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [split_tensors(item, tensors) for item in value]
+    return value
+
+
+def join_tensors(value, tensors: list):
+    """The inverse of `split_tensors`."""
+    if isinstance(value, dict):
+        if set(value) == {TENSOR_KEY}:
+            return tensors[value[TENSOR_KEY]]
+        return {key: join_tensors(item, tensors) for key, item in value.items()}
+    if isinstance(value, list):
+        return [join_tensors(item, tensors) for item in value]
+    return value

@@ -265,7 +265,7 @@ def save(run: Run, rollout_id: int, rollout_state: dict) -> None:
     def write(directory):
         trainer.save(directory, save_optimizer=not config.ckpt.no_save_optim)
         run.tokenizer.save_pretrained(directory / "model")
-        checkpoint.write_json(directory / "rollout.json", rollout_state)
+        checkpoint.write_rollout_state(directory, rollout_state)
         checkpoint.write_json(directory / "args.json",
                               {"argv": run.argv, "sources": run.config.sources})
 

@@ -122,3 +122,33 @@ def test_optimizer_state_of_another_shape_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"optimizer: the saved exp_avg of w is \(4, 2\), "
                                          r"the parameter \(3, 2\)"):
         optimizer_state.restore(tmp_path / "optimizer", [("w", param)], optimizer)
+
+
+def test_buffered_samples_keep_their_tensors_through_a_checkpoint(tmp_path):
+    """A partial-rollout buffer's routed experts (int32, routing replay) and a tensor a hook
+    added come back as the same tensors, not as their printed form."""
+    import numpy
+
+    from furlong.sample import Sample
+    routes = torch.randint(0, 8, (5, 2, 2), dtype=torch.int32)
+    sample = Sample(group_index=3, tokens=[1, 2, 3, 4, 5, 6], response_length=2,
+                    rollout_log_probs=[-0.5, -0.25], rollout_routed_experts=routes)
+    sample.hook_scores = numpy.array([0.5, 1.5])
+    state = {"dataset": {"epoch": 1, "offset": 4}, "next_group_index": 4,
+             "buffer": [[sample.to_dict(), Sample(group_index=3).to_dict()]]}
+    checkpoint.write_rollout_state(tmp_path, state)
+    back = checkpoint.read_rollout_state(tmp_path)
+    assert back["dataset"] == {"epoch": 1, "offset": 4} and back["next_group_index"] == 4
+    restored = Sample.from_dict(back["buffer"][0][0])
+    assert restored.rollout_routed_experts.dtype == torch.int32
+    assert torch.equal(restored.rollout_routed_experts, routes)
+    assert torch.equal(restored.hook_scores, torch.tensor([0.5, 1.5], dtype=torch.float64))
+    assert restored.rollout_log_probs == [-0.5, -0.25] and restored.tokens[-1] == 6
+    assert Sample.from_dict(back["buffer"][0][1]).rollout_routed_experts is None
+
+
+def test_a_rollout_state_without_tensors_is_json_alone(tmp_path):
+    checkpoint.write_rollout_state(tmp_path, {"dataset": None, "next_group_index": 0,
+                                              "buffer": []})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rollout.json"]
+    assert checkpoint.read_rollout_state(tmp_path)["buffer"] == []
