@@ -119,3 +119,21 @@ def test_custom_tis_hook_weights_the_policy_loss(tiny, tmp_path, monkeypatch):
 def test_missing_tis_hook_is_a_startup_error(tiny):
     with pytest.raises(ConfigError, match="--custom-tis-function-path no_such_module.tis"):
         load_config(train_argv(tiny, use_tis=True, custom_tis_function_path="no_such_module.tis"))
+
+
+def test_forwarded_sglang_flags_are_miles_args_sglang_attributes(tiny):
+    """--sglang-X goes to the servers and, as in Miles, to hooks as args.sglang_X (typed:
+    numbers, switches, lists); furlong's own --sglang-server-concurrency keeps its flag."""
+    config, _ = load_config(train_argv(tiny) + [
+        "--sglang-mem-fraction-static", "0.7", "--sglang-enable-deterministic-inference",
+        "--sglang-cuda-graph-bs", "1", "2", "4", "--sglang-attention-backend", "fa3",
+        "--sglang-dp-size", "2", "--sglang-server-concurrency", "64"])
+    args = HookArgs(config)
+    assert args.sglang_mem_fraction_static == 0.7
+    assert args.sglang_enable_deterministic_inference is True
+    assert args.sglang_cuda_graph_bs == [1, 2, 4]
+    assert args.sglang_attention_backend == "fa3"
+    assert args.sglang_dp_size == 2
+    assert args.sglang_server_concurrency == 64
+    with pytest.raises(AttributeError, match="sglang_tp_size"):
+        args.sglang_tp_size

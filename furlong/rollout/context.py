@@ -6,7 +6,8 @@ needs to act: `engine` (async `generate(input_ids, SamplingParams)`, called from
 run's event loop), `tokenizer`, `config` (the typed tree), the keys of
 --custom-config-path's YAML, and Miles' `sglang_router_ip` / `sglang_router_port`: the
 address of an SGLang router over the run's engine (rollout/router_front.py; None where
-the run has no engine). It cannot be changed, so a hook cannot alter the run's
+the run has no engine), and each --sglang-X flag forwarded to the servers as Miles'
+`args.sglang_X`. It cannot be changed, so a hook cannot alter the run's
 configuration behind the loop's back.
 """
 from __future__ import annotations
@@ -29,6 +30,9 @@ class HookArgs:
         # Miles' name (its argparse dest) for --disable-rollout-global-dataset, which its
         # rollout function asserts.
         values["rollout_global_dataset"] = not values["disable_rollout_global_dataset"]
+        # --sglang-X flags furlong forwards to the servers: Miles' args.sglang_X
+        for name, tokens in config.sglang.passthrough:
+            values.setdefault("sglang_" + name.replace("-", "_"), passthrough_value(tokens))
         # --custom-config-path: its keys that name no flag become attributes, as in Miles
         values.update(read_custom_config(config.rollout.custom_config_path))
         object.__setattr__(self, "_values", values)
@@ -41,3 +45,21 @@ class HookArgs:
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"args is read-only (tried to set {name!r})")
+
+
+def passthrough_value(tokens: tuple[str, ...]) -> Any:
+    """A forwarded flag's value as argparse would have typed it: True for a bare switch,
+    numbers as numbers, several values as a list."""
+    if not tokens:
+        return True
+    values = [_number(token) for token in tokens]
+    return values[0] if len(values) == 1 else values
+
+
+def _number(token: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(token)
+        except ValueError:
+            pass
+    return token
