@@ -95,6 +95,7 @@ def hook_args(served: Served, agent: str) -> SimpleNamespace:
 
 def run(served: Served, agent: str, params: dict | None = None):
     sample = Sample(group_index=4, index=2, prompt=USER, label="sunny", metadata={"row": 9})
+    sample.hook_note = ["set by a hook"]  # an attribute a Miles hook added
     return asyncio.run(agentic.generate(hook_args(served, agent), sample, params or PARAMS))
 
 
@@ -111,6 +112,7 @@ def test_an_openai_agent_with_a_tool_becomes_a_sample_of_the_sampled_tokens(serv
     assert sample.status == Status.COMPLETED and sample.validate() is None
     assert (sample.group_index, sample.index, sample.label, sample.prompt) == \
         (4, 2, "sunny", USER)
+    assert sample.hook_note == ["set by a hook"]
     # The sampling params reach the engine, OpenAI's by keyword and SGLang's in extra_body.
     assert {(p.temperature, p.top_k, p.max_new_tokens, p.sampling_seed)
             for p in engine.params} == {(1.0, 5, 64, 7)}
@@ -154,6 +156,8 @@ def test_a_rewritten_history_gives_one_sample_per_trajectory_in_the_group(serve)
     assert samples[0].rollout_log_probs == pytest.approx(log_probs(0, len(ANSWER)))
     assert samples[1].rollout_log_probs == pytest.approx(log_probs(1, len(ANSWER)))
     assert {(s.group_index, s.index, s.label) for s in samples} == {(4, 2, "sunny")}
+    assert [s.hook_note for s in samples] == [["set by a hook"]] * 2
+    assert samples[0].hook_note is not samples[1].hook_note  # each sample its own copy
 
 
 def test_agent_mistakes_are_named(serve):
@@ -165,3 +169,17 @@ def test_agent_mistakes_are_named(serve):
                            custom_agent_function_path=None, max_seq_len=None)
     with pytest.raises(ValueError, match="--custom-agent-function-path"):
         asyncio.run(agentic.generate(args, Sample(prompt=USER), PARAMS))
+
+
+def test_routing_replay_with_an_agent_is_refused_at_startup():
+    """Sessions do not record routes yet: refused before any sample, naming both."""
+    from types import SimpleNamespace as Namespace
+
+    from furlong.build import check_generate_setup
+    config = Namespace(rollout=Namespace(), grpo=Namespace(use_rollout_routing_replay=True))
+    hooks = Namespace(generate=agentic.generate, agent=tool_agent)
+    with pytest.raises(ValueError, match="--use-rollout-routing-replay with "
+                       "furlong.rollout.agentic:generate is not supported yet"):
+        check_generate_setup(config, hooks)
+    config.grpo.use_rollout_routing_replay = False
+    check_generate_setup(config, hooks)

@@ -19,14 +19,18 @@ For each sample, `generate`
      mask 1 on sampled tokens only, the engine's log-probs;
   4. deletes the session, whatever happened (DELETE /sessions/{id}).
 
-Each trajectory becomes a Sample with the input's group_index, index, label and prompt;
-its metadata is the input's, updated with the session's (messages, finish_reason,
-num_turns, retokenize_mismatch_tokens, tool_call_parse_errors), then with the dict the
-agent returned, so the reward function reads what the agent left there. One trajectory
-gives a Sample; several (the agent rewrote the history, which starts a new trajectory)
-a list, all in the prompt's group. An agent that never called the model gives the sample
-back ABORTED (as Miles does): its group is dropped from the rollout. An exception of the
-agent is not caught: a broken agent stops the run, after its session is deleted.
+Each trajectory becomes a copy of the input Sample (group_index, index, label, prompt and
+any attribute a hook added) with the trajectory's tokens, mask and log-probs; its
+metadata is the input's, updated with the session's (messages, finish_reason, num_turns,
+retokenize_mismatch_tokens, tool_call_parse_errors), then with the dict the agent
+returned, so the reward function reads what the agent left there. One trajectory gives a
+Sample; several (the agent rewrote the history, which starts a new trajectory) a list,
+all in the prompt's group. An agent that never called the model gives the sample back
+ABORTED (as Miles does): its group is dropped from the rollout. An exception of the agent
+is not caught: a broken agent stops the run, after its session is deleted.
+
+Sessions do not record the engine's routes, so --use-rollout-routing-replay is refused
+with this generate function (build.py, at startup).
 
 The agent runs in the event loop of the rollout, which also serves the engine and the
 session routes: it must await its I/O (openai.AsyncOpenAI, aiohttp, httpx.AsyncClient).
@@ -36,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import dataclasses
 import logging
 
 import aiohttp
@@ -127,15 +130,18 @@ def openai_client_kwargs(request_kwargs: dict) -> dict:
 
 
 def _sample(sample: Sample, trajectory: dict, agent_metadata: dict) -> Sample:
-    """One of the session's trajectories as a Sample of the input's prompt and group."""
-    base = copy.deepcopy(sample)
-    return dataclasses.replace(
-        base, tokens=trajectory["tokens"], response=trajectory["response"],
-        response_length=trajectory["response_length"], loss_mask=trajectory["loss_mask"],
-        rollout_log_probs=trajectory["rollout_log_probs"],
-        status=Status(trajectory["status"]),
-        weight_versions=list(trajectory["weight_versions"]),
-        metadata={**base.metadata, **trajectory["metadata"], **copy.deepcopy(agent_metadata)})
+    """One of the session's trajectories as a Sample of the input's prompt and group (a
+    copy of the input, so attributes hooks added to it stay)."""
+    trained = copy.deepcopy(sample)
+    trained.tokens, trained.response = trajectory["tokens"], trajectory["response"]
+    trained.response_length = trajectory["response_length"]
+    trained.loss_mask = trajectory["loss_mask"]
+    trained.rollout_log_probs = trajectory["rollout_log_probs"]
+    trained.status = Status(trajectory["status"])
+    trained.weight_versions = list(trajectory["weight_versions"])
+    trained.metadata = {**trained.metadata, **trajectory["metadata"],
+                        **copy.deepcopy(agent_metadata)}
+    return trained
 
 
 async def _call(http: aiohttp.ClientSession, method: str, url: str,
