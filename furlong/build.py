@@ -132,11 +132,6 @@ def check_generate_setup(config: Config, hooks: Hooks) -> None:
                          "the agent that --custom-agent-function-path names: give it "
                          "(module:function, async fn(base_url, prompt, request_kwargs, "
                          "metadata) -> dict | None)")
-    if hooks.generate is agentic.generate and config.grpo.use_rollout_routing_replay:
-        raise ValueError("--use-rollout-routing-replay with furlong.rollout.agentic:generate is "
-                         "not supported yet: agent sessions do not record the engine's routes; "
-                         "drop it, or use the multi-turn generate "
-                         "(furlong.rollout.multi_turn:generate), which replays them")
 
 
 def build_router(config: Config, engine: Engine | None,

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import openai
 import pytest
+import torch
 from test_multi_turn import ANSWER, CALL, TOKENIZER, USER, log_probs, tool_reply, weather
 from test_openai_api import TOOLS, ScriptedEngine, Served, chat_prompt
 
@@ -171,15 +172,43 @@ def test_agent_mistakes_are_named(serve):
         asyncio.run(agentic.generate(args, Sample(prompt=USER), PARAMS))
 
 
-def test_routing_replay_with_an_agent_is_refused_at_startup():
-    """Sessions do not record routes yet: refused before any sample, naming both."""
-    from types import SimpleNamespace as Namespace
 
-    from furlong.build import check_generate_setup
-    config = Namespace(rollout=Namespace(), grpo=Namespace(use_rollout_routing_replay=True))
-    hooks = Namespace(generate=agentic.generate, agent=tool_agent)
-    with pytest.raises(ValueError, match="--use-rollout-routing-replay with "
-                       "furlong.rollout.agentic:generate is not supported yet"):
-        check_generate_setup(config, hooks)
-    config.grpo.use_rollout_routing_replay = False
-    check_generate_setup(config, hooks)
+def routes_of(positions: int) -> torch.Tensor:
+    """Made-up MoE routes (2 layers, top-2) of a sequence's first `positions` tokens, each
+    token's ids telling its position."""
+    index = torch.arange(positions, dtype=torch.int32)[:, None, None]
+    return (index + torch.arange(4, dtype=torch.int32).view(1, 2, 2)) % 64
+
+
+class RoutingEngine(ScriptedEngine):
+    """Also returns the routes of every token of prompt + response but the last."""
+
+    async def generate(self, input_ids, params, return_routed_experts=False):
+        output = await super().generate(input_ids, params)
+        if return_routed_experts:
+            output.routed_experts = routes_of(len(input_ids) + len(output.output_ids) - 1)
+        return output
+
+
+@pytest.mark.parametrize("max_seq_len", [None, 20])
+def test_sessions_of_a_routing_replay_run_carry_the_routes_of_every_token(max_seq_len):
+    """The server (as the run's router front under --use-rollout-routing-replay) asks for
+    the routes each turn; the sample carries the last turn's, which cover every token but
+    the last, cut with the tokens by max_seq_len."""
+    engine = RoutingEngine(TOKENIZER, [CALL, ANSWER])
+    served = Served(engine, TOKENIZER, return_routed_experts=True)
+    try:
+        args = hook_args(served, "tool_agent")
+        args.max_seq_len = max_seq_len
+        sample = asyncio.run(agentic.generate(args, Sample(prompt=USER), PARAMS))
+    finally:
+        served.stop()
+    assert sample.rollout_routed_experts.dtype == torch.int32
+    assert torch.equal(sample.rollout_routed_experts, routes_of(len(sample.tokens) - 1))
+    if max_seq_len is not None:
+        assert len(sample.tokens) == max_seq_len
+
+
+def test_sessions_record_no_routes_unless_asked(serve):
+    served, _ = serve([CALL, ANSWER])
+    assert run(served, "tool_agent").rollout_routed_experts is None

@@ -29,8 +29,8 @@ all in the prompt's group. An agent that never called the model gives the sample
 ABORTED (as Miles does): its group is dropped from the rollout. An exception of the agent
 is not caught: a broken agent stops the run, after its session is deleted.
 
-Sessions do not record the engine's routes, so --use-rollout-routing-replay is refused
-with this generate function (build.py, at startup).
+With --use-rollout-routing-replay the session routes record the engine's MoE routes
+(the run's router front asks for them), and each sample carries its trajectory's.
 
 The agent runs in the event loop of the rollout, which also serves the engine and the
 session routes: it must await its I/O (openai.AsyncOpenAI, aiohttp, httpx.AsyncClient).
@@ -44,6 +44,7 @@ import logging
 
 import aiohttp
 
+from furlong.engine.client import decode_routed_experts
 from furlong.engine.server.openai_request import CHAT_FIELDS
 from furlong.hooks import load_function
 from furlong.sample import Sample, Status
@@ -141,6 +142,10 @@ def _sample(sample: Sample, trajectory: dict, agent_metadata: dict) -> Sample:
     trained.weight_versions = list(trajectory["weight_versions"])
     trained.metadata = {**trained.metadata, **trajectory["metadata"],
                         **copy.deepcopy(agent_metadata)}
+    if trajectory.get("rollout_routed_experts") is not None:  # routing replay
+        tokens, _, top_k = trajectory["routed_experts_shape"]
+        trained.rollout_routed_experts = decode_routed_experts(
+            trajectory["rollout_routed_experts"], tokens, top_k)
     return trained
 
 

@@ -58,7 +58,7 @@ class RouterFront:
     over `engine`, on 127.0.0.1 at `port`. `vocab_size` bounds the token ids of requests
     (given: an EngineRouter has no model in this process); `model_name` is the id /v1/models
     lists, `max_context_len` bounds prompt plus response on the /v1 routes;
-    `return_routed_experts`: requests may ask for the routes."""
+    `return_routed_experts`: requests may ask for the routes, and sessions record them."""
 
     def __init__(self, engine: Engine, tokenizer, vocab_size: int, model_name: str,
                  max_context_len: int, return_routed_experts: bool = False):
@@ -69,7 +69,7 @@ class RouterFront:
             engine, tokenizer, vocab_size, lambda: getattr(engine, "weight_version", None) or 0,
             return_routed_experts)
         self.openai = OpenAIRoutes(engine, tokenizer, vocab_size, model_name, max_context_len)
-        self.sessions = SessionRoutes(self.openai)
+        self.sessions = SessionRoutes(self.openai, return_routed_experts)
         self._runner: web.AppRunner | None = None
 
     @property

@@ -87,7 +87,7 @@ class EngineServer:
         self.openai = OpenAIRoutes(engine, tokenizer, vocab_size,
                                    served_model_name or model_path, context,
                                    adapters=self.lora.loaded)
-        self.sessions = SessionRoutes(self.openai)
+        self.sessions = SessionRoutes(self.openai, return_routed_experts)
 
     @property
     def weight_version(self) -> int:

@@ -115,14 +115,18 @@ class OpenAIRoutes:
         return fitted
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       n: int, lora_path: str | None = None) -> list[GenerateOutput]:
-        """n responses (with the adapter `lora_path`, if any); with a seed, response i
-        samples with seed + i. Cancelling (the client went away) aborts them in the engine."""
+                       n: int, lora_path: str | None = None,
+                       return_routed_experts: bool = False) -> list[GenerateOutput]:
+        """n responses (with the adapter `lora_path`, if any; with their MoE routes if
+        asked); with a seed, response i samples with seed + i. Cancelling (the client went
+        away) aborts them in the engine."""
         seeds = [None if params.sampling_seed is None else params.sampling_seed + i
                  for i in range(n)]
-        adapter = {} if lora_path is None else {"lora_path": lora_path}
+        options = {} if lora_path is None else {"lora_path": lora_path}
+        if return_routed_experts:
+            options["return_routed_experts"] = True
         tasks = [asyncio.ensure_future(self.engine.generate(
-            prompt_ids, dataclasses.replace(params, sampling_seed=seed), **adapter))
+            prompt_ids, dataclasses.replace(params, sampling_seed=seed), **options))
             for seed in seeds]
         try:
             return list(await asyncio.gather(*tasks))

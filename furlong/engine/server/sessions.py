@@ -12,6 +12,10 @@
   samples, one per trajectory (trajectory.py).
 - `DELETE /sessions/{ID}` frees the session (204).
 
+With `record_routes` (a server started with --enable-return-routed-experts, a run with
+--use-rollout-routing-replay) every turn asks the engine for its MoE routes, and each
+sample carries its trajectory's (the last turn's cover every token but the last).
+
 An unknown session id gets a 404. A turn whose prompt leaves no room in the context
 generates nothing: the response has finish reason "length" and the trajectory it would
 extend ends truncated. The engine calls of a session carry its id as the router's
@@ -48,10 +52,12 @@ class Session:
 
 
 class SessionRoutes:
-    """The session routes over the /v1 machinery of `openai`."""
+    """The session routes over the /v1 machinery of `openai`; `record_routes`: see the
+    module docstring."""
 
-    def __init__(self, openai: OpenAIRoutes):
+    def __init__(self, openai: OpenAIRoutes, record_routes: bool = False):
         self.openai = openai
+        self.record_routes = record_routes
         self.tokenizer = openai.tokenizer
         self.sessions: dict[str, Session] = {}
 
@@ -97,7 +103,8 @@ class SessionRoutes:
                 [choice] = self.openai.chat_choices([output], chat)
             else:
                 with session_affinity(request.match_info["session_id"]):
-                    [output] = await self.openai.generate(prompt, params, 1)
+                    [output] = await self.openai.generate(
+                        prompt, params, 1, return_routed_experts=self.record_routes)
                 [choice] = self.openai.chat_choices([output], chat)
                 if trajectory is None:
                     trajectory = Trajectory(prompt_length=len(prompt))

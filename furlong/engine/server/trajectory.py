@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import torch
+
 from furlong.engine.base import GenerateOutput
+from furlong.engine.server.request_fields import encode_routed_experts
 from furlong.sample import Status
 
 # The message keys a chat template reads: two messages equal in these render the same.
@@ -35,6 +38,8 @@ class Trajectory:
     weight_versions: list[int] = field(default_factory=list)
     num_turns: int = 0
     num_tool_call_errors: int = 0
+    # The last turn's MoE routes, when the engine returned them: (tokens - 1, layers, k)
+    routed_experts: torch.Tensor | None = None
 
     def extends(self, messages: list[dict]) -> bool:
         """Whether `messages` continue this trajectory: its conversation, unchanged,
@@ -59,6 +64,8 @@ class Trajectory:
         self.weight_versions.append(output.weight_version)
         self.num_turns += 1
         self.num_tool_call_errors += num_tool_call_errors
+        if output.routed_experts is not None:  # its prompt was every earlier token
+            self.routed_experts = output.routed_experts
 
     def cut_by_limit(self) -> None:
         """The next turn did not fit the context: the trajectory ends truncated here."""
@@ -67,10 +74,15 @@ class Trajectory:
     def sample(self, tokenizer, retokenize_mismatch_tokens: int,
                max_seq_len: int | None = None) -> dict:
         """The training sample (Miles' field names; `metadata` holds the rest). With
-        `max_seq_len`, tokens beyond it are cut and the sample is truncated."""
+        `max_seq_len`, tokens beyond it are cut and the sample is truncated. Recorded routes
+        go as SGLang sends them (`rollout_routed_experts`, base64 of int32) with their
+        shape (`routed_experts_shape`)."""
         end = len(self.tokens) if max_seq_len is None else min(len(self.tokens), max_seq_len)
         finish = "length" if end < len(self.tokens) else self.finish_reason
-        return {
+        routes = {} if self.routed_experts is None else {
+            "rollout_routed_experts": encode_routed_experts(self.routed_experts[:end - 1]),
+            "routed_experts_shape": list(self.routed_experts[:end - 1].shape)}
+        return {**routes,
             "tokens": self.tokens[:end],
             "response": tokenizer.decode(self.tokens[self.prompt_length:end],
                                          skip_special_tokens=False),
