@@ -29,6 +29,11 @@ def run_check(code: str, done: str, env: dict | None = None, timeout: int = 300)
     assert done in result.stdout, result.stderr[-3000:]
 
 
+# Ray starts its workers (the trainer ranks and engines of a Ray run) at niceness 15:
+# beside the other pytest workers on 2 busy cores they got ~1/28 of a core, and a run of
+# 18 s alone took 200-400 s in the suite. Set before any test starts Ray.
+os.environ.setdefault("RAY_worker_niceness", "0")
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Three workers on two cores: one thread each instead of all fighting for both cores.
     torch.set_num_threads(1)
