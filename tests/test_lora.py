@@ -313,11 +313,11 @@ def test_lora_grpo_run_raises_the_reward_through_the_engine(tiny, sevens_reward,
     assert not list(saved.glob("model/*.safetensors"))
 
 
-def test_ray_ranks_push_the_adapter_to_the_engine_servers(tiny, sevens_reward, tmp_path):
+def test_ray_ranks_push_the_adapter_to_the_engine_servers(tiny, sevens_reward, tmp_path,
+                                                         ray_cluster):
     """Two trainer ranks and an engine server in Ray processes: the ranks gather the
     adapter and the router loads it on the server, which then samples with it (its
     log-probs are the trained policy's, rollout after rollout)."""
-    pytest.importorskip("ray")
     from furlong import cli
     from furlong.output.metrics import read_metrics
     hook_dir = json.dumps({"PYTHONPATH": str(tmp_path)})  # the ranks import the hooks too
