@@ -26,6 +26,7 @@ included), sampled every 100 ms. Writes $OUT/one_gpu_<model>_<lora|full>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -113,11 +114,8 @@ def run(args, directory: Path) -> dict:
     command = [sys.executable, str(ROOT / "bench/capped.py"), str(args.memory_gib),
                str(ROOT / "train.py"), *train_argv(model_dir, prompts, run_dir, args)]
     print(" ".join(shlex.quote(part) for part in command), flush=True)
-    peak = DevicePeak() if not args.cpu_check else None
-    if peak:
-        with peak:
-            subprocess.run(command, check=True, cwd=ROOT)
-    else:
+    peak = None if args.cpu_check else DevicePeak()
+    with peak or contextlib.nullcontext():
         subprocess.run(command, check=True, cwd=ROOT)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     per_rollout = [row for row in rows if "perf/step_time" in row]

@@ -21,6 +21,7 @@ SEED=${SEED:-0}
 rm -rf "$OUT"
 
 source scripts/models/tiny.sh
+source scripts/lib/warm_up.sh
 "$PYTHON" -m furlong.tiny "$OUT/tiny" --seed "$SEED"
 DATA=$OUT/tiny/data
 
@@ -82,17 +83,7 @@ GRPO_ARGS=(
    --weight-decay 0.0 --seed "$SEED"
 )
 
-sft_steps=100
-"$PYTHON" train.py "${MODEL_ARGS[@]}" "${SFT_ARGS[@]}" "${EVAL_ARGS[@]}" --num-rollout $sft_steps
-while awk -v score="$("$PYTHON" -m furlong.output.summary --last eval/addition "$OUT/sft")" \
-          -v goal="${WARMUP_ACCURACY:-0.15}" 'BEGIN { exit !(score < goal) }' \
-      && (( sft_steps < ${SFT_MAX_STEPS:-240} )); do
-   sft_steps=$((sft_steps + 20))
-   "$PYTHON" train.py "${MODEL_ARGS[@]}" "${SFT_ARGS[@]}" "${EVAL_ARGS[@]}" \
-      --num-rollout $sft_steps --load "$OUT/sft"
-done
+warm_up "$OUT/sft" eval/addition "${WARMUP_ACCURACY:-0.15}" 100 20 "${SFT_MAX_STEPS:-240}" \
+   "${MODEL_ARGS[@]}" "${SFT_ARGS[@]}" "${EVAL_ARGS[@]}"
 "$PYTHON" train.py "${MODEL_ARGS[@]}" "${GRPO_ARGS[@]}" "${EVAL_ARGS[@]}"
-
-echo
-"$PYTHON" -m furlong.output.summary "$OUT/sft" "$OUT/grpo"
-echo "reward curves: $OUT/sft/reward_curve.png $OUT/grpo/reward_curve.png"
+finish "$OUT/sft" "$OUT/grpo"

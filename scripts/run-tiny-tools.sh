@@ -25,6 +25,7 @@ SEED=${SEED:-0}
 rm -rf "$OUT"
 
 source scripts/models/tiny-tools.sh
+source scripts/lib/warm_up.sh
 "$PYTHON" -m furlong.tiny "$OUT/tiny" --seed "$SEED" --tools
 DATA=$OUT/tiny/data
 
@@ -107,18 +108,7 @@ fi
 
 # The warm-up's evals run the multi-turn generate function too: they score the model
 # with the tool, as GRPO will use it.
-sft_steps=40
-"$PYTHON" train.py "${MODEL_ARGS[@]}" "${SFT_ARGS[@]}" "${EVAL_ARGS[@]}" "${MULTI_TURN[@]}" \
-   --num-rollout $sft_steps
-while awk -v score="$("$PYTHON" -m furlong.output.summary --last eval/lookup "$OUT/sft")" \
-          -v goal="${WARMUP_REWARD:-0.2}" 'BEGIN { exit !(score < goal) }' \
-      && (( sft_steps < ${SFT_MAX_STEPS:-100} )); do
-   sft_steps=$((sft_steps + 10))
-   "$PYTHON" train.py "${MODEL_ARGS[@]}" "${SFT_ARGS[@]}" "${EVAL_ARGS[@]}" "${MULTI_TURN[@]}" \
-      --num-rollout $sft_steps --load "$OUT/sft"
-done
+warm_up "$OUT/sft" eval/lookup "${WARMUP_REWARD:-0.2}" 40 10 "${SFT_MAX_STEPS:-100}" \
+   "${MODEL_ARGS[@]}" "${SFT_ARGS[@]}" "${EVAL_ARGS[@]}" "${MULTI_TURN[@]}"
 "$PYTHON" train.py "${MODEL_ARGS[@]}" "${GRPO_ARGS[@]}" "${EVAL_ARGS[@]}"
-
-echo
-"$PYTHON" -m furlong.output.summary "$OUT/sft" "$OUT/grpo"
-echo "reward curves: $OUT/sft/reward_curve.png $OUT/grpo/reward_curve.png"
+finish "$OUT/sft" "$OUT/grpo"

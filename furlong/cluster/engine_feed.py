@@ -49,8 +49,7 @@ class EngineFeed:
         dist.all_gather_object(outcomes, error if self.is_source else None, group=self.all)
         errors = {rank: e for rank, e in zip(self.all_ranks, outcomes, strict=True)
                   if e is not None}
-        if self.ranks[0] in errors:
-            return errors[self.ranks[0]]
-        for source, other in errors.items():
-            return f"the engine fed from trainer rank {source} did not load it: {other}"
-        return None
+        if not errors or self.ranks[0] in errors:
+            return errors.get(self.ranks[0])
+        source, other = next(iter(errors.items()))
+        return f"the engine fed from trainer rank {source} did not load it: {other}"

@@ -32,7 +32,7 @@ class HookArgs:
         values["rollout_global_dataset"] = not values["disable_rollout_global_dataset"]
         # --sglang-X flags furlong forwards to the servers: Miles' args.sglang_X
         for name, tokens in config.sglang.passthrough:
-            values.setdefault("sglang_" + name.replace("-", "_"), passthrough_value(tokens))
+            values.setdefault("sglang_" + name.replace("-", "_"), forwarded_value(tokens))
         # --custom-config-path: its keys that name no flag become attributes, as in Miles
         values.update(read_custom_config(config.rollout.custom_config_path))
         object.__setattr__(self, "_values", values)
@@ -47,7 +47,7 @@ class HookArgs:
         raise AttributeError(f"args is read-only (tried to set {name!r})")
 
 
-def passthrough_value(tokens: tuple[str, ...]) -> Any:
+def forwarded_value(tokens: tuple[str, ...]) -> Any:
     """A forwarded flag's value as argparse would have typed it: True for a bare switch,
     numbers as numbers, several values as a list."""
     if not tokens:
