@@ -102,8 +102,9 @@ def build_rank() -> RankInfo:
 
 def build_in_process(config: Config, hooks: Hooks, tokenizer, init: str, total_steps: int,
                      trains: bool, generates: bool) -> tuple[TrainActor | None, Engine | None]:
-    """Trainer and engine in this process (the engine boots from --hf-checkpoint; the
-    actor's weights are pushed to it before the first rollout). --train-env-vars and
+    """Trainer and engine in this process (the engine boots from --hf-checkpoint, or under
+    LoRA computes with the trainer's base; the actor's weights or adapter are pushed to it
+    before the first rollout). --train-env-vars and
     --deterministic-mode apply to this process first, as to each Ray trainer rank."""
     prepare_trainer_process(config)
     rank = build_rank()
@@ -116,7 +117,8 @@ def build_in_process(config: Config, hooks: Hooks, tokenizer, init: str, total_s
     if generates:
         engine = create_engine(config.ckpt.hf_checkpoint, tokenizer, rank.device,
                                rank.compute_dtype,
-                               engine_options(config, shares_device=trainer is not None))
+                               engine_options(config, shares_device=trainer is not None),
+                               base=trainer.frozen_base() if trainer is not None else None)
     return trainer, engine
 
 

@@ -5,11 +5,13 @@ whose reward rises through the engine's adapter."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from furlong.config import load_config
 from furlong.config.flag import has_no_effect
@@ -17,6 +19,8 @@ from furlong.config.groups import LoraArgs, flag_fields
 from furlong.config.lora_check import check_lora
 from furlong.config.parser import ConfigError, parse_config
 from furlong.config.sglang import LoraServing
+from furlong.engine.base import SamplingParams
+from furlong.engine.fast import FastEngine
 from furlong.model import lora
 from furlong.model.loading import load_hf_model
 from furlong.model.lora_files import CONFIG_FILE, save_adapter
@@ -375,6 +379,87 @@ def test_one_gpu_trains_float32_adapter_masters_on_a_bf16_base(tiny):
     assert len(pushed) == len(names)
     for name in names:
         assert torch.equal(pushed[lora.peft_name(name)], masters[name])
+
+
+def _storages(tensors) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+def _engine_storages(engine) -> set[int]:
+    """The storages of the weights an in-process engine computes with."""
+    tensors = list(engine.model.parameters())
+    if isinstance(engine, FastEngine):
+        tensors += [w for layer in engine.runner.model.fused for w in layer.values()
+                    if isinstance(w, torch.Tensor)]
+    return _storages(tensors)
+
+
+async def _sample_with_adapter(engine, tokenizer) -> list[tuple[list[int], list[float]]]:
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, sampling_seed=5,
+                            ignore_eos=True)
+    outputs = await asyncio.gather(*(
+        engine.generate(tokenizer(text)["input_ids"], params, lora_path=lora.ADAPTER_NAME)
+        for text in ("1+2=", "37+48=", "99+11=")))
+    return [(out.output_ids, out.output_log_probs) for out in outputs]
+
+
+ON_A_GPU = pytest.param("cuda", marks=pytest.mark.gpu)
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_A_GPU])
+@pytest.mark.parametrize("kind", ["hf", "fast"])
+def test_an_engine_in_the_trainers_process_computes_with_its_base(tiny, kind, device):
+    """One process under LoRA: the engine computes with the trainer's frozen base (the
+    same tensors, the fast engine's fused q/k/v and gate/up weights included: no second
+    copy), samples with the pushed adapter exactly as an engine holding its own copy does,
+    and keeps the base through a memory release, after which the trainer trains on."""
+    from furlong.engine.factory import EngineOptions, create_in_process_engine
+    rank = RankInfo(device=torch.device(device))
+    torch.manual_seed(0)
+    actor = TrainActor(policy_config(tiny, [*LORA, "--lr", "1e-2"]), rank,
+                       str(tiny / "model"), total_steps=3)
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
+    options = EngineOptions(backend=kind, cuda_graphs=False, mem_fraction_static=0.5)
+    make = functools.partial(create_in_process_engine, str(tiny / "model"), tokenizer,
+                             rank.device, rank.compute_dtype, options)
+    shared, own = make(actor.frozen_base()), make()
+    trainer_storages = _storages(actor.policy.parameters())
+    engine_storages = _engine_storages(shared)
+    assert engine_storages <= trainer_storages
+    assert not _storages(own.model.parameters()) & trainer_storages
+    batch = trainer_batch(actor, 6, seed=1)
+    batch.old_log_probs = actor.compute_log_probs(batch)[0]
+    actor.train(batch)
+
+    async def sample_release_sample():
+        for engine in (shared, own):
+            await actor.push_weights(engine, 1)
+        first, expected = [await _sample_with_adapter(e, tokenizer) for e in (shared, own)]
+        await shared.release_memory()
+        assert _storages(shared.model.parameters()) <= trainer_storages
+        await shared.resume_memory()
+        assert _engine_storages(shared) == engine_storages  # nothing moved or copied
+        again = await _sample_with_adapter(shared, tokenizer)
+        for engine in (shared, own):
+            await engine.close()
+        return first, expected, again
+
+    first, expected, again = asyncio.run(sample_release_sample())
+    assert first == expected == again
+    reference = actor.compute_log_probs(batch, reference=True)[0]
+    actor.train(batch)  # the trainer's base is the engine's fused weights' views
+    assert all(torch.equal(a, b) for a, b in
+               zip(actor.compute_log_probs(batch, reference=True)[0], reference, strict=True))
+
+
+def test_a_model_over_weights_of_another_model_is_refused_naming_them(tiny, tiny_moe):
+    from furlong.model.loading import hf_model_over
+    dense = lora.base_tensors(load_hf_model(str(tiny / "model")))
+    with pytest.raises(ValueError, match=r"lack \['model.layers.0.mlp.experts.gate_up_proj'"):
+        hf_model_over(str(tiny_moe / "model"), dense)
+    dense.pop("lm_head.weight")
+    with pytest.raises(ValueError, match=r"lack \['lm_head.weight'\]"):
+        hf_model_over(str(tiny / "model"), dense)
 
 
 def test_auto_backend_never_picks_sglang_for_an_adapter(monkeypatch):

@@ -31,7 +31,7 @@ from furlong.engine.hf_engine import HFEngine
 from furlong.engine.launcher import SGLANG_SERVER, ServerLauncher, ServerSpec
 from furlong.engine.router import EngineRouter, RouterOptions
 from furlong.engine.weights.send import address_towards
-from furlong.model.loading import load_hf_model
+from furlong.model.loading import hf_model_over, load_hf_model
 
 log = logging.getLogger(__name__)
 
@@ -102,23 +102,33 @@ def in_process_backend(backend: str, device: torch.device, model_config) -> str:
 
 
 def create_engine(model_path: str, tokenizer, device: torch.device, dtype: torch.dtype,
-                  options: EngineOptions) -> Engine:
+                  options: EngineOptions, base: dict[str, torch.Tensor] | None = None
+                  ) -> Engine:
+    """The run's engine. `base`: a trainer's frozen weights in this process (HF name ->
+    tensor, a LoRA run's base), which an in-process engine computes with instead of
+    loading its own copy."""
     if options.external_engine_addrs:
         return connect_external(options, device)
     if resolve_backend(options, device) == "sglang":
         return launch_servers(model_path, options, device)
-    return create_in_process_engine(model_path, tokenizer, device, dtype, options)
+    return create_in_process_engine(model_path, tokenizer, device, dtype, options, base)
 
 
 def create_in_process_engine(model_path: str, tokenizer, device: torch.device,
-                             dtype: torch.dtype, options: EngineOptions) -> Engine:
-    model = load_hf_model(model_path, dtype, device)
+                             dtype: torch.dtype, options: EngineOptions,
+                             base: dict[str, torch.Tensor] | None = None) -> Engine:
+    if base is None:
+        model = load_hf_model(model_path, dtype, device)
+    else:
+        model = hf_model_over(model_path, base)
+        log.info("rollout engine: computes with the trainer's base weights (no copy)")
     if in_process_backend(options.backend, device, model.config) == "fast":
         fraction = options.mem_fraction_static or (0.3 if options.shares_device else 0.85)
         log.info("rollout engine: fast (%s, KV cache %.0f%% of the GPU)", device, 100 * fraction)
         return FastEngine(model, tokenizer, max_context_len=options.max_context_len,
                           mem_fraction_static=fraction, max_num_seqs=options.max_num_seqs,
-                          default_seed=options.seed, cuda_graphs=options.cuda_graphs)
+                          default_seed=options.seed, cuda_graphs=options.cuda_graphs,
+                          shared_weights=base is not None)
     log.info("rollout engine: hf (%s)", device)
     if options.mem_fraction_static is not None:
         log.warning("--mem-fraction-static has no effect on the HF engine: it allocates its "

@@ -38,6 +38,33 @@ def load_hf_model(path: str, dtype: torch.dtype = torch.float32, device: str | t
     return model.to(device)
 
 
+def hf_model_over(path: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """The HF causal LM of `path`'s config computing with `tensors` (HF name -> parameter
+    or buffer, `lora.base_tensors`'s): the very objects, so the model allocates and reads
+    nothing and a change of a parameter's `.data` is seen by both holders. A name the
+    model has and `tensors` lacks is a ValueError naming it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    directory = resolve_hf_dir(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory),
+                                                 attn_implementation="sdpa")
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    named = [*model.named_parameters(remove_duplicate=False),
+             *model.named_buffers(remove_duplicate=False)]
+    unfit = [name for name, meta in named
+             if name not in tensors or tensors[name].shape != meta.shape]
+    if unfit:
+        raise ValueError(f"{directory}: the given weights lack {unfit[:4]} or have other "
+                         "shapes; they are not this model's")
+    for name, _ in named:
+        module_path, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_path)
+        slots = module._parameters if leaf in module._parameters else module._buffers
+        slots[leaf] = tensors[name]
+    return model.eval()
+
+
 @torch.no_grad()
 def load_named_tensors(model: torch.nn.Module,
                        named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:

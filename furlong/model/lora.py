@@ -193,6 +193,16 @@ def has_adapters(hf_model: nn.Module) -> bool:
     return any(is_adapter_name(name) for name, _ in hf_model.named_parameters())
 
 
+def base_tensors(hf_model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model inside an adapted `hf_model`: every parameter and buffer outside the
+    adapters under its plain HF name (`X.base_layer.weight` -> `X.weight`; tied names
+    each listed), the objects themselves, not copies."""
+    named = [*hf_model.named_parameters(remove_duplicate=False),
+             *hf_model.named_buffers(remove_duplicate=False)]
+    return {name.replace(".base_layer.", "."): tensor for name, tensor in named
+            if not is_adapter_name(name)}
+
+
 def _tuner_layers(hf_model: nn.Module) -> list[nn.Module]:
     from peft.tuners.tuners_utils import BaseTunerLayer
     return [module for module in hf_model.modules() if isinstance(module, BaseTunerLayer)]

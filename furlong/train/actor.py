@@ -388,6 +388,14 @@ class TrainActor:
     def model_config(self):
         return self.policy.hf_model.config
 
+    def frozen_base(self) -> dict[str, torch.Tensor] | None:
+        """Under LoRA on one rank, the base (HF name -> the parameter or buffer itself),
+        which never changes: an engine in this process computes with it rather than with a
+        copy. None otherwise."""
+        if self.lora is None or self.mesh is not None:
+            return None
+        return lora.base_tensors(self.policy.hf_model)
+
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Full float32 tensors of the current policy, one at a time, under the names of
         its checkpoint files (what SGLang loads; fused MoE experts come one by one).

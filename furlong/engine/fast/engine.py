@@ -69,12 +69,15 @@ class FastEngine:
                  mem_fraction_static: float = 0.85, block_size: int = 16,
                  max_num_seqs: int = 256, max_prefill_tokens: int = 16384, window: int = 8,
                  kv_cache_tokens: int | None = None, cuda_graphs: bool = True,
-                 default_seed: int = 0):
+                 default_seed: int = 0, shared_weights: bool = False):
+        """`shared_weights`: `hf_model`'s parameters are a trainer's in this process too
+        (a LoRA run's frozen base): releasing memory leaves them, fused, on the device."""
         device = next(hf_model.parameters()).device
         if device.type == "cuda" and block_size % 16:
             raise ValueError(f"block size {block_size}: the GPU attention kernel needs a "
                              "multiple of 16")
         self.model = hf_model.eval()
+        self.shared_weights = shared_weights
         self.tokenizer = tokenizer
         self.window = window
         self.max_context_len = max_context_len or hf_model.config.max_position_embeddings
@@ -180,17 +183,20 @@ class FastEngine:
                          if seq.lora_slot == slot])
 
     async def release_memory(self) -> None:
-        """Finish requests in flight (abort), free the KV cache and move weights to the CPU."""
+        """Finish requests in flight (abort), free the KV cache and move the weights to the
+        CPU (shared ones stay)."""
         await self.abort_all()
         with self._lock:
-            self.runner.release()
-            self.model.to("cpu")
+            self.runner.release(keep_weights=self.shared_weights)
+            if not self.shared_weights:
+                self.model.to("cpu")
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
     async def resume_memory(self) -> None:
         with self._lock:
-            self.model.to(self.runner.device)
+            if not self.shared_weights:
+                self.model.to(self.runner.device)
             self.runner.resume()
 
     async def flush_cache(self) -> None:

@@ -87,11 +87,12 @@ class ModelRunner:
         self.batch_slots = torch.full((self.max_num_seqs,), self.scratch, dtype=torch.int64,
                                       device=device)
 
-    def release(self) -> None:
-        """Free the KV cache, slot state, graphs and fused weights (the HF parameters stay;
-        adapters move to the CPU)."""
+    def release(self, keep_weights: bool = False) -> None:
+        """Free the KV cache, slot state, graphs and, unless `keep_weights`, the fused
+        weights (the HF parameters stay; adapters move to the CPU)."""
         self.graphs.clear()
-        self.model.release()
+        if not keep_weights:
+            self.model.release()
         self.model.lora.to("cpu")
         for name in ("k_cache", "v_cache", "routes", "out_tokens", "out_log_probs",
                      "block_tables"):
@@ -101,7 +102,8 @@ class ModelRunner:
 
     def resume(self) -> None:
         """Rebuild what `release` freed (after the parameters are back on the device)."""
-        self.model.fuse()
+        if not self.model.fused:
+            self.model.fuse()
         self.model.lora.to(self.device)
         self._allocate()
 
