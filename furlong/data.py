@@ -104,17 +104,26 @@ def check_record(record: Any, where: str, keys: DataKeys) -> None:
     _metadata(record.get(keys.metadata_key), where, keys.metadata_key)
 
 
-def _metadata(value: Any, where: str, key: str) -> dict:
-    if value is None:
-        return {}
+def _json_column(value: Any, where: str, key: str, kind: type) -> Any:
+    """A column holding a JSON object or list, given as itself or as a JSON string."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: {key!r} is a string but not JSON ({error.msg})") from None
-    if not isinstance(value, dict):
-        raise DataError(f"{where}: {key!r} must be a JSON object, got {type(value).__name__}")
-    return dict(value)
+    if not isinstance(value, kind):
+        name = "a JSON object" if kind is dict else "a JSON list"
+        raise DataError(f"{where}: {key!r} must be {name}, got {type(value).__name__}")
+    return value
+
+
+def _metadata(value: Any, where: str, key: str) -> dict:
+    return {} if value is None else dict(_json_column(value, where, key, dict))
+
+
+def read_tools(value: Any, where: str, key: str) -> list | None:
+    """The --tool-key column: a list of tool specs (or its JSON text), as Miles reads it."""
+    return None if value is None else list(_json_column(value, where, key, list))
 
 
 def load_records(spec: str, keys: DataKeys, limit: int | None = None) -> list[tuple[str, dict]]:
@@ -143,19 +152,25 @@ class PromptEncoder:
         self.apply_chat_template = apply_chat_template
         self.template_kwargs = template_kwargs or {}
 
-    def render(self, prompt: str | list, tools: list | None = None) -> str:
-        if not self.apply_chat_template:
-            if isinstance(prompt, list):
-                raise ValueError("the prompt is a list of chat messages: add --apply-chat-template")
-            return prompt
+    def render(self, prompt: str | list, tools: list | None = None) -> str | list:
+        """The prompt as Miles' data source hands it to hooks: with --apply-chat-template
+        the chat template's text (a string prompt as one user message); without, the row's
+        own value, a string or chat messages (which a custom generate function or agent
+        sends to a chat API)."""
+        return self._template(prompt, tools) if self.apply_chat_template else prompt
+
+    def encode(self, prompt: str | list, tools: list | None = None) -> list[int]:
+        """Token ids of the prompt as the engine sees it. Chat messages become tokens
+        through the chat template, --apply-chat-template or not."""
+        text = prompt if isinstance(prompt, str) and not self.apply_chat_template \
+            else self._template(prompt, tools)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _template(self, prompt: str | list, tools: list | None) -> str:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         return self.tokenizer.apply_chat_template(
             messages, tools=tools, tokenize=False, add_generation_prompt=True,
             **self.template_kwargs)
-
-    def encode(self, prompt: str | list, tools: list | None = None) -> list[int]:
-        text = self.render(prompt, tools)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 class PromptDataset:
@@ -174,8 +189,9 @@ class PromptDataset:
         self.rows: list[PromptRow] = []
         self.num_too_long = 0
         for where, record in load_records(spec, keys):
+            tools = read_tools(record.get(keys.tool_key), where, keys.tool_key)
             try:
-                ids = encoder.encode(record[keys.input_key], record.get(keys.tool_key))
+                ids = encoder.encode(record[keys.input_key], tools)
             except ValueError as error:
                 raise DataError(f"{where}: {error}") from None
             if max_prompt_len is not None and len(ids) > max_prompt_len:
@@ -184,7 +200,7 @@ class PromptDataset:
             label = record.get(keys.label_key) if keys.label_key else None
             metadata = _metadata(record.get(keys.metadata_key), where, keys.metadata_key)
             self.rows.append(PromptRow(record[keys.input_key], tuple(ids), label, metadata, where,
-                                       record.get(keys.tool_key)))
+                                       tools))
         if not self.rows:
             raise DataError(f"{spec}: all {self.num_too_long} prompts are longer than "
                             f"--rollout-max-prompt-len {max_prompt_len}")

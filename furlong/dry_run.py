@@ -18,7 +18,7 @@ from furlong.cluster.placement import (check_engine_devices, cluster_flags_given
 from furlong.config import Config, ConfigError, eval_datasets
 from furlong.config.model_check import read_hf_config
 from furlong.config.report import format_config
-from furlong.data import DataError, DataKeys, PromptEncoder, load_records
+from furlong.data import DataError, DataKeys, PromptEncoder, load_records, read_tools
 from furlong.engine.factory import engine_options, resolve_backend
 from furlong.train.pipeline_layout import PipelineLayout, describe_layout
 
@@ -51,8 +51,9 @@ def check_prompts(rows: list[tuple[str, dict]], keys: DataKeys, encoder: PromptE
     """Render and tokenize each row as the run will; returns the longest prompt in tokens."""
     longest = 0
     for where, record in rows:
+        tools = read_tools(record.get(keys.tool_key), where, keys.tool_key)
         try:
-            ids = encoder.encode(record[keys.input_key], record.get(keys.tool_key))
+            ids = encoder.encode(record[keys.input_key], tools)
         except Exception as error:  # noqa: BLE001 - any template failure names the row
             raise DataError(f"{where}: cannot render the prompt ({error})") from None
         longest = max(longest, len(ids))

@@ -117,11 +117,32 @@ def test_apply_chat_template_kwargs_and_tools_reach_the_template(tokenizer, tmp_
         tokenizer('hi [{"name": "calc"}] 1+1=', add_special_tokens=False)["input_ids"])
 
 
-def test_chat_messages_without_chat_template_is_an_error(tmp_path, plain):
-    path = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "1+1="},
-                                              {"prompt": [{"role": "user", "content": "1"}]}])
-    with pytest.raises(DataError, match=rf"^{tmp_path / 'm.jsonl'}:2: .*--apply-chat-template"):
-        PromptDataset(path, DataKeys("prompt"), plain)
+def test_chat_messages_without_chat_template_stay_messages_with_the_templates_ids(
+        tmp_path, plain, chat, tokenizer):
+    """Miles' data source: without --apply-chat-template hooks get a row's messages as they
+    are (a custom generate function or agent sends them to a chat API); their token ids are
+    the chat template's either way, and a string stays the string it is."""
+    messages = [{"role": "system", "content": "add"}, {"role": "user", "content": "1+1="}]
+    path = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "1+1="}, {"prompt": messages}])
+    text, listed = PromptDataset(path, DataKeys("prompt"), plain).rows
+    assert plain.render(messages) == messages and plain.render("1+1=") == "1+1="
+    templated = tokenizer.apply_chat_template(messages, tokenize=False,
+                                              add_generation_prompt=True)
+    assert chat.render(messages) == templated and "<|im_start|>system" in templated
+    ids = lambda s: tuple(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    assert (listed.prompt, listed.prompt_ids) == (messages, ids(templated))
+    assert (text.prompt, text.prompt_ids) == ("1+1=", ids("1+1="))
+
+
+def test_a_tool_column_may_be_json_text_and_must_be_a_list(tmp_path, chat):
+    tools = [{"type": "function", "function": {"name": "calc", "parameters": {}}}]
+    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "1", "tools": json.dumps(tools)},
+                                              {"prompt": "2", "tools": {"name": "calc"}}])
+    with pytest.raises(DataError,
+                       match=rf"^{tmp_path / 't.jsonl'}:2: 'tools' must be a JSON list, got dict"):
+        PromptDataset(path, DataKeys("prompt"), chat)
+    (row,) = PromptDataset(f"{path}@[0:1]", DataKeys("prompt"), chat).rows
+    assert row.tools == tools
 
 
 # ---------------------------------------------------------------- slicing

@@ -501,6 +501,35 @@ def test_a_custom_generate_hook_may_return_several_samples_with_masked_tool_toke
             assert turn.status in (Status.COMPLETED, Status.TRUNCATED)
 
 
+def test_samples_carry_the_rows_messages_and_tools_as_miles_data_source_gives_them(
+        tiny, tmp_path, tokenizer):
+    """Without --apply-chat-template each sample's prompt is the row's messages (its own
+    copy: a hook that edits one edits no other), its tokens the chat template's, and the
+    --tool-key column is in metadata["tools"] too."""
+    messages = [{"role": "system", "content": "add"}, {"role": "user", "content": "1+2="}]
+    tools = [{"type": "function", "function": {"name": "calc", "parameters": {}}}]
+    data = tmp_path / "messages.jsonl"
+    data.write_text(json.dumps({"prompt": messages, "label": "3", "tools": tools,
+                                "metadata": {"source": "x"}}) + "\n")
+    config, _ = load_config(train_argv(tiny, prompt_data=data, apply_chat_template=False,
+                                       rollout_batch_size=1, n_samples_per_prompt=2))
+    r = config.rollout
+    dataset = PromptDataset(str(data), DataKeys(r.input_key, r.label_key, r.metadata_key,
+                                                r.tool_key), PromptEncoder(tokenizer, False))
+    manager = RolloutManager(config, HookArgs(config, None, tokenizer), dataset, None,
+                             default_generate, None)
+    (group,) = manager.next_groups(1)
+    templated = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                              add_generation_prompt=True)
+    for sample in group:
+        assert sample.prompt == messages and sample.label == "3"
+        assert sample.tokens == tokenizer(templated, add_special_tokens=False)["input_ids"]
+        assert sample.metadata == {"source": "x", "tools": tools}
+    group[0].prompt[1]["content"] = "edited"
+    group[0].metadata["tools"].clear()
+    assert group[1].prompt == messages and group[1].metadata["tools"] == tools
+
+
 # ---- SFT --------------------------------------------------------------------------------------
 
 def masked_spans(sample: Sample, tokenizer) -> list[str]:

@@ -18,6 +18,7 @@ in one of Miles' forms (`read_rollout_output`, `read_eval_output`).
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
 from collections import Counter
 from dataclasses import dataclass
@@ -138,13 +139,15 @@ class RolloutManager:
 
     # ---- data --------------------------------------------------------------------------
     def _samples(self, row: PromptRow, group_index: int, size: int) -> list[Sample]:
-        """`size` fresh samples of a prompt. Their `prompt` is the text the engine sees
-        (chat template applied with --apply-chat-template), as Miles' data source gives
-        it: a hook that tokenizes it gets `tokens`."""
+        """`size` fresh samples of a prompt, as Miles' data source gives them: `prompt` the
+        chat template's text with --apply-chat-template, else the row's string or chat
+        messages; `tokens` what the engine sees; the --tool-key column, when the row has
+        one, in metadata["tools"]."""
         prompt = self._render(row.prompt, row.tools)
-        return [Sample(group_index=group_index, index=i, prompt=prompt,
+        tools = {} if row.tools is None else {"tools": row.tools}
+        return [Sample(group_index=group_index, index=i, prompt=copy.deepcopy(prompt),
                        tokens=list(row.prompt_ids), label=row.label,
-                       metadata=dict(row.metadata)) for i in range(size)]
+                       metadata=copy.deepcopy({**row.metadata, **tools})) for i in range(size)]
 
     def _new_group(self, row: PromptRow, size: int) -> list[Sample]:
         group_index, self.next_group_index = self.next_group_index, self.next_group_index + 1
