@@ -3,8 +3,11 @@ and is in effect.
 
 One spawn of four CPU ranks (gloo) runs every layout: EP=2 over 4 data-parallel ranks
 (two expert groups, each expert slice FSDP-sharded over the 2 ranks that hold it),
-EP=4 (one group), and tensor parallel 2 x EP=2 with sequence parallel and full
-recomputation. The reference is the plain one-process trainer. Equality alone would also
+EP=4 (one group), tensor parallel 2 x EP=2 with sequence parallel and full
+recomputation, and tensor parallel 2 x EP=4 with sequence parallel (Megatron's layout
+of Miles' Qwen3-30B-A3B script: the expert group takes the tensor-parallel ranks too,
+each running the MoE block on its sequence slice). The reference is the plain
+one-process trainer. Equality alone would also
 hold with expert parallelism quietly off, so the ranks also record which experts each
 holds and how many routed tokens each sends to other ranks. Last, an EP=2 actor trains
 a step and saves; an EP=4 actor loads that checkpoint. Tolerances as in test_parallel
@@ -46,6 +49,7 @@ RUNS = {
     "ep4": (1, 4, []),
     "tp2_ep2_sp": (2, 2, ["--sequence-parallel", "--recompute-granularity", "full",
                           "--recompute-method", "uniform"]),
+    "tp2_ep4_sp": (2, 4, ["--sequence-parallel"]),
 }
 METRICS = ("train/loss", "train/pg_loss", "train/kl_loss", "train/moe_aux_loss",
            "train/grad_norm")
@@ -176,31 +180,33 @@ def one_process(ranks):
 @pytest.mark.parametrize("name", list(RUNS))
 def test_step_and_log_probs_equal_one_process(ranks, one_process, name):
     """Loss terms (load-balancing loss included), the global gradient norm, every
-    gradient (experts gathered back whole) and every log-prob equal EP=1's."""
+    gradient (experts and routers gathered back whole) and every log-prob equal EP=1's."""
     results = ranks[2]
-    expected_log_probs, expected_metrics, expected_grads = one_process
     metrics, grads = results[name]
-    assert_matches_one_process(metrics, grads, results[f"{name}/log_probs"],
-                               (expected_log_probs, expected_metrics, expected_grads), METRICS)
+    assert_matches_one_process(metrics, grads, results[f"{name}/log_probs"], one_process,
+                               METRICS)
 
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_each_rank_holds_its_experts_only(tiny_moe, ranks, name):
     """Rank r of an expert group of E computes with experts [r 8/E, (r+1) 8/E) and no
     other (their rows of the checkpoint, exactly); it stores them as a DTensor sharded
-    over "ep" (and by FSDP over "edp"), so its memory holds 8/(dp) expert rows; the
-    router stays FSDP-sharded over all data-parallel ranks."""
+    over "ep" (and by FSDP over "edp"), so its memory holds 8/(dp) expert rows, 8/(dp
+    tp) when the groups take tensor-parallel ranks; the router stays FSDP-sharded over
+    all data-parallel ranks."""
     tp, ep, _ = RUNS[name]
     full = dict(load_hf_model(str(tiny_moe / "model")).named_parameters())[EXPERTS].detach()
     per_rank = NUM_EXPERTS // ep
     dp = WORLD // tp
+    across_tp = dp % ep != 0  # groups of adjacent ranks, tensor-parallel ones included
     for rank, layouts in enumerate(ranks[2]["layouts"]):
         layout = layouts[f"{name}/layout"]
-        group_rank = (rank // tp) % ep
+        group_rank = rank % ep if across_tp else (rank // tp) % ep
         assert torch.equal(layout["held"], full[group_rank * per_rank:(group_rank + 1) * per_rank])
         stored = layout[EXPERTS]
         assert stored["placements"]["ep"] == Shard(0)
-        assert stored["local_shape"] == (NUM_EXPERTS // dp, *full.shape[1:])
+        holders = WORLD if across_tp else dp
+        assert stored["local_shape"] == (NUM_EXPERTS // holders, *full.shape[1:])
         assert layout[ROUTER]["placements"] == {"dp": Shard(0)}
         assert layout[ROUTER]["local_shape"][0] == NUM_EXPERTS // dp
 
@@ -244,17 +250,26 @@ def test_a_checkpoint_saved_under_ep2_resumes_under_ep4(tiny_moe, ranks):
                      checkpoint["next_weights"], METRICS)
 
 
-def test_expert_parallel_size_must_divide_the_data_parallel_ranks(tiny_moe):
+def test_expert_parallel_size_must_divide_the_trainer_ranks(tiny_moe):
     with pytest.raises(ValueError, match="--expert-model-parallel-size 2 does not divide the 1"):
         TrainActor(policy_config(tiny_moe, ["--expert-model-parallel-size", "2"]), RankInfo(),
                    str(tiny_moe / "model"), 1)
 
 
+ACROSS_TP = ["--actor-num-gpus-per-node", "4", "--colocate", "--tensor-model-parallel-size", "2",
+             "--expert-model-parallel-size", "4"]
+SPANNING = "--expert-model-parallel-size 4 over 2 data-parallel ranks x " \
+    "--tensor-model-parallel-size 2"
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--expert-model-parallel-size", "2"], ["--expert-model-parallel-size 2", "one process"]),
     (["--actor-num-gpus-per-node", "4", "--colocate", "--tensor-model-parallel-size", "2",
-      "--expert-model-parallel-size", "4"],
-     ["--expert-model-parallel-size 4 does not divide the 2 data-parallel"]),
+      "--expert-model-parallel-size", "3"],
+     ["--expert-model-parallel-size 3 does not divide the 4 trainer ranks"]),
+    (ACROSS_TP, [SPANNING, "add --sequence-parallel"]),
+    ([*ACROSS_TP, "--sequence-parallel", "--use-rollout-routing-replay"],
+     [SPANNING, "routing-replay is not supported"]),
 ])
 def test_placement_refuses_expert_groups_that_do_not_tile_the_ranks(tiny_moe, flags, words):
     """Caught before any weight loads (and by --dry-run)."""

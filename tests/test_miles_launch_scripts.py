@@ -115,6 +115,9 @@ def assert_one_story(out: str) -> dict[str, str]:
      "1 x tp 8 on devices [0,1,2,3,4,5,6,7]", "dp 1 x cp 1 x tp 8 x pp 1"),
     ("run-llama3.1-8B-Instruct.sh", 1, "8 trainer ranks and 4 engine(s) of 2",
      "4 x tp 2 on devices [0,1] [2,3] [4,5] [6,7]", "dp 4 x cp 1 x tp 2 x pp 1"),
+    ("run-qwen3-30B-A3B.sh", 1, "8 trainer ranks and 1 engine(s) of 8",
+     "1 x tp 8 on devices [0,1,2,3,4,5,6,7]",
+     "dp 2 x cp 1 x tp 4 x pp 1 (ep 8, carved from dp x tp)"),
     ("fsdp_rl/qwen3-30b-a3b.sh", 1, "8 trainer ranks and 8 engine(s) of 1",
      "8 x tp 1 on devices [0] [1] [2] [3] [4] [5] [6] [7]", "dp 8 x cp 1 x tp 1 x pp 1"),
     ("fsdp_rl/deepseek-v3.sh", 8, "64 trainer ranks and 64 engine(s) of 1",
@@ -139,14 +142,19 @@ def test_a_miles_script_passes_the_dry_run_with_its_device_plan(root, capsys, mo
     assert report["--offload-rollout"] == ["True", "(derived)"]
 
 
-def test_a_layout_this_build_cannot_train_is_refused_not_called_valid(root, capsys,
-                                                                      monkeypatch):
-    """Miles' Qwen3-30B-A3B script trains with tp 4 x ep 8 on 8 GPUs: Megatron carves the
-    expert groups across tensor- and data-parallel ranks, this build from the data-parallel
-    ranks only (2 here). The dry run stops on the flag, before any plan line says valid."""
-    code, out, err = dry_run_of("run-qwen3-30B-A3B.sh", root, capsys, monkeypatch)
+def test_expert_groups_across_tensor_parallel_ranks_need_sequence_parallel(root, capsys,
+                                                                         monkeypatch):
+    """Miles' Qwen3-30B-A3B script trains with tp 4 x ep 8 on 8 GPUs: its expert groups
+    take tensor-parallel ranks, each running the MoE block on its sequence slice. Without
+    its --sequence-parallel that layout cannot start: the dry run stops on the flag,
+    before any plan line says valid."""
+    monkeypatch.setattr(dry_run.torch.cuda, "device_count", lambda: 0)
+    argv = [arg for arg in script_argv("run-qwen3-30B-A3B.sh", root)
+            if arg != "--sequence-parallel"]
+    code = cli.main([*argv, "--dry-run"])
+    out, err = capsys.readouterr()
     assert code == 2
-    assert "--expert-model-parallel-size 8 does not divide the 2 data-parallel trainer " \
-           "ranks" in err
+    assert "--expert-model-parallel-size 8 over 2 data-parallel ranks x " \
+           "--tensor-model-parallel-size 4" in err and "add --sequence-parallel" in err
     assert "configuration is valid" not in out
     assert plan(out)["layout:"] == []

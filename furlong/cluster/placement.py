@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from furlong.config import Config, ConfigError
 from furlong.config.model_check import moe_expected_values, read_hf_config
 from furlong.train.context_parallel import check_heads
+from furlong.train.expert_parallel import check_expert_layout, groups_span_tensor_parallel
 from furlong.train.pipeline_layout import PipelineLayout, check_pipeline_layout
 
 CLUSTER_FLAGS = ("cluster.actor_num_nodes", "cluster.actor_num_gpus_per_node",
@@ -142,15 +143,16 @@ def _check_one_process(config: Config) -> None:
 
 
 def describe_mesh(config: Config, trainer_ranks: int) -> str:
-    """The trainer's mesh as --dry-run prints it: dp x cp x tp x pp, expert groups
-    carved from dp."""
+    """The trainer's mesh as --dry-run prints it: dp x cp x tp x pp, and where the
+    expert groups come from."""
     p = config.perf
     tp, cp, ep = p.tensor_model_parallel_size, p.context_parallel_size, \
         p.expert_model_parallel_size
     pp = p.pipeline_model_parallel_size
     dp = trainer_ranks // (tp * cp * pp)
+    source = "dp x tp" if groups_span_tensor_parallel(ep, dp) else "dp"
     return (f"mesh: dp {dp} x cp {cp} x tp {tp} x pp {pp} "
-            f"(ep {ep}, carved from dp) = {trainer_ranks} trainer rank(s), one device each")
+            f"(ep {ep}, carved from {source}) = {trainer_ranks} trainer rank(s), one device each")
 
 
 def _check_trainer_split(config: Config, ranks: int) -> None:
@@ -173,10 +175,13 @@ def _check_trainer_split(config: Config, ranks: int) -> None:
                           f"give a multiple of {tp * cp} ranks or smaller sizes")
     dp, batch = ranks // (tp * cp), config.rollout.global_batch_size
     shares = f"({ranks} trainer ranks / tensor-parallel {tp} / context-parallel {cp})"
-    if dp % ep:
-        raise ConfigError(f"--expert-model-parallel-size {ep} does not divide the {dp} "
-                          f"data-parallel trainer ranks {shares}: expert-parallel ranks are "
-                          "carved from the data-parallel ones")
+    if ep > 1:
+        grpo = config.grpo
+        try:
+            check_expert_layout(ep, dp, tp, p.sequence_parallel,
+                                grpo.use_routing_replay or grpo.use_rollout_routing_replay)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     if batch % dp:
         raise ConfigError(f"--global-batch-size {batch} does not split over {dp} data-parallel "
                           f"ranks {shares}: make it a multiple of {dp}")

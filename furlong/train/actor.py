@@ -50,7 +50,9 @@ from furlong.train import (actor_checkpoint, distributed_state, microbatch, para
                            pipeline_parallel)
 from furlong.train.cpu_optimizer import HostStep
 from furlong.train.batch import PackedMicroBatch, TrainBatch, pack, split_routes, split_tokens
-from furlong.train.expert_parallel import check_expert_parallel_size
+from furlong.train.expert_parallel import (check_expert_layout,
+                                           groups_span_tensor_parallel,
+                                           sum_moe_block_gradients, whole_row_routes)
 from furlong.train.load_balancing import load_balancing_term
 from furlong.train.lora_adapter import adapter_source, attach_adapter
 from furlong.train.master_weights import MasterWeights
@@ -109,7 +111,11 @@ class TrainActor:
         --expert-model-parallel-size."""
         rank, perf = self.rank, self.config.perf
         parallel.check_rank_layout(rank, perf)
-        check_expert_parallel_size(self._ep_size, rank.dp_size)
+        if self._ep_size > 1:
+            grpo = self.config.grpo
+            check_expert_layout(self._ep_size, rank.dp_size, rank.tp_size,
+                                perf.sequence_parallel,
+                                grpo.use_routing_replay or grpo.use_rollout_routing_replay)
         if not rank.sharded:
             return None, None
         parallel.join(rank)
@@ -122,6 +128,11 @@ class TrainActor:
     @property
     def _ep_size(self) -> int:
         return self.config.perf.expert_model_parallel_size
+
+    @property
+    def _experts_span_tp(self) -> bool:
+        return self._ep_size > 1 and groups_span_tensor_parallel(self._ep_size,
+                                                                 self.rank.dp_size)
 
     @property
     def _one_gpu(self) -> bool:
@@ -313,6 +324,9 @@ class TrainActor:
             for micro in micros:
                 for name, value in self._backward(micro, reducer(micro)).items():
                     totals[name] = totals.get(name, 0.0) + value.float()
+        if self._experts_span_tp:  # each rank's MoE blocks saw its sequence slice only
+            sum_moe_block_gradients(parallel.decoder_layers(self.policy.hf_model),
+                                    self.mesh["tp"].get_group())
         grad_norm = self._optimizer_step()
         names = sorted(totals)
         summed = torch.stack([totals[n] for n in names]).to(self.rank.device) if names \
@@ -340,8 +354,11 @@ class TrainActor:
         """The loss to differentiate for one micro-batch, and its metrics."""
         loss, metrics = self._objective(inputs)
         if self.routing is not None:
-            term, metrics["moe_aux_loss"] = load_balancing_term(
-                self.routing.take(), self.config.model, inputs)
+            routes = self.routing.take()
+            if self._experts_span_tp:  # each rank routed its sequence slice
+                routes = whole_row_routes(routes, self.mesh["tp"], inputs.micro.num_tokens)
+            term, metrics["moe_aux_loss"] = load_balancing_term(routes, self.config.model,
+                                                                inputs)
             loss = loss + term
         # FSDP averages gradients over data- and context-parallel ranks; the losses are
         # shares of the global mean, and each context-parallel rank's backward holds its

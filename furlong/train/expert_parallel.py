@@ -1,15 +1,21 @@
 """Expert parallelism: each MoE layer's experts split over the "ep" ranks, every routed
 token sent to the rank that owns its expert and its result sent back (all-to-all).
 
-Layout (Megatron's): expert-parallel ranks are carved from the data-parallel ranks.
-With dp data-parallel ranks and --expert-model-parallel-size ep, the ("dp", "tp") mesh
-is seen as ("edp", "ep", "tp"), dp = edp x ep: the ep ranks of one expert group hold
-different experts (rank i the experts [i E/ep, (i+1) E/ep) of E, as slices of HF's fused
+Layouts (Megatron's, with expert tensor parallelism 1). When ep divides the dp
+data-parallel ranks, expert-parallel ranks are carved from them: the ("dp", "tp") mesh
+is seen as ("edp", "ep", "tp"), dp = edp x ep, and tensor-parallel ranks of one
+data-parallel rank, which see the same tokens, each run the MoE layer whole, exchanging
+tokens with the ranks of the same "tp" index. Otherwise (Miles' Qwen3-30B-A3B: tp 4 x ep
+8 on 8 ranks) the expert groups are adjacent ranks of the whole (dp, tp) grid, a mesh
+("edp", "ep") of their own, tensor-parallel ranks included: with --sequence-parallel each
+rank runs the MoE block on its own slice of the row (no all-gather before it), so the
+ranks of a group hold different tokens; the router's (and any shared expert's) gradient,
+now a sum over the slices, is summed over "tp" before the optimizer step
+(`sum_moe_block_gradients`). Either way the ep ranks of one expert group hold different
+experts (rank i the experts [i E/ep, (i+1) E/ep) of E, as slices of HF's fused
 `gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I): DTensors sharded over "ep"), and
 FSDP2 shards those slices further over the edp ranks that hold the same experts. Every
-other parameter stays FSDP2-sharded over all dp ranks. Tensor-parallel ranks of one
-data-parallel rank see the same tokens: each runs the MoE layer whole, exchanging tokens
-with the ranks of the same "tp" index (experts are not split over "tp").
+other parameter stays FSDP2-sharded over all dp ranks.
 
 Forward of one MoE layer on one rank, for T tokens routed to k experts each
 (`dispatched_experts_forward`):
@@ -27,10 +33,11 @@ Forward of one MoE layer on one rank, for T tokens routed to k experts each
 
 Gradient scale: the trainer scales each rank's loss by dp and FSDP averages gradients
 over the ranks that share a parameter. An expert slice collects the gradients of the
-tokens of all ep ranks of its group and is averaged over edp = dp / ep ranks only, so
-its gradient would be ep times the global one; the local slice's gradient is scaled by
-1 / ep in the forward (`_ScaleGradient`) to make it the same sum as every other
-parameter's.
+tokens of all ep ranks of its group and is averaged over its edp ranks only, so its
+gradient would be ep times the global one when a group covers ep data-parallel ranks'
+tokens (ep / tp times when it covers sequence slices of tensor-parallel ranks); the
+local slice's gradient is scaled by the inverse (`expert_gradient_scale`) in the
+forward (`_ScaleGradient`) to make it the same sum as every other parameter's.
 """
 from __future__ import annotations
 
@@ -50,13 +57,39 @@ from furlong.model.moe import is_moe_block
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # HF's fused expert tensors, experts first
 
 
-def check_expert_parallel_size(ep_size: int, dp_size: int) -> None:
-    """Expert groups tile the data-parallel ranks."""
-    if ep_size < 1 or dp_size % ep_size:
-        raise ValueError(f"--expert-model-parallel-size {ep_size} does not divide the "
-                         f"{dp_size} data-parallel trainer ranks (trainer ranks / "
-                         "--tensor-model-parallel-size): expert-parallel ranks are carved from "
-                         "the data-parallel ones; choose a divisor of that number")
+def groups_span_tensor_parallel(ep_size: int, dp_size: int) -> bool:
+    """Whether expert groups take tensor-parallel ranks too (ep does not divide dp)."""
+    return dp_size % ep_size != 0
+
+
+def expert_gradient_scale(ep_size: int, dp_size: int, tp_size: int) -> float:
+    """1 / how many data-parallel ranks' tokens one expert group sees."""
+    return tp_size / ep_size if groups_span_tensor_parallel(ep_size, dp_size) else 1 / ep_size
+
+
+def check_expert_layout(ep_size: int, dp_size: int, tp_size: int, sequence_parallel: bool,
+                        routing_replay: bool) -> None:
+    """Expert groups tile the data-parallel ranks or, across tensor-parallel ranks, the
+    (dp, tp) grid; the latter needs --sequence-parallel and, in this build, no routing
+    replay (which routes a whole row). A ValueError naming the flag and the fix
+    otherwise."""
+    ranks = dp_size * tp_size
+    if ep_size < 1 or ranks % ep_size:
+        raise ValueError(f"--expert-model-parallel-size {ep_size} does not divide the {ranks} "
+                         "trainer ranks of a stage (data- x tensor-parallel): choose a "
+                         "divisor of that number")
+    if not groups_span_tensor_parallel(ep_size, dp_size):
+        return
+    spanning = (f"--expert-model-parallel-size {ep_size} over {dp_size} data-parallel ranks "
+                f"x --tensor-model-parallel-size {tp_size}: expert groups take "
+                "tensor-parallel ranks too, each running the MoE block on its sequence slice")
+    if not sequence_parallel:
+        raise ValueError(f"{spanning}; add --sequence-parallel (as Megatron requires), or "
+                         f"choose an expert-parallel size dividing {dp_size}")
+    if routing_replay:
+        raise ValueError(f"{spanning}; --use-routing-replay / --use-rollout-routing-replay "
+                         "is not supported on that layout yet (it routes a whole row): drop "
+                         f"it, or choose an expert-parallel size dividing {dp_size}")
 
 
 def expert_modules(layers: Iterable[nn.Module]) -> list[nn.Module]:
@@ -64,9 +97,11 @@ def expert_modules(layers: Iterable[nn.Module]) -> list[nn.Module]:
     return [layer.mlp.experts for layer in layers if is_moe_block(getattr(layer, "mlp", None))]
 
 
-def apply_expert_parallel(layers: nn.ModuleList, ep_mesh: DeviceMesh) -> None:
+def apply_expert_parallel(layers: nn.ModuleList, ep_mesh: DeviceMesh,
+                          gradient_scale: float) -> None:
     """Keep this rank's experts of every MoE layer (1/ep of each expert tensor) and make
-    the layer dispatch its tokens to the owners of their experts."""
+    the layer dispatch its tokens to the owners of their experts (their gradient scaled
+    by `expert_gradient_scale`)."""
     found = expert_modules(layers)
     size = ep_mesh.size()
     if not found:
@@ -77,7 +112,7 @@ def apply_expert_parallel(layers: nn.ModuleList, ep_mesh: DeviceMesh) -> None:
         for name in EXPERT_WEIGHTS:
             setattr(experts, name, _expert_shard(getattr(experts, name), ep_mesh))
         experts.forward = functools.partial(dispatched_experts_forward, experts,
-                                            ep_mesh.get_group())
+                                            ep_mesh.get_group(), gradient_scale)
 
 
 def _check_supported(experts: nn.Module, ep_size: int) -> None:
@@ -117,12 +152,13 @@ class _ScaleGradient(torch.autograd.Function):
 
 
 def dispatched_experts_forward(experts: nn.Module, group: dist.ProcessGroup,
-                               hidden: torch.Tensor, top_k_index: torch.Tensor,
+                               gradient_scale: float, hidden: torch.Tensor,
+                               top_k_index: torch.Tensor,
                                top_k_weights: torch.Tensor) -> torch.Tensor:
     """HF's experts forward over the expert group: hidden (T, H), top_k_index and
     top_k_weights (T, k) -> (T, H). Collective over `group` (steps 1-5 above)."""
     ep_size = group.size()
-    gate_up, down = (_ScaleGradient.apply(getattr(experts, name).to_local(), 1.0 / ep_size)
+    gate_up, down = (_ScaleGradient.apply(getattr(experts, name).to_local(), gradient_scale)
                      for name in EXPERT_WEIGHTS)  # (E/ep, 2I, H), (E/ep, H, I)
     num_local, top_k = gate_up.shape[0], top_k_index.shape[1]
     expert_ids = top_k_index.reshape(-1)  # (T k,)
@@ -159,3 +195,31 @@ def _local_experts(experts: nn.Module, rows: torch.Tensor, rows_per_expert: torc
     projected = experts._apply_gate(_grouped_linear(rows[regroup], gate_up, offsets))
     outputs = _grouped_linear(projected, down, offsets)  # (R, H), by local expert
     return outputs[torch.argsort(regroup)]
+
+
+def sum_moe_block_gradients(layers: Iterable[nn.Module], tp_group: dist.ProcessGroup) -> None:
+    """Expert groups across tensor-parallel ranks: each rank's MoE blocks saw its sequence
+    slice only, so the gradients of their parameters outside the experts (router, shared
+    experts) are partial sums; add them up over "tp" (FSDP has averaged each over "dp")."""
+    for layer in layers:
+        if not is_moe_block(getattr(layer, "mlp", None)):
+            continue
+        for name, param in layer.mlp.named_parameters():
+            if param.grad is not None and not name.startswith("experts."):
+                grad = param.grad
+                dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad,
+                                group=tp_group)
+
+
+def whole_row_routes(routes: list[tuple[torch.Tensor, torch.Tensor]], tp_mesh: DeviceMesh,
+                     num_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Expert groups across tensor-parallel ranks: the (router logits, experts) each MoE
+    layer recorded for this rank's slice of a row of `num_tokens`, gathered into the
+    whole row's on every rank (the load-balancing loss reads the whole row). The logits'
+    gradient comes back to each rank as its slice's."""
+    def whole(local: torch.Tensor) -> torch.Tensor:
+        shape = (num_tokens, *local.shape[1:])
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(local, tp_mesh, [Shard(0)], run_check=False, shape=shape,
+                                  stride=stride).full_tensor()
+    return [(whole(logits), whole(experts)) for logits, experts in routes]

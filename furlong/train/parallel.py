@@ -34,18 +34,19 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy,
                                     OffloadPolicy, fully_shard)
-from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
-                                               PrepareModuleInputOutput, RowwiseParallel,
-                                               SequenceParallel, parallelize_module)
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle,
+                                               PrepareModuleInput, PrepareModuleInputOutput,
+                                               RowwiseParallel, SequenceParallel,
+                                               parallelize_module)
 from torch.utils.checkpoint import checkpoint
 
 from furlong.config.groups import OptimizerArgs, PerfArgs
 from furlong.model.attention import RECOMPUTE_CORE
 from furlong.ports import free_port
 from furlong.train.context_parallel import apply_context_parallel, check_context_parallel_size
-from furlong.train.expert_parallel import (apply_expert_parallel, check_expert_parallel_size,
-                                           expert_modules)
+from furlong.train.expert_parallel import (apply_expert_parallel, expert_gradient_scale,
+                                           expert_modules, groups_span_tensor_parallel)
 from furlong.train.lora_parallel import lora_plan
 from furlong.train.pipeline_layout import PipelineLayout, rank_chunks
 from furlong.train.pipeline_parallel import PipelineRole, split_stage
@@ -205,10 +206,15 @@ def sharding_mesh(mesh: DeviceMesh) -> DeviceMesh:
 
 
 def build_expert_mesh(mesh: DeviceMesh, ep_size: int) -> DeviceMesh:
-    """The ("dp", "cp", "tp") `mesh` seen as ("edp", "ep", "cp", "tp"): expert groups of
-    `ep_size` adjacent data-parallel ranks (new process groups: build it once)."""
+    """Expert groups of `ep_size` adjacent data-parallel ranks, the ("dp", "cp", "tp")
+    `mesh` seen as ("edp", "ep", "cp", "tp"); or, when ep does not divide dp, of adjacent
+    ranks of the whole (dp, tp) grid, a mesh ("edp", "ep") of its own (expert_parallel.py
+    says when each applies). New process groups: build it once."""
     dp_size = mesh["dp"].size()
-    check_expert_parallel_size(ep_size, dp_size)
+    if groups_span_tensor_parallel(ep_size, dp_size):
+        ranks = mesh.size()
+        return init_device_mesh(mesh.device_type, (ranks // ep_size, ep_size),
+                                mesh_dim_names=("edp", "ep"))
     return mesh._unflatten("dp", (dp_size // ep_size, ep_size), ("edp", "ep"))
 
 
@@ -238,12 +244,14 @@ def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs, mixed_preci
     if "pp" in mesh.mesh_dim_names:
         apply_pipeline_split(policy, mesh["pp"].get_local_rank(), PipelineLayout.from_perf(perf))
     layers = decoder_layers(hf_model)
-    if mesh["tp"].size() > 1:
-        apply_tensor_parallel(hf_model, mesh["tp"], perf.sequence_parallel)
+    ep, dp, tp = perf.expert_model_parallel_size, mesh["dp"].size(), mesh["tp"].size()
+    moe_on_slices = expert_mesh is not None and groups_span_tensor_parallel(ep, dp)
+    if tp > 1:
+        apply_tensor_parallel(hf_model, mesh["tp"], perf.sequence_parallel, moe_on_slices)
     if mesh["cp"].size() > 1:
-        apply_context_parallel(policy, mesh["cp"], mesh["tp"].size())
+        apply_context_parallel(policy, mesh["cp"], tp)
     if expert_mesh is not None:
-        apply_expert_parallel(layers, expert_mesh["ep"])
+        apply_expert_parallel(layers, expert_mesh["ep"], expert_gradient_scale(ep, dp, tp))
     apply_activation_checkpointing(layers, perf)
     apply_fully_shard(policy, layers, sharding_mesh(mesh), mixed_precision,
                       expert_mesh["edp"] if expert_mesh is not None else None, offload)
@@ -277,7 +285,7 @@ def _check_divisible(config, tp_size: int) -> None:
                              f"model's {name} ({value}): choose a divisor of it")
 
 
-def _layer_plan(layer: nn.Module, sequence_parallel: bool) -> dict:
+def _layer_plan(layer: nn.Module, sequence_parallel: bool, moe_on_slices: bool) -> dict:
     """Megatron's split of one block: q/k/v and gate/up by output features (each rank
     gets whole heads), o and down by input features, summed over ranks. With sequence
     parallel the sum is a reduce-scatter over the sequence and the norms run on the
@@ -286,7 +294,9 @@ def _layer_plan(layer: nn.Module, sequence_parallel: bool) -> dict:
     An MoE block (router and experts) is not split: every tensor-parallel rank runs it
     on the whole (replicated) sequence, so its gradients are the same on each (experts
     are split by expert parallelism instead). With sequence parallel its input is
-    all-gathered and its output sliced back to the rank's part of the sequence.
+    all-gathered and its output sliced back to the rank's part of the sequence, unless
+    `moe_on_slices` (expert groups across tensor-parallel ranks): each rank then runs it
+    on its own slice (`SequenceSlice`).
 
     LoRA: adapted projections are split as train/lora_parallel.py says."""
     block_output = Shard(1) if sequence_parallel else Replicate()
@@ -316,18 +326,47 @@ def _layer_plan(layer: nn.Module, sequence_parallel: bool) -> dict:
             "self_attn": PrepareModuleInput(
                 input_kwarg_layouts={"hidden_states": Shard(1)},
                 desired_input_kwarg_layouts={"hidden_states": Replicate()}),
-            "mlp": PrepareModuleInputOutput(
-                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                use_local_input=True, output_layouts=(Replicate(),),
-                desired_output_layouts=(Shard(1),), use_local_output=False)
-            if moe_block else PrepareModuleInput(input_layouts=(Shard(1),),
-                                                 desired_input_layouts=(Replicate(),)),
+            "mlp": _moe_block_style(moe_on_slices) if moe_block
+            else PrepareModuleInput(input_layouts=(Shard(1),),
+                                    desired_input_layouts=(Replicate(),)),
         })
     return lora_plan(layer, plan)
 
 
+def _moe_block_style(on_slices: bool) -> ParallelStyle:
+    if on_slices:
+        return SequenceSlice()
+    return PrepareModuleInputOutput(
+        input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+        output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),),
+        use_local_output=False)
+
+
+class SequenceSlice(ParallelStyle):
+    """A module run on this rank's slice of a sequence-parallel row: its input, a
+    Shard(1) DTensor, reaches it as the local slice, and its output leaves as a Shard(1)
+    DTensor of the input's global shape (slices may be uneven)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        layouts = []  # (shape, stride) of each call's input, until its output
+
+        def take_slice(_, args):
+            (hidden,) = args
+            layouts.append((hidden.shape, hidden.stride()))
+            return (hidden.to_local(),)
+
+        def as_shard(_, args, output):
+            shape, stride = layouts.pop()
+            return DTensor.from_local(output, device_mesh, [Shard(1)], run_check=False,
+                                      shape=shape, stride=stride)
+
+        module.register_forward_pre_hook(take_slice)
+        module.register_forward_hook(as_shard)
+        return module
+
+
 def apply_tensor_parallel(hf_model: nn.Module, tp_mesh: DeviceMesh,
-                          sequence_parallel: bool) -> None:
+                          sequence_parallel: bool, moe_on_slices: bool = False) -> None:
     """Slice every decoder layer over `tp_mesh`. The embeddings, the final norm and the
     output weight stay whole (FSDP still shards them over "dp"): the policy's log-prob
     head needs the full vocabulary at every position. With sequence parallel the
@@ -340,7 +379,7 @@ def apply_tensor_parallel(hf_model: nn.Module, tp_mesh: DeviceMesh,
     for layer in layers:
         layer.to(device)  # one full layer at a time on the device, then sliced
         frozen = {name for name, param in layer.named_parameters() if not param.requires_grad}
-        parallelize_module(layer, tp_mesh, _layer_plan(layer, sequence_parallel))
+        parallelize_module(layer, tp_mesh, _layer_plan(layer, sequence_parallel, moe_on_slices))
         # SequenceParallel's replicated parameters (norms) come back trainable: a frozen
         # one (LoRA's base) stays frozen.
         for name, param in layer.named_parameters():
