@@ -50,6 +50,7 @@ RUNS = {
     "tp2_ep2_sp": (2, 2, ["--sequence-parallel", "--recompute-granularity", "full",
                           "--recompute-method", "uniform"]),
     "tp2_ep4_sp": (2, 4, ["--sequence-parallel"]),
+    "tp2_ep4_sp_replay": (2, 4, ["--sequence-parallel", "--use-routing-replay"]),
 }
 METRICS = ("train/loss", "train/pg_loss", "train/kl_loss", "train/moe_aux_loss",
            "train/grad_norm")
@@ -76,7 +77,8 @@ def _worker(rank: int, port: int, tiny_moe: Path, batch, out: Path) -> None:
         results[f"{name}/weights"] = cpu_weights(actor)
         with held_experts(actor) as held, tokens_sent_away() as sent:
             results[f"{name}/log_probs"] = actor.compute_log_probs(batch)[0]
-            results[name] = step_gradients(actor, batch)
+            results[f"{name}/recorded_routes"] = actor.recorded_routes
+            results[name] = step_gradients(actor, batch)  # replaying them, if recorded
         results[f"{name}/layout"] = {"held": held[0], "sent": sum(sent),
                                      **stored_shards(actor)}
     results["checkpoint"] = _save_under_ep2_resume_under_ep4(actor_for, batch,
@@ -187,6 +189,20 @@ def test_step_and_log_probs_equal_one_process(ranks, one_process, name):
                                METRICS)
 
 
+def test_routes_recorded_on_sequence_slices_come_back_whole(tiny_moe, ranks):
+    """--use-routing-replay with expert groups across tensor-parallel ranks: the routes
+    each rank's routers chose for its slice of a row come back as the whole row's, those
+    of one process (and the steps that replay them matched one process above)."""
+    batch, _, results, _ = ranks
+    reference = TrainActor(policy_config(tiny_moe, [*FLAGS, "--use-routing-replay"]),
+                           RankInfo(), str(tiny_moe / "model"), 2)
+    reference.compute_log_probs(batch)
+    recorded = results["tp2_ep4_sp_replay/recorded_routes"]
+    assert len(recorded) == len(batch.tokens)
+    for got, expected in zip(recorded, reference.recorded_routes, strict=True):
+        assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("name", list(RUNS))
 def test_each_rank_holds_its_experts_only(tiny_moe, ranks, name):
     """Rank r of an expert group of E computes with experts [r 8/E, (r+1) 8/E) and no
@@ -268,8 +284,6 @@ SPANNING = "--expert-model-parallel-size 4 over 2 data-parallel ranks x " \
       "--expert-model-parallel-size", "3"],
      ["--expert-model-parallel-size 3 does not divide the 4 trainer ranks"]),
     (ACROSS_TP, [SPANNING, "add --sequence-parallel"]),
-    ([*ACROSS_TP, "--sequence-parallel", "--use-rollout-routing-replay"],
-     [SPANNING, "routing-replay is not supported"]),
 ])
 def test_placement_refuses_expert_groups_that_do_not_tile_the_ranks(tiny_moe, flags, words):
     """Caught before any weight loads (and by --dry-run)."""

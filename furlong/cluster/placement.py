@@ -176,10 +176,8 @@ def _check_trainer_split(config: Config, ranks: int) -> None:
     dp, batch = ranks // (tp * cp), config.rollout.global_batch_size
     shares = f"({ranks} trainer ranks / tensor-parallel {tp} / context-parallel {cp})"
     if ep > 1:
-        grpo = config.grpo
         try:
-            check_expert_layout(ep, dp, tp, p.sequence_parallel,
-                                grpo.use_routing_replay or grpo.use_rollout_routing_replay)
+            check_expert_layout(ep, dp, tp, p.sequence_parallel)
         except ValueError as error:
             raise ConfigError(str(error)) from None
     if batch % dp:

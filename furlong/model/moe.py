@@ -20,6 +20,8 @@ probabilities gathered at the replayed experts, renormalised as the model renorm
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -163,10 +165,15 @@ class RoutingReplay:
         for router in self._routers:
             setattr(router, RECORDING, [])
 
-    def take_recorded(self) -> torch.Tensor:
-        """The experts of every token of the forwards since `record()` (in order)."""
+    def take_recorded(self, gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+                      ) -> torch.Tensor:
+        """The experts of every token of the forwards since `record()` (in order), after
+        `gather` (on the device) where given."""
         per_layer = [torch.cat(router.__dict__.pop(RECORDING)) for router in self._routers]
-        return torch.stack(per_layer, dim=1).to("cpu", torch.int32)  # one copy, one sync
+        routes = torch.stack(per_layer, dim=1)
+        if gather is not None:
+            routes = gather(routes)
+        return routes.to("cpu", torch.int32)  # one copy, one sync
 
 
 def _replay_and_record(module: nn.Module, args, output):

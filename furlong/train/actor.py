@@ -50,9 +50,8 @@ from furlong.train import (actor_checkpoint, distributed_state, microbatch, para
                            pipeline_parallel)
 from furlong.train.cpu_optimizer import HostStep
 from furlong.train.batch import PackedMicroBatch, TrainBatch, pack, split_routes, split_tokens
-from furlong.train.expert_parallel import (check_expert_layout,
-                                           groups_span_tensor_parallel,
-                                           sum_moe_block_gradients, whole_row_routes)
+from furlong.train.expert_parallel import (check_expert_layout, sum_moe_block_gradients,
+                                           whole_row_routes)
 from furlong.train.load_balancing import load_balancing_term
 from furlong.train.lora_adapter import adapter_source, attach_adapter
 from furlong.train.master_weights import MasterWeights
@@ -112,10 +111,8 @@ class TrainActor:
         rank, perf = self.rank, self.config.perf
         parallel.check_rank_layout(rank, perf)
         if self._ep_size > 1:
-            grpo = self.config.grpo
             check_expert_layout(self._ep_size, rank.dp_size, rank.tp_size,
-                                perf.sequence_parallel,
-                                grpo.use_routing_replay or grpo.use_rollout_routing_replay)
+                                perf.sequence_parallel)
         if not rank.sharded:
             return None, None
         parallel.join(rank)
@@ -128,11 +125,6 @@ class TrainActor:
     @property
     def _ep_size(self) -> int:
         return self.config.perf.expert_model_parallel_size
-
-    @property
-    def _experts_span_tp(self) -> bool:
-        return self._ep_size > 1 and groups_span_tensor_parallel(self._ep_size,
-                                                                 self.rank.dp_size)
 
     @property
     def _one_gpu(self) -> bool:
@@ -254,7 +246,7 @@ class TrainActor:
                                  split_tokens(ent.cpu(), micro), strict=True):
                 log_probs[i], entropy[i] = lp, en
             if record:
-                for i, r in zip(indices, split_routes(policy.routing_replay.take_recorded(),
+                for i, r in zip(indices, split_routes(policy.take_recorded_routes(micro),
                                                       micro), strict=True):
                     routes[i] = r
         parallel.reshard(policy)  # FSDP keeps the root gathered after a forward
@@ -324,7 +316,7 @@ class TrainActor:
             for micro in micros:
                 for name, value in self._backward(micro, reducer(micro)).items():
                     totals[name] = totals.get(name, 0.0) + value.float()
-        if self._experts_span_tp:  # each rank's MoE blocks saw its sequence slice only
+        if self.policy.row_slices is not None:  # each rank's MoE blocks saw its slice
             sum_moe_block_gradients(parallel.decoder_layers(self.policy.hf_model),
                                     self.mesh["tp"].get_group())
         grad_norm = self._optimizer_step()
@@ -355,8 +347,9 @@ class TrainActor:
         loss, metrics = self._objective(inputs)
         if self.routing is not None:
             routes = self.routing.take()
-            if self._experts_span_tp:  # each rank routed its sequence slice
-                routes = whole_row_routes(routes, self.mesh["tp"], inputs.micro.num_tokens)
+            if self.policy.row_slices is not None:  # each rank routed its sequence slice
+                routes = whole_row_routes(routes, self.policy.row_slices,
+                                          inputs.micro.num_tokens)
             term, metrics["moe_aux_loss"] = load_balancing_term(routes, self.config.model,
                                                                 inputs)
             loss = loss + term

@@ -11,7 +11,8 @@ tokens with the ranks of the same "tp" index. Otherwise (Miles' Qwen3-30B-A3B: t
 rank runs the MoE block on its own slice of the row (no all-gather before it), so the
 ranks of a group hold different tokens; the router's (and any shared expert's) gradient,
 now a sum over the slices, is summed over "tp" before the optimizer step
-(`sum_moe_block_gradients`). Either way the ep ranks of one expert group hold different
+(`sum_moe_block_gradients`), and per-token routes (replayed, recorded, or read by the
+load-balancing loss) go between whole rows and slices through `RowSlices`. Either way the ep ranks of one expert group hold different
 experts (rank i the experts [i E/ep, (i+1) E/ep) of E, as slices of HF's fused
 `gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I): DTensors sharded over "ep"), and
 FSDP2 shards those slices further over the edp ranks that hold the same experts. Every
@@ -49,7 +50,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed._functional_collectives import all_to_all_single_autograd
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from transformers.integrations.moe import _grouped_linear
 
 from furlong.model.moe import is_moe_block
@@ -67,12 +68,11 @@ def expert_gradient_scale(ep_size: int, dp_size: int, tp_size: int) -> float:
     return tp_size / ep_size if groups_span_tensor_parallel(ep_size, dp_size) else 1 / ep_size
 
 
-def check_expert_layout(ep_size: int, dp_size: int, tp_size: int, sequence_parallel: bool,
-                        routing_replay: bool) -> None:
+def check_expert_layout(ep_size: int, dp_size: int, tp_size: int,
+                        sequence_parallel: bool) -> None:
     """Expert groups tile the data-parallel ranks or, across tensor-parallel ranks, the
-    (dp, tp) grid; the latter needs --sequence-parallel and, in this build, no routing
-    replay (which routes a whole row). A ValueError naming the flag and the fix
-    otherwise."""
+    (dp, tp) grid, which needs --sequence-parallel. A ValueError naming the flag and the
+    fix otherwise."""
     ranks = dp_size * tp_size
     if ep_size < 1 or ranks % ep_size:
         raise ValueError(f"--expert-model-parallel-size {ep_size} does not divide the {ranks} "
@@ -86,10 +86,6 @@ def check_expert_layout(ep_size: int, dp_size: int, tp_size: int, sequence_paral
     if not sequence_parallel:
         raise ValueError(f"{spanning}; add --sequence-parallel (as Megatron requires), or "
                          f"choose an expert-parallel size dividing {dp_size}")
-    if routing_replay:
-        raise ValueError(f"{spanning}; --use-routing-replay / --use-rollout-routing-replay "
-                         "is not supported on that layout yet (it routes a whole row): drop "
-                         f"it, or choose an expert-parallel size dividing {dp_size}")
 
 
 def expert_modules(layers: Iterable[nn.Module]) -> list[nn.Module]:
@@ -211,15 +207,32 @@ def sum_moe_block_gradients(layers: Iterable[nn.Module], tp_group: dist.ProcessG
                                 group=tp_group)
 
 
-def whole_row_routes(routes: list[tuple[torch.Tensor, torch.Tensor]], tp_mesh: DeviceMesh,
-                     num_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Expert groups across tensor-parallel ranks: the (router logits, experts) each MoE
-    layer recorded for this rank's slice of a row of `num_tokens`, gathered into the
-    whole row's on every rank (the load-balancing loss reads the whole row). The logits'
-    gradient comes back to each rank as its slice's."""
-    def whole(local: torch.Tensor) -> torch.Tensor:
+class RowSlices:
+    """Expert groups across tensor-parallel ranks: a micro-batch's per-token rows (dim 0)
+    as this rank's sequence slice (the one sequence parallelism gives its MoE blocks)
+    and back. Ranks slice as DTensor's Shard does, so uneven rows split alike."""
+
+    def __init__(self, tp_mesh: DeviceMesh):
+        self.mesh = tp_mesh
+
+    def local(self, whole: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of `whole` (no communication)."""
+        replicated = DTensor.from_local(whole, self.mesh, [Replicate()], run_check=False)
+        return replicated.redistribute(self.mesh, [Shard(0)]).to_local()
+
+    def whole(self, local: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """Every rank's rows, in order, on every rank; a gradient comes back to each rank
+        as its slice's."""
         shape = (num_tokens, *local.shape[1:])
         stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(local, tp_mesh, [Shard(0)], run_check=False, shape=shape,
+        return DTensor.from_local(local, self.mesh, [Shard(0)], run_check=False, shape=shape,
                                   stride=stride).full_tensor()
-    return [(whole(logits), whole(experts)) for logits, experts in routes]
+
+
+def whole_row_routes(routes: list[tuple[torch.Tensor, torch.Tensor]], slices: RowSlices,
+                     num_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (router logits, experts) each MoE layer recorded for this rank's slice of a
+    row of `num_tokens`, gathered whole on every rank (the load-balancing loss reads the
+    whole row)."""
+    return [(slices.whole(logits, num_tokens), slices.whole(experts, num_tokens))
+            for logits, experts in routes]

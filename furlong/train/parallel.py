@@ -45,8 +45,9 @@ from furlong.config.groups import OptimizerArgs, PerfArgs
 from furlong.model.attention import RECOMPUTE_CORE
 from furlong.ports import free_port
 from furlong.train.context_parallel import apply_context_parallel, check_context_parallel_size
-from furlong.train.expert_parallel import (apply_expert_parallel, expert_gradient_scale,
-                                           expert_modules, groups_span_tensor_parallel)
+from furlong.train.expert_parallel import (RowSlices, apply_expert_parallel,
+                                           expert_gradient_scale, expert_modules,
+                                           groups_span_tensor_parallel)
 from furlong.train.lora_parallel import lora_plan
 from furlong.train.pipeline_layout import PipelineLayout, rank_chunks
 from furlong.train.pipeline_parallel import PipelineRole, split_stage
@@ -252,6 +253,8 @@ def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs, mixed_preci
         apply_context_parallel(policy, mesh["cp"], tp)
     if expert_mesh is not None:
         apply_expert_parallel(layers, expert_mesh["ep"], expert_gradient_scale(ep, dp, tp))
+    if moe_on_slices:
+        policy.row_slices = RowSlices(mesh["tp"])
     apply_activation_checkpointing(layers, perf)
     apply_fully_shard(policy, layers, sharding_mesh(mesh), mixed_precision,
                       expert_mesh["edp"] if expert_mesh is not None else None, offload)

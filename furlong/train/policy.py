@@ -10,7 +10,10 @@ means a sharded root (FSDP2) gathers the embedding/output weights around it.
 
 MoE models: a micro-batch that carries `routed_experts` is routed by them (routing replay,
 model/moe.py), one that carries none by the routers themselves. `routing_replay.record()`
-before a forward keeps its routes for `routing_replay.take_recorded()` (--use-routing-replay).
+before a forward keeps its routes for `take_recorded_routes` (--use-routing-replay). With
+expert groups across tensor-parallel ranks (`row_slices`, set by train/parallel.py) each
+rank's routers see its sequence slice: they replay their rows of the given routes, and
+recorded ones come back whole.
 
 Context parallelism (`context_parallel`, set by train/context_parallel.py): the decoder and
 the head run on this rank's part of the row, and the values come back gathered whole.
@@ -31,6 +34,7 @@ from furlong.model.logits import compute_dtype
 from furlong.model.moe import RoutingReplay, is_moe
 from furlong.train.batch import PackedMicroBatch
 from furlong.train.context_parallel import ContextParallel
+from furlong.train.expert_parallel import RowSlices
 from furlong.train.pipeline_parallel import PipelineRole, stage_forward
 
 
@@ -46,6 +50,14 @@ class CausalLMPolicy(nn.Module):
         self.routing_replay = RoutingReplay(hf_model) if is_moe(hf_model) else None
         self.context_parallel: ContextParallel | None = None
         self.pipeline: PipelineRole | None = None
+        self.row_slices: RowSlices | None = None
+
+    def take_recorded_routes(self, micro: PackedMicroBatch) -> torch.Tensor:
+        """The experts of every token of `micro` that its forward recorded, (T,
+        num_moe_layers, k) int32 on the CPU."""
+        slices = self.row_slices
+        return self.routing_replay.take_recorded(
+            None if slices is None else lambda local: slices.whole(local, micro.num_tokens))
 
     def forward(self, micro: PackedMicroBatch, temperature: float = 1.0,
                 activations: torch.Tensor | None = None):
@@ -54,7 +66,10 @@ class CausalLMPolicy(nn.Module):
         if self.pipeline is not None:
             return stage_forward(self, micro, temperature, activations)
         if self.routing_replay is not None:
-            self.routing_replay.replay(micro.routed_experts)
+            routes = micro.routed_experts
+            if routes is not None and self.row_slices is not None:
+                routes = self.row_slices.local(routes)
+            self.routing_replay.replay(routes)
         elif micro.routed_experts is not None:
             raise ValueError("routing replay: the model has no MoE routers")
         part = micro if self.context_parallel is None else self.context_parallel.shard(micro)
