@@ -1,4 +1,4 @@
-"""Tensor parallelism of LoRA layers: the plan of a decoder layer (parallel.py's
+"""Tensor parallelism of LoRA layers: the plan of a decoder layer (tensor_parallel.py's
 `_layer_plan`) rewritten for PEFT's wrapped projections.
 
 A targeted projection is a PEFT layer around the original `nn.Linear` (`base_layer`),

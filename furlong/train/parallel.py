@@ -10,18 +10,19 @@ linear layer (Megatron's layout, done with DTensor); the ranks of one context-pa
 group see the same samples and each holds 1/cp of every micro-batch's tokens
 (`context_parallel.py`). FSDP2 shards parameters over "dp", or over "dp_cp" (the
 flattened ("dp", "cp")) with context parallelism. With expert parallelism
-(`expert_parallel.py`) the data-parallel dimension is also seen as ("edp", "ep"): the
-"ep" ranks of a group hold different experts of each MoE layer, the "edp" ranks the
-same ones. With pipeline parallelism (`pipeline_parallel.py`) a "pp" dimension comes
-first, outermost (Megatron's order): the ranks of stage s are the s-th block of
-world / pp consecutive ranks, each block a ("dp", "cp", "tp") mesh of its own.
+(`expert_parallel.py`) the data-parallel dimension (or, when ep does not divide it, the
+whole (dp, tp) grid) is also seen as ("edp", "ep"): the "ep" ranks of a group hold
+different experts of each MoE layer, the "edp" ranks the same ones. With pipeline
+parallelism (`pipeline_parallel.py`) a "pp" dimension comes first, outermost (Megatron's
+order): the ranks of stage s are the s-th block of world / pp consecutive ranks, each
+block a ("dp", "cp", "tp") mesh of its own.
 
-`parallelize` supports the decoder layers of Qwen2, Qwen3 and Llama (HF module
-names self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, the two layer norms and
-Qwen3's per-head q_norm/k_norm), and Qwen-family MoE layers, whose attention tensor
-parallel splits while each tensor-parallel rank runs the MoE block whole. One process
-(`RankInfo()`, or one GPU) is not parallelised: the plain model is faster and needs no
-process group.
+`parallelize` supports the decoder layers of Qwen2, Qwen3 and Llama (HF module names
+self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, the two layer norms and Qwen3's
+per-head q_norm/k_norm; `tensor_parallel.py` splits them), and Qwen-family MoE layers,
+whose attention tensor parallel splits while each tensor-parallel rank runs the MoE
+block whole (or on its sequence slice). One process (`RankInfo()`, or one GPU) is not
+parallelised: the plain model is faster and needs no process group.
 """
 from __future__ import annotations
 
@@ -34,11 +35,6 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy,
                                     OffloadPolicy, fully_shard)
-from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle,
-                                               PrepareModuleInput, PrepareModuleInputOutput,
-                                               RowwiseParallel, SequenceParallel,
-                                               parallelize_module)
 from torch.utils.checkpoint import checkpoint
 
 from furlong.config.groups import OptimizerArgs, PerfArgs
@@ -48,9 +44,9 @@ from furlong.train.context_parallel import apply_context_parallel, check_context
 from furlong.train.expert_parallel import (RowSlices, apply_expert_parallel,
                                            expert_gradient_scale, expert_modules,
                                            groups_span_tensor_parallel)
-from furlong.train.lora_parallel import lora_plan
 from furlong.train.pipeline_layout import PipelineLayout, rank_chunks
 from furlong.train.pipeline_parallel import PipelineRole, split_stage
+from furlong.train.tensor_parallel import apply_tensor_parallel
 
 
 # ---- where a rank sits -------------------------------------------------------------------
@@ -248,7 +244,8 @@ def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs, mixed_preci
     ep, dp, tp = perf.expert_model_parallel_size, mesh["dp"].size(), mesh["tp"].size()
     moe_on_slices = expert_mesh is not None and groups_span_tensor_parallel(ep, dp)
     if tp > 1:
-        apply_tensor_parallel(hf_model, mesh["tp"], perf.sequence_parallel, moe_on_slices)
+        apply_tensor_parallel(hf_model, layers, mesh["tp"], perf.sequence_parallel,
+                              moe_on_slices)
     if mesh["cp"].size() > 1:
         apply_context_parallel(policy, mesh["cp"], tp)
     if expert_mesh is not None:
@@ -277,122 +274,6 @@ def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
         raise ValueError(f"{type(hf_model).__name__}: the fsdp backend parallelises models "
                          "whose decoder keeps its blocks in `.layers` (Qwen2/Qwen3/Llama)")
     return layers
-
-
-# ---- tensor and sequence parallel -------------------------------------------------------
-def _check_divisible(config, tp_size: int) -> None:
-    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        value = getattr(config, name)
-        if value % tp_size:
-            raise ValueError(f"--tensor-model-parallel-size {tp_size} does not divide the "
-                             f"model's {name} ({value}): choose a divisor of it")
-
-
-def _layer_plan(layer: nn.Module, sequence_parallel: bool, moe_on_slices: bool) -> dict:
-    """Megatron's split of one block: q/k/v and gate/up by output features (each rank
-    gets whole heads), o and down by input features, summed over ranks. With sequence
-    parallel the sum is a reduce-scatter over the sequence and the norms run on the
-    rank's sequence slice; the attention and MLP inputs are all-gathered first.
-
-    An MoE block (router and experts) is not split: every tensor-parallel rank runs it
-    on the whole (replicated) sequence, so its gradients are the same on each (experts
-    are split by expert parallelism instead). With sequence parallel its input is
-    all-gathered and its output sliced back to the rank's part of the sequence, unless
-    `moe_on_slices` (expert groups across tensor-parallel ranks): each rank then runs it
-    on its own slice (`SequenceSlice`).
-
-    LoRA: adapted projections are split as train/lora_parallel.py says."""
-    block_output = Shard(1) if sequence_parallel else Replicate()
-    plan = {
-        "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
-        "self_attn.v_proj": ColwiseParallel(),
-        "self_attn.o_proj": RowwiseParallel(output_layouts=block_output,
-                                            use_local_output=not sequence_parallel),
-    }
-    moe_block = hasattr(layer.mlp, "experts")
-    if not moe_block:
-        plan.update({
-            "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(output_layouts=block_output,
-                                             use_local_output=not sequence_parallel),
-        })
-    if hasattr(layer.self_attn, "q_norm"):
-        # Qwen3 normalises each head of (B, T, heads, D): the heads (dim 2) are this
-        # rank's, so the norm weight is a replicated DTensor whose gradient is summed
-        # over the tensor-parallel ranks.
-        for name in ("self_attn.q_norm", "self_attn.k_norm"):
-            plan[name] = SequenceParallel(sequence_dim=2, use_local_output=True)
-    if sequence_parallel:
-        plan.update({
-            "input_layernorm": SequenceParallel(),
-            "post_attention_layernorm": SequenceParallel(),
-            "self_attn": PrepareModuleInput(
-                input_kwarg_layouts={"hidden_states": Shard(1)},
-                desired_input_kwarg_layouts={"hidden_states": Replicate()}),
-            "mlp": _moe_block_style(moe_on_slices) if moe_block
-            else PrepareModuleInput(input_layouts=(Shard(1),),
-                                    desired_input_layouts=(Replicate(),)),
-        })
-    return lora_plan(layer, plan)
-
-
-def _moe_block_style(on_slices: bool) -> ParallelStyle:
-    if on_slices:
-        return SequenceSlice()
-    return PrepareModuleInputOutput(
-        input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
-        output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),),
-        use_local_output=False)
-
-
-class SequenceSlice(ParallelStyle):
-    """A module run on this rank's slice of a sequence-parallel row: its input, a
-    Shard(1) DTensor, reaches it as the local slice, and its output leaves as a Shard(1)
-    DTensor of the input's global shape (slices may be uneven)."""
-
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        layouts = []  # (shape, stride) of each call's input, until its output
-
-        def take_slice(_, args):
-            (hidden,) = args
-            layouts.append((hidden.shape, hidden.stride()))
-            return (hidden.to_local(),)
-
-        def as_shard(_, args, output):
-            shape, stride = layouts.pop()
-            return DTensor.from_local(output, device_mesh, [Shard(1)], run_check=False,
-                                      shape=shape, stride=stride)
-
-        module.register_forward_pre_hook(take_slice)
-        module.register_forward_hook(as_shard)
-        return module
-
-
-def apply_tensor_parallel(hf_model: nn.Module, tp_mesh: DeviceMesh,
-                          sequence_parallel: bool, moe_on_slices: bool = False) -> None:
-    """Slice every decoder layer over `tp_mesh`. The embeddings, the final norm and the
-    output weight stay whole (FSDP still shards them over "dp"): the policy's log-prob
-    head needs the full vocabulary at every position. With sequence parallel the
-    first block's input is split along the sequence and the final norm's input
-    gathered back, so the final norm and the head see the whole (replicated) row."""
-    _check_divisible(hf_model.config, tp_mesh.size())
-    layers = decoder_layers(hf_model)
-    device = torch.device(tp_mesh.device_type, torch.cuda.current_device()
-                          if tp_mesh.device_type == "cuda" else None)
-    for layer in layers:
-        layer.to(device)  # one full layer at a time on the device, then sliced
-        frozen = {name for name, param in layer.named_parameters() if not param.requires_grad}
-        parallelize_module(layer, tp_mesh, _layer_plan(layer, sequence_parallel, moe_on_slices))
-        # SequenceParallel's replicated parameters (norms) come back trainable: a frozen
-        # one (LoRA's base) stays frozen.
-        for name, param in layer.named_parameters():
-            param.requires_grad_(name not in frozen)
-    if sequence_parallel:
-        parallelize_module(layers[0], tp_mesh, PrepareModuleInput(
-            input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),)))
-        parallelize_module(hf_model.base_model.norm, tp_mesh, PrepareModuleInput(
-            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-            use_local_output=True))
 
 
 # ---- activation checkpointing -----------------------------------------------------------
