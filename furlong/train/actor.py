@@ -32,7 +32,6 @@ disabled (no second model), and pushes send the adapter alone (`load_lora_adapte
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -59,11 +58,7 @@ from furlong.train.objective import LossInputs, make_reducer, policy_objective, 
 from furlong.train.optim import LRScheduler, build_optimizer
 from furlong.train.parallel import RankInfo
 from furlong.train.policy import CausalLMPolicy
-
-
-def _local(param: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a parameter (the local shard of a DTensor), in place."""
-    return param.to_local() if hasattr(param, "to_local") else param
+from furlong.train.weight_snapshots import WeightSnapshots
 
 
 class TrainActor:
@@ -77,7 +72,7 @@ class TrainActor:
     routing: RouterRecorder | None  # MoE: the routes of each training forward
     recorded_routes: list[torch.Tensor] | None  # --use-routing-replay: the old forward's
     ref_policy: CausalLMPolicy | None  # None under LoRA: the reference is the base
-    snapshots: dict[int, list[torch.Tensor]]  # --keep-old-actor: weights version -> CPU copy
+    snapshots: WeightSnapshots  # --keep-old-actor: host copies by weights version
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler
     loss_hook: Callable | None  # --custom-loss-function-path
@@ -96,7 +91,7 @@ class TrainActor:
             if is_moe(self.policy.hf_model) else None
         self.recorded_routes = None
         self.ref_policy = None
-        self.snapshots = {}
+        self.snapshots = WeightSnapshots(self._changing_parameters)
         if config.grpo.needs_reference and self.lora is None:
             self.ref_policy = self._build_policy(
                 config.ckpt.ref_load or config.ckpt.hf_checkpoint, trainable=False)
@@ -220,12 +215,12 @@ class TrainActor:
         LoRA the reference is the policy with its adapter disabled: the base.
         """
         if weights_version is not None:
-            if weights_version not in self.snapshots:
+            if weights_version not in self.snapshots.versions:
                 raise RuntimeError(
                     f"--keep-old-actor: no snapshot of weights version {weights_version} "
-                    f"(kept: {sorted(self.snapshots)}); samples older than the last two "
+                    f"(kept: {self.snapshots.versions}); samples older than the last two "
                     "pushes cannot get the log-probs of the weights that generated them")
-            with self._weights_of(weights_version):
+            with self.snapshots.applied(weights_version):
                 return self.compute_log_probs(batch)
         if reference and self.lora is not None:
             with lora.adapters_disabled(self.policy.hf_model):
@@ -472,28 +467,9 @@ class TrainActor:
                     state[key] = value.to(device, non_blocking=True)
 
     def snapshot_weights(self, version: int) -> None:
-        """Keep a CPU copy of this rank's weights as pushed at `version` (--keep-old-actor);
-        the two newest are kept: a one-step-off-policy rollout needs the previous one."""
-        with torch.no_grad():
-            self.snapshots[version] = [_local(p).detach().to("cpu", copy=True)
-                                       for p in self._changing_parameters()]
-        for old in sorted(self.snapshots)[:-2]:
-            del self.snapshots[old]
-
-    @contextlib.contextmanager
-    def _weights_of(self, version: int):
-        """The policy holds the `version` snapshot inside the block, its own weights after."""
-        parameters = self._changing_parameters()
-        with torch.no_grad():
-            current = [_local(p).detach().to("cpu", copy=True) for p in parameters]
-            for param, saved in zip(parameters, self.snapshots[version], strict=True):
-                _local(param).copy_(saved)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for param, saved in zip(parameters, current, strict=True):
-                    _local(param).copy_(saved)
+        """Keep a host copy of this rank's changing weights as pushed at `version`
+        (--keep-old-actor)."""
+        self.snapshots.keep(version)
 
     def _changing_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters an optimizer step may change: all of them, or under LoRA the
