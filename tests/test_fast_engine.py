@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -127,6 +128,35 @@ def test_fast_engine_matches_hf_engine(tiny, tokenizer, hf_outputs, kv_tokens, b
         torch.testing.assert_close(torch.tensor(fast.output_log_probs),
                                    torch.tensor(simple.output_log_probs), atol=1e-5, rtol=0)
     assert (engine.scheduler.num_preempted > 0) == (kv_tokens == 64)
+    asyncio.run(engine.close())
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_an_engine_whose_loop_died_still_closes(tiny, tokenizer):
+    """A loop thread killed by an error its failure handling raised again: the request
+    gets no answer, but waiting for an abort (what close() does) ends, so a failed run
+    can shut down instead of hanging."""
+    engine = FastEngine(load_hf_model(str(tiny / "model")), tokenizer, kv_cache_tokens=256,
+                        block_size=4)
+
+    def broken(*_):
+        raise RuntimeError("device lost")
+
+    engine._step = engine._fail_everything = broken
+
+    async def request_until_the_loop_dies():
+        request = asyncio.ensure_future(engine.generate(prompt_ids(tokenizer, "1+2="),
+                                                        SamplingParams(max_new_tokens=4)))
+        await asyncio.to_thread(engine._thread.join, 60)
+        request.cancel()
+
+    asyncio.run(request_until_the_loop_dies())
+    assert not engine._thread.is_alive()
+    engine._abort_requested = True  # what abort_all() sets before it waits
+    waiter = threading.Thread(target=engine._wait_abort, daemon=True)
+    waiter.start()
+    waiter.join(60)  # a hang guard, not a timing assertion: it ends at once
+    assert not waiter.is_alive()
     asyncio.run(engine.close())
 
 

@@ -141,7 +141,9 @@ class FastEngine:
         await asyncio.to_thread(self._wait_abort)
 
     def _wait_abort(self) -> None:
-        while True:
+        """Until the loop has aborted everything, or has died (nothing is left to abort
+        then, and waiting would never end: a run that failed must still shut down)."""
+        while self._thread.is_alive():
             with self._lock:
                 if not self._abort_requested:
                     return
