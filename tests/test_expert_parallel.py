@@ -6,7 +6,9 @@ One spawn of four CPU ranks (gloo) runs every layout: EP=2 over 4 data-parallel 
 EP=4 (one group), tensor parallel 2 x EP=2 with sequence parallel and full
 recomputation, and tensor parallel 2 x EP=4 with sequence parallel (Megatron's layout
 of Miles' Qwen3-30B-A3B script: the expert group takes the tensor-parallel ranks too,
-each running the MoE block on its sequence slice). The reference is the plain
+each running the MoE block on its sequence slice); and, without expert parallelism,
+dp 2 x context parallel 2 (each rank routes its part of the row). The layouts whose
+routers see part of a row also run --use-routing-replay. The reference is the plain
 one-process trainer. Equality alone would also
 hold with expert parallelism quietly off, so the ranks also record which experts each
 holds and how many routed tokens each sends to other ranks. Last, an EP=2 actor trains
@@ -51,7 +53,11 @@ RUNS = {
                           "--recompute-method", "uniform"]),
     "tp2_ep4_sp": (2, 4, ["--sequence-parallel"]),
     "tp2_ep4_sp_replay": (2, 4, ["--sequence-parallel", "--use-routing-replay"]),
+    "dp2_cp2": (1, 1, ["--context-parallel-size", "2"]),
+    "dp2_cp2_replay": (1, 1, ["--context-parallel-size", "2", "--use-routing-replay"]),
 }
+EXPERT_RUNS = [name for name, (_, ep, _) in RUNS.items() if ep > 1]
+REPLAY_RUNS = [name for name in RUNS if name.endswith("_replay")]
 METRICS = ("train/loss", "train/pg_loss", "train/kl_loss", "train/moe_aux_loss",
            "train/grad_norm")
 EXPERTS = "model.layers.0.mlp.experts.gate_up_proj"
@@ -69,18 +75,21 @@ def _worker(rank: int, port: int, tiny_moe: Path, batch, out: Path) -> None:
     results = {}
 
     def actor_for(tp: int, ep: int, extra: list[str], init: Path) -> TrainActor:
-        info = parallel.rank_info(rank, WORLD, tp, "cpu", master_port=port)
+        cp = int(extra[extra.index("--context-parallel-size") + 1]) \
+            if "--context-parallel-size" in extra else 1
+        info = parallel.rank_info(rank, WORLD, tp, "cpu", master_port=port, cp_size=cp)
         return TrainActor(policy_config(tiny_moe, flags_of(tp, ep, extra)), info, str(init), 2)
 
     for name, (tp, ep, extra) in RUNS.items():
         actor = actor_for(tp, ep, extra, tiny_moe / "model")
         results[f"{name}/weights"] = cpu_weights(actor)
-        with held_experts(actor) as held, tokens_sent_away() as sent:
+        with held_experts(actor, ep > 1) as held, tokens_sent_away() as sent:
             results[f"{name}/log_probs"] = actor.compute_log_probs(batch)[0]
             results[f"{name}/recorded_routes"] = actor.recorded_routes
             results[name] = step_gradients(actor, batch)  # replaying them, if recorded
-        results[f"{name}/layout"] = {"held": held[0], "sent": sum(sent),
-                                     **stored_shards(actor)}
+        if ep > 1:
+            results[f"{name}/layout"] = {"held": held[0], "sent": sum(sent),
+                                         **stored_shards(actor)}
     results["checkpoint"] = _save_under_ep2_resume_under_ep4(actor_for, batch,
                                                              tiny_moe / "model", out / "checkpoint")
     gathered = [None] * WORLD  # the per-rank layouts, for rank 0 to write
@@ -109,10 +118,14 @@ def _save_under_ep2_resume_under_ep4(actor_for, batch, init: Path, directory: Pa
 
 
 @contextmanager
-def held_experts(actor: TrainActor):
+def held_experts(actor: TrainActor, split: bool):
     """The first MoE layer's gate_up_proj as its forwards compute with it (FSDP has
-    gathered it over "edp"): this rank's experts, one tensor per forward."""
+    gathered it over "edp"): this rank's experts, one tensor per forward (`split`: the
+    experts are split over ranks; else nothing is recorded)."""
     seen = []
+    if not split:
+        yield seen
+        return
     experts = actor.policy.hf_model.model.layers[0].mlp.experts
     handle = experts.register_forward_pre_hook(
         lambda module, args: seen.append(module.gate_up_proj.to_local().detach().clone()))
@@ -189,21 +202,22 @@ def test_step_and_log_probs_equal_one_process(ranks, one_process, name):
                                METRICS)
 
 
-def test_routes_recorded_on_sequence_slices_come_back_whole(tiny_moe, ranks):
-    """--use-routing-replay with expert groups across tensor-parallel ranks: the routes
-    each rank's routers chose for its slice of a row come back as the whole row's, those
-    of one process (and the steps that replay them matched one process above)."""
+@pytest.mark.parametrize("name", REPLAY_RUNS)
+def test_routes_recorded_on_parts_of_a_row_come_back_whole(tiny_moe, ranks, name):
+    """--use-routing-replay where each rank's routers see part of a row (its sequence
+    slice, its context-parallel part): the routes come back as the whole row's, those of
+    one process (and the steps that replay them matched one process above)."""
     batch, _, results, _ = ranks
     reference = TrainActor(policy_config(tiny_moe, [*FLAGS, "--use-routing-replay"]),
                            RankInfo(), str(tiny_moe / "model"), 2)
     reference.compute_log_probs(batch)
-    recorded = results["tp2_ep4_sp_replay/recorded_routes"]
+    recorded = results[f"{name}/recorded_routes"]
     assert len(recorded) == len(batch.tokens)
     for got, expected in zip(recorded, reference.recorded_routes, strict=True):
         assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.parametrize("name", EXPERT_RUNS)
 def test_each_rank_holds_its_experts_only(tiny_moe, ranks, name):
     """Rank r of an expert group of E computes with experts [r 8/E, (r+1) 8/E) and no
     other (their rows of the checkpoint, exactly); it stores them as a DTensor sharded
@@ -227,7 +241,7 @@ def test_each_rank_holds_its_experts_only(tiny_moe, ranks, name):
         assert layout[ROUTER]["local_shape"][0] == NUM_EXPERTS // dp
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.parametrize("name", EXPERT_RUNS)
 def test_routed_tokens_cross_ranks(ranks, name):
     """Every rank sends some of its routed tokens to the other ranks of its group."""
     for layouts in ranks[2]["layouts"]:

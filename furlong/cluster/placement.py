@@ -217,15 +217,16 @@ def _check_pipeline(config: Config, ranks: int) -> None:
 
 
 def _check_context_parallel(config: Config) -> None:
-    """Context parallelism splits each tensor-parallel rank's heads (train/context_parallel.py)
-    and takes dense models only."""
+    """Context parallelism splits each tensor-parallel rank's heads (train/context_parallel.py),
+    and MoE models without expert parallelism."""
     cp, directory = config.perf.context_parallel_size, config.ckpt.hf_checkpoint
+    ep = config.perf.expert_model_parallel_size
     hf = read_hf_config(directory)
-    if moe_expected_values(hf):
-        raise ConfigError(f"--context-parallel-size {cp}: {directory}/config.json describes an "
-                          "MoE model, and context parallelism takes dense models only (the "
-                          "load-balancing loss and routing replay need a micro-batch's routes "
-                          "on one rank); set it to 1")
+    if moe_expected_values(hf) and ep > 1:
+        raise ConfigError(f"--context-parallel-size {cp} with --expert-model-parallel-size {ep}: "
+                          f"{directory}/config.json describes an MoE model, whose context "
+                          "parallelism runs without expert parallelism in this build; set one "
+                          "of them to 1")
     try:
         check_heads(hf["num_attention_heads"], config.perf.tensor_model_parallel_size, cp)
     except ValueError as error:

@@ -49,8 +49,8 @@ from furlong.train import (actor_checkpoint, distributed_state, microbatch, para
                            pipeline_parallel)
 from furlong.train.cpu_optimizer import HostStep
 from furlong.train.batch import PackedMicroBatch, TrainBatch, pack, split_routes, split_tokens
-from furlong.train.expert_parallel import (check_expert_layout, sum_moe_block_gradients,
-                                           whole_row_routes)
+from furlong.train.expert_parallel import (check_expert_layout, groups_span_tensor_parallel,
+                                           sum_moe_block_gradients, whole_row_routes)
 from furlong.train.load_balancing import load_balancing_term
 from furlong.train.lora_adapter import adapter_source, attach_adapter
 from furlong.train.master_weights import MasterWeights
@@ -120,6 +120,12 @@ class TrainActor:
     @property
     def _ep_size(self) -> int:
         return self.config.perf.expert_model_parallel_size
+
+    @property
+    def _moe_on_tp_slices(self) -> bool:
+        """Expert groups across tensor-parallel ranks (expert_parallel.py)."""
+        return self._ep_size > 1 and groups_span_tensor_parallel(self._ep_size,
+                                                                 self.rank.dp_size)
 
     @property
     def _one_gpu(self) -> bool:
@@ -311,7 +317,7 @@ class TrainActor:
             for micro in micros:
                 for name, value in self._backward(micro, reducer(micro)).items():
                     totals[name] = totals.get(name, 0.0) + value.float()
-        if self.policy.row_slices is not None:  # each rank's MoE blocks saw its slice
+        if self._moe_on_tp_slices:  # each rank's MoE blocks saw its sequence slice only
             sum_moe_block_gradients(parallel.decoder_layers(self.policy.hf_model),
                                     self.mesh["tp"].get_group())
         grad_norm = self._optimizer_step()
@@ -342,7 +348,7 @@ class TrainActor:
         loss, metrics = self._objective(inputs)
         if self.routing is not None:
             routes = self.routing.take()
-            if self.policy.row_slices is not None:  # each rank routed its sequence slice
+            if self.policy.row_slices is not None:  # each rank routed its part of the row
                 routes = whole_row_routes(routes, self.policy.row_slices,
                                           inputs.micro.num_tokens)
             term, metrics["moe_aux_loss"] = load_balancing_term(routes, self.config.model,

@@ -40,8 +40,12 @@ of its own tokens only; the trainer scales the loss by dp x cp, so the average i
 sum (actor._backward). The optimizer shards are those of dp x cp data-parallel ranks:
 a checkpoint saved under C = 2 resumes under C = 1 on as many ranks, and back.
 
-Not supported: MoE models (their load-balancing loss and routing replay need each
-micro-batch's routes on one rank), refused when the policy is split.
+MoE models. Each rank's routers route its part's tokens; routes given for the whole row
+(routing replay) are cut to the part (`local`), and those recorded, or read by the
+load-balancing loss, gathered back whole (`whole`; its backward keeps the rank's part).
+Routers and experts are FSDP-sharded over "dp_cp" like every parameter, so their
+gradients add up the parts. Not with expert parallelism (the experts' groups would
+need the cp ranks too), refused when the policy is split.
 """
 from __future__ import annotations
 
@@ -128,6 +132,20 @@ class ContextParallel:
         counts = [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
         return _GatherTargets.apply(counts, self, *values)
 
+    # ---- per-token rows (MoE routes) ------------------------------------------------------
+    def local(self, whole: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of per-token `whole` (T, ...): its part's T' tokens, zeros for
+        the padding."""
+        length = -(-whole.shape[0] // self.size)
+        padding = length * self.size - whole.shape[0]
+        padded = F.pad(whole, (0, 0) * (whole.dim() - 1) + (0, padding))
+        return padded[self.rank * length:(self.rank + 1) * length]
+
+    def whole(self, local: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """Every rank's rows of a row of `num_tokens` (the padding dropped), on every rank;
+        a gradient comes back to each rank as its part's."""
+        return _GatherRows.apply(self, local)[:num_tokens]
+
     # ---- attention (called by model/attention.py) -----------------------------------------
     def scatter_heads(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -178,16 +196,37 @@ class _GatherTargets(torch.autograd.Function):
         return None, None, *(grad[ctx.mine] for grad in grads)
 
 
-def apply_context_parallel(policy: nn.Module, cp_mesh: DeviceMesh, tp_size: int) -> None:
+class _GatherRows(torch.autograd.Function):
+    """All-gather of equal parts along dim 0; the backward keeps this rank's part (as
+    `_GatherTargets`)."""
+
+    @staticmethod
+    def forward(ctx, cp: ContextParallel, local: torch.Tensor):
+        parts = [torch.empty_like(local) for _ in range(cp.size)]
+        dist.all_gather(parts, local.contiguous(), group=cp.group)
+        ctx.mine = slice(cp.rank * local.shape[0], (cp.rank + 1) * local.shape[0])
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, grad[ctx.mine]
+
+
+def apply_context_parallel(policy: nn.Module, cp_mesh: DeviceMesh, tp_size: int,
+                           ep_size: int = 1) -> None:
     """Make `policy` (a CausalLMPolicy) compute its micro-batches split over `cp_mesh`:
-    the policy shards and gathers, each attention module exchanges heads for sequence."""
+    the policy shards and gathers, each attention module exchanges heads for sequence;
+    an MoE model's routes go between the row and the parts."""
     hf_model = policy.hf_model
-    if is_moe(hf_model):
-        raise ValueError(f"--context-parallel-size {cp_mesh.size()}: context parallelism does "
-                         "not support MoE models yet (the load-balancing loss and routing "
-                         "replay need a micro-batch's routes on one rank); set it to 1")
+    if is_moe(hf_model) and ep_size > 1:
+        raise ValueError(f"--context-parallel-size {cp_mesh.size()} with "
+                         f"--expert-model-parallel-size {ep_size}: context parallelism of MoE "
+                         "models runs without expert parallelism in this build; set one of "
+                         "them to 1")
     check_heads(hf_model.config.num_attention_heads, tp_size, cp_mesh.size())
     layout = ContextParallel(cp_mesh.get_group(), cp_mesh.get_local_rank(), cp_mesh.size())
     policy.context_parallel = layout
+    if is_moe(hf_model):
+        policy.row_slices = layout
     for layer in hf_model.base_model.layers:
         setattr(layer.self_attn, CONTEXT_PARALLEL, layout)

@@ -12,11 +12,12 @@ rank runs the MoE block on its own slice of the row (no all-gather before it), s
 ranks of a group hold different tokens; the router's (and any shared expert's) gradient,
 now a sum over the slices, is summed over "tp" before the optimizer step
 (`sum_moe_block_gradients`), and per-token routes (replayed, recorded, or read by the
-load-balancing loss) go between whole rows and slices through `RowSlices`. Either way the ep ranks of one expert group hold different
-experts (rank i the experts [i E/ep, (i+1) E/ep) of E, as slices of HF's fused
-`gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I): DTensors sharded over "ep"), and
-FSDP2 shards those slices further over the edp ranks that hold the same experts. Every
-other parameter stays FSDP2-sharded over all dp ranks.
+load-balancing loss) go between whole rows and slices through `RowSlices`. Either way
+the ep ranks of one expert group hold different experts (rank i the experts
+[i E/ep, (i+1) E/ep) of E, as slices of HF's fused `gate_up_proj` (E, 2I, H) and
+`down_proj` (E, H, I): DTensors sharded over "ep"), and FSDP2 shards those slices
+further over the edp ranks that hold the same experts. Every other parameter stays
+FSDP2-sharded over all dp ranks.
 
 Forward of one MoE layer on one rank, for T tokens routed to k experts each
 (`dispatched_experts_forward`):

@@ -247,7 +247,7 @@ def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs, mixed_preci
         apply_tensor_parallel(hf_model, layers, mesh["tp"], perf.sequence_parallel,
                               moe_on_slices)
     if mesh["cp"].size() > 1:
-        apply_context_parallel(policy, mesh["cp"], tp)
+        apply_context_parallel(policy, mesh["cp"], tp, ep)
     if expert_mesh is not None:
         apply_expert_parallel(layers, expert_mesh["ep"], expert_gradient_scale(ep, dp, tp))
     if moe_on_slices:

@@ -10,10 +10,10 @@ means a sharded root (FSDP2) gathers the embedding/output weights around it.
 
 MoE models: a micro-batch that carries `routed_experts` is routed by them (routing replay,
 model/moe.py), one that carries none by the routers themselves. `routing_replay.record()`
-before a forward keeps its routes for `take_recorded_routes` (--use-routing-replay). With
-expert groups across tensor-parallel ranks (`row_slices`, set by train/parallel.py) each
-rank's routers see its sequence slice: they replay their rows of the given routes, and
-recorded ones come back whole.
+before a forward keeps its routes for `take_recorded_routes` (--use-routing-replay). When
+a rank's routers see part of the row (`row_slices`: expert groups across tensor-parallel
+ranks, `expert_parallel.RowSlices`, or context parallelism, `ContextParallel`) they
+replay their rows of the given routes, and recorded ones come back whole.
 
 Context parallelism (`context_parallel`, set by train/context_parallel.py): the decoder and
 the head run on this rank's part of the row, and the values come back gathered whole.
@@ -50,7 +50,7 @@ class CausalLMPolicy(nn.Module):
         self.routing_replay = RoutingReplay(hf_model) if is_moe(hf_model) else None
         self.context_parallel: ContextParallel | None = None
         self.pipeline: PipelineRole | None = None
-        self.row_slices: RowSlices | None = None
+        self.row_slices: RowSlices | ContextParallel | None = None
 
     def take_recorded_routes(self, micro: PackedMicroBatch) -> torch.Tensor:
         """The experts of every token of `micro` that its forward recorded, (T,
