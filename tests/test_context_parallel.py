@@ -315,15 +315,17 @@ def test_placement_refuses_impossible_layouts(tiny, flags, words):
     assert all(word in str(info.value) for word in words), str(info.value)
 
 
-def test_placement_refuses_context_parallelism_with_expert_parallelism_on_moe(tiny_moe):
-    """Context parallelism of an MoE model runs without expert parallelism (its numbers:
-    test_expert_parallel.py)."""
-    flags = ["--actor-num-gpus-per-node", "4", "--colocate", "--context-parallel-size", "2"]
-    plan_placement(load_config(train_argv(tiny_moe, *flags))[0], 0)
-    with pytest.raises(ConfigError, match="--context-parallel-size 2 with "
-                                          "--expert-model-parallel-size 2: .* MoE"):
-        plan_placement(load_config(train_argv(tiny_moe, *flags, "--expert-model-parallel-size",
-                                              "2"))[0], 0)
+def test_moe_models_take_context_parallelism_but_not_with_expert_groups_across_tp(tiny_moe):
+    """Context parallelism of an MoE model, with or without expert parallelism (their
+    numbers: test_expert_parallel.py); expert groups across tensor-parallel ranks take
+    none, which is refused naming the flags."""
+    flags = ["--actor-num-gpus-per-node", "8", "--colocate", "--context-parallel-size", "2"]
+    for extra in ([], ["--expert-model-parallel-size", "2"]):
+        plan_placement(load_config(train_argv(tiny_moe, *flags, *extra))[0], 0)
+    across = ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+              "--expert-model-parallel-size", "4"]
+    with pytest.raises(ConfigError, match="takes no --context-parallel-size"):
+        plan_placement(load_config(train_argv(tiny_moe, *flags, *across))[0], 0)
 
 
 def test_dry_run_prints_the_mesh(tiny, capsys, monkeypatch):

@@ -6,8 +6,9 @@ One spawn of four CPU ranks (gloo) runs every layout: EP=2 over 4 data-parallel 
 EP=4 (one group), tensor parallel 2 x EP=2 with sequence parallel and full
 recomputation, and tensor parallel 2 x EP=4 with sequence parallel (Megatron's layout
 of Miles' Qwen3-30B-A3B script: the expert group takes the tensor-parallel ranks too,
-each running the MoE block on its sequence slice); and, without expert parallelism,
-dp 2 x context parallel 2 (each rank routes its part of the row). The layouts whose
+each running the MoE block on its sequence slice); and dp 2 x context parallel 2
+(each rank routes its part of the row), without and with EP=2 (expert slices
+FSDP-sharded over the context-parallel ranks that hold them). The layouts whose
 routers see part of a row also run --use-routing-replay. The reference is the plain
 one-process trainer. Equality alone would also
 hold with expert parallelism quietly off, so the ranks also record which experts each
@@ -55,6 +56,7 @@ RUNS = {
     "tp2_ep4_sp_replay": (2, 4, ["--sequence-parallel", "--use-routing-replay"]),
     "dp2_cp2": (1, 1, ["--context-parallel-size", "2"]),
     "dp2_cp2_replay": (1, 1, ["--context-parallel-size", "2", "--use-routing-replay"]),
+    "dp2_cp2_ep2": (1, 2, ["--context-parallel-size", "2"]),
 }
 EXPERT_RUNS = [name for name, (_, ep, _) in RUNS.items() if ep > 1]
 REPLAY_RUNS = [name for name in RUNS if name.endswith("_replay")]
@@ -224,21 +226,22 @@ def test_each_rank_holds_its_experts_only(tiny_moe, ranks, name):
     over "ep" (and by FSDP over "edp"), so its memory holds 8/(dp) expert rows, 8/(dp
     tp) when the groups take tensor-parallel ranks; the router stays FSDP-sharded over
     all data-parallel ranks."""
-    tp, ep, _ = RUNS[name]
+    tp, ep, extra = RUNS[name]
+    cp = 2 if "--context-parallel-size" in extra else 1
     full = dict(load_hf_model(str(tiny_moe / "model")).named_parameters())[EXPERTS].detach()
     per_rank = NUM_EXPERTS // ep
-    dp = WORLD // tp
+    dp = WORLD // (tp * cp)
     across_tp = dp % ep != 0  # groups of adjacent ranks, tensor-parallel ones included
     for rank, layouts in enumerate(ranks[2]["layouts"]):
         layout = layouts[f"{name}/layout"]
-        group_rank = rank % ep if across_tp else (rank // tp) % ep
+        group_rank = rank % ep if across_tp else (rank // (tp * cp)) % ep
         assert torch.equal(layout["held"], full[group_rank * per_rank:(group_rank + 1) * per_rank])
         stored = layout[EXPERTS]
         assert stored["placements"]["ep"] == Shard(0)
-        holders = WORLD if across_tp else dp
+        holders = WORLD if across_tp else dp * cp  # ranks sharing the router's shards
         assert stored["local_shape"] == (NUM_EXPERTS // holders, *full.shape[1:])
-        assert layout[ROUTER]["placements"] == {"dp": Shard(0)}
-        assert layout[ROUTER]["local_shape"][0] == NUM_EXPERTS // dp
+        assert layout[ROUTER]["placements"] == {"dp_cp" if cp > 1 else "dp": Shard(0)}
+        assert layout[ROUTER]["local_shape"][0] == NUM_EXPERTS // (dp * cp)
 
 
 @pytest.mark.parametrize("name", EXPERT_RUNS)

@@ -177,7 +177,7 @@ def _check_trainer_split(config: Config, ranks: int) -> None:
     shares = f"({ranks} trainer ranks / tensor-parallel {tp} / context-parallel {cp})"
     if ep > 1:
         try:
-            check_expert_layout(ep, dp, tp, p.sequence_parallel)
+            check_expert_layout(ep, dp, tp, p.sequence_parallel, cp)
         except ValueError as error:
             raise ConfigError(str(error)) from None
     if batch % dp:
@@ -217,16 +217,9 @@ def _check_pipeline(config: Config, ranks: int) -> None:
 
 
 def _check_context_parallel(config: Config) -> None:
-    """Context parallelism splits each tensor-parallel rank's heads (train/context_parallel.py),
-    and MoE models without expert parallelism."""
+    """Context parallelism splits each tensor-parallel rank's heads (train/context_parallel.py)."""
     cp, directory = config.perf.context_parallel_size, config.ckpt.hf_checkpoint
-    ep = config.perf.expert_model_parallel_size
     hf = read_hf_config(directory)
-    if moe_expected_values(hf) and ep > 1:
-        raise ConfigError(f"--context-parallel-size {cp} with --expert-model-parallel-size {ep}: "
-                          f"{directory}/config.json describes an MoE model, whose context "
-                          "parallelism runs without expert parallelism in this build; set one "
-                          "of them to 1")
     try:
         check_heads(hf["num_attention_heads"], config.perf.tensor_model_parallel_size, cp)
     except ValueError as error:

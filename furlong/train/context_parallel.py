@@ -44,8 +44,10 @@ MoE models. Each rank's routers route its part's tokens; routes given for the wh
 (routing replay) are cut to the part (`local`), and those recorded, or read by the
 load-balancing loss, gathered back whole (`whole`; its backward keeps the rank's part).
 Routers and experts are FSDP-sharded over "dp_cp" like every parameter, so their
-gradients add up the parts. Not with expert parallelism (the experts' groups would
-need the cp ranks too), refused when the policy is split.
+gradients add up the parts; with expert parallelism an expert slice is sharded over the
+ranks holding it times "cp" ("edp_cp"), and a rank exchanges tokens with the ranks of
+its expert group that hold the same part of other rows. Expert groups across
+tensor-parallel ranks take no context parallelism (refused).
 """
 from __future__ import annotations
 
@@ -212,17 +214,11 @@ class _GatherRows(torch.autograd.Function):
         return None, grad[ctx.mine]
 
 
-def apply_context_parallel(policy: nn.Module, cp_mesh: DeviceMesh, tp_size: int,
-                           ep_size: int = 1) -> None:
+def apply_context_parallel(policy: nn.Module, cp_mesh: DeviceMesh, tp_size: int) -> None:
     """Make `policy` (a CausalLMPolicy) compute its micro-batches split over `cp_mesh`:
     the policy shards and gathers, each attention module exchanges heads for sequence;
     an MoE model's routes go between the row and the parts."""
     hf_model = policy.hf_model
-    if is_moe(hf_model) and ep_size > 1:
-        raise ValueError(f"--context-parallel-size {cp_mesh.size()} with "
-                         f"--expert-model-parallel-size {ep_size}: context parallelism of MoE "
-                         "models runs without expert parallelism in this build; set one of "
-                         "them to 1")
     check_heads(hf_model.config.num_attention_heads, tp_size, cp_mesh.size())
     layout = ContextParallel(cp_mesh.get_group(), cp_mesh.get_local_rank(), cp_mesh.size())
     policy.context_parallel = layout

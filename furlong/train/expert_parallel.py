@@ -69,11 +69,11 @@ def expert_gradient_scale(ep_size: int, dp_size: int, tp_size: int) -> float:
     return tp_size / ep_size if groups_span_tensor_parallel(ep_size, dp_size) else 1 / ep_size
 
 
-def check_expert_layout(ep_size: int, dp_size: int, tp_size: int,
-                        sequence_parallel: bool) -> None:
+def check_expert_layout(ep_size: int, dp_size: int, tp_size: int, sequence_parallel: bool,
+                        cp_size: int = 1) -> None:
     """Expert groups tile the data-parallel ranks or, across tensor-parallel ranks, the
-    (dp, tp) grid, which needs --sequence-parallel. A ValueError naming the flag and the
-    fix otherwise."""
+    (dp, tp) grid, which needs --sequence-parallel and no context parallelism. A
+    ValueError naming the flag and the fix otherwise."""
     ranks = dp_size * tp_size
     if ep_size < 1 or ranks % ep_size:
         raise ValueError(f"--expert-model-parallel-size {ep_size} does not divide the {ranks} "
@@ -87,6 +87,10 @@ def check_expert_layout(ep_size: int, dp_size: int, tp_size: int,
     if not sequence_parallel:
         raise ValueError(f"{spanning}; add --sequence-parallel (as Megatron requires), or "
                          f"choose an expert-parallel size dividing {dp_size}")
+    if cp_size > 1:
+        raise ValueError(f"{spanning}; that layout takes no --context-parallel-size "
+                         f"({cp_size}) in this build: set it to 1, or choose an "
+                         f"expert-parallel size dividing {dp_size}")
 
 
 def expert_modules(layers: Iterable[nn.Module]) -> list[nn.Module]:

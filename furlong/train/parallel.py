@@ -215,6 +215,14 @@ def build_expert_mesh(mesh: DeviceMesh, ep_size: int) -> DeviceMesh:
     return mesh._unflatten("dp", (dp_size // ep_size, ep_size), ("edp", "ep"))
 
 
+def expert_sharding_mesh(expert_mesh: DeviceMesh) -> DeviceMesh:
+    """The ranks FSDP shards an expert slice over: those holding the same experts, "edp",
+    times "cp" (context-parallel ranks hold the same experts and route other tokens)."""
+    if "cp" in expert_mesh.mesh_dim_names and expert_mesh["cp"].size() > 1:
+        return expert_mesh["edp", "cp"]._flatten("edp_cp")
+    return expert_mesh["edp"]
+
+
 # ---- the order ------------------------------------------------------------------------
 def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs, mixed_precision: bool,
                 expert_mesh: DeviceMesh | None = None,
@@ -247,14 +255,15 @@ def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs, mixed_preci
         apply_tensor_parallel(hf_model, layers, mesh["tp"], perf.sequence_parallel,
                               moe_on_slices)
     if mesh["cp"].size() > 1:
-        apply_context_parallel(policy, mesh["cp"], tp, ep)
+        apply_context_parallel(policy, mesh["cp"], tp)
     if expert_mesh is not None:
         apply_expert_parallel(layers, expert_mesh["ep"], expert_gradient_scale(ep, dp, tp))
     if moe_on_slices:
         policy.row_slices = RowSlices(mesh["tp"])
     apply_activation_checkpointing(layers, perf)
     apply_fully_shard(policy, layers, sharding_mesh(mesh), mixed_precision,
-                      expert_mesh["edp"] if expert_mesh is not None else None, offload)
+                      expert_sharding_mesh(expert_mesh) if expert_mesh is not None else None,
+                      offload)
     return policy
 
 
