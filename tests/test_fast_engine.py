@@ -133,9 +133,9 @@ def test_fast_engine_matches_hf_engine(tiny, tokenizer, hf_outputs, kv_tokens, b
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_an_engine_whose_loop_died_still_closes(tiny, tokenizer):
-    """A loop thread killed by an error its failure handling raised again: the request
-    gets no answer, but waiting for an abort (what close() does) ends, so a failed run
-    can shut down instead of hanging."""
+    """A loop thread killed by an error its failure handling raised again: the request it
+    held and any later one fail naming the death, and waiting for an abort (what close()
+    does) ends, so a failed run shuts down instead of hanging."""
     engine = FastEngine(load_hf_model(str(tiny / "model")), tokenizer, kv_cache_tokens=256,
                         block_size=4)
 
@@ -145,10 +145,13 @@ def test_an_engine_whose_loop_died_still_closes(tiny, tokenizer):
     engine._step = engine._fail_everything = broken
 
     async def request_until_the_loop_dies():
-        request = asyncio.ensure_future(engine.generate(prompt_ids(tokenizer, "1+2="),
-                                                        SamplingParams(max_new_tokens=4)))
+        prompt, params = prompt_ids(tokenizer, "1+2="), SamplingParams(max_new_tokens=4)
+        request = asyncio.ensure_future(engine.generate(prompt, params))
         await asyncio.to_thread(engine._thread.join, 60)
-        request.cancel()
+        with pytest.raises(RuntimeError, match="loop died.*device lost"):
+            await asyncio.wait_for(request, 60)  # a hang guard: it has its answer already
+        with pytest.raises(RuntimeError, match="loop died"):
+            await engine.generate(prompt, params)
 
     asyncio.run(request_until_the_loop_dies())
     assert not engine._thread.is_alive()

@@ -49,7 +49,7 @@ from furlong.train import (actor_checkpoint, distributed_state, microbatch, para
                            pipeline_parallel)
 from furlong.train.cpu_optimizer import HostStep
 from furlong.train.batch import PackedMicroBatch, TrainBatch, pack, split_routes, split_tokens
-from furlong.train.expert_parallel import (check_expert_layout, groups_span_tensor_parallel,
+from furlong.train.expert_parallel import (RowSlices, check_expert_layout,
                                            sum_moe_block_gradients, whole_row_routes)
 from furlong.train.load_balancing import load_balancing_term
 from furlong.train.lora_adapter import adapter_source, attach_adapter
@@ -65,7 +65,8 @@ class TrainActor:
     config: Config
     rank: RankInfo
     mesh: DeviceMesh | None  # ("dp", "cp", "tp"); None for one process
-    expert_mesh: DeviceMesh | None  # ("edp", "ep", "cp", "tp"), --expert-model-parallel-size
+    expert_mesh: DeviceMesh | None  # --expert-model-parallel-size: ("edp", "ep", "cp", "tp"),
+    # or ("edp", "ep") when the groups take tensor-parallel ranks (expert_parallel.py)
     pipeline_groups: tuple  # --pipeline-model-parallel-size: (pipeline, tied-embedding) groups
     policy: CausalLMPolicy
     masters: MasterWeights | None  # one GPU: the policy is bfloat16, these its float32 masters
@@ -120,12 +121,6 @@ class TrainActor:
     @property
     def _ep_size(self) -> int:
         return self.config.perf.expert_model_parallel_size
-
-    @property
-    def _moe_on_tp_slices(self) -> bool:
-        """Expert groups across tensor-parallel ranks (expert_parallel.py)."""
-        return self._ep_size > 1 and groups_span_tensor_parallel(self._ep_size,
-                                                                 self.rank.dp_size)
 
     @property
     def _one_gpu(self) -> bool:
@@ -317,7 +312,7 @@ class TrainActor:
             for micro in micros:
                 for name, value in self._backward(micro, reducer(micro)).items():
                     totals[name] = totals.get(name, 0.0) + value.float()
-        if self._moe_on_tp_slices:  # each rank's MoE blocks saw its sequence slice only
+        if isinstance(self.policy.row_slices, RowSlices):  # MoE blocks saw a sequence slice
             sum_moe_block_gradients(parallel.decoder_layers(self.policy.hf_model),
                                     self.mesh["tp"].get_group())
         grad_norm = self._optimizer_step()

@@ -136,11 +136,11 @@ class ContextParallel:
 
     # ---- per-token rows (MoE routes) ------------------------------------------------------
     def local(self, whole: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of per-token `whole` (T, ...): its part's T' tokens, zeros for
-        the padding."""
+        """This rank's rows of per-token `whole` (T, ...): its part's T' tokens, -1 for
+        the padding (routes: the router chooses there)."""
         length = -(-whole.shape[0] // self.size)
         padding = length * self.size - whole.shape[0]
-        padded = F.pad(whole, (0, 0) * (whole.dim() - 1) + (0, padding))
+        padded = F.pad(whole, (0, 0) * (whole.dim() - 1) + (0, padding), value=-1)
         return padded[self.rank * length:(self.rank + 1) * length]
 
     def whole(self, local: torch.Tensor, num_tokens: int) -> torch.Tensor:

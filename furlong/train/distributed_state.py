@@ -76,6 +76,19 @@ def full_state_dict(hf_model: nn.Module, keep: bool) -> dict[str, torch.Tensor] 
     return state if keep else None
 
 
+def sum_gradient(grad: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+    """Sum this rank's part of a gradient over `group`, in place. With
+    --optimizer-cpu-offload the shard is in host memory, and NCCL sums device tensors:
+    it goes through the device and back."""
+    local = grad.to_local() if isinstance(grad, DTensor) else grad
+    if local.device.type == "cpu" and dist.get_backend(group) == "nccl":
+        summed = local.to(torch.cuda.current_device())
+        dist.all_reduce(summed, group=group)
+        local.copy_(summed)
+    else:
+        dist.all_reduce(local, group=group)
+
+
 def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float,
                     num_stages: int = 1, uncounted: nn.Parameter | None = None) -> float:
     """Scale gradients so that their global L2 norm is at most `max_norm`; returns the

@@ -16,8 +16,9 @@ load-balancing loss) go between whole rows and slices through `RowSlices`. Eithe
 the ep ranks of one expert group hold different experts (rank i the experts
 [i E/ep, (i+1) E/ep) of E, as slices of HF's fused `gate_up_proj` (E, 2I, H) and
 `down_proj` (E, H, I): DTensors sharded over "ep"), and FSDP2 shards those slices
-further over the edp ranks that hold the same experts. Every other parameter stays
-FSDP2-sharded over all dp ranks.
+further over the edp ranks that hold the same experts (times "cp" with context
+parallelism, whose ranks hold the same experts and route other tokens). Every other
+parameter stays FSDP2-sharded over all dp (dp x cp) ranks.
 
 Forward of one MoE layer on one rank, for T tokens routed to k experts each
 (`dispatched_experts_forward`):
@@ -44,7 +45,7 @@ forward (`_ScaleGradient`) to make it the same sum as every other parameter's.
 from __future__ import annotations
 
 import functools
-from typing import Iterable
+from typing import Iterable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -55,6 +56,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from transformers.integrations.moe import _grouped_linear
 
 from furlong.model.moe import is_moe_block
+from furlong.train.distributed_state import sum_gradient
 
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # HF's fused expert tensors, experts first
 
@@ -207,9 +209,7 @@ def sum_moe_block_gradients(layers: Iterable[nn.Module], tp_group: dist.ProcessG
             continue
         for name, param in layer.mlp.named_parameters():
             if param.grad is not None and not name.startswith("experts."):
-                grad = param.grad
-                dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad,
-                                group=tp_group)
+                sum_gradient(param.grad, tp_group)
 
 
 class RowSlices:
@@ -234,10 +234,20 @@ class RowSlices:
                                   stride=stride).full_tensor()
 
 
-def whole_row_routes(routes: list[tuple[torch.Tensor, torch.Tensor]], slices: RowSlices,
+class RowParts(Protocol):
+    """How a row's per-token values map to the tokens this rank's MoE blocks see:
+    `RowSlices` (expert groups across tensor-parallel ranks) or
+    context_parallel.ContextParallel."""
+
+    def local(self, whole: torch.Tensor) -> torch.Tensor: ...
+
+    def whole(self, local: torch.Tensor, num_tokens: int) -> torch.Tensor: ...
+
+
+def whole_row_routes(routes: list[tuple[torch.Tensor, torch.Tensor]], parts: RowParts,
                      num_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The (router logits, experts) each MoE layer recorded for this rank's slice of a
+    """The (router logits, experts) each MoE layer recorded for this rank's part of a
     row of `num_tokens`, gathered whole on every rank (the load-balancing loss reads the
     whole row)."""
-    return [(slices.whole(logits, num_tokens), slices.whole(experts, num_tokens))
+    return [(parts.whole(logits, num_tokens), parts.whole(experts, num_tokens))
             for logits, experts in routes]

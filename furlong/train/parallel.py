@@ -209,6 +209,9 @@ def build_expert_mesh(mesh: DeviceMesh, ep_size: int) -> DeviceMesh:
     says when each applies). New process groups: build it once."""
     dp_size = mesh["dp"].size()
     if groups_span_tensor_parallel(ep_size, dp_size):
+        if "pp" in mesh.mesh_dim_names:  # the groups would reach across stages
+            raise ValueError(f"--expert-model-parallel-size {ep_size} across tensor-parallel "
+                             "ranks takes no --pipeline-model-parallel-size")
         ranks = mesh.size()
         return init_device_mesh(mesh.device_type, (ranks // ep_size, ep_size),
                                 mesh_dim_names=("edp", "ep"))
@@ -349,7 +352,8 @@ def apply_fully_shard(policy: nn.Module, layers: nn.ModuleList, dp_mesh: DeviceM
                       offload: OffloadPolicy = OffloadPolicy()) -> None:
     """Shard each decoder layer, then the root, over `dp_mesh` ("dp", or "dp_cp" with
     context parallelism: `sharding_mesh`); with expert parallelism each
-    layer's experts first, over `expert_mesh` ("edp": the ranks holding the same
+    layer's experts first, over `expert_mesh` ("edp", or "edp_cp" with context
+    parallelism: `expert_sharding_mesh`; the ranks holding the same
     experts), as a unit of their own inside the layer's. Mixed precision keeps the
     float32 master weights and optimizer state sharded and gathers bfloat16 copies for
     compute, so the whole forward (residual stream included) runs in bfloat16;

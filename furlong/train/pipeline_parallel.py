@@ -41,7 +41,7 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleG
                                          ScheduleInterleaved1F1B, ScheduleLoopedBFS)
 
 from furlong.train.batch import PackedMicroBatch
-from furlong.train.distributed_state import full_tensor
+from furlong.train.distributed_state import full_tensor, sum_gradient
 
 
 # ---- the layout ---------------------------------------------------------------------------
@@ -286,15 +286,7 @@ def sum_tied_gradient(weight: nn.Parameter | None, group: dist.ProcessGroup | No
     plus the head's (last stage), on both."""
     if weight is None or weight.grad is None:
         return
-    grad = weight.grad
-    local = grad.to_local() if hasattr(grad, "to_local") else grad
-    if local.device.type == "cpu" and dist.get_backend(group) == "nccl":
-        # --optimizer-cpu-offload: the shard is in host memory and NCCL sums device tensors
-        summed = local.to(torch.cuda.current_device())
-        dist.all_reduce(summed, group=group)
-        local.copy_(summed)
-    else:
-        dist.all_reduce(local, group=group)
+    sum_gradient(weight.grad, group)
 
 
 def stage_named_weights(hf_model: nn.Module, role: PipelineRole,

@@ -11,8 +11,8 @@ means a sharded root (FSDP2) gathers the embedding/output weights around it.
 MoE models: a micro-batch that carries `routed_experts` is routed by them (routing replay,
 model/moe.py), one that carries none by the routers themselves. `routing_replay.record()`
 before a forward keeps its routes for `take_recorded_routes` (--use-routing-replay). When
-a rank's routers see part of the row (`row_slices`: expert groups across tensor-parallel
-ranks, `expert_parallel.RowSlices`, or context parallelism, `ContextParallel`) they
+a rank's routers see part of the row (`row_slices`, an `expert_parallel.RowParts`: expert
+groups across tensor-parallel ranks, or context parallelism) they
 replay their rows of the given routes, and recorded ones come back whole.
 
 Context parallelism (`context_parallel`, set by train/context_parallel.py): the decoder and
@@ -34,7 +34,7 @@ from furlong.model.logits import compute_dtype
 from furlong.model.moe import RoutingReplay, is_moe
 from furlong.train.batch import PackedMicroBatch
 from furlong.train.context_parallel import ContextParallel
-from furlong.train.expert_parallel import RowSlices
+from furlong.train.expert_parallel import RowParts
 from furlong.train.pipeline_parallel import PipelineRole, stage_forward
 
 
@@ -50,7 +50,7 @@ class CausalLMPolicy(nn.Module):
         self.routing_replay = RoutingReplay(hf_model) if is_moe(hf_model) else None
         self.context_parallel: ContextParallel | None = None
         self.pipeline: PipelineRole | None = None
-        self.row_slices: RowSlices | ContextParallel | None = None
+        self.row_slices: RowParts | None = None
 
     def take_recorded_routes(self, micro: PackedMicroBatch) -> torch.Tensor:
         """The experts of every token of `micro` that its forward recorded, (T,

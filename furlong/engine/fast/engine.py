@@ -102,6 +102,7 @@ class FastEngine:
         self._lock = threading.Lock()
         self._abort_requested = False
         self._closed = False
+        self._died: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="fast-engine", daemon=True)
         self._thread.start()
         log.info("fast engine: %d KV blocks of %d tokens, %d sequences at most",
@@ -112,6 +113,7 @@ class FastEngine:
                        return_routed_experts: bool = False,
                        lora_path: str | None = None) -> GenerateOutput:
         check_lora_path(lora_path, self.lora.names)
+        self._check_alive()
         max_new = min(params.max_new_tokens, self.max_context_len - len(input_ids))
         if max_new <= 0:
             return GenerateOutput([], [], "length", "", len(input_ids), self.weight_version)
@@ -127,12 +129,18 @@ class FastEngine:
                        return_routed_experts=return_routed_experts, lora_name=lora_path)
         self._inbox.put(seq)
         self._wake.set()
+        self._check_alive()  # the loop may have died before it could take `seq`
         try:
             return await future
         except asyncio.CancelledError:  # the caller gave up on it: abort this one request
             self._cancelled.put(seq)
             self._wake.set()
             raise
+
+    def _check_alive(self) -> None:
+        if not self._thread.is_alive() and not self._closed:
+            raise RuntimeError(f"the fast engine's loop died ({self._died!r}): restart the "
+                               "engine")
 
     async def abort_all(self) -> None:
         with self._lock:
@@ -214,6 +222,25 @@ class FastEngine:
 
     # ---- the loop -----------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as error:  # nothing will answer again: say so to every caller
+            self._died = error
+            self._answer_everything(error)
+            raise
+
+    def _answer_everything(self, error: BaseException) -> None:
+        """Finish every request held or queued with `error` (best effort: the device or
+        the caller's event loop may be gone too)."""
+        held = list(self.scheduler.running) + list(self.scheduler.waiting)
+        for seq in held + _drain(self._inbox):
+            seq.finish_reason = RuntimeError(f"the fast engine's loop died: {error!r}")
+            try:
+                seq.on_finish(seq)
+            except Exception:  # noqa: BLE001 - a closed event loop: nobody is waiting
+                pass
+
+    def _serve(self) -> None:
         while not self._closed:
             self._wake.wait()
             self._wake.clear()
