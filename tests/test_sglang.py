@@ -666,11 +666,17 @@ def done_seeds(lines: list[str]) -> dict[int, int]:
     return counts
 
 
-def test_a_lone_engine_that_dies_gets_the_weights_again_and_serves(tiny, tokenizer):
+def test_a_lone_engine_that_dies_gets_the_weights_again_and_serves(tiny, tokenizer,
+                                                                   monkeypatch):
     """One engine, killed mid-rollout: restarted from the checkpoint it cannot serve
     until it has the weights, so the router asks its weight source for them; every
     request then returns what it would have (same seeds, same weights: pushed ones
     that differ from the checkpoint, read back from the restarted engine)."""
+    # The kill is seen by the requests on the wire; the periodic /health_generate must not
+    # also take out the restarted engine when a loaded machine makes it slow to answer.
+    router_options = factory._router_options
+    monkeypatch.setattr(factory, "_router_options", lambda *args: dataclasses.replace(
+        router_options(*args), health_timeout_s=3600.0))
     options = EngineOptions(backend="sglang", server_module=BUILTIN_SERVER, seed=7,
                             sglang=parse_config(SERVER_FLAGS[:4]).sglang,
                             device_groups=[[0]])
