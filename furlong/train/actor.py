@@ -312,7 +312,7 @@ class TrainActor:
             for micro in micros:
                 for name, value in self._backward(micro, reducer(micro)).items():
                     totals[name] = totals.get(name, 0.0) + value.float()
-        if isinstance(self.policy.row_slices, RowSlices):  # MoE blocks saw a sequence slice
+        if isinstance(self.policy.row_parts, RowSlices):  # MoE blocks saw a sequence slice
             sum_moe_block_gradients(parallel.decoder_layers(self.policy.hf_model),
                                     self.mesh["tp"].get_group())
         grad_norm = self._optimizer_step()
@@ -343,8 +343,8 @@ class TrainActor:
         loss, metrics = self._objective(inputs)
         if self.routing is not None:
             routes = self.routing.take()
-            if self.policy.row_slices is not None:  # each rank routed its part of the row
-                routes = whole_row_routes(routes, self.policy.row_slices,
+            if self.policy.row_parts is not None:  # each rank routed its part of the row
+                routes = whole_row_routes(routes, self.policy.row_parts,
                                           inputs.micro.num_tokens)
             term, metrics["moe_aux_loss"] = load_balancing_term(routes, self.config.model,
                                                                 inputs)

@@ -223,6 +223,6 @@ def apply_context_parallel(policy: nn.Module, cp_mesh: DeviceMesh, tp_size: int)
     layout = ContextParallel(cp_mesh.get_group(), cp_mesh.get_local_rank(), cp_mesh.size())
     policy.context_parallel = layout
     if is_moe(hf_model):
-        policy.row_slices = layout
+        policy.row_parts = layout
     for layer in hf_model.base_model.layers:
         setattr(layer.self_attn, CONTEXT_PARALLEL, layout)

@@ -196,10 +196,14 @@ def build_mesh(world_size: int, tp_size: int, device_type: str, cp_size: int = 1
     return mesh
 
 
-def sharding_mesh(mesh: DeviceMesh) -> DeviceMesh:
-    """The ranks FSDP shards parameters and averages gradients over: "dp", times "cp"
-    (the flattened mesh `build_mesh` made, which flattening again returns)."""
-    return mesh["dp", "cp"]._flatten("dp_cp") if mesh["cp"].size() > 1 else mesh["dp"]
+def sharding_mesh(mesh: DeviceMesh, dim: str = "dp") -> DeviceMesh:
+    """The ranks FSDP shards parameters and averages gradients over: `dim` ("dp"; an
+    expert mesh's "edp", the ranks holding the same experts), times "cp", whose ranks
+    hold the same parameters and see other tokens (flattening again returns the mesh
+    flattened before)."""
+    if "cp" in mesh.mesh_dim_names and mesh["cp"].size() > 1:
+        return mesh[dim, "cp"]._flatten(f"{dim}_cp")
+    return mesh[dim]
 
 
 def build_expert_mesh(mesh: DeviceMesh, ep_size: int) -> DeviceMesh:
@@ -216,14 +220,6 @@ def build_expert_mesh(mesh: DeviceMesh, ep_size: int) -> DeviceMesh:
         return init_device_mesh(mesh.device_type, (ranks // ep_size, ep_size),
                                 mesh_dim_names=("edp", "ep"))
     return mesh._unflatten("dp", (dp_size // ep_size, ep_size), ("edp", "ep"))
-
-
-def expert_sharding_mesh(expert_mesh: DeviceMesh) -> DeviceMesh:
-    """The ranks FSDP shards an expert slice over: those holding the same experts, "edp",
-    times "cp" (context-parallel ranks hold the same experts and route other tokens)."""
-    if "cp" in expert_mesh.mesh_dim_names and expert_mesh["cp"].size() > 1:
-        return expert_mesh["edp", "cp"]._flatten("edp_cp")
-    return expert_mesh["edp"]
 
 
 # ---- the order ------------------------------------------------------------------------
@@ -262,10 +258,10 @@ def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs, mixed_preci
     if expert_mesh is not None:
         apply_expert_parallel(layers, expert_mesh["ep"], expert_gradient_scale(ep, dp, tp))
     if moe_on_slices:
-        policy.row_slices = RowSlices(mesh["tp"])
+        policy.row_parts = RowSlices(mesh["tp"])
     apply_activation_checkpointing(layers, perf)
     apply_fully_shard(policy, layers, sharding_mesh(mesh), mixed_precision,
-                      expert_sharding_mesh(expert_mesh) if expert_mesh is not None else None,
+                      sharding_mesh(expert_mesh, "edp") if expert_mesh is not None else None,
                       offload)
     return policy
 
@@ -353,7 +349,7 @@ def apply_fully_shard(policy: nn.Module, layers: nn.ModuleList, dp_mesh: DeviceM
     """Shard each decoder layer, then the root, over `dp_mesh` ("dp", or "dp_cp" with
     context parallelism: `sharding_mesh`); with expert parallelism each
     layer's experts first, over `expert_mesh` ("edp", or "edp_cp" with context
-    parallelism: `expert_sharding_mesh`; the ranks holding the same
+    parallelism: `sharding_mesh`; the ranks holding the same
     experts), as a unit of their own inside the layer's. Mixed precision keeps the
     float32 master weights and optimizer state sharded and gathers bfloat16 copies for
     compute, so the whole forward (residual stream included) runs in bfloat16;

@@ -11,9 +11,9 @@ means a sharded root (FSDP2) gathers the embedding/output weights around it.
 MoE models: a micro-batch that carries `routed_experts` is routed by them (routing replay,
 model/moe.py), one that carries none by the routers themselves. `routing_replay.record()`
 before a forward keeps its routes for `take_recorded_routes` (--use-routing-replay). When
-a rank's routers see part of the row (`row_slices`, an `expert_parallel.RowParts`: expert
-groups across tensor-parallel ranks, or context parallelism) they
-replay their rows of the given routes, and recorded ones come back whole.
+a rank's routers see part of the row (`row_parts`, an `expert_parallel.RowParts`: expert
+groups across tensor-parallel ranks, or context parallelism) they replay their rows of
+the given routes, and recorded ones come back whole.
 
 Context parallelism (`context_parallel`, set by train/context_parallel.py): the decoder and
 the head run on this rank's part of the row, and the values come back gathered whole.
@@ -50,14 +50,14 @@ class CausalLMPolicy(nn.Module):
         self.routing_replay = RoutingReplay(hf_model) if is_moe(hf_model) else None
         self.context_parallel: ContextParallel | None = None
         self.pipeline: PipelineRole | None = None
-        self.row_slices: RowParts | None = None
+        self.row_parts: RowParts | None = None
 
     def take_recorded_routes(self, micro: PackedMicroBatch) -> torch.Tensor:
         """The experts of every token of `micro` that its forward recorded, (T,
         num_moe_layers, k) int32 on the CPU."""
-        slices = self.row_slices
+        parts = self.row_parts
         return self.routing_replay.take_recorded(
-            None if slices is None else lambda local: slices.whole(local, micro.num_tokens))
+            None if parts is None else lambda local: parts.whole(local, micro.num_tokens))
 
     def forward(self, micro: PackedMicroBatch, temperature: float = 1.0,
                 activations: torch.Tensor | None = None):
@@ -67,8 +67,8 @@ class CausalLMPolicy(nn.Module):
             return stage_forward(self, micro, temperature, activations)
         if self.routing_replay is not None:
             routes = micro.routed_experts
-            if routes is not None and self.row_slices is not None:
-                routes = self.row_slices.local(routes)
+            if routes is not None and self.row_parts is not None:
+                routes = self.row_parts.local(routes)
             self.routing_replay.replay(routes)
         elif micro.routed_experts is not None:
             raise ValueError("routing replay: the model has no MoE routers")

@@ -113,7 +113,6 @@ class FastEngine:
                        return_routed_experts: bool = False,
                        lora_path: str | None = None) -> GenerateOutput:
         check_lora_path(lora_path, self.lora.names)
-        self._check_alive()
         max_new = min(params.max_new_tokens, self.max_context_len - len(input_ids))
         if max_new <= 0:
             return GenerateOutput([], [], "length", "", len(input_ids), self.weight_version)
@@ -129,7 +128,7 @@ class FastEngine:
                        return_routed_experts=return_routed_experts, lora_name=lora_path)
         self._inbox.put(seq)
         self._wake.set()
-        self._check_alive()  # the loop may have died before it could take `seq`
+        self._check_alive()  # a dead loop would never take `seq`
         try:
             return await future
         except asyncio.CancelledError:  # the caller gave up on it: abort this one request
