@@ -1,21 +1,24 @@
 """Pipeline parallelism (--pipeline-model-parallel-size) on the tiny dense model (2 decoder
 layers, tied embeddings) gives the numbers of one process, and is in effect.
 
-One spawn of four CPU ranks (gloo), shared by the xdist workers, runs every layout as
+One spawn of four CPU ranks (gloo), shared by the xdist workers, runs every layout of two stages:
 pp2 x dp2 (FSDP2 over each stage's two data-parallel ranks): per-token loss with dynamic
 batching (several packed micro-batches of different lengths: 1F1B), and per-sample loss
-with one micro-batch per rank (fewer than the stages: GPipe); on a 4-layer copy of the
-model, virtual stages (two chunks of one layer per rank: interleaved 1F1B) and an uneven
-first stage (1 layer, the last 3). Equality alone would hold with a rank that quietly
-runs the whole model, so each rank records which decoder layers it holds, which it runs,
-and which run in each of its chunks' forwards. Then a pp2 run's save (model and optimizer
-state) resumes under pp1 (four data-parallel ranks), weights bit-exact, and takes the step
-pp2 took next; a pp1 save likewise under pp2; and the pp2 trainer pushes its weights into
-an engine, which serves them. Tolerances as in test_parallel.
+with one micro-batch per rank (fewer than the stages: GPipe); pp2 x tp2 with sequence
+parallelism and pp2 x cp2 (each stage one tensor- or context-parallel group); on a 4-layer
+copy of the model, virtual stages (two chunks of one layer per rank: interleaved 1F1B),
+also with tp2 and sequence parallelism, and an uneven first stage (1 layer, the last 3).
+Equality alone would hold with a rank that quietly runs the whole model, so each rank
+records which decoder layers it holds, which it runs, which run in each of its chunks'
+forwards, and how many of each micro-batch's tokens reach each layer. Then a pp2 run's
+save (model and optimizer state) resumes under pp1 (four data-parallel ranks), weights
+bit-exact, and takes the step pp2 took next; a pp1 save likewise under pp2; and the pp2
+trainer pushes its weights into an engine, which serves them. Tolerances as in test_parallel.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -24,6 +27,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 from filelock import FileLock
 
 from furlong import cli, dry_run
@@ -43,17 +47,23 @@ from test_parallel import METRICS, assert_close_relative, assert_engine_serves_t
 
 WORLD = 4
 STAGES = 2
+DYNAMIC = ["--calculate-per-token-loss", "--use-dynamic-batch-size", "--max-tokens-per-gpu", "40"]
+TP2_SP = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+# (step flags, layout flags besides the pipeline's)
 RUNS = {
-    "pp2_dynamic": ["--calculate-per-token-loss", "--use-dynamic-batch-size",
-                    "--max-tokens-per-gpu", "40"],
-    "pp2_one_micro_batch": ["--micro-batch-size", "12"],
+    "pp2_dynamic": (DYNAMIC, []),
+    "pp2_one_micro_batch": (["--micro-batch-size", "12"], []),
+    "pp2_tp2_sp": (DYNAMIC, TP2_SP),
+    "pp2_cp2": (DYNAMIC, ["--context-parallel-size", "2"]),
 }
 # On the 4-layer copy: (step flags, layout flags, the layers each stage holds).
+VIRTUAL = ["--num-layers-per-virtual-pipeline-stage", "1"]
 DEEP_RUNS = {
-    "pp2_virtual": (RUNS["pp2_dynamic"], ["--num-layers-per-virtual-pipeline-stage", "1"],
-                    [[0, 2], [1, 3]]),
+    "pp2_virtual": (DYNAMIC, VIRTUAL, [[0, 2], [1, 3]]),
     "pp2_uneven": (["--micro-batch-size", "2"], ["--decoder-first-pipeline-num-layers", "1"],
                    [[0], [1, 2, 3]]),
+    # One data-parallel rank: a budget of twice the tokens makes as many micro-batches.
+    "pp2_virtual_tp2_sp": ([*DYNAMIC[:-1], "80"], [*VIRTUAL, *TP2_SP], [[0, 2], [1, 3]]),
 }
 QUERY = "model.layers.1.self_attn.q_proj.weight"
 
@@ -72,8 +82,12 @@ def write_deep(tiny: Path, out: Path) -> Path:
 def run_of(name: str, tiny: Path, deep: Path) -> tuple[Path, list[str], list[str]]:
     """(model and task directory, step flags, layout flags) of a run."""
     if name in RUNS:
-        return tiny, RUNS[name], []
+        return tiny, *RUNS[name]
     return deep, *DEEP_RUNS[name][:2]
+
+
+def size_of(flags: list[str], flag: str) -> int:
+    return int(flags[flags.index(flag) + 1]) if flag in flags else 1
 
 
 def pipelined_step_gradients(actor: TrainActor, batch) -> tuple[dict, dict]:
@@ -109,7 +123,9 @@ def _worker(rank: int, port: int, tiny: Path, deep: Path, batch, out: Path) -> N
 
     def actor_for(pp: int, extra: list[str], init: Path | None = None,
                   root: Path = tiny) -> TrainActor:
-        info = parallel.rank_info(rank, WORLD, 1, "cpu", master_port=port, pp_size=pp)
+        info = parallel.rank_info(rank, WORLD, size_of(extra, "--tensor-model-parallel-size"),
+                                  "cpu", master_port=port, pp_size=pp,
+                                  cp_size=size_of(extra, "--context-parallel-size"))
         flags = [*extra, "--pipeline-model-parallel-size", str(pp)]
         return TrainActor(policy_config(root, flags), info, str(init or root / "model"), 2)
 
@@ -127,12 +143,21 @@ def _worker(rank: int, port: int, tiny: Path, deep: Path, batch, out: Path) -> N
 
 def _run_recorded(actor: TrainActor, batch, name: str) -> dict:
     """Log-probs and a step of `actor`, recording the (global) decoder layers each of its
-    forwards of one chunk runs, and the schedules that ran them."""
-    role, chunks_ran, schedules = actor.policy.pipeline, [], []
-    actor.policy.register_forward_pre_hook(lambda module, args: chunks_ran.append([]))
+    forwards of one chunk runs, the rows each layer's input holds beside the tokens of
+    the micro-batch, and the schedules that ran them."""
+    role, chunks_ran, rows, schedules = actor.policy.pipeline, [], [], []
+
+    def enter_chunk(module, args):
+        chunks_ran.append([])
+        rows.append((args[0].num_tokens, []))  # (the micro-batch's tokens, layer inputs)
+
+    def enter_layer(module, args, index):
+        chunks_ran[-1].append(role.layers[index])
+        hidden = args[0].to_local() if isinstance(args[0], DTensor) else args[0]
+        rows[-1][1].append(hidden.shape[1])
+    actor.policy.register_forward_pre_hook(enter_chunk)
     for index, layer in enumerate(parallel.decoder_layers(actor.policy.hf_model)):
-        layer.register_forward_pre_hook(
-            lambda module, args, index=index: chunks_ran[-1].append(role.layers[index]))
+        layer.register_forward_pre_hook(functools.partial(enter_layer, index=index))
     choose = pipeline_parallel.schedule_class
     pipeline_parallel.schedule_class = lambda *args: schedules.append(
         choose(*args).__name__) or choose(*args)
@@ -142,20 +167,22 @@ def _run_recorded(actor: TrainActor, batch, name: str) -> dict:
     finally:
         pipeline_parallel.schedule_class = choose
     ran = [layer for chunk in chunks_ran for layer in chunk]
+    query = _local_query(actor)
     results[f"{name}/layout"] = {
         "held": sorted({role.global_name(n) for n, _ in actor.policy.hf_model.named_parameters()}),
         "ran": sorted(set(ran)), "forwards": len(ran),
         "chunks_ran": sorted({tuple(chunk) for chunk in chunks_ran}),
-        "schedules": schedules,
-        "query_rows": _local_rows(actor, "model.layers.0.self_attn.q_proj.weight")}
+        "rows": rows, "schedules": schedules,
+        "query_rows": None if query is None else query.to_local().shape[0],
+        "query_mesh": None if query is None else query.device_mesh.mesh_dim_names}
     return results
 
 
-def _local_rows(actor: TrainActor, name: str) -> int | None:
-    """Rows of this rank's shard of a layer-0 weight; None on a stage without it."""
+def _local_query(actor: TrainActor) -> DTensor | None:
+    """This rank's layer-0 query weight; None on a stage without it."""
     params = {actor.policy.pipeline.global_name(n): p
               for n, p in actor.policy.hf_model.named_parameters()}
-    return params[name].to_local().shape[0] if name in params else None
+    return params.get("model.layers.0.self_attn.q_proj.weight")
 
 
 def _across_layouts(actor_for, batch, out: Path, tiny: Path) -> dict:
@@ -259,6 +286,26 @@ def test_each_rank_holds_and_runs_half_of_the_layers(ranks, name):
     assert "model.norm.weight" not in layouts[0]["held"]
 
 
+@pytest.mark.parametrize("name", [*RUNS, *DEEP_RUNS])
+def test_tensor_and_context_parallel_ranks_run_part_of_each_row(tiny, deep, ranks, name):
+    """Within a stage, with sequence or context parallelism every decoder layer's input
+    on a rank holds at most half of the micro-batch's tokens (whole rows travel between
+    stages); otherwise the whole row. Tensor-parallel ranks hold half of the query
+    heads (a "tp" slice), context-parallel ones an FSDP shard over "dp_cp"."""
+    layout_flags = run_of(name, tiny, deep)[2]
+    split = "--sequence-parallel" in layout_flags or "--context-parallel-size" in layout_flags
+    for layouts in ranks[1]["layouts"]:
+        layout = layouts[f"{name}/layout"]
+        for tokens, inputs in layout["rows"]:
+            assert inputs and all(rows == (-(-tokens // 2) if split else tokens)
+                                  or split and rows == tokens // 2 for rows in inputs), \
+                (tokens, inputs)
+        if layout["query_mesh"] is not None:
+            assert layout["query_rows"] == 128 // 2
+            assert ("tp" in layout["query_mesh"]) == ("--tensor-model-parallel-size"
+                                                      in layout_flags), layout["query_mesh"]
+
+
 @pytest.mark.parametrize("name", list(DEEP_RUNS))
 def test_each_rank_holds_and_runs_its_chunks(ranks, name):
     """Virtual stages: stage 0 holds layers 0 and 2, stage 1 layers 1 and 3, each chunk's
@@ -270,10 +317,10 @@ def test_each_rank_holds_and_runs_its_chunks(ranks, name):
         stage_layers = held[rank // (WORLD // STAGES)]
         layers = {int(n.split(".")[2]) for n in layout["held"] if n.startswith("model.layers.")}
         assert layers == set(stage_layers) and layout["ran"] == stage_layers
-        chunks = [(layer,) for layer in stage_layers] if name == "pp2_virtual" \
-            else [tuple(stage_layers)]
+        virtual = VIRTUAL[0] in DEEP_RUNS[name][1]
+        chunks = [(layer,) for layer in stage_layers] if virtual else [tuple(stage_layers)]
         assert layout["chunks_ran"] == chunks
-        expected = "ScheduleInterleaved1F1B" if name == "pp2_virtual" else "Schedule1F1B"
+        expected = "ScheduleInterleaved1F1B" if virtual else "Schedule1F1B"
         assert layout["schedules"] == [expected] * 2  # the log-prob pass and the step
     assert "model.embed_tokens.weight" in layouts[0]["held"]
     assert "model.norm.weight" in layouts[-1]["held"] and "lm_head.weight" in layouts[-1]["held"]
@@ -323,8 +370,9 @@ def test_weights_reach_an_engine_from_a_pipelined_trainer(tiny, ranks):
      ["--pipeline-model-parallel-size 4 does not divide the model's 2 decoder layers",
       "divisor of 2"]),
     (["--actor-num-gpus-per-node", "4", "--colocate", "--pipeline-model-parallel-size", "2",
-      "--tensor-model-parallel-size", "2"],
-     ["--pipeline-model-parallel-size 2 with --tensor-model-parallel-size 2"]),
+      "--context-parallel-size", "4"],
+     ["--context-parallel-size 4 x --tensor-model-parallel-size 1 does not divide the 2 "
+      "trainer ranks"]),
 ])
 def test_placement_refuses_impossible_layouts(tiny, flags, words):
     with pytest.raises(ConfigError) as info:
@@ -359,6 +407,10 @@ def test_dry_run_prints_the_pipeline_in_the_mesh(tiny, capsys, monkeypatch):
                       "--pipeline-model-parallel-size", "2", "--dry-run")
     assert cli.main(argv) == 0
     assert "mesh: dp 2 x cp 1 x tp 1 x pp 2 (ep 1, carved from dp) = 4 trainer rank(s)" \
+        in capsys.readouterr().out
+    assert cli.main([*argv, "--actor-num-gpus-per-node", "8", "--tensor-model-parallel-size",
+                     "2", "--sequence-parallel", "--context-parallel-size", "2"]) == 0
+    assert "mesh: dp 1 x cp 2 x tp 2 x pp 2 (ep 1, carved from dp) = 8 trainer rank(s)" \
         in capsys.readouterr().out
 
 

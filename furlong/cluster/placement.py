@@ -189,22 +189,14 @@ def _check_trainer_split(config: Config, ranks: int) -> None:
 
 def _check_pipeline(config: Config, ranks: int) -> None:
     """Pipeline stages (train/pipeline_parallel.py) tile the ranks, split the layers as
-    train/pipeline_layout.py can, run over data-parallel ranks only and take dense models."""
+    train/pipeline_layout.py can and take dense models."""
     p, directory = config.perf, config.ckpt.hf_checkpoint
     pp = p.pipeline_model_parallel_size
     if ranks % pp:
         raise ConfigError(f"--pipeline-model-parallel-size {pp} does not divide the {ranks} "
                           "trainer ranks (--actor-num-nodes x --actor-num-gpus-per-node): the "
-                          f"trainer is pp x dp ranks; give a multiple of {pp} ranks or fewer "
-                          "stages")
-    others = {"--tensor-model-parallel-size": p.tensor_model_parallel_size,
-              "--context-parallel-size": p.context_parallel_size,
-              "--expert-model-parallel-size": p.expert_model_parallel_size}
-    for flag, size in others.items():
-        if size > 1:
-            raise ConfigError(f"--pipeline-model-parallel-size {pp} with {flag} {size}: this "
-                              "build pipelines over data-parallel ranks only; set one of them "
-                              "to 1")
+                          f"trainer is pp x dp x cp x tp ranks; give a multiple of {pp} ranks or "
+                          "fewer stages")
     hf = read_hf_config(directory)
     if moe_expected_values(hf):
         raise ConfigError(f"--pipeline-model-parallel-size {pp}: {directory}/config.json "

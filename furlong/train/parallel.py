@@ -104,7 +104,7 @@ def check_rank_layout(rank: RankInfo, perf: PerfArgs) -> None:
     made for them."""
     tp, cp = perf.tensor_model_parallel_size, perf.context_parallel_size
     pp = perf.pipeline_model_parallel_size
-    check_pipeline_ranks(rank.world_size, pp, tp * cp * perf.expert_model_parallel_size)
+    check_pipeline_ranks(rank.world_size, pp)
     check_tensor_parallel_size(rank.world_size // pp, tp)
     check_context_parallel_size(rank.world_size // pp, tp, cp)
     if (rank.tp_size, rank.cp_size, rank.pp_size) != (tp, cp, pp):
@@ -113,25 +113,20 @@ def check_rank_layout(rank: RankInfo, perf: PerfArgs) -> None:
                          f"--context-parallel-size {cp} / --pipeline-model-parallel-size {pp}")
 
 
-def check_pipeline_ranks(world_size: int, pp_size: int, other_model_parallel: int) -> None:
-    """Pipeline stages tile the ranks; this build pipelines over data-parallel ranks only."""
+def check_pipeline_ranks(world_size: int, pp_size: int) -> None:
+    """Pipeline stages tile the ranks: each stage is a block of world / pp ranks."""
     if pp_size < 1 or world_size % pp_size:
         raise ValueError(f"--pipeline-model-parallel-size {pp_size} does not divide the "
-                         f"{world_size} trainer ranks: the trainer is pp x dp ranks; give a "
-                         f"multiple of {pp_size} ranks (--actor-num-nodes x "
+                         f"{world_size} trainer ranks: the trainer is pp x dp x cp x tp ranks; "
+                         f"give a multiple of {pp_size} ranks (--actor-num-nodes x "
                          "--actor-num-gpus-per-node) or fewer stages")
-    if pp_size > 1 and other_model_parallel > 1:
-        raise ValueError(f"--pipeline-model-parallel-size {pp_size} with tensor, context or "
-                         "expert parallelism is not supported yet: set "
-                         "--tensor-model-parallel-size, --context-parallel-size and "
-                         "--expert-model-parallel-size to 1, or the pipeline size to 1")
 
 
 def rank_info(rank: int, world_size: int, tp_size: int, device_type: str,
               master_addr: str = "127.0.0.1", master_port: int | None = None,
               cp_size: int = 1, pp_size: int = 1) -> RankInfo:
     """The RankInfo of global rank `rank` (GPU: the one `init_distributed` makes current)."""
-    check_pipeline_ranks(world_size, pp_size, tp_size * cp_size)
+    check_pipeline_ranks(world_size, pp_size)
     stage_world = world_size // pp_size
     check_tensor_parallel_size(stage_world, tp_size)
     check_context_parallel_size(stage_world, tp_size, cp_size)
@@ -182,7 +177,7 @@ def build_mesh(world_size: int, tp_size: int, device_type: str, cp_size: int = 1
     """A (dp, cp, tp) mesh over all ranks, tensor-parallel ranks adjacent, then
     context-parallel ones, behind a leading "pp" with pipeline stages; with cp > 1 also
     the flattened "dp_cp" that FSDP shards over (new process groups: build it once)."""
-    check_pipeline_ranks(world_size, pp_size, tp_size * cp_size)
+    check_pipeline_ranks(world_size, pp_size)
     stage_world = world_size // pp_size
     check_tensor_parallel_size(stage_world, tp_size)
     check_context_parallel_size(stage_world, tp_size, cp_size)
@@ -252,7 +247,7 @@ def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs, mixed_preci
     moe_on_slices = expert_mesh is not None and groups_span_tensor_parallel(ep, dp)
     if tp > 1:
         apply_tensor_parallel(hf_model, layers, mesh["tp"], perf.sequence_parallel,
-                              moe_on_slices)
+                              moe_on_slices, chunk_entries(policy.pipeline))
     if mesh["cp"].size() > 1:
         apply_context_parallel(policy, mesh["cp"], tp)
     if expert_mesh is not None:
@@ -274,6 +269,17 @@ def apply_pipeline_split(policy: nn.Module, stage_index: int, layout: PipelineLa
     role = PipelineRole(stage_index, layout.num_stages, chunks)
     split_stage(policy.hf_model, role)
     policy.pipeline = role
+
+
+def chunk_entries(role: PipelineRole | None) -> tuple[int, ...]:
+    """The local index of the first layer of each model chunk a rank holds (0 alone
+    without pipeline stages)."""
+    if role is None:
+        return (0,)
+    starts = [0]
+    for chunk in role.chunks[:-1]:
+        starts.append(starts[-1] + len(chunk))
+    return tuple(starts)
 
 
 def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:

@@ -26,6 +26,14 @@ log-probs; they are broadcast to the other stages. 1F1B needs at least as many
 micro-batches as stages, interleaved 1F1B a count that its rounds divide; a step whose
 count does not fit runs GPipe, or looped BFS with virtual stages (the same result:
 `schedule_class`).
+
+Within a stage: the ranks of a stage are a ("dp", "cp", "tp") mesh like a whole trainer's,
+and rank (dp, cp, tp) of stage s sends to rank (dp, cp, tp) of stage s + 1. Tensor
+parallelism needs nothing more (ranks of a group hold the same whole rows); sequence
+parallelism slices each chunk's input (`tensor_parallel.apply_tensor_parallel`'s
+entry layers) and the chunk gathers its output back into whole rows before sending;
+context parallelism sends each rank's part of the row (hidden states padded to the
+step's longest part), and the last chunk gathers the log-probs whole, as without stages.
 """
 from __future__ import annotations
 
@@ -39,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
                                          ScheduleInterleaved1F1B, ScheduleLoopedBFS)
+from torch.distributed.tensor import DTensor
 
 from furlong.train.batch import PackedMicroBatch
 from furlong.train.distributed_state import full_tensor, sum_gradient
@@ -128,42 +137,53 @@ def tied_weight(hf_model: nn.Module, role: PipelineRole) -> nn.Parameter | None:
 
 
 def stage_forward(policy, micro: PackedMicroBatch, temperature: float,
-                  activations: torch.Tensor) -> torch.Tensor:
+                  activations: torch.Tensor, sent_length: int) -> torch.Tensor:
     """One chunk of `policy` (a CausalLMPolicy whose `pipeline` is set; the chunk its
-    `running` names) on a micro-batch padded to the step's length T: (1, T) ids into the
-    first chunk, (1, T, H) hidden states between chunks, (2, T) log-probs and entropy
-    (zero past the targets) out of the last."""
-    role, length = policy.pipeline, micro.input_ids.shape[1]
-    padded, chunk = activations.shape[1], role.chunk_index(role.running)
-    inputs = dict(input_ids=activations[:, :length]) if chunk == 0 \
+    `running` names) on a micro-batch: the first chunk reads the micro-batch's ids,
+    the others (1, T, H) hidden states, real rows padded to the step's length T; a
+    chunk sends (1, T, H) hidden states, zero past the row, or, the last, (2, T) log-
+    probs and entropy, zero past the targets (`sent_length` is that T). With context
+    parallelism a rank's rows are its part of the micro-batch (T: the longest part) and
+    the last chunk gathers the values whole; with sequence parallelism a chunk sends
+    whole rows (its output gathered over the tensor-parallel ranks)."""
+    role, context_parallel = policy.pipeline, policy.context_parallel
+    part = micro if context_parallel is None else context_parallel.shard(micro)
+    length, chunk = part.input_ids.shape[1], role.chunk_index(role.running)
+    inputs = dict(input_ids=part.input_ids) if chunk == 0 \
         else dict(inputs_embeds=activations[:, :length])
     decoder = chunk_decoder(policy.hf_model.base_model, role, role.running)
     hidden = decoder(
-        **inputs, position_ids=micro.position_ids, use_cache=False,
-        cu_seq_lens_q=micro.cu_seq_lens, cu_seq_lens_k=micro.cu_seq_lens,
-        max_length_q=micro.max_length, max_length_k=micro.max_length).last_hidden_state
+        **inputs, position_ids=part.position_ids, use_cache=False,
+        cu_seq_lens_q=part.cu_seq_lens, cu_seq_lens_k=part.cu_seq_lens,
+        max_length_q=part.max_length, max_length_k=part.max_length).last_hidden_state
+    if isinstance(hidden, DTensor):  # sequence slices
+        hidden = hidden.full_tensor()
     if chunk != role.num_chunks - 1:
-        return F.pad(hidden, (0, 0, 0, padded - length))  # (1, T, H)
-    log_probs, entropy = policy.head(hidden[0], micro, temperature)
-    return F.pad(torch.stack([log_probs, entropy]), (0, padded - log_probs.shape[0]))
+        return F.pad(hidden, (0, 0, 0, sent_length - length))  # (1, T, H)
+    log_probs, entropy = policy.head(hidden[0], part, temperature)
+    if context_parallel is not None:
+        log_probs, entropy = context_parallel.gather(micro, log_probs, entropy)
+    return F.pad(torch.stack([log_probs, entropy]), (0, sent_length - log_probs.shape[0]))
 
 
 # ---- the schedule ---------------------------------------------------------------------------
 class _StageModule(nn.Module):
     """What a `PipelineStage` runs: the policy's chunk `local` on the micro-batch it is
-    told."""
+    told, sending tensors of `sent_length`."""
 
     def __init__(self, policy, local: int, micro_batches: list[PackedMicroBatch],
-                 temperature: float):
+                 temperature: float, sent_length: int):
         super().__init__()
         self.policy = policy
         self.local = local
         self.micro_batches = micro_batches
         self.temperature = temperature
+        self.sent_length = sent_length
 
     def forward(self, activations: torch.Tensor, micro_index: torch.Tensor) -> torch.Tensor:
         self.policy.pipeline.running = self.local
-        return self.policy(self.micro_batches[int(micro_index)], self.temperature, activations)
+        return self.policy(self.micro_batches[int(micro_index)], self.temperature,
+                           (activations, self.sent_length))
 
 
 def schedule_class(num_micro_batches: int, num_stages: int, chunks_per_rank: int) -> type:
@@ -193,14 +213,17 @@ class Pipeline:
         """Forward (and backward) of every micro-batch; `loss_fn(micro, output)` is
         called on the last stage for each, in order, with its (2, N) log-probs and
         entropy at the targets, and returns the micro-batch's loss."""
-        role = self.role
-        count, length = len(micro_batches), max(m.input_ids.shape[1] for m in micro_batches)
-        stages = [PipelineStage(_StageModule(self.policy, local, micro_batches, temperature),
-                                role.chunk_index(local), role.num_chunks, self.device,
-                                input_args=self._meta(role.chunk_index(local), length),
-                                output_args=self._meta(role.chunk_index(local) + 1, length),
-                                group=self.group)
-                  for local in range(len(role.chunks))]
+        role, count = self.role, len(micro_batches)
+        lengths = self._lengths(micro_batches)
+        stages = []
+        for local in range(len(role.chunks)):
+            chunk = role.chunk_index(local)
+            module = _StageModule(self.policy, local, micro_batches, temperature,
+                                  lengths[chunk + 1])
+            stages.append(PipelineStage(
+                module, chunk, role.num_chunks, self.device, group=self.group,
+                input_args=self._meta(chunk, lengths[chunk]),
+                output_args=self._meta(chunk + 1, lengths[chunk + 1])))
 
         def loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             micro = micro_batches[int(target)]
@@ -208,11 +231,21 @@ class Pipeline:
         schedule = schedule_class(count, role.num_stages, len(role.chunks))(
             stages[0] if len(stages) == 1 else stages, count, loss_fn=loss, scale_grads=False)
         indices = torch.arange(count, device=self.device)
-        args = (torch.cat([F.pad(m.input_ids, (0, length - m.input_ids.shape[1]))
+        args = (torch.cat([F.pad(m.input_ids, (0, lengths[0] - m.input_ids.shape[1]))
                            for m in micro_batches]),) if role.is_first else ()
         target = indices if role.is_last else None
         (schedule.step if backward else schedule.eval)(*args, target=target,
                                                        micro_index=indices)
+
+    def _lengths(self, micro_batches: list[PackedMicroBatch]) -> list[int]:
+        """The padded length of what enters each chunk, and of the last one's output:
+        the longest row's ids, hidden states of the longest row (with context
+        parallelism, of the longest part), and the longest row's targets."""
+        longest = max(m.input_ids.shape[1] for m in micro_batches)
+        context_parallel = self.policy.context_parallel
+        hidden = longest if context_parallel is None \
+            else max(context_parallel.part_length(m) for m in micro_batches)
+        return [longest] + [hidden] * (self.role.num_chunks - 1) + [longest]
 
     def _meta(self, stage_index: int, length: int) -> torch.Tensor:
         """The tensor entering chunk `stage_index` (leaving the one before)."""
@@ -241,7 +274,7 @@ def pipeline_groups(mesh) -> tuple[dist.ProcessGroup, dist.ProcessGroup | None]:
     group = mesh["pp"].get_group()
     if num_stages == 2:
         return group, group
-    ranks = mesh.mesh.reshape(num_stages, -1)  # (pp, dp): cp = tp = 1
+    ranks = mesh.mesh.reshape(num_stages, -1)  # (pp, dp x cp x tp)
     tied = None
     for column in range(ranks.shape[1]):
         pair = [int(ranks[0, column]), int(ranks[-1, column])]

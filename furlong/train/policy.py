@@ -60,11 +60,12 @@ class CausalLMPolicy(nn.Module):
             None if parts is None else lambda local: parts.whole(local, micro.num_tokens))
 
     def forward(self, micro: PackedMicroBatch, temperature: float = 1.0,
-                activations: torch.Tensor | None = None):
+                stage_input: tuple[torch.Tensor, int] | None = None):
         """Log-probs and entropy at the micro-batch's target positions, (N,) each, float32
-        (a pipeline stage: what `pipeline_parallel.stage_forward` returns)."""
+        (a pipeline stage, given (activations, length to send): what
+        `pipeline_parallel.stage_forward` returns)."""
         if self.pipeline is not None:
-            return stage_forward(self, micro, temperature, activations)
+            return stage_forward(self, micro, temperature, *stage_input)
         if self.routing_replay is not None:
             routes = micro.routed_experts
             if routes is not None and self.row_parts is not None:

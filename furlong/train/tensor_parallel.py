@@ -107,12 +107,16 @@ class SequenceSlice(ParallelStyle):
 
 
 def apply_tensor_parallel(hf_model: nn.Module, layers: nn.ModuleList, tp_mesh: DeviceMesh,
-                          sequence_parallel: bool, moe_on_slices: bool = False) -> None:
+                          sequence_parallel: bool, moe_on_slices: bool = False,
+                          entry_layers: tuple[int, ...] = (0,)) -> None:
     """Slice every decoder layer over `tp_mesh`. The embeddings, the final norm and the
     output weight stay whole (FSDP still shards them over "dp"): the policy's log-prob
-    head needs the full vocabulary at every position. With sequence parallel the
-    first block's input is split along the sequence and the final norm's input
-    gathered back, so the final norm and the head see the whole (replicated) row."""
+    head needs the full vocabulary at every position. With sequence parallel the input
+    of each layer in `entry_layers` (the first; with pipeline stages the first of each
+    model chunk, which receives whole rows) is split along the sequence and the final
+    norm's input gathered back, so the final norm and the head see the whole
+    (replicated) row (a pipeline stage without the final norm sends whole rows:
+    `pipeline_parallel.stage_forward`)."""
     _check_divisible(hf_model.config, tp_mesh.size())
     device = torch.device(tp_mesh.device_type, torch.cuda.current_device()
                           if tp_mesh.device_type == "cuda" else None)
@@ -125,8 +129,10 @@ def apply_tensor_parallel(hf_model: nn.Module, layers: nn.ModuleList, tp_mesh: D
         for name, param in layer.named_parameters():
             param.requires_grad_(name not in frozen)
     if sequence_parallel:
-        parallelize_module(layers[0], tp_mesh, PrepareModuleInput(
-            input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),)))
-        parallelize_module(hf_model.base_model.norm, tp_mesh, PrepareModuleInput(
-            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-            use_local_output=True))
+        for index in entry_layers:
+            parallelize_module(layers[index], tp_mesh, PrepareModuleInput(
+                input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),)))
+        if not isinstance(hf_model.base_model.norm, nn.Identity):  # a pipeline's last stage
+            parallelize_module(hf_model.base_model.norm, tp_mesh, PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                use_local_output=True))
