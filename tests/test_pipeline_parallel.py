@@ -1,8 +1,8 @@
 """Pipeline parallelism (--pipeline-model-parallel-size) on the tiny dense model (2 decoder
 layers, tied embeddings) gives the numbers of one process, and is in effect.
 
-One spawn of four CPU ranks (gloo), shared by the xdist workers, runs every layout of two stages:
-pp2 x dp2 (FSDP2 over each stage's two data-parallel ranks): per-token loss with dynamic
+One spawn of four CPU ranks (gloo), shared by the xdist workers, runs every layout of two
+stages: pp2 x dp2 (FSDP2 over each stage's two data-parallel ranks): per-token loss with dynamic
 batching (several packed micro-batches of different lengths: 1F1B), and per-sample loss
 with one micro-batch per rank (fewer than the stages: GPipe); pp2 x tp2 with sequence
 parallelism and pp2 x cp2 (each stage one tensor- or context-parallel group); on a 4-layer
