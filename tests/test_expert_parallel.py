@@ -8,10 +8,12 @@ recomputation, and tensor parallel 2 x EP=4 with sequence parallel (Megatron's l
 of Miles' Qwen3-30B-A3B script: the expert group takes the tensor-parallel ranks too,
 each running the MoE block on its sequence slice); and dp 2 x context parallel 2
 (each rank routes its part of the row), without and with EP=2 (expert slices
-FSDP-sharded over the context-parallel ranks that hold them). The layouts whose
-routers see part of a row also run --use-routing-replay. The reference is the plain
-one-process trainer. Equality alone would also
-hold with expert parallelism quietly off, so the ranks also record which experts each
+FSDP-sharded over the context-parallel ranks that hold them); two pipeline stages of one
+MoE layer each (pp 2 x dp 2), with EP=2 inside each stage, and with context parallel 2
+and routing replay; on a 4-layer copy, virtual stages with full recomputation. The
+layouts whose routers see part of a row also run --use-routing-replay. The reference is
+the plain one-process trainer. Equality alone would also hold with expert parallelism
+quietly off, so the ranks also record which experts each
 holds and how many routed tokens each sends to other ranks. Last, an EP=2 actor trains
 a step and saves; an EP=4 actor loads that checkpoint. Tolerances as in test_parallel
 (float32; gradients to 1e-5 relative plus 1e-5 of the largest entry, measured up to
@@ -40,6 +42,7 @@ from furlong.train.actor import RankInfo, TrainActor
 from conftest import policy_config, trainer_batch
 from test_parallel import (assert_matches_one_process, assert_same_step, cpu_weights,
                            step_gradients)
+from test_pipeline_parallel import pipelined_step_gradients, write_deep
 
 WORLD = 4
 NUM_EXPERTS = 8
@@ -57,7 +60,19 @@ RUNS = {
     "dp2_cp2": (1, 1, ["--context-parallel-size", "2"]),
     "dp2_cp2_replay": (1, 1, ["--context-parallel-size", "2", "--use-routing-replay"]),
     "dp2_cp2_ep2": (1, 2, ["--context-parallel-size", "2"]),
+    # Two pipeline stages of one MoE layer each: the load-balancing term of each stage's
+    # layers reaches the loss through what the stage sends; routes recorded on each
+    # stage's layers (and context-parallel parts) come back whole.
+    "pp2": (1, 1, ["--pipeline-model-parallel-size", "2"]),
+    "pp2_ep2": (1, 2, ["--pipeline-model-parallel-size", "2"]),
+    "pp2_cp2_replay": (1, 1, ["--pipeline-model-parallel-size", "2", "--context-parallel-size",
+                              "2", "--use-routing-replay"]),
 }
+# On a 4-layer copy: virtual stages (each rank two chunks of one MoE layer) with full
+# recomputation, whose backward re-records the routes of one chunk between forwards of
+# the other.
+DEEP_RUN = (1, 1, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage",
+                   "1", "--recompute-granularity", "full", "--recompute-method", "uniform"])
 EXPERT_RUNS = [name for name, (_, ep, _) in RUNS.items() if ep > 1]
 REPLAY_RUNS = [name for name in RUNS if name.endswith("_replay")]
 METRICS = ("train/loss", "train/pg_loss", "train/kl_loss", "train/moe_aux_loss",
@@ -71,26 +86,38 @@ def flags_of(tp: int, ep: int, extra: list[str]) -> list[str]:
             "--expert-model-parallel-size", str(ep), *extra]
 
 
+def size_of(extra: list[str], flag: str) -> int:
+    return int(extra[extra.index(flag) + 1]) if flag in extra else 1
+
+
 # ---- the ranks --------------------------------------------------------------------------
-def _worker(rank: int, port: int, tiny_moe: Path, batch, out: Path) -> None:
+def _worker(rank: int, port: int, tiny_moe: Path, deep_moe: Path, batch, out: Path) -> None:
     torch.set_num_threads(1)
     results = {}
 
-    def actor_for(tp: int, ep: int, extra: list[str], init: Path) -> TrainActor:
-        cp = int(extra[extra.index("--context-parallel-size") + 1]) \
-            if "--context-parallel-size" in extra else 1
-        info = parallel.rank_info(rank, WORLD, tp, "cpu", master_port=port, cp_size=cp)
-        return TrainActor(policy_config(tiny_moe, flags_of(tp, ep, extra)), info, str(init), 2)
+    def actor_for(tp: int, ep: int, extra: list[str], init: Path,
+                  root: Path = tiny_moe) -> TrainActor:
+        info = parallel.rank_info(rank, WORLD, tp, "cpu", master_port=port,
+                                  cp_size=size_of(extra, "--context-parallel-size"),
+                                  pp_size=size_of(extra, "--pipeline-model-parallel-size"))
+        return TrainActor(policy_config(root, flags_of(tp, ep, extra)), info, str(init), 2)
+
+    deep = actor_for(*DEEP_RUN, deep_moe / "model", root=deep_moe)
+    results["deep"] = (deep.compute_log_probs(batch)[0], *pipelined_step_gradients(deep, batch))
 
     for name, (tp, ep, extra) in RUNS.items():
         actor = actor_for(tp, ep, extra, tiny_moe / "model")
         results[f"{name}/weights"] = cpu_weights(actor)
+        role = actor.policy.pipeline
         with held_experts(actor, ep > 1) as held, tokens_sent_away() as sent:
             results[f"{name}/log_probs"] = actor.compute_log_probs(batch)[0]
             results[f"{name}/recorded_routes"] = actor.recorded_routes
-            results[name] = step_gradients(actor, batch)  # replaying them, if recorded
+            # (replaying the routes, if recorded)
+            results[name] = step_gradients(actor, batch) if role is None \
+                else pipelined_step_gradients(actor, batch)
         if ep > 1:
             results[f"{name}/layout"] = {"held": held[0], "sent": sum(sent),
+                                         "layer": 0 if role is None else role.layers[0],
                                          **stored_shards(actor)}
     results["checkpoint"] = _save_under_ep2_resume_under_ep4(actor_for, batch,
                                                              tiny_moe / "model", out / "checkpoint")
@@ -170,7 +197,12 @@ def stored_shards(actor: TrainActor) -> dict:
 
 # ---- the checks ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def ranks(tiny_moe, tmp_path_factory):
+def deep_moe(tiny_moe, tmp_path_factory) -> Path:
+    return write_deep(tiny_moe, tmp_path_factory.mktemp("deep_moe"))
+
+
+@pytest.fixture(scope="module")
+def ranks(tiny_moe, deep_moe, tmp_path_factory):
     """(batch, one-process reference actor, results of the 4-rank spawn, its output
     directory). The spawn runs once per session: under pytest-xdist the first worker to
     get here runs it and the others read its results (the inputs are seeded, so equal)."""
@@ -182,7 +214,8 @@ def ranks(tiny_moe, tmp_path_factory):
     with FileLock(f"{out}.lock"):
         if not (out / "results.pt").is_file():
             out.mkdir(exist_ok=True)
-            mp.spawn(_worker, args=(free_port(), tiny_moe, batch, out), nprocs=WORLD)
+            mp.spawn(_worker, args=(free_port(), tiny_moe, deep_moe, batch, out),
+                     nprocs=WORLD)
     return batch, reference, torch.load(out / "results.pt", weights_only=True), out
 
 
@@ -202,6 +235,18 @@ def test_step_and_log_probs_equal_one_process(ranks, one_process, name):
     metrics, grads = results[name]
     assert_matches_one_process(metrics, grads, results[f"{name}/log_probs"], one_process,
                                METRICS)
+
+
+def test_virtual_stages_with_recomputation_equal_one_process(deep_moe, ranks):
+    """Each chunk's load-balancing term is over its own layers' routes, not those its
+    rank's other chunk recorded again in a recomputing backward."""
+    batch = ranks[0]
+    reference = TrainActor(policy_config(deep_moe, FLAGS), RankInfo(), str(deep_moe / "model"), 2)
+    log_probs, metrics, grads = ranks[2]["deep"]
+    expected_log_probs = reference.compute_log_probs(batch)[0]
+    expected_metrics, expected_grads = step_gradients(reference, batch)
+    assert_matches_one_process(metrics, dict(sorted(grads.items())), log_probs, (
+        expected_log_probs, expected_metrics, dict(sorted(expected_grads.items()))), METRICS)
 
 
 @pytest.mark.parametrize("name", REPLAY_RUNS)
@@ -227,18 +272,23 @@ def test_each_rank_holds_its_experts_only(tiny_moe, ranks, name):
     tp) when the groups take tensor-parallel ranks; the router stays FSDP-sharded over
     all data-parallel ranks."""
     tp, ep, extra = RUNS[name]
-    cp = 2 if "--context-parallel-size" in extra else 1
-    full = dict(load_hf_model(str(tiny_moe / "model")).named_parameters())[EXPERTS].detach()
+    cp = size_of(extra, "--context-parallel-size")
+    pp = size_of(extra, "--pipeline-model-parallel-size")
+    params = dict(load_hf_model(str(tiny_moe / "model")).named_parameters())
     per_rank = NUM_EXPERTS // ep
-    dp = WORLD // (tp * cp)
+    stage_world = WORLD // pp
+    dp = stage_world // (tp * cp)
     across_tp = dp % ep != 0  # groups of adjacent ranks, tensor-parallel ones included
     for rank, layouts in enumerate(ranks[2]["layouts"]):
-        layout = layouts[f"{name}/layout"]
-        group_rank = rank % ep if across_tp else (rank // (tp * cp)) % ep
+        layout = layouts[f"{name}/layout"]  # (EXPERTS, ROUTER: the rank's first MoE layer)
+        full = params[EXPERTS.replace(".0.", f".{layout['layer']}.")].detach()
+        assert layout["layer"] == rank // stage_world
+        stage_rank = rank % stage_world
+        group_rank = stage_rank % ep if across_tp else (stage_rank // (tp * cp)) % ep
         assert torch.equal(layout["held"], full[group_rank * per_rank:(group_rank + 1) * per_rank])
         stored = layout[EXPERTS]
         assert stored["placements"]["ep"] == Shard(0)
-        holders = WORLD if across_tp else dp * cp  # ranks sharing the router's shards
+        holders = stage_world if across_tp else dp * cp  # ranks sharing the router's shards
         assert stored["local_shape"] == (NUM_EXPERTS // holders, *full.shape[1:])
         assert layout[ROUTER]["placements"] == {"dp_cp" if cp > 1 else "dp": Shard(0)}
         assert layout[ROUTER]["local_shape"][0] == NUM_EXPERTS // (dp * cp)
@@ -301,9 +351,19 @@ SPANNING = "--expert-model-parallel-size 4 over 2 data-parallel ranks x " \
       "--expert-model-parallel-size", "3"],
      ["--expert-model-parallel-size 3 does not divide the 4 trainer ranks"]),
     (ACROSS_TP, [SPANNING, "add --sequence-parallel"]),
+    (["--actor-num-gpus-per-node", "8", "--colocate", "--tensor-model-parallel-size", "2",
+      "--sequence-parallel", "--expert-model-parallel-size", "4",
+      "--pipeline-model-parallel-size", "2"],
+     [SPANNING, "takes no --pipeline-model-parallel-size (2)"]),
 ])
 def test_placement_refuses_expert_groups_that_do_not_tile_the_ranks(tiny_moe, flags, words):
     """Caught before any weight loads (and by --dry-run)."""
     with pytest.raises(ConfigError) as info:
         plan_placement(policy_config(tiny_moe, flags), 0)
     assert all(word in str(info.value) for word in words), str(info.value)
+
+
+def test_placement_takes_pipeline_stages_of_an_moe_model(tiny_moe):
+    flags = ["--actor-num-gpus-per-node", "4", "--colocate", "--pipeline-model-parallel-size", "2",
+             "--expert-model-parallel-size", "2"]
+    assert plan_placement(policy_config(tiny_moe, flags), 0).trainer_ranks == 4

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from furlong.config import Config, ConfigError
-from furlong.config.model_check import moe_expected_values, read_hf_config
+from furlong.config.model_check import read_hf_config
 from furlong.train.context_parallel import check_heads
 from furlong.train.expert_parallel import check_expert_layout, groups_span_tensor_parallel
 from furlong.train.pipeline_layout import PipelineLayout, check_pipeline_layout
@@ -177,7 +177,7 @@ def _check_trainer_split(config: Config, ranks: int) -> None:
     shares = f"({ranks} trainer ranks / tensor-parallel {tp} / context-parallel {cp})"
     if ep > 1:
         try:
-            check_expert_layout(ep, dp, tp, p.sequence_parallel, cp)
+            check_expert_layout(ep, dp, tp, p.sequence_parallel, cp, pp)
         except ValueError as error:
             raise ConfigError(str(error)) from None
     if batch % dp:
@@ -188,8 +188,8 @@ def _check_trainer_split(config: Config, ranks: int) -> None:
 
 
 def _check_pipeline(config: Config, ranks: int) -> None:
-    """Pipeline stages (train/pipeline_parallel.py) tile the ranks, split the layers as
-    train/pipeline_layout.py can and take dense models."""
+    """Pipeline stages (train/pipeline_parallel.py) tile the ranks and split the layers as
+    train/pipeline_layout.py can."""
     p, directory = config.perf, config.ckpt.hf_checkpoint
     pp = p.pipeline_model_parallel_size
     if ranks % pp:
@@ -198,10 +198,6 @@ def _check_pipeline(config: Config, ranks: int) -> None:
                           f"trainer is pp x dp x cp x tp ranks; give a multiple of {pp} ranks or "
                           "fewer stages")
     hf = read_hf_config(directory)
-    if moe_expected_values(hf):
-        raise ConfigError(f"--pipeline-model-parallel-size {pp}: {directory}/config.json "
-                          "describes an MoE model, and pipeline stages take dense models only "
-                          "in this build; set it to 1")
     try:
         check_pipeline_layout(hf["num_hidden_layers"], PipelineLayout.from_perf(p))
     except ValueError as error:

@@ -20,7 +20,7 @@ probabilities gathered at the replayed experts, renormalised as the model renorm
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -109,8 +109,13 @@ class RouterRecorder:
         for router in self._routers:
             router.register_forward_hook(_record_routes)
 
-    def take(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        routes = [router.__dict__.pop(ROUTES, None) for router in self._routers]
+    def take(self, layers: Iterable[nn.Module] | None = None
+             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The routes recorded since the last `take` (of the routers of `layers` only,
+        where given: decoder layers)."""
+        chosen = self._routers if layers is None else \
+            [layer.mlp.gate for layer in layers if is_moe_block(getattr(layer, "mlp", None))]
+        routes = [router.__dict__.pop(ROUTES, None) for router in chosen]
         return [route for route in routes if route is not None]
 
 
@@ -141,7 +146,20 @@ class RoutingReplay:
 
     def __init__(self, hf_model: nn.Module):
         self._routers = routers(hf_model)
+        self.num_layers = len(self._routers)  # MoE layers of the whole model
+        self.columns = list(range(self.num_layers))  # each router's MoE layer
         self._hooked = False
+
+    def keep_present(self, hf_model: nn.Module) -> None:
+        """After layers of `hf_model` were deleted (a pipeline stage keeps its own): replay
+        and record with the routers it still has, each under its MoE layer in the whole
+        model (`columns`); routes given to `replay` still cover every MoE layer."""
+        present = {id(router) for router in routers(hf_model)}
+        kept = [(router, column) for router, column in zip(self._routers, self.columns,
+                                                            strict=True)
+                if id(router) in present]
+        self._routers = [router for router, _ in kept]
+        self.columns = [column for _, column in kept]
 
     def _hook(self) -> None:
         if not self._hooked:
@@ -150,15 +168,15 @@ class RoutingReplay:
             self._hooked = True
 
     def replay(self, routes: torch.Tensor | None) -> None:
-        if routes is not None and routes.shape[1] != len(self._routers):
+        if routes is not None and routes.shape[1] != self.num_layers:
             raise ValueError(f"routes for {routes.shape[1]} MoE layers, but the model has "
-                             f"{len(self._routers)}")
+                             f"{self.num_layers}")
         if routes is not None:
             self._hook()
-        for layer, router in enumerate(self._routers):
+        for column, router in zip(self.columns, self._routers, strict=True):
             router.__dict__.pop(REPLAYED, None)
             if routes is not None:
-                setattr(router, REPLAYED, routes[:, layer])
+                setattr(router, REPLAYED, routes[:, column])
 
     def record(self) -> None:
         self._hook()
@@ -168,7 +186,7 @@ class RoutingReplay:
     def take_recorded(self, gather: Callable[[torch.Tensor], torch.Tensor] | None = None
                       ) -> torch.Tensor:
         """The experts of every token of the forwards since `record()` (in order), after
-        `gather` (on the device) where given."""
+        `gather` (on the device) where given: (T, layers, k), the layers `columns` names."""
         per_layer = [torch.cat(router.__dict__.pop(RECORDING)) for router in self._routers]
         routes = torch.stack(per_layer, dim=1)
         if gather is not None:

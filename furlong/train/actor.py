@@ -44,7 +44,7 @@ from furlong.config.groups import Config
 from furlong.model import lora
 from furlong.model.fused_kernels import apply_fused_kernels, compile_decoder_layers
 from furlong.model.loading import checkpoint_named_tensors, load_hf_model
-from furlong.model.moe import RouterRecorder, freeze_routers, is_moe
+from furlong.model.moe import RouterRecorder, freeze_routers
 from furlong.train import (actor_checkpoint, distributed_state, microbatch, parallel,
                            pipeline_parallel)
 from furlong.train.cpu_optimizer import HostStep
@@ -89,7 +89,7 @@ class TrainActor:
                                      frozen_masters=self.lora is None) \
             if self._one_gpu else None
         self.routing = RouterRecorder(self.policy.hf_model) \
-            if is_moe(self.policy.hf_model) else None
+            if self.policy.routing_replay is not None else None  # an MoE model
         self.recorded_routes = None
         self.ref_policy = None
         self.snapshots = WeightSnapshots(self._changing_parameters)
@@ -108,7 +108,7 @@ class TrainActor:
         parallel.check_rank_layout(rank, perf)
         if self._ep_size > 1:
             check_expert_layout(self._ep_size, rank.dp_size, rank.tp_size,
-                                perf.sequence_parallel, rank.cp_size)
+                                perf.sequence_parallel, rank.cp_size, rank.pp_size)
         if not rank.sharded:
             return None, None
         parallel.join(rank)
@@ -236,14 +236,13 @@ class TrainActor:
         log_probs: list = [None] * len(batch)
         entropy: list = [None] * len(batch)
         routes: list = [None] * len(batch)
-        for indices, micro, (values, ent) in self._log_prob_passes(
+        for indices, micro, (values, ent), micro_routes in self._log_prob_passes(
                 policy, batch, record, self._micro_batches(batch, list(range(len(batch))))):
             for i, lp, en in zip(indices, split_tokens(values.cpu(), micro),
                                  split_tokens(ent.cpu(), micro), strict=True):
                 log_probs[i], entropy[i] = lp, en
             if record:
-                for i, r in zip(indices, split_routes(policy.take_recorded_routes(micro),
-                                                      micro), strict=True):
+                for i, r in zip(indices, split_routes(micro_routes, micro), strict=True):
                     routes[i] = r
         parallel.reshard(policy)  # FSDP keeps the root gathered after a forward
         if record:  # the optimizer steps of this rollout replay them (train)
@@ -252,18 +251,31 @@ class TrainActor:
 
     def _log_prob_passes(self, policy: CausalLMPolicy, batch: TrainBatch, record: bool,
                          index_lists: list[list[int]]):
-        """(indices, micro-batch, (log-probs, entropy)) of each non-empty micro-batch;
-        through the pipeline (all at once, on every stage) with pipeline stages."""
+        """(indices, micro-batch, (log-probs, entropy), routes if `record` else None) of
+        each non-empty micro-batch; through the pipeline (all at once, on every stage)
+        with pipeline stages, whose routes are gathered from every stage."""
         micros = [(i, pack(batch, i, self.rank.device)) for i in index_lists if i]
         if self.rank.pp_size > 1:
-            outputs = pipeline_parallel.log_probs(self._pipeline(policy), [m for _, m in micros],
+            pipeline, packed = self._pipeline(policy), [m for _, m in micros]
+            if record:
+                policy.routing_replay.record()
+            outputs = pipeline_parallel.log_probs(pipeline, packed,
                                                   self.config.rollout.rollout_temperature)
-            yield from ((i, m, out) for (i, m), out in zip(micros, outputs, strict=True))
+            routes = [None] * len(micros)
+            if record:
+                replay = policy.routing_replay
+                routes = pipeline_parallel.whole_model_routes(
+                    pipeline, policy.take_recorded_routes(packed), replay.columns,
+                    replay.num_layers)
+            yield from ((i, m, out, r) for (i, m), out, r
+                        in zip(micros, outputs, routes, strict=True))
             return
         for indices, micro in micros:
             if record:
                 policy.routing_replay.record()
-            yield indices, micro, self._forward(policy, micro)
+            outputs = self._forward(policy, micro)
+            yield indices, micro, outputs, \
+                policy.take_recorded_routes([micro])[0] if record else None
 
     def _pipeline(self, policy: CausalLMPolicy) -> pipeline_parallel.Pipeline:
         return pipeline_parallel.Pipeline(policy, self.pipeline_groups[0], self.rank.device,
@@ -304,9 +316,7 @@ class TrainActor:
         def reducer(micro: PackedMicroBatch) -> Callable[[torch.Tensor], torch.Tensor]:
             return make_reducer(micro, per_token, max(denominator, 1))
         if self.rank.pp_size > 1:
-            totals = pipeline_parallel.backward(
-                self._pipeline(self.policy), micros, self.config.rollout.rollout_temperature,
-                lambda micro, lp, ent: self._loss(LossInputs(lp, ent, micro, reducer(micro))))
+            totals = self._pipelined_backward(micros, reducer)
         else:
             totals = {}
             for micro in micros:
@@ -328,6 +338,44 @@ class TrainActor:
         self.scheduler.step()
         return result
 
+    def _pipelined_backward(self, micros: list[PackedMicroBatch], reducer: Callable
+                            ) -> dict[str, torch.Tensor]:
+        """Forward and backward of the step's micro-batches through the pipeline. An MoE
+        model's chunks each add their layers' load-balancing term as they run; the
+        logged moe_aux_loss is the sum of the stages' shares."""
+        pipeline, chunk_term = self._pipeline(self.policy), None
+        logged = [torch.zeros((), device=self.rank.device)]
+        if self.routing is not None:
+            def chunk_term(micro: PackedMicroBatch) -> torch.Tensor:
+                role = self.policy.pipeline
+                layers = pipeline_parallel.chunk_decoder(
+                    self.policy.hf_model.base_model, role, role.running).layers
+                term, share = self._balancing_term(self.routing.take(layers), micro,
+                                                   reducer(micro))
+                logged.append(share)
+                return term * self.rank.dp_size * self.rank.cp_size  # as _loss scales
+        totals = pipeline_parallel.backward(
+            pipeline, micros, self.config.rollout.rollout_temperature,
+            lambda micro, lp, ent: self._loss(LossInputs(lp, ent, micro, reducer(micro))),
+            chunk_term)
+        if self.routing is not None:
+            self.routing.take()  # routes recomputed in the backward hold their graph
+            summed = torch.stack(logged).sum()
+            dist.all_reduce(summed, group=pipeline.group)
+            totals["moe_aux_loss"] = summed
+        return totals
+
+    def _balancing_term(self, routes: list, micro: PackedMicroBatch,
+                        reduce: Callable[[torch.Tensor], torch.Tensor]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss term, logged share) of MoE load balancing over `routes`, recorded in a
+        forward of `micro` (each rank's part of the row, when it routes a part)."""
+        if self.policy.row_parts is not None:  # each rank routed its part of the row
+            routes = whole_row_routes(routes, self.policy.row_parts, micro.num_tokens)
+        share = reduce(torch.ones(micro.targets.shape[0], device=self.rank.device))
+        return load_balancing_term(routes, self.config.model, micro, share,
+                                   self.policy.routing_replay.num_layers)
+
     def _backward(self, micro: PackedMicroBatch,
                   reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
         """Forward, loss and backward of one micro-batch; its metrics (shares of the step)."""
@@ -341,13 +389,9 @@ class TrainActor:
     def _loss(self, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
         """The loss to differentiate for one micro-batch, and its metrics."""
         loss, metrics = self._objective(inputs)
-        if self.routing is not None:
-            routes = self.routing.take()
-            if self.policy.row_parts is not None:  # each rank routed its part of the row
-                routes = whole_row_routes(routes, self.policy.row_parts,
-                                          inputs.micro.num_tokens)
-            term, metrics["moe_aux_loss"] = load_balancing_term(routes, self.config.model,
-                                                                inputs)
+        if self.routing is not None and self.rank.pp_size == 1:  # (stages add their own)
+            term, metrics["moe_aux_loss"] = self._balancing_term(
+                self.routing.take(), inputs.micro, inputs.reduce)
             loss = loss + term
         # FSDP averages gradients over data- and context-parallel ranks; the losses are
         # shares of the global mean, and each context-parallel rank's backward holds its

@@ -97,7 +97,7 @@ class ContextParallel:
     # ---- the micro-batch ---------------------------------------------------------------
     def part_length(self, micro: PackedMicroBatch) -> int:
         """T' = ceil(T / C) tokens per rank."""
-        return -(-micro.num_tokens // self.size)
+        return self.local_rows(micro.num_tokens)
 
     def target_bounds(self, micro: PackedMicroBatch) -> list[int]:
         """(C + 1,) offsets into the (N,) targets: rank r's are [bounds[r], bounds[r+1])
@@ -142,6 +142,10 @@ class ContextParallel:
         padding = length * self.size - whole.shape[0]
         padded = F.pad(whole, (0, 0) * (whole.dim() - 1) + (0, padding), value=-1)
         return padded[self.rank * length:(self.rank + 1) * length]
+
+    def local_rows(self, num_tokens: int) -> int:
+        """T' = ceil(T / C): a part, padding included, has as many rows as every other."""
+        return -(-num_tokens // self.size)
 
     def whole(self, local: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """Every rank's rows of a row of `num_tokens` (the padding dropped), on every rank;

@@ -72,10 +72,10 @@ def expert_gradient_scale(ep_size: int, dp_size: int, tp_size: int) -> float:
 
 
 def check_expert_layout(ep_size: int, dp_size: int, tp_size: int, sequence_parallel: bool,
-                        cp_size: int = 1) -> None:
-    """Expert groups tile the data-parallel ranks or, across tensor-parallel ranks, the
-    (dp, tp) grid, which needs --sequence-parallel and no context parallelism. A
-    ValueError naming the flag and the fix otherwise."""
+                        cp_size: int = 1, pp_size: int = 1) -> None:
+    """Expert groups tile the data-parallel ranks of a stage or, across tensor-parallel
+    ranks, the (dp, tp) grid, which needs --sequence-parallel and no context or pipeline
+    parallelism. A ValueError naming the flag and the fix otherwise."""
     ranks = dp_size * tp_size
     if ep_size < 1 or ranks % ep_size:
         raise ValueError(f"--expert-model-parallel-size {ep_size} does not divide the {ranks} "
@@ -89,10 +89,12 @@ def check_expert_layout(ep_size: int, dp_size: int, tp_size: int, sequence_paral
     if not sequence_parallel:
         raise ValueError(f"{spanning}; add --sequence-parallel (as Megatron requires), or "
                          f"choose an expert-parallel size dividing {dp_size}")
-    if cp_size > 1:
-        raise ValueError(f"{spanning}; that layout takes no --context-parallel-size "
-                         f"({cp_size}) in this build: set it to 1, or choose an "
-                         f"expert-parallel size dividing {dp_size}")
+    for flag, size in (("--context-parallel-size", cp_size),
+                       ("--pipeline-model-parallel-size", pp_size)):
+        if size > 1:
+            raise ValueError(f"{spanning}; that layout takes no {flag} ({size}) in this "
+                             f"build: set it to 1, or choose an expert-parallel size "
+                             f"dividing {dp_size}")
 
 
 def expert_modules(layers: Iterable[nn.Module]) -> list[nn.Module]:
@@ -225,6 +227,11 @@ class RowSlices:
         replicated = DTensor.from_local(whole, self.mesh, [Replicate()], run_check=False)
         return replicated.redistribute(self.mesh, [Shard(0)]).to_local()
 
+    def local_rows(self, num_tokens: int) -> int:
+        """How many rows of a row of `num_tokens` are this rank's (torch.chunk's split)."""
+        size = -(-num_tokens // self.mesh.size())
+        return max(0, min(size, num_tokens - self.mesh.get_local_rank() * size))
+
     def whole(self, local: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """Every rank's rows, in order, on every rank; a gradient comes back to each rank
         as its slice's."""
@@ -240,6 +247,8 @@ class RowParts(Protocol):
     context_parallel.ContextParallel."""
 
     def local(self, whole: torch.Tensor) -> torch.Tensor: ...
+
+    def local_rows(self, num_tokens: int) -> int: ...
 
     def whole(self, local: torch.Tensor, num_tokens: int) -> torch.Tensor: ...
 

@@ -207,10 +207,7 @@ def build_expert_mesh(mesh: DeviceMesh, ep_size: int) -> DeviceMesh:
     ranks of the whole (dp, tp) grid, a mesh ("edp", "ep") of its own (expert_parallel.py
     says when each applies). New process groups: build it once."""
     dp_size = mesh["dp"].size()
-    if groups_span_tensor_parallel(ep_size, dp_size):
-        if "pp" in mesh.mesh_dim_names:  # the groups would reach across stages
-            raise ValueError(f"--expert-model-parallel-size {ep_size} across tensor-parallel "
-                             "ranks takes no --pipeline-model-parallel-size")
+    if groups_span_tensor_parallel(ep_size, dp_size):  # (no pipeline: check_expert_layout)
         ranks = mesh.size()
         return init_device_mesh(mesh.device_type, (ranks // ep_size, ep_size),
                                 mesh_dim_names=("edp", "ep"))
@@ -269,6 +266,8 @@ def apply_pipeline_split(policy: nn.Module, stage_index: int, layout: PipelineLa
     role = PipelineRole(stage_index, layout.num_stages, chunks)
     split_stage(policy.hf_model, role)
     policy.pipeline = role
+    if policy.routing_replay is not None:  # routes still name the whole model's layers
+        policy.routing_replay.keep_present(policy.hf_model)
 
 
 def chunk_entries(role: PipelineRole | None) -> tuple[int, ...]:

@@ -169,21 +169,44 @@ def stage_forward(policy, micro: PackedMicroBatch, temperature: float,
 # ---- the schedule ---------------------------------------------------------------------------
 class _StageModule(nn.Module):
     """What a `PipelineStage` runs: the policy's chunk `local` on the micro-batch it is
-    told, sending tensors of `sent_length`."""
+    told, sending tensors of `sent_length`; `chunk_term(micro)`, where given, is a loss
+    term of the chunk's own (MoE load balancing), added to the step's loss through what
+    the chunk sends (`_AddToLoss`)."""
 
     def __init__(self, policy, local: int, micro_batches: list[PackedMicroBatch],
-                 temperature: float, sent_length: int):
+                 temperature: float, sent_length: int,
+                 chunk_term: Callable[[PackedMicroBatch], torch.Tensor] | None):
         super().__init__()
         self.policy = policy
         self.local = local
         self.micro_batches = micro_batches
         self.temperature = temperature
         self.sent_length = sent_length
+        self.chunk_term = chunk_term
 
     def forward(self, activations: torch.Tensor, micro_index: torch.Tensor) -> torch.Tensor:
         self.policy.pipeline.running = self.local
-        return self.policy(self.micro_batches[int(micro_index)], self.temperature,
-                           (activations, self.sent_length))
+        micro = self.micro_batches[int(micro_index)]
+        output = self.policy(micro, self.temperature, (activations, self.sent_length))
+        if self.chunk_term is None:
+            return output
+        return _AddToLoss.apply(output, self.chunk_term(micro))
+
+
+class _AddToLoss(torch.autograd.Function):
+    """`output` unchanged, and `term` added to whatever loss `output` reaches: the
+    backward that reaches `output` gives `term` the gradient 1 (Megatron adds its MoE
+    auxiliary losses to the activations this way)."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(term)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (term,) = ctx.saved_tensors
+        return grad, torch.ones_like(term)
 
 
 def schedule_class(num_micro_batches: int, num_stages: int, chunks_per_rank: int) -> type:
@@ -209,17 +232,19 @@ class Pipeline:
 
     def run(self, micro_batches: list[PackedMicroBatch], temperature: float,
             loss_fn: Callable[[PackedMicroBatch, torch.Tensor], torch.Tensor],
-            backward: bool) -> None:
+            backward: bool,
+            chunk_term: Callable[[PackedMicroBatch], torch.Tensor] | None = None) -> None:
         """Forward (and backward) of every micro-batch; `loss_fn(micro, output)` is
         called on the last stage for each, in order, with its (2, N) log-probs and
-        entropy at the targets, and returns the micro-batch's loss."""
+        entropy at the targets, and returns the micro-batch's loss; `chunk_term(micro)`,
+        called after each chunk's forward on every stage, adds a term of its own."""
         role, count = self.role, len(micro_batches)
         lengths = self._lengths(micro_batches)
         stages = []
         for local in range(len(role.chunks)):
             chunk = role.chunk_index(local)
             module = _StageModule(self.policy, local, micro_batches, temperature,
-                                  lengths[chunk + 1])
+                                  lengths[chunk + 1], chunk_term)
             stages.append(PipelineStage(
                 module, chunk, role.num_chunks, self.device, group=self.group,
                 input_args=self._meta(chunk, lengths[chunk]),
@@ -299,10 +324,12 @@ def log_probs(pipeline: Pipeline, micro_batches: list[PackedMicroBatch],
 
 def backward(pipeline: Pipeline, micro_batches: list[PackedMicroBatch], temperature: float,
              micro_loss: Callable[[PackedMicroBatch, torch.Tensor, torch.Tensor],
-                                  tuple[torch.Tensor, dict]]) -> dict[str, torch.Tensor]:
+                                  tuple[torch.Tensor, dict]],
+             chunk_term: Callable[[PackedMicroBatch], torch.Tensor] | None = None
+             ) -> dict[str, torch.Tensor]:
     """Forward and backward of every micro-batch; `micro_loss(micro, log_probs, entropy)`
     returns the loss to differentiate and the micro-batch's metrics, summed here (last
-    stage; empty elsewhere)."""
+    stage; empty elsewhere); `chunk_term` as in `Pipeline.run`."""
     totals: dict[str, torch.Tensor] = {}
 
     def loss(micro: PackedMicroBatch, output: torch.Tensor) -> torch.Tensor:
@@ -310,8 +337,24 @@ def backward(pipeline: Pipeline, micro_batches: list[PackedMicroBatch], temperat
         for name, metric in metrics.items():
             totals[name] = totals.get(name, 0.0) + metric.detach().float()
         return value
-    pipeline.run(micro_batches, temperature, loss, backward=True)
+    pipeline.run(micro_batches, temperature, loss, backward=True, chunk_term=chunk_term)
     return totals
+
+
+def whole_model_routes(pipeline: Pipeline, routes: list[torch.Tensor],
+                       columns: list[int], num_layers: int) -> list[torch.Tensor]:
+    """Each micro-batch's routes (T, num_layers, k) on every stage, from each stage's
+    `routes` of its MoE layers (T, len(columns), k), `columns` naming them."""
+    parts: list = [None] * pipeline.role.num_stages
+    dist.all_gather_object(parts, (columns, routes), group=pipeline.group)
+    whole = []
+    for index, micro_routes in enumerate(routes):
+        tokens, k = micro_routes.shape[0], micro_routes.shape[2]
+        rows = torch.empty(tokens, num_layers, k, dtype=micro_routes.dtype)
+        for stage_columns, stage_routes in parts:
+            rows[:, stage_columns] = stage_routes[index]
+        whole.append(rows)
+    return whole
 
 
 def sum_tied_gradient(weight: nn.Parameter | None, group: dist.ProcessGroup | None) -> None:

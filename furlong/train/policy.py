@@ -52,27 +52,29 @@ class CausalLMPolicy(nn.Module):
         self.pipeline: PipelineRole | None = None
         self.row_parts: RowParts | None = None
 
-    def take_recorded_routes(self, micro: PackedMicroBatch) -> torch.Tensor:
-        """The experts of every token of `micro` that its forward recorded, (T,
-        num_moe_layers, k) int32 on the CPU."""
+    def take_recorded_routes(self, micros: list[PackedMicroBatch]) -> list[torch.Tensor]:
+        """The experts of every token of each of `micros` that its forward recorded (the
+        forwards since `routing_replay.record()`, one per micro-batch, in order): (T,
+        MoE layers of this rank, k) int32 on the CPU each; the layers are
+        `routing_replay.columns` of the whole model (all of them without pipeline
+        stages)."""
         parts = self.row_parts
-        return self.routing_replay.take_recorded(
-            None if parts is None else lambda local: parts.whole(local, micro.num_tokens))
+
+        def whole_rows(local: torch.Tensor) -> torch.Tensor:
+            counts = [parts.local_rows(micro.num_tokens) for micro in micros]
+            return torch.cat([parts.whole(rows, micro.num_tokens) for rows, micro
+                              in zip(local.split(counts), micros, strict=True)])
+        routes = self.routing_replay.take_recorded(None if parts is None else whole_rows)
+        return list(routes.split([micro.num_tokens for micro in micros]))
 
     def forward(self, micro: PackedMicroBatch, temperature: float = 1.0,
                 stage_input: tuple[torch.Tensor, int] | None = None):
         """Log-probs and entropy at the micro-batch's target positions, (N,) each, float32
         (a pipeline stage, given (activations, length to send): what
         `pipeline_parallel.stage_forward` returns)."""
+        self._route(micro)
         if self.pipeline is not None:
             return stage_forward(self, micro, temperature, *stage_input)
-        if self.routing_replay is not None:
-            routes = micro.routed_experts
-            if routes is not None and self.row_parts is not None:
-                routes = self.row_parts.local(routes)
-            self.routing_replay.replay(routes)
-        elif micro.routed_experts is not None:
-            raise ValueError("routing replay: the model has no MoE routers")
         part = micro if self.context_parallel is None else self.context_parallel.shard(micro)
         decoder = self.hf_model.base_model
         hidden = decoder(input_ids=part.input_ids, position_ids=part.position_ids,
@@ -83,6 +85,16 @@ class CausalLMPolicy(nn.Module):
         if self.context_parallel is None:
             return log_probs, entropy
         return self.context_parallel.gather(micro, log_probs, entropy)
+
+    def _route(self, micro: PackedMicroBatch) -> None:
+        """An MoE model's routers replay the micro-batch's routes where it has some."""
+        if self.routing_replay is not None:
+            routes = micro.routed_experts
+            if routes is not None and self.row_parts is not None:
+                routes = self.row_parts.local(routes)
+            self.routing_replay.replay(routes)
+        elif micro.routed_experts is not None:
+            raise ValueError("routing replay: the model has no MoE routers")
 
     def head(self, hidden: torch.Tensor, micro: PackedMicroBatch,
              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
