@@ -9,8 +9,10 @@ of Miles' Qwen3-30B-A3B script: the expert group takes the tensor-parallel ranks
 each running the MoE block on its sequence slice); and dp 2 x context parallel 2
 (each rank routes its part of the row), without and with EP=2 (expert slices
 FSDP-sharded over the context-parallel ranks that hold them); two pipeline stages of one
-MoE layer each (pp 2 x dp 2), with EP=2 inside each stage, and with context parallel 2
-and routing replay; on a 4-layer copy, virtual stages with full recomputation. The
+MoE layer each (pp 2 x dp 2), with EP=2 inside each stage, with context parallel 2 and
+routing replay, and with tensor parallel 2 x EP=2 (groups across each stage's
+tensor-parallel ranks) and routing replay; on a 4-layer copy, virtual stages with full
+recomputation. The
 layouts whose routers see part of a row also run --use-routing-replay. The reference is
 the plain one-process trainer. Equality alone would also hold with expert parallelism
 quietly off, so the ranks also record which experts each
@@ -67,6 +69,8 @@ RUNS = {
     "pp2_ep2": (1, 2, ["--pipeline-model-parallel-size", "2"]),
     "pp2_cp2_replay": (1, 1, ["--pipeline-model-parallel-size", "2", "--context-parallel-size",
                               "2", "--use-routing-replay"]),
+    "pp2_tp2_ep2_sp_replay": (2, 2, ["--pipeline-model-parallel-size", "2", "--sequence-parallel",
+                                     "--use-routing-replay"]),
 }
 # On a 4-layer copy: virtual stages (each rank two chunks of one MoE layer) with full
 # recomputation, whose backward re-records the routes of one chunk between forwards of
@@ -351,10 +355,6 @@ SPANNING = "--expert-model-parallel-size 4 over 2 data-parallel ranks x " \
       "--expert-model-parallel-size", "3"],
      ["--expert-model-parallel-size 3 does not divide the 4 trainer ranks"]),
     (ACROSS_TP, [SPANNING, "add --sequence-parallel"]),
-    (["--actor-num-gpus-per-node", "8", "--colocate", "--tensor-model-parallel-size", "2",
-      "--sequence-parallel", "--expert-model-parallel-size", "4",
-      "--pipeline-model-parallel-size", "2"],
-     [SPANNING, "takes no --pipeline-model-parallel-size (2)"]),
 ])
 def test_placement_refuses_expert_groups_that_do_not_tile_the_ranks(tiny_moe, flags, words):
     """Caught before any weight loads (and by --dry-run)."""
@@ -363,7 +363,11 @@ def test_placement_refuses_expert_groups_that_do_not_tile_the_ranks(tiny_moe, fl
     assert all(word in str(info.value) for word in words), str(info.value)
 
 
-def test_placement_takes_pipeline_stages_of_an_moe_model(tiny_moe):
-    flags = ["--actor-num-gpus-per-node", "4", "--colocate", "--pipeline-model-parallel-size", "2",
-             "--expert-model-parallel-size", "2"]
-    assert plan_placement(policy_config(tiny_moe, flags), 0).trainer_ranks == 4
+@pytest.mark.parametrize("flags", [
+    ["--expert-model-parallel-size", "2"],
+    [*ACROSS_TP[3:], "--sequence-parallel"],  # expert groups across a stage's tp ranks
+])
+def test_placement_takes_pipeline_stages_of_an_moe_model(tiny_moe, flags):
+    layout = ["--actor-num-gpus-per-node", "8", "--colocate", "--pipeline-model-parallel-size",
+              "2"]
+    assert plan_placement(policy_config(tiny_moe, [*layout, *flags]), 0).trainer_ranks == 8

@@ -177,7 +177,7 @@ def _check_trainer_split(config: Config, ranks: int) -> None:
     shares = f"({ranks} trainer ranks / tensor-parallel {tp} / context-parallel {cp})"
     if ep > 1:
         try:
-            check_expert_layout(ep, dp, tp, p.sequence_parallel, cp, pp)
+            check_expert_layout(ep, dp, tp, p.sequence_parallel, cp)
         except ValueError as error:
             raise ConfigError(str(error)) from None
     if batch % dp:

@@ -108,7 +108,7 @@ class TrainActor:
         parallel.check_rank_layout(rank, perf)
         if self._ep_size > 1:
             check_expert_layout(self._ep_size, rank.dp_size, rank.tp_size,
-                                perf.sequence_parallel, rank.cp_size, rank.pp_size)
+                                perf.sequence_parallel, rank.cp_size)
         if not rank.sharded:
             return None, None
         parallel.join(rank)

@@ -6,12 +6,12 @@ data-parallel ranks, expert-parallel ranks are carved from them: the ("dp", "tp"
 is seen as ("edp", "ep", "tp"), dp = edp x ep, and tensor-parallel ranks of one
 data-parallel rank, which see the same tokens, each run the MoE layer whole, exchanging
 tokens with the ranks of the same "tp" index. Otherwise (Miles' Qwen3-30B-A3B: tp 4 x ep
-8 on 8 ranks) the expert groups are adjacent ranks of the whole (dp, tp) grid, a mesh
-("edp", "ep") of their own, tensor-parallel ranks included: with --sequence-parallel each
-rank runs the MoE block on its own slice of the row (no all-gather before it), so the
-ranks of a group hold different tokens; the router's (and any shared expert's) gradient,
-now a sum over the slices, is summed over "tp" before the optimizer step
-(`sum_moe_block_gradients`), and per-token routes (replayed, recorded, or read by the
+8 on 8 ranks) the expert groups are adjacent ranks of the whole (dp, tp) grid (of each
+pipeline stage), a mesh ("edp", "ep") of their own, tensor-parallel ranks included:
+with --sequence-parallel each rank runs the MoE block on its own slice of the row (no
+all-gather before it), so the ranks of a group hold different tokens; the router's (and
+any shared expert's) gradient, now a sum over the slices, is summed over "tp" before the
+optimizer step (`sum_moe_block_gradients`), and per-token routes (replayed, recorded, or read by the
 load-balancing loss) go between whole rows and slices through `RowSlices`. Either way
 the ep ranks of one expert group hold different experts (rank i the experts
 [i E/ep, (i+1) E/ep) of E, as slices of HF's fused `gate_up_proj` (E, 2I, H) and
@@ -72,9 +72,9 @@ def expert_gradient_scale(ep_size: int, dp_size: int, tp_size: int) -> float:
 
 
 def check_expert_layout(ep_size: int, dp_size: int, tp_size: int, sequence_parallel: bool,
-                        cp_size: int = 1, pp_size: int = 1) -> None:
+                        cp_size: int = 1) -> None:
     """Expert groups tile the data-parallel ranks of a stage or, across tensor-parallel
-    ranks, the (dp, tp) grid, which needs --sequence-parallel and no context or pipeline
+    ranks, its (dp, tp) grid, which needs --sequence-parallel and no context
     parallelism. A ValueError naming the flag and the fix otherwise."""
     ranks = dp_size * tp_size
     if ep_size < 1 or ranks % ep_size:
@@ -89,12 +89,10 @@ def check_expert_layout(ep_size: int, dp_size: int, tp_size: int, sequence_paral
     if not sequence_parallel:
         raise ValueError(f"{spanning}; add --sequence-parallel (as Megatron requires), or "
                          f"choose an expert-parallel size dividing {dp_size}")
-    for flag, size in (("--context-parallel-size", cp_size),
-                       ("--pipeline-model-parallel-size", pp_size)):
-        if size > 1:
-            raise ValueError(f"{spanning}; that layout takes no {flag} ({size}) in this "
-                             f"build: set it to 1, or choose an expert-parallel size "
-                             f"dividing {dp_size}")
+    if cp_size > 1:
+        raise ValueError(f"{spanning}; that layout takes no --context-parallel-size "
+                         f"({cp_size}) in this build: set it to 1, or choose an "
+                         f"expert-parallel size dividing {dp_size}")
 
 
 def expert_modules(layers: Iterable[nn.Module]) -> list[nn.Module]:

@@ -204,13 +204,17 @@ def sharding_mesh(mesh: DeviceMesh, dim: str = "dp") -> DeviceMesh:
 def build_expert_mesh(mesh: DeviceMesh, ep_size: int) -> DeviceMesh:
     """Expert groups of `ep_size` adjacent data-parallel ranks, the ("dp", "cp", "tp")
     `mesh` seen as ("edp", "ep", "cp", "tp"); or, when ep does not divide dp, of adjacent
-    ranks of the whole (dp, tp) grid, a mesh ("edp", "ep") of its own (expert_parallel.py
-    says when each applies). New process groups: build it once."""
+    ranks of a stage's whole (dp, tp) grid, a mesh ("edp", "ep") of its own, behind "pp"
+    with pipeline stages (expert_parallel.py says when each applies). New process
+    groups: build it once."""
     dp_size = mesh["dp"].size()
-    if groups_span_tensor_parallel(ep_size, dp_size):  # (no pipeline: check_expert_layout)
-        ranks = mesh.size()
-        return init_device_mesh(mesh.device_type, (ranks // ep_size, ep_size),
-                                mesh_dim_names=("edp", "ep"))
+    if groups_span_tensor_parallel(ep_size, dp_size):  # (no cp: check_expert_layout)
+        stages = mesh["pp"].size() if "pp" in mesh.mesh_dim_names else 1
+        grid = (mesh.size() // stages // ep_size, ep_size)
+        if stages == 1:
+            return init_device_mesh(mesh.device_type, grid, mesh_dim_names=("edp", "ep"))
+        return init_device_mesh(mesh.device_type, (stages, *grid),
+                                mesh_dim_names=("pp", "edp", "ep"))
     return mesh._unflatten("dp", (dp_size // ep_size, ep_size), ("edp", "ep"))
 
 
