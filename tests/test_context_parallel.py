@@ -315,17 +315,20 @@ def test_placement_refuses_impossible_layouts(tiny, flags, words):
     assert all(word in str(info.value) for word in words), str(info.value)
 
 
-def test_moe_models_take_context_parallelism_but_not_with_expert_groups_across_tp(tiny_moe):
-    """Context parallelism of an MoE model, with or without expert parallelism (their
-    numbers: test_expert_parallel.py); expert groups across tensor-parallel ranks take
-    none, which is refused naming the flags."""
+def test_moe_models_take_context_parallelism_with_any_expert_groups(tiny_moe, capsys,
+                                                                    monkeypatch):
+    """Context parallelism of an MoE model, with or without expert parallelism, the groups
+    within the data-parallel ranks or across the stage's whole grid (their numbers:
+    test_expert_parallel.py); --dry-run says where the groups come from."""
+    monkeypatch.setattr(dry_run.torch.cuda, "device_count", lambda: 0)
     flags = ["--actor-num-gpus-per-node", "8", "--colocate", "--context-parallel-size", "2"]
-    for extra in ([], ["--expert-model-parallel-size", "2"]):
-        plan_placement(load_config(train_argv(tiny_moe, *flags, *extra))[0], 0)
     across = ["--tensor-model-parallel-size", "2", "--sequence-parallel",
               "--expert-model-parallel-size", "4"]
-    with pytest.raises(ConfigError, match="takes no --context-parallel-size"):
-        plan_placement(load_config(train_argv(tiny_moe, *flags, *across))[0], 0)
+    for extra in ([], ["--expert-model-parallel-size", "2"], across):
+        plan_placement(load_config(train_argv(tiny_moe, *flags, *extra))[0], 0)
+    assert cli.main(train_argv(tiny_moe, *flags, *across, "--dry-run")) == 0
+    assert "mesh: dp 2 x cp 2 x tp 2 x pp 1 (ep 4, carved from dp x cp x tp)" \
+        in capsys.readouterr().out
 
 
 def test_dry_run_prints_the_mesh(tiny, capsys, monkeypatch):

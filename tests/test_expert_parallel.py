@@ -8,7 +8,9 @@ recomputation, and tensor parallel 2 x EP=4 with sequence parallel (Megatron's l
 of Miles' Qwen3-30B-A3B script: the expert group takes the tensor-parallel ranks too,
 each running the MoE block on its sequence slice); and dp 2 x context parallel 2
 (each rank routes its part of the row), without and with EP=2 (expert slices
-FSDP-sharded over the context-parallel ranks that hold them); two pipeline stages of one
+FSDP-sharded over the context-parallel ranks that hold them); expert groups across
+context-parallel ranks (cp 4 x EP=2), and across context- and tensor-parallel ones
+(cp 2 x tp 2 x EP=4, with routing replay); two pipeline stages of one
 MoE layer each (pp 2 x dp 2), with EP=2 inside each stage, with context parallel 2 and
 routing replay, and with tensor parallel 2 x EP=2 (groups across each stage's
 tensor-parallel ranks) and routing replay; on a 4-layer copy, virtual stages with full
@@ -62,6 +64,12 @@ RUNS = {
     "dp2_cp2": (1, 1, ["--context-parallel-size", "2"]),
     "dp2_cp2_replay": (1, 1, ["--context-parallel-size", "2", "--use-routing-replay"]),
     "dp2_cp2_ep2": (1, 2, ["--context-parallel-size", "2"]),
+    # Expert groups across context-parallel ranks (each routes its part of the row), and
+    # across context- and tensor-parallel ones (a sequence slice of the part; Megatron's
+    # layout of Miles' Qwen3-235B-A22B script: tp 4, cp 2, ep 8).
+    "cp4_ep2": (1, 2, ["--context-parallel-size", "4"]),
+    "cp2_tp2_ep4_sp_replay": (2, 4, ["--context-parallel-size", "2", "--sequence-parallel",
+                                     "--use-routing-replay"]),
     # Two pipeline stages of one MoE layer each: the load-balancing term of each stage's
     # layers reaches the loss through what the stage sends; routes recorded on each
     # stage's layers (and context-parallel parts) come back whole.

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from furlong.config import Config, ConfigError
 from furlong.config.model_check import read_hf_config
 from furlong.train.context_parallel import check_heads
-from furlong.train.expert_parallel import check_expert_layout, groups_span_tensor_parallel
+from furlong.train.expert_parallel import check_expert_layout, groups_beyond_data_parallel
 from furlong.train.pipeline_layout import PipelineLayout, check_pipeline_layout
 
 CLUSTER_FLAGS = ("cluster.actor_num_nodes", "cluster.actor_num_gpus_per_node",
@@ -150,7 +150,8 @@ def describe_mesh(config: Config, trainer_ranks: int) -> str:
         p.expert_model_parallel_size
     pp = p.pipeline_model_parallel_size
     dp = trainer_ranks // (tp * cp * pp)
-    source = "dp x tp" if groups_span_tensor_parallel(ep, dp) else "dp"
+    source = "dp x cp x tp" if cp > 1 else "dp x tp"
+    source = source if groups_beyond_data_parallel(ep, dp) else "dp"
     return (f"mesh: dp {dp} x cp {cp} x tp {tp} x pp {pp} "
             f"(ep {ep}, carved from {source}) = {trainer_ranks} trainer rank(s), one device each")
 

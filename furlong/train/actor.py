@@ -49,7 +49,7 @@ from furlong.train import (actor_checkpoint, distributed_state, microbatch, para
                            pipeline_parallel)
 from furlong.train.cpu_optimizer import HostStep
 from furlong.train.batch import PackedMicroBatch, TrainBatch, pack, split_routes, split_tokens
-from furlong.train.expert_parallel import (RowSlices, check_expert_layout,
+from furlong.train.expert_parallel import (check_expert_layout, moe_blocks_on_slices,
                                            sum_moe_block_gradients, whole_row_routes)
 from furlong.train.load_balancing import load_balancing_term
 from furlong.train.lora_adapter import adapter_source, attach_adapter
@@ -322,7 +322,7 @@ class TrainActor:
             for micro in micros:
                 for name, value in self._backward(micro, reducer(micro)).items():
                     totals[name] = totals.get(name, 0.0) + value.float()
-        if isinstance(self.policy.row_parts, RowSlices):  # MoE blocks saw a sequence slice
+        if moe_blocks_on_slices(self._ep_size, self.rank.dp_size, self.rank.tp_size):
             sum_moe_block_gradients(parallel.decoder_layers(self.policy.hf_model),
                                     self.mesh["tp"].get_group())
         grad_norm = self._optimizer_step()

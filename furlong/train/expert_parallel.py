@@ -2,23 +2,26 @@
 token sent to the rank that owns its expert and its result sent back (all-to-all).
 
 Layouts (Megatron's, with expert tensor parallelism 1). When ep divides the dp
-data-parallel ranks, expert-parallel ranks are carved from them: the ("dp", "tp") mesh
-is seen as ("edp", "ep", "tp"), dp = edp x ep, and tensor-parallel ranks of one
-data-parallel rank, which see the same tokens, each run the MoE layer whole, exchanging
-tokens with the ranks of the same "tp" index. Otherwise (Miles' Qwen3-30B-A3B: tp 4 x ep
-8 on 8 ranks) the expert groups are adjacent ranks of the whole (dp, tp) grid (of each
-pipeline stage), a mesh ("edp", "ep") of their own, tensor-parallel ranks included:
-with --sequence-parallel each rank runs the MoE block on its own slice of the row (no
-all-gather before it), so the ranks of a group hold different tokens; the router's (and
-any shared expert's) gradient, now a sum over the slices, is summed over "tp" before the
-optimizer step (`sum_moe_block_gradients`), and per-token routes (replayed, recorded, or read by the
-load-balancing loss) go between whole rows and slices through `RowSlices`. Either way
-the ep ranks of one expert group hold different experts (rank i the experts
-[i E/ep, (i+1) E/ep) of E, as slices of HF's fused `gate_up_proj` (E, 2I, H) and
-`down_proj` (E, H, I): DTensors sharded over "ep"), and FSDP2 shards those slices
-further over the edp ranks that hold the same experts (times "cp" with context
-parallelism, whose ranks hold the same experts and route other tokens). Every other
-parameter stays FSDP2-sharded over all dp (dp x cp) ranks.
+data-parallel ranks, expert-parallel ranks are carved from them: the ("dp", "cp", "tp")
+mesh is seen as ("edp", "ep", "cp", "tp"), dp = edp x ep, and tensor-parallel ranks of
+one data-parallel rank, which see the same tokens, each run the MoE layer whole,
+exchanging tokens with the ranks of the same "tp" index. Otherwise (Miles' Qwen3-30B-A3B:
+tp 4 x ep 8 on 8 ranks; Qwen3-235B-A22B: tp 4 x cp 2 x ep 8) the expert groups are
+adjacent ranks of the whole (dp, cp, tp) grid (of each pipeline stage), a mesh ("edp",
+"ep") of their own, context- and tensor-parallel ranks included. Context-parallel ranks
+hold different parts of a row already; with --sequence-parallel each tensor-parallel
+rank runs the MoE block on its own slice of the row (of its part), so the ranks of a
+group hold different tokens; the router's (and any shared expert's) gradient, now a sum
+over the slices, is summed over "tp" before the optimizer step
+(`sum_moe_block_gradients`), and per-token routes (replayed, recorded, or read by the
+load-balancing loss) go between whole rows and slices through `RowSlices` (nested in
+the context-parallel parts: `NestedRowParts`). Either way the ep ranks of one expert
+group hold different experts (rank i the experts [i E/ep, (i+1) E/ep) of E, as slices
+of HF's fused `gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I): DTensors sharded
+over "ep"), and FSDP2 shards those slices further over the edp ranks that hold the same
+experts (times "cp" when the groups are data-parallel ranks: context-parallel ranks then
+hold the same experts and route other tokens). Every other parameter stays
+FSDP2-sharded over all dp (dp x cp) ranks.
 
 Forward of one MoE layer on one rank, for T tokens routed to k experts each
 (`dispatched_experts_forward`):
@@ -38,7 +41,8 @@ Gradient scale: the trainer scales each rank's loss by dp and FSDP averages grad
 over the ranks that share a parameter. An expert slice collects the gradients of the
 tokens of all ep ranks of its group and is averaged over its edp ranks only, so its
 gradient would be ep times the global one when a group covers ep data-parallel ranks'
-tokens (ep / tp times when it covers sequence slices of tensor-parallel ranks); the
+tokens (ep / tp times when it covers sequence slices of tensor-parallel ranks, whatever
+the context-parallel ranks it covers: the loss is scaled by dp x cp then); the
 local slice's gradient is scaled by the inverse (`expert_gradient_scale`) in the
 forward (`_ScaleGradient`) to make it the same sum as every other parameter's.
 """
@@ -61,38 +65,39 @@ from furlong.train.distributed_state import sum_gradient
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # HF's fused expert tensors, experts first
 
 
-def groups_span_tensor_parallel(ep_size: int, dp_size: int) -> bool:
-    """Whether expert groups take tensor-parallel ranks too (ep does not divide dp)."""
+def groups_beyond_data_parallel(ep_size: int, dp_size: int) -> bool:
+    """Whether expert groups take tensor- or context-parallel ranks too (ep does not
+    divide dp)."""
     return dp_size % ep_size != 0
+
+
+def moe_blocks_on_slices(ep_size: int, dp_size: int, tp_size: int) -> bool:
+    """Whether each tensor-parallel rank runs its MoE blocks on its sequence slice: expert
+    groups that take tensor-parallel ranks (which would otherwise hold the same tokens)."""
+    return ep_size > 1 and tp_size > 1 and groups_beyond_data_parallel(ep_size, dp_size)
 
 
 def expert_gradient_scale(ep_size: int, dp_size: int, tp_size: int) -> float:
     """1 / how many data-parallel ranks' tokens one expert group sees."""
-    return tp_size / ep_size if groups_span_tensor_parallel(ep_size, dp_size) else 1 / ep_size
+    return tp_size / ep_size if groups_beyond_data_parallel(ep_size, dp_size) else 1 / ep_size
 
 
 def check_expert_layout(ep_size: int, dp_size: int, tp_size: int, sequence_parallel: bool,
                         cp_size: int = 1) -> None:
-    """Expert groups tile the data-parallel ranks of a stage or, across tensor-parallel
-    ranks, its (dp, tp) grid, which needs --sequence-parallel and no context
-    parallelism. A ValueError naming the flag and the fix otherwise."""
-    ranks = dp_size * tp_size
+    """Expert groups tile the data-parallel ranks of a stage or its whole (dp, cp, tp)
+    grid; groups that take tensor-parallel ranks need --sequence-parallel. A ValueError
+    naming the flag and the fix otherwise."""
+    ranks = dp_size * cp_size * tp_size
     if ep_size < 1 or ranks % ep_size:
         raise ValueError(f"--expert-model-parallel-size {ep_size} does not divide the {ranks} "
-                         "trainer ranks of a stage (data- x tensor-parallel): choose a "
-                         "divisor of that number")
-    if not groups_span_tensor_parallel(ep_size, dp_size):
-        return
-    spanning = (f"--expert-model-parallel-size {ep_size} over {dp_size} data-parallel ranks "
-                f"x --tensor-model-parallel-size {tp_size}: expert groups take "
-                "tensor-parallel ranks too, each running the MoE block on its sequence slice")
-    if not sequence_parallel:
-        raise ValueError(f"{spanning}; add --sequence-parallel (as Megatron requires), or "
+                         "trainer ranks of a stage (data- x context- x tensor-parallel): "
+                         "choose a divisor of that number")
+    if moe_blocks_on_slices(ep_size, dp_size, tp_size) and not sequence_parallel:
+        raise ValueError(f"--expert-model-parallel-size {ep_size} over {dp_size} data-parallel "
+                         f"ranks x --tensor-model-parallel-size {tp_size}: expert groups take "
+                         "tensor-parallel ranks too, each running the MoE block on its "
+                         "sequence slice; add --sequence-parallel (as Megatron requires), or "
                          f"choose an expert-parallel size dividing {dp_size}")
-    if cp_size > 1:
-        raise ValueError(f"{spanning}; that layout takes no --context-parallel-size "
-                         f"({cp_size}) in this build: set it to 1, or choose an "
-                         f"expert-parallel size dividing {dp_size}")
 
 
 def expert_modules(layers: Iterable[nn.Module]) -> list[nn.Module]:
@@ -237,6 +242,24 @@ class RowSlices:
         stride = torch.empty(shape, device="meta").stride()
         return DTensor.from_local(local, self.mesh, [Shard(0)], run_check=False, shape=shape,
                                   stride=stride).full_tensor()
+
+
+class NestedRowParts:
+    """Rows of a part of a row: `inner`'s split of `outer`'s part (a tensor-parallel
+    rank's sequence slice of its context-parallel part)."""
+
+    def __init__(self, outer: "RowParts", inner: "RowParts"):
+        self.outer, self.inner = outer, inner
+
+    def local(self, whole: torch.Tensor) -> torch.Tensor:
+        return self.inner.local(self.outer.local(whole))
+
+    def local_rows(self, num_tokens: int) -> int:
+        return self.inner.local_rows(self.outer.local_rows(num_tokens))
+
+    def whole(self, local: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        part = self.inner.whole(local, self.outer.local_rows(num_tokens))
+        return self.outer.whole(part, num_tokens)
 
 
 class RowParts(Protocol):

@@ -41,9 +41,9 @@ from furlong.config.groups import OptimizerArgs, PerfArgs
 from furlong.model.attention import RECOMPUTE_CORE
 from furlong.ports import free_port
 from furlong.train.context_parallel import apply_context_parallel, check_context_parallel_size
-from furlong.train.expert_parallel import (RowSlices, apply_expert_parallel,
+from furlong.train.expert_parallel import (NestedRowParts, RowSlices, apply_expert_parallel,
                                            expert_gradient_scale, expert_modules,
-                                           groups_span_tensor_parallel)
+                                           groups_beyond_data_parallel, moe_blocks_on_slices)
 from furlong.train.pipeline_layout import PipelineLayout, rank_chunks
 from furlong.train.pipeline_parallel import PipelineRole, split_stage
 from furlong.train.tensor_parallel import apply_tensor_parallel
@@ -204,11 +204,11 @@ def sharding_mesh(mesh: DeviceMesh, dim: str = "dp") -> DeviceMesh:
 def build_expert_mesh(mesh: DeviceMesh, ep_size: int) -> DeviceMesh:
     """Expert groups of `ep_size` adjacent data-parallel ranks, the ("dp", "cp", "tp")
     `mesh` seen as ("edp", "ep", "cp", "tp"); or, when ep does not divide dp, of adjacent
-    ranks of a stage's whole (dp, tp) grid, a mesh ("edp", "ep") of its own, behind "pp"
-    with pipeline stages (expert_parallel.py says when each applies). New process
+    ranks of a stage's whole (dp, cp, tp) grid, a mesh ("edp", "ep") of its own, behind
+    "pp" with pipeline stages (expert_parallel.py says when each applies). New process
     groups: build it once."""
     dp_size = mesh["dp"].size()
-    if groups_span_tensor_parallel(ep_size, dp_size):  # (no cp: check_expert_layout)
+    if groups_beyond_data_parallel(ep_size, dp_size):
         stages = mesh["pp"].size() if "pp" in mesh.mesh_dim_names else 1
         grid = (mesh.size() // stages // ep_size, ep_size)
         if stages == 1:
@@ -245,7 +245,7 @@ def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs, mixed_preci
         apply_pipeline_split(policy, mesh["pp"].get_local_rank(), PipelineLayout.from_perf(perf))
     layers = decoder_layers(hf_model)
     ep, dp, tp = perf.expert_model_parallel_size, mesh["dp"].size(), mesh["tp"].size()
-    moe_on_slices = expert_mesh is not None and groups_span_tensor_parallel(ep, dp)
+    moe_on_slices = expert_mesh is not None and moe_blocks_on_slices(ep, dp, tp)
     if tp > 1:
         apply_tensor_parallel(hf_model, layers, mesh["tp"], perf.sequence_parallel,
                               moe_on_slices, chunk_entries(policy.pipeline))
@@ -253,8 +253,10 @@ def parallelize(policy: nn.Module, mesh: DeviceMesh, perf: PerfArgs, mixed_preci
         apply_context_parallel(policy, mesh["cp"], tp)
     if expert_mesh is not None:
         apply_expert_parallel(layers, expert_mesh["ep"], expert_gradient_scale(ep, dp, tp))
-    if moe_on_slices:
-        policy.row_parts = RowSlices(mesh["tp"])
+    if moe_on_slices:  # (of the context-parallel part, with context parallelism)
+        slices = RowSlices(mesh["tp"])
+        policy.row_parts = slices if policy.row_parts is None \
+            else NestedRowParts(policy.row_parts, slices)
     apply_activation_checkpointing(layers, perf)
     apply_fully_shard(policy, layers, sharding_mesh(mesh), mixed_precision,
                       sharding_mesh(expert_mesh, "edp") if expert_mesh is not None else None,
