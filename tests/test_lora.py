@@ -49,7 +49,6 @@ def test_lora_flags_take_miles_names_and_defaults_and_act(tiny):
     (["--lora-adapter-path", "somewhere"], "--lora-adapter-path somewhere needs --lora-rank"),
     (["--lora-rank", "-1"], "--lora-rank -1"),
     ([*LORA, "--lora-dropout", "1.5"], "--lora-dropout 1.5"),
-    ([*LORA, "--tensor-model-parallel-size", "2", "--sequence-parallel"], "--sequence-parallel"),
     ([*LORA, "--ref-update-interval", "2"], "--ref-update-interval 2"),
     ([*LORA, "--ref-load", "/elsewhere"], "--ref-load /elsewhere"),
     ([*LORA, "--context-parallel-size", "2"], "--context-parallel-size 2"),
@@ -59,6 +58,11 @@ def test_lora_flags_take_miles_names_and_defaults_and_act(tiny):
 def test_lora_refusals_name_the_flag(tiny, extra, named):
     with pytest.raises(ConfigError, match=named.replace("-", r"\-")):
         check_lora(parse_config(train_argv(tiny, *extra)))
+
+
+def test_sequence_parallelism_is_accepted(tiny):
+    argv = train_argv(tiny, *LORA, "--tensor-model-parallel-size", "2", "--sequence-parallel")
+    assert check_lora(parse_config(argv)) == []
 
 
 def test_ref_load_of_the_base_is_accepted(tiny):

@@ -29,7 +29,8 @@ from conftest import policy_config, random_batch, trainer_batch
 WORLD = 2
 LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--target-modules", "all-linear",
         "--micro-batch-size", "3"]
-RUNS = {"dp": 1, "tp": 2}  # name -> tensor-parallel size
+RUNS = {"dp": [], "tp": ["--tensor-model-parallel-size", "2"],
+        "tp_sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"]}  # name -> flags
 METRICS = ("train/loss", "train/pg_loss", "train/kl_loss", "train/entropy_loss",
            "train/grad_norm")
 LAYOUT = ("model.layers.0.self_attn.q_proj.base_layer.weight",
@@ -127,9 +128,9 @@ def mixed_precision_step(tiny, mesh) -> dict:
 def _worker(rank: int, port: int, tiny, batch, out) -> None:
     torch.set_num_threads(1)
     results = {}
-    for name, tp in RUNS.items():
-        info = parallel.rank_info(rank, WORLD, tp, "cpu", master_port=port)
-        extra = [*LORA, "--tensor-model-parallel-size", str(tp)]
+    for name, flags in RUNS.items():
+        info = parallel.rank_info(rank, WORLD, 2 if flags else 1, "cpu", master_port=port)
+        extra = [*LORA, *flags]
         torch.manual_seed(0)
         actor = TrainActor(policy_config(tiny, extra), info, str(tiny / "model"), 1)
         results[name] = measure(actor, batch)
@@ -175,15 +176,17 @@ def test_lora_step_equals_one_process(ranks, name):
         assert_close_relative(grad, want_grads[key])
 
 
-def test_tensor_parallel_splits_base_and_one_adapter_matrix(ranks):
+@pytest.mark.parametrize("run", ["tp", "tp_sp"])
+def test_tensor_parallel_splits_base_and_one_adapter_matrix(ranks, run):
     """Column-parallel q_proj: base and B split by output rows, A whole (and equal on both
-    ranks); row-parallel down_proj: base and A split by input columns, B whole."""
+    ranks); row-parallel down_proj: base and A split by input columns, B whole (with
+    sequence parallelism too: it runs on each rank's slice of the sequence)."""
     results, expected = ranks
     full = {name: held["local"] for name, held in expected["layout"].items()}
     split = {"q_proj.base_layer": Shard(0), "q_proj.lora_B": Shard(0),
              "down_proj.base_layer": Shard(1), "down_proj.lora_A": Shard(1)}
     for name in LAYOUT:
-        held = [results[r]["tp"]["layout"][name] for r in range(WORLD)]
+        held = [results[r][run]["layout"][name] for r in range(WORLD)]
         dim = next((p.dim for key, p in split.items() if key in name), None)
         if dim is None:  # whole over "tp": the same values on both ranks
             assert held[0]["placements"].get("tp", Replicate()) == Replicate(), name

@@ -3,9 +3,9 @@ combine with it (each refusal names the flag and the fix).
 
 The reference model under LoRA is the policy with its adapters disabled, so it is the
 base, --hf-checkpoint, which the engines boot from too: a different --ref-load or a
-reference that moves (--ref-update-interval) would need a second model. Tensor
-parallelism adapts the sliced layers; sequence parallelism, context and pipeline
-parallelism and expert parallelism are not combined with adapters yet. Every engine
+reference that moves (--ref-update-interval) would need a second model. Tensor and
+sequence parallelism adapt the sliced layers; context and pipeline parallelism and
+expert parallelism are not combined with adapters yet. Every engine
 takes the adapter, SGLang's included (started with its LoRA flags, config/sglang.py; the
 trainer's pushes load it through SGLang's LoRA endpoints, engine/weights/lora_send.py);
 only the trainer's push loads it, so a run without a trainer is refused.
@@ -79,10 +79,6 @@ def _check_engines(config: Config) -> None:
 
 def _check_parallelism(config: Config) -> None:
     perf = config.perf
-    if perf.sequence_parallel and perf.tensor_model_parallel_size > 1:
-        raise ConfigError("--sequence-parallel with --lora-rank is not supported yet: the "
-                          "adapters of o_proj/down_proj would add to sequence-sharded outputs; "
-                          "drop --sequence-parallel")
     sizes = {"--context-parallel-size": perf.context_parallel_size,
              "--pipeline-model-parallel-size": perf.pipeline_model_parallel_size,
              "--expert-model-parallel-size": perf.expert_model_parallel_size}

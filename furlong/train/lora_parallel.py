@@ -16,13 +16,18 @@ tensor-parallel rank: `lora.attach` seeds A):
         base Rowwise, lora_A Rowwise (A's input columns split, A x summed over the
         ranks), lora_B whole on the summed A x.
 
-With sequence parallelism the row-parallel outputs are sequence-sharded DTensors that
-the adapter branch (a plain tensor) cannot be added to: refused (config/lora_check.py).
+With sequence parallelism a row-parallel output is reduce-scattered over the sequence
+(a Shard(1) DTensor), so the adapter branch is too: lora_A's partial sums are
+reduce-scattered likewise, and lora_B, whole, runs on the rank's sequence slice (its
+weight a replicated DTensor, as a sequence-parallel norm's, whose gradient sums the
+slices'). Column-parallel layers see whole rows (the attention and MLP inputs are
+gathered first), as without sequence parallelism.
 """
 from __future__ import annotations
 
 from torch import nn
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+from torch.distributed.tensor import Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
 from furlong.model.lora import PEFT_ADAPTER
 
@@ -40,7 +45,10 @@ def lora_plan(layer: nn.Module, plan: dict) -> dict:
         if isinstance(style, ColwiseParallel):
             rewritten[f"{path}.lora_B.{PEFT_ADAPTER}"] = ColwiseParallel()
         elif isinstance(style, RowwiseParallel):
-            rewritten[f"{path}.lora_A.{PEFT_ADAPTER}"] = RowwiseParallel()
+            rewritten[f"{path}.lora_A.{PEFT_ADAPTER}"] = RowwiseParallel(
+                output_layouts=style.output_layouts[0], use_local_output=style.use_local_output)
+            if style.output_layouts[0] == Shard(1):  # sequence parallel
+                rewritten[f"{path}.lora_B.{PEFT_ADAPTER}"] = SequenceParallel()
         else:
             raise AssertionError(f"{path}: no LoRA split for {type(style).__name__}")
     return rewritten

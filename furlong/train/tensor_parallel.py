@@ -64,12 +64,16 @@ def _layer_plan(layer: nn.Module, sequence_parallel: bool, moe_on_slices: bool) 
         plan.update({
             "input_layernorm": SequenceParallel(),
             "post_attention_layernorm": SequenceParallel(),
+            # Whole rows as plain tensors, as without sequence parallelism (LoRA's
+            # unsplit matrices take them: lora_parallel.py).
             "self_attn": PrepareModuleInput(
                 input_kwarg_layouts={"hidden_states": Shard(1)},
-                desired_input_kwarg_layouts={"hidden_states": Replicate()}),
+                desired_input_kwarg_layouts={"hidden_states": Replicate()},
+                use_local_output=True),
             "mlp": _moe_block_style(moe_on_slices) if moe_block
             else PrepareModuleInput(input_layouts=(Shard(1),),
-                                    desired_input_layouts=(Replicate(),)),
+                                    desired_input_layouts=(Replicate(),),
+                                    use_local_output=True),
         })
     return lora_plan(layer, plan)
 
