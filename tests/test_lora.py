@@ -51,7 +51,6 @@ def test_lora_flags_take_miles_names_and_defaults_and_act(tiny):
     ([*LORA, "--lora-dropout", "1.5"], "--lora-dropout 1.5"),
     ([*LORA, "--ref-update-interval", "2"], "--ref-update-interval 2"),
     ([*LORA, "--ref-load", "/elsewhere"], "--ref-load /elsewhere"),
-    ([*LORA, "--context-parallel-size", "2"], "--context-parallel-size 2"),
     ([*LORA, "--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size 2"),
     ([*LORA, "--debug-rollout-only"], "--debug-rollout-only with --lora-rank"),
 ])
@@ -60,9 +59,10 @@ def test_lora_refusals_name_the_flag(tiny, extra, named):
         check_lora(parse_config(train_argv(tiny, *extra)))
 
 
-def test_sequence_parallelism_is_accepted(tiny):
-    argv = train_argv(tiny, *LORA, "--tensor-model-parallel-size", "2", "--sequence-parallel")
-    assert check_lora(parse_config(argv)) == []
+@pytest.mark.parametrize("extra", [["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+                                   ["--context-parallel-size", "2"]])
+def test_sequence_and_context_parallelism_are_accepted(tiny, extra):
+    assert check_lora(parse_config(train_argv(tiny, *LORA, *extra))) == []
 
 
 def test_ref_load_of_the_base_is_accepted(tiny):

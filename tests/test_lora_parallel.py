@@ -1,7 +1,8 @@
-"""LoRA over two CPU ranks (gloo): data parallel (FSDP2) and tensor parallel give one
-process's numbers, and the split is in effect.
+"""LoRA over two CPU ranks (gloo): data parallel (FSDP2), tensor parallel (with and
+without sequence parallel) and context parallel give one process's numbers, and the split
+is in effect.
 
-One spawn runs both layouts. Per layout: where some adapter and base weights live (mesh
+One spawn runs every layout. Per layout: where some adapter and base weights live (mesh
 placements and local shapes), the adapter gathered whole before training (bit-equal to
 one process: every rank draws A from the same seed), the policy's and the reference's
 log-probs, and the metrics and full adapter gradients of one step. A third check runs a
@@ -30,7 +31,8 @@ WORLD = 2
 LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--target-modules", "all-linear",
         "--micro-batch-size", "3"]
 RUNS = {"dp": [], "tp": ["--tensor-model-parallel-size", "2"],
-        "tp_sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"]}  # name -> flags
+        "tp_sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+        "cp": ["--context-parallel-size", "2"]}  # name -> flags
 METRICS = ("train/loss", "train/pg_loss", "train/kl_loss", "train/entropy_loss",
            "train/grad_norm")
 LAYOUT = ("model.layers.0.self_attn.q_proj.base_layer.weight",
@@ -129,7 +131,9 @@ def _worker(rank: int, port: int, tiny, batch, out) -> None:
     torch.set_num_threads(1)
     results = {}
     for name, flags in RUNS.items():
-        info = parallel.rank_info(rank, WORLD, 2 if flags else 1, "cpu", master_port=port)
+        tp = 2 if "--tensor-model-parallel-size" in flags else 1
+        cp = 2 if "--context-parallel-size" in flags else 1
+        info = parallel.rank_info(rank, WORLD, tp, "cpu", master_port=port, cp_size=cp)
         extra = [*LORA, *flags]
         torch.manual_seed(0)
         actor = TrainActor(policy_config(tiny, extra), info, str(tiny / "model"), 1)
@@ -198,9 +202,12 @@ def test_tensor_parallel_splits_base_and_one_adapter_matrix(ranks, run):
         assert torch.equal(torch.cat(halves, dim), full[name]), name
 
 
-def test_data_parallel_shards_adapters_and_base_over_dp(ranks):
-    for name, held in ranks[0][0]["dp"]["layout"].items():
-        assert held["placements"] == {"dp": Shard(0)}, name
+@pytest.mark.parametrize("run, mesh", [("dp", "dp"), ("cp", "dp_cp")])
+def test_data_and_context_parallel_ranks_shard_adapters_and_base(ranks, run, mesh):
+    """FSDP2 over the data-parallel ranks, or over data x context-parallel ones (whose
+    ranks hold the same weights and see other tokens)."""
+    for name, held in ranks[0][0][run]["layout"].items():
+        assert held["placements"] == {mesh: Shard(0)}, name
 
 
 def test_bf16_base_and_fp32_adapters_share_an_fsdp2_unit(ranks):
