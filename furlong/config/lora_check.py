@@ -84,7 +84,8 @@ def _check_parallelism(config: Config) -> None:
     for flag, size in sizes.items():
         if size > 1:
             raise ConfigError(f"{flag} {size} with --lora-rank is not supported yet: set it "
-                              "to 1 (data and tensor parallelism train adapters)")
+                              "to 1 (data, tensor, sequence and context parallelism train "
+                              "adapters)")
 
 
 def _check_adapter(config: Config) -> None:
