@@ -51,7 +51,7 @@ def test_lora_flags_take_miles_names_and_defaults_and_act(tiny):
     ([*LORA, "--lora-dropout", "1.5"], "--lora-dropout 1.5"),
     ([*LORA, "--ref-update-interval", "2"], "--ref-update-interval 2"),
     ([*LORA, "--ref-load", "/elsewhere"], "--ref-load /elsewhere"),
-    ([*LORA, "--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size 2"),
+    ([*LORA, "--expert-model-parallel-size", "2"], "--expert-model-parallel-size 2"),
     ([*LORA, "--debug-rollout-only"], "--debug-rollout-only with --lora-rank"),
 ])
 def test_lora_refusals_name_the_flag(tiny, extra, named):
@@ -60,8 +60,9 @@ def test_lora_refusals_name_the_flag(tiny, extra, named):
 
 
 @pytest.mark.parametrize("extra", [["--tensor-model-parallel-size", "2", "--sequence-parallel"],
-                                   ["--context-parallel-size", "2"]])
-def test_sequence_and_context_parallelism_are_accepted(tiny, extra):
+                                   ["--context-parallel-size", "2"],
+                                   ["--pipeline-model-parallel-size", "2"]])
+def test_sequence_context_and_pipeline_parallelism_are_accepted(tiny, extra):
     assert check_lora(parse_config(train_argv(tiny, *LORA, *extra))) == []
 
 

@@ -1,6 +1,6 @@
 """LoRA over two CPU ranks (gloo): data parallel (FSDP2), tensor parallel (with and
-without sequence parallel) and context parallel give one process's numbers, and the split
-is in effect.
+without sequence parallel), context parallel and two pipeline stages give one process's
+numbers, and the split is in effect.
 
 One spawn runs every layout. Per layout: where some adapter and base weights live (mesh
 placements and local shapes), the adapter gathered whole before training (bit-equal to
@@ -12,8 +12,11 @@ relative plus 1e-5 of the largest entry, log-probs 1e-5.
 """
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -32,7 +35,8 @@ LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--target-modules", "all-linear
         "--micro-batch-size", "3"]
 RUNS = {"dp": [], "tp": ["--tensor-model-parallel-size", "2"],
         "tp_sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
-        "cp": ["--context-parallel-size", "2"]}  # name -> flags
+        "cp": ["--context-parallel-size", "2"],
+        "pp": ["--pipeline-model-parallel-size", "2"]}  # name -> flags
 METRICS = ("train/loss", "train/pg_loss", "train/kl_loss", "train/entropy_loss",
            "train/grad_norm")
 LAYOUT = ("model.layers.0.self_attn.q_proj.base_layer.weight",
@@ -54,11 +58,13 @@ def make_batch(tiny):
 
 
 def nonzero_b(actor: TrainActor) -> None:
-    """Give every lora_B seeded values (the same on every rank, whatever its shard)."""
-    generator = torch.Generator().manual_seed(7)
+    """Give every lora_B values seeded by its name in the whole model (the same on every
+    rank, whatever its shard or stage)."""
     with torch.no_grad():
         for name, param in actor.policy.hf_model.named_parameters():
             if ".lora_B." in name:
+                seed = zlib.crc32(global_name(actor, name).encode())
+                generator = torch.Generator().manual_seed(seed)
                 whole = 0.05 * torch.randn(param.shape, generator=generator)
                 if isinstance(param, DTensor):
                     whole = torch.distributed.tensor.distribute_tensor(
@@ -66,15 +72,32 @@ def nonzero_b(actor: TrainActor) -> None:
                 param.copy_(whole)
 
 
+def global_name(actor: TrainActor, name: str) -> str:
+    """A parameter's name in the whole model (a pipeline stage renumbers its layers)."""
+    role = actor.policy.pipeline
+    return role.global_name(name) if role else name
+
+
+def every_rank(actor: TrainActor, mine: dict) -> dict:
+    """The union of every rank's `mine` (pipeline stages hold different parameters)."""
+    if actor.rank.pp_size == 1:
+        return mine
+    parts = [None] * WORLD
+    dist.all_gather_object(parts, mine)
+    return {key: value for part in parts for key, value in part.items()}
+
+
 def step(actor: TrainActor, batch) -> tuple[dict, dict]:
     """Metrics and full adapter gradients of one step (the update skipped)."""
     grads = {}
 
     def capture():
-        grads.update({name: distributed_state.full_tensor(param.grad).cpu().clone()
-                      for name, param in actor.policy.hf_model.named_parameters()
-                      if lora.is_adapter_name(name)})
-        norm = distributed_state.clip_grad_norm_(actor._optimized_parameters(), float("inf"))
+        grads.update(every_rank(actor, {
+            global_name(actor, name): distributed_state.full_tensor(param.grad).cpu().clone()
+            for name, param in actor.policy.hf_model.named_parameters()
+            if lora.is_adapter_name(name)}))
+        norm = distributed_state.clip_grad_norm_(actor._optimized_parameters(), float("inf"),
+                                                 actor.rank.pp_size)
         actor.optimizer.zero_grad()
         return norm
 
@@ -97,10 +120,14 @@ def layout(actor: TrainActor) -> dict:
 def measure(actor: TrainActor, batch) -> dict:
     adapter = {name: tensor.cpu().clone() for name, tensor in actor.named_adapter_weights()}
     nonzero_b(actor)
-    trained = sorted(name for group in actor.optimizer.param_groups for name, param
-                     in actor.policy.hf_model.named_parameters()
-                     if any(param is p for p in group["params"]))
-    return {"adapter": adapter, "layout": layout(actor), "trained": trained,
+    trained = sorted(every_rank(actor, {
+        global_name(actor, name): True for group in actor.optimizer.param_groups
+        for name, param in actor.policy.hf_model.named_parameters()
+        if any(param is p for p in group["params"])}))
+    held = every_rank(actor, {global_name(actor, name).split(".")[2]: actor.rank.rank
+                              for name, _ in actor.policy.hf_model.named_parameters()
+                              if lora.is_adapter_name(name)})
+    return {"adapter": adapter, "layout": layout(actor), "trained": trained, "held": held,
             "log_probs": actor.compute_log_probs(batch)[0],
             "reference": actor.compute_log_probs(batch, reference=True)[0],
             "step": step(actor, batch)}
@@ -131,15 +158,20 @@ def _worker(rank: int, port: int, tiny, batch, out) -> None:
     torch.set_num_threads(1)
     results = {}
     for name, flags in RUNS.items():
-        tp = 2 if "--tensor-model-parallel-size" in flags else 1
-        cp = 2 if "--context-parallel-size" in flags else 1
-        info = parallel.rank_info(rank, WORLD, tp, "cpu", master_port=port, cp_size=cp)
+        tp, cp, pp = (2 if flag in flags else 1 for flag in (
+            "--tensor-model-parallel-size", "--context-parallel-size",
+            "--pipeline-model-parallel-size"))
+        info = parallel.rank_info(rank, WORLD, tp, "cpu", master_port=port, cp_size=cp,
+                                  pp_size=pp)
         extra = [*LORA, *flags]
         torch.manual_seed(0)
         actor = TrainActor(policy_config(tiny, extra), info, str(tiny / "model"), 1)
         results[name] = measure(actor, batch)
         if name == "dp":
             results["mixed"] = mixed_precision_step(tiny, actor.mesh)
+        if name == "pp":  # each stage's adapters into one PEFT adapter
+            (out / "pp_save").mkdir(exist_ok=True)
+            actor.save(out / "pp_save", save_optimizer=True)
     torch.save(results, out / f"rank{rank}.pt")
 
 
@@ -151,7 +183,8 @@ def ranks(tiny, tmp_path_factory):
     torch.manual_seed(0)
     one = TrainActor(policy_config(tiny, LORA), RankInfo(), str(tiny / "model"), 1)
     expected = measure(one, batch)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)], expected
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)], \
+        expected, out, batch
 
 
 def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -161,7 +194,7 @@ def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_lora_step_equals_one_process(ranks, name):
-    results, expected = ranks
+    results, expected, _, _ = ranks
     got = results[0][name]
     assert got["trained"] == expected["trained"] == sorted(
         n for n in got["trained"] if lora.is_adapter_name(n))  # the norms stay frozen
@@ -185,7 +218,7 @@ def test_tensor_parallel_splits_base_and_one_adapter_matrix(ranks, run):
     """Column-parallel q_proj: base and B split by output rows, A whole (and equal on both
     ranks); row-parallel down_proj: base and A split by input columns, B whole (with
     sequence parallelism too: it runs on each rank's slice of the sequence)."""
-    results, expected = ranks
+    results, expected, _, _ = ranks
     full = {name: held["local"] for name, held in expected["layout"].items()}
     split = {"q_proj.base_layer": Shard(0), "q_proj.lora_B": Shard(0),
              "down_proj.base_layer": Shard(1), "down_proj.lora_A": Shard(1)}
@@ -206,6 +239,7 @@ def test_tensor_parallel_splits_base_and_one_adapter_matrix(ranks, run):
 def test_data_and_context_parallel_ranks_shard_adapters_and_base(ranks, run, mesh):
     """FSDP2 over the data-parallel ranks, or over data x context-parallel ones (whose
     ranks hold the same weights and see other tokens)."""
+    assert set(ranks[0][0][run]["held"]) == {"0", "1"}  # every layer's adapters
     for name, held in ranks[0][0][run]["layout"].items():
         assert held["placements"] == {mesh: Shard(0)}, name
 
@@ -216,3 +250,16 @@ def test_bf16_base_and_fp32_adapters_share_an_fsdp2_unit(ranks):
             assert (dtype, grad_dtype, requires_grad) == (torch.float32, torch.float32, True)
         else:
             assert (dtype, grad_dtype, requires_grad) == (torch.bfloat16, False, False), name
+
+
+def test_pipeline_stages_hold_their_layers_adapters_and_save_one_adapter(tiny, ranks):
+    """Rank 0 (stage 0) holds layer 0's adapters, rank 1 layer 1's; a save gathers them
+    into one PEFT adapter, from which one process computes the stages' log-probs."""
+    results, _, out, batch = ranks
+    assert results[0]["pp"]["held"] == {"0": 0, "1": 1}
+    one = TrainActor(policy_config(tiny, [*LORA, "--lora-adapter-path",
+                                          str(out / "pp_save" / "adapter")]),
+                     RankInfo(), str(tiny / "model"), 1)
+    for actual, want in zip(one.compute_log_probs(batch)[0],
+                            results[0]["pp"]["log_probs"], strict=True):
+        torch.testing.assert_close(actual, want, rtol=1e-5, atol=1e-5)

@@ -4,8 +4,9 @@ combine with it (each refusal names the flag and the fix).
 The reference model under LoRA is the policy with its adapters disabled, so it is the
 base, --hf-checkpoint, which the engines boot from too: a different --ref-load or a
 reference that moves (--ref-update-interval) would need a second model. Tensor and
-sequence parallelism adapt the sliced layers, context parallelism changes no parameter;
-pipeline and expert parallelism are not combined with adapters yet. Every engine
+sequence parallelism adapt the sliced layers, context parallelism changes no parameter,
+pipeline stages hold their layers' adapters; expert parallelism is not combined with
+adapters yet. Every engine
 takes the adapter, SGLang's included (started with its LoRA flags, config/sglang.py; the
 trainer's pushes load it through SGLang's LoRA endpoints, engine/weights/lora_send.py);
 only the trainer's push loads it, so a run without a trainer is refused.
@@ -79,13 +80,10 @@ def _check_engines(config: Config) -> None:
 
 def _check_parallelism(config: Config) -> None:
     perf = config.perf
-    sizes = {"--pipeline-model-parallel-size": perf.pipeline_model_parallel_size,
-             "--expert-model-parallel-size": perf.expert_model_parallel_size}
-    for flag, size in sizes.items():
-        if size > 1:
-            raise ConfigError(f"{flag} {size} with --lora-rank is not supported yet: set it "
-                              "to 1 (data, tensor, sequence and context parallelism train "
-                              "adapters)")
+    if perf.expert_model_parallel_size > 1:
+        raise ConfigError(f"--expert-model-parallel-size {perf.expert_model_parallel_size} "
+                          "with --lora-rank is not supported yet: set it to 1 (data, tensor, "
+                          "sequence, context and pipeline parallelism train adapters)")
 
 
 def _check_adapter(config: Config) -> None:

@@ -454,31 +454,28 @@ class TrainActor:
         the engines get `named_adapter_weights` instead (the base never changes).
         """
         assert self.lora is None, "a LoRA policy sends named_adapter_weights"
-        hf_model = self.policy.hf_model
-        if self.masters is not None:  # on the device even while offloaded, one at a time
-            named = ((name, master.to(self.rank.device))
-                     for name, master in self.masters.named_masters())
-        else:
-            parallel.reshard(self.policy)
-            named = distributed_state.full_named_weights(hf_model) if self.rank.pp_size == 1 \
-                else pipeline_parallel.stage_named_weights(hf_model, self.policy.pipeline,
-                                                           self.rank.device)
-        return checkpoint_named_tensors(hf_model, named)
+        return checkpoint_named_tensors(self.policy.hf_model, self._full_parameters())
 
     def named_adapter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Full float32 tensors of the LoRA adapter, one at a time, under PEFT's names
-        (`model.layers.0.self_attn.q_proj.lora_A.weight`): one GPU's masters, or the
-        parameters gathered whole. Collective with several ranks."""
+        (`model.layers.0.self_attn.q_proj.lora_A.weight`). Collective with several
+        ranks."""
+        return lora.adapter_tensors(self._full_parameters(lora.is_adapter_name))
+
+    def _full_parameters(self, keep: Callable[[str], bool] = lambda name: True
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full float32 tensor) of each parameter whose name `keep` accepts:
+        one GPU's masters (on the device even while offloaded, one at a time), or the
+        parameters gathered whole, stage by stage with pipeline stages."""
         if self.masters is not None:
-            named = ((name, master.to(self.rank.device))
-                     for name, master in self.masters.named_masters()
-                     if lora.is_adapter_name(name))
-        else:
-            parallel.reshard(self.policy)
-            named = ((name, distributed_state.full_tensor(param.detach()))
-                     for name, param in self.policy.hf_model.named_parameters()
-                     if lora.is_adapter_name(name))
-        return lora.adapter_tensors(named)
+            return ((name, master.to(self.rank.device))
+                    for name, master in self.masters.named_masters() if keep(name))
+        parallel.reshard(self.policy)
+        hf_model = self.policy.hf_model
+        if self.rank.pp_size == 1:
+            return distributed_state.full_named_weights(hf_model, keep)
+        return pipeline_parallel.stage_named_weights(hf_model, self.policy.pipeline,
+                                                     self.rank.device, keep)
 
     async def push_weights(self, engine, version: int) -> None:
         """Send the current weights to the engine (in one process: a copy with a dtype

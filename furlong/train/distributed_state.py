@@ -11,7 +11,7 @@ the device).
 from __future__ import annotations
 
 import math
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -42,8 +42,10 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local()
 
 
-def full_named_weights(hf_model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor) per parameter, one at a time so that memory stays bounded.
+def full_named_weights(hf_model: nn.Module, keep: Callable[[str], bool] = lambda name: True
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) per parameter whose name `keep` accepts, one at a time so
+    that memory stays bounded.
 
     Collective: every rank iterates to the end (all receive the tensors; weight sync
     sends rank 0's). Tied weights come once, as in `named_parameters`. The policy's
@@ -51,7 +53,8 @@ def full_named_weights(hf_model: nn.Module) -> Iterator[tuple[str, torch.Tensor]
     training step and after `TrainActor.compute_log_probs`.
     """
     for name, param in hf_model.named_parameters():
-        yield name, full_tensor(param.detach())
+        if keep(name):
+            yield name, full_tensor(param.detach())
 
 
 def _persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

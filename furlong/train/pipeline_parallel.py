@@ -365,17 +365,19 @@ def sum_tied_gradient(weight: nn.Parameter | None, group: dist.ProcessGroup | No
     sum_gradient(weight.grad, group)
 
 
-def stage_named_weights(hf_model: nn.Module, role: PipelineRole,
-                        device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every stage's (HF name, full tensor), stage by stage, one tensor at a time, on every
-    rank: a stage's ranks gather each of its parameters over their data-parallel ranks
-    and its first rank broadcasts it to the world. A tied output weight comes once, from
-    the first stage. Collective: every rank iterates to the end. The policy's FSDP
-    modules must be resharded (`parallel.reshard`)."""
+def stage_named_weights(hf_model: nn.Module, role: PipelineRole, device: torch.device,
+                        keep: Callable[[str], bool] = lambda name: True
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every stage's (HF name, full tensor) of the parameters whose name `keep` accepts,
+    stage by stage, one tensor at a time, on every rank: a stage's ranks gather each of
+    its parameters over their data-parallel ranks and its first rank broadcasts it to
+    the world. A tied output weight comes once, from the first stage. Collective: every
+    rank iterates to the end. The policy's FSDP modules must be resharded
+    (`parallel.reshard`)."""
     stage_world = dist.get_world_size() // role.num_stages
     tied = hf_model.config.tie_word_embeddings
     local = [(name, param) for name, param in hf_model.named_parameters()
-             if not (tied and name == "lm_head.weight" and not role.is_first)]
+             if keep(name) and not (tied and name == "lm_head.weight" and not role.is_first)]
     for stage_index in range(role.num_stages):
         mine, source = stage_index == role.stage_index, stage_index * stage_world
         header = [[(role.global_name(name), param.shape, param.dtype)
