@@ -51,7 +51,6 @@ def test_lora_flags_take_miles_names_and_defaults_and_act(tiny):
     ([*LORA, "--lora-dropout", "1.5"], "--lora-dropout 1.5"),
     ([*LORA, "--ref-update-interval", "2"], "--ref-update-interval 2"),
     ([*LORA, "--ref-load", "/elsewhere"], "--ref-load /elsewhere"),
-    ([*LORA, "--expert-model-parallel-size", "2"], "--expert-model-parallel-size 2"),
     ([*LORA, "--debug-rollout-only"], "--debug-rollout-only with --lora-rank"),
 ])
 def test_lora_refusals_name_the_flag(tiny, extra, named):

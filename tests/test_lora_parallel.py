@@ -1,6 +1,6 @@
 """LoRA over two CPU ranks (gloo): data parallel (FSDP2), tensor parallel (with and
-without sequence parallel), context parallel and two pipeline stages give one process's
-numbers, and the split is in effect.
+without sequence parallel), context parallel, two pipeline stages and, on the tiny MoE,
+expert parallel give one process's numbers, and the split is in effect.
 
 One spawn runs every layout. Per layout: where some adapter and base weights live (mesh
 placements and local shapes), the adapter gathered whole before training (bit-equal to
@@ -36,7 +36,8 @@ LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--target-modules", "all-linear
 RUNS = {"dp": [], "tp": ["--tensor-model-parallel-size", "2"],
         "tp_sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
         "cp": ["--context-parallel-size", "2"],
-        "pp": ["--pipeline-model-parallel-size", "2"]}  # name -> flags
+        "pp": ["--pipeline-model-parallel-size", "2"],
+        "moe_ep": ["--expert-model-parallel-size", "2"]}  # name -> flags (moe_: the tiny MoE)
 METRICS = ("train/loss", "train/pg_loss", "train/kl_loss", "train/entropy_loss",
            "train/grad_norm")
 LAYOUT = ("model.layers.0.self_attn.q_proj.base_layer.weight",
@@ -44,7 +45,8 @@ LAYOUT = ("model.layers.0.self_attn.q_proj.base_layer.weight",
           "model.layers.0.self_attn.q_proj.lora_B.default.weight",
           "model.layers.0.mlp.down_proj.base_layer.weight",
           "model.layers.0.mlp.down_proj.lora_A.default.weight",
-          "model.layers.0.mlp.down_proj.lora_B.default.weight")
+          "model.layers.0.mlp.down_proj.lora_B.default.weight",
+          "model.layers.0.mlp.experts.gate_up_proj")  # (the tiny MoE's 8 experts)
 
 
 def make_batch(tiny):
@@ -154,10 +156,11 @@ def mixed_precision_step(tiny, mesh) -> dict:
             for name, param in hf_model.named_parameters() if name in LAYOUT}
 
 
-def _worker(rank: int, port: int, tiny, batch, out) -> None:
+def _worker(rank: int, port: int, tiny, tiny_moe, batch, out) -> None:
     torch.set_num_threads(1)
     results = {}
     for name, flags in RUNS.items():
+        model = tiny_moe if name.startswith("moe_") else tiny
         tp, cp, pp = (2 if flag in flags else 1 for flag in (
             "--tensor-model-parallel-size", "--context-parallel-size",
             "--pipeline-model-parallel-size"))
@@ -165,7 +168,7 @@ def _worker(rank: int, port: int, tiny, batch, out) -> None:
                                   pp_size=pp)
         extra = [*LORA, *flags]
         torch.manual_seed(0)
-        actor = TrainActor(policy_config(tiny, extra), info, str(tiny / "model"), 1)
+        actor = TrainActor(policy_config(model, extra), info, str(model / "model"), 1)
         results[name] = measure(actor, batch)
         if name == "dp":
             results["mixed"] = mixed_precision_step(tiny, actor.mesh)
@@ -176,13 +179,17 @@ def _worker(rank: int, port: int, tiny, batch, out) -> None:
 
 
 @pytest.fixture(scope="module")
-def ranks(tiny, tmp_path_factory):
+def ranks(tiny, tiny_moe, tmp_path_factory):
+    """(each rank's results, one process's results of the dense and the MoE model, the
+    spawn's output directory, the batch)."""
     batch = make_batch(tiny)
     out = tmp_path_factory.mktemp("lora_parallel")
-    mp.spawn(_worker, args=(free_port(), tiny, batch, out), nprocs=WORLD)
-    torch.manual_seed(0)
-    one = TrainActor(policy_config(tiny, LORA), RankInfo(), str(tiny / "model"), 1)
-    expected = measure(one, batch)
+    mp.spawn(_worker, args=(free_port(), tiny, tiny_moe, batch, out), nprocs=WORLD)
+    expected = {}
+    for kind, model in (("dense", tiny), ("moe", tiny_moe)):
+        torch.manual_seed(0)
+        one = TrainActor(policy_config(model, LORA), RankInfo(), str(model / "model"), 1)
+        expected[kind] = measure(one, batch)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)], \
         expected, out, batch
 
@@ -195,7 +202,7 @@ def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.mark.parametrize("name", list(RUNS))
 def test_lora_step_equals_one_process(ranks, name):
     results, expected, _, _ = ranks
-    got = results[0][name]
+    got, expected = results[0][name], expected["moe" if name.startswith("moe_") else "dense"]
     assert got["trained"] == expected["trained"] == sorted(
         n for n in got["trained"] if lora.is_adapter_name(n))  # the norms stay frozen
     for key, tensor in expected["adapter"].items():  # the same seeded A, gathered whole
@@ -219,10 +226,10 @@ def test_tensor_parallel_splits_base_and_one_adapter_matrix(ranks, run):
     ranks); row-parallel down_proj: base and A split by input columns, B whole (with
     sequence parallelism too: it runs on each rank's slice of the sequence)."""
     results, expected, _, _ = ranks
-    full = {name: held["local"] for name, held in expected["layout"].items()}
+    full = {name: held["local"] for name, held in expected["dense"]["layout"].items()}
     split = {"q_proj.base_layer": Shard(0), "q_proj.lora_B": Shard(0),
              "down_proj.base_layer": Shard(1), "down_proj.lora_A": Shard(1)}
-    for name in LAYOUT:
+    for name in full:
         held = [results[r][run]["layout"][name] for r in range(WORLD)]
         dim = next((p.dim for key, p in split.items() if key in name), None)
         if dim is None:  # whole over "tp": the same values on both ranks
@@ -263,3 +270,15 @@ def test_pipeline_stages_hold_their_layers_adapters_and_save_one_adapter(tiny, r
     for actual, want in zip(one.compute_log_probs(batch)[0],
                             results[0]["pp"]["log_probs"], strict=True):
         torch.testing.assert_close(actual, want, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_parallel_splits_the_frozen_experts(ranks):
+    """The MoE's adapters are on attention; its experts, which take none, are split over
+    the two expert-parallel ranks (4 of 8 each) and stay frozen."""
+    results = ranks[0]
+    experts = "model.layers.0.mlp.experts.gate_up_proj"
+    held = [results[r]["moe_ep"]["layout"][experts] for r in range(WORLD)]
+    for layout in held:
+        assert layout["placements"]["ep"] == Shard(0) and layout["local"].shape[0] == 4
+    assert not torch.equal(held[0]["local"], held[1]["local"])
+    assert not any(".experts." in name for name in results[0]["moe_ep"]["trained"])

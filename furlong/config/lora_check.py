@@ -3,10 +3,10 @@ combine with it (each refusal names the flag and the fix).
 
 The reference model under LoRA is the policy with its adapters disabled, so it is the
 base, --hf-checkpoint, which the engines boot from too: a different --ref-load or a
-reference that moves (--ref-update-interval) would need a second model. Tensor and
-sequence parallelism adapt the sliced layers, context parallelism changes no parameter,
-pipeline stages hold their layers' adapters; expert parallelism is not combined with
-adapters yet. Every engine
+reference that moves (--ref-update-interval) would need a second model. Every layout
+of ranks trains adapters: tensor and sequence parallelism adapt the sliced layers,
+context parallelism changes no parameter, pipeline stages hold their layers' adapters,
+and expert parallelism splits experts, which take no adapters (model/lora.py). Every engine
 takes the adapter, SGLang's included (started with its LoRA flags, config/sglang.py; the
 trainer's pushes load it through SGLang's LoRA endpoints, engine/weights/lora_send.py);
 only the trainer's push loads it, so a run without a trainer is refused.
@@ -41,7 +41,6 @@ def check_lora(config: Config) -> list[str]:
         raise ConfigError(f"--lora-rank {lora.lora_rank} needs PEFT: pip install "
                           "'furlong[lora]' (or pip install peft)")
     _check_reference(config)
-    _check_parallelism(config)
     _check_engines(config)
     if lora.lora_adapter_path is not None:
         _check_adapter(config)
@@ -76,14 +75,6 @@ def _check_engines(config: Config) -> None:
         raise ConfigError("--debug-rollout-only with --lora-rank: the engines get the adapter "
                           "from the trainer's push, and this run has no trainer; drop one of "
                           "them")
-
-
-def _check_parallelism(config: Config) -> None:
-    perf = config.perf
-    if perf.expert_model_parallel_size > 1:
-        raise ConfigError(f"--expert-model-parallel-size {perf.expert_model_parallel_size} "
-                          "with --lora-rank is not supported yet: set it to 1 (data, tensor, "
-                          "sequence, context and pipeline parallelism train adapters)")
 
 
 def _check_adapter(config: Config) -> None:
