@@ -629,6 +629,22 @@ def test_ess_ratio_hand_computed():
     assert_close(losses.ess_ratio(rho, mask, sample_ids, 3)[2], 1.0)
 
 
+def test_opsm_drops_negative_advantage_sequences_that_drifted():
+    """Sample 0 drifted (mean old - current over its loss tokens 0.5; the masked-out token
+    does not count) and has a negative advantage: dropped. Sample 1 drifted as far with a
+    positive advantage, sample 2 has a negative advantage and drifted 0.05 <= delta:
+    both kept. Sample 3 mixes signs per token (PPO): only its negative token goes."""
+    sample_ids = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3])
+    old = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], dtype=F64)
+    current = torch.tensor([-0.5, -0.5, 9.0, -0.5, -0.5, -0.05, -1.0, -1.0], dtype=F64,
+                           requires_grad=True)
+    advantages = torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, -1.0, 1.0, -1.0], dtype=F64)
+    mask = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0], dtype=F64)
+    keep = losses.opsm_keep(current, old, advantages, mask, sample_ids, 4, delta=0.05)
+    assert not keep.requires_grad
+    assert_close(keep, [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+
+
 def test_sft_loss_reduces_to_negative_masked_mean():
     log_probs = torch.tensor([-1.0, -2.0, -3.0, -4.0])
     mask, sample_ids = torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([0, 0, 1, 1])
@@ -665,12 +681,13 @@ def objective_batch(seed: int, num_samples: int = 7) -> tuple[TrainBatch, list[t
 
 
 def objective_config(per_token: bool, gspo: bool, use_rollout_logprobs: bool = False,
-                     kl_loss_type: str = "low_var_kl") -> GrpoArgs:
+                     kl_loss_type: str = "low_var_kl", use_opsm: bool = False) -> GrpoArgs:
     return GrpoArgs(advantage_estimator="gspo" if gspo else "grpo", use_kl_loss=True,
                     kl_loss_coef=0.1, kl_loss_type=kl_loss_type, entropy_coef=0.01,
                     eps_clip_high=0.28, eps_clip_c=3.0, use_tis=True, tis_clip_low=0.5,
                     tis_clip=1.5, calculate_per_token_loss=per_token,
-                    use_rollout_logprobs=use_rollout_logprobs)
+                    use_rollout_logprobs=use_rollout_logprobs, use_opsm=use_opsm,
+                    opsm_delta=0.01)
 
 
 def run_objective(config: GrpoArgs, batch: TrainBatch, current: list[torch.Tensor],
@@ -717,8 +734,16 @@ def ref_objective_metrics(config: GrpoArgs, batch: TrainBatch, current) -> dict[
 
     ess = ref_ess([-k for k in approx_kl], mask, sample_ids)
     counts = [float(m.sum()) for m in batch.loss_masks]
+    # Off-policy sequence masking: a sample's drift is its mean of old - current over its
+    # loss tokens; a token with a negative advantage in a sample that drifted too far
+    # keeps no policy loss.
+    drift = [sum((old[t] - l[t]) * float(mask[t]) for t in tokens) / max(counts[i], 1.0)
+             for i, tokens in enumerate(token_lists(sample_ids))]
+    keep = [0.0 if config.use_opsm and float(adv_[t]) < 0
+            and drift[int(sample_ids[t])] > config.opsm_delta else 1.0
+            for t in range(len(l))]
     metrics = {
-        "pg_loss": mean([p * w for p, w in zip(pg, weights, strict=True)]),
+        "pg_loss": mean([p * w * k for p, w, k in zip(pg, weights, keep, strict=True)]),
         "pg_clipfrac": mean(clipped), "ppo_kl": mean(approx_kl),
         "entropy_loss": mean([math.exp(-x) for x in l]),
         "kl_loss": mean([ref_kl(x - r, config.kl_loss_type) for x, r in zip(l, ref,
@@ -733,6 +758,8 @@ def ref_objective_metrics(config: GrpoArgs, batch: TrainBatch, current) -> dict[
         "tis_clipfrac": mean([float(w != c) for w, c in zip(ratio, weights, strict=True)]),
         "ois": mean([math.exp(-k) for k in approx_kl]),
     }
+    if config.use_opsm:
+        metrics["opsm_clipfrac"] = mean([1.0 - k for k in keep])
     metrics["loss"] = (metrics["pg_loss"] - config.entropy_coef * metrics["entropy_loss"]
                        + config.kl_loss_coef * metrics["kl_loss"])
     return metrics
@@ -742,11 +769,14 @@ def ref_objective_metrics(config: GrpoArgs, batch: TrainBatch, current) -> dict[
 @pytest.mark.parametrize("per_token", [False, True])
 @pytest.mark.parametrize("gspo", [False, True])
 @pytest.mark.parametrize("use_rollout_logprobs", [False, True])
-def test_policy_objective_metrics_match_reference(seed, per_token, gspo, use_rollout_logprobs):
-    """Every metric of the objective, TIS and Miles' mismatch metrics included, against
-    a float64 loop; with --use-rollout-logprobs the old log-probs are the engine's and
-    the trainer side of the mismatch metrics is the current forward."""
-    config = objective_config(per_token, gspo, use_rollout_logprobs)
+@pytest.mark.parametrize("use_opsm", [False, True])
+def test_policy_objective_metrics_match_reference(seed, per_token, gspo, use_rollout_logprobs,
+                                                  use_opsm):
+    """Every metric of the objective, TIS, off-policy sequence masking and Miles'
+    mismatch metrics included, against a float64 loop; with --use-rollout-logprobs the
+    old log-probs are the engine's and the trainer side of the mismatch metrics is the
+    current forward."""
+    config = objective_config(per_token, gspo, use_rollout_logprobs, use_opsm=use_opsm)
     batch, current = objective_batch(seed)
     if use_rollout_logprobs:
         batch.old_log_probs = batch.rollout_log_probs
@@ -755,6 +785,8 @@ def test_policy_objective_metrics_match_reference(seed, per_token, gspo, use_rol
     assert sorted(metrics) == sorted(expected)
     for name, value in expected.items():
         assert_close(metrics[name], value, msg=name)
+    if use_opsm and seed == 0:  # (seed 0 drops some tokens, not all)
+        assert 0 < metrics["opsm_clipfrac"] < 1
 
 
 @pytest.mark.parametrize("per_token", [False, True])
@@ -762,7 +794,7 @@ def test_policy_objective_metrics_match_reference(seed, per_token, gspo, use_rol
 def test_policy_objective_does_not_depend_on_the_split(per_token, gspo):
     """Every metric (ess_ratio and the TIS metrics included) and the gradient are the
     same whatever the micro-batch split, each reduced with the global denominator."""
-    config = objective_config(per_token, gspo)
+    config = objective_config(per_token, gspo, use_opsm=True)
     batch, current = objective_batch(seed=3)
     whole, whole_grad = run_objective(config, batch, current, [(0, 7)])
     for bounds in SPLITS:

@@ -138,6 +138,20 @@ def tis_weights(
         return weights, ratio, (weights != ratio).to(weights.dtype)
 
 
+def opsm_keep(
+    log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mask: Tensor,
+    sample_ids: Tensor, num_samples: int, delta: float,
+) -> Tensor:
+    """Off-policy sequence masking (DeepSeek-V3.2; Miles' --use-opsm): (N,) 1.0 where a
+    token keeps its policy loss, 0.0 where its advantage is negative and its sequence has
+    drifted from the old policy by more than `delta`, the drift being the sequence's mean
+    of old - current log-prob over its loss tokens. No gradient."""
+    with torch.no_grad():
+        drift = _per_sample_means(old_log_probs - log_probs, mask, sample_ids, num_samples)
+        dropped = (advantages < 0) & (drift[sample_ids] > delta)
+        return (~dropped).to(log_probs.dtype)
+
+
 def sft_loss(log_probs: Tensor, mask: Tensor) -> Tensor:
     """Per-token negative log-likelihood `-l_t` on mask-1 tokens, 0 elsewhere, (N,).
 

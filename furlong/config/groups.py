@@ -285,6 +285,10 @@ class GrpoArgs(GrpoInertFlags):
     tis_clip: float = flag(2.0, "TIS upper clip")
     tis_clip_low: float = flag(0.0, "TIS lower clip")
     use_rollout_logprobs: bool = flag(False, "Use the engine's log-probs as old log-probs")
+    use_opsm: bool = flag(False, "Off-policy sequence masking: drop the policy loss of "
+                                 "negative-advantage sequences that drifted from the old policy")
+    opsm_delta: float = flag(1e-4, "--use-opsm: the drift (mean old - current log-prob of a "
+                                   "sequence) above which it is dropped")
     loss_type: str = flag("policy_loss", "Loss", choices=("policy_loss", "sft_loss",
                                                           "custom_loss"))
     custom_tis_function_path: str | None = flag(

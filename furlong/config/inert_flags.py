@@ -287,9 +287,6 @@ GrpoInertFlags = mixin(
           custom_pg_loss_reducer_function_path=value(str)),
     inert("furlong's models have no sparse-attention indexer to replay",
           use_indexer_replay=SWITCH, use_rollout_indexer_replay=SWITCH),
-    inert("off-policy sequence masking is not implemented; --use-tis corrects off-policy "
-          "tokens",
-          use_opsm=SWITCH, opsm_delta=value(float, 1e-4)),
     inert("furlong's rollout log-probs come from the engine's decode as sampled",
           true_on_policy_mode=SWITCH, recompute_logprobs_via_prefill=SWITCH),
     inert(NO_DISTILLATION,

@@ -237,6 +237,7 @@ def _resolve_grpo(config: Config) -> Config:
         raise ConfigError(f"--tis-clip-low {g.tis_clip_low} / --tis-clip {g.tis_clip}: need "
                           "0 <= low <= high")
     _positive(g.ref_update_interval, "--ref-update-interval")
+    _positive(g.opsm_delta, "--opsm-delta", allow_zero=True)
     return config
 
 

@@ -39,7 +39,8 @@ def make_reducer(micro: PackedMicroBatch, per_token: bool,
 
 def policy_objective(config: GrpoArgs, inputs: LossInputs,
                      hook_args: object = None) -> tuple[torch.Tensor, dict]:
-    """Clipped policy loss + KL loss - entropy bonus, with optional TIS. Returns (loss, metrics).
+    """Clipped policy loss + KL loss - entropy bonus, with optional TIS and off-policy
+    sequence masking. Returns (loss, metrics).
 
     The formulas and metrics are those of docs/algorithm.md (Miles' names and values).
     `hook_args` is the `args` a --custom-tis-function-path hook receives (the GRPO flags
@@ -70,6 +71,11 @@ def policy_objective(config: GrpoArgs, inputs: LossInputs,
         config, token_loss, trainer, fields.get("rollout_log_probs"), approx_kl, micro, reduce,
         config if hook_args is None else hook_args)
     metrics.update(rollout_metrics)
+    if config.use_opsm:
+        keep = losses.opsm_keep(log_probs, old, fields["advantages"], mask, micro.sample_ids,
+                                micro.num_samples, config.opsm_delta)
+        token_loss = token_loss * keep
+        metrics["opsm_clipfrac"] = reduce(1 - keep)
     pg_loss = reduce(token_loss)
     entropy_loss = reduce(losses.zero_inactive(inputs.entropy, mask))
     loss = pg_loss - config.entropy_coef * entropy_loss
