@@ -77,6 +77,11 @@ RUNS = {
     "pp2_ep2": (1, 2, ["--pipeline-model-parallel-size", "2"]),
     "pp2_cp2_replay": (1, 1, ["--pipeline-model-parallel-size", "2", "--context-parallel-size",
                               "2", "--use-routing-replay"]),
+    # Full recomputation replays in each backward the routes of its own micro-batch,
+    # though the schedule ran other micro-batches' forwards in between.
+    "pp2_recompute_replay": (1, 1, ["--pipeline-model-parallel-size", "2",
+                                    "--recompute-granularity", "full", "--recompute-method",
+                                    "uniform", "--use-routing-replay"]),
     "pp2_tp2_ep2_sp_replay": (2, 2, ["--pipeline-model-parallel-size", "2", "--sequence-parallel",
                                      "--use-routing-replay"]),
 }

@@ -175,6 +175,12 @@ def _worker(rank: int, port: int, tiny, tiny_moe, batch, out) -> None:
         if name == "pp":  # each stage's adapters into one PEFT adapter
             (out / "pp_save").mkdir(exist_ok=True)
             actor.save(out / "pp_save", save_optimizer=True)
+    # A rank without gradients (a pipeline stage whose layers hold no adapter) still joins
+    # the gradient norm's all-reduce: a plain gradient counts as held by both ranks.
+    weight = torch.nn.Parameter(torch.ones(3))
+    weight.grad = torch.full((3,), 2.0)
+    results["norm"] = distributed_state.clip_grad_norm_([weight] if rank == 0 else [],
+                                                        float("inf"))
     torch.save(results, out / f"rank{rank}.pt")
 
 
@@ -282,3 +288,7 @@ def test_expert_parallel_splits_the_frozen_experts(ranks):
         assert layout["placements"]["ep"] == Shard(0) and layout["local"].shape[0] == 4
     assert not torch.equal(held[0]["local"], held[1]["local"])
     assert not any(".experts." in name for name in results[0]["moe_ep"]["trained"])
+
+
+def test_a_rank_without_gradients_joins_the_norm(ranks):
+    assert [ranks[0][r]["norm"] for r in range(WORLD)] == [pytest.approx(12 ** 0.5 / 2 ** 0.5)] * 2

@@ -158,7 +158,7 @@ def describe_mesh(config: Config, trainer_ranks: int) -> str:
 
 def _check_trainer_split(config: Config, ranks: int) -> None:
     """Tensor-parallel groups tile the ranks; each step's samples split over the rest;
-    expert groups tile those, or the (dp, tp) grid (train/expert_parallel.py)."""
+    expert groups tile those, or the stage's (dp, cp, tp) grid (train/expert_parallel.py)."""
     p = config.perf
     tp, cp, ep = p.tensor_model_parallel_size, p.context_parallel_size, \
         p.expert_model_parallel_size

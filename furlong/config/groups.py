@@ -227,7 +227,7 @@ class PerfArgs(PerfInertFlags):
     """PERF_ARGS: parallelism, recomputation, dynamic batching."""
     tensor_model_parallel_size: int = flag(1, "Trainer tensor-parallel size")
     sequence_parallel: bool = flag(False, "Shard activations along the sequence (with TP)")
-    pipeline_model_parallel_size: int = flag(1, "Pipeline stages (megatron backend)")
+    pipeline_model_parallel_size: int = flag(1, "Pipeline stages")
     num_layers_per_virtual_pipeline_stage: int | None = flag(
         help="Layers per virtual pipeline stage: each stage holds several chunks of this "
              "many layers, run interleaved")
@@ -237,7 +237,7 @@ class PerfArgs(PerfInertFlags):
         help="Decoder layers of the last pipeline stage (the others split the rest equally)")
     context_parallel_size: int = flag(1, "Context-parallel size")
     expert_model_parallel_size: int = flag(
-        1, "Expert-parallel size: experts split over groups of data-parallel ranks")
+        1, "Expert-parallel size: experts split over groups of ranks of a stage")
     expert_tensor_parallel_size: int = flag(1, "Expert tensor-parallel size (megatron backend)")
     recompute_granularity: str | None = flag(choices=("full", "selective"),
                                              help="Activation checkpointing")

@@ -66,7 +66,8 @@ class TrainActor:
     rank: RankInfo
     mesh: DeviceMesh | None  # ("dp", "cp", "tp"); None for one process
     expert_mesh: DeviceMesh | None  # --expert-model-parallel-size: ("edp", "ep", "cp", "tp"),
-    # or ("edp", "ep") when the groups take tensor-parallel ranks (expert_parallel.py)
+    # or ("edp", "ep") when the groups take tensor- or context-parallel ranks
+    # (expert_parallel.py); behind "pp" with pipeline stages
     pipeline_groups: tuple  # --pipeline-model-parallel-size: (pipeline, tied-embedding) groups
     policy: CausalLMPolicy
     masters: MasterWeights | None  # one GPU: the policy is bfloat16, these its float32 masters
@@ -462,20 +463,20 @@ class TrainActor:
         ranks."""
         return lora.adapter_tensors(self._full_parameters(lora.is_adapter_name))
 
-    def _full_parameters(self, keep: Callable[[str], bool] = lambda name: True
+    def _full_parameters(self, include: Callable[[str], bool] = lambda name: True
                          ) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, full float32 tensor) of each parameter whose name `keep` accepts:
+        """(HF name, full float32 tensor) of each parameter whose name `include` accepts:
         one GPU's masters (on the device even while offloaded, one at a time), or the
         parameters gathered whole, stage by stage with pipeline stages."""
         if self.masters is not None:
             return ((name, master.to(self.rank.device))
-                    for name, master in self.masters.named_masters() if keep(name))
+                    for name, master in self.masters.named_masters() if include(name))
         parallel.reshard(self.policy)
         hf_model = self.policy.hf_model
         if self.rank.pp_size == 1:
-            return distributed_state.full_named_weights(hf_model, keep)
+            return distributed_state.full_named_weights(hf_model, include)
         return pipeline_parallel.stage_named_weights(hf_model, self.policy.pipeline,
-                                                     self.rank.device, keep)
+                                                     self.rank.device, include)
 
     async def push_weights(self, engine, version: int) -> None:
         """Send the current weights to the engine (in one process: a copy with a dtype

@@ -46,8 +46,9 @@ load-balancing loss, gathered back whole (`whole`; its backward keeps the rank's
 Routers and experts are FSDP-sharded over "dp_cp" like every parameter, so their
 gradients add up the parts; with expert parallelism an expert slice is sharded over the
 ranks holding it times "cp" ("edp_cp"), and a rank exchanges tokens with the ranks of
-its expert group that hold the same part of other rows. Expert groups across
-tensor-parallel ranks take no context parallelism (refused).
+its expert group that hold the same part of other rows. Expert groups may also take
+context-parallel ranks (expert_parallel.py): each rank of such a group routes its own part
+(or, with tensor parallelism, its sequence slice of the part).
 """
 from __future__ import annotations
 
@@ -95,22 +96,18 @@ class ContextParallel:
     size: int
 
     # ---- the micro-batch ---------------------------------------------------------------
-    def part_length(self, micro: PackedMicroBatch) -> int:
-        """T' = ceil(T / C) tokens per rank."""
-        return self.local_rows(micro.num_tokens)
-
     def target_bounds(self, micro: PackedMicroBatch) -> list[int]:
         """(C + 1,) offsets into the (N,) targets: rank r's are [bounds[r], bounds[r+1])
         (target positions increase along the row)."""
         edges = torch.arange(self.size + 1, device=micro.target_positions.device)
         return torch.searchsorted(micro.target_positions,
-                                  edges * self.part_length(micro)).tolist()
+                                  edges * self.local_rows(micro.num_tokens)).tolist()
 
     def shard(self, micro: PackedMicroBatch) -> PackedMicroBatch:
         """This rank's part of `micro`: its T' tokens and the targets among them (target
         positions relative to the part); `cu_seq_lens` and `max_length` stay those of the
         whole (padded) row, which the attention sees after the all-to-all."""
-        length = self.part_length(micro)
+        length = self.local_rows(micro.num_tokens)
         padding = length * self.size - micro.num_tokens
         start = self.rank * length
         bounds = self.target_bounds(micro)

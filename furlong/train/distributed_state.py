@@ -42,9 +42,9 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local()
 
 
-def full_named_weights(hf_model: nn.Module, keep: Callable[[str], bool] = lambda name: True
+def full_named_weights(hf_model: nn.Module, include: Callable[[str], bool] = lambda name: True
                        ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor) per parameter whose name `keep` accepts, one at a time so
+    """(HF name, full tensor) per parameter whose name `include` accepts, one at a time so
     that memory stays bounded.
 
     Collective: every rank iterates to the end (all receive the tensors; weight sync
@@ -53,7 +53,7 @@ def full_named_weights(hf_model: nn.Module, keep: Callable[[str], bool] = lambda
     training step and after `TrainActor.compute_log_probs`.
     """
     for name, param in hf_model.named_parameters():
-        if keep(name):
+        if include(name):
             yield name, full_tensor(param.detach())
 
 
@@ -102,23 +102,32 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float,
     last stage's copy of a tied embedding, counted on the first) is scaled, not counted."""
     parameters = [p for p in parameters if p.grad is not None]
     grads = [p.grad for p in parameters]
-    if not any(isinstance(g, DTensor) for g in grads):
+    if not dist.is_initialized():
         return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    # Every rank joins the all-reduce, one with no gradient too (a pipeline stage whose
+    # layers hold no adapter).
     locals_ = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    norms = torch.stack(torch._foreach_norm(locals_, 2, dtype=torch.float64))  # one launch
+    device = _collective_device()
+    norms = torch.stack(torch._foreach_norm(locals_, 2, dtype=torch.float64)) if locals_ \
+        else torch.zeros(0, dtype=torch.float64, device=device)  # one launch
     if uncounted is not None and uncounted.grad is not None:
         norms[next(i for i, p in enumerate(parameters) if p is uncounted)] = 0.0
     copies = torch.tensor([_copies(g, num_stages) for g in grads], dtype=torch.float64,
                           device=norms.device)
-    squares = (norms.square() / copies).sum()
-    if dist.is_initialized():
-        squares = squares.to(mesh_device(next(g for g in grads if isinstance(g, DTensor))))
-        dist.all_reduce(squares)
+    squares = (norms.square() / copies).sum().to(device)
+    dist.all_reduce(squares)
     norm = math.sqrt(squares.item())
     if max_norm < norm:
         scale = max_norm / (norm + 1e-6)
         torch._foreach_mul_(locals_, scale)
     return norm
+
+
+def _collective_device() -> torch.device:
+    """Where the default process group's collectives take tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _copies(grad: torch.Tensor, num_stages: int = 1) -> int:

@@ -20,8 +20,9 @@ With sequence parallelism a row-parallel output is reduce-scattered over the seq
 (a Shard(1) DTensor), so the adapter branch is too: lora_A's partial sums are
 reduce-scattered likewise, and lora_B, whole, runs on the rank's sequence slice (its
 weight a replicated DTensor, as a sequence-parallel norm's, whose gradient sums the
-slices'). Column-parallel layers see whole rows (the attention and MLP inputs are
-gathered first), as without sequence parallelism.
+slices'). Column-parallel layers see whole rows as plain tensors (the attention and
+MLP inputs are gathered and localised first, for the unsplit A), as without sequence
+parallelism.
 """
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
 from furlong.model.lora import PEFT_ADAPTER
+
+
+def has_adapters(layer: nn.Module) -> bool:
+    """Whether a decoder layer holds PEFT-wrapped projections."""
+    return any(hasattr(module, "base_layer") for module in layer.modules())
 
 
 def lora_plan(layer: nn.Module, plan: dict) -> dict:

@@ -10,8 +10,8 @@ linear layer (Megatron's layout, done with DTensor); the ranks of one context-pa
 group see the same samples and each holds 1/cp of every micro-batch's tokens
 (`context_parallel.py`). FSDP2 shards parameters over "dp", or over "dp_cp" (the
 flattened ("dp", "cp")) with context parallelism. With expert parallelism
-(`expert_parallel.py`) the data-parallel dimension (or, when ep does not divide it, the
-whole (dp, tp) grid) is also seen as ("edp", "ep"): the "ep" ranks of a group hold
+(`expert_parallel.py`) the data-parallel dimension (or, when ep does not divide it, a
+stage's whole (dp, cp, tp) grid) is also seen as ("edp", "ep"): the "ep" ranks of a group hold
 different experts of each MoE layer, the "edp" ranks the same ones. With pipeline
 parallelism (`pipeline_parallel.py`) a "pp" dimension comes first, outermost (Megatron's
 order): the ranks of stage s are the s-th block of world / pp consecutive ranks, each

@@ -188,9 +188,27 @@ class _StageModule(nn.Module):
         self.policy.pipeline.running = self.local
         micro = self.micro_batches[int(micro_index)]
         output = self.policy(micro, self.temperature, (activations, self.sent_length))
+        if micro.routed_experts is not None and torch.is_grad_enabled():
+            output = _RouteInBackward.apply(output, self.policy, micro)
         if self.chunk_term is None:
             return output
         return _AddToLoss.apply(output, self.chunk_term(micro))
+
+
+class _RouteInBackward(torch.autograd.Function):
+    """`output` unchanged; its backward sets the routers' replayed routes back to the
+    micro-batch's before the chunk's layers recompute (full recomputation): a schedule
+    runs other micro-batches' forwards between a micro-batch's forward and backward."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, policy, micro: PackedMicroBatch) -> torch.Tensor:
+        ctx.policy, ctx.micro = policy, micro
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.policy.route(ctx.micro)
+        return grad, None, None
 
 
 class _AddToLoss(torch.autograd.Function):
@@ -269,7 +287,7 @@ class Pipeline:
         longest = max(m.input_ids.shape[1] for m in micro_batches)
         context_parallel = self.policy.context_parallel
         hidden = longest if context_parallel is None \
-            else max(context_parallel.part_length(m) for m in micro_batches)
+            else max(context_parallel.local_rows(m.num_tokens) for m in micro_batches)
         return [longest] + [hidden] * (self.role.num_chunks - 1) + [longest]
 
     def _meta(self, stage_index: int, length: int) -> torch.Tensor:
@@ -366,18 +384,18 @@ def sum_tied_gradient(weight: nn.Parameter | None, group: dist.ProcessGroup | No
 
 
 def stage_named_weights(hf_model: nn.Module, role: PipelineRole, device: torch.device,
-                        keep: Callable[[str], bool] = lambda name: True
+                        include: Callable[[str], bool] = lambda name: True
                         ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every stage's (HF name, full tensor) of the parameters whose name `keep` accepts,
+    """Every stage's (HF name, full tensor) of the parameters whose name `include` accepts,
     stage by stage, one tensor at a time, on every rank: a stage's ranks gather each of
-    its parameters over their data-parallel ranks and its first rank broadcasts it to
+    its parameters over their ranks (dp, cp, tp, ep) and its first rank broadcasts it to
     the world. A tied output weight comes once, from the first stage. Collective: every
     rank iterates to the end. The policy's FSDP modules must be resharded
     (`parallel.reshard`)."""
     stage_world = dist.get_world_size() // role.num_stages
     tied = hf_model.config.tie_word_embeddings
     local = [(name, param) for name, param in hf_model.named_parameters()
-             if keep(name) and not (tied and name == "lm_head.weight" and not role.is_first)]
+             if include(name) and not (tied and name == "lm_head.weight" and not role.is_first)]
     for stage_index in range(role.num_stages):
         mine, source = stage_index == role.stage_index, stage_index * stage_world
         header = [[(role.global_name(name), param.shape, param.dtype)

@@ -72,7 +72,7 @@ class CausalLMPolicy(nn.Module):
         """Log-probs and entropy at the micro-batch's target positions, (N,) each, float32
         (a pipeline stage, given (activations, length to send): what
         `pipeline_parallel.stage_forward` returns)."""
-        self._route(micro)
+        self.route(micro)
         if self.pipeline is not None:
             return stage_forward(self, micro, temperature, *stage_input)
         part = micro if self.context_parallel is None else self.context_parallel.shard(micro)
@@ -86,8 +86,9 @@ class CausalLMPolicy(nn.Module):
             return log_probs, entropy
         return self.context_parallel.gather(micro, log_probs, entropy)
 
-    def _route(self, micro: PackedMicroBatch) -> None:
-        """An MoE model's routers replay the micro-batch's routes where it has some."""
+    def route(self, micro: PackedMicroBatch) -> None:
+        """An MoE model's routers replay the micro-batch's routes where it has some (until
+        the next call: recomputation in a backward routes as the forward did)."""
         if self.routing_replay is not None:
             routes = micro.routed_experts
             if routes is not None and self.row_parts is not None:

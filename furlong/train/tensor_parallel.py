@@ -15,7 +15,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle,
                                                RowwiseParallel, SequenceParallel,
                                                parallelize_module)
 
-from furlong.train.lora_parallel import lora_plan
+from furlong.train.lora_parallel import has_adapters, lora_plan
 
 
 def _check_divisible(config, tp_size: int) -> None:
@@ -41,6 +41,10 @@ def _layer_plan(layer: nn.Module, sequence_parallel: bool, moe_on_slices: bool) 
 
     LoRA: adapted projections are split as train/lora_parallel.py says."""
     block_output = Shard(1) if sequence_parallel else Replicate()
+    # LoRA's unsplit matrices take whole rows as plain tensors (lora_parallel.py); a
+    # replicated DTensor keeps the backward to one reduce-scatter per block otherwise,
+    # where plain inputs all-reduce each projection's input gradient.
+    adapted = has_adapters(layer)
     plan = {
         "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
         "self_attn.v_proj": ColwiseParallel(),
@@ -64,16 +68,14 @@ def _layer_plan(layer: nn.Module, sequence_parallel: bool, moe_on_slices: bool) 
         plan.update({
             "input_layernorm": SequenceParallel(),
             "post_attention_layernorm": SequenceParallel(),
-            # Whole rows as plain tensors, as without sequence parallelism (LoRA's
-            # unsplit matrices take them: lora_parallel.py).
             "self_attn": PrepareModuleInput(
                 input_kwarg_layouts={"hidden_states": Shard(1)},
                 desired_input_kwarg_layouts={"hidden_states": Replicate()},
-                use_local_output=True),
+                use_local_output=adapted),
             "mlp": _moe_block_style(moe_on_slices) if moe_block
             else PrepareModuleInput(input_layouts=(Shard(1),),
                                     desired_input_layouts=(Replicate(),),
-                                    use_local_output=True),
+                                    use_local_output=adapted),
         })
     return lora_plan(layer, plan)
 
@@ -136,7 +138,7 @@ def apply_tensor_parallel(hf_model: nn.Module, layers: nn.ModuleList, tp_mesh: D
         for index in entry_layers:
             parallelize_module(layers[index], tp_mesh, PrepareModuleInput(
                 input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),)))
-        if not isinstance(hf_model.base_model.norm, nn.Identity):  # a pipeline's last stage
+        if not isinstance(hf_model.base_model.norm, nn.Identity):  # (a middle stage's)
             parallelize_module(hf_model.base_model.norm, tp_mesh, PrepareModuleInput(
                 input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
                 use_local_output=True))
