@@ -593,11 +593,12 @@ def test_a_killed_engine_is_restarted_and_nothing_is_lost_or_counted_twice(tiny,
     there once (counted by the engines); the restarted engine serves again once it has
     the next weights, and holds those (not its boot checkpoint's)."""
     calls = counting_servers(tmp_path, monkeypatch)
-    # The kill is seen by the requests on the wire; the periodic /health_generate must not
-    # also take out the surviving engine when a loaded machine makes it slow to answer.
+    # The kill is seen by the requests on the wire; no periodic /health_generate may also
+    # take out the surviving engine when a loaded machine makes it slow to answer (the
+    # server itself fails that check after 20 s busy with the rollout's requests).
     router_options = factory._router_options
     monkeypatch.setattr(factory, "_router_options", lambda *args: dataclasses.replace(
-        router_options(*args), health_timeout_s=3600.0))
+        router_options(*args), health_check_interval_s=None))
     options = EngineOptions(backend="sglang", server_module=COUNTING_SERVER_MODULE, seed=7,
                             sglang=parse_config(SERVER_FLAGS[:4]).sglang,
                             device_groups=[[0], [1]])
@@ -672,11 +673,12 @@ def test_a_lone_engine_that_dies_gets_the_weights_again_and_serves(tiny, tokeniz
     until it has the weights, so the router asks its weight source for them; every
     request then returns what it would have (same seeds, same weights: pushed ones
     that differ from the checkpoint, read back from the restarted engine)."""
-    # The kill is seen by the requests on the wire; the periodic /health_generate must not
-    # also take out the restarted engine when a loaded machine makes it slow to answer.
+    # The kill is seen by the requests on the wire; no periodic /health_generate may also
+    # take out the restarted engine when a loaded machine makes it slow to answer (the
+    # server itself fails that check after 20 s busy with the rollout's requests).
     router_options = factory._router_options
     monkeypatch.setattr(factory, "_router_options", lambda *args: dataclasses.replace(
-        router_options(*args), health_timeout_s=3600.0))
+        router_options(*args), health_check_interval_s=None))
     options = EngineOptions(backend="sglang", server_module=BUILTIN_SERVER, seed=7,
                             sglang=parse_config(SERVER_FLAGS[:4]).sglang,
                             device_groups=[[0]])
