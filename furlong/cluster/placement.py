@@ -150,8 +150,8 @@ def describe_mesh(config: Config, trainer_ranks: int) -> str:
         p.expert_model_parallel_size
     pp = p.pipeline_model_parallel_size
     dp = trainer_ranks // (tp * cp * pp)
-    source = "dp x cp x tp" if cp > 1 else "dp x tp"
-    source = source if groups_beyond_data_parallel(ep, dp) else "dp"
+    source = "dp" if not groups_beyond_data_parallel(ep, dp) \
+        else "dp x cp x tp" if cp > 1 else "dp x tp"
     return (f"mesh: dp {dp} x cp {cp} x tp {tp} x pp {pp} "
             f"(ep {ep}, carved from {source}) = {trainer_ranks} trainer rank(s), one device each")
 

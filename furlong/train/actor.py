@@ -349,8 +349,8 @@ class TrainActor:
         if self.routing is not None:
             def chunk_term(micro: PackedMicroBatch) -> torch.Tensor:
                 role = self.policy.pipeline
-                layers = pipeline_parallel.chunk_decoder(
-                    self.policy.hf_model.base_model, role, role.running).layers
+                layers = parallel.decoder_layers(self.policy.hf_model)[
+                    role.chunk_slice(role.running)]
                 term, share = self._balancing_term(self.routing.take(layers), micro,
                                                    reducer(micro))
                 logged.append(share)

@@ -27,6 +27,7 @@ parallelised: the plain model is faster and needs no process group.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -209,12 +210,11 @@ def build_expert_mesh(mesh: DeviceMesh, ep_size: int) -> DeviceMesh:
     groups: build it once."""
     dp_size = mesh["dp"].size()
     if groups_beyond_data_parallel(ep_size, dp_size):
-        stages = mesh["pp"].size() if "pp" in mesh.mesh_dim_names else 1
-        grid = (mesh.size() // stages // ep_size, ep_size)
-        if stages == 1:
-            return init_device_mesh(mesh.device_type, grid, mesh_dim_names=("edp", "ep"))
-        return init_device_mesh(mesh.device_type, (stages, *grid),
-                                mesh_dim_names=("pp", "edp", "ep"))
+        stages = ("pp",) if "pp" in mesh.mesh_dim_names else ()
+        shape = tuple(mesh[dim].size() for dim in stages)
+        stage_ranks = mesh.size() // math.prod(shape)
+        return init_device_mesh(mesh.device_type, (*shape, stage_ranks // ep_size, ep_size),
+                                mesh_dim_names=(*stages, "edp", "ep"))
     return mesh._unflatten("dp", (dp_size // ep_size, ep_size), ("edp", "ep"))
 
 
@@ -281,10 +281,7 @@ def chunk_entries(role: PipelineRole | None) -> tuple[int, ...]:
     without pipeline stages)."""
     if role is None:
         return (0,)
-    starts = [0]
-    for chunk in role.chunks[:-1]:
-        starts.append(starts[-1] + len(chunk))
-    return tuple(starts)
+    return tuple(role.chunk_slice(local).start for local in range(len(role.chunks)))
 
 
 def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:

@@ -79,6 +79,11 @@ class PipelineRole:
         """The model-order index of this rank's `local`-th chunk."""
         return self.stage_index + local * self.num_stages
 
+    def chunk_slice(self, local: int) -> slice:
+        """The local indices of the layers of this rank's `local`-th chunk."""
+        start = sum(len(chunk) for chunk in self.chunks[:local])
+        return slice(start, start + len(self.chunks[local]))
+
     @property
     def is_first(self) -> bool:
         """Holds chunk 0 (the embeddings)."""
@@ -118,10 +123,9 @@ def chunk_decoder(decoder: nn.Module, role: PipelineRole, local: int) -> nn.Modu
     still see one model per rank."""
     if len(role.chunks) == 1:
         return decoder
-    start = sum(len(chunk) for chunk in role.chunks[:local])
     view = copy.copy(decoder)
     view._modules = dict(decoder._modules)
-    view.layers = decoder.layers[start:start + len(role.chunks[local])]
+    view.layers = decoder.layers[role.chunk_slice(local)]
     if role.chunk_index(local) != role.num_chunks - 1:
         view.norm = nn.Identity()
     return view

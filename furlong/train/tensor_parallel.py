@@ -15,6 +15,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle,
                                                RowwiseParallel, SequenceParallel,
                                                parallelize_module)
 
+from furlong.model.moe import is_moe_block
 from furlong.train.lora_parallel import has_adapters, lora_plan
 
 
@@ -51,7 +52,7 @@ def _layer_plan(layer: nn.Module, sequence_parallel: bool, moe_on_slices: bool) 
         "self_attn.o_proj": RowwiseParallel(output_layouts=block_output,
                                             use_local_output=not sequence_parallel),
     }
-    moe_block = hasattr(layer.mlp, "experts")
+    moe_block = is_moe_block(layer.mlp)
     if not moe_block:
         plan.update({
             "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
