@@ -5,7 +5,6 @@ whose reward rises through the engine's adapter."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 from types import SimpleNamespace
 
@@ -423,10 +422,11 @@ def test_an_engine_in_the_trainers_process_computes_with_its_base(tiny, kind, de
     actor = TrainActor(policy_config(tiny, [*LORA, "--lr", "1e-2"]), rank,
                        str(tiny / "model"), total_steps=3)
     tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
-    options = EngineOptions(backend=kind, cuda_graphs=False, mem_fraction_static=0.5)
-    make = functools.partial(create_in_process_engine, str(tiny / "model"), tokenizer,
-                             rank.device, rank.compute_dtype, options)
-    shared, own = make(actor.frozen_base()), make()
+    def make(fraction, *base):  # each engine's KV cache reaches `fraction` of a GPU
+        options = EngineOptions(backend=kind, cuda_graphs=False, mem_fraction_static=fraction)
+        return create_in_process_engine(str(tiny / "model"), tokenizer, rank.device,
+                                        rank.compute_dtype, options, *base)
+    shared, own = make(0.25, actor.frozen_base()), make(0.5)
     trainer_storages = _storages(actor.policy.parameters())
     engine_storages = _engine_storages(shared)
     assert engine_storages <= trainer_storages
