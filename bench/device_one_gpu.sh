@@ -2,7 +2,7 @@
 # Device calls for issue 17's one-GPU figures (bench/one_gpu_grpo.py), by parts:
 #   bash bench/device_one_gpu.sh tests lora8b     # GPU tests of LoRA + the 8B LoRA run
 #   bash bench/device_one_gpu.sh full8b full4b    # full fine-tuning for comparison
-#   bash bench/device_one_gpu.sh full17b
+#   bash bench/device_one_gpu.sh full17b         # the largest Qwen3 whose full fine-tuning fits
 # Carries .wheels/ (peft, accelerate, psutil; math-verify, which train.py imports):
 # bash bench/fetch_wheels.sh
 set -uo pipefail
@@ -15,7 +15,7 @@ bench() { local name=$1 limit=$2; shift 2
   echo "== $name rc=$?"; pkill -f bench/capped.py  # timeout ends the bench, not its train.py
   grep -v Warn "$OUT/$name.txt" | tail -25; }
 for part in "$@"; do case $part in
-  tests) timeout 160 python3 -u -m pytest -v -p no:cacheprovider -m gpu tests/test_phase_memory.py \
+  tests) timeout 240 python3 -u -m pytest -v -p no:cacheprovider -m gpu --timeout 200 tests/test_phase_memory.py \
            tests/test_lora.py tests/test_lora_engine.py tests/test_lora_sglang.py 2>&1 \
            | grep -v Warn | tail -30 | tee "$OUT/gpu_tests.txt";;
   lora8b) bench lora8b 420 --model qwen3-8b --lora-rank 32;;
