@@ -32,9 +32,10 @@ class Sample:
     entry per response token (the mask is 0 on tokens the policy did not sample, such
     as tool outputs spliced in by a multi-turn generate function).
 
-    Fields furlong carries for Miles' hooks without acting on them: `rollout_id`,
-    `multimodal_inputs`, `multimodal_train_inputs` (furlong trains on text),
-    `teacher_log_probs` (no on-policy distillation) and `train_metadata`.
+    `teacher_log_probs` (one per response token) is what --use-opd --opd-type sglang
+    distills from; a reward hook sets it. Fields furlong carries for Miles' hooks without
+    acting on them: `rollout_id`, `multimodal_inputs`, `multimodal_train_inputs` (furlong
+    trains on text) and `train_metadata`.
     """
     Status = Status  # Miles nests the enum: Sample.Status.COMPLETED
 

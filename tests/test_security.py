@@ -305,15 +305,18 @@ def megatron_save(root, layout: str):
 
 
 @pytest.mark.parametrize("layout", ["save", "iteration"])
-@pytest.mark.parametrize("flag", ["--load", "--ref-load"])
-def test_a_megatron_checkpoint_is_refused_by_validation(grpo_argv, tmp_path, flag, layout):
+@pytest.mark.parametrize("flag, instead", [("--load", "--hf-checkpoint"),
+                                           ("--ref-load", "--ref-load"),
+                                           ("--opd-teacher-load", "--opd-teacher-load")])
+def test_a_megatron_checkpoint_is_refused_by_validation(grpo_argv, tmp_path, flag, instead,
+                                                        layout):
     path = megatron_save(tmp_path / "megatron", layout)
     with pytest.raises(ConfigError) as error:
         load_config([*grpo_argv, flag, str(path)])
     message = str(error.value)
     assert message.startswith(f"{flag} {path}")
     for words in ("Megatron distributed checkpoint", "HF", "convert_torch_dist_to_hf.py",
-                  "--ref-load HF_DIR"):
+                  f"{instead} HF_DIR"):
         assert words in message
 
 

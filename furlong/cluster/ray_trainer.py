@@ -97,6 +97,9 @@ class TrainRank:
     def compute_log_probs(self, batch, reference: bool, weights_version: int | None):
         return self.actor.compute_log_probs(batch, reference, weights_version)
 
+    def compute_teacher_log_probs(self, batch):
+        return self.actor.compute_teacher_log_probs(batch)
+
     def snapshot_weights(self, version: int) -> None:
         self.actor.snapshot_weights(version)
 
@@ -185,6 +188,9 @@ class RayTrainGroup:
     def compute_log_probs(self, batch, reference: bool = False,
                           weights_version: int | None = None):
         return self._all("compute_log_probs", ray.put(batch), reference, weights_version)[0]
+
+    def compute_teacher_log_probs(self, batch):
+        return self._all("compute_teacher_log_probs", ray.put(batch))[0]
 
     def snapshot_weights(self, version: int) -> None:
         self._all("snapshot_weights", version)

@@ -303,6 +303,16 @@ class GrpoArgs(GrpoInertFlags):
                                            "experts of the old log-prob forward (2507.18071)")
     use_rollout_routing_replay: bool = flag(False, "MoE: training replays the engine's experts "
                                                    "of each token (R3, 2510.11370)")
+    use_opd: bool = flag(False, "On-policy distillation: each token's advantage less "
+                                "--opd-kl-coef x (student - teacher log-prob)")
+    opd_type: str | None = flag(help="--use-opd: where the teacher's log-probs come from: "
+                                     "megatron, a teacher model in the trainer "
+                                     "(--opd-teacher-load); sglang, each sample's "
+                                     "teacher_log_probs, set by a reward hook", choices=(
+                                         "sglang", "megatron"))
+    opd_kl_coef: float = flag(1.0, "--use-opd: weight of the reverse KL in the advantages")
+    opd_teacher_load: str | None = flag(help="--opd-type megatron: the teacher's weights (an HF "
+                                             "directory or a furlong checkpoint)")
 
     @property
     def records_routes(self) -> bool:
@@ -314,6 +324,11 @@ class GrpoArgs(GrpoInertFlags):
     def needs_reference(self) -> bool:
         """The reference model is loaded for the KL loss and for KL reward shaping."""
         return self.use_kl_loss or bool(self.kl_coef)
+
+    @property
+    def needs_teacher(self) -> bool:
+        """--opd-type megatron: the trainer loads the teacher and computes its log-probs."""
+        return self.use_opd and self.opd_type == "megatron"
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,8 @@ NO_CRITIC = "furlong has no critic model (--advantage-estimator ppo is refused)"
 NO_MULTI_LORA = "furlong trains one adapter per run; Miles' multi-LoRA service is not implemented"
 NO_EXPERT_LORA = ("furlong puts LoRA on attention and dense MLP projections; adapters on MoE "
                   "experts are not implemented")
-NO_DISTILLATION = "on-policy distillation from a teacher is not implemented in furlong"
+NO_DISTILLATION = ("furlong's on-policy distillation (--use-opd) uses the log-probs of the "
+                   "sampled tokens, one teacher per run")
 NO_FULLY_ASYNC = ("furlong's asynchrony is train_async.py: one rollout ahead, weights pushed "
                   "every --update-weights-interval rollouts")
 NO_SESSIONS = ("furlong's agent sessions are routes of every engine server and of the "
@@ -289,16 +290,13 @@ GrpoInertFlags = mixin(
           use_indexer_replay=SWITCH, use_rollout_indexer_replay=SWITCH),
     inert("furlong's rollout log-probs come from the engine's decode as sampled",
           true_on_policy_mode=SWITCH, recompute_logprobs_via_prefill=SWITCH),
-    inert(NO_DISTILLATION,
-          use_opd=SWITCH, opd_type=value(str, choices=("sglang", "megatron")),
-          opd_kl_coef=value(float, 1.0), opd_log_prob_top_k=value(int, 0),
+    inert(NO_DISTILLATION, opd_log_prob_top_k=value(int, 0),
           opd_top_k_strategy=value(str, "only-student", choices=(
               "only-student", "only-teacher", "intersection", "union", "xor")),
           opd_reward_weight_mode=value(str, "student_p",
                                        choices=("student_p", "teacher_p", "none")),
           opd_topk_per_position=SWITCH, opd_teacher_urls=value(str, nargs="+"),
-          opd_teacher_key=value(str, "opd_teacher"), opd_teacher_load=value(str),
-          opd_teacher_ckpt_step=value(int)),
+          opd_teacher_key=value(str, "opd_teacher"), opd_teacher_ckpt_step=value(int)),
     inert(NO_CRITIC, critic_lr=value(float), critic_lr_warmup_iters=value(int, 0),
           num_critic_only_steps=value(int, 0)),
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from furlong.config.groups import GROUPS, Config, PerfArgs, flag_fields
+from furlong.config.groups import GROUPS, Config, GrpoArgs, PerfArgs, flag_fields
 from furlong.config.lora_check import check_lora
 from furlong.config.parser import ConfigError, option_name
 from furlong.config.reward_types import LABELLED_REWARDS, split_rm_type
@@ -238,7 +238,23 @@ def _resolve_grpo(config: Config) -> Config:
                           "0 <= low <= high")
     _positive(g.ref_update_interval, "--ref-update-interval")
     _positive(g.opsm_delta, "--opsm-delta", allow_zero=True)
+    _check_distillation(g)
     return config
+
+
+def _check_distillation(g: GrpoArgs) -> None:
+    if not g.use_opd:
+        return
+    if g.opd_type is None:
+        raise ConfigError("--use-opd needs --opd-type: megatron (a teacher model in the trainer, "
+                          "--opd-teacher-load DIR) or sglang (each sample's teacher_log_probs, "
+                          "set by a reward hook)")
+    if g.needs_teacher and not g.opd_teacher_load:
+        raise ConfigError("--opd-type megatron needs --opd-teacher-load DIR: the teacher's HF "
+                          "directory (or a furlong checkpoint)")
+    if g.loss_type == "sft_loss":
+        raise ConfigError("--use-opd changes the advantages, which --loss-type sft_loss does "
+                          "not use: use --loss-type policy_loss")
 
 
 def _resolve_cluster(config: Config) -> Config:
@@ -295,10 +311,14 @@ def megatron_checkpoint(path: str | Path) -> Path | None:
 
 
 def _check_checkpoint_formats(config: Config) -> None:
-    """--load and --ref-load are furlong checkpoints or HF directories, not Megatron's."""
-    for name, what in (("load", "resumes furlong's own checkpoints (--save) only"),
-                       ("ref_load", "loads HF-format model directories and furlong checkpoints")):
-        path = getattr(config.ckpt, name)
+    """--load, --ref-load and --opd-teacher-load are furlong checkpoints or HF directories,
+    not Megatron's."""
+    models = "loads HF-format model directories and furlong checkpoints"
+    for group, name, what, instead in (
+            ("ckpt", "load", "resumes furlong's own checkpoints (--save) only", "hf_checkpoint"),
+            ("ckpt", "ref_load", models, "ref_load"),
+            ("grpo", "opd_teacher_load", models, "opd_teacher_load")):
+        path = getattr(getattr(config, group), name)
         found = megatron_checkpoint(path) if path else None
         if found is not None:
             raise ConfigError(
@@ -307,7 +327,7 @@ def _check_checkpoint_formats(config: Config) -> None:
                 f"{option_name(name)} {what}. Convert it to an HF directory first, e.g. with "
                 "Miles' tools/convert_torch_dist_to_hf.py --input-dir "
                 f"{found} --output-dir HF_DIR --origin-hf-dir "
-                f"{config.ckpt.hf_checkpoint}, then pass --ref-load HF_DIR")
+                f"{config.ckpt.hf_checkpoint}, then pass {option_name(instead)} HF_DIR")
 
 
 def _check_optimizer(config: Config) -> None:

@@ -1,11 +1,12 @@
 """--advantage-estimator and its flags -> the advantages of one rollout batch.
 
 The wiring between the flags (`GrpoArgs`) and the formulas of furlong.algo.advantages
-(written out in docs/algorithm.md), as train/objective.py is for the loss. Advantages
-are computed over the whole rollout batch at once, before it is split into optimizer
-steps and micro-batches. Groups are identified by the samples' group index: a custom
-generate function may return several samples per prompt, so groups need not be equal
-in size.
+(written out in docs/algorithm.md), as train/objective.py is for the loss; with
+--use-opd the teacher's reverse KL is subtracted from each token's advantage (before
+--normalize-advantages), as in Miles. Advantages are computed over the whole rollout
+batch at once, before it is split into optimizer steps and micro-batches. Groups are
+identified by the samples' group index: a custom generate function may return several
+samples per prompt, so groups need not be equal in size.
 """
 from __future__ import annotations
 
@@ -37,9 +38,24 @@ def compute_advantages(config: GrpoArgs, batch: TrainBatch, group_ids: list[int 
                                                   normalize_std=False)
         tokens = (adv.broadcast_to_tokens(scalars, sample_ids)
                   - config.kl_coef * _shaping_kl(config, batch, mask))
+    if config.use_opd:  # on-policy distillation: A_t - coef * (student_t - teacher_t)
+        tokens = tokens - config.opd_kl_coef * torch.cat(opd_reverse_kl(batch))
     if config.normalize_advantages:
         tokens = adv.whiten(tokens, mask)
     return list(tokens.split(counts)), scalars
+
+
+def opd_reverse_kl(batch: TrainBatch) -> list[torch.Tensor]:
+    """--use-opd: per sample, the student's (old) log-prob minus the teacher's of each
+    response token, the sampled-token estimate of KL(student || teacher)."""
+    teacher = batch.teacher_log_probs
+    for index, (student, values) in enumerate(zip(batch.old_log_probs, teacher, strict=True)):
+        if student.shape != values.shape:
+            raise ValueError(f"--use-opd: sample {index} has {len(values)} teacher log-probs "
+                             f"for {len(student)} response tokens; the teacher's log-prob of "
+                             "each response token is needed (sample.teacher_log_probs)")
+    return [student - values.to(student.device)
+            for student, values in zip(batch.old_log_probs, teacher, strict=True)]
 
 
 def _shaping_kl(config: GrpoArgs, batch: TrainBatch, mask: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,10 @@ class Trainer(Protocol):
         policy, of the reference, or of the weights pushed at `weights_version`
         (--keep-old-actor snapshots)."""
 
+    def compute_teacher_log_probs(self, batch: TrainBatch) -> list[torch.Tensor]:
+        """Per-sample log-probs of the response tokens under the teacher (--use-opd
+        --opd-type megatron), (R_i,) each."""
+
     def train(self, batch: TrainBatch) -> list[dict]:
         """The --num-steps-per-rollout optimizer steps on `batch` (old log-probs and
         advantages filled in); one dict of `train/*` metrics per step."""

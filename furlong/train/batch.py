@@ -35,6 +35,7 @@ class TrainBatch:
     old_log_probs: list[torch.Tensor] | None = None
     ref_log_probs: list[torch.Tensor] | None = None
     advantages: list[torch.Tensor] | None = None
+    teacher_log_probs: list[torch.Tensor] | None = None  # --use-opd
     routed_experts: list[torch.Tensor] | None = None  # (L_i - 1, layers, k) int32, to replay
 
     @classmethod
@@ -42,10 +43,11 @@ class TrainBatch:
                      routed_experts: bool = False) -> "TrainBatch":
         """`routed_experts`: carry each sample's `rollout_routed_experts` (every sample
         must have them, one row per token but the last)."""
-        rollout_log_probs = None
-        if all(s.rollout_log_probs is not None for s in samples):
-            rollout_log_probs = [torch.tensor(s.rollout_log_probs, dtype=torch.float32)
-                                 for s in samples]
+        def per_token(name: str) -> list[torch.Tensor] | None:  # if every sample has them
+            values = [getattr(s, name) for s in samples]
+            if any(v is None for v in values):
+                return None
+            return [torch.as_tensor(v, dtype=torch.float32) for v in values]
         return cls(
             tokens=[torch.tensor(s.tokens, dtype=torch.long) for s in samples],
             response_lengths=[s.response_length for s in samples],
@@ -54,7 +56,8 @@ class TrainBatch:
                         for s in samples],
             rewards=torch.tensor([s.scalar_reward(reward_key) if s.reward is not None else 0.0
                                   for s in samples], dtype=torch.float32),
-            rollout_log_probs=rollout_log_probs,
+            rollout_log_probs=per_token("rollout_log_probs"),
+            teacher_log_probs=per_token("teacher_log_probs"),
             routed_experts=rollout_routes(samples) if routed_experts else None)
 
     def __len__(self) -> int:

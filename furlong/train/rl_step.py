@@ -15,7 +15,8 @@ Where the old log-probs come from is decided by `old_log_probs_source` and nowhe
                         weights that generated it
     RECOMPUTED          a forward of the current weights before the first optimizer step:
                         the policy changes within the rollout (several steps), REINFORCE++
-                        shapes rewards with KL(old, ref), a custom loss reads them, or
+                        shapes rewards with KL(old, ref), on-policy distillation subtracts
+                        KL(old, teacher) from the advantages, a custom loss reads them, or
                         --lora-dropout makes the training forward another function
     TRAINING_FORWARD    otherwise: with one step per rollout the policy being improved is
                         the current one, and the training forward's own log-probs
@@ -47,7 +48,7 @@ import torch
 from furlong.algo import losses
 from furlong.config.groups import GrpoArgs, LoraArgs, RolloutArgs
 from furlong.sample import Sample
-from furlong.train.advantage_estimator import compute_advantages
+from furlong.train.advantage_estimator import compute_advantages, opd_reverse_kl
 from furlong.train.base import Trainer
 from furlong.train.batch import TrainBatch
 from furlong.train.flops import train_throughput
@@ -78,7 +79,7 @@ def old_log_probs_source(grpo: GrpoArgs, rollout: RolloutArgs,
         return OldLogProbs.ROLLOUT
     if rollout.keep_old_actor:
         return OldLogProbs.GENERATING_WEIGHTS
-    if rollout.num_steps_per_rollout > 1 or bool(grpo.kl_coef) or \
+    if rollout.num_steps_per_rollout > 1 or bool(grpo.kl_coef) or grpo.use_opd or \
             grpo.loss_type == "custom_loss" or lora_dropout > 0:
         return OldLogProbs.RECOMPUTED
     return OldLogProbs.TRAINING_FORWARD
@@ -138,17 +139,37 @@ class RLStep:
             with timed(metrics, "perf/ref_log_probs_time"):
                 batch.ref_log_probs, _ = self.trainer.compute_log_probs(
                     replace(batch, routed_experts=None), reference=True)
+        if self.grpo.use_opd:
+            self.fill_teacher_log_probs(batch, metrics)
         batch.advantages, normalized = compute_advantages(self.grpo, batch,
                                                           [s.group_index for s in samples])
         metrics["rollout/rewards"] = normalized.mean().item()
         per_token = {"rollout/log_probs": batch.old_log_probs,
                      "rollout/advantages": batch.advantages,
-                     "rollout/ref_log_probs": batch.ref_log_probs, "rollout/entropy": entropy}
+                     "rollout/ref_log_probs": batch.ref_log_probs, "rollout/entropy": entropy,
+                     "rollout/teacher_log_probs": batch.teacher_log_probs,
+                     "rollout/opd_reverse_kl": opd_reverse_kl(batch)
+                     if self.grpo.use_opd else None}
         mask = torch.cat(batch.loss_masks)
         for name, values in per_token.items():
             if values is not None:
                 metrics[name] = losses.masked_mean(torch.cat(values), mask).item()
         return metrics
+
+    def fill_teacher_log_probs(self, batch: TrainBatch, metrics: dict) -> None:
+        """--use-opd: batch.teacher_log_probs from the trainer's teacher (--opd-type
+        megatron), or checks that every sample brought them (sglang: a reward hook sets
+        sample.teacher_log_probs, as Miles' on-policy distillation examples do)."""
+        if self.grpo.needs_teacher:
+            with timed(metrics, "perf/teacher_log_probs_time"):
+                batch.teacher_log_probs = self.trainer.compute_teacher_log_probs(
+                    replace(batch, routed_experts=None))
+        elif batch.teacher_log_probs is None:
+            raise ValueError("--use-opd --opd-type sglang: some samples carry no "
+                             "teacher_log_probs; a reward hook (--custom-rm-path or "
+                             "--custom-reward-post-process-path) must set "
+                             "sample.teacher_log_probs, the teacher's log-prob of each "
+                             "response token (or use --opd-type megatron --opd-teacher-load)")
 
     def fill_old_log_probs(self, batch: TrainBatch, versions: list[int | None],
                            metrics: dict) -> list[torch.Tensor] | None:

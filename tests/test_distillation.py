@@ -1,0 +1,159 @@
+"""On-policy distillation (--use-opd): each token's advantage less --opd-kl-coef x the
+student's minus the teacher's log-prob, with the teacher in the trainer (--opd-type
+megatron) or brought by the samples (--opd-type sglang)."""
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_batch, reference_log_probs, train_argv
+from test_e2e import run, series
+
+from furlong.algo import advantages as adv
+from furlong.config import load_config
+from furlong.config.parser import ConfigError
+from furlong.model.loading import load_hf_model
+from furlong.sample import Sample
+from furlong.tiny import sharpened_state
+from furlong.train.actor import RankInfo, TrainActor
+from furlong.train.advantage_estimator import compute_advantages
+from furlong.train.rl_step import OldLogProbs, RLStep
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny, tmp_path_factory) -> Path:
+    """The tiny model with peaked next-token distributions, as an HF directory."""
+    model = load_hf_model(str(tiny / "model"))
+    model.load_state_dict(sharpened_state(tiny / "model"), strict=False)  # a tied head
+    path = tmp_path_factory.mktemp("teacher")
+    model.save_pretrained(path)
+    return path
+
+
+def opd_config(tiny, *flags, **given):
+    return load_config(train_argv(tiny, "--use-opd", *flags, **given))[0]
+
+
+def batch_with_log_probs(group_ids: list[int], seed: int):
+    batch = random_batch(len(group_ids), vocab=50, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    batch.old_log_probs = [-torch.rand(len(m), generator=generator) for m in batch.loss_masks]
+    batch.teacher_log_probs = [-torch.rand(len(m), generator=generator) for m in batch.loss_masks]
+    return batch
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_advantages_lose_the_reverse_kl_before_whitening(tiny, normalize):
+    group_ids = [0, 0, 0, 1, 1, 1]
+    batch = batch_with_log_probs(group_ids, seed=3)
+    config = opd_config(tiny, "--opd-type", "sglang", "--opd-kl-coef", "0.5").grpo
+    plain = load_config(train_argv(tiny))[0].grpo
+    base, _ = compute_advantages(plain, batch, group_ids)
+    expected = torch.cat([a - 0.5 * (old - teacher) for a, old, teacher
+                          in zip(base, batch.old_log_probs, batch.teacher_log_probs)])
+    if normalize:
+        config = load_config(train_argv(tiny, "--use-opd", "--opd-type", "sglang",
+                                        "--opd-kl-coef", "0.5", "--normalize-advantages"))[0].grpo
+        expected = adv.whiten(expected, torch.cat(batch.loss_masks))
+    got, _ = compute_advantages(config, batch, group_ids)
+    torch.testing.assert_close(torch.cat(got), expected)
+    assert not torch.allclose(torch.cat(got), torch.cat(base))
+
+
+def test_teacher_log_probs_of_another_length_are_refused_naming_the_sample(tiny):
+    batch = batch_with_log_probs([0, 0], seed=1)
+    batch.teacher_log_probs[1] = batch.teacher_log_probs[1][:-1]
+    config = opd_config(tiny, "--opd-type", "sglang").grpo
+    with pytest.raises(ValueError, match="sample 1 has .* teacher log-probs for"):
+        compute_advantages(config, batch, [0, 0])
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "--use-opd needs --opd-type"),
+    (["--opd-type", "megatron"], "--opd-type megatron needs --opd-teacher-load"),
+    (["--opd-type", "sglang", "--loss-type", "sft_loss"], "--loss-type sft_loss"),
+])
+def test_incomplete_distillation_flags_are_refused(tiny, flags, message):
+    with pytest.raises(ConfigError, match=message):
+        opd_config(tiny, *flags)
+
+
+def test_distillation_flags_act_and_the_top_k_ones_warn(tiny, teacher):
+    config, warnings = load_config(train_argv(
+        tiny, "--use-opd", "--opd-type", "megatron", "--opd-teacher-load", str(teacher),
+        "--opd-kl-coef", "2", "--opd-log-prob-top-k", "8"))
+    assert config.grpo.needs_teacher and config.grpo.opd_kl_coef == 2.0
+    assert [w for w in warnings if "opd" in w] == [
+        "--opd-log-prob-top-k has no effect in furlong: furlong's on-policy distillation "
+        "(--use-opd) uses the log-probs of the sampled tokens, one teacher per run; ignored"]
+    assert RLStep(config.grpo, config.rollout, None).old_log_probs is OldLogProbs.RECOMPUTED
+
+
+def test_the_trainers_teacher_scores_the_students_tokens(tiny, teacher):
+    config = opd_config(tiny, "--opd-type", "megatron", "--opd-teacher-load", str(teacher))
+    actor = TrainActor(config, RankInfo(), str(tiny / "model"), total_steps=1)
+    batch = random_batch(5, actor.model_config.vocab_size, seed=4)
+    got = actor.compute_teacher_log_probs(batch)
+    model = load_hf_model(str(teacher))
+    for tokens, response, values in zip(batch.tokens, batch.response_lengths, got):
+        with torch.no_grad():
+            expected = reference_log_probs(model, tokens, response,
+                                           config.rollout.rollout_temperature)
+        torch.testing.assert_close(values, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_teacher_of_another_vocabulary_is_refused(tiny, tmp_path):
+    model = load_hf_model(str(tiny / "model"))
+    model.resize_token_embeddings(model.config.vocab_size + 8)
+    model.save_pretrained(tmp_path / "wide")
+    config = opd_config(tiny, "--opd-type", "megatron", "--opd-teacher-load",
+                        str(tmp_path / "wide"))
+    with pytest.raises(ValueError, match="same tokenizer"):
+        TrainActor(config, RankInfo(), str(tiny / "model"), total_steps=1)
+
+
+def samples_of(batch, teacher: bool) -> list[list[Sample]]:
+    samples = [Sample(group_index=i // 2, index=i, tokens=t.tolist(), response_length=r,
+                      loss_mask=m.int().tolist(), reward=float(reward),
+                      teacher_log_probs=lp.tolist() if teacher else None)
+               for i, (t, r, m, reward, lp) in enumerate(zip(
+                   batch.tokens, batch.response_lengths, batch.loss_masks, batch.rewards,
+                   batch.teacher_log_probs))]
+    return [samples[i:i + 2] for i in range(0, len(samples), 2)]
+
+
+def test_samples_bring_the_teacher_log_probs_with_sglang(tiny):
+    """--opd-type sglang: the step distills from each sample's teacher_log_probs and logs
+    rollout/opd_reverse_kl, the masked mean of old minus teacher log-probs."""
+    config = opd_config(tiny, "--opd-type", "sglang", apply_chat_template=False,
+                        rollout_batch_size=2, num_rollout=1)
+    actor = TrainActor(config, RankInfo(), str(tiny / "model"), total_steps=1)
+    batch = random_batch(4, actor.model_config.vocab_size, seed=6)
+    generator = torch.Generator().manual_seed(6)
+    batch.teacher_log_probs = [-torch.rand(len(m), generator=generator) for m in batch.loss_masks]
+    step = RLStep(config.grpo, config.rollout, actor)
+    result = step(0, samples_of(batch, teacher=True))
+    old, _ = actor.compute_log_probs(result.batch)  # weights after the step: recompute before
+    mask = torch.cat(batch.loss_masks)
+    expected = (torch.cat(result.batch.old_log_probs) - torch.cat(batch.teacher_log_probs))
+    assert result.metrics["rollout/opd_reverse_kl"] == pytest.approx(
+        (expected * mask).sum().item() / mask.sum().item(), rel=1e-5)
+    assert not torch.allclose(torch.cat(old), torch.cat(result.batch.old_log_probs))
+    with pytest.raises(ValueError, match="carry no teacher_log_probs; a reward hook"):
+        step(1, samples_of(batch, teacher=False))
+
+
+def test_distillation_brings_the_student_to_the_teacher(tiny, teacher, tmp_path,
+                                                       monkeypatch):
+    """Pure distillation (every reward 0): the reverse KL to a peaked teacher falls."""
+    (tmp_path / "zero_reward_hook.py").write_text(
+        "def zero(args, sample, **kwargs):\n    return 0.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = run(train_argv(tiny, "--use-opd", "--opd-type", "megatron", "--opd-teacher-load",
+                          str(teacher), "--opd-kl-coef", "1", rm_type=None,
+                          custom_rm_path="zero_reward_hook.zero", lr="1e-2", num_rollout=12,
+                          n_samples_per_prompt=4, rollout_batch_size=16,
+                          rollout_max_response_len=8, run_dir=tmp_path / "run"))
+    kl = series(rows, "rollout/opd_reverse_kl")
+    assert len(kl) == 12 and all(v > 0 for v in kl.values())
+    first, last = sum(list(kl.values())[:3]) / 3, sum(list(kl.values())[-3:]) / 3
+    assert last < 0.85 * first, list(kl.values())  # 0.435 -> 0.335 here
