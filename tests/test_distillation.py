@@ -1,6 +1,7 @@
 """On-policy distillation (--use-opd): each token's advantage less --opd-kl-coef x the
 student's minus the teacher's log-prob, with the teacher in the trainer (--opd-type
 megatron) or brought by the samples (--opd-type sglang)."""
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -68,13 +69,18 @@ def test_teacher_log_probs_of_another_length_are_refused_naming_the_sample(tiny)
 
 
 @pytest.mark.parametrize("flags, message", [
-    ([], "--use-opd needs --opd-type"),
-    (["--opd-type", "megatron"], "--opd-type megatron needs --opd-teacher-load"),
-    (["--opd-type", "sglang", "--loss-type", "sft_loss"], "--loss-type sft_loss"),
+    (["--use-opd"], "--use-opd needs --opd-type"),
+    (["--use-opd", "--opd-type", "megatron"], "--opd-type megatron needs --opd-teacher-load"),
+    (["--use-opd", "--opd-type", "sglang", "--loss-type", "sft_loss"], "--loss-type sft_loss"),
+    (["--use-opd", "--opd-type", "sglang", "--opd-teacher-load", "t"],
+     "--opd-teacher-load t: --opd-type sglang takes"),
+    (["--use-opd", "--opd-type", "sglang", "--opd-kl-coef", "-1"], "--opd-kl-coef"),
+    (["--opd-type", "sglang", "--opd-kl-coef", "2"],
+     "--opd-type, --opd-kl-coef has no effect without --use-opd"),
 ])
 def test_incomplete_distillation_flags_are_refused(tiny, flags, message):
     with pytest.raises(ConfigError, match=message):
-        opd_config(tiny, *flags)
+        load_config(train_argv(tiny, *flags))
 
 
 def test_distillation_flags_act_and_the_top_k_ones_warn(tiny, teacher):
@@ -105,10 +111,11 @@ def test_a_teacher_of_another_vocabulary_is_refused(tiny, tmp_path):
     model = load_hf_model(str(tiny / "model"))
     model.resize_token_embeddings(model.config.vocab_size + 8)
     model.save_pretrained(tmp_path / "wide")
-    config = opd_config(tiny, "--opd-type", "megatron", "--opd-teacher-load",
-                        str(tmp_path / "wide"))
-    with pytest.raises(ValueError, match="same tokenizer"):
-        TrainActor(config, RankInfo(), str(tiny / "model"), total_steps=1)
+    with pytest.raises(ConfigError, match="--opd-teacher-load .*wide: the teacher's vocabulary "
+                                          "has .* same tokenizer"):
+        opd_config(tiny, "--opd-type", "megatron", "--opd-teacher-load", str(tmp_path / "wide"))
+    with pytest.raises(ConfigError, match="--opd-teacher-load .*absent: "):
+        opd_config(tiny, "--opd-type", "megatron", "--opd-teacher-load", str(tmp_path / "absent"))
 
 
 def samples_of(batch, teacher: bool) -> list[list[Sample]]:
@@ -138,8 +145,12 @@ def test_samples_bring_the_teacher_log_probs_with_sglang(tiny):
     assert result.metrics["rollout/opd_reverse_kl"] == pytest.approx(
         (expected * mask).sum().item() / mask.sum().item(), rel=1e-5)
     assert not torch.allclose(torch.cat(old), torch.cat(result.batch.old_log_probs))
-    with pytest.raises(ValueError, match="carry no teacher_log_probs; a reward hook"):
+    with pytest.raises(ValueError, match=r"4 samples \(group, index\) carry no "
+                                         r"teacher_log_probs, e.g. \[\(0, 0\), \(0, 1\)"):
         step(1, samples_of(batch, teacher=False))
+    batch = replace(result.batch, old_log_probs=None)  # --use-rollout-logprobs, none given
+    with pytest.raises(ValueError, match="sample.rollout_log_probs"):
+        compute_advantages(config.grpo, batch, [0, 0, 1, 1])
 
 
 def test_distillation_brings_the_student_to_the_teacher(tiny, teacher, tmp_path,

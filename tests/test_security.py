@@ -312,7 +312,8 @@ def test_a_megatron_checkpoint_is_refused_by_validation(grpo_argv, tmp_path, fla
                                                         layout):
     path = megatron_save(tmp_path / "megatron", layout)
     with pytest.raises(ConfigError) as error:
-        load_config([*grpo_argv, flag, str(path)])
+        load_config([*grpo_argv, flag, str(path),
+                     *(["--use-opd", "--opd-type", "megatron"] if "opd" in flag else [])])
     message = str(error.value)
     assert message.startswith(f"{flag} {path}")
     for words in ("Megatron distributed checkpoint", "HF", "convert_torch_dist_to_hf.py",

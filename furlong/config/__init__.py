@@ -34,6 +34,8 @@ def load_config(argv: list[str], prog: str = "train.py") -> tuple[Config, list[s
     check_tensor_parallel(config.perf.tensor_model_parallel_size, hf, directory)
     check_routing_replay(config.grpo, hf, directory)
     check_checkpoint_paths(config)
+    if config.grpo.needs_teacher:
+        check_teacher(config, hf)
     return config, warnings
 
 
@@ -52,6 +54,24 @@ def check_checkpoint_paths(config: Config) -> None:
             resolve_hf_dir(ckpt.ref_load)
         except (OSError, ValueError) as error:
             raise ConfigError(f"--ref-load {ckpt.ref_load}: {error}") from None
+
+
+def check_teacher(config: Config, student: dict) -> None:
+    """--opd-teacher-load: an HF directory (or furlong checkpoint) of a model that scores
+    the student's tokens (the same vocabulary as `student`, the policy's HF config) under
+    the run's tensor parallelism."""
+    from furlong.model.loading import resolve_hf_dir
+    path = config.grpo.opd_teacher_load
+    try:
+        teacher = read_hf_config(resolve_hf_dir(path))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--opd-teacher-load {path}: {error}") from None
+    if teacher.get("vocab_size") != student.get("vocab_size"):
+        raise ConfigError(f"--opd-teacher-load {path}: the teacher's vocabulary has "
+                          f"{teacher.get('vocab_size')} tokens and the student's "
+                          f"{student.get('vocab_size')}; on-policy distillation scores the "
+                          "student's tokens, so both models need the same tokenizer")
+    check_tensor_parallel(config.perf.tensor_model_parallel_size, teacher, path)
 
 
 def custom_config_argv(config: Config) -> tuple[list[str], list[str]]:

@@ -296,7 +296,9 @@ GrpoInertFlags = mixin(
           opd_reward_weight_mode=value(str, "student_p",
                                        choices=("student_p", "teacher_p", "none")),
           opd_topk_per_position=SWITCH, opd_teacher_urls=value(str, nargs="+"),
-          opd_teacher_key=value(str, "opd_teacher"), opd_teacher_ckpt_step=value(int)),
+          opd_teacher_key=value(str, "opd_teacher")),
+    inert("--opd-teacher-load reads an HF directory, or a furlong checkpoint's latest "
+          "iteration", opd_teacher_ckpt_step=value(int)),
     inert(NO_CRITIC, critic_lr=value(float), critic_lr_warmup_iters=value(int, 0),
           num_critic_only_steps=value(int, 0)),
 )

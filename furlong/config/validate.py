@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from furlong.config.groups import GROUPS, Config, GrpoArgs, PerfArgs, flag_fields
+from furlong.config.groups import GROUPS, Config, PerfArgs, flag_fields
 from furlong.config.lora_check import check_lora
 from furlong.config.parser import ConfigError, option_name
 from furlong.config.reward_types import LABELLED_REWARDS, split_rm_type
@@ -238,13 +238,24 @@ def _resolve_grpo(config: Config) -> Config:
                           "0 <= low <= high")
     _positive(g.ref_update_interval, "--ref-update-interval")
     _positive(g.opsm_delta, "--opsm-delta", allow_zero=True)
-    _check_distillation(g)
+    _check_distillation(config)
     return config
 
 
-def _check_distillation(g: GrpoArgs) -> None:
+def _check_distillation(config: Config) -> None:
+    g = config.grpo
+    _positive(g.opd_kl_coef, "--opd-kl-coef", allow_zero=True)
     if not g.use_opd:
+        given = [option_name(name) for name in ("opd_type", "opd_kl_coef", "opd_teacher_load")
+                 if config.given(f"grpo.{name}")]
+        if given:
+            raise ConfigError(f"{', '.join(given)} has no effect without --use-opd: add "
+                              "--use-opd, or leave the flag out")
         return
+    if g.opd_teacher_load and not g.needs_teacher:
+        raise ConfigError(f"--opd-teacher-load {g.opd_teacher_load}: --opd-type {g.opd_type} "
+                          "takes the teacher's log-probs from the samples; load a teacher "
+                          "with --opd-type megatron, or leave the flag out")
     if g.opd_type is None:
         raise ConfigError("--use-opd needs --opd-type: megatron (a teacher model in the trainer, "
                           "--opd-teacher-load DIR) or sglang (each sample's teacher_log_probs, "

@@ -97,7 +97,8 @@ class TrainActor:
         if config.grpo.needs_reference and self.lora is None:
             self.ref_policy = self._build_policy(
                 config.ckpt.ref_load or config.ckpt.hf_checkpoint, trainable=False)
-        self.teacher = self._build_teacher() if config.grpo.needs_teacher else None
+        self.teacher = self._build_policy(config.grpo.opd_teacher_load, trainable=False) \
+            if config.grpo.needs_teacher else None  # --opd-type megatron (config checks it)
         self.optimizer = build_optimizer(self._optimized_parameters(), config.optimizer)
         self.scheduler = LRScheduler(self.optimizer, config.optimizer, total_steps)
         self.loss_hook = loss_hook
@@ -178,19 +179,6 @@ class TrainActor:
                                           self.rank.device.type)
         return parallel.parallelize(policy, self.mesh, perf, self.rank.device.type == "cuda",
                                     self.expert_mesh, offload)
-
-    def _build_teacher(self) -> CausalLMPolicy:
-        """--opd-type megatron: the frozen teacher, sharded as the reference is; it must
-        score the student's tokens, so it shares the student's vocabulary."""
-        path = self.config.grpo.opd_teacher_load
-        teacher = self._build_policy(path, trainable=False)
-        sizes = (self.model_config.vocab_size, teacher.hf_model.config.vocab_size)
-        if sizes[0] != sizes[1]:
-            raise ValueError(f"--opd-teacher-load {path}: the teacher's vocabulary has "
-                             f"{sizes[1]} tokens and the student's {sizes[0]}; on-policy "
-                             "distillation scores the student's tokens, so both models need "
-                             "the same tokenizer")
-        return teacher
 
     # ---- splitting -------------------------------------------------------------------
     def _micro_batches(self, batch: TrainBatch, indices: list[int]) -> list[list[int]]:

@@ -49,6 +49,11 @@ def opd_reverse_kl(batch: TrainBatch) -> list[torch.Tensor]:
     """--use-opd: per sample, the student's (old) log-prob minus the teacher's of each
     response token, the sampled-token estimate of KL(student || teacher)."""
     teacher = batch.teacher_log_probs
+    if batch.old_log_probs is None:
+        raise ValueError("--use-opd with --use-rollout-logprobs needs the engine's log-probs "
+                         "of every sample (sample.rollout_log_probs), and some have none; a "
+                         "custom generate function must fill them, or leave out "
+                         "--use-rollout-logprobs")
     for index, (student, values) in enumerate(zip(batch.old_log_probs, teacher, strict=True)):
         if student.shape != values.shape:
             raise ValueError(f"--use-opd: sample {index} has {len(values)} teacher log-probs "

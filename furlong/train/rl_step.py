@@ -140,7 +140,7 @@ class RLStep:
                 batch.ref_log_probs, _ = self.trainer.compute_log_probs(
                     replace(batch, routed_experts=None), reference=True)
         if self.grpo.use_opd:
-            self.fill_teacher_log_probs(batch, metrics)
+            self.fill_teacher_log_probs(batch, samples, metrics)
         batch.advantages, normalized = compute_advantages(self.grpo, batch,
                                                           [s.group_index for s in samples])
         metrics["rollout/rewards"] = normalized.mean().item()
@@ -156,7 +156,8 @@ class RLStep:
                 metrics[name] = losses.masked_mean(torch.cat(values), mask).item()
         return metrics
 
-    def fill_teacher_log_probs(self, batch: TrainBatch, metrics: dict) -> None:
+    def fill_teacher_log_probs(self, batch: TrainBatch, samples: list[Sample],
+                               metrics: dict) -> None:
         """--use-opd: batch.teacher_log_probs from the trainer's teacher (--opd-type
         megatron), or checks that every sample brought them (sglang: a reward hook sets
         sample.teacher_log_probs, as Miles' on-policy distillation examples do)."""
@@ -165,8 +166,10 @@ class RLStep:
                 batch.teacher_log_probs = self.trainer.compute_teacher_log_probs(
                     replace(batch, routed_experts=None))
         elif batch.teacher_log_probs is None:
-            raise ValueError("--use-opd --opd-type sglang: some samples carry no "
-                             "teacher_log_probs; a reward hook (--custom-rm-path or "
+            missing = [(s.group_index, s.index) for s in samples if s.teacher_log_probs is None]
+            raise ValueError(f"--use-opd --opd-type sglang: {len(missing)} samples (group, "
+                             f"index) carry no teacher_log_probs, e.g. {missing[:4]}; a "
+                             "reward hook (--custom-rm-path or "
                              "--custom-reward-post-process-path) must set "
                              "sample.teacher_log_probs, the teacher's log-prob of each "
                              "response token (or use --opd-type megatron --opd-teacher-load)")
