@@ -178,6 +178,17 @@ def trainer_batch(actor, num_samples: int, seed: int) -> TrainBatch:
     return batch
 
 
+def write_teacher(tiny: Path, directory: Path) -> Path:
+    """The tiny model with peaked next-token distributions (`sharpened_state`), as an HF
+    directory: a teacher for on-policy distillation that differs from the student."""
+    from furlong.model.loading import load_hf_model
+    from furlong.tiny import sharpened_state
+    model = load_hf_model(str(tiny / "model"))
+    model.load_state_dict(sharpened_state(tiny / "model"), strict=False)  # a tied head
+    model.save_pretrained(directory)
+    return directory
+
+
 def reference_log_probs(hf_model, tokens: torch.Tensor, response: int,
                         temperature: float) -> torch.Tensor:
     """Independent computation: one unpacked forward, full logits, log_softmax."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_batch, reference_log_probs, train_argv
+from conftest import random_batch, reference_log_probs, train_argv, write_teacher
 from test_e2e import run, series
 
 from furlong.algo import advantages as adv
@@ -14,7 +14,6 @@ from furlong.config import load_config
 from furlong.config.parser import ConfigError
 from furlong.model.loading import load_hf_model
 from furlong.sample import Sample
-from furlong.tiny import sharpened_state
 from furlong.train.actor import RankInfo, TrainActor
 from furlong.train.advantage_estimator import compute_advantages
 from furlong.train.rl_step import OldLogProbs, RLStep
@@ -22,12 +21,7 @@ from furlong.train.rl_step import OldLogProbs, RLStep
 
 @pytest.fixture(scope="module")
 def teacher(tiny, tmp_path_factory) -> Path:
-    """The tiny model with peaked next-token distributions, as an HF directory."""
-    model = load_hf_model(str(tiny / "model"))
-    model.load_state_dict(sharpened_state(tiny / "model"), strict=False)  # a tied head
-    path = tmp_path_factory.mktemp("teacher")
-    model.save_pretrained(path)
-    return path
+    return write_teacher(tiny, tmp_path_factory.mktemp("teacher"))
 
 
 def opd_config(tiny, *flags, **given):

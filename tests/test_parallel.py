@@ -33,7 +33,7 @@ from furlong.train.actor import RankInfo, TrainActor
 from furlong.train.advantage_estimator import compute_advantages
 from furlong.train.batch import TrainBatch
 
-from conftest import policy_config, random_batch
+from conftest import policy_config, random_batch, write_teacher
 
 WORLD = 2
 METRICS = ("train/loss", "train/pg_loss", "train/kl_loss", "train/entropy_loss",
@@ -54,6 +54,11 @@ RUNS = {
 RUNS |= {f"{name}_balanced": (1, [*RUNS[name][1], "--balance-data"])
          for name in ("dp", "dp_token_dynamic")}
 RESUME_FLAGS = ["--lr", "1e-3"]
+TEACHER_RUNS = (RUNS["dp"], RUNS["tp"])  # --opd-type megatron's teacher, sharded
+
+
+def teacher_flags(out: Path) -> list[str]:
+    return ["--use-opd", "--opd-type", "megatron", "--opd-teacher-load", str(out / "teacher")]
 
 
 def single_process_flags(extra: list[str]) -> list[str]:
@@ -110,6 +115,9 @@ def _worker(rank: int, port: int, tiny: Path, batch, out: Path, device_type: str
         info = parallel.rank_info(rank, WORLD, tp, device_type, master_port=port)
         return TrainActor(policy_config(tiny, extra), info, str(init or tiny / "model"), 2)
 
+    for tp, extra in TEACHER_RUNS:
+        results[f"teacher/tp{tp}"] = actor_for(tp, [*extra, *teacher_flags(out)]) \
+            .compute_teacher_log_probs(batch)
     for name, (tp, extra) in RUNS.items():
         actor = actor_for(tp, extra)
         results[f"{name}/weights"] = cpu_weights(actor)
@@ -200,6 +208,7 @@ def ranks(tiny, tmp_path_factory):
     with FileLock(f"{out}.lock"):
         if not (out / "results.pt").is_file():
             out.mkdir(exist_ok=True)
+            write_teacher(tiny, out / "teacher")
             mp.spawn(_worker, args=(free_port(), tiny, batch, out), nprocs=WORLD)
     return batch, torch.load(out / "results.pt", weights_only=True), out
 
@@ -242,6 +251,20 @@ def assert_engine_serves_the_push(pushed: dict, tiny: Path, query: str) -> None:
 def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor) -> None:
     scale = float(expected.abs().max()) if expected.numel() else 1.0
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_a_sharded_teacher_scores_as_one_process(tiny, ranks):
+    """--opd-type megatron over data- and tensor-parallel ranks: the teacher's log-probs
+    of every sample equal one process's teacher's, which are not the policy's."""
+    batch, results, out = ranks
+    actor = TrainActor(policy_config(tiny, teacher_flags(out)), RankInfo(),
+                       str(tiny / "model"), 2)
+    expected = actor.compute_teacher_log_probs(batch)
+    policy = actor.compute_log_probs(batch)[0]
+    assert not torch.allclose(torch.cat(expected), torch.cat(policy), atol=1e-2)
+    for tp, _ in TEACHER_RUNS:
+        for actual, want in zip(results[f"teacher/tp{tp}"], expected, strict=True):
+            torch.testing.assert_close(actual, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(RUNS))
@@ -439,6 +462,7 @@ def test_two_gpus_match_one_process_in_bf16(tiny, tmp_path):
     """The NCCL path: data, tensor and sequence parallel on 2 GPUs give the float32
     one-process step to bfloat16 accuracy, and resume exactly."""
     batch = prepared_batch(tiny)
+    write_teacher(tiny, tmp_path / "teacher")
     mp.spawn(_worker, args=(free_port(), tiny, batch, tmp_path, "cuda"), nprocs=WORLD)
     results = torch.load(tmp_path / "results.pt", weights_only=True)
     for name, (_, extra) in RUNS.items():
