@@ -252,14 +252,14 @@ def _check_distillation(config: Config) -> None:
             raise ConfigError(f"{', '.join(given)} has no effect without --use-opd: add "
                               "--use-opd, or leave the flag out")
         return
-    if g.opd_teacher_load and not g.needs_teacher:
-        raise ConfigError(f"--opd-teacher-load {g.opd_teacher_load}: --opd-type {g.opd_type} "
-                          "takes the teacher's log-probs from the samples; load a teacher "
-                          "with --opd-type megatron, or leave the flag out")
     if g.opd_type is None:
         raise ConfigError("--use-opd needs --opd-type: megatron (a teacher model in the trainer, "
                           "--opd-teacher-load DIR) or sglang (each sample's teacher_log_probs, "
                           "set by a reward hook)")
+    if g.opd_teacher_load and not g.needs_teacher:
+        raise ConfigError(f"--opd-teacher-load {g.opd_teacher_load}: --opd-type {g.opd_type} "
+                          "takes the teacher's log-probs from the samples; load a teacher "
+                          "with --opd-type megatron, or leave the flag out")
     if g.needs_teacher and not g.opd_teacher_load:
         raise ConfigError("--opd-type megatron needs --opd-teacher-load DIR: the teacher's HF "
                           "directory (or a furlong checkpoint)")
