@@ -69,6 +69,8 @@ def test_teacher_log_probs_of_another_length_are_refused_naming_the_sample(tiny)
     (["--use-opd", "--opd-type", "sglang", "--opd-teacher-load", "t"],
      "--opd-teacher-load t: --opd-type sglang takes"),
     (["--use-opd", "--opd-type", "sglang", "--opd-kl-coef", "-1"], "--opd-kl-coef"),
+    (["--use-opd", "--opd-type", "sglang", "--opd-log-prob-top-k", "8"],
+     "--opd-log-prob-top-k 8: .* top-k distillation is not built"),
     (["--opd-type", "sglang", "--opd-kl-coef", "2"],
      "--opd-type, --opd-kl-coef has no effect without --use-opd"),
 ])
@@ -80,11 +82,12 @@ def test_incomplete_distillation_flags_are_refused(tiny, flags, message):
 def test_distillation_flags_act_and_the_top_k_ones_warn(tiny, teacher):
     config, warnings = load_config(train_argv(
         tiny, "--use-opd", "--opd-type", "megatron", "--opd-teacher-load", str(teacher),
-        "--opd-kl-coef", "2", "--opd-log-prob-top-k", "8"))
+        "--opd-kl-coef", "2", "--opd-log-prob-top-k", "0", "--opd-top-k-strategy", "union"))
     assert config.grpo.needs_teacher and config.grpo.opd_kl_coef == 2.0
     assert [w for w in warnings if "opd" in w] == [
-        "--opd-log-prob-top-k has no effect in furlong: furlong's on-policy distillation "
-        "(--use-opd) uses the log-probs of the sampled tokens, one teacher per run; ignored"]
+        "--opd-top-k-strategy has no effect in furlong: furlong's on-policy distillation "
+        "(--use-opd) uses the log-probs of the sampled tokens (--opd-log-prob-top-k 0), one "
+        "teacher per run; ignored"]
     assert RLStep(config.grpo, config.rollout, None).old_log_probs is OldLogProbs.RECOMPUTED
 
 

@@ -311,6 +311,8 @@ class GrpoArgs(GrpoInertFlags):
                                      "teacher_log_probs, set by a reward hook", choices=(
                                          "sglang", "megatron"))
     opd_kl_coef: float = flag(1.0, "--use-opd: weight of the reverse KL in the advantages")
+    opd_log_prob_top_k: int = flag(0, "--use-opd: 0, the KL of the sampled tokens (the only "
+                                      "kind furlong has)")
     opd_teacher_load: str | None = flag(help="--opd-type megatron: the teacher's weights (an HF "
                                              "directory or a furlong checkpoint)")
 

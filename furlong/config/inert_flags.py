@@ -74,7 +74,7 @@ NO_MULTI_LORA = "furlong trains one adapter per run; Miles' multi-LoRA service i
 NO_EXPERT_LORA = ("furlong puts LoRA on attention and dense MLP projections; adapters on MoE "
                   "experts are not implemented")
 NO_DISTILLATION = ("furlong's on-policy distillation (--use-opd) uses the log-probs of the "
-                   "sampled tokens, one teacher per run")
+                   "sampled tokens (--opd-log-prob-top-k 0), one teacher per run")
 NO_FULLY_ASYNC = ("furlong's asynchrony is train_async.py: one rollout ahead, weights pushed "
                   "every --update-weights-interval rollouts")
 NO_SESSIONS = ("furlong's agent sessions are routes of every engine server and of the "
@@ -290,8 +290,7 @@ GrpoInertFlags = mixin(
           use_indexer_replay=SWITCH, use_rollout_indexer_replay=SWITCH),
     inert("furlong's rollout log-probs come from the engine's decode as sampled",
           true_on_policy_mode=SWITCH, recompute_logprobs_via_prefill=SWITCH),
-    inert(NO_DISTILLATION, opd_log_prob_top_k=value(int, 0),
-          opd_top_k_strategy=value(str, "only-student", choices=(
+    inert(NO_DISTILLATION, opd_top_k_strategy=value(str, "only-student", choices=(
               "only-student", "only-teacher", "intersection", "union", "xor")),
           opd_reward_weight_mode=value(str, "student_p",
                                        choices=("student_p", "teacher_p", "none")),

@@ -246,7 +246,8 @@ def _check_distillation(config: Config) -> None:
     g = config.grpo
     _positive(g.opd_kl_coef, "--opd-kl-coef", allow_zero=True)
     if not g.use_opd:
-        given = [option_name(name) for name in ("opd_type", "opd_kl_coef", "opd_teacher_load")
+        given = [option_name(name) for name in ("opd_type", "opd_kl_coef", "opd_teacher_load",
+                                                "opd_log_prob_top_k")
                  if config.given(f"grpo.{name}")]
         if given:
             raise ConfigError(f"{', '.join(given)} has no effect without --use-opd: add "
@@ -263,6 +264,10 @@ def _check_distillation(config: Config) -> None:
     if g.needs_teacher and not g.opd_teacher_load:
         raise ConfigError("--opd-type megatron needs --opd-teacher-load DIR: the teacher's HF "
                           "directory (or a furlong checkpoint)")
+    if g.opd_log_prob_top_k:
+        raise ConfigError(f"--opd-log-prob-top-k {g.opd_log_prob_top_k}: furlong's on-policy "
+                          "distillation uses the teacher's log-prob of the sampled token only; "
+                          "top-k distillation is not built: set 0 or leave the flag out")
     if g.loss_type == "sft_loss":
         raise ConfigError("--use-opd changes the advantages, which --loss-type sft_loss does "
                           "not use: use --loss-type policy_loss")
