@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from furlong.config.groups import GROUPS, Config, flag_fields
 from furlong.config.model_check import (check_model_args, check_routing_replay,
@@ -43,29 +44,31 @@ def check_checkpoint_paths(config: Config) -> None:
     """--load's tracker and --ref-load's model resolve now, not after the data and the
     policy have loaded (and under --dry-run). A --load without a tracker is a fresh run."""
     from furlong.checkpoint import latest_iteration
-    from furlong.model.loading import resolve_hf_dir
     ckpt = config.ckpt
     try:
         latest_iteration(ckpt.load)
     except (OSError, ValueError) as error:
         raise ConfigError(f"--load {ckpt.load}: {error}") from None
     if ckpt.ref_load is not None:
-        try:
-            resolve_hf_dir(ckpt.ref_load)
-        except (OSError, ValueError) as error:
-            raise ConfigError(f"--ref-load {ckpt.ref_load}: {error}") from None
+        model_dir("ref_load", ckpt.ref_load)
+
+
+def model_dir(name: str, path: str) -> Path:
+    """The HF directory that flag `name`'s `path` (an HF directory or a furlong
+    checkpoint) loads; a ConfigError naming the flag if there is none."""
+    from furlong.model.loading import resolve_hf_dir
+    try:
+        return resolve_hf_dir(path)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{option_name(name)} {path}: {error}") from None
 
 
 def check_teacher(config: Config, student: dict) -> None:
     """--opd-teacher-load: an HF directory (or furlong checkpoint) of a model that scores
     the student's tokens (the same vocabulary as `student`, the policy's HF config) under
     the run's tensor parallelism."""
-    from furlong.model.loading import resolve_hf_dir
     path = config.grpo.opd_teacher_load
-    try:
-        teacher = read_hf_config(resolve_hf_dir(path))
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"--opd-teacher-load {path}: {error}") from None
+    teacher = read_hf_config(model_dir("opd_teacher_load", path))
     if teacher.get("vocab_size") != student.get("vocab_size"):
         raise ConfigError(f"--opd-teacher-load {path}: the teacher's vocabulary has "
                           f"{teacher.get('vocab_size')} tokens and the student's "

@@ -84,8 +84,9 @@ def sum_gradient(grad: torch.Tensor, group: dist.ProcessGroup | None) -> None:
     --optimizer-cpu-offload the shard is in host memory, and NCCL sums device tensors:
     it goes through the device and back."""
     local = grad.to_local() if isinstance(grad, DTensor) else grad
-    if local.device.type == "cpu" and dist.get_backend(group) == "nccl":
-        summed = local.to(torch.cuda.current_device())
+    device = collective_device(group)
+    if local.device != device:
+        summed = local.to(device)
         dist.all_reduce(summed, group=group)
         local.copy_(summed)
     else:
@@ -107,7 +108,7 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float,
     # Every rank joins the all-reduce, one with no gradient too (a pipeline stage whose
     # layers hold no adapter).
     locals_ = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    device = _collective_device()
+    device = collective_device()
     norms = torch.stack(torch._foreach_norm(locals_, 2, dtype=torch.float64)) if locals_ \
         else torch.zeros(0, dtype=torch.float64, device=device)  # one launch
     if uncounted is not None and uncounted.grad is not None:
@@ -123,9 +124,10 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float,
     return norm
 
 
-def _collective_device() -> torch.device:
-    """Where the default process group's collectives take tensors."""
-    if dist.get_backend() == "nccl":
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where `group`'s collectives (the default group's) take tensors: the current GPU
+    under NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
