@@ -276,3 +276,27 @@ def test_gpu_graphs_match_eager(tiny, tokenizer):
         outputs.append([o.output_ids for o in run_all(engine, requests(tokenizer))])
         asyncio.run(engine.close())
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.gpu
+def test_gpu_scoring_equals_an_hf_forward_beside_generation(tiny, tokenizer):
+    """`score` (a teacher server's input_token_logprobs) on the GPU, between the engine's
+    CUDA-graph steps: the log-softmax of a plain HF forward."""
+    model = load_hf_model(str(tiny / "model"), torch.float32, "cuda")
+    engine = FastEngine(model, tokenizer, max_num_seqs=32, kv_cache_tokens=8192)
+    ids = prompt_ids(tokenizer, "12+34=") + prompt_ids(tokenizer, "56+78=")
+
+    async def generate_and_score():
+        outputs = asyncio.gather(*(engine.generate(prompt, params)
+                                   for prompt, params in requests(tokenizer)))
+        scores = await engine.score(ids)
+        await outputs
+        return scores
+    try:
+        scores = asyncio.run(generate_and_score())
+    finally:
+        asyncio.run(engine.close())
+    with torch.no_grad():
+        logits = model(torch.tensor([ids], device="cuda")).logits[0, :-1].float()
+    expected = logits.log_softmax(-1).gather(1, torch.tensor(ids[1:], device="cuda")[:, None])
+    torch.testing.assert_close(torch.tensor(scores), expected[:, 0].cpu(), rtol=0, atol=1e-4)

@@ -27,6 +27,7 @@ from aiohttp import web
 from conftest import slowed
 from transformers import AutoTokenizer
 
+from furlong.engine import scoring
 from furlong.engine.base import SamplingParams
 from furlong.engine.client import EngineHTTPError, HTTPEngine
 from furlong.engine.fast import FastEngine
@@ -284,6 +285,37 @@ def test_batches_text_and_the_raw_response_shape(server, tokenizer, prompt_ids):
     assert isinstance(texts, list) and texts[0]["output_ids"] == one["output_ids"]
 
 
+@pytest.mark.parametrize("engine", ["hf", "fast"])
+def test_input_log_probs_score_the_prompt_as_a_teacher_server_does(checkpoints, tokenizer,
+                                                                    prompt_ids, engine,
+                                                                    monkeypatch):
+    """SGLang's scoring request (what on-policy distillation sends a teacher): no new tokens,
+    input_token_logprobs from logprob_start_len, equal to a plain HF forward's log-softmax
+    (the output projection in several chunks of positions)."""
+    monkeypatch.setattr(scoring, "CHUNK_POSITIONS", 7)
+    ids = prompt_ids[1] + prompt_ids[4][3:]
+    assert len(ids) > 2 * scoring.CHUNK_POSITIONS
+    model = load_hf_model(str(checkpoints["base"]))
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+    expected = expected.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    thread = ServerThread(checkpoints["base"], tokenizer, engine=engine)
+    try:
+        body = {"input_ids": ids, "return_logprob": True, "logprob_start_len": 0,
+                "sampling_params": {"temperature": 0, "max_new_tokens": 0,
+                                    "skip_special_tokens": False}}
+        item = post(thread.url, "/generate", body).json()
+        tail = post(thread.url, "/generate", {**body, "logprob_start_len": 5}).json()
+    finally:
+        thread.stop()
+    scored = item["meta_info"]["input_token_logprobs"]
+    assert item["output_ids"] == [] and item["meta_info"]["output_token_logprobs"] == []
+    assert [entry[1] for entry in scored] == ids and scored[0][0] is None
+    torch.testing.assert_close(torch.tensor([entry[0] for entry in scored[1:]]), expected,
+                               rtol=0, atol=1e-5)
+    assert tail["meta_info"]["input_token_logprobs"] == scored[5:]
+
+
 @pytest.mark.parametrize("path, body, field", [
     ("/generate", {"input_ids": [1, 2], "sampling_params": {"temperature": -1}}, "temperature"),
     ("/generate", {"input_ids": [1, 2], "sampling_params": {"max_tokens": 5}}, "max_tokens"),
@@ -292,7 +324,12 @@ def test_batches_text_and_the_raw_response_shape(server, tokenizer, prompt_ids):
     ("/generate", {"sampling_params": {}}, "input_ids"),
     ("/generate", {"input_ids": [[1], [2]], "sampling_params": [{}]}, "sampling_params"),
     ("/generate", {"input_ids": [1], "return_logprob": "yes"}, "return_logprob"),
-    ("/generate", {"input_ids": [1], "logprob_start_len": 0}, "logprob_start_len"),
+    ("/generate", {"input_ids": [1], "return_logprob": True, "logprob_start_len": 1},
+     "logprob_start_len"),
+    ("/generate", {"input_ids": [1, 2], "return_logprob": True, "logprob_start_len": "0"},
+     "logprob_start_len"),
+    ("/generate", {"input_ids": [1, 2], "return_logprob": True, "logprob_start_len": 0,
+                   "lora_path": "a"}, "lora_path"),
     ("/generate", "[1, 2]", "JSON object"),
     ("/abort_request", {}, "abort_all"),
     ("/abort_request", {"rid": 7}, "rid"),

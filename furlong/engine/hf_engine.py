@@ -33,6 +33,7 @@ from transformers import DynamicCache
 from furlong.engine.base import GenerateOutput, SamplingParams, check_lora_path
 from furlong.engine.fast.lora import LoraAdapters, LoraGroup
 from furlong.engine.sampling import sample_tokens
+from furlong.engine.scoring import token_log_probs
 from furlong.engine.stops import ended_on_stop_token, response_text, stop_string_end
 from furlong.model.loading import eos_token_ids, load_named_tensors
 from furlong.model.moe import RoutingReplay, is_moe
@@ -151,6 +152,15 @@ class HFEngine:
             if request in self._pending:
                 self._pending.remove(request)
             raise
+
+    async def score(self, input_ids: list[int]) -> list[float]:
+        """log p(token i | tokens before it) for i >= 1 (engine/scoring.py), the base
+        model's (no adapter), between generation batches."""
+        return await asyncio.to_thread(self._score, list(input_ids))
+
+    def _score(self, input_ids: list[int]) -> list[float]:
+        with self._model_lock:
+            return token_log_probs(self.model, input_ids)
 
     async def _serve(self) -> None:
         while True:

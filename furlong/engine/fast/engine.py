@@ -28,6 +28,7 @@ from furlong.engine.fast.block_manager import BlockManager
 from furlong.engine.fast.runner import ModelRunner
 from furlong.engine.fast.scheduler import Scheduler
 from furlong.engine.fast.sequence import Sequence
+from furlong.engine.scoring import token_log_probs
 from furlong.engine.stops import ended_on_stop_token, response_text, stop_string_end
 from furlong.model.loading import eos_token_ids, load_named_tensors
 
@@ -135,6 +136,16 @@ class FastEngine:
             self._cancelled.put(seq)
             self._wake.set()
             raise
+
+    async def score(self, input_ids: list[int]) -> list[float]:
+        """log p(token i | tokens before it) for i >= 1 (engine/scoring.py): a forward of
+        the HF modules whose parameters the engine computes with, the base model's (no
+        adapter), between two steps of the loop."""
+        return await asyncio.to_thread(self._score, list(input_ids))
+
+    def _score(self, input_ids: list[int]) -> list[float]:
+        with self._lock:
+            return token_log_probs(self.model, input_ids)
 
     def _check_alive(self) -> None:
         if not self._thread.is_alive() and not self._closed:

@@ -4,7 +4,9 @@ Each prompt of a request is one `engine.generate` call, and the engine batches t
 in flight. A request's calls are known by their `rid` until they finish, so an abort by
 rid reaches them; a client that disconnects cancels them (the engine aborts). `lora_path`
 names each prompt's LoRA adapter (loaded through lora_routes.py); a name the engine
-does not hold is a 400 naming it.
+does not hold is a 400 naming it. `return_logprob` with `logprob_start_len` >= 0 also
+scores each prompt (`input_token_logprobs`, engine/scoring.py), which with
+`max_new_tokens` 0 is how a teacher server answers on-policy distillation.
 """
 from __future__ import annotations
 
@@ -54,6 +56,11 @@ class GenerationRoutes:
             bad_request("return_routed_experts: start the server with "
                         "--enable-return-routed-experts")
         adapters = lora_paths(body.get("lora_path"), len(prompts), batched)
+        start = field(body, "logprob_start_len", int, -1)
+        if return_logprob and start >= 0:
+            inputs = await self._input_log_probs(prompts, start, adapters)
+        else:
+            inputs = [None] * len(prompts)
         tasks = [asyncio.ensure_future(self.engine.generate(ids, p, **_options(routes, lora)))
                  for ids, p, lora in zip(prompts, params, adapters, strict=True)]
         self.in_flight.update(zip(rids, tasks, strict=True))
@@ -64,9 +71,26 @@ class GenerationRoutes:
                 task.cancel()
                 if self.in_flight.get(rid) is task:
                     del self.in_flight[rid]
-        items = [generate_item(self._outcome(task, len(ids)), rid, return_logprob)
-                 for task, ids, rid in zip(tasks, prompts, rids, strict=True)]
+        items = [generate_item(self._outcome(task, len(ids)), rid, return_logprob, scored)
+                 for task, ids, rid, scored in zip(tasks, prompts, rids, inputs, strict=True)]
         return web.json_response(items if batched else items[0])
+
+    async def _input_log_probs(self, prompts: list[list[int]], start: int,
+                               adapters: list[str | None]) -> list[list[list]]:
+        """SGLang's input_token_logprobs of each prompt from position `start`: [log-prob,
+        token id, None] per token, the log-prob of the first token None (nothing precedes
+        it). The base model scores (a teacher for on-policy distillation)."""
+        if any(adapter is not None for adapter in adapters):
+            bad_request("logprob_start_len: input log-probs are the base model's; leave "
+                        "out lora_path")
+        for index, ids in enumerate(prompts):
+            if start >= len(ids):
+                bad_request(f"logprob_start_len {start} must be below the length of prompt "
+                            f"{index} ({len(ids)} tokens)")
+        scores = await asyncio.gather(*(self.engine.score(ids) for ids in prompts))
+        return [[[None if i == 0 else values[i - 1], ids[i], None]
+                 for i in range(start, len(ids))]
+                for ids, values in zip(prompts, scores, strict=True)]
 
     def _outcome(self, task: asyncio.Task, prompt_tokens: int) -> GenerateOutput:
         """The engine's output, or an empty 'abort' one for a request aborted by rid; a

@@ -17,7 +17,7 @@ from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.weights.receive import LoadOptions
 
 GENERATE_FIELDS = {"input_ids", "text", "sampling_params", "return_logprob", "rid", "stream",
-                   "return_routed_experts", "lora_path"}
+                   "return_routed_experts", "lora_path", "logprob_start_len"}
 _REQUIRED = object()
 _KIND_NAMES = {bool: "true or false", int: "an integer", str: "a string", list: "a list",
                dict: "an object"}
@@ -143,8 +143,10 @@ def request_ids(value, count: int, batched: bool) -> list[str]:
     bad_request(f"rid must be a string, or in a batch of {count} a list of {count}")
 
 
-def generate_item(output: GenerateOutput, rid: str, return_logprob: bool) -> dict:
-    """One /generate result in SGLang's shape."""
+def generate_item(output: GenerateOutput, rid: str, return_logprob: bool,
+                  input_logprobs: list | None = None) -> dict:
+    """One /generate result in SGLang's shape; `input_logprobs`: the prompt's
+    input_token_logprobs, when asked for."""
     finish: dict = {"type": output.finish_reason}
     if output.finish_reason == "length":
         finish["length"] = len(output.output_ids)
@@ -157,6 +159,8 @@ def generate_item(output: GenerateOutput, rid: str, return_logprob: bool) -> dic
         meta["output_token_logprobs"] = [
             [log_prob, token, None]
             for log_prob, token in zip(output.output_log_probs, output.output_ids, strict=True)]
+    if input_logprobs is not None:
+        meta["input_token_logprobs"] = input_logprobs
     if output.routed_experts is not None:
         meta["routed_experts"] = encode_routed_experts(output.routed_experts)
     return {"text": output.text, "output_ids": output.output_ids, "meta_info": meta}
