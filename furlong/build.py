@@ -159,7 +159,8 @@ def build_manager(config: Config, hooks: Hooks, hook_args: HookArgs, dataset,
         reward = RewardModel(r.rm_type, hooks.custom_rm, r.group_rm, r.rm_url, r.rm_timeout,
                              r.rm_on_error, hook_args, r.rollout_seed)
     return RolloutManager(config, hook_args, dataset, reward, hooks.generate or default_generate,
-                          hooks.dynamic_sampling_filter, evals, hooks.rollout_function)
+                          hooks.dynamic_sampling_filter, evals, hooks.rollout_function,
+                          hooks.reward_post_process)
 
 
 def run_directory(config: Config) -> Path:

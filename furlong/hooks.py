@@ -47,6 +47,18 @@ class GroupRewardHook(Protocol):
                  ) -> list | Awaitable[list]: ...
 
 
+class RewardPostProcessHook(Protocol):
+    """--custom-reward-post-process-path: `fn(args, samples, **kwargs) -> (raw_rewards,
+    rewards)`, sync or async, over all the samples of a rollout (flat, in group order) once
+    they are scored, as Miles calls it; one number of each per sample. `raw_rewards` are
+    logged (rollout/raw_reward); `rewards` take the place of the advantage estimator's
+    normalised rewards (GRPO's group-normalised ones). It may also set sample fields, such
+    as `teacher_log_probs`."""
+
+    def __call__(self, args: HookArgs, samples: list[Sample], **kwargs
+                 ) -> tuple[list, list] | Awaitable[tuple[list, list]]: ...
+
+
 class DynamicSamplingFilterHook(Protocol):
     """--dynamic-sampling-filter-path: `fn(args, samples, **kwargs) -> bool | obj(.keep,
     .reason)`, sync or async; a falsy value or `.keep` drops the group (rollout/filters.py)."""
@@ -122,12 +134,16 @@ ALIASES = {
 } | {
     "miles.rollout.generate_hub.multi_turn.generate": "furlong.rollout.multi_turn:generate",
     "miles.rollout.generate_hub.agentic_tool_call.generate": "furlong.rollout.agentic:generate",
+} | {  # on-policy distillation from a teacher server (--opd-type sglang)
+    f"{project}.rollout.on_policy_distillation.{name}": f"furlong.rollout.teacher:{name}"
+    for project in ("miles", "slime") for name in ("reward_func", "post_process_rewards")
 }
 
 
 # Hooks.field -> (config group, flag field) of its dotted path.
 HOOK_FLAGS = {
     "custom_rm": ("rollout", "custom_rm_path"),
+    "reward_post_process": ("rollout", "custom_reward_post_process_path"),
     "dynamic_sampling_filter": ("rollout", "dynamic_sampling_filter_path"),
     "generate": ("rollout", "custom_generate_function_path"),
     "rollout_function": ("rollout", "rollout_function_path"),
@@ -142,6 +158,7 @@ HOOK_FLAGS = {
 class Hooks:
     """The run's user hooks, loaded; None where the flag is not given."""
     custom_rm: RewardHook | GroupRewardHook | None = None  # GroupRewardHook with --group-rm
+    reward_post_process: RewardPostProcessHook | None = None
     dynamic_sampling_filter: DynamicSamplingFilterHook | None = None
     generate: GenerateHook | None = None
     rollout_function: RolloutFunctionHook | None = None

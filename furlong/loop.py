@@ -76,8 +76,7 @@ async def run_loop(run: Run, overlap: bool = False) -> dict:
             pending = start_generation(run, rollout_id + 1)
         if rl_step is not None:
             with memory.measure("train", metrics):
-                metrics.update(await train_rollout(run, rl_step, rollout_id, rollout.groups,
-                                                   overlap))
+                metrics.update(await train_rollout(run, rl_step, rollout_id, rollout, overlap))
         if should_save(run, rollout_id):
             save(run, rollout_id, pending.state_before if pending else run.manager.state_dict())
         if offloads_trainer(run, overlap):  # the engines generate next, on this device:
@@ -141,20 +140,21 @@ async def generate_rollout(run: Run, rollout_id: int) -> RolloutResult:
     return result
 
 
-async def train_rollout(run: Run, rl_step: RLStep, rollout_id: int,
-                        groups: list[list[Sample]], overlap: bool) -> dict:
+async def train_rollout(run: Run, rl_step: RLStep, rollout_id: int, rollout: RolloutResult,
+                        overlap: bool) -> dict:
     """The RL step of one rollout, in a worker thread (the event loop goes on generating
     in async mode), on a trainer whose optimizer state is on the device and, with
     --offload-rollout, next to engines that released their memory (they take it back in
     run_loop once the trainer has offloaded its own). Logs each optimizer step; returns
     the rollout's metrics."""
     start = time.time()
-    mask_removed_samples(groups)
+    mask_removed_samples(rollout.groups)
     if releases_engine_memory(run, overlap):  # first: one GPU may hold only one of them
         await run.engine.release_memory()
     if offloads_trainer(run, overlap):
         await asyncio.to_thread(run.trainer.reload)
-    result = await asyncio.to_thread(rl_step, rollout_id, groups)
+    result = await asyncio.to_thread(rl_step, rollout_id, rollout.groups,
+                                     rollout.post_processed)
     end = time.time()
     for row in result.optimizer_steps:
         run.logger.log(rollout_id, row)
@@ -292,13 +292,13 @@ async def evaluate(run: Run, step: int) -> dict:
 
 def save_rollout(path: str, result: RolloutResult) -> None:
     torch.save({"groups": [[s.to_dict() for s in g] for g in result.groups],
-                "metrics": result.metrics}, path)
+                "metrics": result.metrics, "post_processed": result.post_processed}, path)
 
 
 def load_rollout(path: str) -> RolloutResult:
     data = checkpoint.load_state(path)
     groups = [[Sample.from_dict(s) for s in g] for g in data["groups"]]
-    return RolloutResult(groups, data["metrics"])
+    return RolloutResult(groups, data["metrics"], data.get("post_processed"))
 
 
 async def train(run: Run, overlap: bool = False) -> dict:

@@ -8,11 +8,16 @@ import pytest
 import torch
 from conftest import random_batch, reference_log_probs, train_argv, write_teacher
 from test_e2e import run, series
+from test_serve import ServerThread
+from transformers import AutoTokenizer
 
 from furlong.algo import advantages as adv
 from furlong.config import load_config
 from furlong.config.parser import ConfigError
+from furlong.loop import load_rollout
 from furlong.model.loading import load_hf_model
+from furlong.rollout.manager import read_post_processed
+from furlong.rollout.teacher import post_process_rewards
 from furlong.sample import Sample
 from furlong.train.actor import RankInfo, TrainActor
 from furlong.train.advantage_estimator import compute_advantages
@@ -165,3 +170,85 @@ def test_distillation_brings_the_student_to_the_teacher(tiny, teacher, tmp_path,
     assert len(kl) == 12 and all(v > 0 for v in kl.values())
     first, last = sum(list(kl.values())[:3]) / 3, sum(list(kl.values())[-3:]) / 3
     assert last < 0.85 * first, list(kl.values())  # 0.435 -> 0.335 here
+
+
+MILES_TEACHER_SERVER_FLAGS = (
+    "--use-opd", "--opd-type", "sglang", "--opd-kl-coef", "1",
+    "--custom-rm-path", "miles.rollout.on_policy_distillation.reward_func",
+    "--custom-reward-post-process-path",
+    "miles.rollout.on_policy_distillation.post_process_rewards")
+
+
+def test_miles_teacher_server_hooks_distill_from_a_served_teacher(tiny, teacher, tmp_path):
+    """Miles' --opd-type sglang recipe, unchanged: its reward_func asks the teacher server
+    (--rm-url, here furlong's engine server over the teacher) to score each sample, and its
+    post_process_rewards keeps the response's teacher log-probs (equal to an independent
+    forward of the teacher) and gives every sample the reward 0."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
+    server = ServerThread(teacher, tokenizer)
+    try:
+        rows = run(train_argv(tiny, *MILES_TEACHER_SERVER_FLAGS, rm_type=None,
+                              rm_url=f"{server.url}/generate", run_dir=tmp_path / "run",
+                              save_debug_rollout_data=tmp_path / "rollout_{rollout_id}.pt"))
+    finally:
+        server.stop()
+    assert series(rows, "rollout/raw_reward") == {0: 0.0, 1: 0.0}
+    assert series(rows, "rollout/rewards") == {0: 0.0, 1: 0.0}
+    assert all(v > 0 for v in series(rows, "rollout/opd_reverse_kl").values())
+    model = load_hf_model(str(teacher))
+    samples = [s for group in load_rollout(str(tmp_path / "rollout_1.pt")).groups
+               for s in group]
+    assert len(samples) == 16
+    for sample in samples:
+        with torch.no_grad():
+            expected = reference_log_probs(model, torch.tensor(sample.tokens),
+                                           sample.response_length, temperature=1.0)
+        torch.testing.assert_close(torch.tensor(sample.teacher_log_probs), expected,
+                                   rtol=0, atol=1e-5)
+
+
+def test_post_processed_rewards_replace_the_normalised_ones(tiny):
+    """--custom-reward-post-process-path's (raw, rewards): raw rewards are the batch's,
+    the rewards are each sample's advantage as they are (no group statistics)."""
+    config = load_config(train_argv(tiny, apply_chat_template=False))[0]
+    actor = TrainActor(config, RankInfo(), str(tiny / "model"), total_steps=1)
+    batch = random_batch(4, actor.model_config.vocab_size, seed=2)
+    raw, rewards = [1.0, 0.0, 0.5, 0.25], [3.0, -1.0, 0.0, 2.0]
+    result = RLStep(config.grpo, config.rollout, actor)(
+        0, samples_of(replace(batch, teacher_log_probs=batch.loss_masks), teacher=False),
+        (raw, rewards))
+    assert result.batch.rewards.tolist() == raw
+    for advantage, reward, mask in zip(result.batch.advantages, rewards, batch.loss_masks):
+        assert advantage.tolist() == [reward] * len(mask)
+    assert result.metrics["rollout/rewards"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("returned, message", [
+    ([1.0, 2.0, 3.0], "returned list; return"),
+    (([0.0], [0.0, 0.0]), "returned 1 raw_rewards for 2 samples"),
+    (([0.0, 0.0], ["a", 0.0]), "rewards must be numbers"),
+])
+def test_a_post_process_hook_breaking_its_contract_is_named(returned, message):
+    with pytest.raises(ValueError, match=f"--custom-reward-post-process-path.*{message}"):
+        read_post_processed(returned, 2)
+
+
+@pytest.mark.parametrize("project", ["miles", "slime"])
+def test_the_teacher_reward_without_a_teacher_url_is_refused(tiny, project):
+    flags = [flag.replace("miles.", f"{project}.") for flag in MILES_TEACHER_SERVER_FLAGS]
+    with pytest.raises(ConfigError, match=f"--custom-rm-path {project}.rollout.on_policy_"
+                                          "distillation.reward_func scores each sample on the "
+                                          "teacher server: set --rm-url"):
+        load_config(train_argv(tiny, *flags, rm_type=None))
+
+
+def test_the_teacher_post_process_names_a_reply_without_input_log_probs():
+    sample = Sample(group_index=3, index=1, tokens=[1, 2, 3], response_length=2,
+                    reward={"text": "", "meta_info": {}})
+    with pytest.raises(ValueError, match="sample 3/1: the teacher's reply has no "
+                                         "meta_info.input_token_logprobs; --rm-url"):
+        post_process_rewards(None, [sample])
+    sample.reward = {"meta_info": {"input_token_logprobs": [[None, 1, None], [-0.5, 2, None],
+                                                            [-0.25, 3, None]]}}
+    assert post_process_rewards(None, [sample]) == ([0.0], [0.0])
+    assert sample.teacher_log_probs == [-0.5, -0.25]

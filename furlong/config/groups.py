@@ -165,6 +165,9 @@ class RolloutArgs(RolloutInertFlags):
                                     "remote_rm, random; prefix boxed_ to extract \\boxed{} first")
     custom_rm_path: str | None = flag(help="module.path:function reward hook")
     group_rm: bool = flag(False, "Reward hook scores a whole group at once")
+    custom_reward_post_process_path: str | None = flag(
+        help="fn(args, samples) -> (raw_rewards, rewards) over a rollout's samples: the "
+             "rewards replace the estimator's normalised ones (Miles' hook)")
     reward_key: str | None = flag(help="Key of a dict reward that is the scalar")
     rm_url: str | None = flag(help="URL for remote_rm")
     rm_timeout: float = flag(60.0, "Seconds a reward may take before it is an error")

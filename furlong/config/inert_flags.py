@@ -193,7 +193,6 @@ RolloutInertFlags = mixin(
     inert(SAMPLE_HOOK,
           buffer_filter_path=value(str), rollout_data_postprocess_path=value(str),
           rollout_sample_filter_path=value(str), rollout_all_samples_process_path=value(str),
-          custom_reward_post_process_path=value(str),
           custom_convert_samples_to_train_data_path=value(str),
           data_source_path=value(str, "miles.rollout.data_source.RolloutDataSourceWithBuffer"),
           disable_rollout_global_dataset=SWITCH, disable_rollout_trim_samples=SWITCH,

@@ -14,7 +14,7 @@ from furlong.config.lora_check import check_lora
 from furlong.config.parser import ConfigError, option_name
 from furlong.config.reward_types import LABELLED_REWARDS, split_rm_type
 from furlong.config.trainer_flags import resolve_trainer_flags
-from furlong.hooks import load_hooks
+from furlong.hooks import ALIASES, load_hooks
 
 # Hook flags and their group: each path must import before the run starts.
 # (eval field, rollout field) pairs: an unset eval value takes the rollout value.
@@ -133,6 +133,10 @@ def _resolve_reward(config: Config) -> Config:
         raise ConfigError("--group-rm scores whole groups and needs --custom-rm-path "
                           "module:function(args, samples) -> list")
     if r.custom_rm_path is not None:
+        target = ALIASES.get(r.custom_rm_path, r.custom_rm_path).replace(":", ".")
+        if target == "furlong.rollout.teacher.reward_func" and not r.rm_url:
+            raise ConfigError(f"--custom-rm-path {r.custom_rm_path} scores each sample on the "
+                              "teacher server: set --rm-url http://HOST:PORT/generate")
         return config
     base = _reward_base(r.rm_type)
     if base == "remote_rm" and not r.rm_url:

@@ -39,6 +39,9 @@ from furlong.sample import Sample, Status
 class RolloutResult:
     groups: list[list[Sample]]
     metrics: dict[str, float]
+    # --custom-reward-post-process-path: its (raw rewards, rewards), one per sample in the
+    # groups' order; the rewards replace the advantage estimator's normalised ones.
+    post_processed: tuple[list[float], list[float]] | None = None
 
 
 async def _maybe_await(value):
@@ -81,6 +84,28 @@ def read_eval_output(output) -> dict[str, dict]:
     return data
 
 
+def read_post_processed(output, num_samples: int) -> tuple[list[float], list[float]]:
+    """(raw rewards, rewards) of what a --custom-reward-post-process-path hook returned:
+    two sequences of `num_samples` numbers."""
+    if not (isinstance(output, (tuple, list)) and len(output) == 2):
+        raise ValueError("--custom-reward-post-process-path returned "
+                         f"{type(output).__name__}; return (raw_rewards, rewards), two lists "
+                         "with one number per sample")
+    lists = []
+    for name, values in zip(("raw_rewards", "rewards"), output, strict=True):
+        values = values.tolist() if hasattr(values, "tolist") else values
+        if not (isinstance(values, (list, tuple)) and len(values) == num_samples):
+            count = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+            raise ValueError(f"--custom-reward-post-process-path returned {count} {name} for "
+                             f"{num_samples} samples; return one number per sample")
+        try:
+            lists.append([float(value) for value in values])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--custom-reward-post-process-path: {name} must be numbers "
+                             f"({error})") from None
+    return lists[0], lists[1]
+
+
 def eval_output_stats(data: dict[str, dict], reward_key: str | None,
                       log_passrate: bool) -> dict[str, float]:
     """eval/NAME metrics of a rollout function's eval data: those of furlong's own eval
@@ -121,7 +146,7 @@ class RolloutManager:
     def __init__(self, config: Config, hook_args, dataset: PromptDataset | None,
                  reward_model, generate_fn: Callable, filter_fn: Callable | None,
                  eval_datasets: dict[str, PromptDataset] | None = None,
-                 rollout_fn: Callable | None = None):
+                 rollout_fn: Callable | None = None, reward_post_process: Callable | None = None):
         self.config = config
         self.args = hook_args
         self.dataset = dataset
@@ -131,6 +156,8 @@ class RolloutManager:
         self.eval_datasets = eval_datasets or {}
         # --rollout-function-path: fn(args, rollout_id, data_source=self, evaluation=False)
         self.rollout_fn = rollout_fn
+        # --custom-reward-post-process-path: fn(args, samples) -> (raw_rewards, rewards)
+        self.reward_post_process = reward_post_process
         self.buffer: list[list[Sample]] = []
         self.next_group_index = 0
         r = config.rollout
@@ -180,9 +207,23 @@ class RolloutManager:
         if self.rollout_fn is not None:
             groups, metrics = read_rollout_output(await call_hook(
                 self.rollout_fn, self.args, rollout_id, self, evaluation=False))
-            return RolloutResult(groups, {**stats.rollout_stats(groups, r.reward_key, {}),
-                                          **metrics})
+            return await self._result(groups, {}, metrics)
         return await self._generate_filtered(r.rollout_batch_size)
+
+    async def _result(self, groups: list[list[Sample]], drops: dict[str, int],
+                      metrics: dict | None = None) -> RolloutResult:
+        """The rollout's groups with their metrics; with --custom-reward-post-process-path
+        the hook's (raw rewards, rewards) over its samples, as Miles post-processes them
+        before training."""
+        post_processed = None
+        if self.reward_post_process is not None:
+            samples = [s for group in groups for s in group]
+            post_processed = read_post_processed(
+                await call_hook(self.reward_post_process, self.args, samples), len(samples))
+        raw = post_processed[0] if post_processed else None
+        return RolloutResult(groups, {
+            **stats.rollout_stats(groups, self.config.rollout.reward_key, drops, raw),
+            **(metrics or {})}, post_processed)
 
     def _sft_groups(self, count: int) -> list[list[Sample]]:
         tokenizer, kwargs = self.args.tokenizer, self.config.rollout.apply_chat_template_kwargs
@@ -215,7 +256,7 @@ class RolloutManager:
             await asyncio.gather(*in_flight, return_exceptions=True)
             raise
         await self._abort(in_flight)
-        return RolloutResult(accepted, stats.rollout_stats(accepted, r.reward_key, drops))
+        return await self._result(accepted, drops)
 
     async def _abort(self, in_flight: list[asyncio.Task]) -> None:
         """Stop surplus generation; with --partial-rollout keep the groups for later."""

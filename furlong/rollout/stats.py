@@ -1,6 +1,7 @@
 """Rollout and eval statistics (metric names as in Miles), as pure functions of samples."""
 from __future__ import annotations
 
+import itertools
 import math
 from statistics import mean
 
@@ -24,14 +25,19 @@ def response_stats(samples: list[Sample], prefix: str) -> dict[str, float]:
 
 
 def rollout_stats(groups: list[list[Sample]], reward_key: str | None,
-                  drops: dict[str, int]) -> dict[str, float]:
+                  drops: dict[str, int], raw_rewards: list[float] | None = None
+                  ) -> dict[str, float]:
+    """`raw_rewards`: one per sample in the groups' order, where a reward post-process hook
+    gave them (else each sample's scalar reward)."""
     samples = [s for group in groups for s in group]
-    stats = {"rollout/raw_reward": mean(s.scalar_reward(reward_key) for s in samples),
-             **response_stats(samples, "rollout")}
+    if raw_rewards is None:
+        raw_rewards = [s.scalar_reward(reward_key) for s in samples]
+    stats = {"rollout/raw_reward": mean(raw_rewards), **response_stats(samples, "rollout")}
     # Counted with the zero-std filter's rule (float64 std <= 1e-8), equal rewards
     # being what gives a group zero advantage.
-    stats["rollout/zero_std/count"] = sum(
-        has_zero_std([s.scalar_reward(reward_key) for s in group]) for group in groups)
+    bounds = list(itertools.accumulate(len(group) for group in groups))
+    stats["rollout/zero_std/count"] = sum(has_zero_std(raw_rewards[end - len(group):end])
+                                          for group, end in zip(groups, bounds, strict=True))
     stats.update({f"rollout/dynamic_filter/drop_{reason}": count
                   for reason, count in sorted(drops.items())})
     stats.update(multi_turn_stats(samples))

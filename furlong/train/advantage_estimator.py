@@ -17,27 +17,26 @@ from furlong.config.groups import GrpoArgs
 from furlong.train.batch import TrainBatch
 
 
-def compute_advantages(config: GrpoArgs, batch: TrainBatch, group_ids: list[int | None]
+def compute_advantages(config: GrpoArgs, batch: TrainBatch, group_ids: list[int | None],
+                       rewards: list[float] | None = None
                        ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-sample advantage tensors (R_i,), and the per-sample normalised rewards (S,)."""
+    """Per-sample advantage tensors (R_i,), and the per-sample normalised rewards (S,).
+    `rewards` (a reward post-process hook's, as in Miles) are taken as the normalised
+    rewards: no group statistics are applied to them."""
     estimator = config.advantage_estimator
     mask, sample_ids = _flat(batch.loss_masks)
     counts = [len(m) for m in batch.loss_masks]
-    group_tensor = _dense_group_ids(group_ids)
-    if estimator in ("grpo", "gspo"):
-        scalars = adv.grpo_advantages_by_group_id(batch.rewards, group_tensor,
-                                                  not config.disable_grpo_std_normalization)
-        tokens = adv.broadcast_to_tokens(scalars, sample_ids)
-    elif estimator == "reinforce_plus_plus":
-        scalars = batch.rewards
+    given = None if rewards is None else torch.tensor(rewards, dtype=torch.float32)
+    if estimator == "reinforce_plus_plus":
+        scalars = batch.rewards if given is None else given
         token_rewards = adv.reinforce_plus_plus_token_rewards(
             scalars, _shaping_kl(config, batch, mask), sample_ids, mask, config.kl_coef)
         tokens = adv.reinforce_plus_plus_returns(token_rewards, sample_ids, config.gamma)
-    else:  # reinforce_plus_plus_baseline: A_t = (r - group mean) - kl_coef * kl_t
-        scalars = adv.grpo_advantages_by_group_id(batch.rewards, group_tensor,
-                                                  normalize_std=False)
-        tokens = (adv.broadcast_to_tokens(scalars, sample_ids)
-                  - config.kl_coef * _shaping_kl(config, batch, mask))
+    else:  # GRPO, GSPO: A = the normalised reward; REINFORCE++ baseline: A_t = that - kl_t
+        scalars = _group_normalized(config, batch, group_ids) if given is None else given
+        tokens = adv.broadcast_to_tokens(scalars, sample_ids)
+        if estimator == "reinforce_plus_plus_baseline":
+            tokens = tokens - config.kl_coef * _shaping_kl(config, batch, mask)
     if config.use_opd:  # on-policy distillation: A_t - coef * (student_t - teacher_t)
         tokens = tokens - config.opd_kl_coef * torch.cat(opd_reverse_kl(batch))
     if config.normalize_advantages:
@@ -61,6 +60,15 @@ def opd_reverse_kl(batch: TrainBatch) -> list[torch.Tensor]:
                              "each response token is needed (sample.teacher_log_probs)")
     return [student - values.to(student.device)
             for student, values in zip(batch.old_log_probs, teacher, strict=True)]
+
+
+def _group_normalized(config: GrpoArgs, batch: TrainBatch, group_ids: list[int | None]
+                      ) -> torch.Tensor:
+    """Each reward less its group's mean, divided by the group's std for GRPO and GSPO
+    (unless --disable-grpo-std-normalization), not for the REINFORCE++ baseline."""
+    std = config.advantage_estimator in ("grpo", "gspo") \
+        and not config.disable_grpo_std_normalization
+    return adv.grpo_advantages_by_group_id(batch.rewards, _dense_group_ids(group_ids), std)
 
 
 def _shaping_kl(config: GrpoArgs, batch: TrainBatch, mask: torch.Tensor) -> torch.Tensor:

@@ -40,9 +40,14 @@ class TrainBatch:
 
     @classmethod
     def from_samples(cls, samples: list[Sample], reward_key: str | None,
-                     routed_experts: bool = False) -> "TrainBatch":
+                     routed_experts: bool = False,
+                     raw_rewards: list[float] | None = None) -> "TrainBatch":
         """`routed_experts`: carry each sample's `rollout_routed_experts` (every sample
-        must have them, one row per token but the last)."""
+        must have them, one row per token but the last). `raw_rewards`: the rewards, where
+        a reward post-process hook gave them (else each sample's scalar reward)."""
+        if raw_rewards is None:
+            raw_rewards = [s.scalar_reward(reward_key) if s.reward is not None else 0.0
+                           for s in samples]
         def per_token(name: str) -> list[torch.Tensor] | None:  # if every sample has them
             values = [getattr(s, name) for s in samples]
             if any(v is None for v in values):
@@ -54,8 +59,7 @@ class TrainBatch:
             loss_masks=[torch.tensor(s.loss_mask if s.loss_mask is not None
                                      else [1] * s.response_length, dtype=torch.float32)
                         for s in samples],
-            rewards=torch.tensor([s.scalar_reward(reward_key) if s.reward is not None else 0.0
-                                  for s in samples], dtype=torch.float32),
+            rewards=torch.tensor(raw_rewards, dtype=torch.float32),
             rollout_log_probs=per_token("rollout_log_probs"),
             teacher_log_probs=per_token("teacher_log_probs"),
             routed_experts=rollout_routes(samples) if routed_experts else None)

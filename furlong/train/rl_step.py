@@ -106,13 +106,18 @@ class RLStep:
         self.lora = lora or LoraArgs()
         self.old_log_probs = old_log_probs_source(grpo, rollout, self.lora.lora_dropout)
 
-    def __call__(self, rollout_id: int, groups: list[list[Sample]]) -> StepResult:
+    def __call__(self, rollout_id: int, groups: list[list[Sample]],
+                 post_processed: tuple[list[float], list[float]] | None = None) -> StepResult:
+        """`post_processed`: a --custom-reward-post-process-path hook's (raw rewards,
+        rewards), one per sample; the rewards replace the estimator's normalised ones."""
         samples = [s for group in groups for s in group]
+        raw, rewards = post_processed or (None, None)
         batch = TrainBatch.from_samples(samples, self.rollout.reward_key,
-                                        routed_experts=self.grpo.use_rollout_routing_replay)
+                                        routed_experts=self.grpo.use_rollout_routing_replay,
+                                        raw_rewards=raw)
         metrics: dict = {}
         if self.grpo.loss_type != "sft_loss":
-            metrics.update(self.prepare_policy_batch(batch, samples))
+            metrics.update(self.prepare_policy_batch(batch, samples, rewards))
         with timed(metrics, "perf/actor_train_time"):
             steps = self.trainer.train(batch)
         metrics.update({name: mean(s[name] for s in steps) for name in steps[0]})
@@ -130,8 +135,10 @@ class RLStep:
         return StepResult(metrics, [{**step, "train/step": rollout_id * len(steps) + index}
                                     for index, step in enumerate(steps)], batch)
 
-    def prepare_policy_batch(self, batch: TrainBatch, samples: list[Sample]) -> dict:
-        """Fill old/ref log-probs and advantages into `batch`; returns their metrics."""
+    def prepare_policy_batch(self, batch: TrainBatch, samples: list[Sample],
+                             rewards: list[float] | None = None) -> dict:
+        """Fill old/ref log-probs and advantages into `batch`; returns their metrics.
+        `rewards`: given per-sample rewards in place of the estimator's normalised ones."""
         metrics: dict = {}
         entropy = self.fill_old_log_probs(batch, [s.latest_weight_version for s in samples],
                                           metrics)
@@ -142,7 +149,8 @@ class RLStep:
         if self.grpo.use_opd:
             self.fill_teacher_log_probs(batch, samples, metrics)
         batch.advantages, normalized = compute_advantages(self.grpo, batch,
-                                                          [s.group_index for s in samples])
+                                                          [s.group_index for s in samples],
+                                                          rewards)
         metrics["rollout/rewards"] = normalized.mean().item()
         per_token = {"rollout/log_probs": batch.old_log_probs,
                      "rollout/advantages": batch.advantages,

@@ -1,0 +1,66 @@
+"""On-policy distillation from a teacher server (--use-opd --opd-type sglang).
+
+What Miles' and slime's `rollout.on_policy_distillation` hooks do, under their paths
+(hooks.ALIASES), so their launch scripts run unchanged:
+
+    --custom-rm-path miles.rollout.on_policy_distillation.reward_func
+    --custom-reward-post-process-path miles.rollout.on_policy_distillation.post_process_rewards
+    --rm-url http://TEACHER:PORT/generate
+
+`reward_func` sends each sample's tokens to the teacher's /generate (SGLang's, or
+furlong's engine server) as a scoring request: no new tokens, the log-prob of every input
+token (`logprob_start_len` 0); the reply is the sample's reward. `post_process_rewards`
+keeps the teacher's log-prob of each response token as `sample.teacher_log_probs` and
+gives every sample the reward 0, so the distillation term alone trains (the teacher's
+log-probs enter the advantages in train/advantage_estimator.py). Sampled-token
+distillation only: --opd-log-prob-top-k stays 0.
+"""
+from __future__ import annotations
+
+import aiohttp
+
+from furlong.rollout.rewards.remote import remote_rm
+from furlong.sample import Sample
+
+
+def scoring_request(tokens: list[int]) -> dict:
+    """SGLang's /generate body that scores `tokens` and generates nothing."""
+    return {"input_ids": tokens, "return_logprob": True, "logprob_start_len": 0,
+            "sampling_params": {"temperature": 0, "max_new_tokens": 0,
+                                "skip_special_tokens": False}}
+
+
+async def reward_func(args, sample: Sample, **kwargs) -> dict:
+    """The teacher server's reply (--rm-url) to the scoring request of the sample's tokens."""
+    if not args.rm_url:
+        raise ValueError("the on-policy distillation reward_func scores each sample on the "
+                         "teacher server: set --rm-url http://HOST:PORT/generate")
+    async with aiohttp.ClientSession() as session:
+        return await remote_rm(session, args.rm_url, scoring_request(sample.tokens),
+                               args.rm_timeout)
+
+
+def response_log_probs(reply: dict, sample: Sample) -> list[float]:
+    """The teacher's log-prob of each response token of `sample`, read from its reply to
+    `scoring_request`; a ValueError naming the sample if the reply holds none."""
+    scored = reply.get("meta_info", {}).get("input_token_logprobs") \
+        if isinstance(reply, dict) else None
+    where = f"sample {sample.group_index}/{sample.index}"
+    if scored is None:
+        raise ValueError(f"{where}: the teacher's reply has no meta_info.input_token_logprobs; "
+                         "--rm-url must be the teacher server's /generate, and the sample's "
+                         "reward the reply of the on-policy distillation reward_func")
+    if len(scored) != len(sample.tokens):
+        raise ValueError(f"{where}: the teacher scored {len(scored)} tokens of "
+                         f"{len(sample.tokens)}")
+    response = scored[len(scored) - sample.response_length:] if sample.response_length else []
+    return [float(entry[0]) for entry in response]
+
+
+def post_process_rewards(args, samples: list[Sample], **kwargs
+                         ) -> tuple[list[float], list[float]]:
+    """Each sample's teacher_log_probs from its reward (the teacher's reply); rewards 0."""
+    for sample in samples:
+        sample.teacher_log_probs = response_log_probs(sample.reward, sample)
+    zeros = [0.0] * len(samples)
+    return zeros, zeros
