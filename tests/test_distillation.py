@@ -3,6 +3,7 @@ student's minus the teacher's log-prob, with the teacher in the trainer (--opd-t
 megatron) or brought by the samples (--opd-type sglang)."""
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from furlong.config.parser import ConfigError
 from furlong.loop import load_rollout
 from furlong.model.loading import load_hf_model
 from furlong.rollout.manager import read_post_processed
-from furlong.rollout.teacher import post_process_rewards
+from furlong.rollout.teacher import post_process_rewards, scoring_request, teacher_for
 from furlong.sample import Sample
 from furlong.train.actor import RankInfo, TrainActor
 from furlong.train.advantage_estimator import compute_advantages
@@ -91,8 +92,8 @@ def test_distillation_flags_act_and_the_top_k_ones_warn(tiny, teacher):
     assert config.grpo.needs_teacher and config.grpo.opd_kl_coef == 2.0
     assert [w for w in warnings if "opd" in w] == [
         "--opd-top-k-strategy has no effect in furlong: furlong's on-policy distillation "
-        "(--use-opd) uses the log-probs of the sampled tokens (--opd-log-prob-top-k 0), one "
-        "teacher per run; ignored"]
+        "(--use-opd) uses the log-probs of the sampled tokens (--opd-log-prob-top-k 0); "
+        "ignored"]
     assert RLStep(config.grpo, config.rollout, None).old_log_probs is OldLogProbs.RECOMPUTED
 
 
@@ -179,16 +180,21 @@ MILES_TEACHER_SERVER_FLAGS = (
     "miles.rollout.on_policy_distillation.post_process_rewards")
 
 
-def test_miles_teacher_server_hooks_distill_from_a_served_teacher(tiny, teacher, tmp_path):
+@pytest.mark.parametrize("route", ["rm_url", "teacher_urls"])
+def test_miles_teacher_server_hooks_distill_from_a_served_teacher(tiny, teacher, tmp_path,
+                                                                  route):
     """Miles' --opd-type sglang recipe, unchanged: its reward_func asks the teacher server
-    (--rm-url, here furlong's engine server over the teacher) to score each sample, and its
-    post_process_rewards keeps the response's teacher log-probs (equal to an independent
-    forward of the teacher) and gives every sample the reward 0."""
+    (--rm-url, or the `default` of --opd-teacher-urls; here furlong's engine server over the
+    teacher) to score each sample, and its post_process_rewards keeps the response's
+    teacher log-probs (equal to an independent forward of the teacher) and gives every
+    sample the reward 0."""
     tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
     server = ServerThread(teacher, tokenizer)
+    url = f"{server.url}/generate"
+    where = ["--rm-url", url] if route == "rm_url" else ["--opd-teacher-urls", f"default={url}"]
     try:
-        rows = run(train_argv(tiny, *MILES_TEACHER_SERVER_FLAGS, rm_type=None,
-                              rm_url=f"{server.url}/generate", run_dir=tmp_path / "run",
+        rows = run(train_argv(tiny, *MILES_TEACHER_SERVER_FLAGS, *where, rm_type=None,
+                              run_dir=tmp_path / "run",
                               save_debug_rollout_data=tmp_path / "rollout_{rollout_id}.pt"))
     finally:
         server.stop()
@@ -252,3 +258,50 @@ def test_the_teacher_post_process_names_a_reply_without_input_log_probs():
                                                             [-0.25, 3, None]]}}
     assert post_process_rewards(None, [sample]) == ([0.0], [0.0])
     assert sample.teacher_log_probs == [-0.5, -0.25]
+
+
+def teacher_args(**flags):
+    given = {"rm_url": "http://main/generate", "opd_teacher_urls": None,
+             "opd_teacher_adapters": None, "opd_teacher_key": "opd_teacher"}
+    return SimpleNamespace(**{**given, **flags})
+
+
+def tagged(name=None) -> Sample:
+    return Sample(group_index=2, index=5, metadata={} if name is None else {"opd_teacher": name})
+
+
+def test_samples_go_to_the_teacher_their_metadata_names():
+    assert teacher_for(teacher_args(), tagged("math")) == ("http://main/generate", None)
+    args = teacher_args(opd_teacher_urls=("math=http://math/generate",
+                                          "default=http://any/generate"),
+                        opd_teacher_adapters=("code=code_lora", "math=math_lora"))
+    assert teacher_for(args, tagged("math")) == ("http://math/generate", "math_lora")
+    assert teacher_for(args, tagged("code")) == ("http://main/generate", "code_lora")
+    assert teacher_for(args, tagged("poetry")) == ("http://any/generate", None)
+    assert teacher_for(args, tagged()) == ("http://any/generate", None)
+    assert scoring_request([1, 2], "code_lora")["lora_path"] == "code_lora"
+    assert "lora_path" not in scoring_request([1, 2])
+    alone = teacher_args(opd_teacher_urls=("math=http://math/generate",))
+    with pytest.raises(ValueError, match=r"sample 2/5: metadata\['opd_teacher'\] is 'poetry', "
+                                         r"which names none of the teachers \['math'\]"):
+        teacher_for(alone, tagged("poetry"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--opd-teacher-urls", "math"], "--opd-teacher-urls 'math': give NAME=VALUE"),
+    (["--opd-teacher-urls", "a=http://x", "a=http://y"], "teacher 'a' is named twice"),
+    (["--opd-teacher-urls", "b=http://x", "--opd-teacher-adapters", "a=lora_a"],
+     r"teachers \['a'\] have no URL in --opd-teacher-urls and no --rm-url"),
+])
+def test_malformed_teacher_routes_are_refused(tiny, flags, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(train_argv(tiny, *MILES_TEACHER_SERVER_FLAGS, *flags, rm_type=None))
+
+
+def test_teacher_routes_need_teacher_servers(tiny, teacher):
+    with pytest.raises(ConfigError, match="--opd-teacher-urls routes samples to teacher servers, "
+                                          "which --opd-type megatron does not query"):
+        load_config(train_argv(tiny, "--use-opd", "--opd-type", "megatron", "--opd-teacher-load",
+                               str(teacher), "--opd-teacher-urls", "a=http://x"))
+    with pytest.raises(ConfigError, match="--opd-teacher-key has no effect without --use-opd"):
+        load_config(train_argv(tiny, "--opd-teacher-key", "who"))

@@ -318,6 +318,15 @@ class GrpoArgs(GrpoInertFlags):
                                       "kind furlong has)")
     opd_teacher_load: str | None = flag(help="--opd-type megatron: the teacher's weights (an HF "
                                              "directory or a furlong checkpoint)")
+    opd_teacher_urls: tuple[str, ...] | None = flag(
+        nargs="+", help="--opd-type sglang, several teachers: NAME=URL of each teacher "
+                        "server's /generate; a sample goes to the teacher its metadata names "
+                        "(--opd-teacher-key), else to 'default'")
+    opd_teacher_adapters: tuple[str, ...] | None = flag(
+        nargs="+", help="--opd-type sglang: NAME=ADAPTER, teachers that are LoRA adapters "
+                        "of a teacher server (its lora_path), routed as --opd-teacher-urls")
+    opd_teacher_key: str = flag("opd_teacher", "--opd-type sglang: the sample metadata key "
+                                               "that names its teacher")
 
     @property
     def records_routes(self) -> bool:

@@ -74,7 +74,7 @@ NO_MULTI_LORA = "furlong trains one adapter per run; Miles' multi-LoRA service i
 NO_EXPERT_LORA = ("furlong puts LoRA on attention and dense MLP projections; adapters on MoE "
                   "experts are not implemented")
 NO_DISTILLATION = ("furlong's on-policy distillation (--use-opd) uses the log-probs of the "
-                   "sampled tokens (--opd-log-prob-top-k 0), one teacher per run")
+                   "sampled tokens (--opd-log-prob-top-k 0)")
 NO_FULLY_ASYNC = ("furlong's asynchrony is train_async.py: one rollout ahead, weights pushed "
                   "every --update-weights-interval rollouts")
 NO_SESSIONS = ("furlong's agent sessions are routes of every engine server and of the "
@@ -293,8 +293,7 @@ GrpoInertFlags = mixin(
               "only-student", "only-teacher", "intersection", "union", "xor")),
           opd_reward_weight_mode=value(str, "student_p",
                                        choices=("student_p", "teacher_p", "none")),
-          opd_topk_per_position=SWITCH, opd_teacher_urls=value(str, nargs="+"),
-          opd_teacher_key=value(str, "opd_teacher")),
+          opd_topk_per_position=SWITCH),
     inert("--opd-teacher-load reads an HF directory, or a furlong checkpoint's latest "
           "iteration", opd_teacher_ckpt_step=value(int)),
     inert(NO_CRITIC, critic_lr=value(float), critic_lr_warmup_iters=value(int, 0),

@@ -134,9 +134,11 @@ def _resolve_reward(config: Config) -> Config:
                           "module:function(args, samples) -> list")
     if r.custom_rm_path is not None:
         target = ALIASES.get(r.custom_rm_path, r.custom_rm_path).replace(":", ".")
-        if target == "furlong.rollout.teacher.reward_func" and not r.rm_url:
+        if target == "furlong.rollout.teacher.reward_func" and not r.rm_url \
+                and not config.grpo.opd_teacher_urls:
             raise ConfigError(f"--custom-rm-path {r.custom_rm_path} scores each sample on the "
-                              "teacher server: set --rm-url http://HOST:PORT/generate")
+                              "teacher server: set --rm-url http://HOST:PORT/generate, or "
+                              "--opd-teacher-urls NAME=URL ... for several teachers")
         return config
     base = _reward_base(r.rm_type)
     if base == "remote_rm" and not r.rm_url:
@@ -251,7 +253,8 @@ def _check_distillation(config: Config) -> None:
     _positive(g.opd_kl_coef, "--opd-kl-coef", allow_zero=True)
     if not g.use_opd:
         given = [option_name(name) for name in ("opd_type", "opd_kl_coef", "opd_teacher_load",
-                                                "opd_log_prob_top_k")
+                                                "opd_log_prob_top_k", "opd_teacher_urls",
+                                                "opd_teacher_adapters", "opd_teacher_key")
                  if config.given(f"grpo.{name}")]
         if given:
             raise ConfigError(f"{', '.join(given)} has no effect without --use-opd: add "
@@ -275,6 +278,41 @@ def _check_distillation(config: Config) -> None:
     if g.loss_type == "sft_loss":
         raise ConfigError("--use-opd changes the advantages, which --loss-type sft_loss does "
                           "not use: use --loss-type policy_loss")
+    _check_teacher_routes(config)
+
+
+def _check_teacher_routes(config: Config) -> None:
+    """--opd-teacher-urls / --opd-teacher-adapters: NAME=VALUE maps of teacher servers for
+    --opd-type sglang; a name with no URL of its own is scored at --rm-url."""
+    g = config.grpo
+    routed = [option_name(name) for name in ("opd_teacher_urls", "opd_teacher_adapters",
+                                             "opd_teacher_key") if config.given(f"grpo.{name}")]
+    if routed and g.opd_type != "sglang":
+        raise ConfigError(f"{', '.join(routed)} routes samples to teacher servers, which "
+                          f"--opd-type {g.opd_type} does not query: use --opd-type sglang, or "
+                          "leave the flags out")
+    urls = teacher_map(g.opd_teacher_urls, "--opd-teacher-urls")
+    adapters = teacher_map(g.opd_teacher_adapters, "--opd-teacher-adapters")
+    without_url = sorted(set(adapters) - set(urls))
+    if without_url and not config.rollout.rm_url:
+        raise ConfigError(f"--opd-teacher-adapters: teachers {without_url} have no URL in "
+                          "--opd-teacher-urls and no --rm-url is set: give the teacher "
+                          "server's /generate with --rm-url")
+
+
+def teacher_map(entries: tuple[str, ...] | None, flag: str) -> dict[str, str]:
+    """{NAME: VALUE} of a teacher routing flag's NAME=VALUE entries (split at the first
+    '='); a ConfigError naming the flag for a malformed entry or a repeated name."""
+    names: dict[str, str] = {}
+    for entry in entries or ():
+        name, separator, value = (part.strip() for part in entry.partition("="))
+        if not (separator and name and value):
+            raise ConfigError(f"{flag} {entry!r}: give NAME=VALUE, e.g. math=http://HOST:PORT"
+                              "/generate")
+        if name in names:
+            raise ConfigError(f"{flag}: teacher {name!r} is named twice")
+        names[name] = value
+    return names
 
 
 def _resolve_cluster(config: Config) -> Config:

@@ -9,7 +9,11 @@ What Miles' and slime's `rollout.on_policy_distillation` hooks do, under their p
 
 `reward_func` sends each sample's tokens to the teacher's /generate (SGLang's, or
 furlong's engine server) as a scoring request: no new tokens, the log-prob of every input
-token (`logprob_start_len` 0); the reply is the sample's reward. `post_process_rewards`
+token (`logprob_start_len` 0); the reply is the sample's reward. With several teachers
+(--opd-teacher-urls NAME=URL, --opd-teacher-adapters NAME=ADAPTER, a LoRA adapter of the
+teacher server sent as `lora_path`) a sample goes to the teacher its
+metadata[--opd-teacher-key] names, else to the one named `default`; one with neither is
+an error rather than distilled from the wrong teacher. `post_process_rewards`
 keeps the teacher's log-prob of each response token as `sample.teacher_log_probs` and
 gives every sample the reward 0, so the distillation term alone trains (the teacher's
 log-probs enter the advantages in train/advantage_estimator.py). Sampled-token
@@ -19,24 +23,44 @@ from __future__ import annotations
 
 import aiohttp
 
+from furlong.config.validate import teacher_map
 from furlong.rollout.rewards.remote import remote_rm
 from furlong.sample import Sample
 
 
-def scoring_request(tokens: list[int]) -> dict:
-    """SGLang's /generate body that scores `tokens` and generates nothing."""
-    return {"input_ids": tokens, "return_logprob": True, "logprob_start_len": 0,
-            "sampling_params": {"temperature": 0, "max_new_tokens": 0,
-                                "skip_special_tokens": False}}
+DEFAULT_TEACHER = "default"
+
+
+def scoring_request(tokens: list[int], adapter: str | None = None) -> dict:
+    """SGLang's /generate body that scores `tokens` and generates nothing; under LoRA
+    adapter `adapter` of the server, if given."""
+    request = {"input_ids": tokens, "return_logprob": True, "logprob_start_len": 0,
+               "sampling_params": {"temperature": 0, "max_new_tokens": 0,
+                                   "skip_special_tokens": False}}
+    return request | ({"lora_path": adapter} if adapter is not None else {})
+
+
+def teacher_for(args, sample: Sample) -> tuple[str, str | None]:
+    """(the /generate URL, the LoRA adapter or None) of the teacher that scores `sample`."""
+    urls = teacher_map(args.opd_teacher_urls, "--opd-teacher-urls")
+    adapters = teacher_map(args.opd_teacher_adapters, "--opd-teacher-adapters")
+    if not urls and not adapters:
+        return args.rm_url, None
+    known = set(urls) | set(adapters)
+    named = sample.metadata.get(args.opd_teacher_key)
+    name = str(named) if named is not None and str(named) in known else DEFAULT_TEACHER
+    if name not in known:
+        raise ValueError(f"sample {sample.group_index}/{sample.index}: metadata"
+                         f"[{args.opd_teacher_key!r}] is {named!r}, which names none of the "
+                         f"teachers {sorted(known)}, and none is named {DEFAULT_TEACHER!r}")
+    return urls.get(name, args.rm_url), adapters.get(name)
 
 
 async def reward_func(args, sample: Sample, **kwargs) -> dict:
-    """The teacher server's reply (--rm-url) to the scoring request of the sample's tokens."""
-    if not args.rm_url:
-        raise ValueError("the on-policy distillation reward_func scores each sample on the "
-                         "teacher server: set --rm-url http://HOST:PORT/generate")
+    """The teacher server's reply to the scoring request of the sample's tokens."""
+    url, adapter = teacher_for(args, sample)
     async with aiohttp.ClientSession() as session:
-        return await remote_rm(session, args.rm_url, scoring_request(sample.tokens),
+        return await remote_rm(session, url, scoring_request(sample.tokens, adapter),
                                args.rm_timeout)
 
 
