@@ -41,9 +41,9 @@ from furlong.train.pipeline_layout import (PipelineLayout, chunk_layer_ranges, d
                                            rank_chunks)
 from furlong.train.actor import RankInfo, TrainActor
 
-from conftest import policy_config, train_argv
+from conftest import policy_config, train_argv, write_teacher
 from test_parallel import METRICS, assert_close_relative, assert_engine_serves_the_push, \
-    assert_same_step, cpu_weights, prepared_batch, step_gradients
+    assert_same_step, cpu_weights, prepared_batch, step_gradients, teacher_flags
 
 WORLD = 4
 STAGES = 2
@@ -135,6 +135,8 @@ def _worker(rank: int, port: int, tiny: Path, deep: Path, batch, out: Path) -> N
         results[f"{name}/weights"] = cpu_weights(actor)
         results.update(_run_recorded(actor, batch, name))
     results["resume"] = _across_layouts(actor_for, batch, out, tiny)
+    results["teacher"] = actor_for(STAGES, [*TP2_SP, *teacher_flags(out)]) \
+        .compute_teacher_log_probs(batch)  # --opd-type megatron, split over the stages
     gathered = [None] * WORLD
     dist.all_gather_object(gathered, {k: v for k, v in results.items() if "layout" in k})
     if rank == 0:
@@ -244,6 +246,7 @@ def ranks(tiny, deep, tmp_path_factory):
     with FileLock(f"{out}.lock"):
         if not (out / "results.pt").is_file():
             out.mkdir(exist_ok=True)
+            write_teacher(tiny, out / "teacher")
             mp.spawn(_worker, args=(free_port(), tiny, deep, batch, out), nprocs=WORLD)
     return batch, torch.load(out / "results.pt", weights_only=True)
 
@@ -265,6 +268,21 @@ def test_step_and_log_probs_equal_one_process(tiny, deep, ranks, name):
         assert_close_relative(grad, expected_grads[key])
     for actual, expected in zip(results[f"{name}/log_probs"], expected_log_probs, strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_pipelined_teacher_scores_as_one_process(tiny, ranks, tmp_path):
+    """--opd-type megatron with pipeline stages (and tensor parallelism in each): the
+    teacher's log-probs of every sample equal one process's teacher's."""
+    batch, results = ranks
+    out = tmp_path
+    write_teacher(tiny, out / "teacher")
+    actor = TrainActor(policy_config(tiny, teacher_flags(out)), RankInfo(),
+                       str(tiny / "model"), 2)
+    expected = actor.compute_teacher_log_probs(batch)
+    policy = actor.compute_log_probs(batch)[0]
+    assert not torch.allclose(torch.cat(expected), torch.cat(policy), atol=1e-2)
+    for actual, want in zip(results["teacher"], expected, strict=True):
+        torch.testing.assert_close(actual, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(RUNS))
