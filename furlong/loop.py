@@ -128,12 +128,16 @@ async def timed_rollout(run: Run, rollout_id: int) -> RolloutResult:
 
 
 async def generate_rollout(run: Run, rollout_id: int) -> RolloutResult:
+    """The rollout, generated or loaded (--load-debug-rollout-data), its rewards
+    post-processed; saved (--save-debug-rollout-data) before that, as Miles saves it."""
     debug = run.config.debug
     if debug.load_debug_rollout_data:
-        return load_rollout(debug.load_debug_rollout_data.format(rollout_id=rollout_id))
+        return await run.manager.post_process(
+            load_rollout(debug.load_debug_rollout_data.format(rollout_id=rollout_id)))
     result = await run.manager.generate(rollout_id)
     if debug.save_debug_rollout_data:
         save_rollout(debug.save_debug_rollout_data.format(rollout_id=rollout_id), result)
+    result = await run.manager.post_process(result)
     if debug.dump_details:
         dump.write_rollout(debug.dump_details, rollout_id,
                            [s.to_dict() for group in result.groups for s in group], result.metrics)
@@ -292,13 +296,13 @@ async def evaluate(run: Run, step: int) -> dict:
 
 def save_rollout(path: str, result: RolloutResult) -> None:
     torch.save({"groups": [[s.to_dict() for s in g] for g in result.groups],
-                "metrics": result.metrics, "post_processed": result.post_processed}, path)
+                "metrics": result.metrics}, path)
 
 
 def load_rollout(path: str) -> RolloutResult:
     data = checkpoint.load_state(path)
     groups = [[Sample.from_dict(s) for s in g] for g in data["groups"]]
-    return RolloutResult(groups, data["metrics"], data.get("post_processed"))
+    return RolloutResult(groups, data["metrics"])
 
 
 async def train(run: Run, overlap: bool = False) -> dict:

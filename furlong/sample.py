@@ -102,8 +102,11 @@ class Sample:
             raise ValueError(f"sample {self.group_index}/{self.index} has no reward yet")
         return float(self.reward)
 
-    def get_reward_value(self, args) -> float:
-        """Miles' name for `scalar_reward(args.reward_key)`."""
+    def get_reward_value(self, args) -> float | dict:
+        """Miles' reward reader: the reward under `args.reward_key`, or without a key the
+        reward as it is (a dict reward stays a dict, which Miles' post-process hooks read)."""
+        if args.reward_key is None:
+            return self.reward
         return self.scalar_reward(args.reward_key)
 
     def validate(self) -> None:

@@ -12,6 +12,7 @@ from test_e2e import run, series
 from test_serve import ServerThread
 from transformers import AutoTokenizer
 
+from furlong import checkpoint
 from furlong.algo import advantages as adv
 from furlong.config import load_config
 from furlong.config.parser import ConfigError
@@ -192,25 +193,32 @@ def test_miles_teacher_server_hooks_distill_from_a_served_teacher(tiny, teacher,
     server = ServerThread(teacher, tokenizer)
     url = f"{server.url}/generate"
     where = ["--rm-url", url] if route == "rm_url" else ["--opd-teacher-urls", f"default={url}"]
+    saved = str(tmp_path / "rollout_{rollout_id}.pt")
     try:
         rows = run(train_argv(tiny, *MILES_TEACHER_SERVER_FLAGS, *where, rm_type=None,
-                              run_dir=tmp_path / "run",
-                              save_debug_rollout_data=tmp_path / "rollout_{rollout_id}.pt"))
+                              run_dir=tmp_path / "run", save_debug_rollout_data=saved,
+                              dump_details=tmp_path / "dump"))
     finally:
         server.stop()
     assert series(rows, "rollout/raw_reward") == {0: 0.0, 1: 0.0}
     assert series(rows, "rollout/rewards") == {0: 0.0, 1: 0.0}
     assert all(v > 0 for v in series(rows, "rollout/opd_reverse_kl").values())
     model = load_hf_model(str(teacher))
-    samples = [s for group in load_rollout(str(tmp_path / "rollout_1.pt")).groups
-               for s in group]
+    samples = checkpoint.load_state(str(tmp_path / "dump/rollout_data/1.pt"))["samples"]
     assert len(samples) == 16
     for sample in samples:
         with torch.no_grad():
-            expected = reference_log_probs(model, torch.tensor(sample.tokens),
-                                           sample.response_length, temperature=1.0)
-        torch.testing.assert_close(torch.tensor(sample.teacher_log_probs), expected,
+            expected = reference_log_probs(model, torch.tensor(sample["tokens"]),
+                                           sample["response_length"], temperature=1.0)
+        torch.testing.assert_close(torch.tensor(sample["teacher_log_probs"]), expected,
                                    rtol=0, atol=1e-5)
+    # Saved as Miles saves them, before post-processing (the rewards are the teacher's
+    # replies), and post-processed again when loaded: the same steps, no server needed.
+    assert load_rollout(saved.format(rollout_id=1)).groups[0][0].teacher_log_probs is None
+    again = run(train_argv(tiny, *MILES_TEACHER_SERVER_FLAGS, *where, rm_type=None,
+                           run_dir=tmp_path / "again", load_debug_rollout_data=saved))
+    assert series(again, "rollout/opd_reverse_kl") == pytest.approx(
+        series(rows, "rollout/opd_reverse_kl"), rel=1e-6)
 
 
 def test_post_processed_rewards_replace_the_normalised_ones(tiny):
@@ -246,6 +254,26 @@ def test_the_teacher_reward_without_a_teacher_url_is_refused(tiny, project):
                                           "distillation.reward_func scores each sample on the "
                                           "teacher server: set --rm-url"):
         load_config(train_argv(tiny, *flags, rm_type=None))
+
+
+POST_PROCESS = MILES_TEACHER_SERVER_FLAGS[-2:]
+
+
+@pytest.mark.parametrize("flags, given, message", [
+    (MILES_TEACHER_SERVER_FLAGS[:7], {}, "its reward is the teacher server's reply, which "
+     "--custom-reward-post-process-path miles.rollout.on_policy_distillation."
+     "post_process_rewards turns into teacher_log_probs"),
+    (POST_PROCESS, {}, "gives each sample the teacher's log-probs and the reward 0, which only "
+     "--use-opd --opd-type sglang trains on"),
+    (MILES_TEACHER_SERVER_FLAGS, {"eval_prompt_data": "data.jsonl"},
+     "--eval-prompt-data: eval would score answers with --custom-rm-path"),
+    (["--custom-reward-post-process-path", "hooks.post", "--loss-type", "sft_loss"], {},
+     "sft_loss has no rewards to post-process"),
+])
+def test_the_teacher_hooks_go_together_and_with_teacher_distillation(tiny, flags, given,
+                                                                     message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(train_argv(tiny, *flags, rm_url="http://teacher/generate", **given))
 
 
 def test_the_teacher_post_process_names_a_reply_without_input_log_probs():

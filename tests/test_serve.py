@@ -28,6 +28,7 @@ from conftest import slowed
 from transformers import AutoTokenizer
 
 from furlong.engine import scoring
+from furlong.engine.adapter import AdapterEngine
 from furlong.engine.base import SamplingParams
 from furlong.engine.client import EngineHTTPError, HTTPEngine
 from furlong.engine.fast import FastEngine
@@ -104,14 +105,15 @@ def prompt_ids(tokenizer) -> list[list[int]]:
 
 class ServerThread:
     """An EngineServer at 127.0.0.1 on a free port; its event loop runs in a daemon thread.
-    `engine`: "hf" (HFEngine) or "fast" (FastEngine, its CPU path); `server_kwargs` go to
-    EngineServer (e.g. api_key)."""
+    `engine`: "hf" (HFEngine) or "fast" (FastEngine, its CPU path), served as `wrap` makes
+    it; `server_kwargs` go to EngineServer (e.g. api_key)."""
 
-    def __init__(self, model_dir, tokenizer, engine: str = "hf", **server_kwargs):
+    def __init__(self, model_dir, tokenizer, engine: str = "hf", wrap=lambda engine: engine,
+                 **server_kwargs):
         model = load_hf_model(str(model_dir))
         engine = HFEngine(model, tokenizer) if engine == "hf" else FastEngine(
             model, tokenizer, kv_cache_tokens=4096, block_size=4, window=3, max_num_seqs=16)
-        self.server = EngineServer(engine, tokenizer, str(model_dir),
+        self.server = EngineServer(wrap(engine), tokenizer, str(model_dir),
                                    health_timeout_s=REQUEST_TIMEOUT_S,
                                    weights_group_timeout_s=REQUEST_TIMEOUT_S, **server_kwargs)
         self.loop = asyncio.new_event_loop()
@@ -314,6 +316,34 @@ def test_input_log_probs_score_the_prompt_as_a_teacher_server_does(checkpoints, 
     torch.testing.assert_close(torch.tensor([entry[0] for entry in scored[1:]]), expected,
                                rtol=0, atol=1e-5)
     assert tail["meta_info"]["input_token_logprobs"] == scored[5:]
+
+
+class WithoutScoring:
+    """An engine that cannot score prompts (as HTTPEngine and the router)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __getattr__(self, name: str):
+        if name == "score":
+            raise AttributeError(name)
+        return getattr(self.engine, name)
+
+
+@pytest.mark.parametrize("wrap, words", [
+    (WithoutScoring, "this engine does not score prompts"),
+    (lambda engine: AdapterEngine(engine, "furlong_lora"), "base model with its LoRA adapter"),
+])
+def test_scoring_is_refused_where_the_engine_cannot_score_the_policy(checkpoints, tokenizer,
+                                                                     prompt_ids, wrap, words):
+    thread = ServerThread(checkpoints["base"], tokenizer, wrap=wrap)
+    try:
+        response = post(thread.url, "/generate", {
+            "input_ids": prompt_ids[0], "return_logprob": True, "logprob_start_len": 0,
+            "sampling_params": {"max_new_tokens": 0}})
+    finally:
+        thread.stop()
+    assert response.status_code == 400 and words in response.json()["error"]
 
 
 @pytest.mark.parametrize("path, body, field", [

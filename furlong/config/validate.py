@@ -133,12 +133,6 @@ def _resolve_reward(config: Config) -> Config:
         raise ConfigError("--group-rm scores whole groups and needs --custom-rm-path "
                           "module:function(args, samples) -> list")
     if r.custom_rm_path is not None:
-        target = ALIASES.get(r.custom_rm_path, r.custom_rm_path).replace(":", ".")
-        if target == "furlong.rollout.teacher.reward_func" and not r.rm_url \
-                and not config.grpo.opd_teacher_urls:
-            raise ConfigError(f"--custom-rm-path {r.custom_rm_path} scores each sample on the "
-                              "teacher server: set --rm-url http://HOST:PORT/generate, or "
-                              "--opd-teacher-urls NAME=URL ... for several teachers")
         return config
     base = _reward_base(r.rm_type)
     if base == "remote_rm" and not r.rm_url:
@@ -248,8 +242,48 @@ def _resolve_grpo(config: Config) -> Config:
     return config
 
 
+TEACHER_REWARD = "furlong.rollout.teacher.reward_func"
+TEACHER_POST_PROCESS = "furlong.rollout.teacher.post_process_rewards"
+
+
+def _hook_target(path: str | None) -> str | None:
+    """The module.function a hook path names (through hooks.ALIASES)."""
+    return None if path is None else ALIASES.get(path, path).replace(":", ".")
+
+
+def _check_teacher_hooks(config: Config) -> None:
+    """The teacher-server pair of hooks (rollout/teacher.py, Miles' on-policy distillation
+    paths) only together, with --use-opd --opd-type sglang, a teacher URL and no eval
+    (whose reward would be the teacher's reply); no reward post-process under SFT."""
+    r, g = config.rollout, config.grpo
+    reward, post = r.custom_rm_path, r.custom_reward_post_process_path
+    if post is not None and g.loss_type == "sft_loss":
+        raise ConfigError(f"--custom-reward-post-process-path {post}: --loss-type sft_loss "
+                          "has no rewards to post-process; leave the flag out")
+    if _hook_target(reward) == TEACHER_REWARD:
+        if not r.rm_url and not g.opd_teacher_urls:
+            raise ConfigError(f"--custom-rm-path {reward} scores each sample on the teacher "
+                              "server: set --rm-url http://HOST:PORT/generate, or "
+                              "--opd-teacher-urls NAME=URL ... for several teachers")
+        if _hook_target(post) != TEACHER_POST_PROCESS:
+            raise ConfigError(f"--custom-rm-path {reward}: its reward is the teacher server's "
+                              "reply, which --custom-reward-post-process-path "
+                              f"{reward.removesuffix('reward_func')}post_process_rewards "
+                              "turns into "
+                              "teacher_log_probs: set that")
+        if config.eval.eval_prompt_data:
+            raise ConfigError(f"--eval-prompt-data: eval would score answers with "
+                              f"--custom-rm-path {reward}, whose reward is the teacher's "
+                              "reply, not a score; leave out --eval-prompt-data")
+    if _hook_target(post) == TEACHER_POST_PROCESS and not (g.use_opd and g.opd_type == "sglang"):
+        raise ConfigError(f"--custom-reward-post-process-path {post} gives each sample the "
+                          "teacher's log-probs and the reward 0, which only --use-opd "
+                          "--opd-type sglang trains on: add those flags")
+
+
 def _check_distillation(config: Config) -> None:
     g = config.grpo
+    _check_teacher_hooks(config)
     _positive(g.opd_kl_coef, "--opd-kl-coef", allow_zero=True)
     if not g.use_opd:
         given = [option_name(name) for name in ("opd_type", "opd_kl_coef", "opd_teacher_load",

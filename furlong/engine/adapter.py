@@ -25,5 +25,11 @@ class AdapterEngine:
             options["lora_path"] = self.lora_path
         return await self.engine.generate(input_ids, params, **options)
 
+    async def score(self, input_ids: list[int]) -> list[float]:
+        """Refused: an engine scores with its base model, and the run's policy is the base
+        with the adapter."""
+        raise ValueError("the run's policy is the base model with its LoRA adapter, and "
+                         "prompt scoring uses the base alone")
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)

@@ -9,22 +9,23 @@ import torch
 
 from furlong.model.logits import output_logits
 
-CHUNK_POSITIONS = 1024
+CHUNK_POSITIONS = 256  # (256, 152k) float32 logits: 150 MB
 
 
 @torch.no_grad()
 def token_log_probs(model, input_ids: list[int]) -> list[float]:
-    """log p(input_ids[i] | input_ids[:i]) for i = 1 .. len - 1, under HF causal LM `model`."""
+    """log p(input_ids[i] | input_ids[:i]) for i = 1 .. len - 1, under HF causal LM `model`
+    (no KV cache kept)."""
     if len(input_ids) < 2:
         return []
     weight = model.get_output_embeddings().weight
     ids = torch.tensor([input_ids], device=weight.device)
-    hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0, :-1]
+    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
     targets = ids[0, 1:]
     weight = weight.to(hidden.dtype)
     scores = []
     for start in range(0, len(targets), CHUNK_POSITIONS):
         end = start + CHUNK_POSITIONS
         logits = output_logits(hidden[start:end], weight)
-        scores.append(logits.log_softmax(-1).gather(1, targets[start:end, None])[:, 0])
+        scores.append(logits.gather(1, targets[start:end, None])[:, 0] - logits.logsumexp(-1))
     return torch.cat(scores).tolist()

@@ -11,7 +11,8 @@ The layout is the one Miles writes under the same flag, so its analysis tools an
         rollout_id: int, rank: int, cp_rank: 0, cp_size: 1
         rollout_data: what the trainer trained on, one entry per sample
             tokens (list of (L_i,) int64), response_lengths (list of int),
-            loss_masks (list of (R_i,) float32), rewards ((S,) float32, after --reward-key),
+            loss_masks (list of (R_i,) float32), rewards ((S,) float32, after --reward-key,
+            or the raw rewards of --custom-reward-post-process-path),
             rollout_log_probs (list of (R_i,) float32, or None)
         metrics: the step's rollout/*, train/* and perf/* metrics, as logged
         optimizer_steps: [train/* of each optimizer step, with train/step]

@@ -21,7 +21,7 @@ import asyncio
 import copy
 import inspect
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import mean
 from typing import Callable
 
@@ -207,23 +207,31 @@ class RolloutManager:
         if self.rollout_fn is not None:
             groups, metrics = read_rollout_output(await call_hook(
                 self.rollout_fn, self.args, rollout_id, self, evaluation=False))
-            return await self._result(groups, {}, metrics)
+            return self._result(groups, {}, metrics)
         return await self._generate_filtered(r.rollout_batch_size)
 
-    async def _result(self, groups: list[list[Sample]], drops: dict[str, int],
-                      metrics: dict | None = None) -> RolloutResult:
-        """The rollout's groups with their metrics; with --custom-reward-post-process-path
-        the hook's (raw rewards, rewards) over its samples, as Miles post-processes them
-        before training."""
-        post_processed = None
-        if self.reward_post_process is not None:
-            samples = [s for group in groups for s in group]
-            post_processed = read_post_processed(
-                await call_hook(self.reward_post_process, self.args, samples), len(samples))
-        raw = post_processed[0] if post_processed else None
-        return RolloutResult(groups, {
-            **stats.rollout_stats(groups, self.config.rollout.reward_key, drops, raw),
-            **(metrics or {})}, post_processed)
+    def _result(self, groups: list[list[Sample]], drops: dict[str, int],
+                metrics: dict | None = None) -> RolloutResult:
+        """The rollout's groups with their metrics; those of the rewards wait for
+        `post_process` where a reward post-process hook gives the rewards."""
+        scalar = self.reward_post_process is None
+        return RolloutResult(groups, {**stats.rollout_stats(
+            groups, self.config.rollout.reward_key, drops, scalar_rewards=scalar),
+            **(metrics or {})})
+
+    async def post_process(self, result: RolloutResult) -> RolloutResult:
+        """--custom-reward-post-process-path: the hook's (raw rewards, rewards) over the
+        rollout's samples, and the metrics of the raw ones, as Miles post-processes a
+        rollout (also one loaded from --load-debug-rollout-data) before training. Without
+        the hook, `result` as it is."""
+        if self.reward_post_process is None:
+            return result
+        samples = [s for group in result.groups for s in group]
+        raw, rewards = read_post_processed(
+            await call_hook(self.reward_post_process, self.args, samples), len(samples))
+        return replace(result, metrics={**result.metrics,
+                                        **stats.reward_stats(result.groups, raw)},
+                       post_processed=(raw, rewards))
 
     def _sft_groups(self, count: int) -> list[list[Sample]]:
         tokenizer, kwargs = self.args.tokenizer, self.config.rollout.apply_chat_template_kwargs
@@ -256,7 +264,7 @@ class RolloutManager:
             await asyncio.gather(*in_flight, return_exceptions=True)
             raise
         await self._abort(in_flight)
-        return await self._result(accepted, drops)
+        return self._result(accepted, drops)
 
     async def _abort(self, in_flight: list[asyncio.Task]) -> None:
         """Stop surplus generation; with --partial-rollout keep the groups for later."""

@@ -25,23 +25,27 @@ def response_stats(samples: list[Sample], prefix: str) -> dict[str, float]:
 
 
 def rollout_stats(groups: list[list[Sample]], reward_key: str | None,
-                  drops: dict[str, int], raw_rewards: list[float] | None = None
-                  ) -> dict[str, float]:
-    """`raw_rewards`: one per sample in the groups' order, where a reward post-process hook
-    gave them (else each sample's scalar reward)."""
+                  drops: dict[str, int], scalar_rewards: bool = True) -> dict[str, float]:
+    """`scalar_rewards` False: the samples' rewards are not scores yet (a reward
+    post-process hook makes them; `reward_stats` of its raw rewards then)."""
     samples = [s for group in groups for s in group]
-    if raw_rewards is None:
-        raw_rewards = [s.scalar_reward(reward_key) for s in samples]
-    stats = {"rollout/raw_reward": mean(raw_rewards), **response_stats(samples, "rollout")}
-    # Counted with the zero-std filter's rule (float64 std <= 1e-8), equal rewards
-    # being what gives a group zero advantage.
-    bounds = list(itertools.accumulate(len(group) for group in groups))
-    stats["rollout/zero_std/count"] = sum(has_zero_std(raw_rewards[end - len(group):end])
-                                          for group, end in zip(groups, bounds, strict=True))
+    stats = response_stats(samples, "rollout")
+    if scalar_rewards:
+        stats.update(reward_stats(groups, [s.scalar_reward(reward_key) for s in samples]))
     stats.update({f"rollout/dynamic_filter/drop_{reason}": count
                   for reason, count in sorted(drops.items())})
     stats.update(multi_turn_stats(samples))
     return stats
+
+
+def reward_stats(groups: list[list[Sample]], raw_rewards: list[float]) -> dict[str, float]:
+    """rollout/raw_reward and rollout/zero_std/count of the rewards, one per sample in the
+    groups' order. Groups are counted with the zero-std filter's rule (float64 std <=
+    1e-8), equal rewards being what gives a group zero advantage."""
+    bounds = list(itertools.accumulate(len(group) for group in groups))
+    return {"rollout/raw_reward": mean(raw_rewards),
+            "rollout/zero_std/count": sum(has_zero_std(raw_rewards[end - len(group):end])
+                                          for group, end in zip(groups, bounds, strict=True))}
 
 
 # Sample metadata of multi-turn and agent rollouts (furlong.rollout.multi_turn, sessions)

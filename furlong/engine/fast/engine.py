@@ -15,11 +15,12 @@ Unloading a name finishes the requests in flight on it with 'abort'.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import queue
 import threading
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -98,6 +99,8 @@ class FastEngine:
         self.lora = self.runner.model.lora  # the adapters by name
         self._seeds = itertools.count(default_seed)
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        # score requests: (input ids, a callable that takes the answer), run by the loop
+        self._scores: queue.SimpleQueue[tuple[list[int], Callable]] = queue.SimpleQueue()
         self._cancelled: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()
@@ -140,12 +143,14 @@ class FastEngine:
     async def score(self, input_ids: list[int]) -> list[float]:
         """log p(token i | tokens before it) for i >= 1 (engine/scoring.py): a forward of
         the HF modules whose parameters the engine computes with, the base model's (no
-        adapter), between two steps of the loop."""
-        return await asyncio.to_thread(self._score, list(input_ids))
-
-    def _score(self, input_ids: list[int]) -> list[float]:
-        with self._lock:
-            return token_log_probs(self.model, input_ids)
+        adapter), run by the loop between two of its steps."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._scores.put((list(input_ids),
+                          lambda answer: loop.call_soon_threadsafe(_resolve, future, answer)))
+        self._wake.set()
+        self._check_alive()
+        return await future
 
     def _check_alive(self) -> None:
         if not self._thread.is_alive() and not self._closed:
@@ -242,11 +247,15 @@ class FastEngine:
     def _answer_everything(self, error: BaseException) -> None:
         """Finish every request held or queued with `error` (best effort: the device or
         the caller's event loop may be gone too)."""
-        held = list(self.scheduler.running) + list(self.scheduler.waiting)
-        for seq in held + _drain(self._inbox):
-            seq.finish_reason = RuntimeError(f"the fast engine's loop died: {error!r}")
+        held = list(self.scheduler.running) + list(self.scheduler.waiting) + _drain(self._inbox)
+        died = RuntimeError(f"the fast engine's loop died: {error!r}")
+        for seq in held:
+            seq.finish_reason = died
+        answers = [functools.partial(seq.on_finish, seq) for seq in held]
+        answers += [functools.partial(answer, died) for _, answer in _drain(self._scores)]
+        for answer in answers:
             try:
-                seq.on_finish(seq)
+                answer()
             except Exception:  # noqa: BLE001 - a closed event loop: nobody is waiting
                 pass
 
@@ -258,6 +267,7 @@ class FastEngine:
                 with self._lock:
                     try:
                         self._take_requests()
+                        self._score_waiting()
                         if self._abort_requested:
                             self._abort_everything()
                             self._abort_requested = False
@@ -267,6 +277,14 @@ class FastEngine:
                     except Exception as error:  # every waiting caller gets the failure
                         log.exception("fast engine step failed")
                         self._fail_everything(error)
+
+    def _score_waiting(self) -> None:
+        """Answer the score requests that came in (a failure goes to its caller alone)."""
+        for input_ids, answer in _drain(self._scores):
+            try:
+                answer(token_log_probs(self.model, input_ids))
+            except Exception as error:  # noqa: BLE001 - the caller gets it
+                answer(error)
 
     def _take_requests(self) -> None:
         """New requests join the scheduler; cancelled ones that have not finished are

@@ -87,7 +87,14 @@ class GenerationRoutes:
             if start >= len(ids):
                 bad_request(f"logprob_start_len {start} must be below the length of prompt "
                             f"{index} ({len(ids)} tokens)")
-        scores = await asyncio.gather(*(self.engine.score(ids) for ids in prompts))
+        score = getattr(self.engine, "score", None)
+        if score is None:
+            bad_request("logprob_start_len: this engine does not score prompts; ask a furlong "
+                        "engine server or SGLang for input log-probs")
+        try:
+            scores = await asyncio.gather(*(score(ids) for ids in prompts))
+        except ValueError as error:
+            bad_request(f"logprob_start_len: {error}")
         return [[[None if i == 0 else values[i - 1], ids[i], None]
                  for i in range(start, len(ids))]
                 for ids, values in zip(prompts, scores, strict=True)]
