@@ -15,7 +15,7 @@ from furlong.algo import advantages as adv
 from furlong.algo import losses
 from furlong.config.groups import GrpoArgs
 from furlong.rollout.filters import check_reward_nonzero_std
-from furlong.rollout.stats import rollout_stats
+from furlong.rollout.stats import reward_stats, rollout_stats
 from furlong.sample import Sample
 from furlong.train.batch import TrainBatch, pack
 from furlong.train.objective import LossInputs, make_reducer, policy_objective
@@ -901,3 +901,14 @@ def test_multi_turn_metadata_is_averaged_over_the_samples_that_have_it():
     assert (stats["rollout/num_turns"], stats["rollout/retokenize_mismatch_tokens"],
             stats["rollout/tool_call_parse_errors"]) == (2.5, 2, 1)
     assert "rollout/num_turns" not in rollout_stats([[sample(), sample()]], None, {})
+
+
+def test_a_samples_metadata_raw_reward_is_what_raw_reward_logs():
+    """Miles' override: a hook may log its own score of a sample (metadata["raw_reward"])
+    beside the reward that trains; the zero-std count stays the trained rewards'."""
+    groups = [[Sample(reward=1.0, metadata={"raw_reward": 0}), Sample(reward=1.0)],
+              [Sample(reward=0.0, metadata={"raw_reward": 1}), Sample(reward=1.0)]]
+    stats = rollout_stats(groups, None, {})
+    assert stats["rollout/raw_reward"] == 0.75 and stats["rollout/zero_std/count"] == 1
+    assert reward_stats(groups, [0.5, 0.5, 0.5, 0.5]) == {
+        "rollout/raw_reward": 0.5, "rollout/zero_std/count": 2}

@@ -40,10 +40,15 @@ def rollout_stats(groups: list[list[Sample]], reward_key: str | None,
 
 def reward_stats(groups: list[list[Sample]], raw_rewards: list[float]) -> dict[str, float]:
     """rollout/raw_reward and rollout/zero_std/count of the rewards, one per sample in the
-    groups' order. Groups are counted with the zero-std filter's rule (float64 std <=
-    1e-8), equal rewards being what gives a group zero advantage."""
+    groups' order. A sample's metadata["raw_reward"] is what rollout/raw_reward counts of
+    it, as in Miles (a hook's own score, e.g. correctness beside a distillation reward).
+    Groups are counted with the zero-std filter's rule (float64 std <= 1e-8), equal rewards
+    being what gives a group zero advantage."""
+    samples = [s for group in groups for s in group]
+    logged = [float(s.metadata.get("raw_reward", reward))
+              for s, reward in zip(samples, raw_rewards, strict=True)]
     bounds = list(itertools.accumulate(len(group) for group in groups))
-    return {"rollout/raw_reward": mean(raw_rewards),
+    return {"rollout/raw_reward": mean(logged),
             "rollout/zero_std/count": sum(has_zero_std(raw_rewards[end - len(group):end])
                                           for group, end in zip(groups, bounds, strict=True))}
 
