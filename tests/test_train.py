@@ -302,3 +302,40 @@ def test_offload_moves_the_optimizer_state_to_the_cpu_and_back(tiny):
     after = moments(actor)
     assert {v.device.type for v in after.values()} == {"cuda"}
     assert all(torch.equal(after[key].cpu(), before[key]) for key in before)
+
+
+def test_reset_optimizer_states_makes_each_rollout_start_adam_afresh(tiny, tmp_path):
+    """--reset-optimizer-states (Miles'): the second rollout's step from weights W is the
+    step a fresh optimizer takes from W (constant learning rate), and differs from the step
+    of an optimizer that kept its moments."""
+    from test_parallel import prepared_batch
+    batch = prepared_batch(tiny)
+    flags = ["--lr", "1e-2"]
+
+    def actor(extra: list[str], init=tiny / "model") -> TrainActor:
+        return TrainActor(policy_config(tiny, [*flags, *extra]), RankInfo(), str(init), 4)
+
+    def weights(trainer: TrainActor) -> dict:
+        return {n: p.detach().clone() for n, p in trainer.policy.hf_model.named_parameters()}
+    reset, kept = actor(["--reset-optimizer-states"]), actor([])
+    for trainer in (reset, kept):
+        trainer.train(batch)
+    reset.export_hf(tmp_path / "after_one")
+    assert weights(reset).keys() and all(torch.equal(a, b) for a, b in zip(
+        weights(reset).values(), weights(kept).values()))
+    fresh = actor([], init=tmp_path / "after_one")
+    for trainer in (reset, kept, fresh):
+        trainer.train(batch)
+    for name, value in weights(fresh).items():
+        torch.testing.assert_close(weights(reset)[name], value, rtol=1e-5, atol=1e-7)
+    assert not all(torch.allclose(weights(kept)[n], v) for n, v in weights(fresh).items())
+
+
+def test_disable_rewards_normalization_takes_the_raw_rewards(tiny):
+    """--disable-rewards-normalization (Miles'): GRPO's advantage is the reward itself."""
+    grpo = load_config(train_argv(tiny, "--disable-rewards-normalization"))[0].grpo
+    batch = random_batch(6, 50, seed=4)
+    advantages, scalars = compute_advantages(grpo, batch, [0, 0, 0, 1, 1, 1])
+    assert torch.equal(scalars, batch.rewards)
+    for advantage, reward in zip(advantages, batch.rewards):
+        assert torch.equal(advantage, torch.full_like(advantage, float(reward)))

@@ -283,6 +283,11 @@ class GrpoArgs(GrpoInertFlags):
     entropy_coef: float = flag(0.0, "Entropy bonus weight")
     calculate_per_token_loss: bool = flag(False, "Average over all tokens of the batch")
     disable_grpo_std_normalization: bool = flag(False, "GRPO: do not divide by group std")
+    disable_rewards_normalization: bool = flag(
+        False, "GRPO, GSPO, REINFORCE++ baseline: the raw rewards, not their group's "
+               "mean-centred (and scaled) ones, make the advantages")
+    reset_optimizer_states: bool = flag(False, "Zero Adam's moments and step count before "
+                                               "each rollout's optimizer steps")
     normalize_advantages: bool = flag(False, "Whiten advantages over the batch")
     use_tis: bool = flag(False, "Truncated importance sampling vs rollout log-probs")
     tis_clip: float = flag(2.0, "TIS upper clip")

@@ -273,13 +273,10 @@ GrpoInertFlags = mixin(
           disable_compute_advantages_and_returns=SWITCH),
     inert("furlong's KL estimators are --kl-loss-type k1, k2, k3 and low_var_kl",
           use_unbiased_kl=SWITCH),
-    inert("GRPO's group normalisation is turned off with --disable-grpo-std-normalization",
-          disable_rewards_normalization=SWITCH),
     inert("furlong logs the policy entropy of every training step already",
           use_rollout_entropy=SWITCH, observe_training_entropy=SWITCH),
     inert("furlong logs the gap between rollout and training log-probs already",
           get_mismatch_metrics=SWITCH),
-    inert("furlong keeps Adam's state across rollouts", reset_optimizer_states=SWITCH),
     inert("furlong's old log-prob pass follows --use-rollout-logprobs and --keep-old-actor",
           skip_actor_forward_only=SWITCH),
     inert("furlong reduces the policy loss by --calculate-per-token-loss; a whole custom "

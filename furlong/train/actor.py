@@ -308,6 +308,8 @@ class TrainActor:
         if self.recorded_routes is not None:  # --use-routing-replay
             batch = replace(batch, routed_experts=self.recorded_routes)
             self.recorded_routes = None
+        if self.config.grpo.reset_optimizer_states:
+            self._reset_optimizer_state()
         steps, ranks = self.config.rollout.num_steps_per_rollout, self.rank.dp_size
         units = len(batch) // ranks
         bounds = [round(step * units / steps) * ranks for step in range(steps)] + [len(batch)]
@@ -415,6 +417,16 @@ class TrainActor:
         if grpo.loss_type == "custom_loss":
             return self.loss_hook(self.hook_args, inputs)
         return policy_objective(grpo, inputs, self.hook_args)
+
+    def _reset_optimizer_state(self) -> None:
+        """--reset-optimizer-states: AdamW's moments and step counts back to zero, where
+        they are (device, host or shards), as Miles resets them before each rollout's
+        training; the learning-rate schedule goes on."""
+        with torch.no_grad():
+            for state in self.optimizer.state.values():
+                for value in state.values():
+                    if isinstance(value, torch.Tensor):
+                        value.zero_()
 
     def _optimized_parameters(self) -> list[torch.nn.Parameter]:
         if self.masters is not None:

@@ -65,7 +65,10 @@ def opd_reverse_kl(batch: TrainBatch) -> list[torch.Tensor]:
 def _group_normalized(config: GrpoArgs, batch: TrainBatch, group_ids: list[int | None]
                       ) -> torch.Tensor:
     """Each reward less its group's mean, divided by the group's std for GRPO and GSPO
-    (unless --disable-grpo-std-normalization), not for the REINFORCE++ baseline."""
+    (unless --disable-grpo-std-normalization), not for the REINFORCE++ baseline; the
+    rewards as they are with --disable-rewards-normalization (Miles')."""
+    if config.disable_rewards_normalization:
+        return batch.rewards
     std = config.advantage_estimator in ("grpo", "gspo") \
         and not config.disable_grpo_std_normalization
     return adv.grpo_advantages_by_group_id(batch.rewards, _dense_group_ids(group_ids), std)
