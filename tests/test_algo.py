@@ -7,6 +7,7 @@ of the reduced loss to how a global batch is split into micro-batches."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -170,15 +171,16 @@ def ref_ess(rho, mask, sample_ids) -> list[float]:
     return out
 
 
-def ref_kl(d: float, kind: str) -> float:
+def ref_kl(d: float, kind: str, ratio: float = 1.0) -> float:
+    """The KL estimate of `kind` at d = l - ref, times `ratio` (--use-unbiased-kl)."""
     if kind == "k1":
-        return d
+        return ratio * d
     if kind == "k2":
-        return d * d / 2
+        return ratio * d * d / 2
     if kind == "k3":
-        return math.exp(-d) - 1 + d
+        return ratio * (math.exp(-d) - 1 + d)
     neg_d = ref_clamp(-d, -20, 20)
-    return ref_clamp(math.exp(neg_d) - 1 - neg_d, -10, 10)
+    return ref_clamp(ratio * (math.exp(neg_d) - 1 - neg_d), -10, 10)
 
 
 def ref_reduce(values, mask, sample_ids, per_token, denominator) -> float:
@@ -566,6 +568,26 @@ def test_kl_penalty_matches_reference(kind):
     assert_close(losses.kl_penalty(log_probs, ref_log_probs, kind), expected)
 
 
+@pytest.mark.parametrize("kind", losses.KL_KINDS)
+def test_unbiased_kl_weights_each_estimate_by_the_policy_ratio(kind):
+    """--use-unbiased-kl: ratio x estimate, before low_var_kl's clamp (Miles), and the
+    gradient flows through the ratio too."""
+    log_probs, ref_log_probs = randn(0, 50, scale=2.0), randn(1, 50, scale=2.0)
+    old_log_probs = randn(2, 50, scale=0.5) + log_probs
+    expected = [ref_kl(float(l - r), kind, math.exp(float(l - o)))
+                for l, r, o in zip(log_probs, ref_log_probs, old_log_probs, strict=True)]
+    log_probs.requires_grad_(True)
+    ratio = (log_probs - old_log_probs).exp()
+    got = losses.kl_penalty(log_probs, ref_log_probs, kind, ratio)
+    assert_close(got, expected)
+    got.sum().backward()
+    plain = log_probs.detach().clone().requires_grad_(True)
+    (ratio.detach() * losses.kl_penalty(plain, ref_log_probs, kind)).sum().backward()
+    unclamped = torch.tensor([abs(v) < 10 for v in expected])
+    with_ratio_grad = plain.grad + (got.detach() * unclamped)  # d(ratio)/dl = ratio
+    assert_close(log_probs.grad[unclamped], with_ratio_grad[unclamped])
+
+
 def test_kl_penalty_hand_computed():
     d = torch.tensor([1.0], dtype=F64)
     zero = torch.zeros(1, dtype=F64)
@@ -681,13 +703,14 @@ def objective_batch(seed: int, num_samples: int = 7) -> tuple[TrainBatch, list[t
 
 
 def objective_config(per_token: bool, gspo: bool, use_rollout_logprobs: bool = False,
-                     kl_loss_type: str = "low_var_kl", use_opsm: bool = False) -> GrpoArgs:
+                     kl_loss_type: str = "low_var_kl", use_opsm: bool = False,
+                     use_unbiased_kl: bool = False) -> GrpoArgs:
     return GrpoArgs(advantage_estimator="gspo" if gspo else "grpo", use_kl_loss=True,
                     kl_loss_coef=0.1, kl_loss_type=kl_loss_type, entropy_coef=0.01,
                     eps_clip_high=0.28, eps_clip_c=3.0, use_tis=True, tis_clip_low=0.5,
                     tis_clip=1.5, calculate_per_token_loss=per_token,
                     use_rollout_logprobs=use_rollout_logprobs, use_opsm=use_opsm,
-                    opsm_delta=0.01)
+                    opsm_delta=0.01, use_unbiased_kl=use_unbiased_kl)
 
 
 def run_objective(config: GrpoArgs, batch: TrainBatch, current: list[torch.Tensor],
@@ -746,8 +769,9 @@ def ref_objective_metrics(config: GrpoArgs, batch: TrainBatch, current) -> dict[
         "pg_loss": mean([p * w * k for p, w, k in zip(pg, weights, keep, strict=True)]),
         "pg_clipfrac": mean(clipped), "ppo_kl": mean(approx_kl),
         "entropy_loss": mean([math.exp(-x) for x in l]),
-        "kl_loss": mean([ref_kl(x - r, config.kl_loss_type) for x, r in zip(l, ref,
-                                                                            strict=True)]),
+        "kl_loss": mean([ref_kl(x - r, config.kl_loss_type,
+                                math.exp(x - o) if config.use_unbiased_kl else 1.0)
+                         for x, r, o in zip(l, ref, old, strict=True)]),
         "ess_ratio": sum(e * (c if per_token else 1.0) for e, c in zip(ess, counts, strict=True))
         / denominator,
         "train_rollout_logprob_abs_diff": mean([abs(t - r) for t, r in zip(trainer, rollout,
@@ -787,6 +811,20 @@ def test_policy_objective_metrics_match_reference(seed, per_token, gspo, use_rol
         assert_close(metrics[name], value, msg=name)
     if use_opsm and seed == 0:  # (seed 0 drops some tokens, not all)
         assert 0 < metrics["opsm_clipfrac"] < 1
+
+
+@pytest.mark.parametrize("kind", losses.KL_KINDS)
+@pytest.mark.parametrize("gspo", [False, True])
+def test_unbiased_kl_loss_matches_reference(kind, gspo):
+    """--use-unbiased-kl in the objective: each token's KL estimate times exp(l - old)."""
+    config = objective_config(False, gspo, kl_loss_type=kind, use_unbiased_kl=True)
+    batch, current = objective_batch(1)
+    metrics, _ = run_objective(config, batch, current, [(0, len(batch))])
+    expected = ref_objective_metrics(config, batch, current)
+    assert_close(metrics["kl_loss"], expected["kl_loss"])
+    plain, _ = run_objective(replace(config, use_unbiased_kl=False), batch, current,
+                             [(0, len(batch))])
+    assert abs(float(plain["kl_loss"]) - float(metrics["kl_loss"])) > 1e-4
 
 
 @pytest.mark.parametrize("per_token", [False, True])

@@ -104,23 +104,30 @@ def ess_ratio(log_ratio: Tensor, mask: Tensor, sample_ids: Tensor, num_samples: 
         return total * total / (count * total_squared.clamp(min=1e-8))
 
 
-def kl_penalty(log_probs: Tensor, ref_log_probs: Tensor, kind: str) -> Tensor:
+def kl_penalty(log_probs: Tensor, ref_log_probs: Tensor, kind: str,
+               importance_ratio: Tensor | None = None) -> Tensor:
     """KL estimator to the reference policy, (N,), with `d = l - ref`.
 
     k1 = `d`; k2 = `d^2 / 2`; k3 = `exp(-d) - 1 + d`; low_var_kl = k3 with `-d` clamped
-    to [-20, 20] and the result clamped to [-10, 10].
+    to [-20, 20] and the result clamped to [-10, 10]. `importance_ratio` (pi / pi_old,
+    with its gradient: --use-unbiased-kl, DeepSeek-V3.2's estimate under off-policy
+    samples) multiplies the estimate, before low_var_kl's clamp, as in Miles.
     """
     d = log_probs - ref_log_probs
     if kind == "k1":
-        return d
-    if kind == "k2":
-        return d**2 / 2
-    if kind == "k3":
-        return torch.exp(-d) - 1 + d
-    if kind == "low_var_kl":
+        kl = d
+    elif kind == "k2":
+        kl = d**2 / 2
+    elif kind == "k3":
+        kl = torch.exp(-d) - 1 + d
+    elif kind == "low_var_kl":
         neg_d = (-d).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
-        return (neg_d.exp() - 1 - neg_d).clamp(-10, 10)
-    raise ValueError(f"unknown KL kind {kind!r}; expected one of {', '.join(KL_KINDS)}")
+        kl = neg_d.exp() - 1 - neg_d
+    else:
+        raise ValueError(f"unknown KL kind {kind!r}; expected one of {', '.join(KL_KINDS)}")
+    if importance_ratio is not None:
+        kl = importance_ratio * kl
+    return kl.clamp(-10, 10) if kind == "low_var_kl" else kl
 
 
 def tis_weights(

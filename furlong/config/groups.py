@@ -276,6 +276,8 @@ class GrpoArgs(GrpoInertFlags):
     use_kl_loss: bool = flag(False, "Add a KL-to-reference loss (loads the reference)")
     kl_loss_coef: float = flag(0.0, "KL loss weight")
     kl_loss_type: str = flag("k1", "KL estimator", choices=("k1", "k2", "k3", "low_var_kl"))
+    use_unbiased_kl: bool = flag(False, "KL loss: each token's estimate times the policy "
+                                        "ratio pi / pi_old (DeepSeek-V3.2)")
     kl_coef: float = flag(0.0, "KL reward shaping (REINFORCE++ only)")
     eps_clip: float = flag(0.2, "Lower ratio clip")
     eps_clip_high: float | None = flag(help="Upper ratio clip (default: --eps-clip)")

@@ -271,8 +271,6 @@ GrpoInertFlags = mixin(
     "GrpoInertFlags",
     inert("furlong always computes advantages and returns",
           disable_compute_advantages_and_returns=SWITCH),
-    inert("furlong's KL estimators are --kl-loss-type k1, k2, k3 and low_var_kl",
-          use_unbiased_kl=SWITCH),
     inert("furlong logs the policy entropy of every training step already",
           use_rollout_entropy=SWITCH, observe_training_entropy=SWITCH),
     inert("furlong logs the gap between rollout and training log-probs already",

@@ -82,8 +82,9 @@ def policy_objective(config: GrpoArgs, inputs: LossInputs,
     metrics.update(pg_loss=pg_loss, pg_clipfrac=reduce(clipped), ppo_kl=reduce(approx_kl),
                    entropy_loss=entropy_loss)
     if config.use_kl_loss:
+        ratio = (log_probs - old).exp() if config.use_unbiased_kl else None
         kl_loss = reduce(losses.kl_penalty(log_probs, fields["ref_log_probs"],
-                                           config.kl_loss_type))
+                                           config.kl_loss_type, ratio))
         loss = loss + config.kl_loss_coef * kl_loss
         metrics["kl_loss"] = kl_loss
     metrics["loss"] = loss
