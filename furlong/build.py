@@ -160,7 +160,8 @@ def build_manager(config: Config, hooks: Hooks, hook_args: HookArgs, dataset,
                              r.rm_on_error, hook_args, r.rollout_seed)
     return RolloutManager(config, hook_args, dataset, reward, hooks.generate or default_generate,
                           hooks.dynamic_sampling_filter, evals, hooks.rollout_function,
-                          hooks.reward_post_process)
+                          hooks.reward_post_process, hooks.rollout_sample_filter,
+                          hooks.rollout_all_samples_process)
 
 
 def run_directory(config: Config) -> Path:

@@ -59,6 +59,24 @@ class RewardPostProcessHook(Protocol):
                  ) -> tuple[list, list] | Awaitable[tuple[list, list]]: ...
 
 
+class RolloutSampleFilterHook(Protocol):
+    """--rollout-sample-filter-path: `fn(args, groups)`, sync or async, once a rollout has
+    its groups (furlong's own rollout): it may set `sample.remove_sample` (the sample then
+    trains no token), as in Miles."""
+
+    def __call__(self, args: HookArgs, groups: list[list[Sample]]) -> Any: ...
+
+
+class RolloutAllSamplesProcessHook(Protocol):
+    """--rollout-all-samples-process-path: `fn(args, all_groups, data_source)`, sync or
+    async, after the sample filter: every group of the rollout that finished, those the
+    dynamic filter dropped too (Miles' hook, e.g. for logging); `data_source` is the
+    manager (`get_samples`, `add_samples`)."""
+
+    def __call__(self, args: HookArgs, all_groups: list[list[Sample]],
+                 data_source: RolloutManager) -> Any: ...
+
+
 class DynamicSamplingFilterHook(Protocol):
     """--dynamic-sampling-filter-path: `fn(args, samples, **kwargs) -> bool | obj(.keep,
     .reason)`, sync or async; a falsy value or `.keep` drops the group (rollout/filters.py)."""
@@ -144,6 +162,8 @@ ALIASES = {
 HOOK_FLAGS = {
     "custom_rm": ("rollout", "custom_rm_path"),
     "reward_post_process": ("rollout", "custom_reward_post_process_path"),
+    "rollout_sample_filter": ("rollout", "rollout_sample_filter_path"),
+    "rollout_all_samples_process": ("rollout", "rollout_all_samples_process_path"),
     "dynamic_sampling_filter": ("rollout", "dynamic_sampling_filter_path"),
     "generate": ("rollout", "custom_generate_function_path"),
     "rollout_function": ("rollout", "rollout_function_path"),
@@ -159,6 +179,8 @@ class Hooks:
     """The run's user hooks, loaded; None where the flag is not given."""
     custom_rm: RewardHook | GroupRewardHook | None = None  # GroupRewardHook with --group-rm
     reward_post_process: RewardPostProcessHook | None = None
+    rollout_sample_filter: RolloutSampleFilterHook | None = None
+    rollout_all_samples_process: RolloutAllSamplesProcessHook | None = None
     dynamic_sampling_filter: DynamicSamplingFilterHook | None = None
     generate: GenerateHook | None = None
     rollout_function: RolloutFunctionHook | None = None

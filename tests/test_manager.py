@@ -8,6 +8,7 @@ test, so rewards, finish reasons and aborts are known in advance. Rewards are th
 from __future__ import annotations
 
 import asyncio
+import importlib
 import itertools
 import json
 import math
@@ -22,7 +23,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from furlong.config import load_config
+from furlong.config import ConfigError, load_config
 from furlong.data import DataKeys, PromptDataset, PromptEncoder
 from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.hf_engine import HFEngine
@@ -59,6 +60,20 @@ def all_wrong_or_first_wrong(args, samples):
     if not any(rewards):
         return SimpleNamespace(keep=False, reason="all_wrong")
     return rewards[0] > 0
+
+
+SEEN = {}
+
+
+def remove_each_groups_first(args, groups):
+    SEEN["kept"] = [group[0].group_index for group in groups]
+    for group in groups:
+        group[0].remove_sample = True
+
+
+async def record_every_group(args, all_groups, data_source):
+    SEEN["all"] = sorted(group[0].group_index for group in all_groups)
+    SEEN["data_source"] = data_source
 
 
 async def two_turns(args, sample, sampling_params):
@@ -348,6 +363,42 @@ def test_over_sampling_refills_until_enough_groups_pass_and_aborts_the_surplus(
     assert len(engine.calls) == 32 and engine.num_aborts == 1
     assert manager.dataset.offset == 8 and manager.next_group_index == 8
     assert manager.buffer == []
+
+
+def test_miles_end_of_rollout_hooks_see_the_kept_and_all_finished_groups(
+        tmp_path, grpo_argv, tokenizer, reward):
+    """--rollout-sample-filter-path gets the kept groups and may remove samples;
+    --rollout-all-samples-process-path gets every finished group, those the dynamic filter
+    dropped too (not the aborted surplus), and the manager as data source."""
+    data = write_prompts(tmp_path / "prompts.jsonl", PAIRS)
+    config = config_for(grpo_argv, "--prompt-data", str(data), "--rollout-batch-size", "2",
+                        "--over-sampling-batch-size", "4",
+                        "--dynamic-sampling-filter-path", MILES_FILTER)
+    plans = {1: lambda i: Plan(correct=True), 3: lambda i: Plan(correct=True, hang_at=1)}
+    engine = ScriptedEngine(tokenizer, lambda g, i: plans.get(g, lambda i: mixed(g, i))(i))
+    hooks = importlib.import_module(HOOKS_MODULE)
+    manager = RolloutManager(
+        config, HookArgs(config, engine, tokenizer),
+        prompt_dataset(config.rollout.prompt_data, tokenizer, config), reward,
+        default_generate, load_function(MILES_FILTER, "--dynamic-sampling-filter-path"),
+        sample_filter=hooks.remove_each_groups_first,
+        all_samples_process=hooks.record_every_group)
+    result = generate(manager, 0)
+    assert [group[0].group_index for group in result.groups] == hooks.SEEN["kept"] == [0, 2]
+    assert hooks.SEEN["all"] == [0, 1, 2] and hooks.SEEN["data_source"] is manager
+    assert [[s.remove_sample for s in group] for group in result.groups] == \
+        [[True, False, False, False]] * 2
+
+
+def test_end_of_rollout_hooks_need_furlongs_own_rollout(grpo_argv):
+    hook = f"{HOOKS_MODULE}:remove_each_groups_first"
+    with pytest.raises(ConfigError, match="--rollout-sample-filter-path runs at the end of "
+                                          "furlong's own rollout, which "
+                                          "--rollout-function-path replaces"):
+        load_config([*grpo_argv, "--rollout-sample-filter-path", hook,
+                     "--rollout-function-path", f"{HOOKS_MODULE}:two_turns"])
+    config, _ = load_config([*grpo_argv, "--rollout-sample-filter-path", hook])
+    assert config.rollout.rollout_sample_filter_path == hook
 
 
 def test_a_custom_filter_may_return_a_bool_or_an_object_with_keep_and_reason(

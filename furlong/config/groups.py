@@ -176,6 +176,12 @@ class RolloutArgs(RolloutInertFlags):
     over_sampling_batch_size: int | None = flag(help="Prompts fetched per refill (>= rollout "
                                                      "batch size)")
     dynamic_sampling_filter_path: str | None = flag(help="Group filter hook")
+    rollout_sample_filter_path: str | None = flag(
+        help="fn(args, groups) at the end of a rollout, on the kept groups: may set "
+             "sample.remove_sample (Miles' hook)")
+    rollout_all_samples_process_path: str | None = flag(
+        help="fn(args, all_groups, data_source) at the end of a rollout, on every finished "
+             "group, those the filter dropped too (Miles' hook)")
     partial_rollout: bool = flag(False, "Return unfinished groups to the buffer")
     custom_generate_function_path: str | None = flag(help="Async per-sample generate hook")
     rollout_function_path: str | None = flag(help="Replaces the whole rollout function")

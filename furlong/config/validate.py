@@ -121,6 +121,14 @@ def _resolve_rollout(config: Config) -> Config:
     if r.rollout_function_path and config.grpo.loss_type == "sft_loss":
         raise ConfigError("--rollout-function-path and --loss-type sft_loss: the SFT rollout "
                           "reads responses from the data; drop one of them")
+    ending = [option_name(name) for name in ("rollout_sample_filter_path",
+                                             "rollout_all_samples_process_path")
+              if getattr(r, name)]
+    replaced = "--rollout-function-path" if r.rollout_function_path else \
+        "--loss-type sft_loss" if config.grpo.loss_type == "sft_loss" else None
+    if ending and replaced:
+        raise ConfigError(f"{', '.join(ending)} runs at the end of furlong's own rollout, "
+                          f"which {replaced} replaces; call it from there, or drop it")
     return config
 
 

@@ -146,7 +146,9 @@ class RolloutManager:
     def __init__(self, config: Config, hook_args, dataset: PromptDataset | None,
                  reward_model, generate_fn: Callable, filter_fn: Callable | None,
                  eval_datasets: dict[str, PromptDataset] | None = None,
-                 rollout_fn: Callable | None = None, reward_post_process: Callable | None = None):
+                 rollout_fn: Callable | None = None, reward_post_process: Callable | None = None,
+                 sample_filter: Callable | None = None,
+                 all_samples_process: Callable | None = None):
         self.config = config
         self.args = hook_args
         self.dataset = dataset
@@ -158,6 +160,9 @@ class RolloutManager:
         self.rollout_fn = rollout_fn
         # --custom-reward-post-process-path: fn(args, samples) -> (raw_rewards, rewards)
         self.reward_post_process = reward_post_process
+        # --rollout-sample-filter-path and --rollout-all-samples-process-path
+        self.sample_filter = sample_filter
+        self.all_samples_process = all_samples_process
         self.buffer: list[list[Sample]] = []
         self.next_group_index = 0
         r = config.rollout
@@ -246,6 +251,7 @@ class RolloutManager:
         params = sampling_dict(self.config)
         in_flight: list[asyncio.Task] = []
         accepted: list[list[Sample]] = []
+        finished: list[list[Sample]] = []  # kept or dropped by the filter, not aborted
         drops: Counter = Counter()
         try:
             while len(accepted) < target:
@@ -254,6 +260,8 @@ class RolloutManager:
                                   for g in self.next_groups(r.over_sampling_batch_size)]
                 group = await in_flight.pop(0)
                 verdict = await self._filter(group)
+                if all(s.reward is not None for s in group):
+                    finished.append(group)
                 if verdict.keep:
                     accepted.append(group)
                 else:
@@ -264,7 +272,17 @@ class RolloutManager:
             await asyncio.gather(*in_flight, return_exceptions=True)
             raise
         await self._abort(in_flight)
+        await self._end_hooks(accepted, finished)
         return self._result(accepted, drops)
+
+    async def _end_hooks(self, accepted: list[list[Sample]],
+                         finished: list[list[Sample]]) -> None:
+        """Miles' end-of-rollout hooks: the sample filter on the kept groups (it may set
+        remove_sample), then the all-samples process on every finished group."""
+        if self.sample_filter is not None:
+            await call_hook(self.sample_filter, self.args, accepted)
+        if self.all_samples_process is not None:
+            await call_hook(self.all_samples_process, self.args, finished, self)
 
     async def _abort(self, in_flight: list[asyncio.Task]) -> None:
         """Stop surplus generation; with --partial-rollout keep the groups for later."""
