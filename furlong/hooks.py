@@ -69,12 +69,12 @@ class RolloutSampleFilterHook(Protocol):
 
 class RolloutAllSamplesProcessHook(Protocol):
     """--rollout-all-samples-process-path: `fn(args, all_groups, data_source)`, sync or
-    async, after the sample filter: every group of the rollout that finished, those the
-    dynamic filter dropped too (Miles' hook, e.g. for logging); `data_source` is the
-    manager (`get_samples`, `add_samples`)."""
+    async, after the sample filter: every group of the rollout whose samples were all
+    scored, those the dynamic filter dropped too (Miles' hook, e.g. for logging);
+    `data_source(n)` hands out n groups of fresh samples, as Miles' does."""
 
     def __call__(self, args: HookArgs, all_groups: list[list[Sample]],
-                 data_source: RolloutManager) -> Any: ...
+                 data_source: Callable[[int], list[list[Sample]]]) -> Any: ...
 
 
 class DynamicSamplingFilterHook(Protocol):

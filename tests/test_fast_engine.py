@@ -163,6 +163,30 @@ def test_an_engine_whose_loop_died_still_closes(tiny, tokenizer):
     asyncio.run(engine.close())
 
 
+def test_scoring_is_refused_while_released_and_nothing_waits_on_a_closed_engine(tiny,
+                                                                                 tokenizer):
+    """A score request while the engine's memory is released is refused (it would run on
+    the CPU and hold the engine), and after close() requests fail at once."""
+    engine = FastEngine(load_hf_model(str(tiny / "model")), tokenizer, kv_cache_tokens=256,
+                        block_size=4)
+    prompt = prompt_ids(tokenizer, "1+2=")
+
+    async def released_then_closed():
+        await engine.release_memory()
+        with pytest.raises(ValueError, match="memory is released"):
+            await asyncio.wait_for(engine.score(prompt), 60)  # (hang guards)
+        await engine.resume_memory()
+        assert len(await asyncio.wait_for(engine.score(prompt), 60)) == len(prompt) - 1
+        await engine.close()
+        await asyncio.to_thread(engine._thread.join, 60)
+        with pytest.raises(RuntimeError, match="the fast engine is closed"):
+            await engine.score(prompt)
+        with pytest.raises(RuntimeError, match="the fast engine is closed"):
+            await engine.generate(prompt, SamplingParams(max_new_tokens=2))
+    asyncio.run(released_then_closed())
+    assert not engine._thread.is_alive()
+
+
 def test_fast_engine_limits_and_stops(tiny, tokenizer):
     """Context limit, stop ids (more than the device table's first width), stop strings.
     Abort, weights and memory: test_engine.py and test_serve.py run those on both engines."""

@@ -369,7 +369,7 @@ def test_miles_end_of_rollout_hooks_see_the_kept_and_all_finished_groups(
         tmp_path, grpo_argv, tokenizer, reward):
     """--rollout-sample-filter-path gets the kept groups and may remove samples;
     --rollout-all-samples-process-path gets every finished group, those the dynamic filter
-    dropped too (not the aborted surplus), and the manager as data source."""
+    dropped too (not the aborted surplus), and Miles' data source (get_samples)."""
     data = write_prompts(tmp_path / "prompts.jsonl", PAIRS)
     config = config_for(grpo_argv, "--prompt-data", str(data), "--rollout-batch-size", "2",
                         "--over-sampling-batch-size", "4",
@@ -385,7 +385,8 @@ def test_miles_end_of_rollout_hooks_see_the_kept_and_all_finished_groups(
         all_samples_process=hooks.record_every_group)
     result = generate(manager, 0)
     assert [group[0].group_index for group in result.groups] == hooks.SEEN["kept"] == [0, 2]
-    assert hooks.SEEN["all"] == [0, 1, 2] and hooks.SEEN["data_source"] is manager
+    assert hooks.SEEN["all"] == [0, 1, 2]
+    assert hooks.SEEN["data_source"] == manager.get_samples  # Miles' data source
     assert [[s.remove_sample for s in group] for group in result.groups] == \
         [[True, False, False, False]] * 2
 

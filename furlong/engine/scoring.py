@@ -9,7 +9,7 @@ import torch
 
 from furlong.model.logits import output_logits
 
-CHUNK_POSITIONS = 256  # (256, 152k) float32 logits: 150 MB
+CHUNK_POSITIONS = 256  # (256, 152k) float32 logits: 150 MB, twice that with logsumexp's
 
 
 @torch.no_grad()

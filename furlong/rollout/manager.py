@@ -259,8 +259,9 @@ class RolloutManager:
                     in_flight += [asyncio.create_task(self._run_group(g, params))
                                   for g in self.next_groups(r.over_sampling_batch_size)]
                 group = await in_flight.pop(0)
-                verdict = await self._filter(group)
-                if all(s.reward is not None for s in group):
+                complete = all(s.reward is not None for s in group)
+                verdict = await self._filter(group, complete)
+                if complete:
                     finished.append(group)
                 if verdict.keep:
                     accepted.append(group)
@@ -278,11 +279,12 @@ class RolloutManager:
     async def _end_hooks(self, accepted: list[list[Sample]],
                          finished: list[list[Sample]]) -> None:
         """Miles' end-of-rollout hooks: the sample filter on the kept groups (it may set
-        remove_sample), then the all-samples process on every finished group."""
+        remove_sample), then the all-samples process on every finished group, with Miles'
+        data source, `get_samples`."""
         if self.sample_filter is not None:
             await call_hook(self.sample_filter, self.args, accepted)
         if self.all_samples_process is not None:
-            await call_hook(self.all_samples_process, self.args, finished, self)
+            await call_hook(self.all_samples_process, self.args, finished, self.get_samples)
 
     async def _abort(self, in_flight: list[asyncio.Task]) -> None:
         """Stop surplus generation; with --partial-rollout keep the groups for later."""
@@ -338,8 +340,10 @@ class RolloutManager:
         for sample, reward in zip(unscored, rewards, strict=True):
             sample.reward = reward
 
-    async def _filter(self, group: list[Sample]) -> FilterResult:
-        if any(s.reward is None for s in group):
+    async def _filter(self, group: list[Sample], complete: bool) -> FilterResult:
+        """Whether the group enters the batch: not with a sample left unscored (aborted),
+        else the dynamic filter's verdict."""
+        if not complete:
             return FilterResult(False, "aborted")
         if self.filter_fn is None:
             return FilterResult(True)

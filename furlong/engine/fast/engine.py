@@ -106,6 +106,7 @@ class FastEngine:
         self._lock = threading.Lock()
         self._abort_requested = False
         self._closed = False
+        self._released = False  # release_memory until resume_memory
         self._died: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="fast-engine", daemon=True)
         self._thread.start()
@@ -153,9 +154,12 @@ class FastEngine:
         return await future
 
     def _check_alive(self) -> None:
-        if not self._thread.is_alive() and not self._closed:
+        """A request the loop will never take is an error now, not a wait forever."""
+        if self._died is not None or not self._thread.is_alive() and not self._closed:
             raise RuntimeError(f"the fast engine's loop died ({self._died!r}): restart the "
                                "engine")
+        if self._closed:
+            raise RuntimeError("the fast engine is closed")
 
     async def abort_all(self) -> None:
         with self._lock:
@@ -212,6 +216,7 @@ class FastEngine:
         CPU (shared ones stay)."""
         await self.abort_all()
         with self._lock:
+            self._released = True
             self.runner.release(keep_weights=self.shared_weights)
             if not self.shared_weights:
                 self.model.to("cpu")
@@ -223,6 +228,7 @@ class FastEngine:
             if not self.shared_weights:
                 self.model.to(self.runner.device)
             self.runner.resume()
+            self._released = False
 
     async def flush_cache(self) -> None:
         """No prefix cache outlives a request, so there is nothing to flush."""
@@ -237,27 +243,25 @@ class FastEngine:
 
     # ---- the loop -----------------------------------------------------------------------
     def _loop(self) -> None:
+        """Serve until closed; then, or when the loop dies, nothing will answer again: every
+        request still held or queued is told so."""
         try:
             self._serve()
-        except BaseException as error:  # nothing will answer again: say so to every caller
+        except BaseException as error:
             self._died = error
-            self._answer_everything(error)
+            self._answer_everything(RuntimeError(f"the fast engine's loop died: {error!r}"))
             raise
+        self._answer_everything(RuntimeError("the fast engine is closed"))
 
-    def _answer_everything(self, error: BaseException) -> None:
-        """Finish every request held or queued with `error` (best effort: the device or
-        the caller's event loop may be gone too)."""
+    def _answer_everything(self, error: RuntimeError) -> None:
+        """Finish every request held or queued with `error`."""
         held = list(self.scheduler.running) + list(self.scheduler.waiting) + _drain(self._inbox)
-        died = RuntimeError(f"the fast engine's loop died: {error!r}")
         for seq in held:
-            seq.finish_reason = died
+            seq.finish_reason = error
         answers = [functools.partial(seq.on_finish, seq) for seq in held]
-        answers += [functools.partial(answer, died) for _, answer in _drain(self._scores)]
+        answers += [functools.partial(answer, error) for _, answer in _drain(self._scores)]
         for answer in answers:
-            try:
-                answer()
-            except Exception:  # noqa: BLE001 - a closed event loop: nobody is waiting
-                pass
+            _hand_back(answer)
 
     def _serve(self) -> None:
         while not self._closed:
@@ -279,12 +283,17 @@ class FastEngine:
                         self._fail_everything(error)
 
     def _score_waiting(self) -> None:
-        """Answer the score requests that came in (a failure goes to its caller alone)."""
+        """Answer the score requests that came in (a failure goes to its caller alone);
+        while the engine's memory is released, each is refused."""
         for input_ids, answer in _drain(self._scores):
             try:
-                answer(token_log_probs(self.model, input_ids))
+                if self._released:
+                    raise ValueError("the engine's memory is released (--offload-rollout); "
+                                     "score after it resumes")
+                result = token_log_probs(self.model, input_ids)
             except Exception as error:  # noqa: BLE001 - the caller gets it
-                answer(error)
+                result = error
+            _hand_back(functools.partial(answer, result))
 
     def _take_requests(self) -> None:
         """New requests join the scheduler; cancelled ones that have not finished are
@@ -397,6 +406,15 @@ def _drain(inbox: queue.SimpleQueue) -> list:
             items.append(inbox.get_nowait())
         except queue.Empty:
             return items
+
+
+def _hand_back(answer: Callable[[], None]) -> None:
+    """Call `answer`, which hands a result to a caller's event loop; best effort: the
+    device or the caller's loop may be gone, and nobody is waiting then."""
+    try:
+        answer()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _resolve(future: asyncio.Future, output) -> None:

@@ -91,10 +91,14 @@ class GenerationRoutes:
         if score is None:
             bad_request("logprob_start_len: this engine does not score prompts; ask a furlong "
                         "engine server or SGLang for input log-probs")
-        try:
-            scores = await asyncio.gather(*(score(ids) for ids in prompts))
-        except ValueError as error:
-            bad_request(f"logprob_start_len: {error}")
+        scores = await asyncio.gather(*(score(ids) for ids in prompts),
+                                      return_exceptions=True)
+        refused = next((error for error in scores if isinstance(error, ValueError)), None)
+        if refused is not None:
+            bad_request(f"logprob_start_len: {refused}")
+        failed = next((error for error in scores if isinstance(error, BaseException)), None)
+        if failed is not None:
+            raise failed
         return [[[None if i == 0 else values[i - 1], ids[i], None]
                  for i in range(start, len(ids))]
                 for ids, values in zip(prompts, scores, strict=True)]
