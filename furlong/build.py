@@ -26,7 +26,6 @@ from furlong.model.lora import ADAPTER_NAME
 from furlong.output.metrics import MetricsLogger
 from furlong.rollout import agentic, multi_turn
 from furlong.rollout.context import HookArgs
-from furlong.rollout.generate import generate as default_generate
 from furlong.rollout.manager import RolloutManager
 from furlong.rollout.rewards import RewardModel
 from furlong.rollout.tools import ToolSetup
@@ -158,10 +157,7 @@ def build_manager(config: Config, hooks: Hooks, hook_args: HookArgs, dataset,
     if r.rm_type or hooks.custom_rm:
         reward = RewardModel(r.rm_type, hooks.custom_rm, r.group_rm, r.rm_url, r.rm_timeout,
                              r.rm_on_error, hook_args, r.rollout_seed)
-    return RolloutManager(config, hook_args, dataset, reward, hooks.generate or default_generate,
-                          hooks.dynamic_sampling_filter, evals, hooks.rollout_function,
-                          hooks.reward_post_process, hooks.rollout_sample_filter,
-                          hooks.rollout_all_samples_process)
+    return RolloutManager(config, hook_args, dataset, reward, hooks, evals)
 
 
 def run_directory(config: Config) -> Path:

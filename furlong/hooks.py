@@ -77,6 +77,17 @@ class RolloutAllSamplesProcessHook(Protocol):
                  data_source: Callable[[int], list[list[Sample]]]) -> Any: ...
 
 
+class BufferFilterHook(Protocol):
+    """--buffer-filter-path: `fn(args, rollout_id, buffer, num_samples) -> groups`, sync,
+    Miles' hook: up to `num_samples` groups of the partial-rollout buffer
+    (`list[list[Sample]]`), which it removes from `buffer` itself; `rollout_id` is None,
+    as Miles passes it. Unfinished samples note the rollout that started them in
+    `metadata["start_rollout_id"]`."""
+
+    def __call__(self, args: HookArgs, rollout_id: None, buffer: list[list[Sample]],
+                 num_samples: int) -> list[list[Sample]]: ...
+
+
 class DynamicSamplingFilterHook(Protocol):
     """--dynamic-sampling-filter-path: `fn(args, samples, **kwargs) -> bool | obj(.keep,
     .reason)`, sync or async; a falsy value or `.keep` drops the group (rollout/filters.py)."""
@@ -164,6 +175,7 @@ HOOK_FLAGS = {
     "reward_post_process": ("rollout", "custom_reward_post_process_path"),
     "rollout_sample_filter": ("rollout", "rollout_sample_filter_path"),
     "rollout_all_samples_process": ("rollout", "rollout_all_samples_process_path"),
+    "buffer_filter": ("rollout", "buffer_filter_path"),
     "dynamic_sampling_filter": ("rollout", "dynamic_sampling_filter_path"),
     "generate": ("rollout", "custom_generate_function_path"),
     "rollout_function": ("rollout", "rollout_function_path"),
@@ -181,6 +193,7 @@ class Hooks:
     reward_post_process: RewardPostProcessHook | None = None
     rollout_sample_filter: RolloutSampleFilterHook | None = None
     rollout_all_samples_process: RolloutAllSamplesProcessHook | None = None
+    buffer_filter: BufferFilterHook | None = None
     dynamic_sampling_filter: DynamicSamplingFilterHook | None = None
     generate: GenerateHook | None = None
     rollout_function: RolloutFunctionHook | None = None

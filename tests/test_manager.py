@@ -27,7 +27,7 @@ from furlong.config import ConfigError, load_config
 from furlong.data import DataKeys, PromptDataset, PromptEncoder
 from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.hf_engine import HFEngine
-from furlong.hooks import load_function
+from furlong.hooks import Hooks, load_function
 from furlong.model.loading import load_hf_model
 from furlong.rollout.context import HookArgs
 from furlong.rollout.filters import FilterResult, as_filter_result, check_reward_nonzero_std
@@ -156,10 +156,12 @@ def prompt_dataset(spec: str, tokenizer, config) -> PromptDataset:
 
 
 def make_manager(config, engine, tokenizer, reward, generate_fn=default_generate,
-                 filter_fn=None, eval_datasets=None) -> RolloutManager:
+                 filter_fn=None, eval_datasets=None, **hooks) -> RolloutManager:
+    """`hooks`: more Hooks fields (e.g. buffer_filter=fn)."""
     return RolloutManager(config, HookArgs(config, engine, tokenizer),
                           prompt_dataset(config.rollout.prompt_data, tokenizer, config),
-                          reward, generate_fn, filter_fn, eval_datasets)
+                          reward, Hooks(generate=generate_fn, dynamic_sampling_filter=filter_fn,
+                                        **hooks), eval_datasets)
 
 
 def generate(manager: RolloutManager, rollout_id: int):
@@ -379,10 +381,10 @@ def test_miles_end_of_rollout_hooks_see_the_kept_and_all_finished_groups(
     hooks = importlib.import_module(HOOKS_MODULE)
     manager = RolloutManager(
         config, HookArgs(config, engine, tokenizer),
-        prompt_dataset(config.rollout.prompt_data, tokenizer, config), reward,
-        default_generate, load_function(MILES_FILTER, "--dynamic-sampling-filter-path"),
-        sample_filter=hooks.remove_each_groups_first,
-        all_samples_process=hooks.record_every_group)
+        prompt_dataset(config.rollout.prompt_data, tokenizer, config), reward, Hooks(
+            dynamic_sampling_filter=load_function(MILES_FILTER, "--dynamic-sampling-filter-path"),
+            rollout_sample_filter=hooks.remove_each_groups_first,
+            rollout_all_samples_process=hooks.record_every_group))
     result = generate(manager, 0)
     assert [group[0].group_index for group in result.groups] == hooks.SEEN["kept"] == [0, 2]
     assert hooks.SEEN["all"] == [0, 1, 2]
@@ -453,7 +455,7 @@ def partial_script(group: int, index: int) -> Plan:
     return mixed(group, index)
 
 
-def partial_manager(tmp_path, grpo_argv, tokenizer, reward) -> RolloutManager:
+def partial_manager(tmp_path, grpo_argv, tokenizer, reward, **hooks) -> RolloutManager:
     data = tmp_path / "prompts.jsonl"
     if not data.exists():
         write_prompts(data, PAIRS)
@@ -461,7 +463,8 @@ def partial_manager(tmp_path, grpo_argv, tokenizer, reward) -> RolloutManager:
                         "--over-sampling-batch-size", "4", "--partial-rollout",
                         "--dynamic-sampling-filter-path", MILES_FILTER)
     return make_manager(config, ScriptedEngine(tokenizer, partial_script), tokenizer, reward,
-                        filter_fn=load_function(MILES_FILTER, "--dynamic-sampling-filter-path"))
+                        filter_fn=load_function(MILES_FILTER, "--dynamic-sampling-filter-path"),
+                        **hooks)
 
 
 def test_partial_rollout_returns_unfinished_groups_and_continues_them(
@@ -475,6 +478,8 @@ def test_partial_rollout_returns_unfinished_groups_and_continues_them(
     assert buffered[(2, 0)] == buffered[(2, 1)] == Status.COMPLETED
     assert {buffered[key] for key in buffered if key not in ((2, 0), (2, 1))} == {Status.PENDING}
     assert all(s.reward is None for g in manager.buffer for s in g)
+    # Miles' note of the rollout that started a sample, for buffer filters
+    assert {s.metadata["start_rollout_id"] for g in manager.buffer for s in g} == {0}
 
     engine = manager.args.engine
     calls_before = len(engine.calls)
@@ -502,6 +507,27 @@ def test_partial_rollout_returns_unfinished_groups_and_continues_them(
                 assert params.sampling_seed == sample_seed(42, *key, done)
                 assert params.max_new_tokens == 8 - done
     assert [[s.group_index for s in g][0] for g in manager.buffer] == [4, 5]
+    assert {s.metadata["start_rollout_id"] for g in manager.buffer for s in g} == {1}
+    assert {s.metadata["start_rollout_id"] for g in second.groups for s in g} == {0}
+
+
+def test_a_buffer_filter_chooses_the_buffered_groups_a_rollout_takes_first(
+        tmp_path, grpo_argv, tokenizer, reward):
+    """--buffer-filter-path, Miles' fn(args, rollout_id, buffer, num_samples): here the
+    newest buffered group first; it removes what it takes from the buffer."""
+    calls = []
+
+    def newest_first(args, rollout_id, buffer, num_samples):
+        calls.append((rollout_id, [g[0].group_index for g in buffer], num_samples))
+        taken = buffer[::-1][:num_samples]
+        for group in taken:
+            buffer.remove(group)
+        return taken
+    manager = partial_manager(tmp_path, grpo_argv, tokenizer, reward, buffer_filter=newest_first)
+    generate(manager, 0)
+    second = generate(manager, 1)
+    assert calls == [(None, [2, 3], 4)]
+    assert [g[0].group_index for g in second.groups] == [3, 2]
 
 
 def test_the_buffer_survives_state_dict_and_a_resumed_manager_repeats_the_next_rollout(
@@ -568,8 +594,7 @@ def test_samples_carry_the_rows_messages_and_tools_as_miles_data_source_gives_th
     r = config.rollout
     dataset = PromptDataset(str(data), DataKeys(r.input_key, r.label_key, r.metadata_key,
                                                 r.tool_key), PromptEncoder(tokenizer, False))
-    manager = RolloutManager(config, HookArgs(config, None, tokenizer), dataset, None,
-                             default_generate, None)
+    manager = RolloutManager(config, HookArgs(config, None, tokenizer), dataset, None)
     (group,) = manager.next_groups(1)
     templated = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                               add_generation_prompt=True)
@@ -605,7 +630,7 @@ def test_sft_samples_mask_exactly_the_assistant_tokens(tiny, tokenizer):
     config = sft_config(tiny, tiny / "data/sft.jsonl")
     manager = RolloutManager(config, HookArgs(config, None, tokenizer),
                              prompt_dataset(str(tiny / "data/sft.jsonl"), tokenizer, config),
-                             None, default_generate, None)
+                             None)
     rows = [json.loads(line) for line in (tiny / "data/sft.jsonl").read_text().splitlines()[:4]]
     result = generate(manager, 0)
     assert [len(group) for group in result.groups] == [1, 1, 1, 1]
@@ -633,8 +658,7 @@ def test_sft_masks_only_the_assistant_turns_of_a_multi_turn_conversation(tiny, t
     data.write_text(json.dumps({"messages": messages}) + "\n")
     config = sft_config(tiny, data, batch_size=1)
     manager = RolloutManager(config, HookArgs(config, None, tokenizer),
-                             prompt_dataset(str(data), tokenizer, config), None,
-                             default_generate, None)
+                             prompt_dataset(str(data), tokenizer, config), None)
     (sample,), = generate(manager, 0).groups
     assert masked_spans(sample, tokenizer) == ["\\boxed{3}<|im_end|>\n", "\\boxed{9}<|im_end|>\n"]
     unmasked = [t for t, m in zip(sample.response_tokens, sample.loss_mask, strict=True) if not m]

@@ -183,6 +183,9 @@ class RolloutArgs(RolloutInertFlags):
         help="fn(args, all_groups, data_source) at the end of a rollout, on every finished "
              "group, those the filter dropped too (Miles' hook)")
     partial_rollout: bool = flag(False, "Return unfinished groups to the buffer")
+    buffer_filter_path: str | None = flag(
+        help="fn(args, rollout_id, buffer, num_samples): the buffered groups a rollout takes "
+             "first (Miles' hook; default: the first ones)")
     custom_generate_function_path: str | None = flag(help="Async per-sample generate hook")
     rollout_function_path: str | None = flag(help="Replaces the whole rollout function")
     custom_agent_function_path: str | None = flag(

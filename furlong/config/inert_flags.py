@@ -85,8 +85,8 @@ WEIGHT_PUSH = ("furlong pushes weights to the engines in --update-weight-buffer-
                "over its own transport")
 SAMPLE_HOOK = ("a hook of Miles' rollout buffer; furlong's sample hooks are "
                "--dynamic-sampling-filter-path, --custom-rm-path, "
-               "--custom-reward-post-process-path, --rollout-sample-filter-path and "
-               "--rollout-all-samples-process-path")
+               "--custom-reward-post-process-path, --rollout-sample-filter-path, "
+               "--rollout-all-samples-process-path and --buffer-filter-path")
 OWN_FAULT_HANDLING = ("furlong's router health-checks its engines itself; Miles' fault-tolerance "
                       "controller does not apply")
 NO_EXTRA_SINK = "not a furlong metrics sink; use --use-wandb or --use-tensorboard"
@@ -193,7 +193,7 @@ RolloutInertFlags = mixin(
     inert("furlong's engines finish the requests in flight before weights change",
           pause_generation_mode=value(str, "retract", choices=("abort", "retract", "in_place"))),
     inert(SAMPLE_HOOK,
-          buffer_filter_path=value(str), rollout_data_postprocess_path=value(str),
+          rollout_data_postprocess_path=value(str),
           custom_convert_samples_to_train_data_path=value(str),
           data_source_path=value(str, "miles.rollout.data_source.RolloutDataSourceWithBuffer"),
           disable_rollout_global_dataset=SWITCH, disable_rollout_trim_samples=SWITCH,

@@ -23,13 +23,13 @@ import inspect
 from collections import Counter
 from dataclasses import dataclass, replace
 from statistics import mean
-from typing import Callable
 
 from furlong.config.groups import Config
 from furlong.data import PromptDataset, PromptEncoder, PromptRow
-from furlong.hooks import call_hook, load_function, takes_keyword
+from furlong.hooks import Hooks, call_hook, load_function, takes_keyword
 from furlong.rollout import stats
 from furlong.rollout.filters import FilterResult, as_filter_result
+from furlong.rollout.generate import generate as default_generate
 from furlong.rollout.generate import sample_seed
 from furlong.rollout.sft import sft_sample
 from furlong.sample import Sample, Status
@@ -144,25 +144,17 @@ def sampling_dict(config: Config, evaluation: bool = False) -> dict:
 
 class RolloutManager:
     def __init__(self, config: Config, hook_args, dataset: PromptDataset | None,
-                 reward_model, generate_fn: Callable, filter_fn: Callable | None,
-                 eval_datasets: dict[str, PromptDataset] | None = None,
-                 rollout_fn: Callable | None = None, reward_post_process: Callable | None = None,
-                 sample_filter: Callable | None = None,
-                 all_samples_process: Callable | None = None):
+                 reward_model, hooks: Hooks = Hooks(),
+                 eval_datasets: dict[str, PromptDataset] | None = None):
+        """`hooks`: the run's user hooks (hooks.load_hooks); the default generate function
+        where none is given."""
         self.config = config
         self.args = hook_args
         self.dataset = dataset
         self.reward_model = reward_model
-        self.generate_fn = generate_fn
-        self.filter_fn = filter_fn
+        self.hooks = hooks
+        self.generate_fn = hooks.generate or default_generate
         self.eval_datasets = eval_datasets or {}
-        # --rollout-function-path: fn(args, rollout_id, data_source=self, evaluation=False)
-        self.rollout_fn = rollout_fn
-        # --custom-reward-post-process-path: fn(args, samples) -> (raw_rewards, rewards)
-        self.reward_post_process = reward_post_process
-        # --rollout-sample-filter-path and --rollout-all-samples-process-path
-        self.sample_filter = sample_filter
-        self.all_samples_process = all_samples_process
         self.buffer: list[list[Sample]] = []
         self.next_group_index = 0
         r = config.rollout
@@ -186,11 +178,27 @@ class RolloutManager:
         return self._samples(row, group_index, size)
 
     def next_groups(self, count: int) -> list[list[Sample]]:
-        """`count` groups: buffered ones first, then fresh prompts (the data source of hooks)."""
-        groups, self.buffer = self.buffer[:count], self.buffer[count:]
+        """`count` groups: buffered ones first (those --buffer-filter-path takes out of the
+        buffer, else the first), then fresh prompts (the data source of hooks)."""
+        groups = self._from_buffer(count)
         size = self.config.rollout.n_samples_per_prompt
         groups += [self._new_group(row, size)
                    for row in self.dataset.next_rows(count - len(groups))]
+        return groups
+
+    def _from_buffer(self, count: int) -> list[list[Sample]]:
+        """Up to `count` buffered groups, removed from the buffer. A --buffer-filter-path
+        hook, Miles' `fn(args, rollout_id, buffer, num_samples)` (rollout_id None, as Miles
+        passes it), removes what it returns from the buffer itself."""
+        if not self.buffer or not count:
+            return []
+        if self.hooks.buffer_filter is None:
+            groups, self.buffer = self.buffer[:count], self.buffer[count:]
+            return groups
+        groups = list(self.hooks.buffer_filter(self.args, None, self.buffer, count))
+        if len(groups) > count:
+            raise ValueError(f"--buffer-filter-path returned {len(groups)} groups for "
+                             f"num_samples {count}; return at most that many")
         return groups
 
     def get_samples(self, num_samples: int) -> list[list[Sample]]:
@@ -209,17 +217,17 @@ class RolloutManager:
             groups = self._sft_groups(r.rollout_batch_size)
             return RolloutResult(groups, stats.response_stats(
                 [s for g in groups for s in g], "rollout"))
-        if self.rollout_fn is not None:
+        if self.hooks.rollout_function is not None:
             groups, metrics = read_rollout_output(await call_hook(
-                self.rollout_fn, self.args, rollout_id, self, evaluation=False))
+                self.hooks.rollout_function, self.args, rollout_id, self, evaluation=False))
             return self._result(groups, {}, metrics)
-        return await self._generate_filtered(r.rollout_batch_size)
+        return await self._generate_filtered(rollout_id, r.rollout_batch_size)
 
     def _result(self, groups: list[list[Sample]], drops: dict[str, int],
                 metrics: dict | None = None) -> RolloutResult:
         """The rollout's groups with their metrics; those of the rewards wait for
         `post_process` where a reward post-process hook gives the rewards."""
-        scalar = self.reward_post_process is None
+        scalar = self.hooks.reward_post_process is None
         return RolloutResult(groups, {**stats.rollout_stats(
             groups, self.config.rollout.reward_key, drops, scalar_rewards=scalar),
             **(metrics or {})})
@@ -229,11 +237,11 @@ class RolloutManager:
         rollout's samples, and the metrics of the raw ones, as Miles post-processes a
         rollout (also one loaded from --load-debug-rollout-data) before training. Without
         the hook, `result` as it is."""
-        if self.reward_post_process is None:
+        if self.hooks.reward_post_process is None:
             return result
         samples = [s for group in result.groups for s in group]
         raw, rewards = read_post_processed(
-            await call_hook(self.reward_post_process, self.args, samples), len(samples))
+            await call_hook(self.hooks.reward_post_process, self.args, samples), len(samples))
         return replace(result, metrics={**result.metrics,
                                         **stats.reward_stats(result.groups, raw)},
                        post_processed=(raw, rewards))
@@ -246,7 +254,7 @@ class RolloutManager:
             self.next_group_index += 1
         return groups
 
-    async def _generate_filtered(self, target: int) -> RolloutResult:
+    async def _generate_filtered(self, rollout_id: int, target: int) -> RolloutResult:
         r = self.config.rollout
         params = sampling_dict(self.config)
         in_flight: list[asyncio.Task] = []
@@ -272,7 +280,7 @@ class RolloutManager:
                 task.cancel()
             await asyncio.gather(*in_flight, return_exceptions=True)
             raise
-        await self._abort(in_flight)
+        await self._abort(in_flight, rollout_id)
         await self._end_hooks(accepted, finished)
         return self._result(accepted, drops)
 
@@ -281,26 +289,33 @@ class RolloutManager:
         """Miles' end-of-rollout hooks: the sample filter on the kept groups (it may set
         remove_sample), then the all-samples process on every finished group, with Miles'
         data source, `get_samples`."""
-        if self.sample_filter is not None:
-            await call_hook(self.sample_filter, self.args, accepted)
-        if self.all_samples_process is not None:
-            await call_hook(self.all_samples_process, self.args, finished, self.get_samples)
+        hooks = self.hooks
+        if hooks.rollout_sample_filter is not None:
+            await call_hook(hooks.rollout_sample_filter, self.args, accepted)
+        if hooks.rollout_all_samples_process is not None:
+            await call_hook(hooks.rollout_all_samples_process, self.args, finished,
+                            self.get_samples)
 
-    async def _abort(self, in_flight: list[asyncio.Task]) -> None:
+    async def _abort(self, in_flight: list[asyncio.Task], rollout_id: int) -> None:
         """Stop surplus generation; with --partial-rollout keep the groups for later."""
         if not in_flight:
             return
         await self.args.engine.abort_all()
         leftovers = await asyncio.gather(*in_flight)
         if self.config.rollout.partial_rollout:
-            self.buffer = [self._reset_for_reuse(g) for g in leftovers] + self.buffer
+            self.buffer = [self._reset_for_reuse(g, rollout_id) for g in leftovers] + self.buffer
 
     @staticmethod
-    def _reset_for_reuse(group: list[Sample]) -> list[Sample]:
+    def _reset_for_reuse(group: list[Sample], rollout_id: int) -> list[Sample]:
+        """A group going back to the buffer: unscored, its aborted samples pending again;
+        a sample with part of a response notes the rollout that started it
+        (metadata["start_rollout_id"], as Miles notes it, for buffer filters)."""
         for sample in group:
             sample.reward = None
             if sample.status == Status.ABORTED:
                 sample.status = Status.PENDING
+            if sample.response:
+                sample.metadata.setdefault("start_rollout_id", rollout_id)
         return group
 
     async def _run_group(self, group: list[Sample], params: dict,
@@ -345,18 +360,19 @@ class RolloutManager:
         else the dynamic filter's verdict."""
         if not complete:
             return FilterResult(False, "aborted")
-        if self.filter_fn is None:
+        keep = self.hooks.dynamic_sampling_filter
+        if keep is None:
             return FilterResult(True)
-        return as_filter_result(await call_hook(self.filter_fn, self.args, group))
+        return as_filter_result(await call_hook(keep, self.args, group))
 
     # ---- eval --------------------------------------------------------------------------
     async def evaluate(self, rollout_id: int = 0) -> dict[str, float]:
         """Every eval dataset once, n_samples_per_eval_prompt each; eval/NAME metrics.
         With --rollout-function-path the function evaluates (evaluation=True), as in Miles."""
         e = self.config.eval
-        if self.rollout_fn is not None:
-            data = read_eval_output(await call_hook(self.rollout_fn, self.args, rollout_id,
-                                                    self, evaluation=True))
+        if self.hooks.rollout_function is not None:
+            data = read_eval_output(await call_hook(self.hooks.rollout_function, self.args,
+                                                    rollout_id, self, evaluation=True))
             return eval_output_stats(data, self.config.rollout.reward_key, e.log_passrate)
         params = sampling_dict(self.config, evaluation=True)
         metrics = {}
