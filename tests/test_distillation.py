@@ -232,7 +232,8 @@ def test_post_processed_rewards_replace_the_normalised_ones(tiny):
         0, samples_of(replace(batch, teacher_log_probs=batch.loss_masks), teacher=False),
         (raw, rewards))
     assert result.batch.rewards.tolist() == raw
-    for advantage, reward, mask in zip(result.batch.advantages, rewards, batch.loss_masks):
+    for advantage, reward, mask in zip(result.batch.advantages, rewards, batch.loss_masks,
+                                       strict=True):
         assert advantage.tolist() == [reward] * len(mask)
     assert result.metrics["rollout/rewards"] == pytest.approx(1.0)
 

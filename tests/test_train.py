@@ -322,7 +322,7 @@ def test_reset_optimizer_states_makes_each_rollout_start_adam_afresh(tiny, tmp_p
         trainer.train(batch)
     reset.export_hf(tmp_path / "after_one")
     assert weights(reset).keys() and all(torch.equal(a, b) for a, b in zip(
-        weights(reset).values(), weights(kept).values()))
+        weights(reset).values(), weights(kept).values(), strict=True))
     fresh = actor([], init=tmp_path / "after_one")
     for trainer in (reset, kept, fresh):
         trainer.train(batch)
@@ -337,5 +337,5 @@ def test_disable_rewards_normalization_takes_the_raw_rewards(tiny):
     batch = random_batch(6, 50, seed=4)
     advantages, scalars = compute_advantages(grpo, batch, [0, 0, 0, 1, 1, 1])
     assert torch.equal(scalars, batch.rewards)
-    for advantage, reward in zip(advantages, batch.rewards):
+    for advantage, reward in zip(advantages, batch.rewards, strict=True):
         assert torch.equal(advantage, torch.full_like(advantage, float(reward)))
