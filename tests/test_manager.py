@@ -705,6 +705,27 @@ def test_pass_at_k_is_the_unbiased_estimator():
     assert pass_at_k(4, 1, 4) == 1.0 and pass_at_k(4, 1, 1) == 0.25
 
 
+def test_eval_reads_the_eval_reward_key_of_dict_rewards(tmp_path, grpo_argv, tokenizer):
+    """--eval-reward-key (Miles'): eval/NAME is the mean of that key of each dict reward,
+    not of --reward-key's."""
+    data = write_prompts(tmp_path / "eval.jsonl", [(11, 22), (33, 44)])
+    config = config_for(grpo_argv, "--eval-prompt-data", "adds", str(data),
+                        "--n-samples-per-eval-prompt", "2", "--reward-key", "score",
+                        "--eval-reward-key", "correct")
+
+    def both(args, sample):
+        return {"score": 0.25, "correct": float(f"{{{sample.label}}}" in sample.response)}
+    engine = ScriptedEngine(tokenizer, lambda group, index: Plan(correct=index == 0))
+    rewards = RewardModel(None, both, False, None, 60.0, "raise", None, 0)
+    manager = make_manager(config, engine, tokenizer, rewards,
+                           eval_datasets={"adds": prompt_dataset(str(data), tokenizer, config)})
+    try:
+        metrics = asyncio.run(asyncio.wait_for(manager.evaluate(), 300))
+    finally:
+        rewards.close()
+    assert metrics["eval/adds"] == pytest.approx(0.5)
+
+
 def test_eval_reports_mean_reward_pass_at_k_lengths_and_truncation(tmp_path, grpo_argv,
                                                                   tokenizer, reward):
     data = write_prompts(tmp_path / "eval.jsonl", [(11, 22), (33, 44), (55, 66)])

@@ -230,6 +230,8 @@ class EvalArgs(EvalInertFlags):
     eval_temperature: float | None = flag(help="Default: --rollout-temperature")
     eval_input_key: str | None = flag(help="Default: --input-key")
     eval_label_key: str | None = flag(help="Default: --label-key")
+    eval_reward_key: str | None = flag(help="Key of a dict reward that eval reads; default: "
+                                            "--reward-key")
     skip_eval_before_train: bool = flag(False, "No eval before the first rollout")
     log_passrate: bool = flag(False, "Report unbiased pass@k for k = 1, 2, 4, ...")
 

@@ -373,7 +373,7 @@ class RolloutManager:
         if self.hooks.rollout_function is not None:
             data = read_eval_output(await call_hook(self.hooks.rollout_function, self.args,
                                                     rollout_id, self, evaluation=True))
-            return eval_output_stats(data, self.config.rollout.reward_key, e.log_passrate)
+            return eval_output_stats(data, self._eval_reward_key, e.log_passrate)
         params = sampling_dict(self.config, evaluation=True)
         metrics = {}
         for name, dataset in self.eval_datasets.items():
@@ -381,9 +381,14 @@ class RolloutManager:
                       for g, row in enumerate(dataset.rows)]
             groups = await asyncio.gather(*(self._run_group(g, params, evaluation=True)
                                             for g in groups))
-            metrics.update(stats.eval_stats(name, groups, self.config.rollout.reward_key,
+            metrics.update(stats.eval_stats(name, groups, self._eval_reward_key,
                                             e.log_passrate))
         return metrics
+
+    @property
+    def _eval_reward_key(self) -> str | None:
+        """--eval-reward-key, else --reward-key (Miles')."""
+        return self.config.eval.eval_reward_key or self.config.rollout.reward_key
 
     # ---- checkpoint --------------------------------------------------------------------
     def state_dict(self) -> dict:
