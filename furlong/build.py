@@ -72,8 +72,15 @@ def build_datasets(config: Config, tokenizer) -> tuple[PromptDataset | None, dic
                         train.num_too_long, train.num_too_long + len(train),
                         r.rollout_max_prompt_len)
     eval_keys = DataKeys(e.eval_input_key or r.input_key, e.eval_label_key, r.metadata_key,
-                         r.tool_key)
-    evals = {name: PromptDataset(path, eval_keys, encoder) for name, path in eval_datasets(config)}
+                         e.eval_tool_key or r.tool_key)
+    evals = {name: PromptDataset(path, eval_keys, encoder, e.eval_max_prompt_len,
+                                 max_prompt_len_flag="--eval-max-prompt-len")
+             for name, path in eval_datasets(config)}
+    for name, dataset in evals.items():
+        if dataset.num_too_long:
+            log.warning("eval dataset %s: dropped %d of %d prompts longer than "
+                        "--eval-max-prompt-len %d", name, dataset.num_too_long,
+                        dataset.num_too_long + len(dataset), e.eval_max_prompt_len)
     return train, evals
 
 

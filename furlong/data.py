@@ -182,7 +182,11 @@ class PromptDataset:
     """
 
     def __init__(self, spec: str, keys: DataKeys, encoder: PromptEncoder,
-                 max_prompt_len: int | None = None, shuffle: bool = False, seed: int = 42):
+                 max_prompt_len: int | None = None, shuffle: bool = False, seed: int = 42,
+                 max_prompt_len_flag: str = "--rollout-max-prompt-len"):
+        """Prompts longer than `max_prompt_len` tokens are dropped (counted in
+        `num_too_long`); `max_prompt_len_flag` names the limit in the error when none is
+        left."""
         self.spec = spec
         self.shuffle = shuffle
         self.seed = seed
@@ -203,7 +207,7 @@ class PromptDataset:
                                        tools))
         if not self.rows:
             raise DataError(f"{spec}: all {self.num_too_long} prompts are longer than "
-                            f"--rollout-max-prompt-len {max_prompt_len}")
+                            f"{max_prompt_len_flag} {max_prompt_len}")
         self.fingerprint = _fingerprint(self.rows)
         self.epoch = 0
         self.offset = 0

@@ -24,7 +24,8 @@ import torch
 from transformers import AutoTokenizer
 
 from furlong.config import ConfigError, load_config
-from furlong.data import DataKeys, PromptDataset, PromptEncoder
+from furlong.build import build_datasets
+from furlong.data import DataError, DataKeys, PromptDataset, PromptEncoder
 from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.hf_engine import HFEngine
 from furlong.hooks import Hooks, load_function
@@ -784,3 +785,33 @@ def test_rollout_max_context_len_caps_each_request(tmp_path, grpo_argv, tokenize
     batch = TrainBatch.from_samples(short + full, None)
     assert batch.rollout_log_probs is not None
     assert [len(t) for t in batch.rollout_log_probs] == [2, 2, 0, 0]
+
+
+def test_eval_takes_its_own_context_and_prompt_limits(tmp_path, grpo_argv, tokenizer, reward):
+    """--eval-max-context-len caps eval requests in place of --rollout-max-context-len, and
+    --eval-max-prompt-len drops longer eval prompts (Miles' eval flags)."""
+    data = write_prompts(tmp_path / "eval.jsonl", [(11, 22), (111, 222)])  # 14, 16 tokens
+    config = config_for(grpo_argv, "--eval-prompt-data", "adds", str(data),
+                        "--rollout-max-context-len", "100", "--eval-max-context-len", "17",
+                        "--eval-max-prompt-len", "15", "--eval-max-response-len", "8")
+    train, evals = build_datasets(config, tokenizer)
+    assert [len(row.prompt_ids) for row in evals["adds"].rows] == [14]
+    assert evals["adds"].num_too_long == 1
+    engine = ScriptedEngine(tokenizer, mixed)
+    manager = make_manager(config, engine, tokenizer, reward, eval_datasets=evals)
+    asyncio.run(asyncio.wait_for(manager.evaluate(), 300))
+    assert [p.max_new_tokens for _, p in engine.calls] == [3]  # 17 - 14, not 8
+    with pytest.raises(DataError, match="all 1 prompts are longer than "
+                                        "--eval-max-prompt-len 15"):
+        build_datasets(config_for(grpo_argv, "--eval-prompt-data", "big", str(write_prompts(
+            tmp_path / "big.jsonl", [(111, 222)])), "--eval-max-prompt-len", "15"), tokenizer)
+
+
+def test_eval_prompts_take_their_tools_from_the_eval_tool_key(tmp_path, grpo_argv, tokenizer):
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {}}}
+    data = tmp_path / "eval.jsonl"
+    data.write_text(json.dumps({"prompt": "1+2=", "label": "3", "eval_tools": [tool]}) + "\n")
+    config = config_for(grpo_argv, "--eval-prompt-data", "adds", str(data),
+                        "--tool-key", "tools", "--eval-tool-key", "eval_tools")
+    _, evals = build_datasets(config, tokenizer)
+    assert evals["adds"].rows[0].tools == [tool]

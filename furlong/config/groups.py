@@ -232,6 +232,10 @@ class EvalArgs(EvalInertFlags):
     eval_label_key: str | None = flag(help="Default: --label-key")
     eval_reward_key: str | None = flag(help="Key of a dict reward that eval reads; default: "
                                             "--reward-key")
+    eval_tool_key: str | None = flag(help="Default: --tool-key")
+    eval_max_prompt_len: int | None = flag(help="Drop eval prompts longer than this (tokens)")
+    eval_max_context_len: int | None = flag(help="Eval prompt + response at most; default: "
+                                                 "--rollout-max-context-len")
     skip_eval_before_train: bool = flag(False, "No eval before the first rollout")
     log_passrate: bool = flag(False, "Report unbiased pass@k for k = 1, 2, 4, ...")
 

@@ -222,9 +222,8 @@ EvalInertFlags = mixin(
     "EvalInertFlags",
     inert("furlong evaluates the --eval-prompt-data datasets on the rollout engines, with "
           "the --eval-* sampling flags",
-          eval_function_path=value(str), eval_config=value(str), eval_tool_key=value(str),
-          eval_max_prompt_len=value(int), eval_min_new_tokens=value(int),
-          eval_max_context_len=value(int)),
+          eval_function_path=value(str), eval_config=value(str),
+          eval_min_new_tokens=value(int)),
     inert("furlong has no separate eval engines: eval runs on the rollout engines, in step",
           eval_num_gpus=value(int, 0), eval_num_gpus_per_engine=value(int, 1),
           eval_hf_dir=value(str), eval_max_in_flight=value(int, 2),

@@ -186,6 +186,8 @@ def _resolve_eval(config: Config) -> Config:
             raise ConfigError("--eval-prompt-data needs --eval-max-response-len (or "
                               "--rollout-max-response-len): max new tokens per answer")
     _positive(e.eval_interval, "--eval-interval")
+    _positive(e.eval_max_prompt_len, "--eval-max-prompt-len")
+    _positive(e.eval_max_context_len, "--eval-max-context-len")
     _positive(e.n_samples_per_eval_prompt, "--n-samples-per-eval-prompt")
     return config
 

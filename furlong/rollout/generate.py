@@ -2,6 +2,7 @@
 
 Signature shared with --custom-generate-function-path hooks:
     async def generate(args, sample, sampling_params: dict) -> Sample | list[Sample]
+(with an `evaluation` parameter, the manager passes evaluation=True in eval, as Miles does)
 `sampling_params` is an SGLang request dict; `args.engine.generate` takes the prompt
 ids and a SamplingParams. A sample that already holds part of a response (a partial
 rollout returned to the buffer) continues from where it stopped.
@@ -24,12 +25,21 @@ def sample_seed(rollout_seed: int, group_index: int, index: int, offset: int = 0
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
-async def generate(args, sample: Sample, sampling_params: dict) -> Sample:
+def max_context_len(args, evaluation: bool) -> int | None:
+    """Prompt plus response at most: --eval-max-context-len in eval where given (Miles'),
+    else --rollout-max-context-len; None for no limit."""
+    if evaluation and args.eval_max_context_len is not None:
+        return args.eval_max_context_len
+    return args.rollout_max_context_len
+
+
+async def generate(args, sample: Sample, sampling_params: dict,
+                   evaluation: bool = False) -> Sample:
     params = dict(sampling_params)
     params["max_new_tokens"] -= sample.response_length
-    if args.rollout_max_context_len is not None:
-        params["max_new_tokens"] = min(params["max_new_tokens"],
-                                       args.rollout_max_context_len - len(sample.tokens))
+    limit = max_context_len(args, evaluation)
+    if limit is not None:
+        params["max_new_tokens"] = min(params["max_new_tokens"], limit - len(sample.tokens))
     if params["max_new_tokens"] <= 0:
         # Empty lists, not None: one None makes TrainBatch drop every sample's log-probs.
         sample.loss_mask = sample.loss_mask or []

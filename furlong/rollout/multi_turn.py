@@ -39,13 +39,15 @@ import dataclasses
 
 from furlong.engine.base import GenerateOutput, SamplingParams
 from furlong.engine.server import chat_template
+from furlong.rollout.generate import max_context_len
 from furlong.rollout.tools import ToolSetup, run_tool_calls
 from furlong.sample import Sample, Status
 
 _SEED_RANGE = 1 << 63
 
 
-async def generate(args, sample: Sample, sampling_params: dict) -> Sample:
+async def generate(args, sample: Sample, sampling_params: dict,
+                   evaluation: bool = False) -> Sample:
     tools = ToolSetup.load(args.generate_tool_specs_path, args.generate_tool_call_parser,
                            args.generate_execute_tool_function_path)
     max_turns = args.generate_max_turns
@@ -54,7 +56,7 @@ async def generate(args, sample: Sample, sampling_params: dict) -> Sample:
     template_kwargs = args.apply_chat_template_kwargs or {}
     tokenizer = args.tokenizer
     turns = _Turns(copy.deepcopy(sample), tools.specs, tokenizer, template_kwargs,
-                   _context_limit(args))
+                   _context_limit(args, evaluation))
     base = SamplingParams.from_dict(sampling_params)
     routes = {"return_routed_experts": True} if args.use_rollout_routing_replay else {}
     while True:
@@ -178,9 +180,10 @@ class _Turns:
         return sample
 
 
-def _context_limit(args) -> int | None:
-    """--rollout-max-context-len, else the engine's context length (None: neither)."""
-    return args.rollout_max_context_len or getattr(args.engine, "max_context_len", None)
+def _context_limit(args, evaluation: bool) -> int | None:
+    """The run's context limit (generate.max_context_len), else the engine's context
+    length (None: neither)."""
+    return max_context_len(args, evaluation) or getattr(args.engine, "max_context_len", None)
 
 
 def _aborted(sample: Sample) -> Sample:
