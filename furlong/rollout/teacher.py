@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from furlong.config.validate import teacher_map
+from furlong.config.distillation_check import teacher_map
 from furlong.rollout.rewards.remote import remote_rm
 from furlong.sample import Sample
 
