@@ -241,9 +241,14 @@ def takes_keyword(function: Callable, name: str) -> bool:
         return False
 
 
+def hook_target(path: str) -> str:
+    """The `module.function` a hook path names: through ALIASES, in dotted form."""
+    return ALIASES.get(path, path).replace(":", ".")
+
+
 def load_function(path: str, flag: str) -> Callable:
     """Import `module:function` or `module.function` (or a known alias) and return it."""
-    module_name, function_name = _split(ALIASES.get(path, path), flag)
+    module_name, function_name = _split(hook_target(path), flag)
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:

@@ -11,15 +11,10 @@ from __future__ import annotations
 
 from furlong.config.groups import Config
 from furlong.config.parser import ConfigError, option_name
-from furlong.hooks import ALIASES
+from furlong.hooks import hook_target
 
 TEACHER_REWARD = "furlong.rollout.teacher.reward_func"
 TEACHER_POST_PROCESS = "furlong.rollout.teacher.post_process_rewards"
-
-
-def _hook_target(path: str | None) -> str | None:
-    """The module.function a hook path names (through hooks.ALIASES)."""
-    return None if path is None else ALIASES.get(path, path).replace(":", ".")
 
 
 def _check_teacher_hooks(config: Config) -> None:
@@ -31,22 +26,22 @@ def _check_teacher_hooks(config: Config) -> None:
     if post is not None and g.loss_type == "sft_loss":
         raise ConfigError(f"--custom-reward-post-process-path {post}: --loss-type sft_loss "
                           "has no rewards to post-process; leave the flag out")
-    if _hook_target(reward) == TEACHER_REWARD:
+    if reward is not None and hook_target(reward) == TEACHER_REWARD:
         if not r.rm_url and not g.opd_teacher_urls:
             raise ConfigError(f"--custom-rm-path {reward} scores each sample on the teacher "
                               "server: set --rm-url http://HOST:PORT/generate, or "
                               "--opd-teacher-urls NAME=URL ... for several teachers")
-        if _hook_target(post) != TEACHER_POST_PROCESS:
+        if post is None or hook_target(post) != TEACHER_POST_PROCESS:
             raise ConfigError(f"--custom-rm-path {reward}: its reward is the teacher server's "
                               "reply, which --custom-reward-post-process-path "
                               f"{reward.removesuffix('reward_func')}post_process_rewards "
-                              "turns into "
-                              "teacher_log_probs: set that")
+                              "turns into teacher_log_probs: set that")
         if config.eval.eval_prompt_data:
             raise ConfigError(f"--eval-prompt-data: eval would score answers with "
                               f"--custom-rm-path {reward}, whose reward is the teacher's "
                               "reply, not a score; leave out --eval-prompt-data")
-    if _hook_target(post) == TEACHER_POST_PROCESS and not (g.use_opd and g.opd_type == "sglang"):
+    if post is not None and hook_target(post) == TEACHER_POST_PROCESS \
+            and not (g.use_opd and g.opd_type == "sglang"):
         raise ConfigError(f"--custom-reward-post-process-path {post} gives each sample the "
                           "teacher's log-probs and the reward 0, which only --use-opd "
                           "--opd-type sglang trains on: add those flags")

@@ -27,7 +27,6 @@ from furlong.config.distillation_check import teacher_map
 from furlong.rollout.rewards.remote import remote_rm
 from furlong.sample import Sample
 
-
 DEFAULT_TEACHER = "default"
 
 
@@ -77,8 +76,7 @@ def response_log_probs(reply: dict, sample: Sample) -> list[float]:
     if len(scored) != len(sample.tokens):
         raise ValueError(f"{where}: the teacher scored {len(scored)} tokens of "
                          f"{len(sample.tokens)}")
-    response = scored[len(scored) - sample.response_length:] if sample.response_length else []
-    return [float(entry[0]) for entry in response]
+    return [float(entry[0]) for entry in scored[len(scored) - sample.response_length:]]
 
 
 def post_process_rewards(args, samples: list[Sample], **kwargs

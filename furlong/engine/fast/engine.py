@@ -155,7 +155,7 @@ class FastEngine:
 
     def _check_alive(self) -> None:
         """A request the loop will never take is an error now, not a wait forever."""
-        if self._died is not None or not self._thread.is_alive() and not self._closed:
+        if self._died is not None or (not self._thread.is_alive() and not self._closed):
             raise RuntimeError(f"the fast engine's loop died ({self._died!r}): restart the "
                                "engine")
         if self._closed:
